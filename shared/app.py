@@ -1,0 +1,163 @@
+"""The user's definition of models and trainers, and how the services find it.
+
+Both services take the same import string (`package.module:attribute`, as uvicorn and gunicorn
+take) naming an `App`. The app holds *factories*, never built models: the trainer service builds
+the training models and trainers, the inference service builds only what it serves, so no process
+holds a copy it does not need.
+
+    app = App()
+
+    @app.model("quickstart", inputs=[TensorSpec("x", "FP32", (-1, 1))],
+               outputs=[TensorSpec("y", "FP32", (-1, 1))])
+    def quickstart() -> TorchTrainingModel[MLP]:
+        return TorchTrainingModel(MLP())
+
+    app.add_trainer("quickstart", QuickstartTrainer)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from shared.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from shared.model.interface import TrainingModel
+    from shared.trainer.base import Trainer
+
+ModelFactory = Callable[[], "TrainingModel[Any]"]
+TrainerFactory = Callable[[], "Trainer"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+# OIP datatypes a model's inputs and outputs may declare.
+DATATYPES = frozenset(
+    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+     "FP16", "BF16", "FP32", "FP64"}
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a served model: its OIP name, datatype and shape (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPES:
+            raise ConfigurationError(
+                f"tensor {self.name!r}: datatype {self.datatype!r} is not one of "
+                f"{', '.join(sorted(DATATYPES))}"
+            )
+        if any(d < -1 for d in self.shape):
+            raise ConfigurationError(
+                f"tensor {self.name!r}: shape {list(self.shape)} may hold sizes >= 0 or -1 only"
+            )
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: how to build its TrainingModel, and what it takes and returns when served."""
+
+    name: str
+    build: ModelFactory
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+
+class App:
+    """The registry of model and trainer factories that both services load."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ModelSpec] = {}
+        self._trainers: dict[str, TrainerFactory] = {}
+
+    @property
+    def models(self) -> Mapping[str, ModelSpec]:
+        return dict(self._models)
+
+    @property
+    def trainers(self) -> Mapping[str, TrainerFactory]:
+        return dict(self._trainers)
+
+    def add_model(
+        self,
+        name: str,
+        build: ModelFactory,
+        *,
+        inputs: Iterable[TensorSpec] = (),
+        outputs: Iterable[TensorSpec] = (),
+    ) -> None:
+        if not name or "/" in name:
+            raise ConfigurationError(f"model name {name!r} must be non-empty and contain no '/'")
+        if name in self._models:
+            raise ConfigurationError(f"model {name!r} is defined twice")
+        spec = ModelSpec(name, build, tuple(inputs), tuple(outputs))
+        for kind, tensors in (("input", spec.inputs), ("output", spec.outputs)):
+            names = [t.name for t in tensors]
+            if len(set(names)) != len(names):
+                raise ConfigurationError(f"model {name!r}: {kind} names repeat: {names}")
+        self._models[name] = spec
+
+    def model(
+        self, name: str, *, inputs: Iterable[TensorSpec] = (), outputs: Iterable[TensorSpec] = ()
+    ) -> Callable[[F], F]:
+        """Decorator form of add_model."""
+
+        def register(build: F) -> F:
+            self.add_model(name, build, inputs=inputs, outputs=outputs)
+            return build
+
+        return register
+
+    def add_trainer(self, name: str, build: TrainerFactory) -> None:
+        if not name:
+            raise ConfigurationError("trainer name must be non-empty")
+        if name in self._trainers:
+            raise ConfigurationError(f"trainer {name!r} is defined twice")
+        self._trainers[name] = build
+
+
+def load_app(import_string: str) -> App:
+    """Import `package.module:attribute` and return the App it names.
+
+    The current directory is put first on sys.path, as uvicorn does, so a user's own module works
+    without being installed.
+    """
+    module_name, sep, attribute = import_string.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(
+            f"model definition {import_string!r} must look like 'package.module:attribute'"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(
+                f"cannot import module {module_name!r} (from {import_string!r}; looked in {cwd} "
+                "and the installed packages)"
+            ) from exc
+        raise
+    try:
+        app: object = module
+        for part in attribute.split("."):
+            app = getattr(app, part)
+    except AttributeError as exc:
+        raise ConfigurationError(
+            f"module {module_name!r} has no attribute {attribute!r}"
+        ) from exc
+    if not isinstance(app, App):
+        raise ConfigurationError(
+            f"{import_string!r} is a {type(app).__name__}, not a shared.App"
+        )
+    return app

@@ -1,0 +1,56 @@
+"""The domain errors both services raise.
+
+This module knows nothing of gRPC: shared/grpc/errors.py maps each class to a status code, resolved
+along the class hierarchy, in one place. Every error carries a message that tells the caller what
+went wrong and what to fix.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a client of either service can be told about."""
+
+
+class InvalidArgumentError(ServiceError):
+    """The request itself is malformed; retrying it unchanged cannot succeed."""
+
+
+class InvalidInputError(InvalidArgumentError):
+    """An inference request's tensors do not match what the model takes."""
+
+
+class MalformedPushError(InvalidArgumentError):
+    """A weights push is malformed: bad stream order, header, tensor table, sizes or digest."""
+
+
+class ModelNotFoundError(ServiceError):
+    """No model of that name (or version) is served here."""
+
+
+class PushRejectedError(ServiceError):
+    """The push is well formed but the model's state forbids it until something changes."""
+
+
+class InferenceOnlyModelError(PushRejectedError):
+    """The model is inference-only: it is loaded from its pretrained file and refuses pushes."""
+
+
+class BaseVersionMismatchError(PushRejectedError):
+    """A delta names a base version the receiver does not serve; the sender should push in full."""
+
+
+class ConflictError(ServiceError):
+    """A concurrent writer won: the version is stale or another push holds the model."""
+
+
+class UnavailableError(ServiceError):
+    """The service cannot answer now (starting, draining, not ready); retry later."""
+
+
+class ResourceLimitError(ServiceError):
+    """The request exceeds a configured limit (sizes, queue depth, concurrent pushes)."""
+
+
+class ConfigurationError(Exception):
+    """The user's model definition or the service settings are wrong; raised at start-up."""

@@ -1,0 +1,107 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PushHeader(_message.Message):
+    __slots__ = ("model_name", "version", "base_version", "writer_id", "payload_bytes")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WRITER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    base_version: int
+    writer_id: str
+    payload_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., writer_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class PushCommit(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: bytes
+    def __init__(self, digest: _Optional[bytes] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("header", "data", "commit")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    data: bytes
+    commit: PushCommit
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("model_name", "version", "digest", "payload_bytes")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    digest: bytes
+    payload_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class TensorState(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PendingPush(_message.Message):
+    __slots__ = ("writer_id", "version", "base_version", "bytes_received", "payload_bytes")
+    WRITER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    writer_id: str
+    version: int
+    base_version: int
+    bytes_received: int
+    payload_bytes: int
+    def __init__(self, writer_id: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelState(_message.Message):
+    __slots__ = ("model_name", "version", "digest", "writer_id", "accepts_pushes", "tensors", "pending")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    WRITER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    digest: bytes
+    writer_id: str
+    accepts_pushes: bool
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorState]
+    pending: PendingPush
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., writer_id: _Optional[str] = ..., accepts_pushes: bool = ..., tensors: _Optional[_Iterable[_Union[TensorState, _Mapping]]] = ..., pending: _Optional[_Union[PendingPush, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelState]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelState, _Mapping]]] = ...) -> None: ...
