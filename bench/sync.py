@@ -1,0 +1,205 @@
+"""Sync-engine figures, as ratios against yardsticks measured in the same run.
+
+Trainer side in this process (the trainer service's Publisher), inference service and yardstick
+receiver in their own processes, all on loopback:
+
+    full_sync_1GiB ratio_vs_raw=X ratio_vs_naive=Y
+        X: our full push's throughput over the same bytes streamed raw through grpcio
+        Y: ours over the common path (torch.save to bytes, chunked stream, torch.load,
+           load_state_dict)
+    delta_sync changed=10% wire_ratio=Z          payload bytes of the delta / of a full push
+    delta_sync sgd_step_fp32 wire_ratio=W        the same after one SGD step on every tensor
+    inference_peak_rss_ratio=R                   inference process peak extra RSS during the
+                                                 first full sync / model size
+
+    python -m bench.sync [--mb 1024] [--tensors 64] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import torch
+
+from bench.apps import Blocks
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.weights.digest import byte_view
+from trainer_service.publisher import Publisher
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK = 1 << 20
+
+
+def start(args: list[str], ready: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
+    deadline = time.monotonic() + 300
+    while not ready.exists() or not ready.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{args} did not start")
+        time.sleep(0.05)
+    return process
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+class PeakRss:
+    """Peak resident memory of a process over a window (sampled, and VmHWM when resettable)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        try:  # reset VmHWM so it covers only this window
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.hwm = True
+        except OSError:
+            self.hwm = False
+        self.before = rss_kib(self.pid, "VmRSS")
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.pid, "VmRSS"))
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.hwm:
+            self.peak = max(self.peak, rss_kib(self.pid, "VmHWM"))
+
+    @property
+    def extra_bytes(self) -> int:
+        return (self.peak - self.before) * 1024
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def raw_chunks(state: dict[str, torch.Tensor]) -> Iterator[bytes]:
+    for tensor in state.values():
+        view = byte_view(tensor)
+        for start in range(0, len(view), CHUNK):
+            yield bytes(view[start : start + CHUNK])
+
+
+def naive_chunks(state: dict[str, torch.Tensor]) -> Iterator[bytes]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    blob = buffer.getbuffer()
+    for start in range(0, len(blob), CHUNK):
+        yield bytes(blob[start : start + CHUNK])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="sync-engine figures against yardsticks")
+    parser.add_argument("--mb", type=int, default=1024, help="model size in MiB")
+    parser.add_argument("--tensors", type=int, default=64, help="number of equal tensors")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    args = parser.parse_args()
+    env = {**os.environ, "BENCH_MB": str(args.mb), "BENCH_TENSORS": str(args.tensors),
+           "PYTHONPATH": str(ROOT)}
+    torch.manual_seed(0)
+    model = Blocks(args.mb, args.tensors)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "inference.json"
+        inference = start(
+            ["-m", "inference_service", "--models", "bench.apps:app", "--device", "cpu",
+             "--listen", "127.0.0.1:0", "--sync-listen", "127.0.0.1:0", "--ready-file", str(ready),
+             "--log-level", "WARNING"], ready, env,
+        )
+        port_file = Path(tmp) / "yardstick.port"
+        yardstick = start(["-m", "bench.yardstick_server", str(port_file)], port_file, env)
+        try:
+            sync_address = f"127.0.0.1:{json.loads(ready.read_text())['sync_port']}"
+            channel = grpc.insecure_channel(
+                f"127.0.0.1:{port_file.read_text()}", options=channel_options(SYNC_MAX_MESSAGE_BYTES)
+            )
+            raw = channel.stream_unary("/bench.Yardstick/Raw")
+            naive = channel.stream_unary("/bench.Yardstick/Naive")
+
+            # First full push, under the memory probe: allocates the inference standby copy.
+            with PeakRss(inference.pid) as probe:
+                first = Publisher([sync_address], "bench")
+                first.publish("blocks", state)
+            first.close()
+
+            def full_push() -> None:
+                publisher = Publisher([sync_address], "bench")  # no acked base: a full push
+                publisher.publish("blocks", state)
+                publisher.close()
+
+            ours = timed(full_push, args.repeat)
+            raw_s = timed(lambda: raw(raw_chunks(state), timeout=600), args.repeat)
+            naive_s = timed(lambda: naive(naive_chunks(state), timeout=600), args.repeat)
+            print(f"# model {model_bytes / 2**30:.2f} GiB in {args.tensors} fp32 tensors; "
+                  f"ours {model_bytes / ours / 1e9:.2f} GB/s, raw {model_bytes / raw_s / 1e9:.2f} "
+                  f"GB/s, naive {model_bytes / naive_s / 1e9:.2f} GB/s (median of {args.repeat})")
+            label = f"{args.mb // 1024}GiB" if args.mb % 1024 == 0 else f"{args.mb}MiB"
+            print(f"full_sync_{label} ratio_vs_raw={raw_s / ours:.2f} "
+                  f"ratio_vs_naive={naive_s / ours:.2f}")
+
+            publisher = Publisher([sync_address], "bench")
+            full = publisher.publish("blocks", state)
+            changed = max(1, round(args.tensors * 0.10))
+            with torch.no_grad():
+                for tensor in list(state.values())[:changed]:
+                    tensor.add_(1.0)
+            delta = publisher.publish("blocks", state)
+            print(f"delta_sync changed=10% wire_ratio={delta.payload_bytes / full.payload_bytes:.4f}"
+                  f"  # {changed} of {args.tensors} tensors")
+
+            params = [torch.nn.Parameter(t) for t in state.values()]
+            optimizer = torch.optim.SGD(params, lr=1e-3)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+            step = publisher.publish("blocks", {k: p.detach() for k, p in zip(state, params)})
+            print(f"delta_sync sgd_step_fp32 wire_ratio={step.payload_bytes / full.payload_bytes:.4f}")
+            publisher.close()
+            print(f"inference_peak_rss_ratio={probe.extra_bytes / model_bytes:.2f}"
+                  f"  # {probe.extra_bytes / 2**20:.0f} MiB extra for a {model_bytes / 2**20:.0f}"
+                  " MiB model, first full sync")
+        finally:
+            for process in (inference, yardstick):
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Query the quickstart model while it learns: served version and error, once a second.
+
+    python examples/client.py --address 127.0.0.1:8001 [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import grpc
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from examples.quickstart import target  # noqa: E402
+from inference_service.client import InferenceClient  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="127.0.0.1:8001", help="data plane HOST:PORT")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long to keep querying")
+    args = parser.parse_args()
+    x = torch.linspace(-2, 2, 101).unsqueeze(1)
+    truth = target(x)
+    deadline = time.monotonic() + args.seconds
+    with InferenceClient(args.address) as client:
+        info = client.metadata("quickstart")
+        print(f"model {info.name}: inputs {[(t.name, t.datatype, list(t.shape)) for t in info.inputs]}"
+              f" -> outputs {[(t.name, t.datatype, list(t.shape)) for t in info.outputs]}")
+        print(f"{'time':>6}  {'version':>7}  {'rmse vs sin(3x)':>15}")
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                result = client.infer("quickstart", {"x": x})
+            except grpc.RpcError as error:
+                print(f"request failed: {error.code().name}: {error.details()}")
+                time.sleep(1)
+                continue
+            rmse = torch.sqrt(torch.mean((result.outputs["y"] - truth) ** 2)).item()
+            print(f"{time.monotonic() - started:6.1f}  {result.version:7d}  {rmse:15.4f}", flush=True)
+            time.sleep(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

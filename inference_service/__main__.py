@@ -1,0 +1,84 @@
+"""`inference-service` / `python -m inference_service`: serve an app's models."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from inference_service.loading import load_models
+from inference_service.persistence import Persister, WeightStore
+from inference_service.server import InferenceServer
+from inference_service.settings import InferenceSettings
+from shared.app import load_app
+from shared.cli import configure_logging, is_loopback
+from shared.devices import resolve_device
+from shared.errors import ConfigurationError
+from shared.grpc.server import write_ready_file
+
+logger = logging.getLogger("inference_service")
+
+
+def package_version() -> str:
+    try:
+        return version("weightsync")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def run(settings: InferenceSettings) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    device = resolve_device(settings.device)
+    models = load_models(load_app(settings.models), device)
+    persister = None
+    if settings.state_dir is not None:
+        store = WeightStore(settings.state_dir / "models")
+        for model in models.values():
+            if model.accepts_pushes:
+                store.restore(model)
+        persister = Persister(store, models)
+    server = InferenceServer(
+        models,
+        listen=settings.listen,
+        sync_listen=settings.sync_listen,
+        workers=settings.workers,
+        server_version=package_version(),
+        on_commit=persister.committed if persister else None,
+    )
+    if not is_loopback(settings.sync_listen):
+        logger.warning(
+            "THE SYNC PLANE LISTENS ON %s WITHOUT AUTHENTICATION: anyone who can reach it can "
+            "replace the served weights. Keep it on a private network.", settings.sync_listen,
+        )
+    ports = server.start()
+    if settings.ready_file is not None:
+        write_ready_file(
+            settings.ready_file,
+            {"pid": os.getpid(), "data_port": ports.data, "sync_port": ports.sync},
+        )
+    stop.wait()
+    logger.info("shutting down: draining for up to %gs", settings.grace)
+    server.stop(settings.grace)
+    if persister is not None:
+        persister.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = InferenceSettings.from_args(argv)
+    configure_logging(settings.log_level)
+    try:
+        run(settings)
+    except (ConfigurationError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

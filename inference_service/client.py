@@ -1,0 +1,125 @@
+"""A typed Python client for the data plane: tensors in, tensors out.
+
+Any Open Inference Protocol client works against the inference service (tritonclient, KServe's);
+this one saves torch users the datatype bookkeeping. Tensors travel raw (little-endian bytes).
+Failed calls raise `grpc.RpcError` with the server's status code and message.
+
+    with InferenceClient("127.0.0.1:8001") as client:
+        result = client.infer("quickstart", {"x": torch.linspace(-2, 2, 9).unsqueeze(1)})
+        print(result.version, result.outputs["y"])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+import torch
+
+from inference_service.dataplane.tensors import datatype_of, dtype_of
+from shared.app import TensorSpec
+from shared.gen.inference import grpc_service_pb2 as pb
+from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, channel_options
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model_name: str
+    version: int
+    id: str
+    outputs: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class InferenceClient:
+    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+        self._channel = grpc.insecure_channel(
+            address, options=channel_options(DATA_MAX_MESSAGE_BYTES)
+        )
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def server_ready(self) -> bool:
+        response = self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self._timeout_s)
+        return bool(response.ready)
+
+    def model_ready(self, name: str) -> bool:
+        response = self._stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=self._timeout_s)
+        return bool(response.ready)
+
+    def metadata(self, name: str) -> ModelInfo:
+        m = self._stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=self._timeout_s)
+
+        def specs(tensors: Sequence[pb.ModelMetadataResponse.TensorMetadata]) -> list[TensorSpec]:
+            return [TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in tensors]
+
+        return ModelInfo(m.name, list(m.versions), m.platform, specs(m.inputs), specs(m.outputs))
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        outputs: Sequence[str] = (),
+        request_id: str = "",
+    ) -> InferResult:
+        request = pb.ModelInferRequest(model_name=model, id=request_id)
+        for name, tensor in inputs.items():
+            data = tensor.detach().to("cpu").contiguous()
+            request.inputs.add(name=name, datatype=datatype_of(data.dtype), shape=data.shape)
+            request.raw_input_contents.append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for name in outputs:
+            request.outputs.add(name=name)
+        response = self._stub.ModelInfer(request, timeout=self._timeout_s)
+        return InferResult(
+            response.model_name, int(response.model_version), response.id, decode_outputs(response)
+        )
+
+
+def decode_outputs(response: pb.ModelInferResponse) -> dict[str, torch.Tensor]:
+    """Output tensors of a response, raw or typed."""
+    result: dict[str, torch.Tensor] = {}
+    for index, output in enumerate(response.outputs):
+        dtype = dtype_of(output.datatype)
+        shape = list(output.shape)
+        if response.raw_output_contents:
+            raw = bytearray(response.raw_output_contents[index])
+            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        else:
+            contents = output.contents
+            field = {
+                torch.bool: contents.bool_contents, torch.float32: contents.fp32_contents,
+                torch.float64: contents.fp64_contents, torch.int64: contents.int64_contents,
+                torch.uint64: contents.uint64_contents,
+            }.get(dtype)
+            if field is None:
+                field = contents.uint_contents if output.datatype.startswith("U") else contents.int_contents
+            flat = torch.tensor(list(field), dtype=dtype)
+        result[output.name] = flat.reshape(shape) if math.prod(shape) == flat.numel() else flat
+    return result

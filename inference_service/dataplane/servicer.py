@@ -1,0 +1,83 @@
+"""inference.GRPCInferenceService: convert, delegate to the DataPlane, convert back."""
+
+from __future__ import annotations
+
+import grpc
+from typing_extensions import override
+
+from inference_service.dataplane.service import DataPlane
+from inference_service.dataplane.tensors import decode_inputs, encode_outputs
+from shared.gen.inference import grpc_service_pb2 as pb
+from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from shared.grpc.errors import grpc_errors
+
+SERVER_NAME = "weightsync"
+PLATFORM = "pytorch"
+Context = grpc.ServicerContext
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, data_plane: DataPlane, server_version: str) -> None:
+        self._data = data_plane
+        self._server_version = server_version
+
+    @override
+    @grpc_errors
+    def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @override
+    @grpc_errors
+    def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._data.ready)
+
+    @override
+    @grpc_errors
+    def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._data.model_ready(request.name, request.version))
+
+    @override
+    @grpc_errors
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._server_version)
+
+    @override
+    @grpc_errors
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        model = self._data.model(request.name, request.version)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(model.live.version)],
+            platform=PLATFORM,
+            inputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.spec.inputs],
+            outputs=[
+                meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.spec.outputs
+            ],
+        )
+
+    @override
+    @grpc_errors
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        model = self._data.model(request.model_name, request.model_version)
+        inputs = decode_inputs(request, model.spec.inputs)
+        outputs, generation = self._data.infer(model, inputs)
+        tensors, raw = encode_outputs(
+            outputs,
+            model.spec.outputs,
+            [o.name for o in request.outputs],
+            raw=bool(request.raw_input_contents),
+        )
+        return pb.ModelInferResponse(
+            model_name=model.name,
+            model_version=str(generation.version),
+            id=request.id,
+            outputs=tensors,
+            raw_output_contents=raw,
+        )

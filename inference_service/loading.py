@@ -1,0 +1,71 @@
+"""Build the served models from the user's app: inference copies only, never a training copy."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from inference_service.dataplane.tensors import dtype_of
+from inference_service.served_model import ServedModel
+from shared.app import App, ModelSpec
+from shared.errors import ConfigurationError
+from shared.torch.model import TorchTrainingModel
+
+logger = logging.getLogger(__name__)
+
+
+def load_models(app: App, device: torch.device) -> dict[str, ServedModel]:
+    """Build every model that has an inference copy, warm it up, and return them by name.
+
+    Each model's factory builds a TorchTrainingModel; its module becomes the served copy as is
+    (no deepcopy), and the TrainingModel wrapper is dropped. Training-only models are skipped.
+    """
+    served: dict[str, ServedModel] = {}
+    for spec in app.models.values():
+        training_model = spec.build()
+        if not isinstance(training_model, TorchTrainingModel):
+            raise ConfigurationError(
+                f"model {spec.name!r}: the factory returned a {type(training_model).__name__}; "
+                "syncing across machines needs a TorchTrainingModel"
+            )
+        if not training_model.has_inference_model:
+            logger.info("model %s is training-only; not served here", spec.name)
+            continue
+        if not spec.inputs or not spec.outputs:
+            raise ConfigurationError(
+                f"model {spec.name!r} is served but declares no inputs or outputs; pass "
+                "inputs=[TensorSpec(...)] and outputs=[...] to app.model()"
+            )
+        module = training_model.model.to(device)
+        model = ServedModel(
+            spec,
+            module,
+            training_model.inference_procedure,
+            accepts_pushes=not training_model.inference_thread_only,
+            device=device,
+        )
+        del training_model
+        warm_up(model)
+        served[spec.name] = model
+        logger.info(
+            "model %s: serving %s on %s (%d tensors)", spec.name,
+            "its pretrained weights" if not model.accepts_pushes else "version 0", device,
+            len(model.layout),
+        )
+    return served
+
+
+def warm_up(model: ServedModel) -> None:
+    """Run one request of batch 1 (each -1 dimension as 1) so the first client does not pay."""
+    inputs = [
+        torch.zeros([1 if d == -1 else d for d in spec.shape], dtype=dtype_of(spec.datatype))
+        for spec in model.spec.inputs
+    ]
+    try:
+        model.infer(inputs)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"model {model.name!r} failed its warm-up request on zero inputs {[list(t.shape) for t in inputs]}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc

@@ -1,0 +1,172 @@
+"""One served model: the weights version that answers requests, and the copy a push fills.
+
+Double buffering. `live` is the generation that answers requests; a push writes into `standby`,
+a second copy of the module, and a commit swaps the two by replacing one reference. A request
+takes the live generation once, under a short lock, and runs wholly on it, so it never sees two
+versions. Before a push writes into the standby copy (the previous live one) it waits for the
+requests still running on it to finish. Memory: the model twice (plus small chunk buffers),
+which lets a swap cost one pointer store however large the model is.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from shared.app import ModelSpec
+from shared.errors import ConflictError, UnavailableError
+from shared.weights.digest import model_digest, tensor_hash
+from shared.weights.layout import TensorLayout
+
+InferenceProcedure = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """An immutable snapshot: one module and the version of the weights it holds."""
+
+    module: nn.Module
+    version: int
+    digest: bytes
+    writer_id: str
+    hashes: dict[str, bytes] = field(repr=False)
+
+
+@dataclass
+class PendingPush:
+    """What the sync plane reports about a push in progress."""
+
+    writer_id: str
+    version: int
+    base_version: int
+    payload_bytes: int
+    bytes_received: int = 0
+
+
+class ServedModel:
+    """A model the inference service serves, and the lock-light machinery that swaps its weights."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        module: nn.Module,
+        procedure: InferenceProcedure,
+        accepts_pushes: bool,
+        device: torch.device,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.procedure = procedure
+        self.accepts_pushes = accepts_pushes
+        self.device = device
+        module.eval().requires_grad_(False)
+        state = module.state_dict()
+        self.layout = {k: TensorLayout.of(v) for k, v in state.items()}
+        hashes = {k: tensor_hash(v) for k, v in state.items()}
+        self._live = Generation(module, 0, self.digest_of(hashes), "", hashes)
+        self._standby: nn.Module | None = None
+        self._standby_hashes: dict[str, bytes | None] = {}
+        self._lock = threading.Condition()
+        self._readers: dict[int, int] = {}
+        self._push_lock = threading.Lock()
+        self.pending: PendingPush | None = None
+
+    @property
+    def live(self) -> Generation:
+        return self._live
+
+    def digest_of(self, hashes: dict[str, bytes]) -> bytes:
+        return model_digest({k: (self.layout[k], h) for k, h in hashes.items()})
+
+    # -- the request path ---------------------------------------------------------------------
+
+    @contextmanager
+    def acquire(self) -> Iterator[Generation]:
+        """Pin the live generation for the duration of one request."""
+        with self._lock:
+            generation = self._live
+            key = id(generation.module)
+            self._readers[key] = self._readers.get(key, 0) + 1
+        try:
+            yield generation
+        finally:
+            with self._lock:
+                self._readers[key] -= 1
+                if self._readers[key] == 0:
+                    self._lock.notify_all()
+
+    def infer(self, inputs: list[torch.Tensor]) -> tuple[Any, Generation]:
+        """Run the model's inference procedure on one generation; return its result and it."""
+        with self.acquire() as generation, torch.inference_mode():
+            moved = [t.to(self.device, non_blocking=True) for t in inputs]
+            return self.procedure(generation.module, *moved), generation
+
+    # -- the push path ------------------------------------------------------------------------
+
+    @contextmanager
+    def writing(self, pending: PendingPush, drain_timeout_s: float) -> Iterator[nn.Module]:
+        """Hold the model's single push slot and yield the standby module to fill."""
+        if not self._push_lock.acquire(blocking=False):
+            other = self.pending
+            who = f" from {other.writer_id!r} (version {other.version})" if other else ""
+            raise ConflictError(f"model {self.name!r}: another push{who} is in progress")
+        try:
+            self.pending = pending
+            yield self._prepare_standby(drain_timeout_s)
+        finally:
+            self.pending = None
+            self._push_lock.release()
+
+    def _prepare_standby(self, drain_timeout_s: float) -> nn.Module:
+        if self._standby is None:
+            self._standby = copy.deepcopy(self._live.module)
+            self._standby_hashes = dict(self._live.hashes)
+        standby = self._standby
+        with self._lock:
+            drained = self._lock.wait_for(
+                lambda: self._readers.get(id(standby), 0) == 0, timeout=drain_timeout_s
+            )
+        if not drained:
+            raise UnavailableError(
+                f"model {self.name!r}: requests on the previous weights did not finish within "
+                f"{drain_timeout_s:g}s; retry the push"
+            )
+        return standby
+
+    def standby_tensor_is_current(self, name: str) -> bool:
+        """Whether the standby copy already holds the live bytes of tensor `name`."""
+        return self._standby_hashes.get(name) == self._live.hashes[name]
+
+    def mark_standby(self, name: str, digest: bytes | None) -> None:
+        """Record what the standby copy of `name` holds now (None: unknown, e.g. half written)."""
+        self._standby_hashes[name] = digest
+
+    def restore(
+        self, tensors: Mapping[str, torch.Tensor], version: int, writer_id: str,
+        hashes: dict[str, bytes],
+    ) -> None:
+        """Load stored weights into the live copy before serving starts (no request can run)."""
+        state = self._live.module.state_dict()
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+        self._live = Generation(self._live.module, version, self.digest_of(hashes), writer_id,
+                                hashes)
+        self._standby = None
+
+    def commit(self, version: int, writer_id: str, hashes: dict[str, bytes]) -> Generation:
+        """Make the standby copy live as `version`; the old live copy becomes the standby."""
+        assert self._standby is not None
+        generation = Generation(self._standby, version, self.digest_of(hashes), writer_id, hashes)
+        with self._lock:
+            old = self._live
+            self._live = generation
+        self._standby = old.module
+        self._standby_hashes = dict(old.hashes)
+        return generation

@@ -1,0 +1,89 @@
+"""The inference service's two gRPC servers: the OIP data plane and the weightsync sync plane.
+
+They listen on separate addresses so the sync plane can be firewalled and authenticated apart
+from the data plane. Both carry grpc.health.v1 (SERVING only while the data plane is ready) and
+server reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from inference_service.dataplane.service import DataPlane
+from inference_service.dataplane.servicer import InferenceServicer
+from inference_service.served_model import ServedModel
+from inference_service.syncplane.receiver import PushReceiver, SyncLimits
+from inference_service.syncplane.servicer import WeightSyncServicer
+from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from shared.gen.weightsync.v1 import weightsync_pb2_grpc as sync_grpc
+from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
+from shared.grpc.reflection import enable_reflection
+from shared.grpc.server import bind, new_server
+
+logger = logging.getLogger(__name__)
+
+OIP_SERVICE = "inference.GRPCInferenceService"
+SYNC_SERVICE = "weightsync.v1.WeightSync"
+
+
+@dataclass(frozen=True)
+class Ports:
+    data: int
+    sync: int
+
+
+class InferenceServer:
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        *,
+        listen: str,
+        sync_listen: str,
+        workers: int = 8,
+        limits: SyncLimits | None = None,
+        server_version: str = "0",
+        on_commit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.data_plane = DataPlane(models)
+        self.receiver = PushReceiver(models, limits or SyncLimits(), on_commit)
+        self._listen = listen
+        self._sync_listen = sync_listen
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        for service in ("", OIP_SERVICE, SYNC_SERVICE):
+            self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        self._data_server = new_server(workers, DATA_MAX_MESSAGE_BYTES)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.data_plane, server_version), self._data_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._data_server)
+        enable_reflection(self._data_server, [OIP_SERVICE])
+
+        self._sync_server = new_server(4, SYNC_MAX_MESSAGE_BYTES)
+        sync_grpc.add_WeightSyncServicer_to_server(WeightSyncServicer(self.receiver), self._sync_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)
+        enable_reflection(self._sync_server, [SYNC_SERVICE])
+
+    def start(self) -> Ports:
+        """Bind both addresses, start serving, and report ready; return the bound ports."""
+        ports = Ports(bind(self._data_server, self._listen), bind(self._sync_server, self._sync_listen))
+        self._data_server.start()
+        self._sync_server.start()
+        self.data_plane.set_ready(True)
+        for service in ("", OIP_SERVICE, SYNC_SERVICE):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("data plane on port %d, sync plane on port %d", ports.data, ports.sync)
+        return ports
+
+    def stop(self, grace: float) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish for `grace`."""
+        self._health.enter_graceful_shutdown()
+        self.data_plane.set_ready(False)
+        done = [self._data_server.stop(grace), self._sync_server.stop(grace)]
+        for event in done:
+            event.wait()
+        logger.info("stopped")

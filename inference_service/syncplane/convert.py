@@ -1,0 +1,91 @@
+"""The only place that knows both the weightsync.v1 messages and the sync plane's domain types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from inference_service.served_model import Generation, ServedModel
+from inference_service.syncplane.receiver import Commit, PushHeader
+from shared.errors import MalformedPushError
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+
+
+def read_header(messages: Iterator[pb.PushRequest]) -> PushHeader:
+    """The push header, which must be the stream's first message."""
+    first = next(messages, None)
+    if first is None:
+        raise MalformedPushError("empty push stream: the first message must be a PushHeader")
+    if first.WhichOneof("kind") != "header":
+        raise MalformedPushError(
+            f"the first message of a push must be a header, not {first.WhichOneof('kind')}"
+        )
+    h = first.header
+    if not h.model_name:
+        raise MalformedPushError("the push header names no model")
+    if h.version == 0:
+        raise MalformedPushError("the push header's version must be at least 1")
+    if h.base_version >= h.version:
+        raise MalformedPushError(
+            f"base_version {h.base_version} must be older than version {h.version}"
+        )
+    return PushHeader(h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes)
+
+
+def read_parts(messages: Iterator[pb.PushRequest]) -> Iterator[bytes | Commit]:
+    """Payload chunks, then the commit; the commit must be the stream's last message."""
+    received = 0
+    try:
+        for message in messages:
+            kind = message.WhichOneof("kind")
+            if kind == "data":
+                received += len(message.data)
+                yield message.data
+            elif kind == "commit":
+                if next(messages, None) is not None:
+                    raise MalformedPushError("messages follow the commit; it must come last")
+                yield Commit(message.commit.digest)
+                return
+            else:
+                raise MalformedPushError(f"unexpected {kind or 'empty'} message inside a push")
+    except grpc.RpcError:
+        raise MalformedPushError(
+            f"the sender cancelled the push after {received} payload bytes"
+        ) from None
+
+
+def push_response(header: PushHeader, generation: Generation) -> pb.PushResponse:
+    return pb.PushResponse(
+        model_name=header.model_name,
+        version=generation.version,
+        digest=generation.digest,
+        payload_bytes=header.payload_bytes,
+    )
+
+
+def model_state(model: ServedModel) -> pb.ModelState:
+    live = model.live
+    state = pb.ModelState(
+        model_name=model.name,
+        version=live.version,
+        digest=live.digest,
+        writer_id=live.writer_id,
+        accepts_pushes=model.accepts_pushes,
+        tensors=[
+            pb.TensorState(name=name, dtype=layout.dtype, shape=layout.shape)
+            for name, layout in model.layout.items()
+        ],
+    )
+    pending = model.pending
+    if pending is not None:
+        state.pending.CopyFrom(
+            pb.PendingPush(
+                writer_id=pending.writer_id,
+                version=pending.version,
+                base_version=pending.base_version,
+                bytes_received=pending.bytes_received,
+                payload_bytes=pending.payload_bytes,
+            )
+        )
+    return state

@@ -1,0 +1,165 @@
+"""Apply one push: check it, stage it into the standby copy, verify the digest, swap.
+
+Order of checks: the header against the model (exists, accepts pushes, newer version, base held,
+size limit); the safetensors header against the model's tensors (names, dtypes, shapes, offsets);
+the byte count; the digest of the resulting state. Only when all pass does the swap happen, so a
+push that fails for any reason (including a sender that dies mid-stream) leaves the served
+weights exactly as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from shared.errors import (
+    BaseVersionMismatchError,
+    ConflictError,
+    InferenceOnlyModelError,
+    MalformedPushError,
+    ModelNotFoundError,
+    ResourceLimitError,
+)
+from inference_service.served_model import Generation, PendingPush, ServedModel
+from inference_service.syncplane.staging import make_sink
+from shared.weights.reader import PayloadReader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushHeader:
+    model_name: str
+    version: int
+    base_version: int
+    writer_id: str
+    payload_bytes: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class SyncLimits:
+    max_payload_bytes: int = 64 << 30
+    max_header_bytes: int = 16 << 20
+    drain_timeout_s: float = 30.0
+
+
+class PushReceiver:
+    """The sync plane's use-case layer: models by name, and the push procedure."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        limits: SyncLimits,
+        on_commit: Callable[[str], None] | None = None,
+    ) -> None:
+        self._models = models
+        self._limits = limits
+        self._on_commit = on_commit
+
+    def model(self, name: str) -> ServedModel:
+        model = self._models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFoundError(f"no model named {name!r} is served here (served: {known})")
+        return model
+
+    @property
+    def models(self) -> Mapping[str, ServedModel]:
+        return self._models
+
+    def receive(self, header: PushHeader, parts: Iterable[bytes | Commit]) -> Generation:
+        model = self.model(header.model_name)
+        self._check_header(model, header)
+        started = time.perf_counter()
+        pending = PendingPush(
+            header.writer_id, header.version, header.base_version, header.payload_bytes
+        )
+        with model.writing(pending, self._limits.drain_timeout_s) as standby:
+            self._check_versions(model, header)  # again: a push may have committed meanwhile
+            targets = standby.state_dict()
+            sink = make_sink(targets, lambda name: model.mark_standby(name, None))
+            reader = PayloadReader(
+                header.payload_bytes, model.layout, sink, self._limits.max_header_bytes
+            )
+            digest = self._stream_into(reader, parts, pending)
+            received = reader.finish()
+            if header.base_version == 0 and len(received) != len(model.layout):
+                missing = sorted(set(model.layout) - set(received))
+                raise MalformedPushError(
+                    f"a full push must carry every tensor; missing: {', '.join(missing[:10])}"
+                )
+            live = model.live
+            hashes = {**live.hashes, **received}
+            live_state = live.module.state_dict()
+            for name in model.layout.keys() - received.keys():
+                if not model.standby_tensor_is_current(name):
+                    targets[name].copy_(live_state[name])
+                    model.mark_standby(name, live.hashes[name])
+            sink.finish()
+            expected = model.digest_of(hashes)
+            if digest != expected:
+                raise MalformedPushError(
+                    f"digest mismatch for {model.name!r} version {header.version}: the commit "
+                    f"says {digest.hex()} but the weights received hash to {expected.hex()}; "
+                    "nothing was swapped"
+                )
+            for name, tensor_digest in received.items():
+                model.mark_standby(name, tensor_digest)
+            generation = model.commit(header.version, header.writer_id, hashes)
+        if self._on_commit is not None:
+            self._on_commit(model.name)
+        logger.info(
+            "model %s: committed version %d from %s (%s, %d tensors, %d bytes, %.3fs)",
+            model.name, header.version, header.writer_id,
+            "full" if header.base_version == 0 else f"delta on {header.base_version}",
+            len(received), header.payload_bytes, time.perf_counter() - started,
+        )
+        return generation
+
+    def _check_header(self, model: ServedModel, header: PushHeader) -> None:
+        if not model.accepts_pushes:
+            raise InferenceOnlyModelError(
+                f"model {model.name!r} is inference-only: it serves its pretrained weights and "
+                "refuses pushes"
+            )
+        if header.payload_bytes > self._limits.max_payload_bytes:
+            raise ResourceLimitError(
+                f"push of {header.payload_bytes} bytes exceeds the "
+                f"{self._limits.max_payload_bytes}-byte limit"
+            )
+        self._check_versions(model, header)
+
+    @staticmethod
+    def _check_versions(model: ServedModel, header: PushHeader) -> None:
+        live = model.live
+        if header.version <= live.version:
+            writer = f" (written by {live.writer_id!r})" if live.writer_id else ""
+            raise ConflictError(
+                f"model {model.name!r}: version {header.version} is not newer than the served "
+                f"version {live.version}{writer}"
+            )
+        if header.base_version not in (0, live.version):
+            raise BaseVersionMismatchError(
+                f"model {model.name!r}: the delta applies to version {header.base_version} but "
+                f"version {live.version} is served; push the full weights"
+            )
+
+    @staticmethod
+    def _stream_into(
+        reader: PayloadReader, parts: Iterable[bytes | Commit], pending: PendingPush
+    ) -> bytes:
+        for part in parts:
+            if isinstance(part, Commit):
+                return part.digest
+            reader.feed(part)
+            pending.bytes_received = reader.received
+        raise MalformedPushError(
+            f"the push stream ended after {reader.received} payload bytes without a commit"
+        )

@@ -1,0 +1,43 @@
+"""weightsync.v1.WeightSync: convert, delegate to the PushReceiver, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from typing_extensions import override
+
+from inference_service.syncplane import convert
+from inference_service.syncplane.receiver import PushReceiver
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from shared.grpc.errors import grpc_errors
+
+
+class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
+    def __init__(self, receiver: PushReceiver) -> None:
+        self._receiver = receiver
+
+    @override
+    @grpc_errors
+    def Push(
+        self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
+    ) -> pb.PushResponse:
+        header = convert.read_header(request_iterator)
+        generation = self._receiver.receive(header, convert.read_parts(request_iterator))
+        return convert.push_response(header, generation)
+
+    @override
+    @grpc_errors
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
+        return convert.model_state(self._receiver.model(request.model_name))
+
+    @override
+    @grpc_errors
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = self._receiver.models
+        return pb.ListModelsResponse(
+            models=[convert.model_state(models[name]) for name in sorted(models)]
+        )

@@ -1,0 +1,100 @@
+"""Sinks that write received tensor bytes into the standby copy of a model.
+
+On the CPU the bytes go straight into the standby tensors' memory (one copy). On CUDA they pass
+through a small ring of reused pinned host buffers and are copied to the device on a side stream,
+so a push never holds a second host copy of the model and the request path's stream is not
+stalled; `finish()` waits for the copies before the swap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from shared.weights.layout import TensorEntry
+
+
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_contiguous():
+        raise ValueError("standby tensors must be contiguous")
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+class CpuSink:
+    """Writes tensor bytes into CPU tensors in place."""
+
+    def __init__(
+        self, targets: Mapping[str, torch.Tensor], on_first_write: Callable[[str], None]
+    ) -> None:
+        self._arrays = {name: _flat_bytes(t).numpy() for name, t in targets.items()}
+        self._on_first_write = on_first_write
+        self._touched: set[str] = set()
+
+    def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
+        if entry.name not in self._touched:
+            self._touched.add(entry.name)
+            self._on_first_write(entry.name)
+        self._arrays[entry.name][offset : offset + len(data)] = np.frombuffer(data, np.uint8)
+
+    def finish(self) -> None:
+        """Nothing is in flight on the CPU."""
+
+
+class CudaSink:
+    """Writes tensor bytes into CUDA tensors through a ring of pinned staging buffers."""
+
+    def __init__(
+        self,
+        targets: Mapping[str, torch.Tensor],
+        on_first_write: Callable[[str], None],
+        staging_bytes: int = 4 << 20,
+        ring: int = 4,
+    ) -> None:
+        device = next(iter(targets.values())).device if targets else torch.device("cuda")
+        self._flat = {name: _flat_bytes(t) for name, t in targets.items()}
+        self._stream = torch.cuda.Stream(device=device)
+        self._buffers = [
+            torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(ring)
+        ]
+        self._arrays = [b.numpy() for b in self._buffers]
+        self._events: list[torch.cuda.Event | None] = [None] * ring
+        self._next = 0
+        self._on_first_write = on_first_write
+        self._touched: set[str] = set()
+
+    def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
+        if entry.name not in self._touched:
+            self._touched.add(entry.name)
+            self._on_first_write(entry.name)
+        size = len(self._arrays[0])
+        for start in range(0, len(data), size):
+            piece = data[start : start + size]
+            slot = self._next
+            self._next = (slot + 1) % len(self._buffers)
+            event = self._events[slot]
+            if event is not None:
+                event.synchronize()  # the copy that last used this buffer is done
+            n = len(piece)
+            self._arrays[slot][:n] = np.frombuffer(piece, np.uint8)
+            at = offset + start
+            with torch.cuda.stream(self._stream):
+                self._flat[entry.name][at : at + n].copy_(self._buffers[slot][:n], non_blocking=True)
+                recorded = torch.cuda.Event()
+                recorded.record(self._stream)
+            self._events[slot] = recorded
+
+    def finish(self) -> None:
+        self._stream.synchronize()
+
+
+def make_sink(
+    targets: Mapping[str, torch.Tensor], on_first_write: Callable[[str], None]
+) -> CpuSink | CudaSink:
+    devices = {t.device.type for t in targets.values()}
+    if devices <= {"cpu"}:
+        return CpuSink(targets, on_first_write)
+    if devices == {"cuda"}:
+        return CudaSink(targets, on_first_write)
+    raise ValueError(f"a model's tensors must live on one kind of device, not {sorted(devices)}")

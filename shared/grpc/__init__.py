@@ -1,0 +1,1 @@
+"""gRPC plumbing both services share: status mapping, server and channel options."""

@@ -1,0 +1,38 @@
+"""Build, start and stop a gRPC server: separate steps, and start returns the bound port."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from shared.grpc.options import server_options
+
+
+def new_server(workers: int, max_message_bytes: int) -> grpc.Server:
+    return grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        options=server_options(max_message_bytes),
+    )
+
+
+def bind(server: grpc.Server, address: str) -> int:
+    """Listen on `address` (port 0: any free port) and return the port actually bound."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return int(port)
+
+
+def write_ready_file(path: Path, info: dict[str, object]) -> None:
+    """Write `info` as JSON atomically, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)

@@ -1,0 +1,49 @@
+"""The digest of a model's weights: a hash over each tensor, then over the table of them.
+
+digest = xxh3_128 over, for each tensor in name order: name, dtype, shape and the xxh3_128 of its
+little-endian bytes. Because the model digest is built from per-tensor hashes, a receiver of a
+delta checks the whole resulting state while hashing only the bytes that arrived, and a sender
+finds which tensors changed by comparing hashes. xxh3 runs near memory speed (about 7.6 GB/s on
+these machines, against 1.35 GB/s for sha256), so the check costs little next to the wire. It
+guards against corruption and bugs, not against an attacker: that is the transport's job (TLS,
+tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import xxhash
+
+from shared.weights.layout import TensorLayout
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A flat read view of a contiguous CPU tensor's bytes (no copy)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def tensor_hash(tensor: torch.Tensor) -> bytes:
+    """xxh3_128 of a tensor's bytes; moves it to the CPU first when needed."""
+    cpu = tensor.detach().to("cpu").contiguous()
+    return xxhash.xxh3_128_digest(byte_view(cpu))
+
+
+def model_digest(table: Mapping[str, tuple[TensorLayout, bytes]]) -> bytes:
+    """The digest of a whole model from each tensor's layout and hash."""
+    h = xxhash.xxh3_128()
+    for name in sorted(table):
+        layout, digest = table[name]
+        shape = ",".join(str(d) for d in layout.shape)
+        h.update(f"{name}\0{layout.dtype}\0{shape}\0".encode())
+        h.update(digest)
+    return h.digest()
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> bytes:
+    """The digest of a state dict (convenience for tests and tools)."""
+    return model_digest({k: (TensorLayout.of(v), tensor_hash(v)) for k, v in state.items()})

@@ -1,0 +1,163 @@
+"""The safetensors layout: dtype names, building a header, and checking one that arrived.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON mapping each tensor
+name to {dtype, shape, data_offsets: [begin, end)} (offsets relative to the end of the header),
+then the tensors' packed little-endian bytes, which must cover the data area with no gap or
+overlap. We write and read that format in a stream rather than through safetensors' bytes API,
+which builds (and copies) the whole blob; the library still reads what we write (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import MalformedPushError
+
+DTYPE_TO_NAME: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
+}
+NAME_TO_DTYPE = {name: dtype for dtype, name in DTYPE_TO_NAME.items()}
+ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for dtype, name in DTYPE_TO_NAME.items()}
+
+# safetensors' own limit on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """What a model expects of one tensor: its safetensors dtype name and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorLayout:
+        if tensor.dtype not in DTYPE_TO_NAME:
+            raise TypeError(f"dtype {tensor.dtype} cannot travel in safetensors framing")
+        return cls(DTYPE_TO_NAME[tensor.dtype], tuple(tensor.shape))
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a payload: name, layout, and its byte range in the data area."""
+
+    name: str
+    layout: TensorLayout
+    begin: int
+    end: int
+
+
+def build_header(
+    tensors: Sequence[tuple[str, TensorLayout]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, list[TensorEntry]]:
+    """The 8-byte length plus JSON header for `tensors`, laid out back to back in that order."""
+    entries: list[TensorEntry] = []
+    offset = 0
+    table: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    for name, layout in tensors:
+        entry = TensorEntry(name, layout, offset, offset + layout.nbytes)
+        entries.append(entry)
+        table[name] = {
+            "dtype": layout.dtype,
+            "shape": list(layout.shape),
+            "data_offsets": [entry.begin, entry.end],
+        }
+        offset = entry.end
+    body = json.dumps(table, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)  # safetensors pads the header to 8-byte alignment
+    return len(body).to_bytes(8, "little") + body, entries
+
+
+def parse_header(
+    body: bytes, data_bytes: int, expected: Mapping[str, TensorLayout]
+) -> list[TensorEntry]:
+    """Check a received JSON header against the model's tensors; return entries by offset.
+
+    `data_bytes` is the size of the data area the sender announced. Every check names the tensor
+    and the problem, since the sender needs to know what to fix.
+    """
+    try:
+        table = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedPushError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(table, dict):
+        raise MalformedPushError("safetensors header must be a JSON object")
+    metadata = table.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise MalformedPushError("safetensors __metadata__ must map strings to strings")
+    entries = [_parse_entry(name, info, expected) for name, info in table.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    position = 0
+    for entry in entries:
+        if entry.begin != position:
+            kind = "overlaps the previous tensor" if entry.begin < position else "leaves a gap"
+            raise MalformedPushError(
+                f"tensor {entry.name!r}: data_offsets [{entry.begin}, {entry.end}) {kind} "
+                f"(expected it to start at {position})"
+            )
+        position = entry.end
+    if position != data_bytes:
+        raise MalformedPushError(
+            f"safetensors header describes {position} data bytes but the push carries {data_bytes}"
+        )
+    return entries
+
+
+def _parse_entry(name: str, info: object, expected: Mapping[str, TensorLayout]) -> TensorEntry:
+    want = expected.get(name)
+    if want is None:
+        known = ", ".join(sorted(expected)[:10])
+        raise MalformedPushError(f"unknown tensor {name!r}; this model has: {known}")
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise MalformedPushError(
+            f"tensor {name!r}: header entry must have exactly dtype, shape and data_offsets"
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise MalformedPushError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise MalformedPushError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end)")
+    if dtype != want.dtype:
+        raise MalformedPushError(f"tensor {name!r}: dtype {dtype!r} but the model has {want.dtype}")
+    if tuple(shape) != want.shape:
+        raise MalformedPushError(
+            f"tensor {name!r}: shape {shape} but the model has {list(want.shape)}"
+        )
+    begin, end = offsets
+    if end - begin != want.nbytes:
+        raise MalformedPushError(
+            f"tensor {name!r}: data_offsets span {end - begin} bytes but {dtype}{shape} "
+            f"needs {want.nbytes}"
+        )
+    return TensorEntry(name, want, begin, end)

@@ -1,0 +1,135 @@
+"""Inference side: parse a safetensors stream as it arrives and route tensor bytes to a sink.
+
+The reader never buffers the payload: it reads the 8-byte length and the JSON header, checks the
+header against the model's tensors, then hands each slice of tensor bytes to the sink (which
+writes them into the staging copy) while hashing them for the digest check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import xxhash
+
+from shared.errors import MalformedPushError, ResourceLimitError
+from shared.weights.layout import MAX_HEADER_BYTES, TensorEntry, TensorLayout, parse_header
+
+
+class TensorSink(Protocol):
+    """Where the bytes of received tensors go."""
+
+    def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
+        """Store `data` at byte `offset` of tensor `entry`."""
+
+
+class PayloadReader:
+    """Consumes one push's payload bytes in arrival order."""
+
+    def __init__(
+        self,
+        payload_bytes: int,
+        expected: Mapping[str, TensorLayout],
+        sink: TensorSink,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+    ) -> None:
+        if payload_bytes < 8:
+            raise MalformedPushError(
+                f"payload_bytes is {payload_bytes}; a safetensors payload has at least 8 bytes"
+            )
+        self._payload_bytes = payload_bytes
+        self._expected = expected
+        self._sink = sink
+        self._max_header_bytes = max_header_bytes
+        self._received = 0
+        self._prefix = bytearray()  # the 8-byte length, then the JSON header
+        self._header_bytes: int | None = None
+        self._entries: list[TensorEntry] | None = None
+        self._data_start = 0
+        self._index = 0  # entry that receives the next data byte
+        self._hasher = xxhash.xxh3_128()
+        self._hashes: dict[str, bytes] = {}
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    @property
+    def entries(self) -> list[TensorEntry] | None:
+        """The tensors this payload carries, once its header has been read."""
+        return self._entries
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if self._received + len(view) > self._payload_bytes:
+            raise MalformedPushError(
+                f"the push carries more than the {self._payload_bytes} payload bytes "
+                "its header announced"
+            )
+        self._received += len(view)
+        if self._entries is None:
+            view = self._read_prefix(view)
+        if view:
+            self._read_data(view)
+
+    def finish(self) -> dict[str, bytes]:
+        """Check that the payload is complete; return the xxh3_128 of each tensor received."""
+        if self._received != self._payload_bytes or self._entries is None:
+            raise MalformedPushError(
+                f"the push ended after {self._received} of {self._payload_bytes} payload bytes"
+            )
+        for entry in self._entries[self._index :]:  # only empty tensors can remain
+            self._hashes[entry.name] = xxhash.xxh3_128_digest(b"")
+        return self._hashes
+
+    def _read_prefix(self, view: memoryview) -> memoryview:
+        if self._header_bytes is None:
+            take = min(8 - len(self._prefix), len(view))
+            self._prefix += view[:take]
+            view = view[take:]
+            if len(self._prefix) < 8:
+                return view
+            size = int.from_bytes(self._prefix, "little")
+            if size > self._max_header_bytes:
+                raise ResourceLimitError(
+                    f"safetensors header of {size} bytes exceeds the {self._max_header_bytes}"
+                    "-byte limit"
+                )
+            if size > self._payload_bytes - 8:
+                raise MalformedPushError(
+                    f"safetensors header length {size} exceeds the {self._payload_bytes}-byte "
+                    "payload"
+                )
+            self._header_bytes = size
+            self._prefix.clear()
+        take = min(self._header_bytes - len(self._prefix), len(view))
+        self._prefix += view[:take]
+        if len(self._prefix) == self._header_bytes:
+            self._data_start = 8 + self._header_bytes
+            self._entries = parse_header(
+                bytes(self._prefix), self._payload_bytes - self._data_start, self._expected
+            )
+            self._prefix = bytearray()
+        return view[take:]
+
+    def _read_data(self, view: memoryview) -> None:
+        assert self._entries is not None
+        position = self._received - len(view) - self._data_start  # data offset of view[0]
+        while view:
+            entry = self._entries[self._index]
+            if position >= entry.end:  # also skips empty tensors
+                self._close_entry(entry)
+                continue
+            take = min(entry.end - position, len(view))
+            piece = view[:take]
+            self._sink.write(entry, position - entry.begin, piece)
+            self._hasher.update(piece)
+            position += take
+            view = view[take:]
+            if position == entry.end:
+                self._close_entry(entry)
+
+    def _close_entry(self, entry: TensorEntry) -> None:
+        self._hashes[entry.name] = self._hasher.digest()
+        self._hasher.reset()
+        self._index += 1

@@ -1,0 +1,64 @@
+"""Trainer side: stream a set of tensors as safetensors bytes, chunk by chunk.
+
+The chunks are cut straight from tensor memory: each one is a single `bytes` join over views of
+the tensors it spans, so the sender never builds the whole serialized blob (safetensors'
+`save()` does, at about 0.4 GB/s on these machines, slower than the wire itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shared.weights.digest import byte_view
+from shared.weights.layout import TensorEntry, TensorLayout, build_header
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # ~1 MiB messages stream fastest through grpcio (research notes)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The safetensors framing of some named tensors, ready to stream."""
+
+    header: bytes
+    entries: list[TensorEntry]
+    tensors: list[torch.Tensor]
+
+    @classmethod
+    def of(
+        cls, tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None = None
+    ) -> Payload:
+        header, entries = build_header(
+            [(name, TensorLayout.of(t)) for name, t in tensors], metadata
+        )
+        return cls(header, entries, [t for _, t in tensors])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + (self.entries[-1].end if self.entries else 0)
+
+    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+        """Yield the payload in chunks of `chunk_bytes` (the last one may be shorter)."""
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        pieces: list[memoryview] = []
+        size = 0
+        for view in self._sources():
+            position = 0
+            while position < len(view):  # a chunk may end mid-tensor or span several tensors
+                take = min(chunk_bytes - size, len(view) - position)
+                pieces.append(view[position : position + take])
+                size += take
+                position += take
+                if size == chunk_bytes:
+                    yield b"".join(pieces)
+                    pieces, size = [], 0
+        if size:
+            yield b"".join(pieces)
+
+    def _sources(self) -> Iterator[memoryview]:
+        yield memoryview(self.header)
+        for tensor in self.tensors:
+            yield byte_view(tensor.detach().to("cpu").contiguous())

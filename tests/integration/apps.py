@@ -1,0 +1,121 @@
+"""Model definitions the integration tests start real services with.
+
+Both services import this module (the import string is `tests.integration.apps:<name>`).
+Settings come from environment variables the tests set: TEST_PRETRAINED (a safetensors file for
+the inference-only model) and TEST_STAMP_MB (size of the stamp model).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from shared import App, TensorSpec, TorchTrainer, TorchTrainingModel
+from shared.torch.trainer import OptimizersSetup
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+class SgdTrainer(TorchTrainer):
+    """A few SGD steps on a fixed regression task per run."""
+
+    @override
+    def on_training_models_attached(self) -> None:
+        super().on_training_models_attached()
+        self.model = self.get_torch_training_model("mlp", MLP)
+
+    @override
+    def create_optimizers(self) -> OptimizersSetup:
+        return {"sgd": torch.optim.SGD(self.model.model.parameters(), lr=0.05, momentum=0.9)}
+
+    @override
+    def train(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 4, generator=g)
+        y = x[:, :2] * 2 - x[:, 2:]
+        for _ in range(5):
+            loss = nn.functional.mse_loss(self.model(x), y)
+            self.optimizers["sgd"].zero_grad()
+            loss.backward()
+            self.optimizers["sgd"].step()
+
+
+class Stamp(nn.Module):
+    """Many tensors that the trainer fills with one value per run; its output is their means.
+
+    A response computed on a mix of two versions would show unequal means.
+    """
+
+    def __init__(self, megabytes: int) -> None:
+        super().__init__()
+        per = max(1, megabytes * (1 << 20) // 4 // 8)
+        self.parts = nn.ParameterList([nn.Parameter(torch.zeros(per)) for _ in range(8)])
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        means = torch.stack([p.mean() for p in self.parts])
+        return x * 0 + means.unsqueeze(0)
+
+
+class StampTrainer(TorchTrainer):
+    """Run n (from 1) sets every tensor of the stamp model to n."""
+
+    @override
+    def on_training_models_attached(self) -> None:
+        super().on_training_models_attached()
+        self.model = self.get_torch_training_model("stamp", Stamp)
+        self.count = 0
+
+    @override
+    def create_optimizers(self) -> OptimizersSetup:
+        return {}
+
+    @override
+    def train(self) -> None:
+        self.count += 1
+        with torch.no_grad():
+            for p in self.model.model.parts:
+                p.fill_(float(self.count))
+
+
+def frozen_model() -> TorchTrainingModel[MLP]:
+    return TorchTrainingModel(
+        MLP(), inference_thread_only=True, pretrained_parameter_file=os.environ["TEST_PRETRAINED"]
+    )
+
+
+def training_only() -> TorchTrainingModel[MLP]:
+    return TorchTrainingModel(MLP(), has_inference_model=False)
+
+
+MLP_IO = {
+    "inputs": [TensorSpec("x", "FP32", (-1, 4))],
+    "outputs": [TensorSpec("y", "FP32", (-1, 2))],
+}
+
+pair = App()
+pair.add_model("mlp", lambda: TorchTrainingModel(MLP()), **MLP_IO)
+pair.add_model("frozen", frozen_model, **MLP_IO)
+pair.add_model("scratch", training_only)
+pair.add_trainer("sgd", SgdTrainer)
+
+stamp = App()
+stamp.add_model(
+    "stamp",
+    lambda: TorchTrainingModel(Stamp(int(os.environ.get("TEST_STAMP_MB", "4")))),
+    inputs=[TensorSpec("x", "FP32", (-1, 8))],
+    outputs=[TensorSpec("means", "FP32", (-1, 8))],
+)
+stamp.add_trainer("stamp", StampTrainer)

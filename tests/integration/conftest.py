@@ -1,0 +1,122 @@
+"""Start the services as real processes on free loopback ports and talk to them over gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared.gen.weightsync.v1 import weightsync_pb2 as sync_pb
+from shared.gen.weightsync.v1 import weightsync_pb2_grpc as sync_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@dataclass
+class Inference:
+    process: subprocess.Popen[bytes]
+    data: str
+    sync: str
+    log: Path
+
+    def sync_stub(self) -> sync_grpc.WeightSyncStub:
+        return sync_grpc.WeightSyncStub(grpc.insecure_channel(self.sync))
+
+    def model_state(self, name: str) -> sync_pb.ModelState:
+        return self.sync_stub().GetModel(sync_pb.GetModelRequest(model_name=name), timeout=10)
+
+
+class Services:
+    """Starts processes for one test and stops every one of them afterwards."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.env = env
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, *args], cwd=ROOT, env=self.env, stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes.append(process)
+        return process
+
+    def inference(self, app: str, *extra: str, name: str = "inference") -> Inference:
+        ready = self.tmp / f"{name}.ready.json"
+        log = self.tmp / f"{name}.log"
+        process = self._spawn(
+            ["-m", "inference_service", "--models", app, "--listen", "127.0.0.1:0",
+             "--sync-listen", "127.0.0.1:0", "--device", "cpu", "--ready-file", str(ready),
+             *extra],
+            log,
+        )
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if process.poll() is not None:
+                raise AssertionError(f"inference service exited:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"inference service not ready:\n{log.read_text()}")
+            time.sleep(0.05)
+        ports = json.loads(ready.read_text())
+        return Inference(
+            process, f"127.0.0.1:{ports['data_port']}", f"127.0.0.1:{ports['sync_port']}", log
+        )
+
+    def trainer(
+        self, app: str, inference: Sequence[Inference], *extra: str, name: str = "trainer"
+    ) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            ["-m", "trainer_service", "--models", app, "--device", "cpu",
+             "--inference", ",".join(i.sync for i in inference), "--trainer-id", name, *extra],
+            self.tmp / f"{name}.log",
+        )
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    running = Services(tmp_path, env)
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+def wait_until(predicate: object, timeout: float = 60.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

@@ -1,0 +1,205 @@
+"""The push procedure, in process: what commits, what is refused, and that refusals lose nothing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from inference_service.served_model import ServedModel
+from inference_service.syncplane.receiver import Commit, PushHeader, PushReceiver, SyncLimits
+from shared.app import ModelSpec, TensorSpec
+from shared.errors import (
+    BaseVersionMismatchError,
+    ConflictError,
+    InferenceOnlyModelError,
+    MalformedPushError,
+    ModelNotFoundError,
+    ResourceLimitError,
+)
+from shared.weights.digest import state_digest
+from shared.weights.writer import Payload
+
+SPEC = ModelSpec("m", lambda: None, (TensorSpec("x", "FP32", (-1, 3)),),  # type: ignore[arg-type,return-value]
+                 (TensorSpec("y", "FP32", (-1, 2)),))
+
+
+def make_served(accepts_pushes: bool = True) -> ServedModel:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    return ServedModel(SPEC, module, lambda m, x: m(x), accepts_pushes, torch.device("cpu"))
+
+
+def trained(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in nn.Sequential(
+        nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict().items()}
+
+
+def parts(tensors: dict[str, torch.Tensor], digest: bytes, chunk: int = 16) -> Iterator[bytes | Commit]:
+    yield from Payload.of(list(tensors.items())).chunks(chunk)
+    yield Commit(digest)
+
+
+def push(receiver: PushReceiver, state: dict[str, torch.Tensor], version: int, base: int = 0,
+         send: dict[str, torch.Tensor] | None = None, digest: bytes | None = None) -> int:
+    send = state if send is None else send
+    header = PushHeader("m", version, base, "trainer-a", Payload.of(list(send.items())).nbytes)
+    return receiver.receive(header, parts(send, digest or state_digest(state))).version
+
+
+def served_state(model: ServedModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.live.module.state_dict().items()}
+
+
+def assert_state(model: ServedModel, state: dict[str, torch.Tensor]) -> None:
+    live = model.live.module.state_dict()
+    assert live.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(live[name], tensor), name
+    assert model.live.digest == state_digest(state)
+
+
+@pytest.fixture
+def model() -> ServedModel:
+    return make_served()
+
+
+@pytest.fixture
+def receiver(model: ServedModel) -> PushReceiver:
+    return PushReceiver({"m": model}, SyncLimits(max_payload_bytes=1 << 20, drain_timeout_s=0.5))
+
+
+def test_full_push_commits_bit_exact_weights_and_version(model: ServedModel, receiver: PushReceiver) -> None:
+    state = trained(1)
+    assert push(receiver, state, 1) == 1
+    assert_state(model, state)
+    assert model.live.writer_id == "trainer-a"
+
+
+def test_deltas_carry_only_changed_tensors_and_stay_exact_across_many_syncs(
+    model: ServedModel, receiver: PushReceiver
+) -> None:
+    state = trained(1)
+    push(receiver, state, 1)
+    g = torch.Generator().manual_seed(5)
+    names = list(state)
+    for version in range(2, 30):
+        changed = names[version % len(names)]
+        state[changed] = state[changed] + torch.randn(state[changed].shape, generator=g)
+        if version % 7 == 0:
+            push(receiver, state, version)  # a full push now and then
+        else:
+            push(receiver, state, version, base=version - 1, send={changed: state[changed]})
+        assert_state(model, state)
+
+
+def test_delta_on_a_base_not_served_is_refused_and_changes_nothing(
+    model: ServedModel, receiver: PushReceiver
+) -> None:
+    before = served_state(model)
+    with pytest.raises(BaseVersionMismatchError, match="applies to version 3 but version 0"):
+        push(receiver, trained(1), 4, base=3)
+    assert_state(model, before)
+
+
+def test_stale_version_is_a_conflict(model: ServedModel, receiver: PushReceiver) -> None:
+    push(receiver, trained(1), 5)
+    state = served_state(model)
+    with pytest.raises(ConflictError, match="version 5 is not newer than the served version 5"):
+        push(receiver, trained(2), 5)
+    assert_state(model, state)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 9, 50])
+def test_a_stream_that_ends_early_changes_nothing(model: ServedModel, receiver: PushReceiver,
+                                                   cut: int) -> None:
+    push(receiver, trained(1), 1)
+    before = served_state(model)
+    state = trained(2)
+    payload = Payload.of(list(state.items()))
+    truncated = list(payload.chunks(16))[:cut]
+    header = PushHeader("m", 2, 0, "t", payload.nbytes)
+    with pytest.raises(MalformedPushError):
+        receiver.receive(header, iter(truncated))
+    assert_state(model, before)
+    assert push(receiver, state, 2) == 2  # and the next push works
+    assert_state(model, state)
+
+
+def test_digest_mismatch_changes_nothing(model: ServedModel, receiver: PushReceiver) -> None:
+    before = served_state(model)
+    with pytest.raises(MalformedPushError, match="digest mismatch"):
+        push(receiver, trained(1), 1, digest=b"\0" * 16)
+    assert_state(model, before)
+    state = trained(3)  # a half-written standby must not leak into a later delta
+    push(receiver, state, 2)
+    state["0.bias"] = state["0.bias"] + 1
+    push(receiver, state, 3, base=2, send={"0.bias": state["0.bias"]})
+    assert_state(model, state)
+
+
+def test_full_push_must_carry_every_tensor(model: ServedModel, receiver: PushReceiver) -> None:
+    state = trained(1)
+    with pytest.raises(MalformedPushError, match="missing: 2.bias, 2.weight"):
+        push(receiver, state, 1, send={"0.weight": state["0.weight"], "0.bias": state["0.bias"]})
+
+
+def test_inference_only_model_refuses_pushes() -> None:
+    receiver = PushReceiver({"m": make_served(accepts_pushes=False)}, SyncLimits())
+    with pytest.raises(InferenceOnlyModelError, match="inference-only"):
+        push(receiver, trained(1), 1)
+
+
+def test_unknown_model_and_size_limit(receiver: PushReceiver) -> None:
+    with pytest.raises(ModelNotFoundError, match="no model named 'x'"):
+        receiver.receive(PushHeader("x", 1, 0, "t", 10), iter([]))
+    with pytest.raises(ResourceLimitError, match="exceeds the 1048576-byte limit"):
+        receiver.receive(PushHeader("m", 1, 0, "t", 2 << 20), iter([]))
+
+
+def test_a_second_concurrent_push_is_a_conflict(model: ServedModel, receiver: PushReceiver) -> None:
+    state = trained(1)
+    payload = Payload.of(list(state.items()))
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def slow() -> Iterator[bytes | Commit]:
+        chunks = list(payload.chunks(16))
+        yield chunks[0]
+        entered.set()
+        gate.wait(5)
+        yield from chunks[1:]
+        yield Commit(state_digest(state))
+
+    result: list[int] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            receiver.receive(PushHeader("m", 1, 0, "slow", payload.nbytes), slow()).version
+        )
+    )
+    thread.start()
+    entered.wait(5)
+    assert model.pending is not None and model.pending.writer_id == "slow"
+    with pytest.raises(ConflictError, match="another push from 'slow' \\(version 1\\)"):
+        push(receiver, trained(2), 2)
+    gate.set()
+    thread.join()
+    assert result == [1]
+    assert_state(model, state)
+
+
+def test_requests_in_flight_finish_on_their_version_and_pushes_wait_for_them(
+    model: ServedModel, receiver: PushReceiver
+) -> None:
+    push(receiver, trained(1), 1)  # standby now holds version 0's module
+    with model.acquire() as pinned:  # a request on version 1
+        push(receiver, trained(2), 2)  # writes the other copy: fine
+        assert pinned.version == 1
+        with pytest.raises(Exception, match="did not finish within 0.5s"):
+            push(receiver, trained(3), 3)  # would overwrite the pinned copy: waits, gives up
+        assert_state(model, trained(2))
+    assert push(receiver, trained(3), 3) == 3

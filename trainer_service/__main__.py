@@ -1,0 +1,56 @@
+"""`trainer-service` / `python -m trainer_service`: run an app's trainers and push weights."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from shared.app import load_app
+from shared.cli import configure_logging
+from shared.devices import resolve_device
+from shared.errors import ConfigurationError
+from trainer_service.publisher import Publisher
+from trainer_service.runner import TrainingLoop
+from trainer_service.settings import TrainerSettings
+
+logger = logging.getLogger("trainer_service")
+
+
+def run(settings: TrainerSettings) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    device = resolve_device(settings.device)
+    publisher = Publisher(settings.inference, settings.writer_id, timeout_s=settings.push_timeout)
+    try:
+        loop = TrainingLoop(
+            load_app(settings.models), publisher, device, settings.trainers, settings.state_dir
+        )
+        logger.info(
+            "trainer %s: %d trainer(s) on %s, pushing %s to %s", settings.writer_id,
+            len(loop.trainers), device, ", ".join(loop.synced_models()) or "nothing",
+            ", ".join(settings.inference),
+        )
+        loop.start(stop)
+        loop.run(stop, settings.max_runs, settings.run_interval)
+        loop.save()
+    finally:
+        publisher.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = TrainerSettings.from_args(argv)
+    configure_logging(settings.log_level)
+    try:
+        run(settings)
+    except ConfigurationError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Push a model's weights to every inference service it feeds; return when all have committed.
+
+Per target the publisher remembers the version it last committed there and the per-tensor hashes
+of that version. The next push to that target is a delta carrying only the tensors whose hash
+changed; a target that answers that it lacks the base (it restarted, or someone else wrote) gets
+a full push instead. Targets are addresses or DNS names; a name is resolved on every push to all
+of its addresses, so new replicas behind one name are found and caught up with a full push.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from shared.weights.digest import model_digest, tensor_hash
+from shared.weights.layout import TensorLayout
+from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
+from trainer_service.push import PushFailedError, PushPlan, SyncClient
+
+logger = logging.getLogger(__name__)
+
+BASE_MISSING = "base-version-mismatch"
+
+
+class SyncFailedError(Exception):
+    """At least one inference service did not commit the new weights."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """One publish: the version committed and the payload bytes it cost on the wire."""
+
+    version: int
+    payload_bytes: int
+    targets: int
+
+
+@dataclass
+class _Acked:
+    version: int
+    hashes: dict[str, bytes]
+
+
+class Publisher:
+    """Streams versions of named models to a set of inference services."""
+
+    def __init__(
+        self,
+        targets: Sequence[str],
+        writer_id: str,
+        *,
+        timeout_s: float = 600.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self._targets = list(targets)
+        self.writer_id = writer_id
+        self._timeout_s = timeout_s
+        self._chunk_bytes = chunk_bytes
+        self._clients: dict[str, SyncClient] = {}
+        self._acked: dict[tuple[str, str], _Acked] = {}
+        self._versions: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="push")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for client in self._clients.values():
+            client.close()
+
+    def version(self, model_name: str) -> int:
+        """The last version of `model_name` this publisher pushed (0: none yet)."""
+        return self._versions.get(model_name, 0)
+
+    def publish(self, model_name: str, state: Mapping[str, torch.Tensor]) -> SyncReport:
+        """Push `state` as the next version of `model_name` to every target."""
+        started = time.perf_counter()
+        tensors = {name: t.detach() for name, t in state.items()}
+        hashes = {name: tensor_hash(t) for name, t in tensors.items()}
+        digest = model_digest({n: (TensorLayout.of(t), hashes[n]) for n, t in tensors.items()})
+        clients = [self._client(address) for address in self._resolve()]
+        if not clients:
+            raise SyncFailedError(f"no inference service found at {', '.join(self._targets)}")
+        try:
+            version = self._next_version(model_name, clients)
+        except PushFailedError as error:
+            raise SyncFailedError(f"model {model_name!r}: cannot read the served version: {error}")
+        futures = [
+            self._pool.submit(self._push_one, c, model_name, version, tensors, hashes, digest)
+            for c in clients
+        ]
+        failures = [str(e) for f in futures if (e := f.exception()) is not None]
+        sent = sum(f.result() for f in futures if f.exception() is None)
+        if failures:
+            raise SyncFailedError(
+                f"model {model_name!r} version {version} was not committed everywhere: "
+                + "; ".join(failures)
+            )
+        self._versions[model_name] = version
+        logger.info(
+            "model %s: version %d committed on %d inference service(s) in %.3fs",
+            model_name, version, len(clients), time.perf_counter() - started,
+        )
+        return SyncReport(version, sent, len(clients))
+
+    def _push_one(
+        self,
+        client: SyncClient,
+        model_name: str,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        hashes: dict[str, bytes],
+        digest: bytes,
+    ) -> int:
+        acked = self._acked.get((client.target, model_name))
+        plan = self._plan(model_name, version, tensors, hashes, digest, acked)
+        try:
+            client.push(plan)
+        except PushFailedError as error:
+            if plan.base_version == 0 or error.reason != BASE_MISSING:
+                raise
+            logger.info("%s lacks version %d of %s; pushing in full", client.target,
+                        plan.base_version, model_name)
+            plan = self._plan(model_name, version, tensors, hashes, digest, None)
+            client.push(plan)
+        self._acked[(client.target, model_name)] = _Acked(version, hashes)
+        return plan.payload.nbytes
+
+    def _plan(
+        self,
+        model_name: str,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        hashes: dict[str, bytes],
+        digest: bytes,
+        acked: _Acked | None,
+    ) -> PushPlan:
+        if acked is None or acked.hashes.keys() != hashes.keys():
+            changed = list(tensors)
+            base = 0
+        else:
+            changed = [name for name in tensors if acked.hashes[name] != hashes[name]]
+            base = acked.version
+        payload = Payload.of([(name, tensors[name]) for name in changed])
+        return PushPlan(model_name, version, base, self.writer_id, payload, digest)
+
+    def _next_version(self, model_name: str, clients: Sequence[SyncClient]) -> int:
+        if model_name not in self._versions:
+            remote = [c.get_model(model_name).version for c in clients]
+            self._versions[model_name] = max(remote, default=0)
+        return self._versions[model_name] + 1
+
+    def _client(self, address: str) -> SyncClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = SyncClient(address, self._timeout_s, self._chunk_bytes)
+            self._clients[address] = client
+        return client
+
+    def _resolve(self) -> list[str]:
+        """Every address of every target; a DNS name stands for all the hosts behind it."""
+        addresses: list[str] = []
+        for target in self._targets:
+            host, _, port = target.rpartition(":")
+            host = host.strip("[]")
+            infos: list[tuple[object, ...]] = []
+            for family in (socket.AF_INET, socket.AF_INET6):  # IPv4 first: "localhost" is one host
+                try:
+                    infos = list(socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM))
+                except (OSError, ValueError):
+                    continue
+                if infos:
+                    break
+            if not infos:
+                logger.warning("cannot resolve inference target %s", target)
+            for info in infos:
+                ip = str(info[4][0])  # type: ignore[index]
+                address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                if address not in addresses:
+                    addresses.append(address)
+        return addresses

@@ -1,0 +1,99 @@
+"""One push to one inference service's sync plane: header, payload chunks, commit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from shared.grpc.errors import error_reason
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """Everything one push sends."""
+
+    model_name: str
+    version: int
+    base_version: int
+    writer_id: str
+    payload: Payload
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """What an inference service says it serves for one model."""
+
+    version: int
+    digest: bytes
+    writer_id: str
+    accepts_pushes: bool
+
+
+class PushFailedError(Exception):
+    """A push to one target failed; `code` and `reason` say how."""
+
+    def __init__(self, target: str, code: grpc.StatusCode, details: str, reason: str | None):
+        super().__init__(f"{target}: {code.name}: {details}")
+        self.target = target
+        self.code = code
+        self.details = details
+        self.reason = reason
+
+    @classmethod
+    def from_rpc(cls, target: str, error: grpc.RpcError) -> PushFailedError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(target, code, details or "", error_reason(error))
+
+
+def requests(plan: PushPlan, chunk_bytes: int) -> Iterator[pb.PushRequest]:
+    yield pb.PushRequest(
+        header=pb.PushHeader(
+            model_name=plan.model_name,
+            version=plan.version,
+            base_version=plan.base_version,
+            writer_id=plan.writer_id,
+            payload_bytes=plan.payload.nbytes,
+        )
+    )
+    for chunk in plan.payload.chunks(chunk_bytes):
+        yield pb.PushRequest(data=chunk)
+    yield pb.PushRequest(commit=pb.PushCommit(digest=plan.digest))
+
+
+class SyncClient:
+    """A channel to one inference service's sync plane."""
+
+    def __init__(self, target: str, timeout_s: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.target = target
+        self._timeout_s = timeout_s
+        self._chunk_bytes = chunk_bytes
+        self._channel = grpc.insecure_channel(target, options=channel_options(SYNC_MAX_MESSAGE_BYTES))
+        self._stub = pb_grpc.WeightSyncStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def get_model(self, name: str) -> RemoteModel:
+        try:
+            state = self._stub.GetModel(
+                pb.GetModelRequest(model_name=name), timeout=min(self._timeout_s, 10.0)
+            )
+        except grpc.RpcError as error:
+            raise PushFailedError.from_rpc(self.target, error) from None
+        return RemoteModel(state.version, state.digest, state.writer_id, state.accepts_pushes)
+
+    def push(self, plan: PushPlan) -> int:
+        """Stream one push; return the version the target committed."""
+        try:
+            response = self._stub.Push(requests(plan, self._chunk_bytes), timeout=self._timeout_s)
+        except grpc.RpcError as error:
+            raise PushFailedError.from_rpc(self.target, error) from None
+        return int(response.version)

@@ -1,0 +1,28 @@
+"""The trainer's stand-in for an inference copy that lives in remote inference services."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from typing_extensions import override
+
+from shared.model.remote import RemoteInferenceModel
+from trainer_service.publisher import Publisher
+
+
+class PublishedInferenceModel(RemoteInferenceModel):
+    """`sync()` of its TrainingModel streams the weights through the publisher."""
+
+    def __init__(self, name: str, publisher: Publisher) -> None:
+        self.name = name
+        self._publisher = publisher
+
+    @property
+    def version(self) -> int:
+        """The version the inference services serve since the last sync (0: none yet)."""
+        return self._publisher.version(self.name)
+
+    @override
+    def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self._publisher.publish(self.name, weights)

@@ -1,0 +1,132 @@
+"""The training loop: build models and trainers, catch the inference services up, run trainers.
+
+PAMIQ's semantics across machines: one `Trainer.run()` at a time, round robin; each successful
+run ends with `sync_models()`, which for a model whose inference copy is remote streams the
+weights to every inference service and returns once all committed. A sync that fails (an
+inference service is down) is logged and the loop goes on; the next sync catches it up.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from shared.app import App
+from shared.errors import ConfigurationError
+from shared.model.container import TrainingModelsDict
+from shared.torch.model import TorchTrainingModel
+from shared.trainer.base import Trainer, TrainersDict
+from trainer_service.publisher import Publisher, SyncFailedError
+from trainer_service.remote import PublishedInferenceModel
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingLoop:
+    def __init__(
+        self,
+        app: App,
+        publisher: Publisher,
+        device: torch.device,
+        trainer_names: Sequence[str] | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.models = TrainingModelsDict()
+        for spec in app.models.values():
+            model = spec.build()
+            if not isinstance(model, TorchTrainingModel):
+                raise ConfigurationError(
+                    f"model {spec.name!r}: the factory returned a {type(model).__name__}; "
+                    "syncing across machines needs a TorchTrainingModel"
+                )
+            if model.inference_thread_only:
+                logger.info("model %s is inference-only; the inference service loads it", spec.name)
+                continue
+            model.model.to(device)
+            if model.has_inference_model:  # before the dict would build a local copy
+                model.attach_inference_model(PublishedInferenceModel(spec.name, publisher))
+            self.models[spec.name] = model
+        names = list(trainer_names) if trainer_names else list(app.trainers)
+        unknown = sorted(set(names) - set(app.trainers))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown trainer(s) {', '.join(unknown)}; the app defines "
+                f"{', '.join(sorted(app.trainers)) or 'none'}"
+            )
+        self.trainers = TrainersDict({name: app.trainers[name]() for name in names})
+        self.trainers.attach_training_models(self.models)
+        self.runs = 0
+
+    def synced_models(self) -> list[str]:
+        """Models this process writes: those its trainers use that have a remote copy."""
+        used = {n for t in self.trainers.values() for n in t.retrieved_model_names}
+        return [n for n in sorted(used) if self.models.data[n].has_inference_model]
+
+    def start(self, stop: threading.Event) -> None:
+        """Load saved state if any, then push every model this process writes (catch-up)."""
+        if self.state_dir is not None and (self.state_dir / "trainers").is_dir():
+            self.trainers.load_state(self.state_dir / "trainers")
+        for name in self.synced_models():
+            model = self.models.data[name]
+            if self.state_dir is not None and (self.state_dir / "models").is_dir():
+                model.load_state(self.state_dir / "models" / name)
+                logger.info("model %s: loaded saved state", name)
+            self._sync_until_done(name, model, stop)
+
+    def run(self, stop: threading.Event, max_runs: int = 0, interval: float = 0.0) -> None:
+        """Run trainers round robin until `stop` is set or `max_runs` runs have completed."""
+        while not stop.is_set():
+            for name, trainer in self.trainers.items():
+                if stop.is_set():
+                    return
+                started = time.perf_counter()
+                if not self._run_one(name, trainer):
+                    continue
+                self.runs += 1
+                logger.info("trainer %s: run %d in %.2fs", name, self.runs,
+                            time.perf_counter() - started)
+                if max_runs and self.runs >= max_runs:
+                    stop.set()
+                    return
+                if interval:
+                    stop.wait(interval)
+
+    def save(self) -> None:
+        """Save models and trainer state under the state dir (safetensors, no pickle)."""
+        if self.state_dir is None:
+            return
+        models = self.state_dir / "models"
+        models.mkdir(parents=True, exist_ok=True)
+        for name, model in self.models.data.items():
+            model.save_state(models / name)
+        self.trainers.save_state(self.state_dir / "trainers")
+        logger.info("saved state to %s", self.state_dir)
+
+    @staticmethod
+    def _run_one(name: str, trainer: Trainer) -> bool:
+        try:
+            return trainer.run()
+        except SyncFailedError as exc:
+            logger.error("trainer %s: sync failed, will catch up next run: %s", name, exc)
+            return True
+
+    @staticmethod
+    def _sync_until_done(name: str, model: TorchTrainingModel[torch.nn.Module],
+                         stop: threading.Event) -> None:
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                model.sync()
+                return
+            except SyncFailedError as exc:
+                logger.warning("model %s: initial sync failed, retrying in %.1fs: %s", name,
+                               delay, exc)
+                stop.wait(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 10.0)

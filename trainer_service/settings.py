@@ -1,0 +1,78 @@
+"""The trainer service's settings: flags, each also an environment variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.cli import LOG_LEVELS, Option, address_list, name_list, parse
+
+DESCRIPTION = (
+    "Run the trainers an app defines; after each trainer run, push the changed weights of the "
+    "models it used to every inference service."
+)
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value} is negative")
+    return number
+
+
+OPTIONS = [
+    Option("--models", "TRAINER_MODELS", "import string of the app: package.module:attribute",
+           required=True),
+    Option("--inference", "TRAINER_INFERENCE",
+           "sync-plane addresses of the inference services, HOST:PORT[,HOST:PORT...]; a DNS "
+           "name stands for every address it resolves to", ("127.0.0.1:8101",), address_list),
+    Option("--trainers", "TRAINER_TRAINERS",
+           "comma-separated trainer names to run (default: every trainer the app defines)",
+           None, name_list),
+    Option("--device", "TRAINER_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
+    Option("--state-dir", "TRAINER_STATE_DIR",
+           "directory for model, optimizer and trainer state (saved on exit, loaded on start)",
+           None, Path),
+    Option("--trainer-id", "TRAINER_ID", "identity recorded with each pushed version",
+           None),
+    Option("--max-runs", "TRAINER_MAX_RUNS", "stop after this many trainer runs (0: never)", 0,
+           _non_negative_int),
+    Option("--run-interval", "TRAINER_RUN_INTERVAL", "minimum seconds between trainer runs",
+           0.0, float),
+    Option("--push-timeout", "TRAINER_PUSH_TIMEOUT", "deadline in seconds for one push", 600.0,
+           float),
+    Option("--log-level", "TRAINER_LOG_LEVEL", "logging level", "INFO", str.upper,
+           choices=LOG_LEVELS),
+]
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    models: str
+    inference: tuple[str, ...] = ("127.0.0.1:8101",)
+    trainers: tuple[str, ...] | None = None
+    device: str = "auto"
+    state_dir: Path | None = None
+    trainer_id: str | None = None
+    max_runs: int = 0
+    run_interval: float = 0.0
+    push_timeout: float = 600.0
+    log_level: str = "INFO"
+
+    @property
+    def writer_id(self) -> str:
+        return self.trainer_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> TrainerSettings:
+        values: dict[str, Any] = parse(
+            "trainer-service", DESCRIPTION, OPTIONS, argv,
+            os.environ if environ is None else environ,
+        )
+        return cls(**values)
