@@ -1,0 +1,1 @@
+"""The data plane: the Open Inference Protocol v2 gRPC service."""

@@ -1,0 +1,13 @@
+"""PAMIQ-Core's model interface."""
+
+from shared.model.container import InferenceModelsDict, TrainingModelsDict
+from shared.model.interface import InferenceModel, TrainingModel
+from shared.model.remote import RemoteInferenceModel
+
+__all__ = [
+    "InferenceModel",
+    "InferenceModelsDict",
+    "RemoteInferenceModel",
+    "TrainingModel",
+    "TrainingModelsDict",
+]
