@@ -34,6 +34,8 @@ def blocks() -> TorchTrainingModel[Blocks]:
 
 app = App()
 app.add_model(
-    "blocks", blocks, inputs=[TensorSpec("x", "FP32", (-1, 1))],
+    "blocks",
+    blocks,
+    inputs=[TensorSpec("x", "FP32", (-1, 1))],
     outputs=[TensorSpec("y", "FP32", (-1, 1))],
 )

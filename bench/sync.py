@@ -125,8 +125,12 @@ def main() -> int:
     parser.add_argument("--tensors", type=int, default=64, help="number of equal tensors")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     args = parser.parse_args()
-    env = {**os.environ, "BENCH_MB": str(args.mb), "BENCH_TENSORS": str(args.tensors),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "BENCH_MB": str(args.mb),
+        "BENCH_TENSORS": str(args.tensors),
+        "PYTHONPATH": str(ROOT),
+    }
     torch.manual_seed(0)
     model = Blocks(args.mb, args.tensors)
     with torch.no_grad():
@@ -138,16 +142,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "inference.json"
         inference = start(
-            ["-m", "inference_service", "--models", "bench.apps:app", "--device", "cpu",
-             "--listen", "127.0.0.1:0", "--sync-listen", "127.0.0.1:0", "--ready-file", str(ready),
-             "--log-level", "WARNING"], ready, env,
+            [
+                "-m",
+                "inference_service",
+                "--models",
+                "bench.apps:app",
+                "--device",
+                "cpu",
+                "--listen",
+                "127.0.0.1:0",
+                "--sync-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
+                "--log-level",
+                "WARNING",
+            ],
+            ready,
+            env,
         )
         port_file = Path(tmp) / "yardstick.port"
         yardstick = start(["-m", "bench.yardstick_server", str(port_file)], port_file, env)
         try:
             sync_address = f"127.0.0.1:{json.loads(ready.read_text())['sync_port']}"
             channel = grpc.insecure_channel(
-                f"127.0.0.1:{port_file.read_text()}", options=channel_options(SYNC_MAX_MESSAGE_BYTES)
+                f"127.0.0.1:{port_file.read_text()}",
+                options=channel_options(SYNC_MAX_MESSAGE_BYTES),
             )
             raw = channel.stream_unary("/bench.Yardstick/Raw")
             naive = channel.stream_unary("/bench.Yardstick/Naive")
@@ -166,12 +186,16 @@ def main() -> int:
             ours = timed(full_push, args.repeat)
             raw_s = timed(lambda: raw(raw_chunks(state), timeout=600), args.repeat)
             naive_s = timed(lambda: naive(naive_chunks(state), timeout=600), args.repeat)
-            print(f"# model {model_bytes / 2**30:.2f} GiB in {args.tensors} fp32 tensors; "
-                  f"ours {model_bytes / ours / 1e9:.2f} GB/s, raw {model_bytes / raw_s / 1e9:.2f} "
-                  f"GB/s, naive {model_bytes / naive_s / 1e9:.2f} GB/s (median of {args.repeat})")
+            print(
+                f"# model {model_bytes / 2**30:.2f} GiB in {args.tensors} fp32 tensors; "
+                f"ours {model_bytes / ours / 1e9:.2f} GB/s, raw {model_bytes / raw_s / 1e9:.2f} "
+                f"GB/s, naive {model_bytes / naive_s / 1e9:.2f} GB/s (median of {args.repeat})"
+            )
             label = f"{args.mb // 1024}GiB" if args.mb % 1024 == 0 else f"{args.mb}MiB"
-            print(f"full_sync_{label} ratio_vs_raw={raw_s / ours:.2f} "
-                  f"ratio_vs_naive={naive_s / ours:.2f}")
+            print(
+                f"full_sync_{label} ratio_vs_raw={raw_s / ours:.2f} "
+                f"ratio_vs_naive={naive_s / ours:.2f}"
+            )
 
             publisher = Publisher([sync_address], "bench")
             full = publisher.publish("blocks", state)
@@ -180,20 +204,28 @@ def main() -> int:
                 for tensor in list(state.values())[:changed]:
                     tensor.add_(1.0)
             delta = publisher.publish("blocks", state)
-            print(f"delta_sync changed=10% wire_ratio={delta.payload_bytes / full.payload_bytes:.4f}"
-                  f"  # {changed} of {args.tensors} tensors")
+            print(
+                f"delta_sync changed=10% wire_ratio={delta.payload_bytes / full.payload_bytes:.4f}"
+                f"  # {changed} of {args.tensors} tensors"
+            )
 
             params = [torch.nn.Parameter(t) for t in state.values()]
             optimizer = torch.optim.SGD(params, lr=1e-3)
             for p in params:
                 p.grad = torch.randn_like(p)
             optimizer.step()
-            step = publisher.publish("blocks", {k: p.detach() for k, p in zip(state, params)})
-            print(f"delta_sync sgd_step_fp32 wire_ratio={step.payload_bytes / full.payload_bytes:.4f}")
+            step = publisher.publish(
+                "blocks", {k: p.detach() for k, p in zip(state, params, strict=True)}
+            )
+            print(
+                f"delta_sync sgd_step_fp32 wire_ratio={step.payload_bytes / full.payload_bytes:.4f}"
+            )
             publisher.close()
-            print(f"inference_peak_rss_ratio={probe.extra_bytes / model_bytes:.2f}"
-                  f"  # {probe.extra_bytes / 2**20:.0f} MiB extra for a {model_bytes / 2**20:.0f}"
-                  " MiB model, first full sync")
+            print(
+                f"inference_peak_rss_ratio={probe.extra_bytes / model_bytes:.2f}"
+                f"  # {probe.extra_bytes / 2**20:.0f} MiB extra for a {model_bytes / 2**20:.0f}"
+                " MiB model, first full sync"
+            )
         finally:
             for process in (inference, yardstick):
                 process.send_signal(signal.SIGTERM)

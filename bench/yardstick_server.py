@@ -49,7 +49,9 @@ def main() -> int:
         "Naive": grpc.stream_unary_rpc_method_handler(make_naive(model)),
     }
     server = grpc.server(ThreadPoolExecutor(4), options=server_options(SYNC_MAX_MESSAGE_BYTES))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Yardstick", handlers)])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("bench.Yardstick", handlers)]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     port_file.write_text(str(port))

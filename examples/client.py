@@ -1,6 +1,6 @@
 """Query the quickstart model while it learns: served version and error, once a second.
 
-    python examples/client.py --address 127.0.0.1:8001 [--seconds 30]
+python examples/client.py --address 127.0.0.1:8001 [--seconds 30]
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from examples.quickstart import target  # noqa: E402
-from inference_service.client import InferenceClient  # noqa: E402
+from examples.quickstart import target
+from inference_service.client import InferenceClient
 
 
 def main() -> int:
@@ -29,8 +29,9 @@ def main() -> int:
     deadline = time.monotonic() + args.seconds
     with InferenceClient(args.address) as client:
         info = client.metadata("quickstart")
-        print(f"model {info.name}: inputs {[(t.name, t.datatype, list(t.shape)) for t in info.inputs]}"
-              f" -> outputs {[(t.name, t.datatype, list(t.shape)) for t in info.outputs]}")
+        inputs = [(t.name, t.datatype, list(t.shape)) for t in info.inputs]
+        outputs = [(t.name, t.datatype, list(t.shape)) for t in info.outputs]
+        print(f"model {info.name}: inputs {inputs} -> outputs {outputs}")
         print(f"{'time':>6}  {'version':>7}  {'rmse vs sin(3x)':>15}")
         started = time.monotonic()
         while time.monotonic() < deadline:
@@ -41,7 +42,9 @@ def main() -> int:
                 time.sleep(1)
                 continue
             rmse = torch.sqrt(torch.mean((result.outputs["y"] - truth) ** 2)).item()
-            print(f"{time.monotonic() - started:6.1f}  {result.version:7d}  {rmse:15.4f}", flush=True)
+            print(
+                f"{time.monotonic() - started:6.1f}  {result.version:7d}  {rmse:15.4f}", flush=True
+            )
             time.sleep(1)
     return 0
 

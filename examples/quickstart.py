@@ -22,7 +22,10 @@ class SineNet(nn.Module):
     def __init__(self, hidden: int = 64) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+            nn.Linear(1, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
             nn.Linear(hidden, 1),
         )
 

@@ -54,7 +54,8 @@ def run(settings: InferenceSettings) -> None:
     if not is_loopback(settings.sync_listen):
         logger.warning(
             "THE SYNC PLANE LISTENS ON %s WITHOUT AUTHENTICATION: anyone who can reach it can "
-            "replace the served weights. Keep it on a private network.", settings.sync_listen,
+            "replace the served weights. Keep it on a private network.",
+            settings.sync_listen,
         )
     ports = server.start()
     if settings.ready_file is not None:

@@ -114,12 +114,18 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, torch.Tensor]:
         else:
             contents = output.contents
             field = {
-                torch.bool: contents.bool_contents, torch.float32: contents.fp32_contents,
-                torch.float64: contents.fp64_contents, torch.int64: contents.int64_contents,
+                torch.bool: contents.bool_contents,
+                torch.float32: contents.fp32_contents,
+                torch.float64: contents.fp64_contents,
+                torch.int64: contents.int64_contents,
                 torch.uint64: contents.uint64_contents,
             }.get(dtype)
             if field is None:
-                field = contents.uint_contents if output.datatype.startswith("U") else contents.int_contents
+                field = (
+                    contents.uint_contents
+                    if output.datatype.startswith("U")
+                    else contents.int_contents
+                )
             flat = torch.tensor(list(field), dtype=dtype)
         result[output.name] = flat.reshape(shape) if math.prod(shape) == flat.numel() else flat
     return result

@@ -8,7 +8,7 @@ import torch
 
 from inference_service.dataplane.tensors import dtype_of
 from inference_service.served_model import ServedModel
-from shared.app import App, ModelSpec
+from shared.app import App
 from shared.errors import ConfigurationError
 from shared.torch.model import TorchTrainingModel
 
@@ -49,8 +49,10 @@ def load_models(app: App, device: torch.device) -> dict[str, ServedModel]:
         warm_up(model)
         served[spec.name] = model
         logger.info(
-            "model %s: serving %s on %s (%d tensors)", spec.name,
-            "its pretrained weights" if not model.accepts_pushes else "version 0", device,
+            "model %s: serving %s on %s (%d tensors)",
+            spec.name,
+            "its pretrained weights" if not model.accepts_pushes else "version 0",
+            device,
             len(model.layout),
         )
     return served
@@ -66,6 +68,6 @@ def warm_up(model: ServedModel) -> None:
         model.infer(inputs)
     except Exception as exc:
         raise ConfigurationError(
-            f"model {model.name!r} failed its warm-up request on zero inputs {[list(t.shape) for t in inputs]}: "
-            f"{type(exc).__name__}: {exc}"
+            f"model {model.name!r} failed its warm-up request on zero inputs of shapes "
+            f"{[list(t.shape) for t in inputs]}: {type(exc).__name__}: {exc}"
         ) from exc

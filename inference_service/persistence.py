@@ -71,8 +71,9 @@ class WeightStore:
                 piece = stored.get_slice(key)
                 layout[key] = TensorLayout(piece.get_dtype(), tuple(piece.get_shape()))
             if layout != model.layout:
-                logger.warning("model %s: %s does not match the model's tensors; ignoring it",
-                               model.name, path)
+                logger.warning(
+                    "model %s: %s does not match the model's tensors; ignoring it", model.name, path
+                )
                 return False
             tensors = {k: stored.get_tensor(k) for k in stored.keys()}  # noqa: SIM118
         hashes = {k: tensor_hash(t) for k, t in tensors.items()}
@@ -120,4 +121,3 @@ class Persister:
                 logger.debug("model %s: version %d written to disk", name, version)
             except OSError:
                 logger.exception("model %s: could not write its weights to disk", name)
-

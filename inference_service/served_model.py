@@ -149,15 +149,19 @@ class ServedModel:
         self._standby_hashes[name] = digest
 
     def restore(
-        self, tensors: Mapping[str, torch.Tensor], version: int, writer_id: str,
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        version: int,
+        writer_id: str,
         hashes: dict[str, bytes],
     ) -> None:
         """Load stored weights into the live copy before serving starts (no request can run)."""
         state = self._live.module.state_dict()
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
-        self._live = Generation(self._live.module, version, self.digest_of(hashes), writer_id,
-                                hashes)
+        self._live = Generation(
+            self._live.module, version, self.digest_of(hashes), writer_id, hashes
+        )
         self._standby = None
 
     def commit(self, version: int, writer_id: str, hashes: dict[str, bytes]) -> Generation:

@@ -64,13 +64,17 @@ class InferenceServer:
         enable_reflection(self._data_server, [OIP_SERVICE])
 
         self._sync_server = new_server(4, SYNC_MAX_MESSAGE_BYTES)
-        sync_grpc.add_WeightSyncServicer_to_server(WeightSyncServicer(self.receiver), self._sync_server)
+        sync_grpc.add_WeightSyncServicer_to_server(
+            WeightSyncServicer(self.receiver), self._sync_server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)
         enable_reflection(self._sync_server, [SYNC_SERVICE])
 
     def start(self) -> Ports:
         """Bind both addresses, start serving, and report ready; return the bound ports."""
-        ports = Ports(bind(self._data_server, self._listen), bind(self._sync_server, self._sync_listen))
+        ports = Ports(
+            bind(self._data_server, self._listen), bind(self._sync_server, self._sync_listen)
+        )
         self._data_server.start()
         self._sync_server.start()
         self.data_plane.set_ready(True)

@@ -24,26 +24,54 @@ def _positive_int(value: str) -> int:
 
 
 OPTIONS = [
-    Option("--models", "INFERENCE_MODELS", "import string of the app: package.module:attribute",
-           required=True),
-    Option("--listen", "INFERENCE_LISTEN", "data plane (OIP gRPC) listen address HOST:PORT",
-           "127.0.0.1:8001", host_port),
-    Option("--sync-listen", "INFERENCE_SYNC_LISTEN",
-           "sync plane (weight pushes) listen address HOST:PORT", "127.0.0.1:8101", host_port),
-    Option("--device", "INFERENCE_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N",
-           "auto"),
-    Option("--state-dir", "INFERENCE_STATE_DIR",
-           "directory that keeps the last committed weights of each model across restarts",
-           None, Path),
-    Option("--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8,
-           _positive_int),
-    Option("--grace", "INFERENCE_GRACE", "seconds in-flight requests get to finish on SIGTERM",
-           10.0, float),
-    Option("--ready-file", "INFERENCE_READY_FILE",
-           "write the bound ports here as JSON once serving (for tests and orchestration)",
-           None, Path),
-    Option("--log-level", "INFERENCE_LOG_LEVEL", "logging level", "INFO", str.upper,
-           choices=LOG_LEVELS),
+    Option(
+        "--models",
+        "INFERENCE_MODELS",
+        "import string of the app: package.module:attribute",
+        required=True,
+    ),
+    Option(
+        "--listen",
+        "INFERENCE_LISTEN",
+        "data plane (OIP gRPC) listen address HOST:PORT",
+        "127.0.0.1:8001",
+        host_port,
+    ),
+    Option(
+        "--sync-listen",
+        "INFERENCE_SYNC_LISTEN",
+        "sync plane (weight pushes) listen address HOST:PORT",
+        "127.0.0.1:8101",
+        host_port,
+    ),
+    Option("--device", "INFERENCE_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
+    Option(
+        "--state-dir",
+        "INFERENCE_STATE_DIR",
+        "directory that keeps the last committed weights of each model across restarts",
+        None,
+        Path,
+    ),
+    Option(
+        "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
+    ),
+    Option(
+        "--grace",
+        "INFERENCE_GRACE",
+        "seconds in-flight requests get to finish on SIGTERM",
+        10.0,
+        float,
+    ),
+    Option(
+        "--ready-file",
+        "INFERENCE_READY_FILE",
+        "write the bound ports here as JSON once serving (for tests and orchestration)",
+        None,
+        Path,
+    ),
+    Option(
+        "--log-level", "INFERENCE_LOG_LEVEL", "logging level", "INFO", str.upper, choices=LOG_LEVELS
+    ),
 ]
 
 
@@ -64,7 +92,10 @@ class InferenceSettings:
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> InferenceSettings:
         values: dict[str, Any] = parse(
-            "inference-service", DESCRIPTION, OPTIONS, argv,
+            "inference-service",
+            DESCRIPTION,
+            OPTIONS,
+            argv,
             os.environ if environ is None else environ,
         )
         return cls(**values)

@@ -44,29 +44,64 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="weightsync-demo-") as tmp:
         ready = Path(tmp) / "inference.json"
         inference = subprocess.Popen(
-            [str(bin_dir / "inference-service"), "--models", APP, "--listen", "127.0.0.1:0",
-             "--sync-listen", "127.0.0.1:0", "--device", "cpu", "--ready-file", str(ready),
-             "--log-level", "WARNING"],
-            cwd=ROOT, env=env,
+            [
+                str(bin_dir / "inference-service"),
+                "--models",
+                APP,
+                "--listen",
+                "127.0.0.1:0",
+                "--sync-listen",
+                "127.0.0.1:0",
+                "--device",
+                "cpu",
+                "--ready-file",
+                str(ready),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            env=env,
         )
         processes = [inference]
         try:
             ports = wait_for_file(ready, inference, timeout=60)
             trainer = subprocess.Popen(
-                [str(bin_dir / "trainer-service"), "--models", APP,
-                 "--inference", f"127.0.0.1:{ports['sync_port']}", "--device", "cpu",
-                 "--state-dir", str(Path(tmp) / "trainer-state"), "--run-interval", "0.2",
-                 "--log-level", "WARNING"],
-                cwd=ROOT, env=env,
+                [
+                    str(bin_dir / "trainer-service"),
+                    "--models",
+                    APP,
+                    "--inference",
+                    f"127.0.0.1:{ports['sync_port']}",
+                    "--device",
+                    "cpu",
+                    "--state-dir",
+                    str(Path(tmp) / "trainer-state"),
+                    "--run-interval",
+                    "0.2",
+                    "--log-level",
+                    "WARNING",
+                ],
+                cwd=ROOT,
+                env=env,
             )
             processes.append(trainer)
-            print(f"inference-service: OIP on 127.0.0.1:{ports['data_port']}, "
-                  f"sync plane on 127.0.0.1:{ports['sync_port']}")
+            print(
+                f"inference-service: OIP on 127.0.0.1:{ports['data_port']}, "
+                f"sync plane on 127.0.0.1:{ports['sync_port']}"
+            )
             print("trainer-service: training the quickstart model, pushing after every run\n")
             client = subprocess.run(
-                [sys.executable, str(ROOT / "examples" / "client.py"),
-                 "--address", f"127.0.0.1:{ports['data_port']}", "--seconds", str(args.seconds)],
-                cwd=ROOT, env=env, check=False,
+                [
+                    sys.executable,
+                    str(ROOT / "examples" / "client.py"),
+                    "--address",
+                    f"127.0.0.1:{ports['data_port']}",
+                    "--seconds",
+                    str(args.seconds),
+                ],
+                cwd=ROOT,
+                env=env,
+                check=False,
             )
             return client.returncode
         finally:

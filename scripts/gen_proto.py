@@ -1,11 +1,12 @@
 """Regenerate the Python gRPC code for every .proto under proto/ into shared/gen/.
 
-    python scripts/gen_proto.py            # rewrite shared/gen in place (what `make proto` runs)
-    python scripts/gen_proto.py --out DIR  # write the tree under DIR instead (the drift test uses it)
+    python scripts/gen_proto.py            # rewrite shared/gen in place (`make proto`)
+    python scripts/gen_proto.py --out DIR  # write the tree under DIR (the drift test does)
 
 protoc's include path maps proto/ onto shared/gen/, so generated imports already read
 `from shared.gen.<package> import ..._pb2`. One post-processing step follows: each module registers
-its descriptors in `shared.gen.POOL` instead of protobuf's default pool (see shared/gen/__init__.py).
+its descriptors in `shared.gen.POOL` instead of protobuf's default pool
+(see shared/gen/__init__.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def _use_private_pool(path: pathlib.Path) -> None:
     if DEFAULT_POOL not in text or BUILDER_IMPORT not in text:
         raise SystemExit(f"{path}: unexpected protoc output; update scripts/gen_proto.py")
     text = text.replace(DEFAULT_POOL, "_POOL.AddSerializedFile(", 1)
-    text = text.replace(BUILDER_IMPORT, BUILDER_IMPORT + "from shared.gen import POOL as _POOL\n", 1)
+    text = text.replace(
+        BUILDER_IMPORT, BUILDER_IMPORT + "from shared.gen import POOL as _POOL\n", 1
+    )
     path.write_text(text)
 
 

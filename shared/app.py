@@ -36,8 +36,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # OIP datatypes a model's inputs and outputs may declare.
 DATATYPES = frozenset(
-    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-     "FP16", "BF16", "FP32", "FP64"}
+    {
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "BF16",
+        "FP32",
+        "FP64",
+    }
 )
 
 
@@ -153,11 +166,7 @@ def load_app(import_string: str) -> App:
         for part in attribute.split("."):
             app = getattr(app, part)
     except AttributeError as exc:
-        raise ConfigurationError(
-            f"module {module_name!r} has no attribute {attribute!r}"
-        ) from exc
+        raise ConfigurationError(f"module {module_name!r} has no attribute {attribute!r}") from exc
     if not isinstance(app, App):
-        raise ConfigurationError(
-            f"{import_string!r} is a {type(app).__name__}, not a shared.App"
-        )
+        raise ConfigurationError(f"{import_string!r} is a {type(app).__name__}, not a shared.App")
     return app

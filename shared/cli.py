@@ -63,8 +63,9 @@ def parse(
         except (ValueError, ConfigurationError) as exc:
             parser.error(f"{option.flag} / {option.env}: {exc}")
         if option.choices is not None and value not in option.choices:
-            parser.error(f"{option.flag} / {option.env} {raw!r}: choose from "
-                         f"{', '.join(option.choices)}")
+            parser.error(
+                f"{option.flag} / {option.env} {raw!r}: choose from {', '.join(option.choices)}"
+            )
         values[option.dest] = value
     return values
 

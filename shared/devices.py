@@ -14,7 +14,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigurationError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigurationError(
+            f"unknown device {name!r}; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError(f"device {name!r} was asked for but CUDA is not available")
     if device.type not in ("cpu", "cuda"):

@@ -30,8 +30,11 @@ def run(settings: TrainerSettings) -> None:
             load_app(settings.models), publisher, device, settings.trainers, settings.state_dir
         )
         logger.info(
-            "trainer %s: %d trainer(s) on %s, pushing %s to %s", settings.writer_id,
-            len(loop.trainers), device, ", ".join(loop.synced_models()) or "nothing",
+            "trainer %s: %d trainer(s) on %s, pushing %s to %s",
+            settings.writer_id,
+            len(loop.trainers),
+            device,
+            ", ".join(loop.synced_models()) or "nothing",
             ", ".join(settings.inference),
         )
         loop.start(stop)

@@ -88,7 +88,9 @@ class Publisher:
         try:
             version = self._next_version(model_name, clients)
         except PushFailedError as error:
-            raise SyncFailedError(f"model {model_name!r}: cannot read the served version: {error}")
+            raise SyncFailedError(
+                f"model {model_name!r}: cannot read the served version: {error}"
+            ) from None
         futures = [
             self._pool.submit(self._push_one, c, model_name, version, tensors, hashes, digest)
             for c in clients
@@ -103,7 +105,10 @@ class Publisher:
         self._versions[model_name] = version
         logger.info(
             "model %s: version %d committed on %d inference service(s) in %.3fs",
-            model_name, version, len(clients), time.perf_counter() - started,
+            model_name,
+            version,
+            len(clients),
+            time.perf_counter() - started,
         )
         return SyncReport(version, sent, len(clients))
 
@@ -123,8 +128,12 @@ class Publisher:
         except PushFailedError as error:
             if plan.base_version == 0 or error.reason != BASE_MISSING:
                 raise
-            logger.info("%s lacks version %d of %s; pushing in full", client.target,
-                        plan.base_version, model_name)
+            logger.info(
+                "%s lacks version %d of %s; pushing in full",
+                client.target,
+                plan.base_version,
+                model_name,
+            )
             plan = self._plan(model_name, version, tensors, hashes, digest, None)
             client.push(plan)
         self._acked[(client.target, model_name)] = _Acked(version, hashes)

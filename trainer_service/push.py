@@ -75,7 +75,9 @@ class SyncClient:
         self.target = target
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(target, options=channel_options(SYNC_MAX_MESSAGE_BYTES))
+        self._channel = grpc.insecure_channel(
+            target, options=channel_options(SYNC_MAX_MESSAGE_BYTES)
+        )
         self._stub = pb_grpc.WeightSyncStub(self._channel)
 
     def close(self) -> None:

@@ -75,6 +75,7 @@ class TrainingLoop:
             self.trainers.load_state(self.state_dir / "trainers")
         for name in self.synced_models():
             model = self.models.data[name]
+            assert isinstance(model, TorchTrainingModel)
             if self.state_dir is not None and (self.state_dir / "models").is_dir():
                 model.load_state(self.state_dir / "models" / name)
                 logger.info("model %s: loaded saved state", name)
@@ -90,8 +91,9 @@ class TrainingLoop:
                 if not self._run_one(name, trainer):
                     continue
                 self.runs += 1
-                logger.info("trainer %s: run %d in %.2fs", name, self.runs,
-                            time.perf_counter() - started)
+                logger.info(
+                    "trainer %s: run %d in %.2fs", name, self.runs, time.perf_counter() - started
+                )
                 if max_runs and self.runs >= max_runs:
                     stop.set()
                     return
@@ -118,15 +120,17 @@ class TrainingLoop:
             return True
 
     @staticmethod
-    def _sync_until_done(name: str, model: TorchTrainingModel[torch.nn.Module],
-                         stop: threading.Event) -> None:
+    def _sync_until_done(
+        name: str, model: TorchTrainingModel[torch.nn.Module], stop: threading.Event
+    ) -> None:
         delay = 0.2
         while not stop.is_set():
             try:
                 model.sync()
                 return
             except SyncFailedError as exc:
-                logger.warning("model %s: initial sync failed, retrying in %.1fs: %s", name,
-                               delay, exc)
+                logger.warning(
+                    "model %s: initial sync failed, retrying in %.1fs: %s", name, delay, exc
+                )
                 stop.wait(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 10.0)

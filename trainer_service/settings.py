@@ -25,28 +25,52 @@ def _non_negative_int(value: str) -> int:
 
 
 OPTIONS = [
-    Option("--models", "TRAINER_MODELS", "import string of the app: package.module:attribute",
-           required=True),
-    Option("--inference", "TRAINER_INFERENCE",
-           "sync-plane addresses of the inference services, HOST:PORT[,HOST:PORT...]; a DNS "
-           "name stands for every address it resolves to", ("127.0.0.1:8101",), address_list),
-    Option("--trainers", "TRAINER_TRAINERS",
-           "comma-separated trainer names to run (default: every trainer the app defines)",
-           None, name_list),
+    Option(
+        "--models",
+        "TRAINER_MODELS",
+        "import string of the app: package.module:attribute",
+        required=True,
+    ),
+    Option(
+        "--inference",
+        "TRAINER_INFERENCE",
+        "sync-plane addresses of the inference services, HOST:PORT[,HOST:PORT...]; a DNS "
+        "name stands for every address it resolves to",
+        ("127.0.0.1:8101",),
+        address_list,
+    ),
+    Option(
+        "--trainers",
+        "TRAINER_TRAINERS",
+        "comma-separated trainer names to run (default: every trainer the app defines)",
+        None,
+        name_list,
+    ),
     Option("--device", "TRAINER_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
-    Option("--state-dir", "TRAINER_STATE_DIR",
-           "directory for model, optimizer and trainer state (saved on exit, loaded on start)",
-           None, Path),
-    Option("--trainer-id", "TRAINER_ID", "identity recorded with each pushed version",
-           None),
-    Option("--max-runs", "TRAINER_MAX_RUNS", "stop after this many trainer runs (0: never)", 0,
-           _non_negative_int),
-    Option("--run-interval", "TRAINER_RUN_INTERVAL", "minimum seconds between trainer runs",
-           0.0, float),
-    Option("--push-timeout", "TRAINER_PUSH_TIMEOUT", "deadline in seconds for one push", 600.0,
-           float),
-    Option("--log-level", "TRAINER_LOG_LEVEL", "logging level", "INFO", str.upper,
-           choices=LOG_LEVELS),
+    Option(
+        "--state-dir",
+        "TRAINER_STATE_DIR",
+        "directory for model, optimizer and trainer state (saved on exit, loaded on start)",
+        None,
+        Path,
+    ),
+    Option("--trainer-id", "TRAINER_ID", "identity recorded with each pushed version", None),
+    Option(
+        "--max-runs",
+        "TRAINER_MAX_RUNS",
+        "stop after this many trainer runs (0: never)",
+        0,
+        _non_negative_int,
+    ),
+    Option(
+        "--run-interval", "TRAINER_RUN_INTERVAL", "minimum seconds between trainer runs", 0.0, float
+    ),
+    Option(
+        "--push-timeout", "TRAINER_PUSH_TIMEOUT", "deadline in seconds for one push", 600.0, float
+    ),
+    Option(
+        "--log-level", "TRAINER_LOG_LEVEL", "logging level", "INFO", str.upper, choices=LOG_LEVELS
+    ),
 ]
 
 
@@ -72,7 +96,10 @@ class TrainerSettings:
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> TrainerSettings:
         values: dict[str, Any] = parse(
-            "trainer-service", DESCRIPTION, OPTIONS, argv,
+            "trainer-service",
+            DESCRIPTION,
+            OPTIONS,
+            argv,
             os.environ if environ is None else environ,
         )
         return cls(**values)

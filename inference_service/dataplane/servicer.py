@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import grpc
 from typing_extensions import override
 
@@ -13,7 +15,7 @@ from shared.grpc.errors import grpc_errors
 
 SERVER_NAME = "weightsync"
 PLATFORM = "pytorch"
-Context = grpc.ServicerContext
+Context: TypeAlias = grpc.ServicerContext
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -56,7 +58,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             name=model.name,
             versions=[str(model.live.version)],
             platform=PLATFORM,
-            inputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.spec.inputs],
+            inputs=[
+                meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.spec.inputs
+            ],
             outputs=[
                 meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.spec.outputs
             ],

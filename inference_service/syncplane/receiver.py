@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from inference_service.served_model import Generation, PendingPush, ServedModel
+from inference_service.syncplane.staging import make_sink
 from shared.errors import (
     BaseVersionMismatchError,
     ConflictError,
@@ -22,8 +24,6 @@ from shared.errors import (
     ModelNotFoundError,
     ResourceLimitError,
 )
-from inference_service.served_model import Generation, PendingPush, ServedModel
-from inference_service.syncplane.staging import make_sink
 from shared.weights.reader import PayloadReader
 
 logger = logging.getLogger(__name__)
@@ -117,9 +117,13 @@ class PushReceiver:
             self._on_commit(model.name)
         logger.info(
             "model %s: committed version %d from %s (%s, %d tensors, %d bytes, %.3fs)",
-            model.name, header.version, header.writer_id,
+            model.name,
+            header.version,
+            header.writer_id,
             "full" if header.base_version == 0 else f"delta on {header.base_version}",
-            len(received), header.payload_bytes, time.perf_counter() - started,
+            len(received),
+            header.payload_bytes,
+            time.perf_counter() - started,
         )
         return generation
 

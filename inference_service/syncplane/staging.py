@@ -54,7 +54,7 @@ class CudaSink:
     ) -> None:
         device = next(iter(targets.values())).device if targets else torch.device("cuda")
         self._flat = {name: _flat_bytes(t) for name, t in targets.items()}
-        self._stream = torch.cuda.Stream(device=device)
+        self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         self._buffers = [
             torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(ring)
         ]
@@ -80,8 +80,10 @@ class CudaSink:
             self._arrays[slot][:n] = np.frombuffer(piece, np.uint8)
             at = offset + start
             with torch.cuda.stream(self._stream):
-                self._flat[entry.name][at : at + n].copy_(self._buffers[slot][:n], non_blocking=True)
-                recorded = torch.cuda.Event()
+                self._flat[entry.name][at : at + n].copy_(
+                    self._buffers[slot][:n], non_blocking=True
+                )
+                recorded = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 recorded.record(self._stream)
             self._events[slot] = recorded
 

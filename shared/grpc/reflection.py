@@ -22,6 +22,9 @@ def _register_standard_services() -> None:
 def enable_reflection(server: grpc.Server, service_names: Sequence[str]) -> None:
     """Let grpcurl and friends list and describe `service_names`, health and reflection."""
     _register_standard_services()
-    names = (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME)
+    names = (
+        *service_names,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(names, server, pool=POOL)

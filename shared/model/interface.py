@@ -84,7 +84,7 @@ class TrainingModel(ABC, PersistentStateMixin, Generic[T]):
         return self.has_inference_model and not self.inference_thread_only
 
     def sync(self) -> None:
-        """Make the inference copy hold the training weights (no-op when there is nothing to sync)."""
+        """Make the inference copy hold the training weights (no-op when nothing syncs)."""
         if self._need_sync:
             self.sync_impl(self.inference_model)
 

@@ -133,6 +133,7 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
             model = model.type(dtype)
         self.model = model
         target = get_device(model) if device is None else torch.device(device)
+        procedure: InferenceProcedureCallable[M]
         if isinstance(inference_procedure, str):
             name = inference_procedure
             cls = type(model)
@@ -146,8 +147,10 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
                     f"The specified inference_procedure '{name}' is not a callable method on "
                     f"{cls.__name__}"
                 )
-            inference_procedure = method
-        self._inference_procedure: InferenceProcedureCallable[M] = inference_procedure
+            procedure = method
+        else:
+            procedure = inference_procedure
+        self._inference_procedure = procedure
         self.model.to(target)
         if pretrained_parameter_file is not None:
             self.model.load_state_dict(_load_parameter_file(pretrained_parameter_file, target))

@@ -30,7 +30,9 @@ def _encode(node: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         ]
         return {"d": items}
     if isinstance(node, (list, tuple)):
-        values = [_encode(v, tensors, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node)]
+        values = [
+            _encode(v, tensors, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node)
+        ]
         return {"l" if isinstance(node, list) else "u": values}
     if isinstance(node, float) and not math.isfinite(node):
         return {"f": repr(node)}
@@ -46,7 +48,7 @@ def _encode_key(key: Any) -> Any:
 
 
 def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    (kind, value), = node.items()
+    ((kind, value),) = node.items()
     if kind == "t":
         return tensors[value]
     if kind == "d":

@@ -38,7 +38,9 @@ class TorchTrainer(Trainer):
         self.lr_scheduler_states: dict[str, StateDict] = {}
 
     def get_torch_training_model(
-        self, name: str, module_cls: type[M] = nn.Module  # type: ignore[assignment]
+        self,
+        name: str,
+        module_cls: type[M] = nn.Module,  # type: ignore[assignment]
     ) -> TorchTrainingModel[M]:
         model = self.get_training_model(name)
         if not isinstance(model, TorchTrainingModel):
@@ -69,9 +71,7 @@ class TorchTrainer(Trainer):
     def teardown(self) -> None:
         super().teardown()
         self.optimizer_states = {k: o.state_dict().copy() for k, o in self.optimizers.items()}
-        self.lr_scheduler_states = {
-            k: s.state_dict().copy() for k, s in self.lr_schedulers.items()
-        }
+        self.lr_scheduler_states = {k: s.state_dict().copy() for k, s in self.lr_schedulers.items()}
 
     @override
     def save_state(self, path: Path) -> None:

@@ -37,7 +37,9 @@ DTYPE_TO_NAME: dict[torch.dtype, str] = {
     torch.complex64: "C64",
 }
 NAME_TO_DTYPE = {name: dtype for dtype, name in DTYPE_TO_NAME.items()}
-ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for dtype, name in DTYPE_TO_NAME.items()}
+ITEMSIZE = {
+    name: torch.empty((), dtype=dtype).element_size() for dtype, name in DTYPE_TO_NAME.items()
+}
 
 # safetensors' own limit on the JSON header.
 MAX_HEADER_BYTES = 100_000_000

@@ -52,7 +52,10 @@ class Services:
     def _spawn(self, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, *args], cwd=ROOT, env=self.env, stdout=out,
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
                 stderr=subprocess.STDOUT,
             )
         self.processes.append(process)
@@ -62,9 +65,21 @@ class Services:
         ready = self.tmp / f"{name}.ready.json"
         log = self.tmp / f"{name}.log"
         process = self._spawn(
-            ["-m", "inference_service", "--models", app, "--listen", "127.0.0.1:0",
-             "--sync-listen", "127.0.0.1:0", "--device", "cpu", "--ready-file", str(ready),
-             *extra],
+            [
+                "-m",
+                "inference_service",
+                "--models",
+                app,
+                "--listen",
+                "127.0.0.1:0",
+                "--sync-listen",
+                "127.0.0.1:0",
+                "--device",
+                "cpu",
+                "--ready-file",
+                str(ready),
+                *extra,
+            ],
             log,
         )
         deadline = time.monotonic() + 60
@@ -83,8 +98,19 @@ class Services:
         self, app: str, inference: Sequence[Inference], *extra: str, name: str = "trainer"
     ) -> subprocess.Popen[bytes]:
         return self._spawn(
-            ["-m", "trainer_service", "--models", app, "--device", "cpu",
-             "--inference", ",".join(i.sync for i in inference), "--trainer-id", name, *extra],
+            [
+                "-m",
+                "trainer_service",
+                "--models",
+                app,
+                "--device",
+                "cpu",
+                "--inference",
+                ",".join(i.sync for i in inference),
+                "--trainer-id",
+                name,
+                *extra,
+            ],
             self.tmp / f"{name}.log",
         )
 

@@ -42,7 +42,7 @@ def triton_infer(inference: Inference, model: str, x: np.ndarray) -> tuple[str, 
     tensor = triton.InferInput("x", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     result = client.infer(model, [tensor], client_timeout=10)
-    return result.get_response().model_version, result.as_numpy(list(_output_names(model))[0])
+    return result.get_response().model_version, result.as_numpy(_output_names(model)[0])
 
 
 def _output_names(model: str) -> list[str]:
@@ -61,8 +61,9 @@ def test_trainer_runs_raise_the_version_and_outputs_match_the_trainer_bit_exactl
 ) -> None:
     inference = services.inference(PAIR)
     assert triton_infer(inference, "mlp", X)[0] == "0"
-    trainer = services.trainer(PAIR, [inference], "--max-runs", "3", "--state-dir",
-                               str(tmp_path / "trainer"))
+    trainer = services.trainer(
+        PAIR, [inference], "--max-runs", "3", "--state-dir", str(tmp_path / "trainer")
+    )
     assert trainer.wait(timeout=120) == 0, services.log("trainer")
 
     version, served = triton_infer(inference, "mlp", X)
@@ -184,7 +185,7 @@ def test_no_response_ever_mixes_two_versions_while_syncs_stream_in(services: Ser
             try:
                 version, value = stamp_check(inference)
                 assert seen.setdefault(version, value) == value, "one version, two values"
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 failures.append(exc)
                 return
 

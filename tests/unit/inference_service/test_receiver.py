@@ -23,8 +23,12 @@ from shared.errors import (
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
 
-SPEC = ModelSpec("m", lambda: None, (TensorSpec("x", "FP32", (-1, 3)),),  # type: ignore[arg-type,return-value]
-                 (TensorSpec("y", "FP32", (-1, 2)),))
+SPEC = ModelSpec(
+    "m",
+    lambda: None,
+    (TensorSpec("x", "FP32", (-1, 3)),),  # type: ignore[arg-type,return-value]
+    (TensorSpec("y", "FP32", (-1, 2)),),
+)
 
 
 def make_served(accepts_pushes: bool = True) -> ServedModel:
@@ -35,17 +39,27 @@ def make_served(accepts_pushes: bool = True) -> ServedModel:
 
 def trained(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return {k: v.detach().clone() for k, v in nn.Sequential(
-        nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict().items()}
+    return {
+        k: v.detach().clone()
+        for k, v in nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict().items()
+    }
 
 
-def parts(tensors: dict[str, torch.Tensor], digest: bytes, chunk: int = 16) -> Iterator[bytes | Commit]:
+def parts(
+    tensors: dict[str, torch.Tensor], digest: bytes, chunk: int = 16
+) -> Iterator[bytes | Commit]:
     yield from Payload.of(list(tensors.items())).chunks(chunk)
     yield Commit(digest)
 
 
-def push(receiver: PushReceiver, state: dict[str, torch.Tensor], version: int, base: int = 0,
-         send: dict[str, torch.Tensor] | None = None, digest: bytes | None = None) -> int:
+def push(
+    receiver: PushReceiver,
+    state: dict[str, torch.Tensor],
+    version: int,
+    base: int = 0,
+    send: dict[str, torch.Tensor] | None = None,
+    digest: bytes | None = None,
+) -> int:
     send = state if send is None else send
     header = PushHeader("m", version, base, "trainer-a", Payload.of(list(send.items())).nbytes)
     return receiver.receive(header, parts(send, digest or state_digest(state))).version
@@ -73,7 +87,9 @@ def receiver(model: ServedModel) -> PushReceiver:
     return PushReceiver({"m": model}, SyncLimits(max_payload_bytes=1 << 20, drain_timeout_s=0.5))
 
 
-def test_full_push_commits_bit_exact_weights_and_version(model: ServedModel, receiver: PushReceiver) -> None:
+def test_full_push_commits_bit_exact_weights_and_version(
+    model: ServedModel, receiver: PushReceiver
+) -> None:
     state = trained(1)
     assert push(receiver, state, 1) == 1
     assert_state(model, state)
@@ -115,8 +131,9 @@ def test_stale_version_is_a_conflict(model: ServedModel, receiver: PushReceiver)
 
 
 @pytest.mark.parametrize("cut", [0, 1, 9, 50])
-def test_a_stream_that_ends_early_changes_nothing(model: ServedModel, receiver: PushReceiver,
-                                                   cut: int) -> None:
+def test_a_stream_that_ends_early_changes_nothing(
+    model: ServedModel, receiver: PushReceiver, cut: int
+) -> None:
     push(receiver, trained(1), 1)
     before = served_state(model)
     state = trained(2)
@@ -144,7 +161,7 @@ def test_digest_mismatch_changes_nothing(model: ServedModel, receiver: PushRecei
 
 def test_full_push_must_carry_every_tensor(model: ServedModel, receiver: PushReceiver) -> None:
     state = trained(1)
-    with pytest.raises(MalformedPushError, match="missing: 2.bias, 2.weight"):
+    with pytest.raises(MalformedPushError, match=r"missing: 2\.bias, 2\.weight"):
         push(receiver, state, 1, send={"0.weight": state["0.weight"], "0.bias": state["0.bias"]})
 
 
@@ -184,7 +201,7 @@ def test_a_second_concurrent_push_is_a_conflict(model: ServedModel, receiver: Pu
     thread.start()
     entered.wait(5)
     assert model.pending is not None and model.pending.writer_id == "slow"
-    with pytest.raises(ConflictError, match="another push from 'slow' \\(version 1\\)"):
+    with pytest.raises(ConflictError, match=r"another push from 'slow' \\(version 1\\)"):
         push(receiver, trained(2), 2)
     gate.set()
     thread.join()
@@ -199,7 +216,7 @@ def test_requests_in_flight_finish_on_their_version_and_pushes_wait_for_them(
     with model.acquire() as pinned:  # a request on version 1
         push(receiver, trained(2), 2)  # writes the other copy: fine
         assert pinned.version == 1
-        with pytest.raises(Exception, match="did not finish within 0.5s"):
+        with pytest.raises(Exception, match=r"did not finish within 0\.5s"):
             push(receiver, trained(3), 3)  # would overwrite the pinned copy: waits, gives up
         assert_state(model, trained(2))
     assert push(receiver, trained(3), 3) == 3

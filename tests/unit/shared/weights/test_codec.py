@@ -75,7 +75,9 @@ def test_reader_rebuilds_every_byte_and_hash_whatever_the_splits(seed: int) -> N
     hashes = reader.finish()
     assert hashes == {name: tensor_hash(t) for name, t in tensors.items()}
     for name, tensor in tensors.items():
-        rebuilt = torch.frombuffer(sink.buffers[name], dtype=torch.uint8) if tensor.numel() else None
+        rebuilt = (
+            torch.frombuffer(sink.buffers[name], dtype=torch.uint8) if tensor.numel() else None
+        )
         if rebuilt is not None:
             assert torch.equal(rebuilt.view(tensor.dtype).reshape(tensor.shape), tensor)
 
