@@ -201,7 +201,7 @@ def test_a_second_concurrent_push_is_a_conflict(model: ServedModel, receiver: Pu
     thread.start()
     entered.wait(5)
     assert model.pending is not None and model.pending.writer_id == "slow"
-    with pytest.raises(ConflictError, match=r"another push from 'slow' \\(version 1\\)"):
+    with pytest.raises(ConflictError, match=r"another push from 'slow' \(version 1\)"):
         push(receiver, trained(2), 2)
     gate.set()
     thread.join()

@@ -1,0 +1,199 @@
+"""OIP tensors to torch and back: every datatype, both forms, and every refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+
+from inference_service.dataplane.tensors import (
+    DATATYPES,
+    datatype_of,
+    decode_inputs,
+    dtype_of,
+    encode_outputs,
+    normalize_model_outputs,
+)
+from shared.app import TensorSpec
+from shared.errors import InvalidInputError
+from shared.gen.inference import grpc_service_pb2 as pb
+
+
+def extremes(datatype: str) -> torch.Tensor:
+    dtype = dtype_of(datatype)
+    if dtype == torch.bool:
+        return torch.tensor([[True, False, True]])
+    if dtype.is_floating_point:
+        info = torch.finfo(dtype)
+        values = [info.min, info.max, -0.0, float("inf"), float("nan"), 1.5]
+        return torch.tensor([values], dtype=dtype)
+    info = torch.iinfo(dtype)
+    return torch.tensor([[info.min, info.max, 0, 1]], dtype=dtype)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return (
+        a.contiguous().view(torch.uint8).numpy().tobytes()
+        == b.contiguous().view(torch.uint8).numpy().tobytes()
+    )
+
+
+def request_for(tensor: torch.Tensor, datatype: str, raw: bool) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    entry = request.inputs.add(name="x", datatype=datatype, shape=list(tensor.shape))
+    if raw:
+        request.raw_input_contents.append(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    else:
+        field = DATATYPES[datatype].field
+        assert field is not None
+        getattr(entry.contents, field).extend(tensor.reshape(-1).tolist())
+    return request
+
+
+FORMS = [(d, True) for d in DATATYPES] + [(d, False) for d, e in DATATYPES.items() if e.field]
+
+
+@pytest.mark.parametrize(("datatype", "raw"), FORMS)
+def test_every_datatype_round_trips(datatype: str, raw: bool) -> None:
+    tensor = extremes(datatype)
+    spec = TensorSpec("x", datatype, (-1, tensor.shape[1]))
+    (decoded,) = decode_inputs(request_for(tensor, datatype, raw), [spec])
+    assert bitwise_equal(decoded, tensor)
+    outputs, contents = encode_outputs([decoded], [spec], [], raw)
+    response = pb.ModelInferResponse(outputs=outputs, raw_output_contents=contents)
+    assert datatype_of(decoded.dtype) == datatype
+    if contents:
+        back = torch.frombuffer(bytearray(contents[0]), dtype=tensor.dtype).reshape(tensor.shape)
+    else:
+        field = DATATYPES[datatype].field
+        assert field is not None
+        values = list(getattr(response.outputs[0].contents, field))
+        back = torch.tensor(values, dtype=tensor.dtype).reshape(tensor.shape)
+    assert bitwise_equal(back, tensor)
+
+
+def test_half_precision_outputs_force_a_raw_response() -> None:
+    specs = [TensorSpec("a", "FP32", (1,)), TensorSpec("b", "BF16", (1,))]
+    outputs, contents = encode_outputs(
+        [torch.ones(1), torch.ones(1, dtype=torch.bfloat16)], specs, [], raw=False
+    )
+    assert len(contents) == 2 and not outputs[0].contents.fp32_contents
+
+
+def test_empty_and_scalar_tensors() -> None:
+    spec = TensorSpec("x", "FP32", (-1, 3))
+    (decoded,) = decode_inputs(request_for(torch.empty(0, 3), "FP32", raw=True), [spec])
+    assert decoded.shape == (0, 3)
+    scalar_spec = TensorSpec("x", "INT64", ())
+    (scalar,) = decode_inputs(request_for(torch.tensor(5), "INT64", raw=False), [scalar_spec])
+    assert scalar.shape == () and scalar.item() == 5
+
+
+def test_decoded_tensor_owns_writable_memory() -> None:
+    request = request_for(torch.ones(1, 3), "FP32", raw=True)
+    (decoded,) = decode_inputs(request, [TensorSpec("x", "FP32", (-1, 3))])
+    decoded.add_(1)
+    assert request.raw_input_contents[0] == torch.ones(1, 3).numpy().tobytes()
+
+
+SPECS = [TensorSpec("x", "FP32", (-1, 3)), TensorSpec("k", "INT8", (2,))]
+
+
+def two_inputs(raw: bool = True) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+    request.inputs.add(name="k", datatype="INT8", shape=[2])
+    if raw:
+        request.raw_input_contents.extend([bytes(12), bytes(2)])
+    else:
+        request.inputs[0].contents.fp32_contents.extend([0.0] * 3)
+        request.inputs[1].contents.int_contents.extend([1, 2])
+    return request
+
+
+def refused(request: pb.ModelInferRequest, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        decode_inputs(request, SPECS)
+
+
+def test_both_forms_accepted() -> None:
+    for raw in (True, False):
+        x, k = decode_inputs(two_inputs(raw), SPECS)
+        assert x.shape == (1, 3) and k.tolist() == ([0, 0] if raw else [1, 2])
+
+
+def test_refusals() -> None:
+    r = two_inputs()
+    r.inputs[0].name = "z"
+    refused(r, r"unknown input 'z'; the model takes x, k")
+    r = two_inputs()
+    del r.inputs[1]
+    del r.raw_input_contents[1]
+    refused(r, r"missing input\(s\) k")
+    r = two_inputs()
+    r.inputs[1].name = "x"
+    refused(r, "input 'x' is given twice")
+    r = two_inputs()
+    r.inputs[0].datatype = "FP64"
+    refused(r, "input 'x': datatype 'FP64' but the model takes FP32")
+    r = two_inputs()
+    r.inputs[0].shape[:] = [1, 4]
+    refused(r, r"shape \[1, 4\] does not fit the model's \[-1, 3\]")
+    r = two_inputs()
+    r.inputs[0].shape[:] = [3]
+    refused(r, r"shape \[3\] does not fit")
+    r = two_inputs()
+    r.inputs[0].shape[:] = [-1, 3]
+    refused(r, "negative size")
+    r = two_inputs()
+    r.raw_input_contents[0] = bytes(11)
+    refused(r, r"11 raw bytes but FP32\[1, 3\] needs 12")
+    r = two_inputs()
+    del r.raw_input_contents[1]
+    refused(r, "1 raw_input_contents entries for 2 inputs")
+    r = two_inputs()
+    r.inputs[0].contents.fp32_contents.append(1.0)
+    refused(r, "has typed contents while the request uses raw_input_contents")
+    r = two_inputs(raw=False)
+    r.inputs[0].contents.fp32_contents.append(1.0)
+    refused(r, "4 values but shape")
+    r = two_inputs(raw=False)
+    r.inputs[1].contents.int_contents[:] = [1, 300]
+    refused(r, r"values must lie in \[-128, 127\] for INT8")
+    r = two_inputs(raw=False)
+    r.inputs[0].contents.fp64_contents.extend([0.0] * 3)
+    refused(r, "FP32 values belong in fp32_contents, not fp64_contents")
+    r = pb.ModelInferRequest()
+    r.inputs.add(name="h", datatype="FP16", shape=[1]).contents.fp32_contents.append(1)
+    with pytest.raises(InvalidInputError, match="FP16 can only be sent in raw_input_contents"):
+        decode_inputs(r, [TensorSpec("h", "FP16", (1,))])
+    with pytest.raises(InvalidInputError, match="datatype 'BYTES' is not supported"):
+        dtype_of("BYTES")
+
+
+def test_output_refusals_and_model_bugs() -> None:
+    spec = [TensorSpec("y", "FP32", (-1,))]
+    with pytest.raises(InvalidInputError, match="unknown output 'z'; the model returns y"):
+        encode_outputs([torch.ones(1)], spec, ["z"], raw=True)
+    with pytest.raises(RuntimeError, match="is torch.float64 but the model declares FP32"):
+        encode_outputs([torch.ones(1, dtype=torch.float64)], spec, [], raw=True)
+    with pytest.raises(RuntimeError, match="declares 2 output tensor"):
+        normalize_model_outputs(torch.ones(1), 2)
+    with pytest.raises(RuntimeError, match="returned a dict"):
+        normalize_model_outputs({}, 1)
+    assert len(normalize_model_outputs((torch.ones(1), torch.ones(2)), 2)) == 2
+
+
+def test_a_request_built_by_tritonclient_decodes_to_the_same_values() -> None:
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    tensor = triton.InferInput("x", [4, 3], "FP32")
+    tensor.set_data_from_numpy(values)
+    request = triton.service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.extend([tensor._get_tensor()])
+    request.raw_input_contents.extend([tensor._get_content()])
+    ours = pb.ModelInferRequest.FromString(request.SerializeToString())
+    (decoded,) = decode_inputs(ours, [TensorSpec("x", "FP32", (-1, 3))])
+    np.testing.assert_array_equal(decoded.numpy(), values)
