@@ -44,7 +44,7 @@ def test_inference_only_models_cannot_be_fetched(models: dict[str, Recording]) -
     d = TrainingModelsDict(models)
     assert d["model"] is models["model"]
     assert d["no_inference"] is models["no_inference"]
-    with pytest.raises(KeyError, match="model 'inference_only' is inference thread only."):
+    with pytest.raises(KeyError, match=r"model 'inference_only' is inference thread only\."):
         d["inference_only"]
     assert "inference_only" in d
 
