@@ -178,7 +178,7 @@ def test_output_refusals_and_model_bugs() -> None:
     spec = [TensorSpec("y", "FP32", (-1,))]
     with pytest.raises(InvalidInputError, match=r"unknown output 'z'; the model returns y"):
         encode_outputs([torch.ones(1)], spec, ["z"], raw=True)
-    with pytest.raises(RuntimeError, match="is torch.float64 but the model declares FP32"):
+    with pytest.raises(RuntimeError, match=r"is torch\.float64 but the model declares FP32"):
         encode_outputs([torch.ones(1, dtype=torch.float64)], spec, [], raw=True)
     with pytest.raises(RuntimeError, match="declares 2 output tensor"):
         normalize_model_outputs(torch.ones(1), 2)
