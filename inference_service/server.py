@@ -18,8 +18,8 @@ from inference_service.dataplane.servicer import InferenceServicer
 from inference_service.served_model import ServedModel
 from inference_service.syncplane.receiver import PushReceiver, SyncLimits
 from inference_service.syncplane.servicer import WeightSyncServicer
+from inference_service.syncplane.servicer import add_to_server as add_sync_servicer
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
-from shared.gen.weightsync.v1 import weightsync_pb2_grpc as sync_grpc
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_server
@@ -64,9 +64,7 @@ class InferenceServer:
         enable_reflection(self._data_server, [OIP_SERVICE])
 
         self._sync_server = new_server(4, SYNC_MAX_MESSAGE_BYTES)
-        sync_grpc.add_WeightSyncServicer_to_server(
-            WeightSyncServicer(self.receiver), self._sync_server
-        )
+        add_sync_servicer(WeightSyncServicer(self.receiver), self._sync_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)
         enable_reflection(self._sync_server, [SYNC_SERVICE])
 

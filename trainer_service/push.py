@@ -11,6 +11,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.errors import error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.weights import wire
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 
 
@@ -53,19 +54,19 @@ class PushFailedError(Exception):
         return cls(target, code, details or "", error_reason(error))
 
 
-def requests(plan: PushPlan, chunk_bytes: int) -> Iterator[pb.PushRequest]:
-    yield pb.PushRequest(
-        header=pb.PushHeader(
-            model_name=plan.model_name,
-            version=plan.version,
-            base_version=plan.base_version,
-            writer_id=plan.writer_id,
-            payload_bytes=plan.payload.nbytes,
-        )
+def requests(plan: PushPlan, chunk_bytes: int) -> Iterator[bytes]:
+    """The serialized messages of one push; data messages are cut straight from tensor memory."""
+    header = pb.PushHeader(
+        model_name=plan.model_name,
+        version=plan.version,
+        base_version=plan.base_version,
+        writer_id=plan.writer_id,
+        payload_bytes=plan.payload.nbytes,
     )
-    for chunk in plan.payload.chunks(chunk_bytes):
-        yield pb.PushRequest(data=chunk)
-    yield pb.PushRequest(commit=pb.PushCommit(digest=plan.digest))
+    yield pb.PushRequest(header=header).SerializeToString()
+    for pieces in plan.payload.pieces(chunk_bytes):
+        yield wire.encode_data(pieces)
+    yield pb.PushRequest(commit=pb.PushCommit(digest=plan.digest)).SerializeToString()
 
 
 class SyncClient:
@@ -79,6 +80,12 @@ class SyncClient:
             target, options=channel_options(SYNC_MAX_MESSAGE_BYTES)
         )
         self._stub = pb_grpc.WeightSyncStub(self._channel)
+        # Push sends messages we serialize ourselves (shared/weights/wire.py).
+        self._push = self._channel.stream_unary(
+            "/weightsync.v1.WeightSync/Push",
+            request_serializer=None,
+            response_deserializer=pb.PushResponse.FromString,
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -95,7 +102,7 @@ class SyncClient:
     def push(self, plan: PushPlan) -> int:
         """Stream one push; return the version the target committed."""
         try:
-            response = self._stub.Push(requests(plan, self._chunk_bytes), timeout=self._timeout_s)
+            response = self._push(requests(plan, self._chunk_bytes), timeout=self._timeout_s)
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
         return int(response.version)

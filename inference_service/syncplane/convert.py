@@ -5,21 +5,37 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from inference_service.served_model import Generation, ServedModel
 from inference_service.syncplane.receiver import Commit, PushHeader
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.weights import wire
 
 
-def read_header(messages: Iterator[pb.PushRequest]) -> PushHeader:
-    """The push header, which must be the stream's first message."""
-    first = next(messages, None)
-    if first is None:
-        raise MalformedPushError("empty push stream: the first message must be a PushHeader")
-    if first.WhichOneof("kind") != "header":
+def _parse(message: bytes) -> pb.PushRequest | memoryview:
+    try:
+        return wire.decode(message)
+    except DecodeError:
         raise MalformedPushError(
-            f"the first message of a push must be a header, not {first.WhichOneof('kind')}"
+            "a push message is not a valid weightsync.v1.PushRequest"
+        ) from None
+
+
+def _kind(message: pb.PushRequest | memoryview) -> str:
+    return "data" if isinstance(message, memoryview) else message.WhichOneof("kind") or "empty"
+
+
+def read_header(messages: Iterator[bytes]) -> PushHeader:
+    """The push header, which must be the stream's first message."""
+    raw = next(messages, None)
+    if raw is None:
+        raise MalformedPushError("empty push stream: the first message must be a PushHeader")
+    first = _parse(raw)
+    if isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
+        raise MalformedPushError(
+            f"the first message of a push must be a header, not {_kind(first)}"
         )
     h = first.header
     if not h.model_name:
@@ -33,12 +49,17 @@ def read_header(messages: Iterator[pb.PushRequest]) -> PushHeader:
     return PushHeader(h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes)
 
 
-def read_parts(messages: Iterator[pb.PushRequest]) -> Iterator[bytes | Commit]:
+def read_parts(messages: Iterator[bytes]) -> Iterator[memoryview | bytes | Commit]:
     """Payload chunks, then the commit; the commit must be the stream's last message."""
     received = 0
     try:
-        for message in messages:
-            kind = message.WhichOneof("kind")
+        for raw in messages:
+            message = _parse(raw)
+            if isinstance(message, memoryview):
+                received += len(message)
+                yield message
+                continue
+            kind = _kind(message)
             if kind == "data":
                 received += len(message.data)
                 yield message.data
@@ -48,7 +69,7 @@ def read_parts(messages: Iterator[pb.PushRequest]) -> Iterator[bytes | Commit]:
                 yield Commit(message.commit.digest)
                 return
             else:
-                raise MalformedPushError(f"unexpected {kind or 'empty'} message inside a push")
+                raise MalformedPushError(f"unexpected {kind} message inside a push")
     except grpc.RpcError:
         raise MalformedPushError(
             f"the sender cancelled the push after {received} payload bytes"

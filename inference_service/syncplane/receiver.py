@@ -74,7 +74,9 @@ class PushReceiver:
     def models(self) -> Mapping[str, ServedModel]:
         return self._models
 
-    def receive(self, header: PushHeader, parts: Iterable[bytes | Commit]) -> Generation:
+    def receive(
+        self, header: PushHeader, parts: Iterable[memoryview | bytes | Commit]
+    ) -> Generation:
         model = self.model(header.model_name)
         self._check_header(model, header)
         started = time.perf_counter()
@@ -157,7 +159,7 @@ class PushReceiver:
 
     @staticmethod
     def _stream_into(
-        reader: PayloadReader, parts: Iterable[bytes | Commit], pending: PendingPush
+        reader: PayloadReader, parts: Iterable[memoryview | bytes | Commit], pending: PendingPush
     ) -> bytes:
         for part in parts:
             if isinstance(part, Commit):

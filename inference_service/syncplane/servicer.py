@@ -21,7 +21,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     @override
     @grpc_errors
     def Push(
-        self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.PushResponse:
         header = convert.read_header(request_iterator)
         generation = self._receiver.receive(header, convert.read_parts(request_iterator))
@@ -41,3 +41,27 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
         return pb.ListModelsResponse(
             models=[convert.model_state(models[name]) for name in sorted(models)]
         )
+
+
+def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
+    """Register the service; Push takes its messages unparsed (see shared/weights/wire.py)."""
+    handlers = {
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push,
+            request_deserializer=None,
+            response_serializer=pb.PushResponse.SerializeToString,
+        ),
+        "GetModel": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModel,
+            request_deserializer=pb.GetModelRequest.FromString,
+            response_serializer=pb.ModelState.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=pb.ListModelsRequest.FromString,
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers),)
+    )

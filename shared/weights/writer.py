@@ -41,6 +41,11 @@ class Payload:
 
     def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
         """Yield the payload in chunks of `chunk_bytes` (the last one may be shorter)."""
+        for pieces in self.pieces(chunk_bytes):
+            yield b"".join(pieces)
+
+    def pieces(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[memoryview]]:
+        """Yield each chunk as views of the memory it spans; nothing is copied here."""
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         pieces: list[memoryview] = []
@@ -53,10 +58,10 @@ class Payload:
                 size += take
                 position += take
                 if size == chunk_bytes:
-                    yield b"".join(pieces)
+                    yield pieces
                     pieces, size = [], 0
         if size:
-            yield b"".join(pieces)
+            yield pieces
 
     def _sources(self) -> Iterator[memoryview]:
         yield memoryview(self.header)
