@@ -12,7 +12,7 @@ receiver in their own processes, all on loopback:
     inference_peak_rss_ratio=R                   inference process peak extra RSS during the
                                                  first full sync / model size
 
-    python -m bench.sync [--mb 1024] [--tensors 64] [--repeat 3]
+    python -m bench.sync [--mb 1024] [--tensors 64] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -95,13 +95,10 @@ class PeakRss:
         return (self.peak - self.before) * 1024
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def raw_chunks(state: dict[str, torch.Tensor]) -> Iterator[bytes]:
@@ -123,7 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="sync-engine figures against yardsticks")
     parser.add_argument("--mb", type=int, default=1024, help="model size in MiB")
     parser.add_argument("--tensors", type=int, default=64, help="number of equal tensors")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -183,9 +180,13 @@ def main() -> int:
                 publisher.publish("blocks", state)
                 publisher.close()
 
-            ours = timed(full_push, args.repeat)
-            raw_s = timed(lambda: raw(raw_chunks(state), timeout=600), args.repeat)
-            naive_s = timed(lambda: naive(naive_chunks(state), timeout=600), args.repeat)
+            # Interleaved, so drift on a noisy machine hits all three alike; medians.
+            runs: dict[str, list[float]] = {"ours": [], "raw": [], "naive": []}
+            for _ in range(args.repeat):
+                runs["ours"].append(timed(full_push))
+                runs["raw"].append(timed(lambda: raw(raw_chunks(state), timeout=600)))
+                runs["naive"].append(timed(lambda: naive(naive_chunks(state), timeout=600)))
+            ours, raw_s, naive_s = (statistics.median(runs[k]) for k in ("ours", "raw", "naive"))
             print(
                 f"# model {model_bytes / 2**30:.2f} GiB in {args.tensors} fp32 tensors; "
                 f"ours {model_bytes / ours / 1e9:.2f} GB/s, raw {model_bytes / raw_s / 1e9:.2f} "

@@ -80,8 +80,6 @@ class Publisher:
         """Push `state` as the next version of `model_name` to every target."""
         started = time.perf_counter()
         tensors = {name: t.detach() for name, t in state.items()}
-        hashes = {name: tensor_hash(t) for name, t in tensors.items()}
-        digest = model_digest({n: (TensorLayout.of(t), hashes[n]) for n, t in tensors.items()})
         clients = [self._client(address) for address in self._resolve()]
         if not clients:
             raise SyncFailedError(f"no inference service found at {', '.join(self._targets)}")
@@ -91,6 +89,13 @@ class Publisher:
             raise SyncFailedError(
                 f"model {model_name!r}: cannot read the served version: {error}"
             ) from None
+        # Hash up front only when some target can take a delta (it needs the changed set);
+        # a full push hashes each tensor while streaming it.
+        hashes: dict[str, bytes] | None = None
+        digest: bytes | None = None
+        if any(self._delta_base(c.target, model_name, tensors) for c in clients):
+            hashes = {name: tensor_hash(t) for name, t in tensors.items()}
+            digest = model_digest({n: (TensorLayout.of(t), hashes[n]) for n, t in tensors.items()})
         futures = [
             self._pool.submit(self._push_one, c, model_name, version, tensors, hashes, digest)
             for c in clients
@@ -118,10 +123,10 @@ class Publisher:
         model_name: str,
         version: int,
         tensors: Mapping[str, torch.Tensor],
-        hashes: dict[str, bytes],
-        digest: bytes,
+        hashes: dict[str, bytes] | None,
+        digest: bytes | None,
     ) -> int:
-        acked = self._acked.get((client.target, model_name))
+        acked = self._delta_base(client.target, model_name, tensors)
         plan = self._plan(model_name, version, tensors, hashes, digest, acked)
         try:
             client.push(plan)
@@ -136,19 +141,28 @@ class Publisher:
             )
             plan = self._plan(model_name, version, tensors, hashes, digest, None)
             client.push(plan)
-        self._acked[(client.target, model_name)] = _Acked(version, hashes)
+        self._acked[(client.target, model_name)] = _Acked(
+            version, plan.streamed_hashes if hashes is None else hashes
+        )
         return plan.payload.nbytes
+
+    def _delta_base(
+        self, target: str, model_name: str, tensors: Mapping[str, torch.Tensor]
+    ) -> _Acked | None:
+        """What `target` last committed from us, if a delta on it can describe `tensors`."""
+        acked = self._acked.get((target, model_name))
+        return acked if acked is not None and acked.hashes.keys() == tensors.keys() else None
 
     def _plan(
         self,
         model_name: str,
         version: int,
         tensors: Mapping[str, torch.Tensor],
-        hashes: dict[str, bytes],
-        digest: bytes,
+        hashes: dict[str, bytes] | None,
+        digest: bytes | None,
         acked: _Acked | None,
     ) -> PushPlan:
-        if acked is None or acked.hashes.keys() != hashes.keys():
+        if acked is None or hashes is None:
             changed = list(tensors)
             base = 0
         else:

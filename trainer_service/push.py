@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -12,6 +12,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.errors import error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
 from shared.weights import wire
+from shared.weights.digest import model_digest
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 
 
@@ -24,7 +25,10 @@ class PushPlan:
     base_version: int
     writer_id: str
     payload: Payload
-    digest: bytes
+    # The digest of the state after the push; None: hash the tensors while streaming them
+    # (a full push) and fill `streamed_hashes`.
+    digest: bytes | None
+    streamed_hashes: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,16 @@ def requests(plan: PushPlan, chunk_bytes: int) -> Iterator[bytes]:
         payload_bytes=plan.payload.nbytes,
     )
     yield pb.PushRequest(header=header).SerializeToString()
-    for pieces in plan.payload.pieces(chunk_bytes):
+    hashes = plan.streamed_hashes if plan.digest is None else None
+    for pieces in plan.payload.pieces(chunk_bytes, hashes):
         yield wire.encode_data(pieces)
-    yield pb.PushRequest(commit=pb.PushCommit(digest=plan.digest)).SerializeToString()
+    digest = plan.digest
+    if digest is None:
+        layouts = {entry.name: entry.layout for entry in plan.payload.entries}
+        digest = model_digest(
+            {name: (layouts[name], h) for name, h in plan.streamed_hashes.items()}
+        )
+    yield pb.PushRequest(commit=pb.PushCommit(digest=digest)).SerializeToString()
 
 
 class SyncClient:

@@ -1,4 +1,4 @@
-"""PAMIQ-Core's model interface."""
+"""PAMIQ-Core's model interface, plus the remote inference copy of the sync plane."""
 
 from shared.model.container import InferenceModelsDict, TrainingModelsDict
 from shared.model.interface import InferenceModel, TrainingModel

@@ -7,23 +7,36 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from shared.model.interface import InferenceModel
 
 
 class RemoteInferenceModel(InferenceModel, ABC):
-    """Stands for inference copies held by remote inference services.
+    """Stands, on the trainer, for the inference copies that remote inference services hold.
 
-    `TorchTrainingModel.sync()` hands it the training weights; `publish` streams them to every
-    inference service that holds the copy and returns once all have committed.
+    Attach one with `TrainingModel.attach_inference_model`; `TorchTrainingModel.sync()` then
+    calls `publish` with the training weights instead of swapping modules.
     """
 
     @abstractmethod
     def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Stream `weights` to the remote copies; return when every one has committed."""
+        """Stream these weights to every inference service holding the copy.
 
+        Returns once all of them have committed the new weights.
+
+        Args:
+            weights: The training module's state dict (live tensors: read, never modify).
+        """
+
+    @override
     def infer(self, *args: Any, **kwds: Any) -> Any:
+        """Refuse: there is nothing to run here.
+
+        Raises:
+            RuntimeError: Always.
+        """
         raise RuntimeError(
-            "the inference copy of this model lives in remote inference services; query them "
-            "over the Open Inference Protocol"
+            "cannot infer on the trainer: the inference copy of this model lives in remote "
+            "inference services; query them over the Open Inference Protocol"
         )

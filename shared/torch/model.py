@@ -1,5 +1,9 @@
-"""PAMIQ-Core's torch models: an inference wrapper guarded by a lock, and the training model
-that creates it and syncs into it (locally by a module swap, remotely through the sync plane)."""
+"""PAMIQ-Core's torch models.
+
+`TorchInferenceModel` runs a module under a lock. `TorchTrainingModel` trains a module and syncs
+it into its inference copy: locally by PAMIQ's module swap, remotely by publishing the state dict
+to a `RemoteInferenceModel`. Weights on disk are safetensors; nothing here unpickles.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,16 @@ class InferenceProcedureCallable(Protocol[M_contra]):
 
 
 def get_device(module: nn.Module, default_device: torch.device | None = None) -> torch.device:
-    """The device of the module's first parameter, else first buffer, else the default."""
+    """The device a module runs on.
+
+    Args:
+        module: The module.
+        default_device: What to return for a module with no parameters and no buffers
+            (None: `torch.get_default_device()`).
+
+    Returns:
+        The device of the first parameter, else of the first buffer, else the default.
+    """
     for parameter in module.parameters():
         return parameter.device
     for buffer in module.buffers():
@@ -37,7 +50,18 @@ def get_device(module: nn.Module, default_device: torch.device | None = None) ->
 
 
 def default_infer_procedure(model: nn.Module, *args: Any, **kwds: Any) -> Any:
-    """Move top-level tensor arguments to the model's device and call it."""
+    """Move the top-level tensor arguments to the model's device, then call the model.
+
+    Tensors nested in containers are not moved; write your own procedure for those.
+
+    Args:
+        model: The module to run.
+        *args: Its positional inputs.
+        **kwds: Its keyword inputs.
+
+    Returns:
+        `model(*args, **kwds)` with the tensors moved.
+    """
     device = get_device(model)
     moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     moved_kwds = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwds.items()}
@@ -45,15 +69,26 @@ def default_infer_procedure(model: nn.Module, *args: Any, **kwds: Any) -> Any:
 
 
 class UnwrappedContextManager(Generic[M]):
-    """`with` access to a raw module under the model's lock (and inference mode by default)."""
+    """`with` access to a raw module, holding its lock (and inference mode, by default).
+
+    Enters inference mode, then takes the lock; on exit releases the lock, then leaves
+    inference mode.
+
+    Args:
+        model: The module the `with` block gets.
+        lock: The lock that guards it.
+        inference_mode: Whether the block runs under `torch.inference_mode()`.
+    """
 
     def __init__(self, model: M, lock: threading.RLock, inference_mode: bool) -> None:
         self._model = model
         self._lock = lock
-        self._inference_mode = torch.inference_mode(inference_mode)
+        self._inference_mode = inference_mode
+        self._mode: torch.inference_mode | None = None
 
     def __enter__(self) -> M:
-        self._inference_mode.__enter__()
+        self._mode = torch.inference_mode(self._inference_mode)
+        self._mode.__enter__()
         self._lock.acquire()
         return self._model
 
@@ -64,11 +99,18 @@ class UnwrappedContextManager(Generic[M]):
         tb: TracebackType | None,
     ) -> None:
         self._lock.release()
-        self._inference_mode.__exit__(exc_type, exc, tb)
+        if self._mode is not None:
+            self._mode.__exit__(exc_type, exc, tb)
+            self._mode = None
 
 
 class TorchInferenceModel(InferenceModel, Generic[M]):
-    """Runs a module's inference procedure under a lock that a sync's swap also takes."""
+    """Runs a module's inference procedure under a lock that a sync's swap also takes.
+
+    Args:
+        model: The module to serve.
+        inference_procedure: How to run it: `inference_procedure(model, *args, **kwds)`.
+    """
 
     def __init__(self, model: M, inference_procedure: InferenceProcedureCallable[M]) -> None:
         self._model = model
@@ -77,6 +119,7 @@ class TorchInferenceModel(InferenceModel, Generic[M]):
 
     @property
     def _raw_model(self) -> M:
+        """The module, without the lock; the setter takes it (do not use from inference)."""
         return self._model
 
     @_raw_model.setter
@@ -87,12 +130,40 @@ class TorchInferenceModel(InferenceModel, Generic[M]):
     @override
     @torch.inference_mode()
     def infer(self, *args: Any, **kwds: Any) -> Any:
+        """Run the inference procedure under the lock and `torch.inference_mode()`."""
         with self._lock:
             return self._inference_procedure(self._model, *args, **kwds)
 
     def unwrap(self, inference_mode: bool = True) -> UnwrappedContextManager[M]:
-        """Thread-safe raw access to the module: `with model.unwrap() as module: ...`."""
+        """Thread-safe raw access to the module: `with model.unwrap() as module: ...`.
+
+        Args:
+            inference_mode: Whether the block runs under `torch.inference_mode()`.
+
+        Returns:
+            A context manager that yields the module while holding the lock.
+        """
         return UnwrappedContextManager(self._raw_model, self._lock, inference_mode)
+
+
+def _resolve_procedure(
+    model: M, procedure: InferenceProcedureCallable[M] | str
+) -> InferenceProcedureCallable[M]:
+    if not isinstance(procedure, str):
+        return procedure
+    cls = type(model)
+    if not hasattr(cls, procedure):
+        raise AttributeError(
+            f"The model class {cls.__name__} does not have a method named '{procedure}'"
+        )
+    method = getattr(cls, procedure)
+    if not callable(method):
+        raise ValueError(
+            f"The specified inference_procedure '{procedure}' is not a callable method on "
+            f"{cls.__name__}"
+        )
+    resolved: InferenceProcedureCallable[M] = method
+    return resolved
 
 
 def _load_parameter_file(path: str | Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -102,19 +173,41 @@ def _load_parameter_file(path: str | Path, device: torch.device) -> dict[str, to
     return loaded
 
 
+def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict, contiguous, with tensors that share storage cloned (safetensors refuses
+    shared storage; loading copies into tied parameters, so the tie survives a round trip)."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple[torch.device, int]] = set()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().contiguous()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        if tensor.numel() and storage in seen:
+            tensor = tensor.clone()
+        seen.add(storage)
+        state[name] = tensor
+    return state
+
+
 class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
     """A torch module to train, with an inference copy kept in sync.
 
     Args:
-        model: the module to train.
-        has_inference_model / inference_thread_only: see TrainingModel.
-        device: where the module lives (default: where it already is).
-        dtype: convert the module to this dtype first.
-        inference_procedure: how the inference copy runs the module, or the name of a method of
-            the module's class.
-        pretrained_parameter_file: weights to load (.safetensors, or a torch state-dict file
-            loaded with weights_only=True).
-        compile: `nn.Module.compile()` both copies.
+        model: The module to train.
+        has_inference_model: Whether the module has an inference copy (see TrainingModel).
+        inference_thread_only: The module is only served, never trained; the inference copy
+            is the module itself, not a copy.
+        device: Where to put the module (None: where it already is).
+        dtype: Convert the module to this dtype first (None: keep).
+        inference_procedure: How the inference copy runs the module, or the name of a method
+            of the module's class.
+        pretrained_parameter_file: Weights to load: a `.safetensors` file, or a torch state
+            dict file, loaded with `weights_only=True`.
+        compile: `nn.Module.compile()` the inference copy and the module.
+
+    Raises:
+        ValueError: Bad flags (see TrainingModel), or `inference_procedure` names an attribute
+            that is not callable.
+        AttributeError: `inference_procedure` names no attribute of the module's class.
     """
 
     def __init__(
@@ -133,24 +226,7 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
             model = model.type(dtype)
         self.model = model
         target = get_device(model) if device is None else torch.device(device)
-        procedure: InferenceProcedureCallable[M]
-        if isinstance(inference_procedure, str):
-            name = inference_procedure
-            cls = type(model)
-            if not hasattr(cls, name):
-                raise AttributeError(
-                    f"The model class {cls.__name__} does not have a method named '{name}'"
-                )
-            method = getattr(cls, name)
-            if not callable(method):
-                raise ValueError(
-                    f"The specified inference_procedure '{name}' is not a callable method on "
-                    f"{cls.__name__}"
-                )
-            procedure = method
-        else:
-            procedure = inference_procedure
-        self._inference_procedure = procedure
+        self._inference_procedure = _resolve_procedure(model, inference_procedure)
         self.model.to(target)
         if pretrained_parameter_file is not None:
             self.model.load_state_dict(_load_parameter_file(pretrained_parameter_file, target))
@@ -161,6 +237,7 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
 
     @property
     def inference_procedure(self) -> InferenceProcedureCallable[M]:
+        """How the inference copy runs the module (a method name resolved to the function)."""
         return self._inference_procedure
 
     @override
@@ -170,16 +247,26 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
 
     @override
     def forward(self, *args: Any, **kwds: Any) -> Any:
+        """`self.model(*args, **kwds)`; moving inputs to the device is the caller's job."""
         return self.model(*args, **kwds)
 
     @override
     def sync_impl(self, inference_model: TorchInferenceModel[M]) -> None:
-        remote: object = inference_model
-        if isinstance(remote, RemoteInferenceModel):
-            remote.publish(self.model.state_dict())
+        """Make the inference copy hold the training weights.
+
+        A `RemoteInferenceModel` gets `publish(self.model.state_dict())`; the training module,
+        its grads and its train/eval mode are untouched. A local copy gets PAMIQ's swap: the
+        trained module becomes the inference module (in eval mode), the old inference module
+        takes the trained weights and the grads and becomes `self.model` (in train mode).
+
+        Args:
+            inference_model: The inference copy.
+        """
+        if isinstance(inference_model, RemoteInferenceModel):
+            inference_model.publish(self.model.state_dict())
             return
         self.model.eval()
-        grads = []
+        grads: list[torch.Tensor | None] = []
         for parameter in self.model.parameters():
             grads.append(parameter.grad)
             parameter.grad = None
@@ -191,16 +278,27 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
 
     @override
     def save_state(self, path: Path) -> None:
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        seen: set[int] = set()
-        for name, tensor in state.items():  # safetensors refuses shared storage: untie copies
-            key = tensor.untyped_storage().data_ptr()
-            if key in seen and tensor.numel():
-                state[name] = tensor.clone()
-            seen.add(key)
-        safetensors.torch.save_file(state, f"{path}.safetensors")
+        """Write the module's state dict to `f"{path}.safetensors"`.
+
+        Args:
+            path: The file path without its suffix.
+        """
+        safetensors.torch.save_file(_untied_state_dict(self.model), f"{path}.safetensors")
 
     @override
     def load_state(self, path: Path) -> None:
-        device = get_device(self.model)
-        self.model.load_state_dict(safetensors.torch.load_file(f"{path}.safetensors", str(device)))
+        """Load `f"{path}.safetensors"` into the module, strictly, on the module's device.
+
+        Args:
+            path: The path given to `save_state`.
+
+        Raises:
+            FileNotFoundError: There is no such file.
+        """
+        file = Path(f"{path}.safetensors")
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no saved model state at {file}; save_state({path}) writes that file"
+            )
+        state = safetensors.torch.load_file(file, device=str(get_device(self.model)))
+        self.model.load_state_dict(state)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from shared.weights.digest import byte_view
 from shared.weights.layout import TensorEntry, TensorLayout, build_header
@@ -44,26 +45,38 @@ class Payload:
         for pieces in self.pieces(chunk_bytes):
             yield b"".join(pieces)
 
-    def pieces(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[memoryview]]:
-        """Yield each chunk as views of the memory it spans; nothing is copied here."""
+    def pieces(
+        self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, hashes: dict[str, bytes] | None = None
+    ) -> Iterator[list[memoryview]]:
+        """Yield each chunk as views of the memory it spans; nothing is copied here.
+
+        With `hashes`, also hash each tensor's bytes as they stream (while they are in cache)
+        and store its xxh3_128 there once its last byte has been yielded.
+        """
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         pieces: list[memoryview] = []
         size = 0
-        for view in self._sources():
+        for name, view in self._sources():
+            hasher = xxhash.xxh3_128() if hashes is not None and name is not None else None
             position = 0
             while position < len(view):  # a chunk may end mid-tensor or span several tensors
                 take = min(chunk_bytes - size, len(view) - position)
-                pieces.append(view[position : position + take])
+                piece = view[position : position + take]
+                if hasher is not None:
+                    hasher.update(piece)
+                pieces.append(piece)
                 size += take
                 position += take
                 if size == chunk_bytes:
                     yield pieces
                     pieces, size = [], 0
+            if hasher is not None and hashes is not None and name is not None:
+                hashes[name] = hasher.digest()
         if size:
             yield pieces
 
-    def _sources(self) -> Iterator[memoryview]:
-        yield memoryview(self.header)
-        for tensor in self.tensors:
-            yield byte_view(tensor.detach().to("cpu").contiguous())
+    def _sources(self) -> Iterator[tuple[str | None, memoryview]]:
+        yield None, memoryview(self.header)
+        for entry, tensor in zip(self.entries, self.tensors, strict=True):
+            yield entry.name, byte_view(tensor.detach().to("cpu").contiguous())
