@@ -1,0 +1,128 @@
+"""What an operator relies on: health, reflection, --help, graceful SIGTERM, restart persistence."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.integration.conftest import ROOT, Services
+
+PAIR = "tests.integration.apps:pair"
+STAMP = "tests.integration.apps:stamp"
+
+
+@pytest.fixture(autouse=True)
+def _pretrained(services: Services, tmp_path: Path) -> None:
+    import safetensors.torch
+
+    from tests.integration.apps import MLP
+
+    path = tmp_path / "frozen.safetensors"
+    safetensors.torch.save_file(MLP().state_dict(), path)
+    services.env["TEST_PRETRAINED"] = str(path)
+
+
+def health(address: str, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return status
+
+
+def test_health_on_both_planes(services: Services) -> None:
+    inference = services.inference(PAIR)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health(inference.data) == serving
+    assert health(inference.data, "inference.GRPCInferenceService") == serving
+    assert health(inference.sync, "weightsync.v1.WeightSync") == serving
+
+
+def test_reflection_lists_and_describes_the_services(services: Services) -> None:
+    inference = services.inference(PAIR)
+    for address, expected in [
+        (inference.data, "inference.GRPCInferenceService"),
+        (inference.sync, "weightsync.v1.WeightSync"),
+    ]:
+        stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(address))
+        requests = iter(
+            [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=expected),
+            ]
+        )
+        listing, described = list(stub.ServerReflectionInfo(requests, timeout=5))
+        names = {s.name for s in listing.list_services_response.service}
+        assert expected in names and "grpc.health.v1.Health" in names
+        assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_sigterm_drains_and_exits_cleanly(services: Services) -> None:
+    inference = services.inference(PAIR)
+    inference.process.send_signal(signal.SIGTERM)
+    assert inference.process.wait(timeout=30) == 0
+    assert "shutting down" in inference.log.read_text()
+
+
+@pytest.mark.parametrize("module", ["inference_service", "trainer_service"])
+def test_help_names_every_environment_variable(module: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    text = " ".join(out.split())
+    settings = importlib.import_module(f"{module}.settings")
+    for option in settings.OPTIONS:
+        assert option.flag in text and f"(env {option.env};" in text
+
+
+def test_flags_come_from_the_environment(services: Services) -> None:
+    services.env["INFERENCE_LOG_LEVEL"] = "warning"
+    inference = services.inference(PAIR)
+    assert " INFO " not in inference.log.read_text()
+    inference.process.send_signal(signal.SIGTERM)
+    inference.process.wait(timeout=30)
+    services.env["INFERENCE_LOG_LEVEL"] = "INFO"
+    assert " INFO " in services.inference(PAIR, name="again").log.read_text()
+
+
+def test_a_bad_import_string_fails_at_start_with_a_clear_message(services: Services) -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "inference_service", "--models", "no_such_module:app"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=services.env,
+        timeout=60,
+    )
+    assert process.returncode == 2
+    assert "cannot import module 'no_such_module'" in process.stderr
+
+
+def test_restart_serves_the_last_committed_version_before_any_trainer_returns(
+    services: Services, tmp_path: Path
+) -> None:
+    state = tmp_path / "inference-state"
+    inference = services.inference(STAMP, "--state-dir", str(state), name="first")
+    trainer = services.trainer(STAMP, [inference], "--max-runs", "3")
+    assert trainer.wait(timeout=120) == 0
+    before = inference.model_state("stamp")
+    inference.process.send_signal(signal.SIGTERM)
+    assert inference.process.wait(timeout=30) == 0
+    again = services.inference(STAMP, "--state-dir", str(state), name="second")
+    after = again.model_state("stamp")
+    assert (after.version, after.digest, after.writer_id) == (
+        before.version,
+        before.digest,
+        before.writer_id,
+    )
+    assert after.version == 4
