@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from inference_service.loading import load_models
-from inference_service.persistence import Persister, WeightStore
+from inference_service.persistence import WeightStore
 from inference_service.server import InferenceServer
 from inference_service.settings import InferenceSettings
 from shared.app import load_app
@@ -36,20 +36,19 @@ def run(settings: InferenceSettings) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     device = resolve_device(settings.device)
     models = load_models(load_app(settings.models), device)
-    persister = None
+    store = None
     if settings.state_dir is not None:
-        store = WeightStore(settings.state_dir / "models")
+        store = WeightStore(settings.state_dir / "models", settings.history)
         for model in models.values():
             if model.accepts_pushes:
                 store.restore(model)
-        persister = Persister(store, models)
     server = InferenceServer(
         models,
         listen=settings.listen,
         sync_listen=settings.sync_listen,
         workers=settings.workers,
         server_version=package_version(),
-        on_commit=persister.committed if persister else None,
+        store=store,
     )
     if not is_loopback(settings.sync_listen):
         logger.warning(
@@ -66,8 +65,6 @@ def run(settings: InferenceSettings) -> None:
     stop.wait()
     logger.info("shutting down: draining for up to %gs", settings.grace)
     server.stop(settings.grace)
-    if persister is not None:
-        persister.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,12 @@
-"""Keep each model's last committed weights on disk and serve them again after a restart.
+"""Keep each model's recent committed versions on disk; serve the newest again after a restart.
 
 After every commit a background thread writes the live generation to
-`<state-dir>/<model>.safetensors` (temp file, fsync, rename, fsync of the directory), with its
-version, writer and digest in the safetensors metadata. Commits that land while a write is running
-are coalesced: only the newest version is written next. At start, a file whose tensors match the
-model and whose digest checks out is loaded before the service reports ready, with its version.
+`<state-dir>/models/<model>/<version>.safetensors` (temp file, fsync, rename, fsync of the
+directory), with its version, writer, digest and commit time in the safetensors metadata, and
+keeps the newest `history` files. Commits that land while a write runs are coalesced: the newest
+version is written next. At start, the newest file whose tensors match the model and whose digest
+checks out is loaded, with its version, before the service reports ready. The files are the
+history an operator lists and rolls back to.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
 from inference_service.served_model import ServedModel
+from shared.errors import ModelNotFoundError
 from shared.weights.digest import tensor_hash
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import Payload
@@ -25,64 +29,130 @@ from shared.weights.writer import Payload
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StoredVersion:
+    version: int
+    writer_id: str
+    digest: bytes
+    committed_at: float
+    path: Path
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def chunks(self, size: int = 4 << 20) -> Iterator[bytes]:
+        with self.path.open("rb") as file:
+            while chunk := file.read(size):
+                yield chunk
+
+
 class WeightStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, history: int = 5) -> None:
         self.root = root
+        self.history = max(1, history)
         root.mkdir(parents=True, exist_ok=True)
 
-    def path(self, name: str) -> Path:
-        return self.root / f"{name}.safetensors"
+    def _dir(self, name: str) -> Path:
+        return self.root / name
 
     def save(self, model: ServedModel) -> int:
         """Write the model's live generation atomically; return the version written."""
         with model.acquire() as generation:
+            directory = self._dir(model.name)
+            directory.mkdir(exist_ok=True)
+            path = directory / f"{generation.version:012d}.safetensors"
+            if path.exists():
+                return generation.version
             payload = Payload.of(
                 list(generation.module.state_dict().items()),
                 {
                     "version": str(generation.version),
                     "writer_id": generation.writer_id,
                     "digest": generation.digest.hex(),
+                    "committed_at": repr(generation.committed_at),
                 },
             )
-            path = self.path(model.name)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = directory / f".{path.name}.tmp"
             with tmp.open("wb") as out:
                 for chunk in payload.chunks(8 << 20):
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
-            directory = os.open(self.root, os.O_RDONLY)
+            _fsync_dir(directory)
+        for old in self.versions(model.name)[self.history :]:
+            old.path.unlink(missing_ok=True)
+        return generation.version
+
+    def versions(self, name: str) -> list[StoredVersion]:
+        """The stored versions of `name`, newest first (unreadable files are skipped)."""
+        found = []
+        for path in sorted(self._dir(name).glob("*.safetensors"), reverse=True):
             try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-            return generation.version
+                with safe_open(str(path), framework="pt") as stored:
+                    meta = stored.metadata() or {}
+                found.append(
+                    StoredVersion(
+                        int(meta["version"]),
+                        meta.get("writer_id", ""),
+                        bytes.fromhex(meta["digest"]),
+                        float(meta.get("committed_at", "0")),
+                        path,
+                    )
+                )
+            except (OSError, KeyError, ValueError, Exception) as exc:
+                logger.warning("skipping unreadable weights file %s: %s", path, exc)
+        return found
+
+    def find(self, name: str, version: int) -> StoredVersion:
+        for stored in self.versions(name):
+            if stored.version == version:
+                return stored
+        kept = ", ".join(str(v.version) for v in self.versions(name)) or "none"
+        raise ModelNotFoundError(f"model {name!r} version {version} is not on disk (kept: {kept})")
 
     def restore(self, model: ServedModel) -> bool:
-        """Load the stored weights into the model if they fit it and check out."""
-        path = self.path(model.name)
-        if not path.exists():
-            return False
-        with safe_open(str(path), framework="pt") as stored:
-            metadata = stored.metadata() or {}
+        """Load the newest stored version that fits the model and checks out."""
+        for stored in self.versions(model.name):
+            if self._load(model, stored):
+                logger.info(
+                    "model %s: restored version %d from %s", model.name, stored.version, stored.path
+                )
+                return True
+        return False
+
+    @staticmethod
+    def _load(model: ServedModel, stored: StoredVersion) -> bool:
+        with safe_open(str(stored.path), framework="pt") as file:
             layout = {}
-            for key in stored.keys():  # noqa: SIM118 - safe_open is not a mapping
-                piece = stored.get_slice(key)
+            for key in file.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = file.get_slice(key)
                 layout[key] = TensorLayout(piece.get_dtype(), tuple(piece.get_shape()))
             if layout != model.layout:
                 logger.warning(
-                    "model %s: %s does not match the model's tensors; ignoring it", model.name, path
+                    "model %s: %s does not match the model's tensors; ignoring it",
+                    model.name,
+                    stored.path,
                 )
                 return False
-            tensors = {k: stored.get_tensor(k) for k in stored.keys()}  # noqa: SIM118
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
         hashes = {k: tensor_hash(t) for k, t in tensors.items()}
-        if model.digest_of(hashes).hex() != metadata.get("digest"):
-            logger.warning("model %s: %s fails its digest check; ignoring it", model.name, path)
+        if model.digest_of(hashes) != stored.digest:
+            logger.warning(
+                "model %s: %s fails its digest check; ignoring it", model.name, stored.path
+            )
             return False
-        model.restore(tensors, int(metadata["version"]), metadata.get("writer_id", ""), hashes)
-        logger.info("model %s: restored version %s from %s", model.name, metadata["version"], path)
+        model.restore(tensors, stored.version, stored.writer_id, hashes, stored.committed_at)
         return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 class Persister:

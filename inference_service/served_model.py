@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Generation:
     digest: bytes
     writer_id: str
     hashes: dict[str, bytes] = field(repr=False)
+    committed_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -154,13 +156,14 @@ class ServedModel:
         version: int,
         writer_id: str,
         hashes: dict[str, bytes],
+        committed_at: float,
     ) -> None:
         """Load stored weights into the live copy before serving starts (no request can run)."""
         state = self._live.module.state_dict()
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
         self._live = Generation(
-            self._live.module, version, self.digest_of(hashes), writer_id, hashes
+            self._live.module, version, self.digest_of(hashes), writer_id, hashes, committed_at
         )
         self._standby = None
 

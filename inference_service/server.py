@@ -8,13 +8,14 @@ server reflection.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.servicer import InferenceServicer
+from inference_service.persistence import Persister, WeightStore
 from inference_service.served_model import ServedModel
 from inference_service.syncplane.receiver import PushReceiver, SyncLimits
 from inference_service.syncplane.servicer import WeightSyncServicer
@@ -46,10 +47,16 @@ class InferenceServer:
         workers: int = 8,
         limits: SyncLimits | None = None,
         server_version: str = "0",
-        on_commit: Callable[[str], None] | None = None,
+        store: WeightStore | None = None,
     ) -> None:
         self.data_plane = DataPlane(models)
-        self.receiver = PushReceiver(models, limits or SyncLimits(), on_commit)
+        self._persister = Persister(store, models) if store is not None else None
+        self.receiver = PushReceiver(
+            models,
+            limits or SyncLimits(),
+            self._persister.committed if self._persister else None,
+            store,
+        )
         self._listen = listen
         self._sync_listen = sync_listen
         self._health = health.HealthServicer(experimental_non_blocking=True)
@@ -88,4 +95,6 @@ class InferenceServer:
         done = [self._data_server.stop(grace), self._sync_server.stop(grace)]
         for event in done:
             event.wait()
+        if self._persister is not None:
+            self._persister.close()
         logger.info("stopped")

@@ -53,6 +53,13 @@ OPTIONS = [
         Path,
     ),
     Option(
+        "--history",
+        "INFERENCE_HISTORY",
+        "committed versions of each model kept in --state-dir, to list and roll back to",
+        5,
+        _positive_int,
+    ),
+    Option(
         "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
     ),
     Option(
@@ -82,6 +89,7 @@ class InferenceSettings:
     sync_listen: str = "127.0.0.1:8101"
     device: str = "auto"
     state_dir: Path | None = None
+    history: int = 5
     workers: int = 8
     grace: float = 10.0
     ready_file: Path | None = None

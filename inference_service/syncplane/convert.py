@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from inference_service.persistence import StoredVersion
 from inference_service.served_model import Generation, ServedModel
 from inference_service.syncplane.receiver import Commit, PushHeader
 from shared.errors import MalformedPushError
@@ -110,3 +111,20 @@ def model_state(model: ServedModel) -> pb.ModelState:
             )
         )
     return state
+
+
+def versions(name: str, model: ServedModel, stored: list[StoredVersion]) -> pb.ListVersionsResponse:
+    return pb.ListVersionsResponse(
+        model_name=name,
+        serving=model.live.version,
+        versions=[
+            pb.VersionInfo(
+                version=v.version,
+                writer_id=v.writer_id,
+                digest=v.digest,
+                committed_at=v.committed_at,
+                size_bytes=v.size_bytes,
+            )
+            for v in stored
+        ],
+    )

@@ -9,11 +9,13 @@ weights exactly as they were.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from inference_service.persistence import StoredVersion, WeightStore
 from inference_service.served_model import Generation, PendingPush, ServedModel
 from inference_service.syncplane.staging import make_sink
 from shared.errors import (
@@ -22,6 +24,7 @@ from shared.errors import (
     InferenceOnlyModelError,
     MalformedPushError,
     ModelNotFoundError,
+    PushRejectedError,
     ResourceLimitError,
 )
 from shared.weights.reader import PayloadReader
@@ -58,10 +61,12 @@ class PushReceiver:
         models: Mapping[str, ServedModel],
         limits: SyncLimits,
         on_commit: Callable[[str], None] | None = None,
+        store: WeightStore | None = None,
     ) -> None:
         self._models = models
         self._limits = limits
         self._on_commit = on_commit
+        self.store = store
 
     def model(self, name: str) -> ServedModel:
         model = self._models.get(name)
@@ -128,6 +133,31 @@ class PushReceiver:
             time.perf_counter() - started,
         )
         return generation
+
+    def versions(self, name: str) -> list[StoredVersion]:
+        """The versions of `name` kept on disk, newest first."""
+        self.model(name)
+        return self._history().versions(name)
+
+    def rollback(self, name: str, to_version: int) -> Generation:
+        """Serve stored version `to_version` again, committed as the next version."""
+        model = self.model(name)
+        stored = self._history().find(name, to_version)
+        header = PushHeader(
+            name,
+            model.live.version + 1,
+            0,
+            f"rollback to {to_version} of {stored.writer_id or 'unknown'}",
+            stored.size_bytes,
+        )
+        return self.receive(header, itertools.chain(stored.chunks(), [Commit(stored.digest)]))
+
+    def _history(self) -> WeightStore:
+        if self.store is None:
+            raise PushRejectedError(
+                "this inference service keeps no version history: start it with --state-dir"
+            )
+        return self.store
 
     def _check_header(self, model: ServedModel, header: PushHeader) -> None:
         if not model.accepts_pushes:

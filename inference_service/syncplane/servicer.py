@@ -42,6 +42,22 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
             models=[convert.model_state(models[name]) for name in sorted(models)]
         )
 
+    @override
+    @grpc_errors
+    def ListVersions(
+        self, request: pb.ListVersionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListVersionsResponse:
+        versions = self._receiver.versions(request.model_name)
+        return convert.versions(
+            request.model_name, self._receiver.model(request.model_name), versions
+        )
+
+    @override
+    @grpc_errors
+    def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.ModelState:
+        self._receiver.rollback(request.model_name, request.to_version)
+        return convert.model_state(self._receiver.model(request.model_name))
+
 
 def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
     """Register the service; Push takes its messages unparsed (see shared/weights/wire.py)."""
@@ -60,6 +76,16 @@ def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
             servicer.ListModels,
             request_deserializer=pb.ListModelsRequest.FromString,
             response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+        "ListVersions": grpc.unary_unary_rpc_method_handler(
+            servicer.ListVersions,
+            request_deserializer=pb.ListVersionsRequest.FromString,
+            response_serializer=pb.ListVersionsResponse.SerializeToString,
+        ),
+        "Rollback": grpc.unary_unary_rpc_method_handler(
+            servicer.Rollback,
+            request_deserializer=pb.RollbackRequest.FromString,
+            response_serializer=pb.ModelState.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers(

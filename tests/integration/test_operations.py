@@ -126,3 +126,57 @@ def test_restart_serves_the_last_committed_version_before_any_trainer_returns(
         before.writer_id,
     )
     assert after.version == 4
+
+
+def admin(services: Services, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "inference_service.admin", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=services.env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_versions_are_listed_and_a_rollback_is_a_new_versioned_commit(
+    services: Services, tmp_path: Path
+) -> None:
+    inference = services.inference(STAMP, "--state-dir", str(tmp_path / "state"), "--history", "3")
+    trainer = services.trainer(STAMP, [inference], "--max-runs", "6", "--run-interval", "0.3")
+    assert trainer.wait(timeout=120) == 0
+    served = inference.model_state("stamp")
+    assert served.version == 7
+    stub = inference.sync_stub()
+    from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+
+    listed = stub.ListVersions(pb.ListVersionsRequest(model_name="stamp"), timeout=10)
+    kept = [v.version for v in listed.versions]
+    assert listed.serving == 7 and kept[0] == 7 and len(kept) <= 3 and kept == sorted(kept)[::-1]
+    target = listed.versions[-1]
+
+    out = admin(services, "--sync", inference.sync, "versions", "stamp")
+    assert out.splitlines()[0].startswith("* 7\t")
+    out = admin(
+        services, "--sync", inference.sync, "rollback", "stamp", "--to", str(target.version)
+    )
+    assert f"now serving version 8 (rollback to {target.version} of trainer)" in out
+    after = inference.model_state("stamp")
+    assert after.version == 8 and after.digest == target.digest
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Rollback(pb.RollbackRequest(model_name="stamp", to_version=2), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "version 2 is not on disk" in (caught.value.details() or "")
+
+
+def test_rollback_without_history_is_refused(services: Services) -> None:
+    inference = services.inference(STAMP)
+    from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as caught:
+        inference.sync_stub().Rollback(pb.RollbackRequest(model_name="stamp", to_version=1))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--state-dir" in (caught.value.details() or "")

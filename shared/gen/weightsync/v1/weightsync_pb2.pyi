@@ -105,3 +105,41 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelState]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelState, _Mapping]]] = ...) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class VersionInfo(_message.Message):
+    __slots__ = ("version", "writer_id", "digest", "committed_at", "size_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WRITER_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    writer_id: str
+    digest: bytes
+    committed_at: float
+    size_bytes: int
+    def __init__(self, version: _Optional[int] = ..., writer_id: _Optional[str] = ..., digest: _Optional[bytes] = ..., committed_at: _Optional[float] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("model_name", "serving", "versions")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    serving: int
+    versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
+    def __init__(self, model_name: _Optional[str] = ..., serving: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("model_name", "to_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    to_version: int
+    def __init__(self, model_name: _Optional[str] = ..., to_version: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,16 @@ class WeightSyncStub(object):
                 request_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/weightsync.v1.WeightSync/ListVersions',
+                request_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/weightsync.v1.WeightSync/Rollback',
+                request_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ModelState.FromString,
+                _registered_method=True)
 
 
 class WeightSyncServicer(object):
@@ -72,6 +82,20 @@ class WeightSyncServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVersions(self, request, context):
+        """The versions of a model kept on disk (needs --state-dir), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Serve an earlier version's weights again, as a new version (a commit like any push).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightSyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +113,16 @@ def add_WeightSyncServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListModelsRequest.FromString,
                     response_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListVersionsRequest.FromString,
+                    response_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.RollbackRequest.FromString,
+                    response_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ModelState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +206,60 @@ class WeightSync(object):
             '/weightsync.v1.WeightSync/ListModels',
             shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListModelsRequest.SerializeToString,
             shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsync.v1.WeightSync/ListVersions',
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListVersionsRequest.SerializeToString,
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsync.v1.WeightSync/Rollback',
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.RollbackRequest.SerializeToString,
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ModelState.FromString,
             options,
             channel_credentials,
             insecure,
