@@ -154,6 +154,8 @@ def main() -> int:
                 str(ready),
                 "--log-level",
                 "WARNING",
+                "--metrics-listen",
+                "off",
             ],
             ready,
             env,

@@ -19,6 +19,7 @@ from shared.cli import configure_logging, is_loopback
 from shared.devices import resolve_device
 from shared.errors import ConfigurationError
 from shared.grpc.server import write_ready_file
+from shared.metrics import serve_metrics
 
 logger = logging.getLogger("inference_service")
 
@@ -57,10 +58,16 @@ def run(settings: InferenceSettings) -> None:
             settings.sync_listen,
         )
     ports = server.start()
+    metrics_port = serve_metrics(settings.metrics_listen) if settings.metrics_listen else None
     if settings.ready_file is not None:
         write_ready_file(
             settings.ready_file,
-            {"pid": os.getpid(), "data_port": ports.data, "sync_port": ports.sync},
+            {
+                "pid": os.getpid(),
+                "data_port": ports.data,
+                "sync_port": ports.sync,
+                "metrics_port": metrics_port,
+            },
         )
     stop.wait()
     logger.info("shutting down: draining for up to %gs", settings.grace)

@@ -53,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             answer = stub.ListVersions(pb.ListVersionsRequest(model_name=args.model), timeout=10)
             for v in answer.versions:
                 mark = "*" if v.version == answer.serving else " "
-                print(f"{mark} {v.version}\t{_when(v.committed_at)}\t{v.writer_id}\t"
-                      f"{v.size_bytes} bytes\t{v.digest.hex()[:16]}")
+                print(
+                    f"{mark} {v.version}\t{_when(v.committed_at)}\t{v.writer_id}\t"
+                    f"{v.size_bytes} bytes\t{v.digest.hex()[:16]}"
+                )
         else:
             state = stub.Rollback(
                 pb.RollbackRequest(model_name=args.model, to_version=args.to), timeout=600

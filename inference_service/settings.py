@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.cli import LOG_LEVELS, Option, host_port, parse
+from shared.cli import LOG_LEVELS, Option, host_port, optional_host_port, parse
 
 DESCRIPTION = (
     "Serve the inference copies of the models an app defines over the Open Inference Protocol "
@@ -43,6 +43,13 @@ OPTIONS = [
         "sync plane (weight pushes) listen address HOST:PORT",
         "127.0.0.1:8101",
         host_port,
+    ),
+    Option(
+        "--metrics-listen",
+        "INFERENCE_METRICS_LISTEN",
+        "Prometheus /metrics listen address HOST:PORT, or 'off'",
+        "127.0.0.1:9101",
+        optional_host_port,
     ),
     Option("--device", "INFERENCE_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
     Option(
@@ -87,6 +94,7 @@ class InferenceSettings:
     models: str
     listen: str = "127.0.0.1:8001"
     sync_listen: str = "127.0.0.1:8101"
+    metrics_listen: str | None = "127.0.0.1:9101"
     device: str = "auto"
     state_dir: Path | None = None
     history: int = 5

@@ -78,6 +78,11 @@ def host_port(value: str) -> str:
     return value
 
 
+def optional_host_port(value: str) -> str | None:
+    """HOST:PORT, or 'off' (None) to disable what listens there."""
+    return None if value.lower() in ("off", "none", "") else host_port(value)
+
+
 def address_list(value: str) -> tuple[str, ...]:
     items = tuple(host_port(v.strip()) for v in value.split(",") if v.strip())
     if not items:

@@ -12,6 +12,7 @@ from shared.app import load_app
 from shared.cli import configure_logging
 from shared.devices import resolve_device
 from shared.errors import ConfigurationError
+from shared.metrics import serve_metrics
 from trainer_service.publisher import Publisher
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import TrainerSettings
@@ -24,6 +25,9 @@ def run(settings: TrainerSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     device = resolve_device(settings.device)
+    if settings.metrics_listen:
+        port = serve_metrics(settings.metrics_listen)
+        logger.info("metrics on port %d", port)
     publisher = Publisher(settings.inference, settings.writer_id, timeout_s=settings.push_timeout)
     try:
         loop = TrainingLoop(

@@ -21,6 +21,7 @@ import torch
 from shared.weights.digest import model_digest, tensor_hash
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
+from trainer_service import metrics
 from trainer_service.push import PushFailedError, PushPlan, SyncClient
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,14 @@ class Publisher:
         failures = [str(e) for f in futures if (e := f.exception()) is not None]
         sent = sum(f.result() for f in futures if f.exception() is None)
         if failures:
+            metrics.SYNC_FAILURES.labels(model_name).inc()
             raise SyncFailedError(
                 f"model {model_name!r} version {version} was not committed everywhere: "
                 + "; ".join(failures)
             )
         self._versions[model_name] = version
+        metrics.MODEL_VERSION.labels(model_name).set(version)
+        metrics.SYNC_SECONDS.labels(model_name).observe(time.perf_counter() - started)
         logger.info(
             "model %s: version %d committed on %d inference service(s) in %.3fs",
             model_name,
@@ -129,7 +133,7 @@ class Publisher:
         acked = self._delta_base(client.target, model_name, tensors)
         plan = self._plan(model_name, version, tensors, hashes, digest, acked)
         try:
-            client.push(plan)
+            self._push_counted(client, plan)
         except PushFailedError as error:
             if plan.base_version == 0 or error.reason != BASE_MISSING:
                 raise
@@ -140,11 +144,22 @@ class Publisher:
                 model_name,
             )
             plan = self._plan(model_name, version, tensors, hashes, digest, None)
-            client.push(plan)
+            self._push_counted(client, plan)
         self._acked[(client.target, model_name)] = _Acked(
             version, plan.streamed_hashes if hashes is None else hashes
         )
         return plan.payload.nbytes
+
+    @staticmethod
+    def _push_counted(client: SyncClient, plan: PushPlan) -> None:
+        kind = "full" if plan.base_version == 0 else "delta"
+        try:
+            client.push(plan)
+        except PushFailedError as error:
+            metrics.PUSHES.labels(plan.model_name, kind, error.code.name.lower()).inc()
+            raise
+        metrics.PUSHES.labels(plan.model_name, kind, "committed").inc()
+        metrics.PUSH_BYTES.labels(plan.model_name, kind).inc(plan.payload.nbytes)
 
     def _delta_base(
         self, target: str, model_name: str, tensors: Mapping[str, torch.Tensor]

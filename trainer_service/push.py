@@ -14,6 +14,7 @@ from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
 from shared.weights import wire
 from shared.weights.digest import model_digest
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
+from trainer_service.progress import Progress, wants_progress
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class PushFailedError(Exception):
         return cls(target, code, details or "", error_reason(error))
 
 
-def requests(plan: PushPlan, chunk_bytes: int) -> Iterator[bytes]:
+def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None) -> Iterator[bytes]:
     """The serialized messages of one push; data messages are cut straight from tensor memory."""
     header = pb.PushHeader(
         model_name=plan.model_name,
@@ -70,13 +71,18 @@ def requests(plan: PushPlan, chunk_bytes: int) -> Iterator[bytes]:
     yield pb.PushRequest(header=header).SerializeToString()
     hashes = plan.streamed_hashes if plan.digest is None else None
     for pieces in plan.payload.pieces(chunk_bytes, hashes):
-        yield wire.encode_data(pieces)
+        message = wire.encode_data(pieces)
+        yield message
+        if progress is not None:
+            progress.advance(len(message))
     digest = plan.digest
     if digest is None:
         layouts = {entry.name: entry.layout for entry in plan.payload.entries}
         digest = model_digest(
             {name: (layouts[name], h) for name, h in plan.streamed_hashes.items()}
         )
+    if progress is not None:
+        progress.done()
     yield pb.PushRequest(commit=pb.PushCommit(digest=digest)).SerializeToString()
 
 
@@ -113,7 +119,13 @@ class SyncClient:
     def push(self, plan: PushPlan) -> int:
         """Stream one push; return the version the target committed."""
         try:
-            response = self._push(requests(plan, self._chunk_bytes), timeout=self._timeout_s)
+            progress = None
+            if wants_progress(plan.payload.nbytes):
+                kind = "full" if plan.base_version == 0 else f"delta on {plan.base_version}"
+                label = f"{plan.model_name} v{plan.version} ({kind}) -> {self.target}"
+                progress = Progress(label, plan.payload.nbytes)
+            messages = requests(plan, self._chunk_bytes, progress)
+            response = self._push(messages, timeout=self._timeout_s)
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
         return int(response.version)

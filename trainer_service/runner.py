@@ -22,6 +22,7 @@ from shared.errors import ConfigurationError
 from shared.model.container import TrainingModelsDict
 from shared.torch.model import TorchTrainingModel
 from shared.trainer.base import Trainer, TrainersDict
+from trainer_service import metrics
 from trainer_service.publisher import Publisher, SyncFailedError
 from trainer_service.remote import PublishedInferenceModel
 
@@ -91,6 +92,7 @@ class TrainingLoop:
                 if not self._run_one(name, trainer):
                     continue
                 self.runs += 1
+                metrics.RUNS.labels(name).inc()
                 logger.info(
                     "trainer %s: run %d in %.2fs", name, self.runs, time.perf_counter() - started
                 )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.cli import LOG_LEVELS, Option, address_list, name_list, parse
+from shared.cli import LOG_LEVELS, Option, address_list, name_list, optional_host_port, parse
 
 DESCRIPTION = (
     "Run the trainers an app defines; after each trainer run, push the changed weights of the "
@@ -46,6 +46,13 @@ OPTIONS = [
         None,
         name_list,
     ),
+    Option(
+        "--metrics-listen",
+        "TRAINER_METRICS_LISTEN",
+        "Prometheus /metrics listen address HOST:PORT, or 'off'",
+        "127.0.0.1:9102",
+        optional_host_port,
+    ),
     Option("--device", "TRAINER_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
     Option(
         "--state-dir",
@@ -79,6 +86,7 @@ class TrainerSettings:
     models: str
     inference: tuple[str, ...] = ("127.0.0.1:8101",)
     trainers: tuple[str, ...] | None = None
+    metrics_listen: str | None = "127.0.0.1:9102"
     device: str = "auto"
     state_dir: Path | None = None
     trainer_id: str | None = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 
 import torch
 
+from inference_service import metrics
 from inference_service.dataplane.tensors import normalize_model_outputs
 from inference_service.served_model import Generation, ServedModel
 from shared.errors import ModelNotFoundError, UnavailableError
@@ -53,5 +55,9 @@ class DataPlane:
     ) -> tuple[list[torch.Tensor], Generation]:
         if not self.ready:
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
+        started = time.perf_counter()
         result, generation = model.infer(inputs)
-        return normalize_model_outputs(result, len(model.spec.outputs)), generation
+        outputs = normalize_model_outputs(result, len(model.spec.outputs))
+        metrics.REQUEST_SECONDS.labels(model.name).observe(time.perf_counter() - started)
+        metrics.REQUESTS.labels(model.name).inc()
+        return outputs, generation

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from inference_service import metrics
 from inference_service.persistence import StoredVersion, WeightStore
 from inference_service.served_model import Generation, PendingPush, ServedModel
 from inference_service.syncplane.staging import make_sink
@@ -83,6 +84,22 @@ class PushReceiver:
         self, header: PushHeader, parts: Iterable[memoryview | bytes | Commit]
     ) -> Generation:
         model = self.model(header.model_name)
+        try:
+            generation = self._receive(model, header, parts)
+        except Exception:
+            metrics.PUSHES.labels(model.name, "rejected").inc()
+            raise
+        metrics.PUSHES.labels(model.name, "committed").inc()
+        metrics.PUSH_BYTES.labels(model.name).inc(header.payload_bytes)
+        metrics.MODEL_VERSION.labels(model.name).set(generation.version)
+        return generation
+
+    def _receive(
+        self,
+        model: ServedModel,
+        header: PushHeader,
+        parts: Iterable[memoryview | bytes | Commit],
+    ) -> Generation:
         self._check_header(model, header)
         started = time.perf_counter()
         pending = PendingPush(
@@ -120,6 +137,7 @@ class PushReceiver:
             for name, tensor_digest in received.items():
                 model.mark_standby(name, tensor_digest)
             generation = model.commit(header.version, header.writer_id, hashes)
+        metrics.PUSH_SECONDS.labels(model.name).observe(time.perf_counter() - started)
         if self._on_commit is not None:
             self._on_commit(model.name)
         logger.info(

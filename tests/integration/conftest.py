@@ -33,6 +33,7 @@ class Inference:
     data: str
     sync: str
     log: Path
+    metrics_url: str
 
     def sync_stub(self) -> sync_grpc.WeightSyncStub:
         return sync_grpc.WeightSyncStub(grpc.insecure_channel(self.sync))
@@ -78,6 +79,8 @@ class Services:
                 "cpu",
                 "--ready-file",
                 str(ready),
+                "--metrics-listen",
+                "127.0.0.1:0",
                 *extra,
             ],
             log,
@@ -91,7 +94,11 @@ class Services:
             time.sleep(0.05)
         ports = json.loads(ready.read_text())
         return Inference(
-            process, f"127.0.0.1:{ports['data_port']}", f"127.0.0.1:{ports['sync_port']}", log
+            process,
+            f"127.0.0.1:{ports['data_port']}",
+            f"127.0.0.1:{ports['sync_port']}",
+            log,
+            f"http://127.0.0.1:{ports['metrics_port']}/metrics",
         )
 
     def trainer(
@@ -109,6 +116,8 @@ class Services:
                 ",".join(i.sync for i in inference),
                 "--trainer-id",
                 name,
+                "--metrics-listen",
+                "127.0.0.1:0",
                 *extra,
             ],
             self.tmp / f"{name}.log",

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.integration.conftest import ROOT, Services
+from tests.integration.conftest import ROOT, Services, wait_until
 
 PAIR = "tests.integration.apps:pair"
 STAMP = "tests.integration.apps:stamp"
@@ -180,3 +180,34 @@ def test_rollback_without_history_is_refused(services: Services) -> None:
         inference.sync_stub().Rollback(pb.RollbackRequest(model_name="stamp", to_version=1))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "--state-dir" in (caught.value.details() or "")
+
+
+def test_both_services_export_sync_metrics(services: Services) -> None:
+    import re
+    import urllib.request
+
+    inference = services.inference(STAMP)
+    trainer = services.trainer(STAMP, [inference], "--max-runs", "0")
+    wait_until(lambda: inference.model_state("stamp").version >= 3)
+
+    def scrape(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    text = scrape(inference.metrics_url)
+    committed = re.search(
+        r'weightsync_inference_pushes_total\{model="stamp",result="committed"\} (\S+)', text
+    )
+    assert committed and float(committed.group(1)) >= 3
+    assert re.search(r'weightsync_inference_model_version\{model="stamp"\} \d', text)
+    assert 'weightsync_inference_push_bytes_total{model="stamp"}' in text
+
+    port = re.search(r"metrics on port (\d+)", services.log("trainer"))
+    assert port, services.log("trainer")
+    text = scrape(f"http://127.0.0.1:{port.group(1)}/metrics")
+    assert re.search(
+        r'weightsync_trainer_pushes_total\{kind="delta",model="stamp",result="committed"\} [1-9]',
+        text,
+    )
+    assert 'weightsync_trainer_sync_duration_seconds_count{model="stamp"}' in text
+    trainer.terminate()

@@ -169,7 +169,8 @@ def test_killing_the_trainer_mid_push_keeps_the_old_version_serving_bit_exact(
     version, value = stamp_check(inference)
     assert version == state.version
     assert state.digest == state_digest(filled_stamp(96, value))  # every byte as committed
-    assert "cancelled the push" in inference.log.read_text()
+    log = inference.log.read_text()  # the cut stream was noticed and refused
+    assert "cancelled the push" in log or "without a commit" in log
 
 
 def test_no_response_ever_mixes_two_versions_while_syncs_stream_in(services: Services) -> None:

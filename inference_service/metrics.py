@@ -1,0 +1,30 @@
+"""The inference service's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import PUSH_BUCKETS
+
+PUSHES = Counter(
+    "weightsync_inference_pushes_total",
+    "Weight pushes received, by model and result (committed, rejected)",
+    ["model", "result"],
+)
+PUSH_BYTES = Counter(
+    "weightsync_inference_push_bytes_total", "Payload bytes of committed pushes", ["model"]
+)
+PUSH_SECONDS = Histogram(
+    "weightsync_inference_push_duration_seconds",
+    "Time from a push's header to its swap",
+    ["model"],
+    buckets=PUSH_BUCKETS,
+)
+MODEL_VERSION = Gauge("weightsync_inference_model_version", "Version being served", ["model"])
+REQUESTS = Counter("weightsync_inference_requests_total", "ModelInfer requests answered", ["model"])
+REQUEST_SECONDS = Histogram(
+    "weightsync_inference_request_duration_seconds",
+    "Model compute time of ModelInfer requests",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)

@@ -1,0 +1,29 @@
+"""The trainer service's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import PUSH_BUCKETS
+
+PUSHES = Counter(
+    "weightsync_trainer_pushes_total",
+    "Pushes to one inference service, by model, kind (full, delta) and result",
+    ["model", "kind", "result"],
+)
+PUSH_BYTES = Counter(
+    "weightsync_trainer_push_bytes_total", "Payload bytes pushed and committed", ["model", "kind"]
+)
+SYNC_SECONDS = Histogram(
+    "weightsync_trainer_sync_duration_seconds",
+    "Time for one sync: every inference service committed",
+    ["model"],
+    buckets=PUSH_BUCKETS,
+)
+SYNC_FAILURES = Counter(
+    "weightsync_trainer_sync_failures_total", "Syncs that some inference service missed", ["model"]
+)
+MODEL_VERSION = Gauge(
+    "weightsync_trainer_model_version", "Last version committed everywhere", ["model"]
+)
+RUNS = Counter("weightsync_trainer_runs_total", "Completed trainer runs", ["trainer"])
