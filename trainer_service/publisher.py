@@ -103,13 +103,15 @@ class Publisher:
         ]
         failures = [str(e) for f in futures if (e := f.exception()) is not None]
         sent = sum(f.result() for f in futures if f.exception() is None)
+        # The version is spent even if some target missed it: the ones that committed it must
+        # never be offered the same number again.
+        self._versions[model_name] = version
         if failures:
             metrics.SYNC_FAILURES.labels(model_name).inc()
             raise SyncFailedError(
                 f"model {model_name!r} version {version} was not committed everywhere: "
                 + "; ".join(failures)
             )
-        self._versions[model_name] = version
         metrics.MODEL_VERSION.labels(model_name).set(version)
         metrics.SYNC_SECONDS.labels(model_name).observe(time.perf_counter() - started)
         logger.info(
