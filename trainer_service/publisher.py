@@ -133,6 +133,10 @@ class Publisher:
         digest: bytes | None,
     ) -> int:
         acked = self._delta_base(client.target, model_name, tensors)
+        # One cheap call first: it waits a little for a restarting target, and tells whether it
+        # still serves our last version (else it restarted or someone else wrote: push in full).
+        if client.get_model(model_name).version != (acked.version if acked else -1):
+            acked = None
         plan = self._plan(model_name, version, tensors, hashes, digest, acked)
         try:
             self._push_counted(client, plan)

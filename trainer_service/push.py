@@ -107,10 +107,13 @@ class SyncClient:
     def close(self) -> None:
         self._channel.close()
 
-    def get_model(self, name: str) -> RemoteModel:
+    def get_model(self, name: str, connect_timeout_s: float = 5.0) -> RemoteModel:
+        """What the target serves; waits briefly for the channel (it may be restarting)."""
         try:
             state = self._stub.GetModel(
-                pb.GetModelRequest(model_name=name), timeout=min(self._timeout_s, 10.0)
+                pb.GetModelRequest(model_name=name),
+                timeout=min(self._timeout_s, connect_timeout_s),
+                wait_for_ready=True,
             )
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
