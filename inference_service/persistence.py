@@ -11,6 +11,7 @@ history an operator lists and rolls back to.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -85,6 +86,29 @@ class WeightStore:
             old.path.unlink(missing_ok=True)
         return generation.version
 
+    def save_lease(self, name: str, epoch: int, holder: str) -> None:
+        """Record the model's writer, so a restart keeps fencing the writers before it."""
+        directory = self._dir(name)
+        directory.mkdir(exist_ok=True)
+        path = directory / "writer.json"
+        tmp = directory / ".writer.json.tmp"
+        with tmp.open("w") as out:
+            json.dump({"epoch": epoch, "holder": holder}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+
+    def restore_lease(self, model: ServedModel) -> None:
+        path = self._dir(model.name) / "writer.json"
+        try:
+            lease = json.loads(path.read_text())
+            model.adopt_epoch(int(lease["epoch"]), str(lease["holder"]))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("model %s: ignoring unreadable %s: %s", model.name, path, exc)
+
     def versions(self, name: str) -> list[StoredVersion]:
         """The stored versions of `name`, newest first (unreadable files are skipped)."""
         found = []
@@ -113,7 +137,8 @@ class WeightStore:
         raise ModelNotFoundError(f"model {name!r} version {version} is not on disk (kept: {kept})")
 
     def restore(self, model: ServedModel) -> bool:
-        """Load the newest stored version that fits the model and checks out."""
+        """Load the newest stored version that fits the model and checks out, and its writer."""
+        self.restore_lease(model)
         for stored in self.versions(model.name):
             if self._load(model, stored):
                 logger.info(

@@ -79,6 +79,10 @@ class ServedModel:
         self._readers: dict[int, int] = {}
         self._push_lock = threading.Lock()
         self.pending: PendingPush | None = None
+        # The one writer allowed to push (fencing by epoch): the last to acquire the model.
+        self.writer_epoch = 0
+        self.lease_holder = ""
+        self._lease_lock = threading.Lock()
 
     @property
     def live(self) -> Generation:
@@ -110,7 +114,23 @@ class ServedModel:
             moved = [t.to(self.device, non_blocking=True) for t in inputs]
             return self.procedure(generation.module, *moved), generation
 
-    # -- the push path ------------------------------------------------------------------------
+    # -- the push path ---------------------------------------------------------------------
+
+    def acquire_writer(self, writer_id: str) -> int:
+        """Make `writer_id` the model's writer under a new, higher epoch; return the epoch."""
+        with self._lease_lock:
+            self.writer_epoch += 1
+            self.lease_holder = writer_id
+            return self.writer_epoch
+
+    def adopt_epoch(self, epoch: int, writer_id: str) -> bool:
+        """Accept a writer's epoch if it is the newest seen (e.g. granted before a restart)."""
+        with self._lease_lock:
+            if epoch < self.writer_epoch:
+                return False
+            if epoch > self.writer_epoch:
+                self.writer_epoch, self.lease_holder = epoch, writer_id
+            return True
 
     @contextmanager
     def writing(self, pending: PendingPush, drain_timeout_s: float) -> Iterator[nn.Module]:

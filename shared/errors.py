@@ -44,6 +44,10 @@ class ConflictError(ServiceError):
     """A concurrent writer won: the version is stale or another push holds the model."""
 
 
+class FencedError(ConflictError):
+    """Another writer has since acquired the model; pushes from this one are refused for good."""
+
+
 class UnavailableError(ServiceError):
     """The service cannot answer now (starting, draining, not ready); retry later."""
 

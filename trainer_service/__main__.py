@@ -13,7 +13,7 @@ from shared.cli import configure_logging
 from shared.devices import resolve_device
 from shared.errors import ConfigurationError
 from shared.metrics import serve_metrics
-from trainer_service.publisher import Publisher
+from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import TrainerSettings
 
@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         logger.error("%s", exc)
         return 2
+    except WriterFencedError as exc:
+        logger.error("stopping: %s", exc)
+        return 3
     return 0
 
 

@@ -27,10 +27,15 @@ from trainer_service.push import PushFailedError, PushPlan, SyncClient
 logger = logging.getLogger(__name__)
 
 BASE_MISSING = "base-version-mismatch"
+FENCED = "fenced"
 
 
 class SyncFailedError(Exception):
     """At least one inference service did not commit the new weights."""
+
+
+class WriterFencedError(SyncFailedError):
+    """Another trainer has taken this model over; this one must stop pushing it."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Publisher:
         self._clients: dict[str, SyncClient] = {}
         self._acked: dict[tuple[str, str], _Acked] = {}
         self._versions: dict[str, int] = {}
+        self._epochs: dict[tuple[str, str], int] = {}
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="push")
 
     def close(self) -> None:
@@ -101,7 +107,12 @@ class Publisher:
             self._pool.submit(self._push_one, c, model_name, version, tensors, hashes, digest)
             for c in clients
         ]
-        failures = [str(e) for f in futures if (e := f.exception()) is not None]
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        failures = [str(e) for e in errors]
+        if any(isinstance(e, PushFailedError) and e.reason == FENCED for e in errors):
+            raise WriterFencedError(
+                f"model {model_name!r}: another trainer has taken it over: " + "; ".join(failures)
+            )
         sent = sum(f.result() for f in futures if f.exception() is None)
         # The version is spent even if some target missed it: the ones that committed it must
         # never be offered the same number again.
@@ -132,12 +143,16 @@ class Publisher:
         hashes: dict[str, bytes] | None,
         digest: bytes | None,
     ) -> int:
+        key = (client.target, model_name)
+        if key not in self._epochs:  # first contact: become the writer (fences earlier ones)
+            self._epochs[key] = client.acquire_writer(model_name, self.writer_id)
+        epoch = self._epochs[key]
         acked = self._delta_base(client.target, model_name, tensors)
         # One cheap call first: it waits a little for a restarting target, and tells whether it
         # still serves our last version (else it restarted or someone else wrote: push in full).
         if client.get_model(model_name).version != (acked.version if acked else -1):
             acked = None
-        plan = self._plan(model_name, version, tensors, hashes, digest, acked)
+        plan = self._plan(model_name, version, epoch, tensors, hashes, digest, acked)
         try:
             self._push_counted(client, plan)
         except PushFailedError as error:
@@ -149,7 +164,7 @@ class Publisher:
                 plan.base_version,
                 model_name,
             )
-            plan = self._plan(model_name, version, tensors, hashes, digest, None)
+            plan = self._plan(model_name, version, epoch, tensors, hashes, digest, None)
             self._push_counted(client, plan)
         self._acked[(client.target, model_name)] = _Acked(
             version, plan.streamed_hashes if hashes is None else hashes
@@ -178,6 +193,7 @@ class Publisher:
         self,
         model_name: str,
         version: int,
+        epoch: int,
         tensors: Mapping[str, torch.Tensor],
         hashes: dict[str, bytes] | None,
         digest: bytes | None,
@@ -190,7 +206,7 @@ class Publisher:
             changed = [name for name in tensors if acked.hashes[name] != hashes[name]]
             base = acked.version
         payload = Payload.of([(name, tensors[name]) for name in changed])
-        return PushPlan(model_name, version, base, self.writer_id, payload, digest)
+        return PushPlan(model_name, version, base, self.writer_id, payload, epoch, digest)
 
     def _next_version(self, model_name: str, clients: Sequence[SyncClient]) -> int:
         if model_name not in self._versions:

@@ -26,6 +26,7 @@ class PushPlan:
     base_version: int
     writer_id: str
     payload: Payload
+    writer_epoch: int
     # The digest of the state after the push; None: hash the tensors while streaming them
     # (a full push) and fill `streamed_hashes`.
     digest: bytes | None
@@ -67,6 +68,7 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
         base_version=plan.base_version,
         writer_id=plan.writer_id,
         payload_bytes=plan.payload.nbytes,
+        writer_epoch=plan.writer_epoch,
     )
     yield pb.PushRequest(header=header).SerializeToString()
     hashes = plan.streamed_hashes if plan.digest is None else None
@@ -118,6 +120,18 @@ class SyncClient:
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
         return RemoteModel(state.version, state.digest, state.writer_id, state.accepts_pushes)
+
+    def acquire_writer(self, name: str, writer_id: str) -> int:
+        """Become the model's only writer on this target; return the epoch to push under."""
+        try:
+            lease = self._stub.AcquireWriter(
+                pb.AcquireWriterRequest(model_name=name, writer_id=writer_id),
+                timeout=min(self._timeout_s, 10.0),
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as error:
+            raise PushFailedError.from_rpc(self.target, error) from None
+        return int(lease.epoch)
 
     def push(self, plan: PushPlan) -> int:
         """Stream one push; return the version the target committed."""

@@ -23,7 +23,7 @@ from shared.model.container import TrainingModelsDict
 from shared.torch.model import TorchTrainingModel
 from shared.trainer.base import Trainer, TrainersDict
 from trainer_service import metrics
-from trainer_service.publisher import Publisher, SyncFailedError
+from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
 from trainer_service.remote import PublishedInferenceModel
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ class TrainingLoop:
     def _run_one(name: str, trainer: Trainer) -> bool:
         try:
             return trainer.run()
+        except WriterFencedError:
+            raise
         except SyncFailedError as exc:
             logger.error("trainer %s: sync failed, will catch up next run: %s", name, exc)
             return True
@@ -130,6 +132,8 @@ class TrainingLoop:
             try:
                 model.sync()
                 return
+            except WriterFencedError:
+                raise
             except SyncFailedError as exc:
                 logger.warning(
                     "model %s: initial sync failed, retrying in %.1fs: %s", name, delay, exc

@@ -47,7 +47,9 @@ def read_header(messages: Iterator[bytes]) -> PushHeader:
         raise MalformedPushError(
             f"base_version {h.base_version} must be older than version {h.version}"
         )
-    return PushHeader(h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes)
+    return PushHeader(
+        h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes, h.writer_epoch
+    )
 
 
 def read_parts(messages: Iterator[bytes]) -> Iterator[memoryview | bytes | Commit]:
@@ -94,6 +96,8 @@ def model_state(model: ServedModel) -> pb.ModelState:
         digest=live.digest,
         writer_id=live.writer_id,
         accepts_pushes=model.accepts_pushes,
+        lease_holder=model.lease_holder,
+        writer_epoch=model.writer_epoch,
         tensors=[
             pb.TensorState(name=name, dtype=layout.dtype, shape=layout.shape)
             for name, layout in model.layout.items()

@@ -22,6 +22,7 @@ from inference_service.syncplane.staging import make_sink
 from shared.errors import (
     BaseVersionMismatchError,
     ConflictError,
+    FencedError,
     InferenceOnlyModelError,
     MalformedPushError,
     ModelNotFoundError,
@@ -40,6 +41,7 @@ class PushHeader:
     base_version: int
     writer_id: str
     payload_bytes: int
+    writer_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,19 @@ class PushReceiver:
         )
         return generation
 
+    def acquire_writer(self, name: str, writer_id: str) -> int:
+        """Make `writer_id` the only writer of `name`; earlier writers are fenced from now on."""
+        model = self.model(name)
+        if not model.accepts_pushes:
+            raise InferenceOnlyModelError(
+                f"model {model.name!r} is inference-only: it has no writer"
+            )
+        epoch = model.acquire_writer(writer_id)
+        if self.store is not None:
+            self.store.save_lease(name, epoch, writer_id)
+        logger.info("model %s: %s is the writer now (epoch %d)", name, writer_id, epoch)
+        return epoch
+
     def versions(self, name: str) -> list[StoredVersion]:
         """The versions of `name` kept on disk, newest first."""
         self.model(name)
@@ -167,6 +182,7 @@ class PushReceiver:
             0,
             f"rollback to {to_version} of {stored.writer_id or 'unknown'}",
             stored.size_bytes,
+            model.writer_epoch,
         )
         return self.receive(header, itertools.chain(stored.chunks(), [Commit(stored.digest)]))
 
@@ -192,6 +208,12 @@ class PushReceiver:
 
     @staticmethod
     def _check_versions(model: ServedModel, header: PushHeader) -> None:
+        if not model.adopt_epoch(header.writer_epoch, header.writer_id):
+            raise FencedError(
+                f"model {model.name!r} is written by {model.lease_holder!r} (epoch "
+                f"{model.writer_epoch}, serving version {model.live.version}); this push from "
+                f"{header.writer_id!r} carries epoch {header.writer_epoch} and is fenced"
+            )
         live = model.live
         if header.version <= live.version:
             writer = f" (written by {live.writer_id!r})" if live.writer_id else ""

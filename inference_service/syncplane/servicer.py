@@ -9,6 +9,7 @@ from typing_extensions import override
 
 from inference_service.syncplane import convert
 from inference_service.syncplane.receiver import PushReceiver
+from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.errors import grpc_errors
@@ -26,6 +27,22 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
         header = convert.read_header(request_iterator)
         generation = self._receiver.receive(header, convert.read_parts(request_iterator))
         return convert.push_response(header, generation)
+
+    @override
+    @grpc_errors
+    def AcquireWriter(
+        self, request: pb.AcquireWriterRequest, context: grpc.ServicerContext
+    ) -> pb.WriterLease:
+        if not request.writer_id:
+            raise MalformedPushError("AcquireWriter needs a writer_id naming the trainer")
+        epoch = self._receiver.acquire_writer(request.model_name, request.writer_id)
+        model = self._receiver.model(request.model_name)
+        return pb.WriterLease(
+            model_name=model.name,
+            writer_id=request.writer_id,
+            epoch=epoch,
+            version=model.live.version,
+        )
 
     @override
     @grpc_errors
@@ -66,6 +83,11 @@ def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
             servicer.Push,
             request_deserializer=None,
             response_serializer=pb.PushResponse.SerializeToString,
+        ),
+        "AcquireWriter": grpc.unary_unary_rpc_method_handler(
+            servicer.AcquireWriter,
+            request_deserializer=pb.AcquireWriterRequest.FromString,
+            response_serializer=pb.WriterLease.SerializeToString,
         ),
         "GetModel": grpc.unary_unary_rpc_method_handler(
             servicer.GetModel,

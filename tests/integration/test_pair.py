@@ -201,3 +201,20 @@ def test_no_response_ever_mixes_two_versions_while_syncs_stream_in(services: Ser
     assert len(seen) >= 6
     versions = sorted(seen)
     assert [seen[v] for v in versions] == sorted(seen[v] for v in versions)  # only forward
+
+
+def test_a_second_trainer_takes_the_model_over_and_the_first_is_fenced(
+    services: Services,
+) -> None:
+    inference = services.inference(STAMP)
+    first = services.trainer(STAMP, [inference], "--run-interval", "0.1", name="first")
+    wait_until(lambda: inference.model_state("stamp").version >= 3)
+    second = services.trainer(STAMP, [inference], "--run-interval", "0.1", name="second")
+    assert first.wait(timeout=60) == 3, services.log("first")
+    assert "another trainer has taken it over" in services.log("first")
+    assert "written by 'second'" in services.log("first")
+    taken = inference.model_state("stamp")
+    wait_until(lambda: inference.model_state("stamp").version >= taken.version + 3)
+    state = inference.model_state("stamp")
+    assert (state.writer_id, state.lease_holder, state.writer_epoch) == ("second", "second", 2)
+    assert second.poll() is None

@@ -15,6 +15,7 @@ from shared.app import ModelSpec, TensorSpec
 from shared.errors import (
     BaseVersionMismatchError,
     ConflictError,
+    FencedError,
     InferenceOnlyModelError,
     MalformedPushError,
     ModelNotFoundError,
@@ -220,3 +221,34 @@ def test_requests_in_flight_finish_on_their_version_and_pushes_wait_for_them(
             push(receiver, trained(3), 3)  # would overwrite the pinned copy: waits, gives up
         assert_state(model, trained(2))
     assert push(receiver, trained(3), 3) == 3
+
+
+def test_the_last_writer_to_acquire_fences_the_ones_before(
+    model: ServedModel, receiver: PushReceiver
+) -> None:
+    def push_as(writer: str, epoch: int, version: int) -> int:
+        state = trained(version)
+        header = PushHeader("m", version, 0, writer, Payload.of(list(state.items())).nbytes, epoch)
+        return receiver.receive(header, parts(state, state_digest(state))).version
+
+    assert receiver.acquire_writer("m", "a") == 1
+    assert push_as("a", 1, 1) == 1
+    assert receiver.acquire_writer("m", "b") == 2
+    before = served_state(model)
+    with pytest.raises(
+        FencedError,
+        match=r"written by 'b' \(epoch 2, serving version 1\); this push from 'a' carries epoch 1",
+    ):
+        push_as("a", 1, 2)
+    assert_state(model, before)
+    with pytest.raises(FencedError):
+        push_as("anonymous", 0, 2)  # pushes without a lease are fenced once anyone holds one
+    assert push_as("b", 2, 2) == 2
+    assert push_as("c", 5, 3) == 3  # an epoch granted before a restart is newer still: adopted
+    assert (model.writer_epoch, model.lease_holder) == (5, "c")
+
+
+def test_inference_only_models_have_no_writer() -> None:
+    receiver = PushReceiver({"m": make_served(accepts_pushes=False)}, SyncLimits())
+    with pytest.raises(InferenceOnlyModelError, match="has no writer"):
+        receiver.acquire_writer("m", "a")

@@ -7,18 +7,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushHeader(_message.Message):
-    __slots__ = ("model_name", "version", "base_version", "writer_id", "payload_bytes")
+    __slots__ = ("model_name", "version", "base_version", "writer_id", "payload_bytes", "writer_epoch")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WRITER_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     base_version: int
     writer_id: str
     payload_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., writer_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    writer_epoch: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., writer_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., writer_epoch: _Optional[int] = ...) -> None: ...
+
+class AcquireWriterRequest(_message.Message):
+    __slots__ = ("model_name", "writer_id")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    WRITER_ID_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    writer_id: str
+    def __init__(self, model_name: _Optional[str] = ..., writer_id: _Optional[str] = ...) -> None: ...
+
+class WriterLease(_message.Message):
+    __slots__ = ("model_name", "writer_id", "epoch", "version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    WRITER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    writer_id: str
+    epoch: int
+    version: int
+    def __init__(self, model_name: _Optional[str] = ..., writer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PushCommit(_message.Message):
     __slots__ = ("digest",)
@@ -79,7 +101,7 @@ class PendingPush(_message.Message):
     def __init__(self, writer_id: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("model_name", "version", "digest", "writer_id", "accepts_pushes", "tensors", "pending")
+    __slots__ = ("model_name", "version", "digest", "writer_id", "accepts_pushes", "tensors", "pending", "lease_holder", "writer_epoch")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +109,8 @@ class ModelState(_message.Message):
     ACCEPTS_PUSHES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    LEASE_HOLDER_FIELD_NUMBER: _ClassVar[int]
+    WRITER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     digest: bytes
@@ -94,7 +118,9 @@ class ModelState(_message.Message):
     accepts_pushes: bool
     tensors: _containers.RepeatedCompositeFieldContainer[TensorState]
     pending: PendingPush
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., writer_id: _Optional[str] = ..., accepts_pushes: bool = ..., tensors: _Optional[_Iterable[_Union[TensorState, _Mapping]]] = ..., pending: _Optional[_Union[PendingPush, _Mapping]] = ...) -> None: ...
+    lease_holder: str
+    writer_epoch: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., writer_id: _Optional[str] = ..., accepts_pushes: bool = ..., tensors: _Optional[_Iterable[_Union[TensorState, _Mapping]]] = ..., pending: _Optional[_Union[PendingPush, _Mapping]] = ..., lease_holder: _Optional[str] = ..., writer_epoch: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -34,6 +34,11 @@ class WeightSyncStub(object):
         Args:
             channel: A grpc.Channel.
         """
+        self.AcquireWriter = channel.unary_unary(
+                '/weightsync.v1.WeightSync/AcquireWriter',
+                request_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.AcquireWriterRequest.SerializeToString,
+                response_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.WriterLease.FromString,
+                _registered_method=True)
         self.Push = channel.stream_unary(
                 '/weightsync.v1.WeightSync/Push',
                 request_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.PushRequest.SerializeToString,
@@ -63,6 +68,14 @@ class WeightSyncStub(object):
 
 class WeightSyncServicer(object):
     """Missing associated documentation comment in .proto file."""
+
+    def AcquireWriter(self, request, context):
+        """Become the one writer of a model: every earlier writer's pushes are refused from now on
+        (fencing by epoch). A trainer calls it once per model and inference service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
@@ -99,6 +112,11 @@ class WeightSyncServicer(object):
 
 def add_WeightSyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'AcquireWriter': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireWriter,
+                    request_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.AcquireWriterRequest.FromString,
+                    response_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.WriterLease.SerializeToString,
+            ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
                     request_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.PushRequest.FromString,
@@ -134,6 +152,33 @@ def add_WeightSyncServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class WeightSync(object):
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def AcquireWriter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsync.v1.WeightSync/AcquireWriter',
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.AcquireWriterRequest.SerializeToString,
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.WriterLease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Push(request_iterator,
