@@ -18,6 +18,7 @@ from shared.app import load_app
 from shared.cli import configure_logging, is_loopback
 from shared.devices import resolve_device
 from shared.errors import ConfigurationError
+from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
 
@@ -35,6 +36,20 @@ def run(settings: InferenceSettings) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    open_sync = not settings.sync_token and settings.tls_client_ca is None
+    if open_sync and not is_loopback(settings.sync_listen):
+        if not settings.allow_open_sync:
+            raise ConfigurationError(
+                f"the sync plane would listen on {settings.sync_listen} with no authentication: "
+                "set INFERENCE_SYNC_TOKEN (or --tls-client-ca for mutual TLS), or pass "
+                "--allow-open-sync on a network you trust"
+            )
+        logger.warning(
+            "THE SYNC PLANE LISTENS ON %s WITHOUT AUTHENTICATION (--allow-open-sync): anyone "
+            "who can reach it can replace the served weights.",
+            settings.sync_listen,
+        )
     device = resolve_device(settings.device)
     models = load_models(load_app(settings.models), device)
     store = None
@@ -50,13 +65,10 @@ def run(settings: InferenceSettings) -> None:
         workers=settings.workers,
         server_version=package_version(),
         store=store,
+        sync_token=settings.sync_token,
+        data_token=settings.data_token,
+        tls=tls if tls.enabled else None,
     )
-    if not is_loopback(settings.sync_listen):
-        logger.warning(
-            "THE SYNC PLANE LISTENS ON %s WITHOUT AUTHENTICATION: anyone who can reach it can "
-            "replace the served weights. Keep it on a private network.",
-            settings.sync_listen,
-        )
     ports = server.start()
     metrics_port = serve_metrics(settings.metrics_listen) if settings.metrics_listen else None
     if settings.ready_file is not None:

@@ -21,6 +21,7 @@ from inference_service.syncplane.receiver import PushReceiver, SyncLimits
 from inference_service.syncplane.servicer import WeightSyncServicer
 from inference_service.syncplane.servicer import add_to_server as add_sync_servicer
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_server
@@ -48,7 +49,11 @@ class InferenceServer:
         limits: SyncLimits | None = None,
         server_version: str = "0",
         store: WeightStore | None = None,
+        sync_token: str | None = None,
+        data_token: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
+        self._tls = tls
         self.data_plane = DataPlane(models)
         self._persister = Persister(store, models) if store is not None else None
         self.receiver = PushReceiver(
@@ -63,14 +68,20 @@ class InferenceServer:
         for service in ("", OIP_SERVICE, SYNC_SERVICE):
             self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-        self._data_server = new_server(workers, DATA_MAX_MESSAGE_BYTES)
+        data_auth = [TokenAuthInterceptor(data_token, "data plane")] if data_token else []
+        self._data_server = new_server(workers, DATA_MAX_MESSAGE_BYTES, data_auth)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.data_plane, server_version), self._data_server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._data_server)
         enable_reflection(self._data_server, [OIP_SERVICE])
 
-        self._sync_server = new_server(4, SYNC_MAX_MESSAGE_BYTES)
+        sync_auth = (
+            [TokenAuthInterceptor(sync_token, "sync plane", weaker=data_token)]
+            if sync_token
+            else []
+        )
+        self._sync_server = new_server(4, SYNC_MAX_MESSAGE_BYTES, sync_auth)
         add_sync_servicer(WeightSyncServicer(self.receiver), self._sync_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)
         enable_reflection(self._sync_server, [SYNC_SERVICE])
@@ -78,7 +89,8 @@ class InferenceServer:
     def start(self) -> Ports:
         """Bind both addresses, start serving, and report ready; return the bound ports."""
         ports = Ports(
-            bind(self._data_server, self._listen), bind(self._sync_server, self._sync_listen)
+            bind(self._data_server, self._listen, self._tls),
+            bind(self._sync_server, self._sync_listen, self._tls),
         )
         self._data_server.start()
         self._sync_server.start()

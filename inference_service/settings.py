@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.cli import LOG_LEVELS, Option, host_port, optional_host_port, parse
+from shared.cli import LOG_LEVELS, Option, boolean, host_port, optional_host_port, parse
 
 DESCRIPTION = (
     "Serve the inference copies of the models an app defines over the Open Inference Protocol "
@@ -50,6 +50,39 @@ OPTIONS = [
         "Prometheus /metrics listen address HOST:PORT, or 'off'",
         "127.0.0.1:9101",
         optional_host_port,
+    ),
+    Option(
+        "--sync-token",
+        "INFERENCE_SYNC_TOKEN",
+        "bearer token trainers must present on the sync plane (prefer the env var)",
+    ),
+    Option(
+        "--data-token",
+        "INFERENCE_DATA_TOKEN",
+        "bearer token clients must present on the data plane (default: open)",
+    ),
+    Option(
+        "--tls-cert",
+        "INFERENCE_TLS_CERT",
+        "PEM certificate: serve both planes over TLS",
+        None,
+        Path,
+    ),
+    Option("--tls-key", "INFERENCE_TLS_KEY", "PEM private key of --tls-cert", None, Path),
+    Option(
+        "--tls-client-ca",
+        "INFERENCE_TLS_CLIENT_CA",
+        "PEM CA: require client certificates it signed (mutual TLS) on both planes",
+        None,
+        Path,
+    ),
+    Option(
+        "--allow-open-sync",
+        "INFERENCE_ALLOW_OPEN_SYNC",
+        "start even though the sync plane listens beyond loopback with no token or client CA",
+        False,
+        boolean,
+        switch=True,
     ),
     Option("--device", "INFERENCE_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
     Option(
@@ -95,6 +128,12 @@ class InferenceSettings:
     listen: str = "127.0.0.1:8001"
     sync_listen: str = "127.0.0.1:8101"
     metrics_listen: str | None = "127.0.0.1:9101"
+    sync_token: str | None = None
+    data_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    allow_open_sync: bool = False
     device: str = "auto"
     state_dir: Path | None = None
     history: int = 5

@@ -25,6 +25,7 @@ class Option:
     convert: Callable[[str], Any] = str
     required: bool = False
     choices: Sequence[str] | None = None
+    switch: bool = False  # a flag without a value; the env var takes true/false
 
     @property
     def dest(self) -> str:
@@ -41,6 +42,16 @@ def parse(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for option in options:
         shown = "required" if option.required else f"default: {option.default}"
+        if option.switch:
+            parser.add_argument(
+                option.flag,
+                dest=option.dest,
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{option.help} (env {option.env}=true)",
+            )
+            continue
         parser.add_argument(
             option.flag,
             dest=option.dest,
@@ -68,6 +79,15 @@ def parse(
             )
         values[option.dest] = value
     return values
+
+
+def boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def host_port(value: str) -> str:

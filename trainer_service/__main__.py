@@ -12,6 +12,7 @@ from shared.app import load_app
 from shared.cli import configure_logging
 from shared.devices import resolve_device
 from shared.errors import ConfigurationError
+from shared.grpc.auth import TlsFiles
 from shared.metrics import serve_metrics
 from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
@@ -28,7 +29,13 @@ def run(settings: TrainerSettings) -> None:
     if settings.metrics_listen:
         port = serve_metrics(settings.metrics_listen)
         logger.info("metrics on port %d", port)
-    publisher = Publisher(settings.inference, settings.writer_id, timeout_s=settings.push_timeout)
+    publisher = Publisher(
+        settings.inference,
+        settings.writer_id,
+        timeout_s=settings.push_timeout,
+        token=settings.sync_token,
+        tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
+    )
     try:
         loop = TrainingLoop(
             load_app(settings.models), publisher, device, settings.trainers, settings.state_dir

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.grpc.auth import TlsFiles
 from shared.weights.digest import model_digest, tensor_hash
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
@@ -63,7 +64,11 @@ class Publisher:
         *,
         timeout_s: float = 600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
+        self._token = token
+        self._tls = tls
         self._targets = list(targets)
         self.writer_id = writer_id
         self._timeout_s = timeout_s
@@ -217,7 +222,7 @@ class Publisher:
     def _client(self, address: str) -> SyncClient:
         client = self._clients.get(address)
         if client is None:
-            client = SyncClient(address, self._timeout_s, self._chunk_bytes)
+            client = SyncClient(address, self._timeout_s, self._chunk_bytes, self._token, self._tls)
             self._clients[address] = client
         return client
 

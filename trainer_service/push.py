@@ -9,6 +9,7 @@ import grpc
 
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from shared.grpc.auth import TlsFiles, bearer
 from shared.grpc.errors import error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
 from shared.weights import wire
@@ -91,13 +92,23 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
 class SyncClient:
     """A channel to one inference service's sync plane."""
 
-    def __init__(self, target: str, timeout_s: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+    ):
         self.target = target
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(
-            target, options=channel_options(SYNC_MAX_MESSAGE_BYTES)
-        )
+        self._metadata = bearer(token)
+        options = channel_options(SYNC_MAX_MESSAGE_BYTES)
+        if tls is not None and tls.enabled:
+            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.WeightSyncStub(self._channel)
         # Push sends messages we serialize ourselves (shared/weights/wire.py).
         self._push = self._channel.stream_unary(
@@ -116,6 +127,7 @@ class SyncClient:
                 pb.GetModelRequest(model_name=name),
                 timeout=min(self._timeout_s, connect_timeout_s),
                 wait_for_ready=True,
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
@@ -128,6 +140,7 @@ class SyncClient:
                 pb.AcquireWriterRequest(model_name=name, writer_id=writer_id),
                 timeout=min(self._timeout_s, 10.0),
                 wait_for_ready=True,
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
@@ -142,7 +155,7 @@ class SyncClient:
                 label = f"{plan.model_name} v{plan.version} ({kind}) -> {self.target}"
                 progress = Progress(label, plan.payload.nbytes)
             messages = requests(plan, self._chunk_bytes, progress)
-            response = self._push(messages, timeout=self._timeout_s)
+            response = self._push(messages, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
         return int(response.version)

@@ -53,6 +53,20 @@ OPTIONS = [
         "127.0.0.1:9102",
         optional_host_port,
     ),
+    Option(
+        "--sync-token",
+        "TRAINER_SYNC_TOKEN",
+        "bearer token for the inference services' sync plane (prefer the env var)",
+    ),
+    Option(
+        "--tls-ca",
+        "TRAINER_TLS_CA",
+        "PEM CA: connect over TLS, verifying the inference services against it",
+        None,
+        Path,
+    ),
+    Option("--tls-cert", "TRAINER_TLS_CERT", "PEM client certificate for mutual TLS", None, Path),
+    Option("--tls-key", "TRAINER_TLS_KEY", "PEM private key of --tls-cert", None, Path),
     Option("--device", "TRAINER_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
     Option(
         "--state-dir",
@@ -87,6 +101,10 @@ class TrainerSettings:
     inference: tuple[str, ...] = ("127.0.0.1:8101",)
     trainers: tuple[str, ...] | None = None
     metrics_listen: str | None = "127.0.0.1:9102"
+    sync_token: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     device: str = "auto"
     state_dir: Path | None = None
     trainer_id: str | None = None

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 
+from shared.grpc.auth import TlsFiles
 from shared.grpc.options import server_options
 
 
-def new_server(workers: int, max_message_bytes: int) -> grpc.Server:
+def new_server(
+    workers: int, max_message_bytes: int, interceptors: Sequence[grpc.ServerInterceptor] = ()
+) -> grpc.Server:
     return grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=server_options(max_message_bytes),
+        interceptors=list(interceptors),
     )
 
 
-def bind(server: grpc.Server, address: str) -> int:
+def bind(server: grpc.Server, address: str, tls: TlsFiles | None = None) -> int:
     """Listen on `address` (port 0: any free port) and return the port actually bound."""
     try:
-        port = server.add_insecure_port(address)
+        if tls is not None and tls.enabled:
+            port = server.add_secure_port(address, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:

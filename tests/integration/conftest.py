@@ -34,12 +34,22 @@ class Inference:
     sync: str
     log: Path
     metrics_url: str
+    pki: Path | None = None  # when the service runs with mutual TLS (see test_security.py)
 
     def sync_stub(self) -> sync_grpc.WeightSyncStub:
-        return sync_grpc.WeightSyncStub(grpc.insecure_channel(self.sync))
+        if self.pki is None:
+            return sync_grpc.WeightSyncStub(grpc.insecure_channel(self.sync))
+        credentials = grpc.ssl_channel_credentials(
+            (self.pki / "ca.pem").read_bytes(),
+            (self.pki / "client.key").read_bytes(),
+            (self.pki / "client.pem").read_bytes(),
+        )
+        return sync_grpc.WeightSyncStub(grpc.secure_channel(self.sync, credentials))
 
-    def model_state(self, name: str) -> sync_pb.ModelState:
-        return self.sync_stub().GetModel(sync_pb.GetModelRequest(model_name=name), timeout=10)
+    def model_state(self, name: str, token: str | None = None) -> sync_pb.ModelState:
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        request = sync_pb.GetModelRequest(model_name=name)
+        return self.sync_stub().GetModel(request, timeout=10, metadata=metadata)
 
 
 class Services:
@@ -62,7 +72,9 @@ class Services:
         self.processes.append(process)
         return process
 
-    def inference(self, app: str, *extra: str, name: str = "inference") -> Inference:
+    def inference(
+        self, app: str, *extra: str, name: str = "inference", tls: Path | None = None
+    ) -> Inference:
         ready = self.tmp / f"{name}.ready.json"
         log = self.tmp / f"{name}.log"
         process = self._spawn(
@@ -99,6 +111,7 @@ class Services:
             f"127.0.0.1:{ports['sync_port']}",
             log,
             f"http://127.0.0.1:{ports['metrics_port']}/metrics",
+            tls,
         )
 
     def trainer(
