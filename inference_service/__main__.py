@@ -14,6 +14,7 @@ from inference_service.loading import load_models
 from inference_service.persistence import WeightStore
 from inference_service.server import InferenceServer
 from inference_service.settings import InferenceSettings
+from inference_service.syncplane.receiver import SyncLimits
 from shared.app import load_app
 from shared.cli import configure_logging, is_loopback
 from shared.devices import resolve_device
@@ -63,6 +64,11 @@ def run(settings: InferenceSettings) -> None:
         listen=settings.listen,
         sync_listen=settings.sync_listen,
         workers=settings.workers,
+        limits=SyncLimits(
+            max_payload_bytes=settings.max_push_bytes,
+            max_header_bytes=settings.max_header_bytes,
+            max_concurrent=settings.max_concurrent_pushes,
+        ),
         server_version=package_version(),
         store=store,
         sync_token=settings.sync_token,

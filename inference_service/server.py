@@ -81,7 +81,10 @@ class InferenceServer:
             if sync_token
             else []
         )
-        self._sync_server = new_server(4, SYNC_MAX_MESSAGE_BYTES, sync_auth)
+        concurrent = (limits or SyncLimits()).max_concurrent
+        self._sync_server = new_server(
+            concurrent + 2, SYNC_MAX_MESSAGE_BYTES, sync_auth, max_concurrent_rpcs=concurrent
+        )
         add_sync_servicer(WeightSyncServicer(self.receiver), self._sync_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)
         enable_reflection(self._sync_server, [SYNC_SERVICE])

@@ -100,6 +100,27 @@ OPTIONS = [
         _positive_int,
     ),
     Option(
+        "--max-push-bytes",
+        "INFERENCE_MAX_PUSH_BYTES",
+        "largest push payload accepted, in bytes",
+        64 << 30,
+        _positive_int,
+    ),
+    Option(
+        "--max-header-bytes",
+        "INFERENCE_MAX_HEADER_BYTES",
+        "largest safetensors header accepted in a push, in bytes",
+        16 << 20,
+        _positive_int,
+    ),
+    Option(
+        "--max-concurrent-pushes",
+        "INFERENCE_MAX_CONCURRENT_PUSHES",
+        "sync-plane calls handled at once; more get RESOURCE_EXHAUSTED",
+        8,
+        _positive_int,
+    ),
+    Option(
         "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
     ),
     Option(
@@ -137,6 +158,9 @@ class InferenceSettings:
     device: str = "auto"
     state_dir: Path | None = None
     history: int = 5
+    max_push_bytes: int = 64 << 30
+    max_header_bytes: int = 16 << 20
+    max_concurrent_pushes: int = 8
     workers: int = 8
     grace: float = 10.0
     ready_file: Path | None = None

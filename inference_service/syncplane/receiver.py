@@ -54,6 +54,7 @@ class SyncLimits:
     max_payload_bytes: int = 64 << 30
     max_header_bytes: int = 16 << 20
     drain_timeout_s: float = 30.0
+    max_concurrent: int = 8
 
 
 class PushReceiver:

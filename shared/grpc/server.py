@@ -15,12 +15,17 @@ from shared.grpc.options import server_options
 
 
 def new_server(
-    workers: int, max_message_bytes: int, interceptors: Sequence[grpc.ServerInterceptor] = ()
+    workers: int,
+    max_message_bytes: int,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    max_concurrent_rpcs: int | None = None,
 ) -> grpc.Server:
+    """A thread-pool server; calls beyond `max_concurrent_rpcs` get RESOURCE_EXHAUSTED."""
     return grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=server_options(max_message_bytes),
         interceptors=list(interceptors),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 
 

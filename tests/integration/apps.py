@@ -119,3 +119,12 @@ stamp.add_model(
     outputs=[TensorSpec("means", "FP32", (-1, 8))],
 )
 stamp.add_trainer("stamp", StampTrainer)
+
+catalogue = App()
+catalogue.add_model(
+    "stamp",
+    lambda: TorchTrainingModel(Stamp(int(os.environ.get("TEST_STAMP_MB", "1")))),
+    inputs=[TensorSpec("x", "FP32", (-1, 8))],
+    outputs=[TensorSpec("means", "FP32", (-1, 8))],
+)
+catalogue.add_model("frozen", frozen_model, **MLP_IO)
