@@ -49,7 +49,7 @@ def run(settings: TrainerSettings) -> None:
             ", ".join(settings.inference),
         )
         loop.start(stop)
-        loop.run(stop, settings.max_runs, settings.run_interval)
+        loop.run(stop, settings.max_runs, settings.run_interval, settings.checkpoint_every)
         loop.save()
     finally:
         publisher.close()

@@ -10,12 +10,15 @@ of its addresses, so new replicas behind one name are found and caught up with a
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 import torch
 
 from shared.grpc.auth import TlsFiles
@@ -29,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 BASE_MISSING = "base-version-mismatch"
 FENCED = "fenced"
+# Worth retrying: the target is unreachable, restarting, or cut the stream off.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 
 class SyncFailedError(Exception):
@@ -66,7 +73,11 @@ class Publisher:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         token: str | None = None,
         tls: TlsFiles | None = None,
+        retries: int = 2,
+        retry_delay_s: float = 0.2,
     ) -> None:
+        self._retries = retries
+        self._retry_delay_s = retry_delay_s
         self._token = token
         self._tls = tls
         self._targets = list(targets)
@@ -139,7 +150,22 @@ class Publisher:
         )
         return SyncReport(version, sent, len(clients))
 
-    def _push_one(
+    def _push_one(self, *args: Any) -> int:
+        """One target's push, retried with capped exponential backoff and jitter while the
+        target is unreachable (a restart, a dropped connection)."""
+        delay = self._retry_delay_s
+        for attempt in range(self._retries + 1):
+            try:
+                return self._push_once(*args)
+            except PushFailedError as error:
+                if error.code not in RETRYABLE or attempt == self._retries:
+                    raise
+                logger.info("%s (attempt %d); retrying in about %.1fs", error, attempt + 1, delay)
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def _push_once(
         self,
         client: SyncClient,
         model_name: str,

@@ -120,7 +120,7 @@ class SyncClient:
     def close(self) -> None:
         self._channel.close()
 
-    def get_model(self, name: str, connect_timeout_s: float = 5.0) -> RemoteModel:
+    def get_model(self, name: str, connect_timeout_s: float = 3.0) -> RemoteModel:
         """What the target serves; waits briefly for the channel (it may be restarting)."""
         try:
             state = self._stub.GetModel(

@@ -23,6 +23,7 @@ from shared.model.container import TrainingModelsDict
 from shared.torch.model import TorchTrainingModel
 from shared.trainer.base import Trainer, TrainersDict
 from trainer_service import metrics
+from trainer_service.checkpoint import Checkpoints
 from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
 from trainer_service.remote import PublishedInferenceModel
 
@@ -38,7 +39,7 @@ class TrainingLoop:
         trainer_names: Sequence[str] | None = None,
         state_dir: Path | None = None,
     ) -> None:
-        self.state_dir = state_dir
+        self.checkpoints = Checkpoints(state_dir) if state_dir is not None else None
         self.models = TrainingModelsDict()
         for spec in app.models.values():
             model = spec.build()
@@ -71,19 +72,28 @@ class TrainingLoop:
         return [n for n in sorted(used) if self.models.data[n].has_inference_model]
 
     def start(self, stop: threading.Event) -> None:
-        """Load saved state if any, then push every model this process writes (catch-up)."""
-        if self.state_dir is not None and (self.state_dir / "trainers").is_dir():
-            self.trainers.load_state(self.state_dir / "trainers")
+        """Resume from the last checkpoint if any, then push every model this process writes."""
+        saved = self.checkpoints.current() if self.checkpoints else None
+        if saved is not None:
+            for name, model in self.models.data.items():
+                if (saved / "models" / f"{name}.safetensors").exists():
+                    model.load_state(saved / "models" / name)
+            self.trainers.load_state(saved / "trainers")
+            logger.info("resumed from %s", saved)
         for name in self.synced_models():
             model = self.models.data[name]
             assert isinstance(model, TorchTrainingModel)
-            if self.state_dir is not None and (self.state_dir / "models").is_dir():
-                model.load_state(self.state_dir / "models" / name)
-                logger.info("model %s: loaded saved state", name)
             self._sync_until_done(name, model, stop)
 
-    def run(self, stop: threading.Event, max_runs: int = 0, interval: float = 0.0) -> None:
-        """Run trainers round robin until `stop` is set or `max_runs` runs have completed."""
+    def run(
+        self,
+        stop: threading.Event,
+        max_runs: int = 0,
+        interval: float = 0.0,
+        checkpoint_every: int = 0,
+    ) -> None:
+        """Run trainers round robin until `stop` is set or `max_runs` runs have completed;
+        checkpoint every `checkpoint_every` runs (0: only at the end)."""
         while not stop.is_set():
             for name, trainer in self.trainers.items():
                 if stop.is_set():
@@ -96,6 +106,8 @@ class TrainingLoop:
                 logger.info(
                     "trainer %s: run %d in %.2fs", name, self.runs, time.perf_counter() - started
                 )
+                if checkpoint_every and self.runs % checkpoint_every == 0:
+                    self.save()
                 if max_runs and self.runs >= max_runs:
                     stop.set()
                     return
@@ -103,15 +115,18 @@ class TrainingLoop:
                     stop.wait(interval)
 
     def save(self) -> None:
-        """Save models and trainer state under the state dir (safetensors, no pickle)."""
-        if self.state_dir is None:
+        """Checkpoint models and trainer state (safetensors, no pickle), atomically as a whole."""
+        if self.checkpoints is None:
             return
-        models = self.state_dir / "models"
-        models.mkdir(parents=True, exist_ok=True)
-        for name, model in self.models.data.items():
-            model.save_state(models / name)
-        self.trainers.save_state(self.state_dir / "trainers")
-        logger.info("saved state to %s", self.state_dir)
+
+        def fill(directory: Path) -> None:
+            (directory / "models").mkdir()
+            for name, model in self.models.data.items():
+                model.save_state(directory / "models" / name)
+            self.trainers.save_state(directory / "trainers")
+
+        path = self.checkpoints.write(fill)
+        logger.info("checkpoint written to %s after %d runs", path, self.runs)
 
     @staticmethod
     def _run_one(name: str, trainer: Trainer) -> bool:

@@ -87,6 +87,13 @@ OPTIONS = [
         "--run-interval", "TRAINER_RUN_INTERVAL", "minimum seconds between trainer runs", 0.0, float
     ),
     Option(
+        "--checkpoint-every",
+        "TRAINER_CHECKPOINT_EVERY",
+        "checkpoint to --state-dir every N trainer runs (0: only on exit)",
+        10,
+        _non_negative_int,
+    ),
+    Option(
         "--push-timeout", "TRAINER_PUSH_TIMEOUT", "deadline in seconds for one push", 600.0, float
     ),
     Option(
@@ -110,6 +117,7 @@ class TrainerSettings:
     trainer_id: str | None = None
     max_runs: int = 0
     run_interval: float = 0.0
+    checkpoint_every: int = 10
     push_timeout: float = 600.0
     log_level: str = "INFO"
 

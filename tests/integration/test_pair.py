@@ -68,7 +68,9 @@ def test_trainer_runs_raise_the_version_and_outputs_match_the_trainer_bit_exactl
 
     version, served = triton_infer(inference, "mlp", X)
     assert version == "4"  # the catch-up sync at start, then one per run
-    trained = safetensors.torch.load_file(tmp_path / "trainer" / "models" / "mlp.safetensors")
+    trained = safetensors.torch.load_file(
+        tmp_path / "trainer" / "checkpoint" / "models" / "mlp.safetensors"
+    )
     np.testing.assert_array_equal(served, local_outputs(trained, X))
     state = inference.model_state("mlp")
     assert (state.version, state.writer_id) == (4, "trainer")

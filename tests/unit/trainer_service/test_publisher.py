@@ -101,7 +101,7 @@ def test_a_restarted_target_without_the_base_gets_a_full_push(targets: list[Targ
 def test_a_dead_target_fails_the_sync_and_leaves_the_others_committed(
     targets: list[Target],
 ) -> None:
-    publisher = Publisher([t.address for t in targets], "trainer-x", timeout_s=5)
+    publisher = Publisher([t.address for t in targets], "trainer-x", timeout_s=5, retries=0)
     state = trained()
     publisher.publish("m", state)
     targets[1].stop()
@@ -115,4 +115,27 @@ def test_a_dead_target_fails_the_sync_and_leaves_the_others_committed(
     assert report.version == 3
     for target in targets:
         target.assert_serves(state, 3)
+    publisher.close()
+
+
+def test_a_target_that_comes_back_within_the_retries_still_gets_the_version(
+    targets: list[Target],
+) -> None:
+    import threading
+
+    publisher = Publisher([t.address for t in targets], "trainer-x", retry_delay_s=0.5)
+    state = trained()
+    publisher.publish("m", state)
+    port = targets[1].port
+    targets[1].stop()
+    revived: list[Target] = []
+    timer = threading.Timer(0.3, lambda: revived.append(Target(port)))
+    timer.start()
+    state[next(iter(state))] += 1
+    report = publisher.publish("m", state)  # the first attempt fails; a retry finds it back
+    timer.join()
+    targets[1] = revived[0]
+    assert report.version == 2
+    for target in targets:
+        target.assert_serves(state, 2)
     publisher.close()
