@@ -49,7 +49,7 @@ def parse(
                 action="store_const",
                 const="true",
                 default=None,
-                help=f"{option.help} (env {option.env}=true)",
+                help=f"{option.help} (env {option.env}; true or false; default: false)",
             )
             continue
         parser.add_argument(
