@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from shared import App, TensorSpec, TorchTrainingModel
+from shared import App, TensorSpec, TorchTrainer, TorchTrainingModel
+from shared.torch.trainer import OptimizersSetup
 
 
 class Blocks(nn.Module):
@@ -39,3 +40,46 @@ app.add_model(
     inputs=[TensorSpec("x", "FP32", (-1, 1))],
     outputs=[TensorSpec("y", "FP32", (-1, 1))],
 )
+
+
+class Stamp(nn.Module):
+    """Eight tensors a trainer fills with one value per run; the output is their means, so a
+    response computed on a mix of two versions shows unequal values."""
+
+    def __init__(self, megabytes: int) -> None:
+        super().__init__()
+        per = max(1, megabytes * (1 << 20) // 4 // 8)
+        self.parts = nn.ParameterList([nn.Parameter(torch.zeros(per)) for _ in range(8)])
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0 + torch.stack([p.mean() for p in self.parts]).unsqueeze(0)
+
+
+class StampTrainer(TorchTrainer):
+    @override
+    def on_training_models_attached(self) -> None:
+        super().on_training_models_attached()
+        self.model = self.get_torch_training_model("stamp", Stamp)
+        self.count = 0
+
+    @override
+    def create_optimizers(self) -> OptimizersSetup:
+        return {}
+
+    @override
+    def train(self) -> None:
+        self.count += 1
+        with torch.no_grad():
+            for p in self.model.model.parts:
+                p.fill_(float(self.count))
+
+
+soak = App()
+soak.add_model(
+    "stamp",
+    lambda: TorchTrainingModel(Stamp(int(os.environ.get("BENCH_MB", "16")))),
+    inputs=[TensorSpec("x", "FP32", (-1, 8))],
+    outputs=[TensorSpec("means", "FP32", (-1, 8))],
+)
+soak.add_trainer("stamp", StampTrainer)

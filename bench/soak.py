@@ -1,0 +1,137 @@
+"""A bounded soak: concurrent inference while a sync commits every 100 ms.
+
+Starts the inference service and a trainer (separate processes, loopback) on a stamp model whose
+output reveals a mixed-version response, drives it with client threads for `--seconds`, and
+prints
+
+    soak errors=N rss_growth=X
+
+N counts failed requests and responses that mixed two versions; X is the inference process's
+resident memory growth from the end of warm-up (the first fifth of the run) to the end.
+
+    python -m bench.soak [--seconds 120] [--mb 16] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from bench.sync import rss_kib, start
+from inference_service.client import InferenceClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="bounded soak: inference while syncs commit")
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--mb", type=int, default=16, help="model size in MiB")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent client threads")
+    args = parser.parse_args()
+    env = {**os.environ, "BENCH_MB": str(args.mb), "PYTHONPATH": str(ROOT)}
+    quiet = ["--log-level", "WARNING", "--metrics-listen", "off"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "inference.json"
+        inference = start(
+            [
+                "-m",
+                "inference_service",
+                "--models",
+                "bench.soak_app:app",
+                "--device",
+                "cpu",
+                "--listen",
+                "127.0.0.1:0",
+                "--sync-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
+                *quiet,
+            ],
+            ready,
+            env,
+        )
+        ports = json.loads(ready.read_text())
+        trainer = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trainer_service",
+                "--models",
+                "bench.soak_app:app",
+                "--device",
+                "cpu",
+                "--inference",
+                f"127.0.0.1:{ports['sync_port']}",
+                "--run-interval",
+                "0.1",
+                *quiet,
+            ],
+            cwd=ROOT,
+            env=env,
+        )
+        errors: list[str] = []
+        answered = 0
+        versions: set[int] = set()
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def client() -> None:
+            nonlocal answered
+            x = torch.zeros(1, 8)
+            with InferenceClient(f"127.0.0.1:{ports['data_port']}") as c:
+                while not stop.is_set():
+                    try:
+                        result = c.infer("stamp", {"x": x})
+                        means = result.outputs["means"]
+                        ok = bool(torch.all(means == means[0, 0]))
+                    except grpc.RpcError as error:
+                        ok, result = False, None
+                        with lock:
+                            errors.append(f"{error.code().name}: {error.details()}")
+                    with lock:
+                        answered += 1
+                        if result is not None:
+                            versions.add(result.version)
+                            if not ok:
+                                errors.append(f"version {result.version} mixed: {means}")
+
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        try:
+            for thread in threads:
+                thread.start()
+            time.sleep(args.seconds / 5)
+            warm = rss_kib(inference.pid, "VmRSS")
+            time.sleep(args.seconds * 4 / 5)
+            end = rss_kib(inference.pid, "VmRSS")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+            for process in (trainer, inference):
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    print(
+        f"# {answered} requests over {args.seconds:g}s, {len(versions)} versions served, "
+        f"{args.mb} MiB model, RSS {warm / 1024:.0f} -> {end / 1024:.0f} MiB"
+    )
+    for error in errors[:5]:
+        print(f"# error: {error}")
+    print(f"soak errors={len(errors)} rss_growth={(end - warm) / warm:.2%}")
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
