@@ -145,12 +145,13 @@ def filled_stamp(megabytes: int, value: float) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def test_killing_the_trainer_mid_push_keeps_the_old_version_serving_bit_exact(
+def test_killing_trainers_mid_push_repeatedly_keeps_the_old_version_serving_bit_exact(
     services: Services,
 ) -> None:
     services.env["TEST_STAMP_MB"] = "96"
     inference = services.inference(STAMP)
-    for attempt in range(5):
+    cuts = 0
+    for attempt in range(12):
         trainer = services.trainer(STAMP, [inference], name=f"trainer{attempt}")
         interrupted = 0
         deadline = time.monotonic() + 60
@@ -164,15 +165,17 @@ def test_killing_the_trainer_mid_push_keeps_the_old_version_serving_bit_exact(
         assert interrupted, services.log(f"trainer{attempt}")
         wait_until(lambda: not inference.model_state("stamp").HasField("pending"))
         state = inference.model_state("stamp")
-        if state.version < interrupted:  # the push we cut never committed: the case under test
+        if state.version >= interrupted:
+            continue  # the push finished before the kill landed: not the case under test
+        cuts += 1
+        version, value = stamp_check(inference)
+        assert version == state.version
+        assert state.digest == state_digest(filled_stamp(96, value))  # every byte as committed
+        if cuts == 3:
             break
-    else:
-        pytest.fail("could not kill the trainer during a push in 5 attempts")
-    version, value = stamp_check(inference)
-    assert version == state.version
-    assert state.digest == state_digest(filled_stamp(96, value))  # every byte as committed
-    log = inference.log.read_text()  # the cut stream was noticed and refused
-    assert "cancelled the push" in log or "without a commit" in log
+    assert cuts == 3, "could not kill a trainer during a push three times in 12 attempts"
+    log = inference.log.read_text()  # the cut streams were noticed and refused
+    assert log.count("cancelled the push") + log.count("without a commit") >= 3
 
 
 def test_no_response_ever_mixes_two_versions_while_syncs_stream_in(services: Services) -> None:
