@@ -8,6 +8,7 @@ stalled; `finish()` waits for the copies before the swap.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -28,7 +29,7 @@ class CpuSink:
     def __init__(
         self, targets: Mapping[str, torch.Tensor], on_first_write: Callable[[str], None]
     ) -> None:
-        self._arrays = {name: _flat_bytes(t).numpy() for name, t in targets.items()}
+        self._flat = {name: _flat_bytes(t) for name, t in targets.items()}
         self._on_first_write = on_first_write
         self._touched: set[str] = set()
 
@@ -36,7 +37,12 @@ class CpuSink:
         if entry.name not in self._touched:
             self._touched.add(entry.name)
             self._on_first_write(entry.name)
-        self._arrays[entry.name][offset : offset + len(data)] = np.frombuffer(data, np.uint8)
+        # torch's copy releases the GIL (numpy's does not), so gRPC's own threads keep receiving
+        # while the bytes land; the source view is only read.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": read only
+            source = torch.frombuffer(data, dtype=torch.uint8)
+        self._flat[entry.name][offset : offset + len(data)].copy_(source)
 
     def finish(self) -> None:
         """Nothing is in flight on the CPU."""
