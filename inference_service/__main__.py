@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.loading import load_models
 from inference_service.persistence import WeightStore
 from inference_service.server import InferenceServer
@@ -70,6 +71,9 @@ def run(settings: InferenceSettings) -> None:
             max_concurrent=settings.max_concurrent_pushes,
         ),
         server_version=package_version(),
+        batching=BatchingConfig(
+            settings.max_batch_size, settings.max_queue_delay_ms / 1000, settings.max_queue
+        ),
         store=store,
         sync_token=settings.sync_token,
         data_token=settings.data_token,

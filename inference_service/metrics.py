@@ -22,6 +22,18 @@ PUSH_SECONDS = Histogram(
 )
 MODEL_VERSION = Gauge("weightsync_inference_model_version", "Version being served", ["model"])
 REQUESTS = Counter("weightsync_inference_requests_total", "ModelInfer requests answered", ["model"])
+QUEUE_SECONDS = Histogram(
+    "weightsync_inference_queue_duration_seconds",
+    "Time requests waited to be batched",
+    ["model"],
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+BATCH_SIZE = Histogram(
+    "weightsync_inference_batch_size",
+    "Rows per executed batch",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 REQUEST_SECONDS = Histogram(
     "weightsync_inference_request_duration_seconds",
     "Model compute time of ModelInfer requests",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.servicer import InferenceServicer
 from inference_service.persistence import Persister, WeightStore
@@ -52,9 +53,10 @@ class InferenceServer:
         sync_token: str | None = None,
         data_token: str | None = None,
         tls: TlsFiles | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self._tls = tls
-        self.data_plane = DataPlane(models)
+        self.data_plane = DataPlane(models, batching)
         self._persister = Persister(store, models) if store is not None else None
         self.receiver = PushReceiver(
             models,
@@ -110,6 +112,7 @@ class InferenceServer:
         done = [self._data_server.stop(grace), self._sync_server.stop(grace)]
         for event in done:
             event.wait()
+        self.data_plane.close()
         if self._persister is not None:
             self._persister.close()
         logger.info("stopped")

@@ -121,6 +121,27 @@ OPTIONS = [
         _positive_int,
     ),
     Option(
+        "--max-batch-size",
+        "INFERENCE_MAX_BATCH_SIZE",
+        "rows per dynamic batch for models whose tensors lead with -1 (1: no batching)",
+        32,
+        _positive_int,
+    ),
+    Option(
+        "--max-queue-delay-ms",
+        "INFERENCE_MAX_QUEUE_DELAY_MS",
+        "longest a request waits for others to batch with",
+        2.0,
+        float,
+    ),
+    Option(
+        "--max-queue",
+        "INFERENCE_MAX_QUEUE",
+        "requests queued per model; more get UNAVAILABLE",
+        1024,
+        _positive_int,
+    ),
+    Option(
         "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
     ),
     Option(
@@ -161,6 +182,9 @@ class InferenceSettings:
     max_push_bytes: int = 64 << 30
     max_header_bytes: int = 16 << 20
     max_concurrent_pushes: int = 8
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue: int = 1024
     workers: int = 8
     grace: float = 10.0
     ready_file: Path | None = None

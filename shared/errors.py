@@ -48,6 +48,10 @@ class FencedError(ConflictError):
     """Another writer has since acquired the model; pushes from this one are refused for good."""
 
 
+class DeadlineExceededError(ServiceError):
+    """The caller's deadline passed before the work could start; it was dropped."""
+
+
 class UnavailableError(ServiceError):
     """The service cannot answer now (starting, draining, not ready); retry later."""
 

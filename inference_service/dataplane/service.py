@@ -9,15 +9,27 @@ from collections.abc import Mapping
 import torch
 
 from inference_service import metrics
+from inference_service.dataplane.batcher import Batcher, BatchingConfig
 from inference_service.dataplane.tensors import normalize_model_outputs
 from inference_service.served_model import Generation, ServedModel
 from shared.errors import ModelNotFoundError, UnavailableError
 
 
 class DataPlane:
-    def __init__(self, models: Mapping[str, ServedModel]) -> None:
+    def __init__(
+        self, models: Mapping[str, ServedModel], batching: BatchingConfig | None = None
+    ) -> None:
         self._models = models
         self._ready = threading.Event()
+        self._batchers: dict[str, Batcher] = {}
+        if batching is not None and batching.max_batch_size > 1:
+            for name, model in models.items():
+                if batchable(model):
+                    self._batchers[name] = Batcher(model, batching, normalize_model_outputs)
+
+    def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
 
     @property
     def models(self) -> Mapping[str, ServedModel]:
@@ -51,13 +63,23 @@ class DataPlane:
         return self.ready
 
     def infer(
-        self, model: ServedModel, inputs: list[torch.Tensor]
+        self, model: ServedModel, inputs: list[torch.Tensor], timeout_s: float | None = None
     ) -> tuple[list[torch.Tensor], Generation]:
         if not self.ready:
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
         started = time.perf_counter()
-        result, generation = model.infer(inputs)
-        outputs = normalize_model_outputs(result, len(model.spec.outputs))
+        batcher = self._batchers.get(model.name)
+        if batcher is not None:
+            outputs, generation = batcher.submit(inputs, timeout_s).result()
+        else:
+            result, generation = model.infer(inputs)
+            outputs = normalize_model_outputs(result, len(model.spec.outputs))
         metrics.REQUEST_SECONDS.labels(model.name).observe(time.perf_counter() - started)
         metrics.REQUESTS.labels(model.name).inc()
         return outputs, generation
+
+
+def batchable(model: ServedModel) -> bool:
+    """Whether requests can be joined along a leading batch dimension (-1 on every tensor)."""
+    tensors = (*model.spec.inputs, *model.spec.outputs)
+    return all(t.shape and t.shape[0] == -1 for t in tensors)

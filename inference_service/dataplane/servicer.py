@@ -71,7 +71,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         model = self._data.model(request.model_name, request.model_version)
         inputs = decode_inputs(request, model.spec.inputs)
-        outputs, generation = self._data.infer(model, inputs)
+        outputs, generation = self._data.infer(model, inputs, context.time_remaining())
         tensors, raw = encode_outputs(
             outputs,
             model.spec.outputs,

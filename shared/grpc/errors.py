@@ -17,6 +17,7 @@ import grpc
 
 from shared.errors import (
     ConflictError,
+    DeadlineExceededError,
     InvalidArgumentError,
     ModelNotFoundError,
     PushRejectedError,
@@ -35,6 +36,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
     PushRejectedError: grpc.StatusCode.FAILED_PRECONDITION,
     ConflictError: grpc.StatusCode.ABORTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ResourceLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 

@@ -1,0 +1,89 @@
+"""Dynamic batching: requests join into one run on one version, limits answer clearly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+from torch import nn
+
+from inference_service.dataplane.batcher import Batcher, BatchingConfig, Result
+from inference_service.dataplane.tensors import normalize_model_outputs
+from inference_service.served_model import ServedModel
+from shared.app import ModelSpec, TensorSpec
+from shared.errors import DeadlineExceededError, UnavailableError
+
+SPEC = ModelSpec(
+    "m", lambda: None, (TensorSpec("x", "FP32", (-1, 2)),), (TensorSpec("y", "FP32", (-1, 2)),)
+)  # type: ignore[arg-type,return-value]
+
+
+class Gate(nn.Module):
+    """Doubles its input; records batch sizes; can be held shut to let a queue build up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.batches: list[int] = []
+        self.open = threading.Event()
+        self.open.set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.open.wait(5)
+        self.batches.append(int(x.shape[0]))
+        return x * self.scale
+
+
+def batcher(config: BatchingConfig) -> tuple[Batcher, Gate]:
+    gate = Gate()
+    model = ServedModel(SPEC, gate, lambda m, x: m(x), True, torch.device("cpu"))
+    return Batcher(model, config, normalize_model_outputs), gate
+
+
+def test_concurrent_requests_share_a_run_and_get_their_own_rows_back() -> None:
+    runner, gate = batcher(BatchingConfig(max_batch_size=64, max_queue_delay_s=0.05))
+    gate.open.clear()
+    first = runner.submit([torch.zeros(1, 2)], None)  # occupies the model
+    time.sleep(0.05)
+    futures: list[Future[Result]] = [
+        runner.submit([torch.full((i + 1, 2), float(i))], None) for i in range(5)
+    ]
+    gate.open.set()
+    first.result(5)
+    for i, future in enumerate(futures):
+        (out,), generation = future.result(5)
+        assert torch.equal(out, torch.full((i + 1, 2), 2.0 * i))
+        assert generation.version == 0
+    assert gate.batches[1] == 15  # 1 + 2 + 3 + 4 + 5 rows, in one run
+    runner.close()
+
+
+def test_a_full_queue_answers_unavailable_at_once() -> None:
+    runner, gate = batcher(BatchingConfig(max_batch_size=1, max_queue=2))
+    gate.open.clear()
+    runner.submit([torch.zeros(1, 2)], None)
+    time.sleep(0.05)  # the worker holds the first; two more fill the queue
+    runner.submit([torch.zeros(1, 2)], None)
+    runner.submit([torch.zeros(1, 2)], None)
+    with pytest.raises(UnavailableError, match=r"the request queue is full \(2\)"):
+        runner.submit([torch.zeros(1, 2)], None)
+    gate.open.set()
+    runner.close()
+
+
+def test_requests_whose_deadline_passed_while_queued_are_dropped_unrun() -> None:
+    runner, gate = batcher(BatchingConfig(max_batch_size=1))
+    gate.open.clear()
+    runner.submit([torch.zeros(1, 2)], None)
+    time.sleep(0.05)
+    late = runner.submit([torch.zeros(3, 2)], timeout_s=0.01)
+    time.sleep(0.05)
+    gate.open.set()
+    with pytest.raises(DeadlineExceededError, match="deadline passed while it queued"):
+        late.result(5)
+    time.sleep(0.05)
+    assert 3 not in gate.batches
+    runner.close()
