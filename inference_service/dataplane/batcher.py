@@ -53,7 +53,9 @@ class Batcher:
         model: ServedModel,
         config: BatchingConfig,
         normalize: Callable[[object, int], list[torch.Tensor]],
+        on_execution: Callable[[str, int, float, list[float]], None] | None = None,
     ) -> None:
+        self._on_execution = on_execution
         self.model = model
         self.config = config
         self._normalize = normalize
@@ -131,6 +133,13 @@ class Batcher:
                 ]
                 result, generation = self.model.infer(joined)
                 outputs = self._normalize(result, len(self.model.spec.outputs))
+                if self._on_execution is not None:
+                    self._on_execution(
+                        self.model.name,
+                        sum(r.rows for r in batch),
+                        time.monotonic() - started,
+                        [started - r.enqueued for r in batch],
+                    )
             except Exception as error:
                 logger.exception("model %s: a batch of %d failed", self.model.name, len(batch))
                 for request in batch:

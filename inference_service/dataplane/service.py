@@ -10,6 +10,7 @@ import torch
 
 from inference_service import metrics
 from inference_service.dataplane.batcher import Batcher, BatchingConfig
+from inference_service.dataplane.stats import StatsBook
 from inference_service.dataplane.tensors import normalize_model_outputs
 from inference_service.served_model import Generation, ServedModel
 from shared.errors import ModelNotFoundError, UnavailableError
@@ -22,10 +23,14 @@ class DataPlane:
         self._models = models
         self._ready = threading.Event()
         self._batchers: dict[str, Batcher] = {}
+        self.stats = StatsBook()
+        self.batching = batching if batching is not None and batching.max_batch_size > 1 else None
         if batching is not None and batching.max_batch_size > 1:
             for name, model in models.items():
                 if batchable(model):
-                    self._batchers[name] = Batcher(model, batching, normalize_model_outputs)
+                    self._batchers[name] = Batcher(
+                        model, batching, normalize_model_outputs, self.stats.execution
+                    )
 
     def close(self) -> None:
         for batcher in self._batchers.values():
@@ -58,6 +63,9 @@ class DataPlane:
             )
         return model
 
+    def is_batched(self, name: str) -> bool:
+        return name in self._batchers
+
     def model_ready(self, name: str, version: str = "") -> bool:
         self.model(name, version)
         return self.ready
@@ -68,12 +76,19 @@ class DataPlane:
         if not self.ready:
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
         started = time.perf_counter()
+        rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
         batcher = self._batchers.get(model.name)
-        if batcher is not None:
-            outputs, generation = batcher.submit(inputs, timeout_s).result()
-        else:
-            result, generation = model.infer(inputs)
-            outputs = normalize_model_outputs(result, len(model.spec.outputs))
+        try:
+            if batcher is not None:
+                outputs, generation = batcher.submit(inputs, timeout_s).result()
+            else:
+                result, generation = model.infer(inputs)
+                outputs = normalize_model_outputs(result, len(model.spec.outputs))
+                self.stats.execution(model.name, rows, time.perf_counter() - started, [0.0])
+        except Exception:
+            self.stats.request(model.name, time.perf_counter() - started, rows, ok=False)
+            raise
+        self.stats.request(model.name, time.perf_counter() - started, rows, ok=True)
         metrics.REQUEST_SECONDS.labels(model.name).observe(time.perf_counter() - started)
         metrics.REQUESTS.labels(model.name).inc()
         return outputs, generation

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from typing import TypeAlias
 
 import grpc
 from typing_extensions import override
 
+from inference_service.dataplane import convert
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.tensors import decode_inputs, encode_outputs
+from shared.errors import ServiceError
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from shared.grpc.errors import grpc_errors
 
+logger = logging.getLogger(__name__)
+
 SERVER_NAME = "weightsync"
-PLATFORM = "pytorch"
+PLATFORM = convert.PLATFORM
+EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
 Context: TypeAlias = grpc.ServicerContext
 
 
@@ -45,7 +52,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._server_version)
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._server_version, extensions=EXTENSIONS
+        )
 
     @override
     @grpc_errors
@@ -69,9 +78,51 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     @override
     @grpc_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        return self._infer(request, context.time_remaining())
+
+    @override
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[pb.ModelInferRequest], context: Context
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        # Triton's convention: a failed request answers in-band and the stream stays open.
+        for request in request_iterator:
+            try:
+                response = self._infer(request, context.time_remaining())
+            except ServiceError as error:
+                yield pb.ModelStreamInferResponse(error_message=str(error))
+            except Exception:
+                logger.exception("unhandled error in ModelStreamInfer (id %r)", request.id)
+                yield pb.ModelStreamInferResponse(error_message="internal server error")
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    @override
+    @grpc_errors
+    def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
+        model = self._data.model(request.name, request.version)
+        return pb.ModelConfigResponse(config=convert.model_config(self._data, model))
+
+    @override
+    @grpc_errors
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            models = [self._data.model(request.name, request.version)]
+        else:
+            models = [self._data.models[name] for name in sorted(self._data.models)]
+        return pb.ModelStatisticsResponse(
+            model_stats=[convert.model_statistics(self._data, m) for m in models]
+        )
+
+    def _infer(
+        self, request: pb.ModelInferRequest, timeout_s: float | None
+    ) -> pb.ModelInferResponse:
         model = self._data.model(request.model_name, request.model_version)
         inputs = decode_inputs(request, model.spec.inputs)
-        outputs, generation = self._data.infer(model, inputs, context.time_remaining())
+        outputs, generation = self._data.infer(model, inputs, timeout_s)
         tensors, raw = encode_outputs(
             outputs,
             model.spec.outputs,
@@ -82,6 +133,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             model_name=model.name,
             model_version=str(generation.version),
             id=request.id,
+            parameters=request.parameters,
             outputs=tensors,
             raw_output_contents=raw,
         )
