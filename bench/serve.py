@@ -1,0 +1,280 @@
+"""Serving figures against MLServer, as ratios measured in the same run.
+
+Serves one torch MLP (64 -> 256 -> 10) from this project's inference service and from MLServer
+(its custom-runtime way of serving torch), one after the other on this machine, and drives each
+with the same load generator: `--concurrency` client threads sending one prebuilt batch-1 FP32
+raw ModelInfer request over gRPC for `--seconds`. Prints
+
+    serve_mlp ratio_vs_mlserver=X p99_ratio=Y    throughput ours/theirs; p99 ours/theirs
+    swap_p99_ratio=Z failed=N                    our p99 while a 100 MB model's sync commits
+                                                 every second, over our p99 without syncs
+
+MLServer runs from its own virtual environment (its dependencies differ from ours), created on
+first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` executable.
+
+    python -m bench.serve [--seconds 20] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import safetensors.torch
+import torch
+
+from bench.mlp import MLP
+from bench.sync import start
+from shared.gen.inference import grpc_service_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def request_bytes() -> bytes:
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    return request.SerializeToString()
+
+
+def drive(address: str, seconds: float, concurrency: int) -> tuple[float, float, int]:
+    """Requests per second, p99 latency (s) and failures over `seconds`."""
+    payload = request_bytes()
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    failures = [0] * concurrency
+    deadline = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        channel = grpc.insecure_channel(address)
+        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+        call(payload, timeout=30)  # connect outside the timed window
+        while (now := time.monotonic()) < deadline:
+            try:
+                call(payload, timeout=10)
+            except grpc.RpcError:
+                failures[index] += 1
+            latencies[index].append(time.monotonic() - now)
+        channel.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = sorted(x for per in latencies for x in per)
+    elapsed = time.monotonic() - started
+    return len(every) / elapsed, every[int(len(every) * 0.99)], sum(failures)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mlserver_executable(given: str | None) -> str:
+    if given:
+        return given
+    venv = ROOT / ".bench" / "mlserver-venv"
+    executable = venv / "bin" / "mlserver"
+    if not executable.exists():
+        print("# creating MLServer's environment in .bench/mlserver-venv (first run only)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(venv / "bin" / "pip"),
+                "install",
+                "-q",
+                "torch==2.13.0",
+                "mlserver",
+                "safetensors",
+                # mlserver 1.7.1's inference-pool workers die at start under uvloop >= 0.21
+                # ("There is no current event loop"); its older pin keeps its default setup
+                "uvloop<0.21",
+            ],
+            check=True,
+        )
+    return str(executable)
+
+
+def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    ready = pb.ModelReadyRequest(name="mlp")
+    channel = grpc.insecure_channel(address)
+    call = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelReady",
+        request_serializer=pb.ModelReadyRequest.SerializeToString,
+        response_deserializer=pb.ModelReadyResponse.FromString,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("the server exited before it was ready")
+        try:
+            if call(ready, timeout=2).ready:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="serving figures against MLServer")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--mlserver", help="path of an `mlserver` executable to use")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        weights = Path(tmp) / "mlp.safetensors"
+        safetensors.torch.save_file(MLP().state_dict(), weights)
+        env = {**os.environ, "BENCH_MLP_WEIGHTS": str(weights), "PYTHONPATH": str(ROOT)}
+
+        # ours
+        ready = Path(tmp) / "ours.json"
+        ours = start(
+            [
+                "-m",
+                "inference_service",
+                "--models",
+                "bench.serve_app:app",
+                "--device",
+                "cpu",
+                "--listen",
+                "127.0.0.1:0",
+                "--sync-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
+                "--log-level",
+                "WARNING",
+                "--metrics-listen",
+                "off",
+            ],
+            ready,
+            env,
+        )
+        ports = json.loads(ready.read_text())
+        data = f"127.0.0.1:{ports['data_port']}"
+        try:
+            wait_ready(data, ours)
+            drive(data, 2, args.concurrency)  # warm
+            our_rps, our_p99, our_failed = drive(data, args.seconds, args.concurrency)
+            swap_rps, swap_p99, swap_failed, pushes = swapping(
+                data, f"127.0.0.1:{ports['sync_port']}", args.seconds, args.concurrency, env
+            )
+        finally:
+            stop(ours)
+
+        # MLServer
+        model_dir = Path(tmp) / "models" / "mlp"
+        model_dir.mkdir(parents=True)
+        (model_dir / "model-settings.json").write_text(
+            json.dumps({"name": "mlp", "implementation": "bench.mlserver_runtime.TorchMLP"})
+        )
+        grpc_port = free_port()
+        (Path(tmp) / "models" / "settings.json").write_text(
+            json.dumps(
+                {
+                    "grpc_port": grpc_port,
+                    "http_port": free_port(),
+                    "metrics_port": free_port(),
+                    "debug": False,
+                }
+            )
+        )
+        log = (Path(tmp) / "mlserver.log").open("wb")
+        theirs = subprocess.Popen(
+            [mlserver_executable(args.mlserver), "start", str(Path(tmp) / "models")],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        address = f"127.0.0.1:{grpc_port}"
+        try:
+            try:
+                wait_ready(address, theirs)
+            except SystemExit:
+                print((Path(tmp) / "mlserver.log").read_text()[-3000:], file=sys.stderr)
+                raise
+            drive(address, 2, args.concurrency)
+            their_rps, their_p99, their_failed = drive(address, args.seconds, args.concurrency)
+        finally:
+            stop(theirs)
+
+    print(
+        f"# concurrency {args.concurrency}, {args.seconds:g}s each: ours {our_rps:,.0f} req/s "
+        f"p99 {our_p99 * 1e3:.2f} ms ({our_failed} failed); MLServer {their_rps:,.0f} req/s "
+        f"p99 {their_p99 * 1e3:.2f} ms ({their_failed} failed)"
+    )
+    print(
+        f"serve_mlp ratio_vs_mlserver={our_rps / their_rps:.2f} p99_ratio={our_p99 / their_p99:.2f}"
+    )
+    print(
+        f"# while syncing: {swap_rps:,.0f} req/s, p99 {swap_p99 * 1e3:.2f} ms, "
+        f"{pushes} commits of the 100 MB model (trainer in its own process)"
+    )
+    print(f"swap_p99_ratio={swap_p99 / our_p99:.2f} failed={swap_failed}")
+    return 0
+
+
+def swapping(
+    data: str, sync: str, seconds: float, concurrency: int, env: dict[str, str]
+) -> tuple[float, float, int, int]:
+    """Drive the MLP while a trainer process changes the 100 MB model and syncs it each second."""
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainer_service",
+            "--models",
+            "bench.serve_app:app",
+            "--device",
+            "cpu",
+            "--inference",
+            sync,
+            "--run-interval",
+            "1",
+            "--log-level",
+            "INFO",
+            "--metrics-listen",
+            "off",
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # let it start and push its first full copy
+    try:
+        rps, p99, failed = drive(data, seconds, concurrency)
+    finally:
+        stop(trainer)  # type: ignore[arg-type]
+    log = trainer.stderr.read() if trainer.stderr else ""
+    return rps, p99, failed, log.count("committed on 1 inference service")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
