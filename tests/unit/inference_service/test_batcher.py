@@ -30,8 +30,10 @@ class Gate(nn.Module):
         self.batches: list[int] = []
         self.open = threading.Event()
         self.open.set()
+        self.entered = threading.Event()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
         self.open.wait(5)
         self.batches.append(int(x.shape[0]))
         return x * self.scale
@@ -47,7 +49,7 @@ def test_concurrent_requests_share_a_run_and_get_their_own_rows_back() -> None:
     runner, gate = batcher(BatchingConfig(max_batch_size=64, max_queue_delay_s=0.05))
     gate.open.clear()
     first = runner.submit([torch.zeros(1, 2)], None)  # occupies the model
-    time.sleep(0.05)
+    assert gate.entered.wait(5)
     futures: list[Future[Result]] = [
         runner.submit([torch.full((i + 1, 2), float(i))], None) for i in range(5)
     ]
@@ -65,7 +67,7 @@ def test_a_full_queue_answers_unavailable_at_once() -> None:
     runner, gate = batcher(BatchingConfig(max_batch_size=1, max_queue=2))
     gate.open.clear()
     runner.submit([torch.zeros(1, 2)], None)
-    time.sleep(0.05)  # the worker holds the first; two more fill the queue
+    assert gate.entered.wait(5)  # the worker holds the first; two more fill the queue
     runner.submit([torch.zeros(1, 2)], None)
     runner.submit([torch.zeros(1, 2)], None)
     with pytest.raises(UnavailableError, match=r"the request queue is full \(2\)"):
@@ -78,7 +80,7 @@ def test_requests_whose_deadline_passed_while_queued_are_dropped_unrun() -> None
     runner, gate = batcher(BatchingConfig(max_batch_size=1))
     gate.open.clear()
     runner.submit([torch.zeros(1, 2)], None)
-    time.sleep(0.05)
+    assert gate.entered.wait(5)
     late = runner.submit([torch.zeros(3, 2)], timeout_s=0.01)
     time.sleep(0.05)
     gate.open.set()
