@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 
 from bench.mlp import MLP
-from bench.sync import start
+from bench.sync import start_inference
 from shared.gen.inference import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,30 +152,7 @@ def main() -> int:
         env = {**os.environ, "BENCH_MLP_WEIGHTS": str(weights), "PYTHONPATH": str(ROOT)}
 
         # ours
-        ready = Path(tmp) / "ours.json"
-        ours = start(
-            [
-                "-m",
-                "inference_service",
-                "--models",
-                "bench.serve_app:app",
-                "--device",
-                "cpu",
-                "--listen",
-                "127.0.0.1:0",
-                "--sync-listen",
-                "127.0.0.1:0",
-                "--ready-file",
-                str(ready),
-                "--log-level",
-                "WARNING",
-                "--metrics-listen",
-                "off",
-            ],
-            ready,
-            env,
-        )
-        ports = json.loads(ready.read_text())
+        ours, ports = start_inference("bench.serve_app:app", tmp, env)
         data = f"127.0.0.1:{ports['data_port']}"
         try:
             wait_ready(data, ours)

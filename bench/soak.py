@@ -15,7 +15,6 @@ resident memory growth from the end of warm-up (the first fifth of the run) to t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.sync import rss_kib, start
+from bench.sync import rss_kib, start_inference
 from inference_service.client import InferenceClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,27 +42,7 @@ def main() -> int:
     env = {**os.environ, "BENCH_MB": str(args.mb), "PYTHONPATH": str(ROOT)}
     quiet = ["--log-level", "WARNING", "--metrics-listen", "off"]
     with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "inference.json"
-        inference = start(
-            [
-                "-m",
-                "inference_service",
-                "--models",
-                "bench.soak_app:app",
-                "--device",
-                "cpu",
-                "--listen",
-                "127.0.0.1:0",
-                "--sync-listen",
-                "127.0.0.1:0",
-                "--ready-file",
-                str(ready),
-                *quiet,
-            ],
-            ready,
-            env,
-        )
-        ports = json.loads(ready.read_text())
+        inference, ports = start_inference("bench.soak_app:app", tmp, env)
         trainer = subprocess.Popen(
             [
                 sys.executable,

@@ -53,6 +53,37 @@ def start(args: list[str], ready: Path, env: dict[str, str]) -> subprocess.Popen
     return process
 
 
+def start_inference(
+    app: str, tmp: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """The inference service on free loopback ports, quiet; returns it and its bound ports."""
+    ready = Path(tmp) / f"inference-{app.replace(':', '-')}.json"
+    process = start(
+        [
+            "-m",
+            "inference_service",
+            "--models",
+            app,
+            "--device",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--sync-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "WARNING",
+            "--metrics-listen",
+            "off",
+        ],
+        ready,
+        env,
+    )
+    ports: dict[str, int] = json.loads(ready.read_text())
+    return process, ports
+
+
 def rss_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -137,33 +168,11 @@ def main() -> int:
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
 
     with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "inference.json"
-        inference = start(
-            [
-                "-m",
-                "inference_service",
-                "--models",
-                "bench.apps:app",
-                "--device",
-                "cpu",
-                "--listen",
-                "127.0.0.1:0",
-                "--sync-listen",
-                "127.0.0.1:0",
-                "--ready-file",
-                str(ready),
-                "--log-level",
-                "WARNING",
-                "--metrics-listen",
-                "off",
-            ],
-            ready,
-            env,
-        )
+        inference, ports = start_inference("bench.apps:app", tmp, env)
         port_file = Path(tmp) / "yardstick.port"
         yardstick = start(["-m", "bench.yardstick_server", str(port_file)], port_file, env)
         try:
-            sync_address = f"127.0.0.1:{json.loads(ready.read_text())['sync_port']}"
+            sync_address = f"127.0.0.1:{ports['sync_port']}"
             channel = grpc.insecure_channel(
                 f"127.0.0.1:{port_file.read_text()}",
                 options=channel_options(SYNC_MAX_MESSAGE_BYTES),

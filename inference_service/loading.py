@@ -10,7 +10,7 @@ from inference_service.dataplane.tensors import dtype_of
 from inference_service.served_model import ServedModel
 from shared.app import App
 from shared.errors import ConfigurationError
-from shared.torch.model import TorchTrainingModel
+from shared.torch.model import build_torch_model
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +23,7 @@ def load_models(app: App, device: torch.device) -> dict[str, ServedModel]:
     """
     served: dict[str, ServedModel] = {}
     for spec in app.models.values():
-        training_model = spec.build()
-        if not isinstance(training_model, TorchTrainingModel):
-            raise ConfigurationError(
-                f"model {spec.name!r}: the factory returned a {type(training_model).__name__}; "
-                "syncing across machines needs a TorchTrainingModel"
-            )
+        training_model = build_torch_model(spec.name, spec.build)
         if not training_model.has_inference_model:
             logger.info("model %s is training-only; not served here", spec.name)
             continue

@@ -20,7 +20,7 @@ import torch
 from shared.app import App
 from shared.errors import ConfigurationError
 from shared.model.container import TrainingModelsDict
-from shared.torch.model import TorchTrainingModel
+from shared.torch.model import TorchTrainingModel, build_torch_model
 from shared.trainer.base import Trainer, TrainersDict
 from trainer_service import metrics
 from trainer_service.checkpoint import Checkpoints
@@ -42,12 +42,7 @@ class TrainingLoop:
         self.checkpoints = Checkpoints(state_dir) if state_dir is not None else None
         self.models = TrainingModelsDict()
         for spec in app.models.values():
-            model = spec.build()
-            if not isinstance(model, TorchTrainingModel):
-                raise ConfigurationError(
-                    f"model {spec.name!r}: the factory returned a {type(model).__name__}; "
-                    "syncing across machines needs a TorchTrainingModel"
-                )
+            model = build_torch_model(spec.name, spec.build)
             if model.inference_thread_only:
                 logger.info("model %s is inference-only; the inference service loads it", spec.name)
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from shared.errors import ConfigurationError
 from shared.model.interface import InferenceModel, TrainingModel
 from shared.model.remote import RemoteInferenceModel
 
@@ -186,6 +188,17 @@ def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(storage)
         state[name] = tensor
     return state
+
+
+def build_torch_model(name: str, factory: Callable[[], object]) -> TorchTrainingModel[nn.Module]:
+    """Call a model factory of the app; the services sync TorchTrainingModels only."""
+    model = factory()
+    if not isinstance(model, TorchTrainingModel):
+        raise ConfigurationError(
+            f"model {name!r}: the factory returned a {type(model).__name__}; syncing across "
+            "machines needs a TorchTrainingModel"
+        )
+    return model
 
 
 class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
