@@ -23,6 +23,7 @@ from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
+from shared.statedir import claim
 
 logger = logging.getLogger("inference_service")
 
@@ -56,7 +57,10 @@ def run(settings: InferenceSettings) -> None:
     models = load_models(load_app(settings.models), device)
     store = None
     if settings.state_dir is not None:
-        store = WeightStore(settings.state_dir / "models", settings.history)
+        state = claim(settings.state_dir)
+        assert state is not None  # claim() without `wait` raises rather than returning None
+        logger.info("state directory %s", state.path)
+        store = WeightStore(state.path / "models", settings.history)
         for model in models.values():
             if model.accepts_pushes:
                 store.restore(model)

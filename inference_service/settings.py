@@ -88,7 +88,8 @@ OPTIONS = [
     Option(
         "--state-dir",
         "INFERENCE_STATE_DIR",
-        "directory that keeps the last committed weights of each model across restarts",
+        "directory that keeps the last committed weights of each model across restarts; "
+        "'{slot}' in it takes the lowest-numbered directory no other replica holds",
         None,
         Path,
     ),

@@ -14,6 +14,8 @@ from shared.devices import resolve_device
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.metrics import serve_metrics
+from shared.statedir import claim
+from trainer_service.distributed import join
 from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import TrainerSettings
@@ -26,9 +28,22 @@ def run(settings: TrainerSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     device = resolve_device(settings.device)
-    if settings.metrics_listen:
+    group = join(device)  # data-parallel ranks under torchrun; None when run alone
+    if group is not None:
+        device = group.device
+    writes = group is None or group.is_writer
+    if settings.metrics_listen and writes:
         port = serve_metrics(settings.metrics_listen)
         logger.info("metrics on port %d", port)
+    state_dir = settings.state_dir
+    if state_dir is not None and writes:
+        # Trainers sharing a state directory (replicas of one compose service) take turns:
+        # one trains and writes, the others stand by and take over, from its last checkpoint,
+        # when it exits. Data-parallel ranks other than 0 only read it.
+        state = claim(state_dir, wait=stop)
+        if state is None:
+            return
+        state_dir = state.path
     publisher = Publisher(
         settings.inference,
         settings.writer_id,
@@ -38,7 +53,12 @@ def run(settings: TrainerSettings) -> None:
     )
     try:
         loop = TrainingLoop(
-            load_app(settings.models), publisher, device, settings.trainers, settings.state_dir
+            load_app(settings.models),
+            publisher,
+            device,
+            settings.trainers,
+            state_dir,
+            group,
         )
         logger.info(
             "trainer %s: %d trainer(s) on %s, pushing %s to %s",
@@ -53,6 +73,8 @@ def run(settings: TrainerSettings) -> None:
         loop.save()
     finally:
         publisher.close()
+        if group is not None:
+            group.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

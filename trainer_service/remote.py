@@ -26,3 +26,17 @@ class PublishedInferenceModel(RemoteInferenceModel):
     @override
     def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
         self._publisher.publish(self.name, weights)
+
+
+class PublishedByRankZero(RemoteInferenceModel):
+    """The inference copy as data-parallel ranks other than 0 see it.
+
+    Rank 0 holds bit-identical weights (see distributed.py) and pushes them; this rank's sync
+    has nothing left to send."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @override
+    def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
+        del weights  # rank 0 pushes the same weights

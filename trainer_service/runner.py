@@ -24,8 +24,9 @@ from shared.torch.model import TorchTrainingModel, build_torch_model
 from shared.trainer.base import Trainer, TrainersDict
 from trainer_service import metrics
 from trainer_service.checkpoint import Checkpoints
+from trainer_service.distributed import Group
 from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
-from trainer_service.remote import PublishedInferenceModel
+from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ class TrainingLoop:
         device: torch.device,
         trainer_names: Sequence[str] | None = None,
         state_dir: Path | None = None,
+        group: Group | None = None,
     ) -> None:
+        self.group = group
+        writes = group is None or group.is_writer
         self.checkpoints = Checkpoints(state_dir) if state_dir is not None else None
         self.models = TrainingModelsDict()
         for spec in app.models.values():
@@ -48,7 +52,11 @@ class TrainingLoop:
                 continue
             model.model.to(device)
             if model.has_inference_model:  # before the dict would build a local copy
-                model.attach_inference_model(PublishedInferenceModel(spec.name, publisher))
+                model.attach_inference_model(
+                    PublishedInferenceModel(spec.name, publisher)
+                    if writes
+                    else PublishedByRankZero(spec.name)
+                )
             self.models[spec.name] = model
         names = list(trainer_names) if trainer_names else list(app.trainers)
         unknown = sorted(set(names) - set(app.trainers))
@@ -75,6 +83,8 @@ class TrainingLoop:
                     model.load_state(saved / "models" / name)
             self.trainers.load_state(saved / "trainers")
             logger.info("resumed from %s", saved)
+        if self.group is not None:
+            self.group.replicate(m.model for m in self._torch_models().values())
         for name in self.synced_models():
             model = self.models.data[name]
             assert isinstance(model, TorchTrainingModel)
@@ -89,9 +99,9 @@ class TrainingLoop:
     ) -> None:
         """Run trainers round robin until `stop` is set or `max_runs` runs have completed;
         checkpoint every `checkpoint_every` runs (0: only at the end)."""
-        while not stop.is_set():
+        while not self._stopping(stop):
             for name, trainer in self.trainers.items():
-                if stop.is_set():
+                if self._stopping(stop):
                     return
                 started = time.perf_counter()
                 if not self._run_one(name, trainer):
@@ -110,7 +120,14 @@ class TrainingLoop:
                     stop.wait(interval)
 
     def save(self) -> None:
-        """Checkpoint models and trainer state (safetensors, no pickle), atomically as a whole."""
+        """Checkpoint models and trainer state (safetensors, no pickle), atomically as a whole.
+
+        Data-parallel ranks first check that they hold the same weights; rank 0 writes."""
+        if self.group is not None:
+            states = {n: m.model.state_dict() for n, m in self._torch_models().items()}
+            self.group.check_in_sync(states)
+            if not self.group.is_writer:
+                return
         if self.checkpoints is None:
             return
 
@@ -122,6 +139,14 @@ class TrainingLoop:
 
         path = self.checkpoints.write(fill)
         logger.info("checkpoint written to %s after %d runs", path, self.runs)
+
+    def _stopping(self, stop: threading.Event) -> bool:
+        if self.group is None:
+            return stop.is_set()
+        return self.group.agree_to_stop(stop.is_set())
+
+    def _torch_models(self) -> dict[str, TorchTrainingModel[torch.nn.Module]]:
+        return {n: m for n, m in self.models.data.items() if isinstance(m, TorchTrainingModel)}
 
     @staticmethod
     def _run_one(name: str, trainer: Trainer) -> bool:

@@ -71,7 +71,8 @@ OPTIONS = [
     Option(
         "--state-dir",
         "TRAINER_STATE_DIR",
-        "directory for model, optimizer and trainer state (saved on exit, loaded on start)",
+        "directory for model, optimizer and trainer state (saved on exit, loaded on start); a "
+        "second trainer given the same directory stands by until the first exits",
         None,
         Path,
     ),

@@ -1,38 +1,54 @@
-"""docker-compose.yml and the code agree: every variable it sets is a flag the service declares,
-and the command each service runs is one of our console scripts."""
+"""docker-compose.yml (and its GPU overlay) agree with the code: every variable a service sets is
+a flag that service declares, every command is one of our console scripts, and the ports line
+up. tests/integration/test_compose.py then runs the file."""
 
 from __future__ import annotations
 
-import re
 import tomllib
-from pathlib import Path
+from typing import Any
+
+import pytest
 
 from inference_service.settings import OPTIONS as INFERENCE_OPTIONS
+from tests.integration.compose import ROOT, load
 from trainer_service.settings import OPTIONS as TRAINER_OPTIONS
 
-ROOT = Path(__file__).resolve().parents[2]
+DECLARED = {
+    "inference-service": {o.env for o in INFERENCE_OPTIONS},
+    "trainer-service": {o.env for o in TRAINER_OPTIONS},
+}
 
 
-def test_every_variable_the_compose_file_sets_is_declared() -> None:
-    text = (ROOT / "docker-compose.yml").read_text()
-    declared = {o.env for o in (*INFERENCE_OPTIONS, *TRAINER_OPTIONS)}
-    used = set(re.findall(r"^\s+((?:INFERENCE|TRAINER)_[A-Z_]+):", text, re.MULTILINE))
-    assert used, "the compose file sets no service variables"
-    assert used <= declared, f"not declared by any service: {sorted(used - declared)}"
-    assert {"INFERENCE_MODELS", "TRAINER_MODELS", "TRAINER_INFERENCE"} <= used
+@pytest.fixture(params=[["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
+def services(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    document = load([ROOT / name for name in request.param], {"WEIGHTSYNC_SYNC_TOKEN": "t"})
+    services: dict[str, dict[str, Any]] = document["services"]
+    return services
 
 
-def test_commands_are_console_scripts_and_ports_match() -> None:
-    text = (ROOT / "docker-compose.yml").read_text()
+def test_every_variable_is_a_flag_of_the_command_that_reads_it(
+    services: dict[str, dict[str, Any]],
+) -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    for command in re.findall(r'command: \["([a-z-]+)"', text):
-        assert command in scripts
-    listen = re.search(r"INFERENCE_LISTEN: 0\.0\.0\.0:(\d+)", text)
-    sync = re.search(r"INFERENCE_SYNC_LISTEN: 0\.0\.0\.0:(\d+)", text)
-    target = re.search(r"TRAINER_INFERENCE: inference:(\d+)", text)
-    health = re.search(r'"shared\.healthcheck", "127\.0\.0\.1:(\d+)"', text)
-    published = re.findall(r'- "(\d+):(\d+)"', text)
-    assert listen and sync and target and health
-    assert target.group(1) == sync.group(1)  # trainers reach the sync plane
-    assert health.group(1) == listen.group(1)  # the health check probes the data plane
-    assert published == [(listen.group(1), listen.group(1))]  # only the data plane is published
+    for name, service in services.items():
+        (command,) = service["command"]
+        assert command in scripts and command in DECLARED, name
+        assert set(service["environment"]) <= DECLARED[command], name
+
+
+def test_only_the_data_plane_is_published_and_everything_points_at_the_right_port(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    inference = services["inference"]
+    listen = inference["environment"]["INFERENCE_LISTEN"].rsplit(":", 1)[1]
+    sync = inference["environment"]["INFERENCE_SYNC_LISTEN"].rsplit(":", 1)[1]
+    assert [p.rsplit(":", 1)[1] for p in inference["ports"]] == [listen]
+    assert inference["healthcheck"]["test"][-1] == f"127.0.0.1:{listen}"
+    trainers = [s for s in services.values() if s["command"] == ["trainer-service"]]
+    assert len(trainers) >= 2
+    for trainer in trainers:
+        assert "ports" not in trainer
+        assert trainer["environment"]["TRAINER_INFERENCE"] == f"inference:{sync}"
+        assert trainer["depends_on"]["inference"]["condition"] == "service_healthy"
+    for service in services.values():
+        assert service["stop_grace_period"] and service["volumes"]

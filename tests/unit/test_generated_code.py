@@ -15,13 +15,17 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
         check=True,
         cwd=ROOT,
     )
-    fresh = {
-        p.relative_to(tmp_path): p.read_text() for p in (tmp_path / "shared/gen").rglob("*_pb2*")
-    }
-    committed = {p.relative_to(ROOT): p.read_text() for p in (ROOT / "shared/gen").rglob("*_pb2*")}
+    fresh = _generated(tmp_path)
+    committed = _generated(ROOT)
     assert fresh.keys() == committed.keys(), "run `make proto`: generated files differ"
     stale = sorted(str(path) for path, text in fresh.items() if committed[path] != text)
     assert not stale, f"run `make proto`: {', '.join(stale)} drifted from proto/"
+
+
+def _generated(root: Path) -> dict[Path, str]:
+    """Generated sources under root/shared/gen (not the bytecode Python caches beside them)."""
+    files = (root / "shared/gen").rglob("*_pb2*")
+    return {p.relative_to(root): p.read_text() for p in files if p.suffix in (".py", ".pyi")}
 
 
 def test_our_messages_and_tritonclients_live_side_by_side() -> None:

@@ -1,0 +1,104 @@
+"""Data-parallel training in the trainer tier: several ranks train one set of models; rank 0 syncs.
+
+Launch the trainer service under torchrun (or anything that sets RANK, WORLD_SIZE, MASTER_ADDR
+and MASTER_PORT, as torch.distributed's env:// rendezvous expects):
+
+    torchrun --nnodes 1 --nproc-per-node 4 -m trainer_service --models my_app:app ...
+
+Every rank builds the same models, resumes from the same checkpoint (a --state-dir they share)
+and runs the same trainers in the same order, each on its own data. After the resume, rank 0's
+weights are broadcast to the others; during training each parameter's gradient is averaged
+across ranks as soon as backward has accumulated it, so every optimizer takes the same step and
+the weights stay bit-identical, which the ranks check against each other at every checkpoint.
+Only rank 0 pushes to the inference services, holds the writer lease, serves metrics and writes
+checkpoints. The ranks agree at every run boundary on whether to stop, so a signal that reaches
+one rank first never leaves the others waiting in a collective.
+
+A trainer must make the same run-or-skip decision on every rank (`is_trainable`), or the ranks
+wait on each other forever; gloo is used on CPU and NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shared.weights.digest import state_digest
+
+logger = logging.getLogger(__name__)
+
+
+class RanksDivergedError(RuntimeError):
+    """The ranks' weights differ: a trainer did something on one rank it did not on the others."""
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 alone pushes, checkpoints and holds the writer lease."""
+        return self.rank == 0
+
+    def replicate(self, modules: Iterable[nn.Module]) -> None:
+        """Give every rank rank 0's weights, then average each gradient across ranks."""
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                dist.broadcast(tensor.data, src=0)
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    parameter.register_post_accumulate_grad_hook(self._average_grad)  # type: ignore[no-untyped-call]
+
+    def _average_grad(self, parameter: torch.Tensor) -> None:
+        # One all-reduce per parameter, in backward's order (the same on every rank). DDP's
+        # bucketing overlaps better, but it wraps the module and renames its state dict, which
+        # the sync and the checkpoints must keep as the user wrote it.
+        assert parameter.grad is not None
+        dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+        parameter.grad.div_(self.world_size)
+
+    def agree_to_stop(self, stopping: bool) -> bool:
+        """True on every rank as soon as any rank wants to stop."""
+        flag = torch.tensor([int(stopping)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def check_in_sync(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Raise RanksDivergedError unless every rank holds bit-identical weights."""
+        for name in sorted(states):
+            mine = torch.frombuffer(bytearray(state_digest(states[name])), dtype=torch.uint8)
+            mine = mine.to(self.device)
+            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(gathered, mine)
+            differing = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+            if differing:
+                raise RanksDivergedError(
+                    f"model {name!r}: rank(s) {differing} hold weights that differ from rank 0's"
+                )
+        logger.info("rank %d: all %d ranks hold identical weights", self.rank, self.world_size)
+
+    def close(self) -> None:
+        dist.destroy_process_group()
+
+
+def join(device: torch.device) -> Group | None:
+    """Join the process group torchrun describes in the environment; None when run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    group = Group(dist.get_rank(), dist.get_world_size(), device)
+    logger.info("rank %d of %d (%s) on %s", group.rank, world_size, dist.get_backend(), device)
+    return group
