@@ -18,7 +18,7 @@ from inference_service.settings import InferenceSettings
 from inference_service.syncplane.receiver import SyncLimits
 from shared.app import load_app
 from shared.cli import configure_logging, is_loopback
-from shared.devices import resolve_device
+from shared.devices import resolve_device, size_torch_threads
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
@@ -54,6 +54,8 @@ def run(settings: InferenceSettings) -> None:
             settings.sync_listen,
         )
     device = resolve_device(settings.device)
+    threads = size_torch_threads(settings.torch_threads)
+    logger.info("torch: %d intra-op thread(s); %d request worker(s)", threads, settings.workers)
     models = load_models(load_app(settings.models), device)
     store = None
     if settings.state_dir is not None:

@@ -21,7 +21,12 @@ PUSH_SECONDS = Histogram(
     buckets=PUSH_BUCKETS,
 )
 MODEL_VERSION = Gauge("weightsync_inference_model_version", "Version being served", ["model"])
-REQUESTS = Counter("weightsync_inference_requests_total", "ModelInfer requests answered", ["model"])
+REQUESTS = Counter(
+    "weightsync_inference_requests_total",
+    "Inference requests (ModelInfer and each ModelStreamInfer request) by model and gRPC status "
+    "code; model is '' for names the service does not serve",
+    ["model", "code"],
+)
 QUEUE_SECONDS = Histogram(
     "weightsync_inference_queue_duration_seconds",
     "Time requests waited to be batched",

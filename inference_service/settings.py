@@ -23,6 +23,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value} is negative")
+    return number
+
+
 OPTIONS = [
     Option(
         "--models",
@@ -146,6 +153,13 @@ OPTIONS = [
         "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
     ),
     Option(
+        "--torch-threads",
+        "INFERENCE_TORCH_THREADS",
+        "torch intra-op threads (0: one per CPU the process may use, container quota included)",
+        0,
+        _non_negative_int,
+    ),
+    Option(
         "--grace",
         "INFERENCE_GRACE",
         "seconds in-flight requests get to finish on SIGTERM",
@@ -187,6 +201,7 @@ class InferenceSettings:
     max_queue_delay_ms: float = 2.0
     max_queue: int = 1024
     workers: int = 8
+    torch_threads: int = 0
     grace: float = 10.0
     ready_file: Path | None = None
     log_level: str = "INFO"

@@ -90,7 +90,6 @@ class DataPlane:
             raise
         self.stats.request(model.name, time.perf_counter() - started, rows, ok=True)
         metrics.REQUEST_SECONDS.labels(model.name).observe(time.perf_counter() - started)
-        metrics.REQUESTS.labels(model.name).inc()
         return outputs, generation
 
 

@@ -9,13 +9,14 @@ from typing import TypeAlias
 import grpc
 from typing_extensions import override
 
+from inference_service import metrics
 from inference_service.dataplane import convert
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.tensors import decode_inputs, encode_outputs
 from shared.errors import ServiceError
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from shared.grpc.errors import grpc_errors
+from shared.grpc.errors import grpc_errors, status_for
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         )
 
     def _infer(
+        self, request: pb.ModelInferRequest, timeout_s: float | None
+    ) -> pb.ModelInferResponse:
+        # Only served names become label values: a client's garbage must not grow the series.
+        label = request.model_name if request.model_name in self._data.models else ""
+        code = "INTERNAL"
+        try:
+            response = self._infer_checked(request, timeout_s)
+            code = "OK"
+            return response
+        except ServiceError as error:
+            code = status_for(error).name
+            raise
+        finally:
+            metrics.REQUESTS.labels(label, code).inc()
+
+    def _infer_checked(
         self, request: pb.ModelInferRequest, timeout_s: float | None
     ) -> pb.ModelInferResponse:
         model = self._data.model(request.model_name, request.model_version)

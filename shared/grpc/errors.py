@@ -73,15 +73,23 @@ def grpc_errors(handler: H) -> H:
         try:
             return handler(self, request, context)
         except ServiceError as error:
-            logger.info("%s -> %s: %s", handler.__qualname__, status_for(error).name, error)
+            logger.info(
+                "%s%s -> %s: %s", handler.__qualname__, _id(request), status_for(error).name, error
+            )
             abort(context, error)
         except Exception:
             if context.code() is not None:  # the handler aborted on purpose
                 raise
-            logger.exception("unhandled error in %s", handler.__qualname__)
+            logger.exception("unhandled error in %s%s", handler.__qualname__, _id(request))
             context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _id(request: object) -> str:
+    """` (request id '...')` for requests that carry a client-chosen id (OIP's `id`), else ''."""
+    request_id = getattr(request, "id", "")
+    return f" (request id {request_id!r})" if isinstance(request_id, str) and request_id else ""
 
 
 def error_reason(error: grpc.RpcError) -> str | None:

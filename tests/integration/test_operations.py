@@ -211,3 +211,36 @@ def test_both_services_export_sync_metrics(services: Services) -> None:
     )
     assert 'weightsync_trainer_sync_duration_seconds_count{model="stamp"}' in text
     trainer.terminate()
+
+
+def test_data_plane_metrics_count_requests_by_status_and_errors_log_the_request_id(
+    services: Services,
+) -> None:
+    import re
+    import urllib.request
+
+    import torch
+
+    from inference_service.client import InferenceClient
+
+    inference = services.inference(PAIR)
+    with InferenceClient(inference.data) as client:
+        for _ in range(3):
+            client.infer("mlp", {"x": torch.zeros(2, 4)})
+        for model, x in (("mlp", torch.zeros(2, 5)), ("no-such-model", torch.zeros(2, 4))):
+            with pytest.raises(grpc.RpcError):
+                client.infer(model, {"x": x}, request_id=f"req-{model}")
+    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+
+    def count(labels: str) -> float:
+        found = re.search(r"weightsync_inference_requests_total\{" + labels + r"\} (\S+)", text)
+        return float(found.group(1)) if found else 0.0
+
+    assert count('code="OK",model="mlp"') == 3
+    assert count('code="INVALID_ARGUMENT",model="mlp"') == 1
+    assert count('code="NOT_FOUND",model=""') == 1  # unknown names never become label values
+    assert "no-such-model" not in text
+    assert 'weightsync_inference_request_duration_seconds_count{model="mlp"} 3.0' in text
+    log = services.log("inference")
+    assert "request id 'req-mlp'" in log and "request id 'req-no-such-model'" in log
