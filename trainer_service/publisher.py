@@ -99,13 +99,22 @@ class Publisher:
         """The last version of `model_name` this publisher pushed (0: none yet)."""
         return self._versions.get(model_name, 0)
 
-    def publish(self, model_name: str, state: Mapping[str, torch.Tensor]) -> SyncReport:
-        """Push `state` as the next version of `model_name` to every target."""
+    def publish(
+        self, model_name: str, state: Mapping[str, torch.Tensor], *, full: bool = False
+    ) -> SyncReport:
+        """Push `state` as the next version of `model_name` to every target.
+
+        Each target gets a delta on the last version it committed from this publisher when it
+        can take one; `full` sends every tensor regardless (to re-seed targets whose weights
+        are in doubt)."""
         started = time.perf_counter()
         tensors = {name: t.detach() for name, t in state.items()}
         clients = [self._client(address) for address in self._resolve()]
         if not clients:
             raise SyncFailedError(f"no inference service found at {', '.join(self._targets)}")
+        if full:
+            for client in clients:
+                self._acked.pop((client.target, model_name), None)
         try:
             version = self._next_version(model_name, clients)
         except PushFailedError as error:

@@ -82,6 +82,18 @@ def test_full_then_deltas_reach_every_target_bit_exactly(targets: list[Target]) 
     publisher.close()
 
 
+def test_full_resends_every_tensor_where_a_delta_would_do(targets: list[Target]) -> None:
+    publisher = Publisher([t.address for t in targets], "trainer-x")
+    state = trained()
+    first = publisher.publish("m", state)
+    again = publisher.publish("m", state, full=True)
+    assert again.payload_bytes == first.payload_bytes  # every tensor again, to both targets
+    assert publisher.publish("m", state).payload_bytes < 200  # and deltas resume after it
+    for target in targets:
+        target.assert_serves(state, 3)
+    publisher.close()
+
+
 def test_a_restarted_target_without_the_base_gets_a_full_push(targets: list[Target]) -> None:
     publisher = Publisher([t.address for t in targets], "trainer-x")
     state = trained()
