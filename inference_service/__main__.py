@@ -84,6 +84,7 @@ def run(settings: InferenceSettings) -> None:
         sync_token=settings.sync_token,
         data_token=settings.data_token,
         tls=tls if tls.enabled else None,
+        sync_nice=settings.sync_nice,
     )
     ports = server.start()
     metrics_port = serve_metrics(settings.metrics_listen) if settings.metrics_listen else None

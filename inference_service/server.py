@@ -2,15 +2,21 @@
 
 They listen on separate addresses so the sync plane can be firewalled and authenticated apart
 from the data plane. Both carry grpc.health.v1 (SERVING only while the data plane is ready) and
-server reflection.
+server reflection. The data plane is a grpc.aio server on an event loop thread of its own (many
+small calls: one loop beats a thread per call); the sync plane is a thread-pool server (few,
+long streams whose per-message work releases the GIL), run at a lower CPU priority.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from inference_service.dataplane.batcher import BatchingConfig
@@ -22,15 +28,19 @@ from inference_service.syncplane.receiver import PushReceiver, SyncLimits
 from inference_service.syncplane.servicer import WeightSyncServicer
 from inference_service.syncplane.servicer import add_to_server as add_sync_servicer
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
-from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
+from shared.grpc.auth import AsyncTokenAuthInterceptor, TlsFiles, TokenAuthInterceptor
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from shared.grpc.reflection import enable_reflection
-from shared.grpc.server import bind, new_server
+from shared.grpc.server import bind, new_aio_server, new_server
 
 logger = logging.getLogger(__name__)
 
 OIP_SERVICE = "inference.GRPCInferenceService"
 SYNC_SERVICE = "weightsync.v1.WeightSync"
+SERVICES = ("", OIP_SERVICE, SYNC_SERVICE)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,9 +64,10 @@ class InferenceServer:
         data_token: str | None = None,
         tls: TlsFiles | None = None,
         batching: BatchingConfig | None = None,
+        sync_nice: int = 0,
     ) -> None:
         self._tls = tls
-        self.data_plane = DataPlane(models, batching)
+        self.data_plane = DataPlane(models, batching, workers)
         self._persister = Persister(store, models) if store is not None else None
         self.receiver = PushReceiver(
             models,
@@ -66,17 +77,17 @@ class InferenceServer:
         )
         self._listen = listen
         self._sync_listen = sync_listen
-        self._health = health.HealthServicer(experimental_non_blocking=True)
-        for service in ("", OIP_SERVICE, SYNC_SERVICE):
-            self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-        data_auth = [TokenAuthInterceptor(data_token, "data plane")] if data_token else []
-        self._data_server = new_server(workers, DATA_MAX_MESSAGE_BYTES, data_auth)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.data_plane, server_version), self._data_server
+        self._server_version = server_version
+        self._data_token = data_token
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="data-plane", daemon=True
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._data_server)
-        enable_reflection(self._data_server, [OIP_SERVICE])
+        self._data_server: grpc.aio.Server | None = None
+        self._data_health: health.aio.HealthServicer | None = None
+        self._health = health.HealthServicer(experimental_non_blocking=True)  # the sync plane's
+        for service in SERVICES:
+            self._health.set(service, NOT_SERVING)
 
         sync_auth = (
             [TokenAuthInterceptor(sync_token, "sync plane", weaker=data_token)]
@@ -84,34 +95,75 @@ class InferenceServer:
             else []
         )
         concurrent = (limits or SyncLimits()).max_concurrent
+        # Receiving weights (parse, copy, hash) runs at a lower CPU priority than serving, so
+        # a push slows itself down rather than the requests when CPUs are short.
         self._sync_server = new_server(
-            concurrent + 2, SYNC_MAX_MESSAGE_BYTES, sync_auth, max_concurrent_rpcs=concurrent
+            concurrent + 2,
+            SYNC_MAX_MESSAGE_BYTES,
+            sync_auth,
+            max_concurrent_rpcs=concurrent,
+            name="sync",
+            nice=sync_nice,
         )
         add_sync_servicer(WeightSyncServicer(self.receiver), self._sync_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)
         enable_reflection(self._sync_server, [SYNC_SERVICE])
 
+    async def _start_data_server(self) -> int:
+        """Build, bind and start the data plane's aio server on its loop; return its port."""
+        auth = (
+            [AsyncTokenAuthInterceptor(self._data_token, "data plane")] if self._data_token else []
+        )
+        server = new_aio_server(DATA_MAX_MESSAGE_BYTES, auth)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.data_plane, self._server_version), server
+        )
+        self._data_health = health.aio.HealthServicer()
+        for service in SERVICES:
+            await self._data_health.set(service, NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self._data_health, server)
+        enable_reflection(server, [OIP_SERVICE])
+        port = bind(server, self._listen, self._tls)
+        await server.start()
+        self._data_server = server
+        return port
+
+    async def _set_data_health(self, status: int) -> None:
+        assert self._data_health is not None
+        for service in SERVICES:
+            await self._data_health.set(service, status)
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
     def start(self) -> Ports:
         """Bind both addresses, start serving, and report ready; return the bound ports."""
+        self._loop_thread.start()
         ports = Ports(
-            bind(self._data_server, self._listen, self._tls),
+            self._on_loop(self._start_data_server()),
             bind(self._sync_server, self._sync_listen, self._tls),
         )
-        self._data_server.start()
         self._sync_server.start()
         self.data_plane.set_ready(True)
-        for service in ("", OIP_SERVICE, SYNC_SERVICE):
-            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._set_data_health(SERVING))
+        for service in SERVICES:
+            self._health.set(service, SERVING)
         logger.info("data plane on port %d, sync plane on port %d", ports.data, ports.sync)
         return ports
 
     def stop(self, grace: float) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish for `grace`."""
         self._health.enter_graceful_shutdown()
+        if self._data_health is not None:
+            self._on_loop(self._data_health.enter_graceful_shutdown())
         self.data_plane.set_ready(False)
-        done = [self._data_server.stop(grace), self._sync_server.stop(grace)]
-        for event in done:
-            event.wait()
+        sync_stopped = self._sync_server.stop(grace)
+        if self._data_server is not None:
+            self._on_loop(self._data_server.stop(grace))
+        sync_stopped.wait()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
         self.data_plane.close()
         if self._persister is not None:
             self._persister.close()

@@ -30,6 +30,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _nice(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 19:
+        raise ValueError(f"{value} is not between 0 and 19")
+    return number
+
+
 OPTIONS = [
     Option(
         "--models",
@@ -153,6 +160,14 @@ OPTIONS = [
         "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
     ),
     Option(
+        "--sync-nice",
+        "INFERENCE_SYNC_NICE",
+        "how much lower (nice, 0-19) the CPU priority of the threads receiving weight pushes is "
+        "than that of serving",
+        10,
+        _nice,
+    ),
+    Option(
         "--torch-threads",
         "INFERENCE_TORCH_THREADS",
         "torch intra-op threads (0: one per CPU the process may use, container quota included)",
@@ -201,6 +216,7 @@ class InferenceSettings:
     max_queue_delay_ms: float = 2.0
     max_queue: int = 1024
     workers: int = 8
+    sync_nice: int = 10
     torch_threads: int = 0
     grace: float = 10.0
     ready_file: Path | None = None

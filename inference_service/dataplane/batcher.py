@@ -101,15 +101,17 @@ class Batcher:
             now = time.monotonic()
             while self._queue:
                 request = self._queue[0]
+                if batch and rows + request.rows > self.config.max_batch_size:
+                    break
+                self._queue.popleft()
+                if not request.future.set_running_or_notify_cancel():  # the caller gave up
+                    continue
                 if request.deadline is not None and request.deadline <= now:
-                    self._queue.popleft()
                     request.future.set_exception(
                         DeadlineExceededError("the request's deadline passed while it queued")
                     )
                     continue
-                if batch and rows + request.rows > self.config.max_batch_size:
-                    break
-                batch.append(self._queue.popleft())
+                batch.append(request)
                 rows += request.rows
             return batch
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -18,9 +20,14 @@ from shared.errors import ModelNotFoundError, UnavailableError
 
 class DataPlane:
     def __init__(
-        self, models: Mapping[str, ServedModel], batching: BatchingConfig | None = None
+        self,
+        models: Mapping[str, ServedModel],
+        batching: BatchingConfig | None = None,
+        workers: int = 8,
     ) -> None:
         self._models = models
+        # Models that are not batched run here, so a slow one never blocks the event loop.
+        self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
         self._ready = threading.Event()
         self._batchers: dict[str, Batcher] = {}
         self.stats = StatsBook()
@@ -35,6 +42,7 @@ class DataPlane:
     def close(self) -> None:
         for batcher in self._batchers.values():
             batcher.close()
+        self._workers.shutdown(wait=True)
 
     @property
     def models(self) -> Mapping[str, ServedModel]:
@@ -70,9 +78,11 @@ class DataPlane:
         self.model(name, version)
         return self.ready
 
-    def infer(
+    async def infer(
         self, model: ServedModel, inputs: list[torch.Tensor], timeout_s: float | None = None
     ) -> tuple[list[torch.Tensor], Generation]:
+        """Run one request: through the model's batcher when it has one, else on a worker
+        thread; the event loop only waits."""
         if not self.ready:
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
         started = time.perf_counter()
@@ -80,16 +90,26 @@ class DataPlane:
         batcher = self._batchers.get(model.name)
         try:
             if batcher is not None:
-                outputs, generation = batcher.submit(inputs, timeout_s).result()
+                outputs, generation = await asyncio.wrap_future(batcher.submit(inputs, timeout_s))
             else:
-                result, generation = model.infer(inputs)
-                outputs = normalize_model_outputs(result, len(model.spec.outputs))
-                self.stats.execution(model.name, rows, time.perf_counter() - started, [0.0])
+                loop = asyncio.get_running_loop()
+                outputs, generation = await loop.run_in_executor(
+                    self._workers, self._run, model, inputs, rows
+                )
         except Exception:
             self.stats.request(model.name, time.perf_counter() - started, rows, ok=False)
             raise
         self.stats.request(model.name, time.perf_counter() - started, rows, ok=True)
         metrics.REQUEST_SECONDS.labels(model.name).observe(time.perf_counter() - started)
+        return outputs, generation
+
+    def _run(
+        self, model: ServedModel, inputs: list[torch.Tensor], rows: int
+    ) -> tuple[list[torch.Tensor], Generation]:
+        started = time.perf_counter()
+        result, generation = model.infer(inputs)
+        outputs = normalize_model_outputs(result, len(model.spec.outputs))
+        self.stats.execution(model.name, rows, time.perf_counter() - started, [0.0])
         return outputs, generation
 
 

@@ -10,7 +10,7 @@ that caller gets PERMISSION_DENIED rather than UNAUTHENTICATED.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,21 +20,7 @@ import grpc
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
 
-def _deny(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    def abort(request: Any, context: grpc.ServicerContext) -> None:
-        context.abort(code, details)
-
-    return grpc.unary_unary_rpc_method_handler(abort)
-
-
-def _deny_stream(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    def abort(request_iterator: Any, context: grpc.ServicerContext) -> None:
-        context.abort(code, details)
-
-    return grpc.stream_unary_rpc_method_handler(abort)
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class _TokenCheck:
     """Admit calls carrying `token`; name callers presenting `weaker` as not permitted."""
 
     def __init__(self, token: str, plane: str, weaker: str | None = None) -> None:
@@ -42,31 +28,72 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._weaker = weaker.encode() if weaker else None
         self._plane = plane
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    def refusal(self, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may go ahead, else the status and message to refuse it with."""
         method: str = details.method
         if method.startswith(OPEN_METHODS):
-            return continuation(details)
+            return None
         presented = None
         for key, value in details.invocation_metadata or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 presented = value.removeprefix("Bearer ").encode()
         if presented is not None and hmac.compare_digest(presented, self._token):
-            return continuation(details)
-        deny = _deny_stream if method.endswith("/Push") else _deny
+            return None
         if presented is not None and self._weaker and hmac.compare_digest(presented, self._weaker):
-            return deny(
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this token is not allowed on the {self._plane}",
             )
         reason = "missing" if presented is None else "invalid"
-        return deny(
+        return (
             grpc.StatusCode.UNAUTHENTICATED,
             f"{reason} bearer token for the {self._plane}: send 'authorization: Bearer <token>'",
         )
+
+
+class TokenAuthInterceptor(_TokenCheck, grpc.ServerInterceptor):  # type: ignore[misc]
+    """Bearer-token auth for a thread-pool server."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        refusal = self.refusal(details)
+        if refusal is None:
+            return continuation(details)
+        code, message = refusal
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(code, message)
+
+        if details.method.endswith("/Push"):  # the one client-streaming method
+            return grpc.stream_unary_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class AsyncTokenAuthInterceptor(_TokenCheck, grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Bearer-token auth for a grpc.aio server."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        refusal = self.refusal(details)
+        if refusal is None:
+            return await continuation(details)
+        code, message = refusal
+        handler = await continuation(details)
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(code, message)
+
+        if handler is not None and handler.request_streaming:
+            if handler.response_streaming:
+                return grpc.stream_stream_rpc_method_handler(deny)
+            return grpc.stream_unary_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 @dataclass(frozen=True)

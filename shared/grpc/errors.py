@@ -86,6 +86,30 @@ def grpc_errors(handler: H) -> H:
     return wrapper  # type: ignore[return-value]
 
 
+def grpc_errors_async(handler: H) -> H:
+    """`grpc_errors` for the coroutine methods of a grpc.aio servicer."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: object, request: object, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except ServiceError as error:
+            logger.info(
+                "%s%s -> %s: %s", handler.__qualname__, _id(request), status_for(error).name, error
+            )
+            context.set_trailing_metadata(((REASON_KEY, reason_for(error)),))
+            await context.abort(status_for(error), str(error))
+        except grpc.aio.AbortError:  # the handler aborted on purpose
+            raise
+        except Exception:
+            logger.exception("unhandled error in %s%s", handler.__qualname__, _id(request))
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "internal server error; see the server log"
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _id(request: object) -> str:
     """` (request id '...')` for requests that carry a client-chosen id (OIP's `id`), else ''."""
     request_id = getattr(request, "id", "")

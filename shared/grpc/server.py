@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,17 +21,50 @@ def new_server(
     max_message_bytes: int,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_concurrent_rpcs: int | None = None,
+    *,
+    name: str = "grpc",
+    nice: int = 0,
 ) -> grpc.Server:
-    """A thread-pool server; calls beyond `max_concurrent_rpcs` get RESOURCE_EXHAUSTED."""
+    """A thread-pool server; calls beyond `max_concurrent_rpcs` get RESOURCE_EXHAUSTED.
+
+    `nice` lowers the CPU priority of the threads running its handlers (Linux schedules
+    threads one by one), so that work yields to the process's other servers when CPUs are
+    short."""
     return grpc.server(
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix=name,
+            initializer=functools.partial(lower_thread_priority, nice) if nice else None,
+        ),
         options=server_options(max_message_bytes),
         interceptors=list(interceptors),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 
 
-def bind(server: grpc.Server, address: str, tls: TlsFiles | None = None) -> int:
+def new_aio_server(
+    max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> grpc.aio.Server:
+    """A grpc.aio server; create it on the event loop that will run it."""
+    return grpc.aio.server(
+        options=server_options(max_message_bytes), interceptors=list(interceptors)
+    )
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by `increment` (up to 19); a no-op where the
+    platform has no per-thread priorities. Lowering needs no privilege; raising it back would."""
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + increment))
+    except OSError:
+        pass
+
+
+def bind(server: grpc.Server | grpc.aio.Server, address: str, tls: TlsFiles | None = None) -> int:
     """Listen on `address` (port 0: any free port) and return the port actually bound."""
     try:
         if tls is not None and tls.enabled:
