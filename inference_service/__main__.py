@@ -75,6 +75,7 @@ def run(settings: InferenceSettings) -> None:
             max_payload_bytes=settings.max_push_bytes,
             max_header_bytes=settings.max_header_bytes,
             max_concurrent=settings.max_concurrent_pushes,
+            max_bytes_per_s=settings.sync_max_mb_per_s * 1e6,
         ),
         server_version=package_version(),
         batching=BatchingConfig(

@@ -30,6 +30,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"{value} is not a non-negative number")
+    return number
+
+
 def _nice(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 19:
@@ -160,6 +167,14 @@ OPTIONS = [
         "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
     ),
     Option(
+        "--sync-max-mb-per-s",
+        "INFERENCE_SYNC_MAX_MB_PER_S",
+        "receive weight pushes no faster than this many MB/s, to keep their CPU cost out of "
+        "serving latency (0: no limit)",
+        0.0,
+        _non_negative_float,
+    ),
+    Option(
         "--sync-nice",
         "INFERENCE_SYNC_NICE",
         "how much lower (nice, 0-19) the CPU priority of the threads receiving weight pushes is "
@@ -216,6 +231,7 @@ class InferenceSettings:
     max_queue_delay_ms: float = 2.0
     max_queue: int = 1024
     workers: int = 8
+    sync_max_mb_per_s: float = 0.0
     sync_nice: int = 10
     torch_threads: int = 0
     grace: float = 10.0

@@ -55,6 +55,9 @@ class SyncLimits:
     max_header_bytes: int = 16 << 20
     drain_timeout_s: float = 30.0
     max_concurrent: int = 8
+    # Receive weights no faster than this (bytes/s; 0: as fast as they come). Spreading a
+    # push's CPU cost over time keeps it from showing in the data plane's tail latency.
+    max_bytes_per_s: float = 0.0
 
 
 class PushReceiver:
@@ -228,15 +231,23 @@ class PushReceiver:
                 f"version {live.version} is served; push the full weights"
             )
 
-    @staticmethod
     def _stream_into(
-        reader: PayloadReader, parts: Iterable[memoryview | bytes | Commit], pending: PendingPush
+        self,
+        reader: PayloadReader,
+        parts: Iterable[memoryview | bytes | Commit],
+        pending: PendingPush,
     ) -> bytes:
+        rate = self._limits.max_bytes_per_s
+        started = time.monotonic()
         for part in parts:
             if isinstance(part, Commit):
                 return part.digest
             reader.feed(part)
             pending.bytes_received = reader.received
+            if rate:  # ahead of the allowed rate: wait (HTTP/2 flow control slows the sender)
+                ahead = reader.received / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
         raise MalformedPushError(
             f"the push stream ended after {reader.received} payload bytes without a commit"
         )
