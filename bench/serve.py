@@ -8,6 +8,7 @@ raw ModelInfer request over gRPC for `--seconds`. Prints
     serve_mlp ratio_vs_mlserver=X p99_ratio=Y    throughput ours/theirs; p99 ours/theirs
     swap_p99_ratio=Z failed=N                    our p99 while a 100 MB model's sync commits
                                                  every second, over our p99 without syncs
+                                                 (the trainer in its own process, at nice 19)
 
 MLServer runs from its own virtual environment (its dependencies differ from ours), created on
 first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` executable.
@@ -243,6 +244,10 @@ def swapping(
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        # In a deployment the trainer has a host of its own; here it shares these cores with
+        # the server and the load generator, so it runs at the lowest CPU priority to stand in
+        # for that. The inference service's own cost of receiving the syncs is fully counted.
+        preexec_fn=lambda: os.nice(19),
     )
     time.sleep(3)  # let it start and push its first full copy
     try:

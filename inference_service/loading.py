@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -10,7 +11,7 @@ from inference_service.dataplane.tensors import dtype_of
 from inference_service.served_model import ServedModel
 from shared.app import App
 from shared.errors import ConfigurationError
-from shared.torch.model import build_torch_model
+from shared.torch.model import build_torch_model, default_infer_procedure
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,15 @@ def load_models(app: App, device: torch.device) -> dict[str, ServedModel]:
                 "inputs=[TensorSpec(...)] and outputs=[...] to app.model()"
             )
         module = training_model.model.to(device)
+        procedure = training_model.inference_procedure
+        if procedure is default_infer_procedure:
+            # ServedModel.infer already moves the inputs to the model's device; skip the
+            # default procedure's per-request search for that device.
+            procedure = _call_module
         model = ServedModel(
             spec,
             module,
-            training_model.inference_procedure,
+            procedure,
             accepts_pushes=not training_model.inference_thread_only,
             device=device,
         )
@@ -51,6 +57,10 @@ def load_models(app: App, device: torch.device) -> dict[str, ServedModel]:
             len(model.layout),
         )
     return served
+
+
+def _call_module(module: torch.nn.Module, *inputs: torch.Tensor) -> Any:
+    return module(*inputs)
 
 
 def warm_up(model: ServedModel) -> None:

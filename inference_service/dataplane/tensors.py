@@ -131,8 +131,7 @@ def _check_header(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpe
 
 def _from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> torch.Tensor:
     dtype = dtype_of(datatype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    want = math.prod(shape) * itemsize
+    want = math.prod(shape) * dtype.itemsize
     if len(data) != want:
         raise InvalidInputError(
             f"input {name!r}: {len(data)} raw bytes but {datatype}{shape} needs {want}"
