@@ -54,7 +54,7 @@ def start(args: list[str], ready: Path, env: dict[str, str]) -> subprocess.Popen
 
 
 def start_inference(
-    app: str, tmp: str, env: dict[str, str]
+    app: str, tmp: str, env: dict[str, str], *extra: str
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """The inference service on free loopback ports, quiet; returns it and its bound ports."""
     ready = Path(tmp) / f"inference-{app.replace(':', '-')}.json"
@@ -76,6 +76,7 @@ def start_inference(
             "WARNING",
             "--metrics-listen",
             "off",
+            *extra,
         ],
         ready,
         env,
@@ -168,7 +169,10 @@ def main() -> int:
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
 
     with tempfile.TemporaryDirectory() as tmp:
-        inference, ports = start_inference("bench.apps:app", tmp, env)
+        # Nothing is served here, so the sync plane's lower CPU priority (--sync-nice, which
+        # makes pushes yield to serving) has nothing to protect; left on, it would only make the
+        # receiver yield to this co-located sender, which a real trainer on its own host is not.
+        inference, ports = start_inference("bench.apps:app", tmp, env, "--sync-nice", "0")
         port_file = Path(tmp) / "yardstick.port"
         yardstick = start(["-m", "bench.yardstick_server", str(port_file)], port_file, env)
         try:

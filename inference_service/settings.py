@@ -164,7 +164,11 @@ OPTIONS = [
         _positive_int,
     ),
     Option(
-        "--workers", "INFERENCE_WORKERS", "threads answering data-plane requests", 8, _positive_int
+        "--workers",
+        "INFERENCE_WORKERS",
+        "threads running models that are not batched (the data plane itself is one event loop)",
+        8,
+        _positive_int,
     ),
     Option(
         "--sync-max-mb-per-s",
