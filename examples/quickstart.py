@@ -55,16 +55,22 @@ def quickstart() -> TorchTrainingModel[SineNet]:
 class QuickstartTrainer(TorchTrainer):
     """Each run: `steps` Adam steps on fresh samples of sin(3x) + noise, x in [-2, 2]."""
 
+    model_name = "quickstart"
+
     def __init__(self, steps: int = 50, batch_size: int = 64, noise: float = 0.05) -> None:
         super().__init__()
         self.steps = steps
         self.batch_size = batch_size
         self.noise = noise
 
+    def curve(self, x: torch.Tensor) -> torch.Tensor:
+        """The function to learn."""
+        return target(x)
+
     @override
     def on_training_models_attached(self) -> None:
         super().on_training_models_attached()
-        self.model = self.get_torch_training_model("quickstart", SineNet)
+        self.model = self.get_torch_training_model(self.model_name, SineNet)
 
     @override
     def create_optimizers(self) -> OptimizersSetup:
@@ -76,7 +82,7 @@ class QuickstartTrainer(TorchTrainer):
         device = next(self.model.model.parameters()).device
         for _ in range(self.steps):
             x = torch.rand(self.batch_size, 1, device=device) * 4 - 2
-            y = target(x) + self.noise * torch.randn_like(x)
+            y = self.curve(x) + self.noise * torch.randn_like(x)
             loss = nn.functional.mse_loss(self.model(x), y)
             optimizer.zero_grad()
             loss.backward()

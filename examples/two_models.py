@@ -15,12 +15,10 @@ import functools
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from typing_extensions import override
 
-from examples.quickstart import SineNet
-from shared import App, TensorSpec, TorchTrainer, TorchTrainingModel
-from shared.torch.trainer import OptimizersSetup
+from examples.quickstart import QuickstartTrainer, SineNet
+from shared import App, TensorSpec, TorchTrainingModel
 
 CURVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sine": lambda x: torch.sin(3 * x),
@@ -30,36 +28,16 @@ CURVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 app = App()
 
 
-class CurveTrainer(TorchTrainer):
-    """Each run: `steps` Adam steps on fresh noisy samples of one curve, x in [-2, 2]."""
+class CurveTrainer(QuickstartTrainer):
+    """The quickstart's trainer, on the model named after one of CURVES, learning that curve."""
 
-    def __init__(self, model_name: str, steps: int = 50, batch_size: int = 64) -> None:
+    def __init__(self, model_name: str) -> None:
         super().__init__()
         self.model_name = model_name
-        self.curve = CURVES[model_name]
-        self.steps = steps
-        self.batch_size = batch_size
 
     @override
-    def on_training_models_attached(self) -> None:
-        super().on_training_models_attached()
-        self.model = self.get_torch_training_model(self.model_name, SineNet)
-
-    @override
-    def create_optimizers(self) -> OptimizersSetup:
-        return {"adam": torch.optim.Adam(self.model.model.parameters(), lr=3e-3)}
-
-    @override
-    def train(self) -> None:
-        optimizer = self.optimizers["adam"]
-        device = next(self.model.model.parameters()).device
-        for _ in range(self.steps):
-            x = torch.rand(self.batch_size, 1, device=device) * 4 - 2
-            y = self.curve(x) + 0.05 * torch.randn_like(x)
-            loss = nn.functional.mse_loss(self.model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    def curve(self, x: torch.Tensor) -> torch.Tensor:
+        return CURVES[self.model_name](x)
 
 
 def _build() -> TorchTrainingModel[SineNet]:

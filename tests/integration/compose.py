@@ -6,7 +6,7 @@ compose does, and starts every replica of every service as a process running exa
 declared command with exactly the declared environment. What a container would provide is
 emulated, and only that:
 
-- each replica gets an address of its own on the loopback network (127.77.S.R); its `0.0.0.0`
+- each replica gets an address of its own on the loopback network (127.N.S.R); its `0.0.0.0`
   listens and its health check's `127.0.0.1` land there, on the ports the file declares;
 - a service name resolves to the addresses of all of its replicas, as compose's DNS does,
   through a `sitecustomize` hook that wraps `socket.getaddrinfo` in the started processes;
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -143,6 +144,8 @@ class Project:
 
     def __post_init__(self) -> None:
         self.document = load(self.files, self.env)
+        # Replicas live on 127.<subnet>.S.R; a random subnet keeps two runs on one machine apart.
+        self.subnet = random.randint(64, 250)
         self.dns_dir = self.tmp / "compose-dns"
         self.dns_dir.mkdir(parents=True, exist_ok=True)
         (self.dns_dir / "sitecustomize.py").write_text(DNS_HOOK)
@@ -193,6 +196,8 @@ class Project:
                 timeout=seconds(check.get("timeout", "30s")) + 5,
             )
             if probe.returncode == 0:
+                if replica.process.poll() is not None:  # something else answered there
+                    raise ComposeError(f"{replica.name} exited:\n{replica.output()}")
                 return
             time.sleep(min(interval, 0.5))  # poll faster than compose; the budget stays its own
         raise ComposeError(f"{replica.name} never became healthy:\n{replica.output()}")
@@ -229,7 +234,7 @@ class Project:
         replicas = self.replicas.setdefault(service, [])
         index = len(replicas) + 1
         service_number = list(self.services).index(service) + 1
-        address = f"127.77.{service_number}.{index}"
+        address = f"127.{self.subnet}.{service_number}.{index}"
         mounts = self._mounts(spec)
         environment = {
             key: self._container_value(address, mounts, str(value))

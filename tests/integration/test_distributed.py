@@ -56,7 +56,9 @@ def test_two_ranks_train_in_lockstep_and_rank_zero_alone_pushes(
     # Checkpoints after runs 2 and 4 and on exit each checked that both ranks agree.
     assert run.stderr.count("all 2 ranks hold identical weights") == 2 * 3, run.stderr
     state = inference.model_state("quickstart")
-    assert (state.version, state.writer_id, state.lease_holder) == (5, "dp", "dp")
+    # The catch-up sync and one per run (a sync that timed out on a loaded machine spends a
+    # version number). Had rank 1 pushed too, one rank would have fenced the other (exit 3).
+    assert state.version >= 5 and (state.writer_id, state.lease_holder) == ("dp", "dp")
     trained = safetensors.torch.load_file(
         tmp_path / "trainer" / "checkpoint" / "models" / "quickstart.safetensors"
     )
@@ -65,4 +67,4 @@ def test_two_ranks_train_in_lockstep_and_rank_zero_alone_pushes(
     # A second launch resumes both ranks from rank 0's checkpoint and carries on the versions.
     again = torchrun(services, tmp_path, "--inference", inference.sync, "--max-runs", "1")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert inference.model_state("quickstart").version == 7
+    assert inference.model_state("quickstart").version >= state.version + 2
