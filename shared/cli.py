@@ -114,6 +114,12 @@ def name_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def name_groups(value: str) -> tuple[tuple[str, ...], ...]:
+    """`a,b;c` -> (("a", "b"), ("c",)): groups separated by ';', names in a group by ','."""
+    groups = tuple(name_list(group) for group in value.split(";"))
+    return tuple(group for group in groups if group)
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,30 @@ def claim(template: str | Path, *, wait: threading.Event | None = None) -> State
             logger.info("state directory %s is free: taking over", path)
             return held
     return None
+
+
+def claim_first(
+    candidates: Sequence[Path], *, wait: threading.Event
+) -> tuple[int, StateDir] | None:
+    """Claim the first of `candidates` nobody holds; return its index and the claim. When all
+    are held, stand by until one frees up (None: `wait` was set first)."""
+    announced = False
+    while True:
+        for index, path in enumerate(candidates):
+            held = _try_lock(path)
+            if held is not None:
+                if announced:
+                    logger.info("state directory %s is free: taking over", path)
+                return index, held
+        if not announced:
+            logger.warning(
+                "every state directory (%s) is held by another process: standing by until one "
+                "exits",
+                ", ".join(str(p) for p in candidates),
+            )
+            announced = True
+        if wait.wait(1.0):
+            return None
 
 
 def _try_lock(path: Path) -> StateDir | None:

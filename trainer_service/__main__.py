@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from shared.app import load_app
 from shared.cli import configure_logging
@@ -14,7 +15,7 @@ from shared.devices import resolve_device
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.metrics import serve_metrics
-from shared.statedir import claim
+from shared.statedir import claim, claim_first
 from trainer_service.distributed import join
 from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
@@ -35,15 +36,10 @@ def run(settings: TrainerSettings) -> None:
     if settings.metrics_listen and writes:
         port = serve_metrics(settings.metrics_listen)
         logger.info("metrics on port %d", port)
-    state_dir = settings.state_dir
-    if state_dir is not None and writes:
-        # Trainers sharing a state directory (replicas of one compose service) take turns:
-        # one trains and writes, the others stand by and take over, from its last checkpoint,
-        # when it exits. Data-parallel ranks other than 0 only read it.
-        state = claim(state_dir, wait=stop)
-        if state is None:
-            return
-        state_dir = state.path
+    claimed = claim_state(settings, writes, stop)
+    if claimed is None:
+        return
+    state_dir, trainers = claimed
     publisher = Publisher(
         settings.inference,
         settings.writer_id,
@@ -56,7 +52,7 @@ def run(settings: TrainerSettings) -> None:
             load_app(settings.models),
             publisher,
             device,
-            settings.trainers,
+            trainers,
             state_dir,
             group,
         )
@@ -75,6 +71,37 @@ def run(settings: TrainerSettings) -> None:
         publisher.close()
         if group is not None:
             group.close()
+
+
+def claim_state(
+    settings: TrainerSettings, writes: bool, stop: threading.Event
+) -> tuple[Path | None, Sequence[str] | None] | None:
+    """The state directory this process owns and the trainers it runs; None if stopped while
+    standing by.
+
+    Trainers sharing a state directory (replicas of one compose service) take turns: one trains
+    and writes, the others stand by and take over, from its last checkpoint, when it exits.
+    With --trainer-groups, replicas split the groups, one directory per group. Data-parallel
+    ranks other than 0 only read rank 0's directory."""
+    groups = settings.trainer_groups
+    if groups is not None:
+        if settings.trainers is not None:
+            raise ConfigurationError("give --trainers or --trainer-groups, not both")
+        if settings.state_dir is None:
+            raise ConfigurationError("--trainer-groups needs --state-dir: groups are claimed there")
+        if not writes:
+            raise ConfigurationError("--trainer-groups cannot split data-parallel ranks")
+        candidates = [settings.state_dir / "+".join(group) for group in groups]
+        found = claim_first(candidates, wait=stop)
+        if found is None:
+            return None
+        index, state = found
+        logger.info("running trainer group %s", ", ".join(groups[index]))
+        return state.path, groups[index]
+    if settings.state_dir is None or not writes:
+        return settings.state_dir, settings.trainers
+    held = claim(settings.state_dir, wait=stop)
+    return None if held is None else (held.path, settings.trainers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.cli import LOG_LEVELS, Option, address_list, name_list, optional_host_port, parse
+from shared.cli import (
+    LOG_LEVELS,
+    Option,
+    address_list,
+    name_groups,
+    name_list,
+    optional_host_port,
+    parse,
+)
 
 DESCRIPTION = (
     "Run the trainers an app defines; after each trainer run, push the changed weights of the "
@@ -45,6 +53,15 @@ OPTIONS = [
         "comma-separated trainer names to run (default: every trainer the app defines)",
         None,
         name_list,
+    ),
+    Option(
+        "--trainer-groups",
+        "TRAINER_GROUPS",
+        "groups of trainers, 'a,b;c': each process runs the first group whose directory under "
+        "--state-dir no other process holds, so replicas of one service split the groups "
+        "between them; a replica finding every group taken stands by",
+        None,
+        name_groups,
     ),
     Option(
         "--metrics-listen",
@@ -108,6 +125,7 @@ class TrainerSettings:
     models: str
     inference: tuple[str, ...] = ("127.0.0.1:8101",)
     trainers: tuple[str, ...] | None = None
+    trainer_groups: tuple[tuple[str, ...], ...] | None = None
     metrics_listen: str | None = "127.0.0.1:9102"
     sync_token: str | None = None
     tls_ca: Path | None = None

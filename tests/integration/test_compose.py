@@ -68,8 +68,9 @@ def test_two_trainers_two_models_two_replicas_then_scale_both_tiers(
     deployment: Deployment,
 ) -> None:
     project = deployment.project
-    project.up(scale={"inference": 2})
+    project.up(scale={"inference": 2})  # and the two trainer replicas the file declares
     first, second = project.running("inference")
+    assert len(project.running("trainer")) == 2
 
     # Both trainers push their own model to both replicas behind the one name `inference`.
     wait_until(lambda: all(min(deployment.versions(m)) >= 3 for m in MODELS), timeout=90)
@@ -87,31 +88,31 @@ def test_two_trainers_two_models_two_replicas_then_scale_both_tiers(
     slots = sorted(p.name for p in project.volume("inference-state").iterdir())
     assert slots == ["replica-0", "replica-1", "replica-2"]  # one state directory per replica
 
-    # A second sine trainer stands by (same state volume) instead of writing; when the writer is
-    # killed it takes over from the last checkpoint, and the versions go on rising.
-    (writer,) = project.running("trainer-sine")
-    (standby,) = project.scale("trainer-sine", 2)
+    # A third trainer replica finds both groups taken and stands by; when the sine writer is
+    # killed it takes the sine group over from its last checkpoint, and the versions go on.
+    sine_writer = next(r for r in project.running("trainer") if "group sine" in r.output())
+    (standby,) = project.scale("trainer", 3)
     wait_until(lambda: "standing by" in standby.output(), timeout=30)
     before = deployment.state(first, "sine")
     wait_until(lambda: deployment.state(first, "sine").version > before.version + 2, timeout=60)
     assert deployment.state(first, "sine").lease_holder == before.lease_holder
-    project.kill(writer)
+    project.kill(sine_writer)
     wait_until(
         lambda: deployment.state(first, "sine").lease_holder != before.lease_holder, timeout=90
     )
+    assert "running trainer group sine" in standby.output()
     taken_over = deployment.state(first, "sine").version
     wait_until(lambda: min(deployment.versions("sine")) > taken_over, timeout=60)
 
     # Trainers first, then replicas: every process stops cleanly within its grace period, and
     # every replica ends up serving the same bits of each model.
-    for service in ("trainer-sine", "trainer-cosine"):
-        for replica in project.running(service):
-            assert project.stop(replica) == 0, replica.output()
+    for replica in project.running("trainer"):
+        assert project.stop(replica) == 0, replica.output()
     for model in MODELS:
         states = [deployment.state(r, model) for r in project.running("inference")]
         assert len({(s.version, s.digest) for s in states}) == 1, states
     codes = project.down()
-    assert all(code == 0 for name, code in codes.items() if name != f"trainer-sine-{writer.index}")
+    assert all(code == 0 for name, code in codes.items() if name != sine_writer.name)
 
 
 def test_the_gpu_variant_reserves_a_device_for_inference_only(tmp_path: Path) -> None:
@@ -123,7 +124,8 @@ def test_the_gpu_variant_reserves_a_device_for_inference_only(tmp_path: Path) ->
     assert inference["environment"]["INFERENCE_DEVICE"] == "cuda"
     assert inference["environment"]["INFERENCE_MODELS"]  # the overlay merged, not replaced
     assert "cu" in inference["build"]["args"]["TORCH_INDEX_URL"]
-    assert all("deploy" not in s for n, s in project.services.items() if n != "inference")
+    trainer = project.services["trainer"]
+    assert "resources" not in trainer.get("deploy", {})  # trainers stay on the CPU here
 
 
 def test_the_sync_token_is_required(tmp_path: Path) -> None:

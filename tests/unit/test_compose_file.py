@@ -36,6 +36,18 @@ def test_every_variable_is_a_flag_of_the_command_that_reads_it(
         assert set(service["environment"]) <= DECLARED[command], name
 
 
+def test_the_trainer_replicas_split_the_groups_one_model_each(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    from examples.two_models import app
+    from shared.cli import name_groups
+
+    trainer = services["trainer"]
+    groups = name_groups(trainer["environment"]["TRAINER_GROUPS"])
+    assert trainer["deploy"]["replicas"] == len(groups) == len(app.models)
+    assert sorted(name for group in groups for name in group) == sorted(app.trainers)
+
+
 def test_only_the_data_plane_is_published_and_everything_points_at_the_right_port(
     services: dict[str, dict[str, Any]],
 ) -> None:
@@ -45,7 +57,7 @@ def test_only_the_data_plane_is_published_and_everything_points_at_the_right_por
     assert [p.rsplit(":", 1)[1] for p in inference["ports"]] == [listen]
     assert inference["healthcheck"]["test"][-1] == f"127.0.0.1:{listen}"
     trainers = [s for s in services.values() if s["command"] == ["trainer-service"]]
-    assert len(trainers) >= 2
+    assert trainers
     for trainer in trainers:
         assert "ports" not in trainer
         assert trainer["environment"]["TRAINER_INFERENCE"] == f"inference:{sync}"

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from shared.cli import name_groups
 from shared.errors import ConfigurationError
-from shared.statedir import claim
+from shared.statedir import claim, claim_first
 
 
 def test_slots_give_each_claimant_its_own_directory_and_a_freed_one_comes_back(
@@ -48,3 +49,23 @@ def test_a_stopped_wait_returns_none(tmp_path: Path) -> None:
     stop = threading.Event()
     stop.set()
     assert claim(tmp_path / "state", wait=stop) is None
+
+
+def test_claim_first_takes_the_first_free_group_then_stands_by_for_any(tmp_path: Path) -> None:
+    candidates = [tmp_path / "sine", tmp_path / "cosine"]
+    stop = threading.Event()
+    first, second = claim_first(candidates, wait=stop), claim_first(candidates, wait=stop)
+    assert first is not None and second is not None
+    assert (first[0], second[0]) == (0, 1)
+    result: list[object] = []
+    waiter = threading.Thread(target=lambda: result.append(claim_first(candidates, wait=stop)))
+    waiter.start()
+    waiter.join(1.5)
+    assert waiter.is_alive()  # both groups are taken: standing by
+    second[1].release()
+    waiter.join(5)
+    assert result and isinstance(result[0], tuple) and result[0][0] == 1
+
+
+def test_groups_parse() -> None:
+    assert name_groups("a, b; c;") == (("a", "b"), ("c",))
