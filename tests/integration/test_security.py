@@ -54,6 +54,14 @@ def test_tokens_guard_each_plane(services: Services) -> None:
     ready = oip.ServerReadyRequest()
     assert code_of(lambda: data.ServerReady(ready, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
     assert data.ServerReady(ready, timeout=5, metadata=data_token).ready
+    stream = oip.ModelInferRequest(model_name="stamp")
+    assert code_of(lambda: list(data.ModelStreamInfer(iter([stream]), timeout=5))) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(inference.data))
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )  # probes need no token on either plane
 
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(inference.sync))
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == (

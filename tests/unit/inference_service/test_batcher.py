@@ -89,3 +89,19 @@ def test_requests_whose_deadline_passed_while_queued_are_dropped_unrun() -> None
     time.sleep(0.05)
     assert 3 not in gate.batches
     runner.close()
+
+
+def test_a_request_its_caller_cancelled_is_dropped_unrun_and_the_batcher_goes_on() -> None:
+    runner, gate = batcher(BatchingConfig(max_batch_size=64, max_queue_delay_s=0.01))
+    gate.open.clear()
+    first = runner.submit([torch.zeros(1, 2)], None)  # occupies the model
+    assert gate.entered.wait(5)
+    gone = runner.submit([torch.zeros(3, 2)], None)
+    assert gone.cancel()  # the client went away (grpc.aio cancels the awaiting task)
+    kept = runner.submit([torch.ones(2, 2)], None)
+    gate.open.set()
+    first.result(5)
+    (out,), _ = kept.result(5)
+    assert torch.equal(out, torch.full((2, 2), 2.0))
+    assert 3 not in gate.batches and 5 not in gate.batches  # the cancelled rows never ran
+    runner.close()
