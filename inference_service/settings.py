@@ -152,8 +152,8 @@ OPTIONS = [
     Option(
         "--max-queue-delay-ms",
         "INFERENCE_MAX_QUEUE_DELAY_MS",
-        "longest a request waits for others to batch with",
-        2.0,
+        "longest a request waits for others to batch with (0: batch only what is already queued)",
+        0.5,
         float,
     ),
     Option(
@@ -232,7 +232,7 @@ class InferenceSettings:
     max_header_bytes: int = 16 << 20
     max_concurrent_pushes: int = 8
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.5
     max_queue: int = 1024
     workers: int = 8
     sync_max_mb_per_s: float = 0.0
