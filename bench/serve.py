@@ -12,8 +12,10 @@ raw ModelInfer request over gRPC for `--seconds`. Prints
 
 MLServer runs from its own virtual environment (its dependencies differ from ours), created on
 first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` executable.
+`--device cuda` serves ours from the GPU; `--only-ours` skips MLServer (and the ratios against
+it), for hosts where its environment cannot be installed.
 
-    python -m bench.serve [--seconds 20] [--concurrency 8]
+    python -m bench.serve [--seconds 20] [--concurrency 8] [--device cpu] [--only-ours]
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import safetensors.torch
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.mlp import MLP
 from bench.sync import start_inference
@@ -145,6 +149,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--mlserver", help="path of an `mlserver` executable to use")
+    parser.add_argument("--device", default="cpu", help="our service's device (cpu, cuda)")
+    parser.add_argument("--only-ours", action="store_true", help="skip MLServer")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -153,7 +159,12 @@ def main() -> int:
         env = {**os.environ, "BENCH_MLP_WEIGHTS": str(weights), "PYTHONPATH": str(ROOT)}
 
         # ours
-        ours, ports = start_inference("bench.serve_app:app", tmp, env)
+        ours, ports = start_inference(
+            "bench.serve_app:app",
+            tmp,
+            env,
+            *("--device", args.device, "--metrics-listen", "127.0.0.1:0"),
+        )
         data = f"127.0.0.1:{ports['data_port']}"
         try:
             wait_ready(data, ours)
@@ -162,8 +173,20 @@ def main() -> int:
             swap_rps, swap_p99, swap_failed, pushes = swapping(
                 data, f"127.0.0.1:{ports['sync_port']}", args.seconds, args.concurrency, env
             )
+            swaps = swap_pauses(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
         finally:
             stop(ours)
+        print(
+            f"# ours on {args.device}, concurrency {args.concurrency}, {args.seconds:g}s: "
+            f"{our_rps:,.0f} req/s p99 {our_p99 * 1e3:.2f} ms ({our_failed} failed)"
+        )
+        print(
+            f"# while syncing: {swap_rps:,.0f} req/s, p99 {swap_p99 * 1e3:.2f} ms, "
+            f"{pushes} commits of the 100 MB model (trainer in its own process); {swaps}"
+        )
+        print(f"swap_p99_ratio={swap_p99 / our_p99:.2f} failed={swap_failed}")
+        if args.only_ours:
+            return 0
 
         # MLServer
         model_dir = Path(tmp) / "models" / "mlp"
@@ -203,18 +226,12 @@ def main() -> int:
             stop(theirs)
 
     print(
-        f"# concurrency {args.concurrency}, {args.seconds:g}s each: ours {our_rps:,.0f} req/s "
-        f"p99 {our_p99 * 1e3:.2f} ms ({our_failed} failed); MLServer {their_rps:,.0f} req/s "
+        f"# MLServer, concurrency {args.concurrency}, {args.seconds:g}s: {their_rps:,.0f} req/s "
         f"p99 {their_p99 * 1e3:.2f} ms ({their_failed} failed)"
     )
     print(
         f"serve_mlp ratio_vs_mlserver={our_rps / their_rps:.2f} p99_ratio={our_p99 / their_p99:.2f}"
     )
-    print(
-        f"# while syncing: {swap_rps:,.0f} req/s, p99 {swap_p99 * 1e3:.2f} ms, "
-        f"{pushes} commits of the 100 MB model (trainer in its own process)"
-    )
-    print(f"swap_p99_ratio={swap_p99 / our_p99:.2f} failed={swap_failed}")
     return 0
 
 
@@ -256,6 +273,29 @@ def swapping(
         stop(trainer)  # type: ignore[arg-type]
     log = trainer.stderr.read() if trainer.stderr else ""
     return rps, p99, failed, log.count("committed on 1 inference service")
+
+
+def swap_pauses(metrics_url: str) -> str:
+    """What the swaps cost the request path: how long each commit held the requests' lock."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "weightsync_inference_swap_duration_seconds"
+        for sample in family.samples
+        if sample.labels.get("model") == "blob"
+    }
+    prefix = "weightsync_inference_swap_duration_seconds"
+    count = samples.get((f"{prefix}_count", None), 0.0)
+    if not count:
+        return "no swaps counted"
+    total = samples[(f"{prefix}_sum", None)]
+    under = samples.get((f"{prefix}_bucket", "0.001"), 0.0)
+    return (
+        f"the swap held the requests' lock {total / count * 1e6:.1f} us on average over "
+        f"{count:.0f} swaps, {under:.0f} of them under 1 ms"
+    )
 
 
 if __name__ == "__main__":

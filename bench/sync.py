@@ -12,7 +12,10 @@ receiver in their own processes, all on loopback:
     inference_peak_rss_ratio=R                   inference process peak extra RSS during the
                                                  first full sync / model size
 
-    python -m bench.sync [--mb 1024] [--tensors 64] [--repeat 5]
+    python -m bench.sync [--mb 1024] [--tensors 64] [--repeat 6] [--device cpu]
+
+`--device cuda` holds the inference service's model on the GPU, so the full push includes the
+staging copies to the device (the yardsticks still end in host memory).
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=1024, help="model size in MiB")
     parser.add_argument("--tensors", type=int, default=64, help="number of equal tensors")
     parser.add_argument("--repeat", type=int, default=6, help="runs per figure (median)")
+    parser.add_argument("--device", default="cpu", help="the inference service's device")
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -172,7 +176,9 @@ def main() -> int:
         # Nothing is served here, so the sync plane's lower CPU priority (--sync-nice, which
         # makes pushes yield to serving) has nothing to protect; left on, it would only make the
         # receiver yield to this co-located sender, which a real trainer on its own host is not.
-        inference, ports = start_inference("bench.apps:app", tmp, env, "--sync-nice", "0")
+        inference, ports = start_inference(
+            "bench.apps:app", tmp, env, "--sync-nice", "0", "--device", args.device
+        )
         port_file = Path(tmp) / "yardstick.port"
         yardstick = start(["-m", "bench.yardstick_server", str(port_file)], port_file, env)
         try:
@@ -209,7 +215,8 @@ def main() -> int:
                     runs[name].append(timed(contenders[name]))
             ours, raw_s, naive_s = (statistics.median(runs[k]) for k in ("ours", "raw", "naive"))
             print(
-                f"# model {model_bytes / 2**30:.2f} GiB in {args.tensors} fp32 tensors; "
+                f"# model {model_bytes / 2**30:.2f} GiB in {args.tensors} fp32 tensors, served "
+                f"on {args.device}; "
                 f"ours {model_bytes / ours / 1e9:.2f} GB/s, raw {model_bytes / raw_s / 1e9:.2f} "
                 f"GB/s, naive {model_bytes / naive_s / 1e9:.2f} GB/s (median of {args.repeat})"
             )

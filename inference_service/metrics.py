@@ -20,6 +20,13 @@ PUSH_SECONDS = Histogram(
     ["model"],
     buckets=PUSH_BUCKETS,
 )
+SWAP_SECONDS = Histogram(
+    "weightsync_inference_swap_duration_seconds",
+    "How long a commit holds the lock that requests take to pick their weights (the only "
+    "pause a push causes on the request path)",
+    ["model"],
+    buckets=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
+)
 MODEL_VERSION = Gauge("weightsync_inference_model_version", "Version being served", ["model"])
 REQUESTS = Counter(
     "weightsync_inference_requests_total",

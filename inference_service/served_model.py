@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inference_service import metrics
 from shared.app import ModelSpec
 from shared.errors import ConflictError, UnavailableError
 from shared.weights.digest import model_digest, tensor_hash
@@ -191,9 +192,12 @@ class ServedModel:
         """Make the standby copy live as `version`; the old live copy becomes the standby."""
         assert self._standby is not None
         generation = Generation(self._standby, version, self.digest_of(hashes), writer_id, hashes)
-        with self._lock:
+        with self._lock:  # the only moment requests wait on a push: one reference store
+            held = time.perf_counter()
             old = self._live
             self._live = generation
+            held = time.perf_counter() - held
+        metrics.SWAP_SECONDS.labels(self.name).observe(held)
         self._standby = old.module
         self._standby_hashes = dict(old.hashes)
         return generation

@@ -130,7 +130,7 @@ class PushReceiver:
             live_state = live.module.state_dict()
             for name in model.layout.keys() - received.keys():
                 if not model.standby_tensor_is_current(name):
-                    targets[name].copy_(live_state[name])
+                    sink.copy(name, live_state[name])
                     model.mark_standby(name, live.hashes[name])
             sink.finish()
             expected = model.digest_of(hashes)

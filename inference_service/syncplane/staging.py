@@ -3,7 +3,8 @@
 On the CPU the bytes go straight into the standby tensors' memory (one copy). On CUDA they pass
 through a small ring of reused pinned host buffers and are copied to the device on a side stream,
 so a push never holds a second host copy of the model and the request path's stream is not
-stalled; `finish()` waits for the copies before the swap.
+stalled; `finish()` waits for the copies before the swap. `copy()` brings a tensor the push did
+not carry up to date from the live copy, on the same stream.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class CpuSink:
         source = np.frombuffer(data, dtype=np.uint8)
         ctypes.memmove(target.data_ptr() + offset, source.ctypes.data, len(data))
 
+    def copy(self, name: str, source: torch.Tensor) -> None:
+        self._flat[name].copy_(_flat_bytes(source))
+
     def finish(self) -> None:
         """Nothing is in flight on the CPU."""
 
@@ -63,6 +67,9 @@ class CudaSink:
         device = next(iter(targets.values())).device if targets else torch.device("cuda")
         self._flat = {name: _flat_bytes(t) for name, t in targets.items()}
         self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        # Kernels of requests that ran on these (then live) weights may still be queued on the
+        # request path's stream; the copies into them start only after those.
+        self._stream.wait_stream(torch.cuda.current_stream(device))
         self._buffers = [
             torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(ring)
         ]
@@ -94,6 +101,10 @@ class CudaSink:
                 recorded = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 recorded.record(self._stream)
             self._events[slot] = recorded
+
+    def copy(self, name: str, source: torch.Tensor) -> None:
+        with torch.cuda.stream(self._stream):
+            self._flat[name].copy_(_flat_bytes(source), non_blocking=True)
 
     def finish(self) -> None:
         self._stream.synchronize()

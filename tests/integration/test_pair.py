@@ -25,6 +25,18 @@ from tests.integration.conftest import Inference, Services, wait_until
 PAIR = "tests.integration.apps:pair"
 STAMP = "tests.integration.apps:stamp"
 X = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+# The inference service's device: the CPU always, and CUDA where there is a GPU (the staging
+# path: pinned buffers, a side stream, the swap).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
 
 
 @pytest.fixture
@@ -56,13 +68,16 @@ def local_outputs(state: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
         return model.eval()(torch.from_numpy(x)).numpy()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_trainer_runs_raise_the_version_and_outputs_match_the_trainer_bit_exactly(
-    services: Services, pretrained: dict[str, torch.Tensor], tmp_path: Path
+    services: Services, pretrained: dict[str, torch.Tensor], tmp_path: Path, device: str
 ) -> None:
-    inference = services.inference(PAIR)
+    inference = services.inference(PAIR, "--device", device)
     assert triton_infer(inference, "mlp", X)[0] == "0"
     trainer = services.trainer(
-        PAIR, [inference], "--max-runs", "3", "--state-dir", str(tmp_path / "trainer")
+        PAIR,
+        [inference],
+        *("--max-runs", "3", "--state-dir", str(tmp_path / "trainer"), "--device", device),
     )
     assert trainer.wait(timeout=120) == 0, services.log("trainer")
 
@@ -71,7 +86,10 @@ def test_trainer_runs_raise_the_version_and_outputs_match_the_trainer_bit_exactl
     trained = safetensors.torch.load_file(
         tmp_path / "trainer" / "checkpoint" / "models" / "mlp.safetensors"
     )
-    np.testing.assert_array_equal(served, local_outputs(trained, X))
+    if device == "cpu":
+        np.testing.assert_array_equal(served, local_outputs(trained, X))
+    else:  # the weights are bit-exact (the digest below); a GPU's matmul rounds differently
+        np.testing.assert_allclose(served, local_outputs(trained, X), rtol=1e-4, atol=1e-5)
     state = inference.model_state("mlp")
     assert (state.version, state.writer_id) == (4, "trainer")
     assert state.digest == state_digest(trained)
@@ -145,11 +163,12 @@ def filled_stamp(megabytes: int, value: float) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_killing_trainers_mid_push_repeatedly_keeps_the_old_version_serving_bit_exact(
-    services: Services,
+    services: Services, device: str
 ) -> None:
     services.env["TEST_STAMP_MB"] = "96"
-    inference = services.inference(STAMP)
+    inference = services.inference(STAMP, "--device", device)
     cuts = 0
     for attempt in range(12):
         trainer = services.trainer(STAMP, [inference], name=f"trainer{attempt}")
@@ -178,9 +197,12 @@ def test_killing_trainers_mid_push_repeatedly_keeps_the_old_version_serving_bit_
     assert log.count("cancelled the push") + log.count("without a commit") >= 3
 
 
-def test_no_response_ever_mixes_two_versions_while_syncs_stream_in(services: Services) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_response_ever_mixes_two_versions_while_syncs_stream_in(
+    services: Services, device: str
+) -> None:
     services.env["TEST_STAMP_MB"] = "16"
-    inference = services.inference(STAMP)
+    inference = services.inference(STAMP, "--device", device)
     services.trainer(STAMP, [inference])
     seen: dict[int, float] = {}
     failures: list[BaseException] = []
