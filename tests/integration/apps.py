@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from shared import App, TensorSpec, TorchTrainer, TorchTrainingModel
+from shared import App, TensorSpec, TorchTrainer, TorchTrainingModel, get_device
 from shared.torch.trainer import OptimizersSetup
 
 
@@ -43,7 +43,7 @@ class SgdTrainer(TorchTrainer):
     @override
     def train(self) -> None:
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(32, 4, generator=g)
+        x = torch.randn(32, 4, generator=g).to(get_device(self.model.model))
         y = x[:, :2] * 2 - x[:, 2:]
         for _ in range(5):
             loss = nn.functional.mse_loss(self.model(x), y)
