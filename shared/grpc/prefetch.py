@@ -1,0 +1,79 @@
+"""Read a message stream ahead of its consumer, on a thread of its own.
+
+grpcio's synchronous API moves one message of a stream at a time: a server handler's request
+iterator asks the transport for message i+1 only when the handler comes back for it, and a
+client takes message i+1 from its request iterator only once message i is sent. Whatever work
+is done per message (hashing and copying a chunk of weights) is then added to the time of every
+message. A prefetcher keeps up to `depth` messages ready, so that work overlaps the transport;
+it pays off where there are cores to spare (the hashes and copies release the GIL).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+_END = object()
+
+
+class Prefetcher(Generic[T]):
+    """Iterates `source` on a daemon thread, at most `depth` items ahead of the reader.
+
+    An exception raised by `source` reaches the reader in its place in the stream. Close the
+    prefetcher (or leave its `with` block) when done reading: the thread then stops at the next
+    item it would queue, which for a gRPC stream is at the latest when the RPC ends.
+    """
+
+    def __init__(self, source: Iterable[T], depth: int = 4, name: str = "prefetch") -> None:
+        self._queue: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(depth)
+        self._closed = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._pull, args=(source,), name=name, daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Prefetcher[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        item, error = self._queue.get()
+        if error is not None:
+            self._finished = True
+            raise error
+        if item is _END:
+            self._finished = True
+            raise StopIteration
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _pull(self, source: Iterable[T]) -> None:
+        try:
+            for item in source:
+                if not self._put((item, None)):
+                    return
+        except BaseException as error:  # handed to the reader, raised there
+            self._put((None, error))
+            return
+        self._put((_END, None))
+
+    def _put(self, entry: tuple[object, BaseException | None]) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+            except queue.Full:
+                continue
+            return True
+        return False

@@ -1,0 +1,55 @@
+"""The prefetcher hands over a stream unchanged, errors in place, and never runs far ahead."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shared.grpc.prefetch import Prefetcher
+
+
+def test_items_arrive_in_order_and_the_stream_ends() -> None:
+    with Prefetcher(iter(range(1000)), depth=3) as items:
+        assert list(items) == list(range(1000))
+        with pytest.raises(StopIteration):
+            next(items)
+
+
+def test_an_error_of_the_source_is_raised_in_its_place() -> None:
+    def source() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ConnectionError("cut off")
+
+    with Prefetcher(source()) as items:
+        assert next(items) == 1
+        assert next(items) == 2
+        with pytest.raises(ConnectionError, match="cut off"):
+            next(items)
+        with pytest.raises(StopIteration):
+            next(items)
+
+
+def test_it_reads_at_most_depth_items_ahead_and_stops_once_closed() -> None:
+    pulled: list[int] = []
+    finished = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            for i in range(100):
+                pulled.append(i)
+                yield i
+        finally:
+            finished.set()
+
+    items = Prefetcher(source(), depth=2)
+    assert next(items) == 0
+    time.sleep(0.3)
+    # one handed over, two queued, one pulled and waiting for room
+    assert len(pulled) == 4
+    items.close()
+    assert finished.wait(timeout=5), "the thread did not let go of the source"
+    assert len(pulled) <= 5
