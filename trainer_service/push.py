@@ -12,7 +12,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles, bearer
 from shared.grpc.errors import error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
-from shared.grpc.prefetch import Prefetcher
+from shared.grpc.prefetch import prefetched
 from shared.weights import wire
 from shared.weights.digest import model_digest
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
@@ -155,9 +155,7 @@ class SyncClient:
                 kind = "full" if plan.base_version == 0 else f"delta on {plan.base_version}"
                 label = f"{plan.model_name} v{plan.version} ({kind}) -> {self.target}"
                 progress = Progress(label, plan.payload.nbytes)
-            with Prefetcher(
-                requests(plan, self._chunk_bytes, progress), name="push-send"
-            ) as messages:
+            with prefetched(requests(plan, self._chunk_bytes, progress), "push-send") as messages:
                 response = self._push(messages, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None

@@ -13,7 +13,7 @@ from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.errors import grpc_errors
-from shared.grpc.prefetch import Prefetcher
+from shared.grpc.prefetch import prefetched
 
 
 class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
@@ -25,7 +25,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     def Push(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.PushResponse:
-        with Prefetcher(request_iterator, name="push-receive") as messages:
+        with prefetched(request_iterator, "push-receive") as messages:
             header = convert.read_header(messages)
             generation = self._receiver.receive(header, convert.read_parts(messages))
         return convert.push_response(header, generation)

@@ -154,6 +154,9 @@ class Services:
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[Services]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    # Pushes read ahead on hosts with cores to spare (shared/grpc/prefetch.py); make the
+    # services take that path here too, whatever this host has.
+    env.setdefault("WEIGHTSYNC_PREFETCH", "1")
     running = Services(tmp_path, env)
     try:
         yield running

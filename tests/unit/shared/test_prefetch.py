@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shared.grpc import prefetch
 from shared.grpc.prefetch import Prefetcher
 
 
@@ -53,3 +54,17 @@ def test_it_reads_at_most_depth_items_ahead_and_stops_once_closed() -> None:
     items.close()
     assert finished.wait(timeout=5), "the thread did not let go of the source"
     assert len(pulled) <= 5
+
+
+@pytest.mark.parametrize(("setting", "threaded"), [("1", True), ("0", False)])
+def test_the_environment_can_force_the_choice(
+    monkeypatch: pytest.MonkeyPatch, setting: str, threaded: bool
+) -> None:
+    monkeypatch.setenv("WEIGHTSYNC_PREFETCH", setting)
+    prefetch._worth_it.cache_clear()
+    try:
+        with prefetch.prefetched(iter([1, 2]), "test") as items:
+            assert isinstance(items, prefetch.Prefetcher) is threaded
+            assert list(items) == [1, 2]
+    finally:
+        prefetch._worth_it.cache_clear()
