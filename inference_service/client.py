@@ -19,7 +19,15 @@ from types import TracebackType
 import grpc
 import torch
 
-from inference_service.dataplane.tensors import datatype_of, dtype_of
+from inference_service.dataplane.tensors import (
+    BYTES,
+    Tensor,
+    bytes_array,
+    datatype_of,
+    dtype_of,
+    pack_bytes,
+    unpack_bytes,
+)
 from shared.app import TensorSpec
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -31,7 +39,7 @@ class InferResult:
     model_name: str
     version: int
     id: str
-    outputs: dict[str, torch.Tensor]
+    outputs: dict[str, Tensor]  # BYTES outputs are numpy arrays of bytes
 
 
 @dataclass(frozen=True)
@@ -84,16 +92,23 @@ class InferenceClient:
     def infer(
         self,
         model: str,
-        inputs: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, Tensor],
         *,
         outputs: Sequence[str] = (),
         request_id: str = "",
     ) -> InferResult:
+        """Run one request; inputs are torch tensors, or numpy arrays of bytes/str for BYTES."""
         request = pb.ModelInferRequest(model_name=model, id=request_id)
-        for name, tensor in inputs.items():
-            data = tensor.detach().to("cpu").contiguous()
-            request.inputs.add(name=name, datatype=datatype_of(data.dtype), shape=data.shape)
-            request.raw_input_contents.append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                data = value.detach().to("cpu").contiguous()
+                request.inputs.add(name=name, datatype=datatype_of(data.dtype), shape=data.shape)
+                raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()
+            else:
+                elements = [e.encode() if isinstance(e, str) else bytes(e) for e in value.flat]
+                request.inputs.add(name=name, datatype=BYTES, shape=value.shape)
+                raw = pack_bytes(elements)
+            request.raw_input_contents.append(raw)
         for name in outputs:
             request.outputs.add(name=name)
         response = self._stub.ModelInfer(request, timeout=self._timeout_s)
@@ -102,12 +117,20 @@ class InferenceClient:
         )
 
 
-def decode_outputs(response: pb.ModelInferResponse) -> dict[str, torch.Tensor]:
-    """Output tensors of a response, raw or typed."""
-    result: dict[str, torch.Tensor] = {}
+def decode_outputs(response: pb.ModelInferResponse) -> dict[str, Tensor]:
+    """Output tensors of a response, raw or typed (BYTES as numpy arrays of bytes)."""
+    result: dict[str, Tensor] = {}
     for index, output in enumerate(response.outputs):
-        dtype = dtype_of(output.datatype)
         shape = list(output.shape)
+        if output.datatype == BYTES:
+            elements = (
+                unpack_bytes(output.name, response.raw_output_contents[index], math.prod(shape))
+                if response.raw_output_contents
+                else list(output.contents.bytes_contents)
+            )
+            result[output.name] = bytes_array(elements, shape)
+            continue
+        dtype = dtype_of(output.datatype)
         if response.raw_output_contents:
             raw = bytearray(response.raw_output_contents[index])
             flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)

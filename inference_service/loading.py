@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from inference_service.dataplane.tensors import dtype_of
+from inference_service.dataplane.tensors import empty_like_spec
 from inference_service.served_model import ServedModel
 from shared.app import App
 from shared.errors import ConfigurationError
@@ -66,7 +66,7 @@ def _call_module(module: torch.nn.Module, *inputs: torch.Tensor) -> Any:
 def warm_up(model: ServedModel) -> None:
     """Run one request of batch 1 (each -1 dimension as 1) so the first client does not pay."""
     inputs = [
-        torch.zeros([1 if d == -1 else d for d in spec.shape], dtype=dtype_of(spec.datatype))
+        empty_like_spec(spec, [1 if d == -1 else d for d in spec.shape])
         for spec in model.spec.inputs
     ]
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,10 +109,15 @@ class ServedModel:
                 if self._readers[key] == 0:
                     self._lock.notify_all()
 
-    def infer(self, inputs: list[torch.Tensor]) -> tuple[Any, Generation]:
-        """Run the model's inference procedure on one generation; return its result and it."""
+    def infer(self, inputs: Sequence[object]) -> tuple[Any, Generation]:
+        """Run the model's inference procedure on one generation; return its result and it.
+
+        Tensors go to the model's device; other inputs (BYTES arrays) are passed as they are."""
         with self.acquire() as generation, torch.inference_mode():
-            moved = [t.to(self.device, non_blocking=True) for t in inputs]
+            moved = [
+                t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+                for t in inputs
+            ]
             return self.procedure(generation.module, *moved), generation
 
     # -- the push path ---------------------------------------------------------------------

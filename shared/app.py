@@ -38,6 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 DATATYPES = frozenset(
     {
         "BOOL",
+        "BYTES",
         "UINT8",
         "UINT16",
         "UINT32",

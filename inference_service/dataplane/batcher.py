@@ -17,15 +17,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
-
 from inference_service import metrics
+from inference_service.dataplane.tensors import Tensor, join_rows
 from inference_service.served_model import Generation, ServedModel
 from shared.errors import DeadlineExceededError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
-Result = tuple[list[torch.Tensor], Generation]
+Result = tuple[list[Tensor], Generation]
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class BatchingConfig:
 
 @dataclass
 class _Request:
-    inputs: list[torch.Tensor]
+    inputs: list[Tensor]
     deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[Result] = field(default_factory=Future)
@@ -55,7 +54,7 @@ class Batcher:
         self,
         model: ServedModel,
         config: BatchingConfig,
-        normalize: Callable[[object, int], list[torch.Tensor]],
+        normalize: Callable[[object, int], list[Tensor]],
         on_execution: Callable[[str, int, float, list[float]], None] | None = None,
     ) -> None:
         self._on_execution = on_execution
@@ -68,7 +67,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=f"batcher-{model.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, inputs: list[torch.Tensor], timeout_s: float | None) -> Future[Result]:
+    def submit(self, inputs: list[Tensor], timeout_s: float | None) -> Future[Result]:
         request = _Request(inputs, time.monotonic() + timeout_s if timeout_s else None)
         with self._cond:
             if self._closed:
@@ -134,7 +133,7 @@ class Batcher:
             metrics.BATCH_SIZE.labels(self.model.name).observe(sum(r.rows for r in batch))
             try:
                 joined = [
-                    torch.cat([r.inputs[i] for r in batch]) for i in range(len(batch[0].inputs))
+                    join_rows([r.inputs[i] for r in batch]) for i in range(len(batch[0].inputs))
                 ]
                 result, generation = self.model.infer(joined)
                 outputs = self._normalize(result, len(self.model.spec.outputs))

@@ -10,6 +10,14 @@ from shared.gen.inference import grpc_service_pb2 as pb
 PLATFORM = "pytorch"
 
 
+def _type(datatype: str) -> pb.DataType:
+    """The ModelConfig enum for an OIP datatype (BYTES is Triton's TYPE_STRING)."""
+    value: pb.DataType = pb.DataType.Value(
+        "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    )
+    return value
+
+
 def model_config(data: DataPlane, model: ServedModel) -> pb.ModelConfig:
     batched = data.is_batched(model.name) and data.batching is not None
     config = pb.ModelConfig(name=model.name, platform=PLATFORM, backend="weightsync")
@@ -20,14 +28,10 @@ def model_config(data: DataPlane, model: ServedModel) -> pb.ModelConfig:
         )
     for spec in model.spec.inputs:
         dims = spec.shape[1:] if batched else spec.shape
-        config.input.add(
-            name=spec.name, data_type=pb.DataType.Value(f"TYPE_{spec.datatype}"), dims=dims
-        )
+        config.input.add(name=spec.name, data_type=_type(spec.datatype), dims=dims)
     for spec in model.spec.outputs:
         dims = spec.shape[1:] if batched else spec.shape
-        config.output.add(
-            name=spec.name, data_type=pb.DataType.Value(f"TYPE_{spec.datatype}"), dims=dims
-        )
+        config.output.add(name=spec.name, data_type=_type(spec.datatype), dims=dims)
     return config
 
 

@@ -8,12 +8,10 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from inference_service import metrics
 from inference_service.dataplane.batcher import Batcher, BatchingConfig
 from inference_service.dataplane.stats import StatsBook
-from inference_service.dataplane.tensors import normalize_model_outputs
+from inference_service.dataplane.tensors import Tensor, normalize_model_outputs
 from inference_service.served_model import Generation, ServedModel
 from shared.errors import ModelNotFoundError, UnavailableError
 
@@ -79,14 +77,14 @@ class DataPlane:
         return self.ready
 
     async def infer(
-        self, model: ServedModel, inputs: list[torch.Tensor], timeout_s: float | None = None
-    ) -> tuple[list[torch.Tensor], Generation]:
+        self, model: ServedModel, inputs: list[Tensor], timeout_s: float | None = None
+    ) -> tuple[list[Tensor], Generation]:
         """Run one request: through the model's batcher when it has one, else on a worker
         thread; the event loop only waits."""
         if not self.ready:
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
         started = time.perf_counter()
-        rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+        rows = int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else 1
         batcher = self._batchers.get(model.name)
         try:
             if batcher is not None:
@@ -104,8 +102,8 @@ class DataPlane:
         return outputs, generation
 
     def _run(
-        self, model: ServedModel, inputs: list[torch.Tensor], rows: int
-    ) -> tuple[list[torch.Tensor], Generation]:
+        self, model: ServedModel, inputs: list[Tensor], rows: int
+    ) -> tuple[list[Tensor], Generation]:
         started = time.perf_counter()
         result, generation = model.infer(inputs)
         outputs = normalize_model_outputs(result, len(model.spec.outputs))

@@ -4,14 +4,22 @@ Raw contents (`raw_input_contents` / `raw_output_contents`: little-endian, row-m
 entry per tensor) are the fast path: one copy into a tensor that owns its memory. Typed contents
 (`InferTensorContents`) are accepted and produced too, except for FP16 and BF16, which the
 protocol carries raw only.
+
+BYTES tensors have no torch dtype: a model receives them as numpy arrays of `bytes` objects
+(dtype object, the request's shape), as Triton's Python backend does, and returns them as numpy
+arrays (or nested lists) of `bytes` or `str`. Raw, each element is a 4-byte little-endian length
+followed by its bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 
 from shared.app import TensorSpec
@@ -52,7 +60,61 @@ DATATYPES = {
     ]
 }
 _BY_DTYPE = {d.dtype: d for d in DATATYPES.values()}
+BYTES = "BYTES"
 _FIELDS = sorted({d.field for d in DATATYPES.values() if d.field} | {"bytes_contents"})
+
+# What a model takes and returns per OIP tensor: a torch tensor, or for BYTES a numpy array.
+Tensor: TypeAlias = "torch.Tensor | np.ndarray[Any, Any]"
+_LENGTH = struct.Struct("<I")
+
+
+def pack_bytes(elements: Iterable[bytes]) -> bytes:
+    """BYTES elements in raw form: each one's 4-byte little-endian length, then its bytes."""
+    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
+
+
+def unpack_bytes(name: str, data: bytes, count: int) -> list[bytes]:
+    """`count` BYTES elements from their raw form; InvalidInputError if it does not parse."""
+    elements: list[bytes] = []
+    position = 0
+    while position < len(data):
+        if position + 4 > len(data):
+            raise InvalidInputError(f"input {name!r}: BYTES element {len(elements)} is cut off")
+        (size,) = _LENGTH.unpack_from(data, position)
+        position += 4
+        if position + size > len(data):
+            raise InvalidInputError(
+                f"input {name!r}: BYTES element {len(elements)} says {size} bytes but only "
+                f"{len(data) - position} follow"
+            )
+        elements.append(bytes(data[position : position + size]))
+        position += size
+    if len(elements) != count:
+        raise InvalidInputError(
+            f"input {name!r}: {len(elements)} BYTES elements but the shape needs {count}"
+        )
+    return elements
+
+
+def bytes_array(elements: Sequence[bytes], shape: Sequence[int]) -> np.ndarray[Any, Any]:
+    """A numpy object array of `bytes` with the given shape."""
+    array = np.empty(len(elements), dtype=object)
+    array[:] = list(elements)
+    return array.reshape(tuple(shape))
+
+
+def empty_like_spec(spec: TensorSpec, shape: Sequence[int]) -> Tensor:
+    """Zeros of the spec's datatype (empty strings for BYTES)."""
+    if spec.datatype == BYTES:
+        return bytes_array([b""] * math.prod(shape), shape)
+    return torch.zeros(list(shape), dtype=dtype_of(spec.datatype))
+
+
+def join_rows(parts: Sequence[Tensor]) -> Tensor:
+    """Parts of one input from several requests, joined along the batch dimension."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return torch.cat([p for p in parts if isinstance(p, torch.Tensor)])
 
 
 def dtype_of(datatype: str) -> torch.dtype:
@@ -76,7 +138,7 @@ def _to_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
+def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[Tensor]:
     """The request's input tensors, one per spec, in spec order, checked against the specs."""
     expected = {spec.name: spec for spec in specs}
     raw = list(request.raw_input_contents)
@@ -85,7 +147,7 @@ def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) ->
             f"{len(raw)} raw_input_contents entries for {len(request.inputs)} inputs; "
             "send one per input, in the order of `inputs`"
         )
-    found: dict[str, torch.Tensor] = {}
+    found: dict[str, Tensor] = {}
     for index, tensor in enumerate(request.inputs):
         spec = expected.get(tensor.name)
         if spec is None:
@@ -129,7 +191,9 @@ def _check_header(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpe
     return shape
 
 
-def _from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> torch.Tensor:
+def _from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> Tensor:
+    if datatype == BYTES:
+        return bytes_array(unpack_bytes(name, data, math.prod(shape)), shape)
     dtype = dtype_of(datatype)
     want = math.prod(shape) * dtype.itemsize
     if len(data) != want:
@@ -145,7 +209,9 @@ def _from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> torch.
 
 def _from_typed(
     tensor: pb.ModelInferRequest.InferInputTensor, datatype: str, shape: list[int]
-) -> torch.Tensor:
+) -> Tensor:
+    if datatype == BYTES:
+        return _bytes_from_typed(tensor, shape)
     entry = DATATYPES[datatype]
     if entry.field is None:
         raise InvalidInputError(
@@ -173,8 +239,47 @@ def _from_typed(
     return torch.tensor(list(values), dtype=entry.dtype).reshape(shape)
 
 
+def _bytes_from_typed(
+    tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int]
+) -> np.ndarray[Any, Any]:
+    contents = tensor.contents
+    for other in _FIELDS:
+        if other != "bytes_contents" and len(getattr(contents, other)):
+            raise InvalidInputError(
+                f"input {tensor.name!r}: BYTES values belong in bytes_contents, not {other}"
+            )
+    values = list(contents.bytes_contents)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInputError(
+            f"input {tensor.name!r}: {len(values)} values but shape {shape} needs {count}"
+        )
+    return bytes_array(values, shape)
+
+
+def _output_elements(name: str, value: Tensor) -> tuple[list[int], list[bytes]]:
+    """A BYTES output's shape and its elements as bytes (str is UTF-8 encoded)."""
+    array = value if isinstance(value, np.ndarray) else None
+    if array is None:
+        raise RuntimeError(
+            f"model output {name!r} is declared BYTES: return a numpy array of bytes or str, "
+            f"not a {type(value).__name__}"
+        )
+    elements: list[bytes] = []
+    for item in array.reshape(-1).tolist():
+        if isinstance(item, str):
+            item = item.encode()
+        if not isinstance(item, bytes):
+            raise RuntimeError(
+                f"model output {name!r}: BYTES elements must be bytes or str, not "
+                f"{type(item).__name__}"
+            )
+        elements.append(item)
+    return list(array.shape), elements
+
+
 def encode_outputs(
-    outputs: Sequence[torch.Tensor],
+    outputs: Sequence[Tensor],
     specs: Sequence[TensorSpec],
     requested: Sequence[str],
     raw: bool,
@@ -187,24 +292,26 @@ def encode_outputs(
                 f"unknown output {name!r}; the model returns {', '.join(index)}"
             )
     chosen = [index[name] for name in requested] if requested else list(range(len(specs)))
-    tensors = [outputs[i].detach().to("cpu").contiguous() for i in chosen]
-    for i, tensor in zip(chosen, tensors, strict=True):
-        spec = specs[i]
-        if _BY_DTYPE.get(tensor.dtype) is None or datatype_of(tensor.dtype) != spec.datatype:
-            raise RuntimeError(
-                f"model output {spec.name!r} is {tensor.dtype} but the model declares "
-                f"{spec.datatype}"
-            )
-        if tensor.dim() != len(spec.shape):
-            raise RuntimeError(
-                f"model output {spec.name!r} has shape {list(tensor.shape)} but the model "
-                f"declares {list(spec.shape)}"
-            )
-    raw = raw or any(DATATYPES[specs[i].datatype].field is None for i in chosen)
+    raw = raw or any(
+        specs[i].datatype != BYTES and DATATYPES[specs[i].datatype].field is None for i in chosen
+    )
     results = []
     contents: list[bytes] = []
-    for i, tensor in zip(chosen, tensors, strict=True):
+    for i in chosen:
         spec = specs[i]
+        if spec.datatype == BYTES:
+            shape, elements = _output_elements(spec.name, outputs[i])
+            _check_rank(spec, shape)
+            out = pb.ModelInferResponse.InferOutputTensor(
+                name=spec.name, datatype=BYTES, shape=shape
+            )
+            if raw:
+                contents.append(pack_bytes(elements))
+            else:
+                out.contents.bytes_contents.extend(elements)
+            results.append(out)
+            continue
+        tensor = _output_tensor(spec, outputs[i])
         out = pb.ModelInferResponse.InferOutputTensor(
             name=spec.name, datatype=spec.datatype, shape=list(tensor.shape)
         )
@@ -218,9 +325,33 @@ def encode_outputs(
     return results, contents
 
 
-def normalize_model_outputs(result: object, n_outputs: int) -> list[torch.Tensor]:
-    """A model's return value as a list of its outputs: one Tensor, or a tuple/list of them."""
-    if isinstance(result, torch.Tensor):
+def _output_tensor(spec: TensorSpec, value: Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(
+            f"model output {spec.name!r} is a {type(value).__name__} but the model declares "
+            f"{spec.datatype}; return a torch.Tensor"
+        )
+    tensor = value.detach().to("cpu").contiguous()
+    if _BY_DTYPE.get(tensor.dtype) is None or datatype_of(tensor.dtype) != spec.datatype:
+        raise RuntimeError(
+            f"model output {spec.name!r} is {tensor.dtype} but the model declares {spec.datatype}"
+        )
+    _check_rank(spec, list(tensor.shape))
+    return tensor
+
+
+def _check_rank(spec: TensorSpec, shape: list[int]) -> None:
+    if len(shape) != len(spec.shape):
+        raise RuntimeError(
+            f"model output {spec.name!r} has shape {shape} but the model declares "
+            f"{list(spec.shape)}"
+        )
+
+
+def normalize_model_outputs(result: object, n_outputs: int) -> list[Tensor]:
+    """A model's return value as a list of its outputs: one tensor, or a tuple/list of them
+    (a numpy array stands for a BYTES output)."""
+    if isinstance(result, (torch.Tensor, np.ndarray)):
         items: list[object] = [result]
     elif isinstance(result, (tuple, list)):
         items = list(result)
@@ -228,8 +359,9 @@ def normalize_model_outputs(result: object, n_outputs: int) -> list[torch.Tensor
         raise RuntimeError(
             f"the model returned a {type(result).__name__}; return a Tensor or a tuple of Tensors"
         )
-    if len(items) != n_outputs or not all(isinstance(t, torch.Tensor) for t in items):
+    tensors = [t for t in items if isinstance(t, (torch.Tensor, np.ndarray))]
+    if len(items) != n_outputs or len(tensors) != len(items):
         raise RuntimeError(
             f"the model returned {len(items)} value(s) but declares {n_outputs} output tensor(s)"
         )
-    return [t for t in items if isinstance(t, torch.Tensor)]
+    return tensors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
 from typing_extensions import override
@@ -128,3 +129,27 @@ catalogue.add_model(
     outputs=[TensorSpec("means", "FP32", (-1, 8))],
 )
 catalogue.add_model("frozen", frozen_model, **MLP_IO)
+
+
+class Words(nn.Module):
+    """BYTES in and out: each string upper-cased, and its length times a learnable scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    @override
+    def forward(self, text: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:  # type: ignore[type-arg]
+        flat = text.reshape(-1)
+        upper = np.array([t.upper() for t in flat], dtype=object)
+        lengths = torch.tensor([float(len(t)) for t in flat], device=self.scale.device)
+        return upper.reshape(text.shape), (lengths * self.scale).reshape(text.shape)
+
+
+text = App()
+text.add_model(
+    "words",
+    lambda: TorchTrainingModel(Words()),
+    inputs=[TensorSpec("text", "BYTES", (-1,))],
+    outputs=[TensorSpec("upper", "BYTES", (-1,)), TensorSpec("length", "FP32", (-1,))],
+)

@@ -14,6 +14,8 @@ from inference_service.dataplane.tensors import (
     dtype_of,
     encode_outputs,
     normalize_model_outputs,
+    pack_bytes,
+    unpack_bytes,
 )
 from shared.app import TensorSpec
 from shared.errors import InvalidInputError
@@ -170,8 +172,41 @@ def test_refusals() -> None:
     r.inputs.add(name="h", datatype="FP16", shape=[1]).contents.fp32_contents.append(1)
     with pytest.raises(InvalidInputError, match="FP16 can only be sent in raw_input_contents"):
         decode_inputs(r, [TensorSpec("h", "FP16", (1,))])
-    with pytest.raises(InvalidInputError, match="datatype 'BYTES' is not supported"):
-        dtype_of("BYTES")
+    with pytest.raises(InvalidInputError, match="datatype 'STRING' is not supported"):
+        dtype_of("STRING")
+
+
+def test_bytes_round_trip_raw_and_typed() -> None:
+    words = [b"", b"abc", "\u00e9".encode(), bytes(range(256))]
+    spec = [TensorSpec("t", "BYTES", (2, -1))]
+    for raw in (True, False):
+        r = pb.ModelInferRequest()
+        tensor = r.inputs.add(name="t", datatype="BYTES", shape=[2, 2])
+        if raw:
+            r.raw_input_contents.append(pack_bytes(words))
+        else:
+            tensor.contents.bytes_contents.extend(words)
+        (decoded,) = decode_inputs(r, spec)
+        assert isinstance(decoded, np.ndarray) and decoded.shape == (2, 2)
+        assert decoded.reshape(-1).tolist() == words
+        outputs, contents = encode_outputs([decoded], spec, [], raw=raw)
+        assert list(outputs[0].shape) == [2, 2]
+        if raw:
+            assert unpack_bytes("t", contents[0], 4) == words
+        else:
+            assert list(outputs[0].contents.bytes_contents) == words
+
+
+def test_bytes_outputs_take_str_and_refuse_other_values() -> None:
+    spec = [TensorSpec("t", "BYTES", (-1,))]
+    _, contents = encode_outputs([np.array(["\u00e9", b"x"], dtype=object)], spec, [], True)
+    assert unpack_bytes("t", contents[0], 2) == ["\u00e9".encode(), b"x"]
+    with pytest.raises(RuntimeError, match="BYTES elements must be bytes or str, not int"):
+        encode_outputs([np.array([1, 2], dtype=object)], spec, [], True)
+    with pytest.raises(RuntimeError, match="return a numpy array of bytes or str, not a Tensor"):
+        encode_outputs([torch.ones(2)], spec, [], True)
+    with pytest.raises(RuntimeError, match=r"return a torch\.Tensor"):
+        encode_outputs([np.ones(2)], [TensorSpec("y", "FP32", (-1,))], [], True)
 
 
 def test_output_refusals_and_model_bugs() -> None:
