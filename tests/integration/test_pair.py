@@ -19,24 +19,14 @@ from shared.gen.inference import grpc_service_pb2 as oip
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from shared.gen.weightsync.v1 import weightsync_pb2 as sync_pb
 from shared.weights.digest import state_digest
+from tests.devices import devices
 from tests.integration.apps import MLP, Stamp
 from tests.integration.conftest import Inference, Services, wait_until
 
 PAIR = "tests.integration.apps:pair"
 STAMP = "tests.integration.apps:stamp"
 X = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
-# The inference service's device: the CPU always, and CUDA where there is a GPU (the staging
-# path: pinned buffers, a side stream, the swap).
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
+DEVICES = devices()  # the inference service on CUDA too where there is a GPU
 
 
 @pytest.fixture

@@ -9,17 +9,9 @@ from inference_service.syncplane.staging import CpuSink, CudaSink, make_sink
 from shared.weights.layout import TensorLayout
 from shared.weights.reader import PayloadReader
 from shared.weights.writer import Payload
+from tests.devices import devices
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
+DEVICES = devices()
 
 
 @pytest.mark.parametrize("device", DEVICES)
