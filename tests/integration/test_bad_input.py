@@ -106,6 +106,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
         "PYTHONUNBUFFERED": "1",
         "TEST_PRETRAINED": str(pretrained),
         "TEST_STAMP_MB": str(MB),
+        "WEIGHTSYNC_PREFETCH": "1",  # garbage goes through the read-ahead thread too
     }
     services = Services(tmp, env)
     try:
