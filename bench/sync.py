@@ -38,6 +38,7 @@ import grpc
 import torch
 
 from bench.apps import Blocks
+from shared.allocator import tune_for_streaming
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
 from shared.weights.digest import byte_view
 from trainer_service.publisher import Publisher
@@ -158,6 +159,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=6, help="runs per figure (median)")
     parser.add_argument("--device", default="cpu", help="the inference service's device")
     args = parser.parse_args()
+    tune_for_streaming()  # as the trainer service does; this process sends for all three
     env = {
         **os.environ,
         "BENCH_MB": str(args.mb),

@@ -21,6 +21,7 @@ import grpc
 import torch
 
 from bench.apps import Blocks
+from shared.allocator import tune_for_streaming
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, server_options
 
 
@@ -42,6 +43,10 @@ def make_naive(model: torch.nn.Module):  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
+    # The same malloc settings as our services (shared/allocator.py): raw grpcio's receiving
+    # side pays the same page faults without them, so the yardstick stays the transport at its
+    # best.
+    tune_for_streaming()
     port_file = Path(sys.argv[1])
     model = Blocks(int(os.environ["BENCH_MB"]), int(os.environ["BENCH_TENSORS"]))
     handlers = {

@@ -16,6 +16,7 @@ from inference_service.persistence import WeightStore
 from inference_service.server import InferenceServer
 from inference_service.settings import InferenceSettings
 from inference_service.syncplane.receiver import SyncLimits
+from shared.allocator import tune_for_streaming
 from shared.app import load_app
 from shared.cli import configure_logging, is_loopback
 from shared.devices import resolve_device, size_torch_threads
@@ -107,6 +108,7 @@ def run(settings: InferenceSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = InferenceSettings.from_args(argv)
     configure_logging(settings.log_level)
+    tune_for_streaming()
     try:
         run(settings)
     except (ConfigurationError, OSError) as exc:

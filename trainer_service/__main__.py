@@ -9,6 +9,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.allocator import tune_for_streaming
 from shared.app import load_app
 from shared.cli import configure_logging
 from shared.devices import resolve_device
@@ -107,6 +108,7 @@ def claim_state(
 def main(argv: Sequence[str] | None = None) -> int:
     settings = TrainerSettings.from_args(argv)
     configure_logging(settings.log_level)
+    tune_for_streaming()
     try:
         run(settings)
     except ConfigurationError as exc:

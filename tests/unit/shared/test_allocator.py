@@ -1,0 +1,39 @@
+"""When shared/allocator.py tunes glibc's malloc, and when it leaves it to the user."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from shared.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, tune_for_streaming
+
+
+def is_glibc() -> bool:
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"WEIGHTSYNC_MALLOC": "default"},
+        {"MALLOC_TRIM_THRESHOLD_": "1000000"},
+        {"MALLOC_MMAP_THRESHOLD_": "1000000"},
+        {"MALLOC_TOP_PAD_": "0"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"},
+        {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+    ],
+)
+def test_settings_the_user_made_are_kept(environ: dict[str, str]) -> None:
+    assert tune_for_streaming(environ) is None
+
+
+@pytest.mark.skipif(not is_glibc(), reason="glibc only")
+def test_glibc_takes_the_thresholds() -> None:
+    settings = tune_for_streaming({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    assert settings == {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
+
