@@ -8,7 +8,8 @@ raw ModelInfer request over gRPC for `--seconds`. Prints
     serve_mlp ratio_vs_mlserver=X p99_ratio=Y    throughput ours/theirs; p99 ours/theirs
     swap_p99_ratio=Z failed=N                    our p99 while a 100 MB model's sync commits
                                                  every second, over our p99 without syncs
-                                                 (the trainer in its own process, at nice 19)
+                                                 (the trainer in its own process, at nice 19;
+                                                 5 s slices with and without, alternating)
 
 MLServer runs from its own virtual environment (its dependencies differ from ours), created on
 first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` executable.
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -45,6 +47,7 @@ from shared.gen.inference import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+SEGMENT_S = 5.0  # the with- and without-syncs slices alternate this often
 
 
 def request_bytes() -> bytes:
@@ -54,8 +57,30 @@ def request_bytes() -> bytes:
     return request.SerializeToString()
 
 
-def drive(address: str, seconds: float, concurrency: int) -> tuple[float, float, int]:
-    """Requests per second, p99 latency (s) and failures over `seconds`."""
+@dataclass
+class Drive:
+    """What a load generator saw: every request's latency, the time it ran, the failures."""
+
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    failed: int = 0
+
+    def add(self, other: Drive) -> None:
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        self.failed += other.failed
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies, 99))
+
+
+def drive(address: str, seconds: float, concurrency: int) -> Drive:
+    """Send the request from `concurrency` threads, each waiting for its answer, for `seconds`."""
     payload = request_bytes()
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     failures = [0] * concurrency
@@ -79,9 +104,7 @@ def drive(address: str, seconds: float, concurrency: int) -> tuple[float, float,
         thread.start()
     for thread in threads:
         thread.join()
-    every = sorted(x for per in latencies for x in per)
-    elapsed = time.monotonic() - started
-    return len(every) / elapsed, every[int(len(every) * 0.99)], sum(failures)
+    return Drive([x for per in latencies for x in per], time.monotonic() - started, sum(failures))
 
 
 def free_port() -> int:
@@ -159,7 +182,7 @@ def main() -> int:
         env = {**os.environ, "BENCH_MLP_WEIGHTS": str(weights), "PYTHONPATH": str(ROOT)}
 
         # ours
-        ours, ports = start_inference(
+        server, ports = start_inference(
             "bench.serve_app:app",
             tmp,
             env,
@@ -167,24 +190,28 @@ def main() -> int:
         )
         data = f"127.0.0.1:{ports['data_port']}"
         try:
-            wait_ready(data, ours)
+            wait_ready(data, server)
             drive(data, 2, args.concurrency)  # warm
-            our_rps, our_p99, our_failed = drive(data, args.seconds, args.concurrency)
-            swap_rps, swap_p99, swap_failed, pushes = swapping(
+            ours = drive(data, args.seconds, args.concurrency)
+            quiet, syncing, pushes = swapping(
                 data, f"127.0.0.1:{ports['sync_port']}", args.seconds, args.concurrency, env
             )
             swaps = swap_pauses(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
         finally:
-            stop(ours)
+            stop(server)
         print(
             f"# ours on {args.device}, concurrency {args.concurrency}, {args.seconds:g}s: "
-            f"{our_rps:,.0f} req/s p99 {our_p99 * 1e3:.2f} ms ({our_failed} failed)"
+            f"{ours.rps:,.0f} req/s p99 {ours.p99 * 1e3:.2f} ms ({ours.failed} failed)"
         )
         print(
-            f"# while syncing: {swap_rps:,.0f} req/s, p99 {swap_p99 * 1e3:.2f} ms, "
-            f"{pushes} commits of the 100 MB model (trainer in its own process); {swaps}"
+            f"# {SEGMENT_S:g}s slices with and without syncs, alternating, {args.seconds:g}s of "
+            f"each: without {quiet.rps:,.0f} req/s p99 {quiet.p99 * 1e3:.2f} ms; with "
+            f"{syncing.rps:,.0f} req/s p99 {syncing.p99 * 1e3:.2f} ms, {pushes} commits of the "
+            f"100 MB model (trainer in its own process); {swaps}"
         )
-        print(f"swap_p99_ratio={swap_p99 / our_p99:.2f} failed={swap_failed}")
+        print(
+            f"swap_p99_ratio={syncing.p99 / quiet.p99:.2f} failed={syncing.failed + quiet.failed}"
+        )
         if args.only_ours:
             return 0
 
@@ -221,24 +248,30 @@ def main() -> int:
                 print((Path(tmp) / "mlserver.log").read_text()[-3000:], file=sys.stderr)
                 raise
             drive(address, 2, args.concurrency)
-            their_rps, their_p99, their_failed = drive(address, args.seconds, args.concurrency)
+            theirs_seen = drive(address, args.seconds, args.concurrency)
         finally:
             stop(theirs)
 
     print(
-        f"# MLServer, concurrency {args.concurrency}, {args.seconds:g}s: {their_rps:,.0f} req/s "
-        f"p99 {their_p99 * 1e3:.2f} ms ({their_failed} failed)"
+        f"# MLServer, concurrency {args.concurrency}, {args.seconds:g}s: "
+        f"{theirs_seen.rps:,.0f} req/s p99 {theirs_seen.p99 * 1e3:.2f} ms "
+        f"({theirs_seen.failed} failed)"
     )
     print(
-        f"serve_mlp ratio_vs_mlserver={our_rps / their_rps:.2f} p99_ratio={our_p99 / their_p99:.2f}"
+        f"serve_mlp ratio_vs_mlserver={ours.rps / theirs_seen.rps:.2f} "
+        f"p99_ratio={ours.p99 / theirs_seen.p99:.2f}"
     )
     return 0
 
 
 def swapping(
     data: str, sync: str, seconds: float, concurrency: int, env: dict[str, str]
-) -> tuple[float, float, int, int]:
-    """Drive the MLP while a trainer process changes the 100 MB model and syncs it each second."""
+) -> tuple[Drive, Drive, int]:
+    """Drive the MLP with and without a trainer process syncing the 100 MB model each second.
+
+    The two conditions alternate in `SEGMENT_S` slices (the trainer is stopped with SIGSTOP for
+    the slices without syncs), so drift on a noisy machine hits both alike; each condition
+    gets `seconds` in all. Returns (without syncs, with syncs, commits)."""
     trainer = subprocess.Popen(
         [
             sys.executable,
@@ -266,13 +299,20 @@ def swapping(
         # for that. The inference service's own cost of receiving the syncs is fully counted.
         preexec_fn=lambda: os.nice(19),
     )
-    time.sleep(3)  # let it start and push its first full copy
+    quiet, syncing = Drive(), Drive()
     try:
-        rps, p99, failed = drive(data, seconds, concurrency)
+        time.sleep(3)  # let it start and push its first full copy
+        slices = max(1, round(seconds / SEGMENT_S))
+        for _ in range(slices):
+            trainer.send_signal(signal.SIGSTOP)
+            quiet.add(drive(data, seconds / slices, concurrency))
+            trainer.send_signal(signal.SIGCONT)
+            syncing.add(drive(data, seconds / slices, concurrency))
     finally:
+        trainer.send_signal(signal.SIGCONT)
         stop(trainer)  # type: ignore[arg-type]
     log = trainer.stderr.read() if trainer.stderr else ""
-    return rps, p99, failed, log.count("committed on 1 inference service")
+    return quiet, syncing, log.count("committed on 1 inference service")
 
 
 def swap_pauses(metrics_url: str) -> str:
