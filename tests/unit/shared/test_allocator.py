@@ -36,4 +36,3 @@ def test_settings_the_user_made_are_kept(environ: dict[str, str]) -> None:
 def test_glibc_takes_the_thresholds() -> None:
     settings = tune_for_streaming({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
     assert settings == {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
-
