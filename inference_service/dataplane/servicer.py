@@ -7,6 +7,7 @@ spent their time handing the GIL to one another."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import TypeAlias
@@ -141,6 +142,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             return response
         except ServiceError as error:
             code = status_for(error).name
+            raise
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            code = "CANCELLED"
             raise
         finally:
             metrics.REQUESTS.labels(label, code).inc()

@@ -8,6 +8,7 @@ the inference-only model) and TEST_STAMP_MB (size of the stamp model).
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -152,4 +153,26 @@ text.add_model(
     lambda: TorchTrainingModel(Words()),
     inputs=[TensorSpec("text", "BYTES", (-1,))],
     outputs=[TensorSpec("upper", "BYTES", (-1,)), TensorSpec("length", "FP32", (-1,))],
+)
+
+
+class Sleepy(nn.Module):
+    """Sleeps for as many seconds as the first input value says, then answers it back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(float(x.flatten()[0]))
+        return x * self.scale
+
+
+sleepy = App()
+sleepy.add_model(
+    "sleepy",
+    lambda: TorchTrainingModel(Sleepy(), inference_thread_only=True),
+    inputs=[TensorSpec("x", "FP32", (-1, 1))],
+    outputs=[TensorSpec("y", "FP32", (-1, 1))],
 )

@@ -244,3 +244,31 @@ def test_data_plane_metrics_count_requests_by_status_and_errors_log_the_request_
     assert 'weightsync_inference_request_duration_seconds_count{model="mlp"} 3.0' in text
     log = services.log("inference")
     assert "request id 'req-mlp'" in log and "request id 'req-no-such-model'" in log
+
+
+def test_requests_the_client_abandons_count_as_cancelled_not_as_internal_errors(
+    services: Services,
+) -> None:
+    import re
+    import urllib.request
+
+    import numpy as np
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    inference = services.inference("tests.integration.apps:sleepy")
+    client = triton.InferenceServerClient(inference.data)
+    sleep = triton.InferInput("x", [1, 1], "FP32")
+    sleep.set_data_from_numpy(np.full((1, 1), 1.0, np.float32))
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("sleepy", [sleep], client_timeout=0.2)
+
+    def counts() -> dict[str, float]:
+        with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        pattern = r'weightsync_inference_requests_total\{code="(\w+)",model="sleepy"\} (\S+)'
+        return {code: float(n) for code, n in re.findall(pattern, text)}
+
+    wait_until(lambda: counts().get("CANCELLED") == 1, timeout=10)
+    assert "INTERNAL" not in counts()
+    assert "unhandled" not in services.log("inference")
