@@ -2,8 +2,10 @@
 
 Serves one torch MLP (64 -> 256 -> 10) from this project's inference service and from MLServer
 (its custom-runtime way of serving torch), one after the other on this machine, and drives each
-with the same load generator: `--concurrency` client threads sending one prebuilt batch-1 FP32
-raw ModelInfer request over gRPC for `--seconds`. Prints
+with the same load generator: `--concurrency` clients, each sending one prebuilt batch-1 FP32
+raw ModelInfer request over gRPC and waiting for its answer, for `--seconds`. The generator is
+h2load (Debian's nghttp2-client) where it is installed, else Python threads with grpcio's
+client (`--load threads`), which takes about a core of its own here. Prints
 
     serve_mlp ratio_vs_mlserver=X p99_ratio=Y    throughput ours/theirs; p99 ours/theirs
     swap_p99_ratio=Z failed=N                    our p99 while a 100 MB model's sync commits
@@ -17,6 +19,10 @@ first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` e
 it), for hosts where its environment cannot be installed.
 
     python -m bench.serve [--seconds 20] [--concurrency 8] [--device cpu] [--only-ours]
+                          [--load h2load|threads]
+
+`failed` counts requests that failed at the HTTP/2 level and those our service answered with a
+gRPC error (its own request counter); each server's answer is checked once with a real client.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +54,7 @@ from shared.gen.inference import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+LOAD = "h2load" if shutil.which("h2load") else "threads"  # --load overrides
 SEGMENT_S = 5.0  # the with- and without-syncs slices alternate this often
 
 
@@ -79,8 +87,8 @@ class Drive:
         return float(np.percentile(self.latencies, 99))
 
 
-def drive(address: str, seconds: float, concurrency: int) -> Drive:
-    """Send the request from `concurrency` threads, each waiting for its answer, for `seconds`."""
+def drive_threads(address: str, seconds: float, concurrency: int) -> Drive:
+    """Send the request from `concurrency` Python threads, each waiting for its answer."""
     payload = request_bytes()
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     failures = [0] * concurrency
@@ -105,6 +113,41 @@ def drive(address: str, seconds: float, concurrency: int) -> Drive:
     for thread in threads:
         thread.join()
     return Drive([x for per in latencies for x in per], time.monotonic() - started, sum(failures))
+
+
+def drive_h2load(address: str, seconds: float, concurrency: int) -> Drive:
+    """Replay the prebuilt request with h2load: `concurrency` connections, one request in flight
+    on each. h2load sees HTTP statuses only; a gRPC error travels in the trailers of an HTTP
+    200, so callers check the server's own count of failed requests too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        body, log = Path(tmp) / "request", Path(tmp) / "requests.log"
+        message = request_bytes()
+        body.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)  # gRPC framing
+        started = time.monotonic()
+        subprocess.run(
+            [
+                "h2load",
+                *("--clients", str(concurrency), "--max-concurrent-streams", "1"),
+                *("--threads", "1", "--duration", f"{seconds:g}", "--warm-up-time", "500ms"),
+                *("--header", "content-type: application/grpc", "--header", "te: trailers"),
+                *("--data", str(body), "--log-file", str(log)),
+                f"http://{address}{METHOD}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        elapsed = time.monotonic() - started
+        rows = [line.split("\t") for line in log.read_text().splitlines()]
+    # --log-file rows: start time, HTTP status (-1: the stream failed), elapsed microseconds
+    failed = sum(1 for row in rows if row[1] != "200")
+    return Drive([int(row[2]) / 1e6 for row in rows], min(seconds, elapsed), failed)
+
+
+def drive(address: str, seconds: float, concurrency: int) -> Drive:
+    """The load generator: h2load where it is installed, Python threads elsewhere."""
+    if LOAD == "h2load":
+        return drive_h2load(address, seconds, concurrency)
+    return drive_threads(address, seconds, concurrency)
 
 
 def free_port() -> int:
@@ -159,6 +202,37 @@ def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float = 
     raise SystemExit("the server did not become ready")
 
 
+def check_answer(address: str) -> None:
+    """One request through a real gRPC client: the server must answer it with the MLP's output
+    (h2load counts HTTP statuses, and a gRPC error is an HTTP 200 with an error trailer)."""
+    channel = grpc.insecure_channel(address)
+    call = channel.unary_unary(
+        METHOD, request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString
+    )
+    response = call(request_bytes(), timeout=30)
+    channel.close()
+    shapes = [list(output.shape) for output in response.outputs]
+    if shapes != [[1, 10]]:
+        raise SystemExit(f"{address} answered outputs of shapes {shapes}, not [[1, 10]]")
+
+
+def failed_on_server(metrics_url: str) -> int:
+    """Requests our service answered with an error (cancellations excepted: h2load cancels the
+    requests in flight when its time is up)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return round(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "weightsync_inference_requests"
+            for sample in family.samples
+            if sample.name.endswith("_total")
+            and sample.labels.get("code") not in ("OK", "CANCELLED")
+        )
+    )
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -168,13 +242,21 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def main() -> int:
+    global LOAD
     parser = argparse.ArgumentParser(description="serving figures against MLServer")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--mlserver", help="path of an `mlserver` executable to use")
     parser.add_argument("--device", default="cpu", help="our service's device (cpu, cuda)")
     parser.add_argument("--only-ours", action="store_true", help="skip MLServer")
+    parser.add_argument(
+        "--load",
+        choices=["h2load", "threads"],
+        default=LOAD,
+        help="load generator (default: h2load where installed, from Debian's nghttp2-client)",
+    )
     args = parser.parse_args()
+    LOAD = args.load
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         weights = Path(tmp) / "mlp.safetensors"
@@ -191,16 +273,20 @@ def main() -> int:
         data = f"127.0.0.1:{ports['data_port']}"
         try:
             wait_ready(data, server)
+            check_answer(data)
             drive(data, 2, args.concurrency)  # warm
             ours = drive(data, args.seconds, args.concurrency)
             quiet, syncing, pushes = swapping(
                 data, f"127.0.0.1:{ports['sync_port']}", args.seconds, args.concurrency, env
             )
-            swaps = swap_pauses(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
+            metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+            swaps = swap_pauses(metrics_url)
+            failed = quiet.failed + syncing.failed + failed_on_server(metrics_url)
         finally:
             stop(server)
         print(
-            f"# ours on {args.device}, concurrency {args.concurrency}, {args.seconds:g}s: "
+            f"# load generator: {LOAD}; ours on {args.device}, concurrency {args.concurrency}, "
+            f"{args.seconds:g}s: "
             f"{ours.rps:,.0f} req/s p99 {ours.p99 * 1e3:.2f} ms ({ours.failed} failed)"
         )
         print(
@@ -209,9 +295,7 @@ def main() -> int:
             f"{syncing.rps:,.0f} req/s p99 {syncing.p99 * 1e3:.2f} ms, {pushes} commits of the "
             f"100 MB model (trainer in its own process); {swaps}"
         )
-        print(
-            f"swap_p99_ratio={syncing.p99 / quiet.p99:.2f} failed={syncing.failed + quiet.failed}"
-        )
+        print(f"swap_p99_ratio={syncing.p99 / quiet.p99:.2f} failed={failed}")
         if args.only_ours:
             return 0
 
@@ -244,6 +328,7 @@ def main() -> int:
         try:
             try:
                 wait_ready(address, theirs)
+                check_answer(address)
             except SystemExit:
                 print((Path(tmp) / "mlserver.log").read_text()[-3000:], file=sys.stderr)
                 raise
