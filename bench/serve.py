@@ -28,126 +28,32 @@ gRPC error (its own request counter); each server's answer is checked once with 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import numpy as np
 import safetensors.torch
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import load
+from bench.load import Drive
 from bench.mlp import MLP
 from bench.sync import start_inference
 from shared.gen.inference import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
-LOAD = "h2load" if shutil.which("h2load") else "threads"  # --load overrides
 SEGMENT_S = 5.0  # the with- and without-syncs slices alternate this often
-
-
-def request_bytes() -> bytes:
-    request = pb.ModelInferRequest(model_name="mlp")
-    request.inputs.add(name="x", datatype="FP32", shape=[1, 64])
-    request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
-    return request.SerializeToString()
-
-
-@dataclass
-class Drive:
-    """What a load generator saw: every request's latency, the time it ran, the failures."""
-
-    latencies: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    failed: int = 0
-
-    def add(self, other: Drive) -> None:
-        self.latencies += other.latencies
-        self.seconds += other.seconds
-        self.failed += other.failed
-
-    @property
-    def rps(self) -> float:
-        return len(self.latencies) / self.seconds
-
-    @property
-    def p99(self) -> float:
-        return float(np.percentile(self.latencies, 99))
-
-
-def drive_threads(address: str, seconds: float, concurrency: int) -> Drive:
-    """Send the request from `concurrency` Python threads, each waiting for its answer."""
-    payload = request_bytes()
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    failures = [0] * concurrency
-    deadline = time.monotonic() + seconds
-
-    def worker(index: int) -> None:
-        channel = grpc.insecure_channel(address)
-        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
-        call(payload, timeout=30)  # connect outside the timed window
-        while (now := time.monotonic()) < deadline:
-            try:
-                call(payload, timeout=10)
-            except grpc.RpcError:
-                failures[index] += 1
-            latencies[index].append(time.monotonic() - now)
-        channel.close()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return Drive([x for per in latencies for x in per], time.monotonic() - started, sum(failures))
-
-
-def drive_h2load(address: str, seconds: float, concurrency: int) -> Drive:
-    """Replay the prebuilt request with h2load: `concurrency` connections, one request in flight
-    on each. h2load sees HTTP statuses only; a gRPC error travels in the trailers of an HTTP
-    200, so callers check the server's own count of failed requests too."""
-    with tempfile.TemporaryDirectory() as tmp:
-        body, log = Path(tmp) / "request", Path(tmp) / "requests.log"
-        message = request_bytes()
-        body.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)  # gRPC framing
-        started = time.monotonic()
-        subprocess.run(
-            [
-                "h2load",
-                *("--clients", str(concurrency), "--max-concurrent-streams", "1"),
-                *("--threads", "1", "--duration", f"{seconds:g}", "--warm-up-time", "500ms"),
-                *("--header", "content-type: application/grpc", "--header", "te: trailers"),
-                *("--data", str(body), "--log-file", str(log)),
-                f"http://{address}{METHOD}",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        elapsed = time.monotonic() - started
-        rows = [line.split("\t") for line in log.read_text().splitlines()]
-    # --log-file rows: start time, HTTP status (-1: the stream failed), elapsed microseconds
-    failed = sum(1 for row in rows if row[1] != "200")
-    return Drive([int(row[2]) / 1e6 for row in rows], min(seconds, elapsed), failed)
-
-
-def drive(address: str, seconds: float, concurrency: int) -> Drive:
-    """The load generator: h2load where it is installed, Python threads elsewhere."""
-    if LOAD == "h2load":
-        return drive_h2load(address, seconds, concurrency)
-    return drive_threads(address, seconds, concurrency)
 
 
 def free_port() -> int:
@@ -202,20 +108,6 @@ def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float = 
     raise SystemExit("the server did not become ready")
 
 
-def check_answer(address: str) -> None:
-    """One request through a real gRPC client: the server must answer it with the MLP's output
-    (h2load counts HTTP statuses, and a gRPC error is an HTTP 200 with an error trailer)."""
-    channel = grpc.insecure_channel(address)
-    call = channel.unary_unary(
-        METHOD, request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString
-    )
-    response = call(request_bytes(), timeout=30)
-    channel.close()
-    shapes = [list(output.shape) for output in response.outputs]
-    if shapes != [[1, 10]]:
-        raise SystemExit(f"{address} answered outputs of shapes {shapes}, not [[1, 10]]")
-
-
 def failed_on_server(metrics_url: str) -> int:
     """Requests our service answered with an error (cancellations excepted: h2load cancels the
     requests in flight when its time is up)."""
@@ -242,7 +134,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def main() -> int:
-    global LOAD
     parser = argparse.ArgumentParser(description="serving figures against MLServer")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -251,12 +142,12 @@ def main() -> int:
     parser.add_argument("--only-ours", action="store_true", help="skip MLServer")
     parser.add_argument(
         "--load",
-        choices=["h2load", "threads"],
-        default=LOAD,
+        choices=load.GENERATORS,
+        default=load.DEFAULT,
         help="load generator (default: h2load where installed, from Debian's nghttp2-client)",
     )
     args = parser.parse_args()
-    LOAD = args.load
+    drive = functools.partial(load.drive_with, args.load)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         weights = Path(tmp) / "mlp.safetensors"
@@ -273,11 +164,11 @@ def main() -> int:
         data = f"127.0.0.1:{ports['data_port']}"
         try:
             wait_ready(data, server)
-            check_answer(data)
+            load.check_answer(data)
             drive(data, 2, args.concurrency)  # warm
             ours = drive(data, args.seconds, args.concurrency)
             quiet, syncing, pushes = swapping(
-                data, f"127.0.0.1:{ports['sync_port']}", args.seconds, args.concurrency, env
+                drive, data, f"127.0.0.1:{ports['sync_port']}", args.seconds, args.concurrency, env
             )
             metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
             swaps = swap_pauses(metrics_url)
@@ -285,8 +176,8 @@ def main() -> int:
         finally:
             stop(server)
         print(
-            f"# load generator: {LOAD}; ours on {args.device}, concurrency {args.concurrency}, "
-            f"{args.seconds:g}s: "
+            f"# load generator: {args.load}; ours on {args.device}, "
+            f"concurrency {args.concurrency}, {args.seconds:g}s: "
             f"{ours.rps:,.0f} req/s p99 {ours.p99 * 1e3:.2f} ms ({ours.failed} failed)"
         )
         print(
@@ -328,7 +219,7 @@ def main() -> int:
         try:
             try:
                 wait_ready(address, theirs)
-                check_answer(address)
+                load.check_answer(address)
             except SystemExit:
                 print((Path(tmp) / "mlserver.log").read_text()[-3000:], file=sys.stderr)
                 raise
@@ -350,7 +241,12 @@ def main() -> int:
 
 
 def swapping(
-    data: str, sync: str, seconds: float, concurrency: int, env: dict[str, str]
+    drive: Callable[[str, float, int], Drive],
+    data: str,
+    sync: str,
+    seconds: float,
+    concurrency: int,
+    env: dict[str, str],
 ) -> tuple[Drive, Drive, int]:
     """Drive the MLP with and without a trainer process syncing the 100 MB model each second.
 
