@@ -9,9 +9,11 @@ made the receiving side of a push cost twice the CPU of raw grpcio and held the 
 0.6-0.8 of the raw stream's speed on two cores (bench/sync.py).
 
 Fixed thresholds keep those buffers on heap memory that stays mapped: allocations up to
-`MMAP_THRESHOLD` come from the heap (messages are 1 MiB; larger ones still get their own
-mapping), and a heap keeps up to `TRIM_THRESHOLD` of free memory at its top instead of returning
-it at once. The cost is that much idle memory per busy arena at most.
+`MMAP_THRESHOLD` come from the heap, and a heap keeps up to `TRIM_THRESHOLD` of free memory at
+its top instead of returning it at once. They are the values glibc's own scheme climbs to
+after freeing large blocks (its ceiling for the mmap threshold, and twice that), so tensors of
+up to 32 MiB that a model allocates and frees on every request stay on the heap as well. The
+cost is up to that much idle memory per busy arena.
 
 Anyone who tuned malloc already (the MALLOC_*_ environment variables, or glibc.malloc tunables)
 keeps their settings; `WEIGHTSYNC_MALLOC=default` leaves glibc's defaults. Other C libraries, or
@@ -28,7 +30,7 @@ from collections.abc import Mapping
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
-MMAP_THRESHOLD = 4 * MiB
+MMAP_THRESHOLD = 32 * MiB
 TRIM_THRESHOLD = 64 * MiB
 
 # mallopt parameters (malloc.h)
