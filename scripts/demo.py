@@ -109,10 +109,11 @@ def main() -> int:
             )
             return client.returncode
         finally:
+            # The trainer first, and wait for it: stopped together, its last push could find
+            # the inference service already gone and report a failed sync.
             for process in reversed(processes):
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
-            for process in processes:
                 try:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
