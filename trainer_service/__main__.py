@@ -68,6 +68,8 @@ def run(settings: TrainerSettings) -> None:
         loop.start(stop)
         loop.run(stop, settings.max_runs, settings.run_interval, settings.checkpoint_every)
         loop.save()
+        if group is not None:
+            group.finish()
     finally:
         publisher.close()
         if group is not None:

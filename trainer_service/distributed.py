@@ -86,6 +86,12 @@ class Group:
                 )
         logger.info("rank %d: all %d ranks hold identical weights", self.rank, self.world_size)
 
+    def finish(self) -> None:
+        """Wait until every rank is done (rank 0 writes the last checkpoint alone) before any
+        tears the group down: a rank that destroyed its gloo group while another was still
+        connected was seen to abort ("terminate called without an active exception")."""
+        dist.barrier()
+
     def close(self) -> None:
         dist.destroy_process_group()
 
