@@ -10,7 +10,8 @@ receiver in their own processes, all on loopback:
     delta_sync changed=10% wire_ratio=Z          payload bytes of the delta / of a full push
     delta_sync sgd_step_fp32 wire_ratio=W        the same after one SGD step on every tensor
     inference_peak_rss_ratio=R                   inference process peak extra RSS during the
-                                                 first full sync / model size
+                                                 first full sync / model size (its sync
+                                                 relay process counted in)
 
     python -m bench.sync [--mb 1024] [--tensors 64] [--repeat 6] [--device cpu]
 
@@ -97,34 +98,39 @@ def rss_kib(pid: int, field: str) -> int:
 
 
 class PeakRss:
-    """Peak resident memory of a process over a window (sampled, and VmHWM when resettable)."""
+    """Peak resident memory of processes together over a window (their summed RSS, sampled,
+    and the sum of their VmHWMs where those can be reset, which bounds it from above)."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _total(self, field: str) -> int:
+        return sum(rss_kib(pid, field) for pid in self.pids)
+
     def __enter__(self) -> PeakRss:
         try:  # reset VmHWM so it covers only this window
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            for pid in self.pids:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
             self.hwm = True
         except OSError:
             self.hwm = False
-        self.before = rss_kib(self.pid, "VmRSS")
+        self.before = self._total("VmRSS")
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_kib(self.pid, "VmRSS"))
+            self.peak = max(self.peak, self._total("VmRSS"))
             time.sleep(0.002)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         if self.hwm:
-            self.peak = max(self.peak, rss_kib(self.pid, "VmHWM"))
+            self.peak = max(self.peak, self._total("VmHWM"))
 
     @property
     def extra_bytes(self) -> int:
@@ -196,7 +202,8 @@ def main() -> int:
             # channel is reused too). First full push, under the memory probe: it allocates
             # the inference standby copy.
             publisher = Publisher([sync_address], "bench")
-            with PeakRss(inference.pid) as probe:
+            receivers = [inference.pid, *filter(None, [ports.get("sync_relay_pid")])]
+            with PeakRss(*receivers) as probe:
                 publisher.publish("blocks", state)
 
             def full_push() -> None:

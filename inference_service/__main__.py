@@ -87,6 +87,8 @@ def run(settings: InferenceSettings) -> None:
         data_token=settings.data_token,
         tls=tls if tls.enabled else None,
         sync_nice=settings.sync_nice,
+        sync_relay=not settings.sync_in_process,
+        log_level=settings.log_level,
     )
     ports = server.start()
     metrics_port = serve_metrics(settings.metrics_listen) if settings.metrics_listen else None
@@ -98,6 +100,7 @@ def run(settings: InferenceSettings) -> None:
                 "data_port": ports.data,
                 "sync_port": ports.sync,
                 "metrics_port": metrics_port,
+                "sync_relay_pid": server.sync_relay_pid,
             },
         )
     stop.wait()

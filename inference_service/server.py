@@ -5,6 +5,10 @@ from the data plane. Both carry grpc.health.v1 (SERVING only while the data plan
 server reflection. The data plane is a grpc.aio server on an event loop thread of its own (many
 small calls: one loop beats a thread per call); the sync plane is a thread-pool server (few,
 long streams whose per-message work releases the GIL), run at a lower CPU priority.
+
+By default the sync plane's address belongs to the sync relay, a process of its own that
+receives pushes' bulk bytes off this process's gRPC threads and GIL (see syncplane/relay.py for
+why and what it cost), and this process's sync server listens on a private Unix socket.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from inference_service.dataplane.servicer import InferenceServicer
 from inference_service.persistence import Persister, WeightStore
 from inference_service.served_model import ServedModel
 from inference_service.syncplane.receiver import PushReceiver, SyncLimits
+from inference_service.syncplane.relay_process import RelayConfig, SyncRelay
 from inference_service.syncplane.servicer import WeightSyncServicer
 from inference_service.syncplane.servicer import add_to_server as add_sync_servicer
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
@@ -65,6 +70,8 @@ class InferenceServer:
         tls: TlsFiles | None = None,
         batching: BatchingConfig | None = None,
         sync_nice: int = 0,
+        sync_relay: bool = True,
+        log_level: str = "INFO",
     ) -> None:
         self._tls = tls
         self.data_plane = DataPlane(models, batching, workers)
@@ -89,12 +96,24 @@ class InferenceServer:
         for service in SERVICES:
             self._health.set(service, NOT_SERVING)
 
+        concurrent = (limits or SyncLimits()).max_concurrent
+        # With the relay, the sync plane's address is the relay process's: it authenticates
+        # callers and hands this server the calls other than Push over a private Unix socket.
+        self._relay = (
+            SyncRelay(
+                self.receiver,
+                RelayConfig(
+                    sync_listen, concurrent, sync_nice, tls, sync_token, data_token, log_level
+                ),
+            )
+            if sync_relay
+            else None
+        )
         sync_auth = (
             [TokenAuthInterceptor(sync_token, "sync plane", weaker=data_token)]
-            if sync_token
+            if sync_token and self._relay is None
             else []
         )
-        concurrent = (limits or SyncLimits()).max_concurrent
         # Receiving weights (parse, copy, hash) runs at a lower CPU priority than serving, so
         # a push slows itself down rather than the requests when CPUs are short.
         self._sync_server = new_server(
@@ -136,14 +155,23 @@ class InferenceServer:
     def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
+    @property
+    def sync_relay_pid(self) -> int | None:
+        """The sync relay process's pid (None when the sync plane runs in this process)."""
+        return self._relay.pid if self._relay is not None else None
+
     def start(self) -> Ports:
         """Bind both addresses, start serving, and report ready; return the bound ports."""
         self._loop_thread.start()
-        ports = Ports(
-            self._on_loop(self._start_data_server()),
-            bind(self._sync_server, self._sync_listen, self._tls),
-        )
-        self._sync_server.start()
+        data_port = self._on_loop(self._start_data_server())
+        if self._relay is None:
+            sync_port = bind(self._sync_server, self._sync_listen, self._tls)
+            self._sync_server.start()
+        else:
+            bind(self._sync_server, self._relay.upstream)
+            self._sync_server.start()
+            sync_port = self._relay.start()
+        ports = Ports(data_port, sync_port)
         self.data_plane.set_ready(True)
         self._on_loop(self._set_data_health(SERVING))
         for service in SERVICES:
@@ -151,16 +179,22 @@ class InferenceServer:
         logger.info("data plane on port %d, sync plane on port %d", ports.data, ports.sync)
         return ports
 
+    def _stop_sync(self, grace: float) -> None:
+        if self._relay is not None:  # first: its calls in flight still reach the sync server
+            self._relay.stop(grace)
+        self._sync_server.stop(grace).wait()
+
     def stop(self, grace: float) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish for `grace`."""
         self._health.enter_graceful_shutdown()
         if self._data_health is not None:
             self._on_loop(self._data_health.enter_graceful_shutdown())
         self.data_plane.set_ready(False)
-        sync_stopped = self._sync_server.stop(grace)
+        sync_stopped = threading.Thread(target=self._stop_sync, args=(grace,))
+        sync_stopped.start()
         if self._data_server is not None:
             self._on_loop(self._data_server.stop(grace))
-        sync_stopped.wait()
+        sync_stopped.join()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
         self._loop.close()

@@ -187,6 +187,15 @@ OPTIONS = [
         _nice,
     ),
     Option(
+        "--sync-in-process",
+        "INFERENCE_SYNC_IN_PROCESS",
+        "receive pushes in this process rather than in the sync relay process (which keeps "
+        "their cost out of serving latency)",
+        False,
+        boolean,
+        switch=True,
+    ),
+    Option(
         "--torch-threads",
         "INFERENCE_TORCH_THREADS",
         "torch intra-op threads (0: one per CPU the process may use, container quota included)",
@@ -237,6 +246,7 @@ class InferenceSettings:
     workers: int = 8
     sync_max_mb_per_s: float = 0.0
     sync_nice: int = 10
+    sync_in_process: bool = False
     torch_threads: int = 0
     grace: float = 10.0
     ready_file: Path | None = None

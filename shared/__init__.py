@@ -1,15 +1,42 @@
-"""Code both services share: the PAMIQ-Core model API, the App definition, the weights codec."""
+"""Code both services share: the PAMIQ-Core model API, the App definition, the weights codec.
 
-from shared.app import App, TensorSpec
-from shared.model import InferenceModel, InferenceModelsDict, TrainingModel, TrainingModelsDict
-from shared.torch import (
-    TorchInferenceModel,
-    TorchTrainer,
-    TorchTrainingModel,
-    default_infer_procedure,
-    get_device,
-)
-from shared.trainer import Trainer, TrainersDict
+The model API is imported on first use (`from shared import TorchTrainingModel` works as
+usual), so that programs which need only the light parts, the sync relay among them, start
+without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.app import App, TensorSpec
+    from shared.model import InferenceModel, InferenceModelsDict, TrainingModel, TrainingModelsDict
+    from shared.torch import (
+        TorchInferenceModel,
+        TorchTrainer,
+        TorchTrainingModel,
+        default_infer_procedure,
+        get_device,
+    )
+    from shared.trainer import Trainer, TrainersDict
+
+_HOMES = {
+    "App": "shared.app",
+    "TensorSpec": "shared.app",
+    "InferenceModel": "shared.model",
+    "InferenceModelsDict": "shared.model",
+    "TrainingModel": "shared.model",
+    "TrainingModelsDict": "shared.model",
+    "TorchInferenceModel": "shared.torch",
+    "TorchTrainer": "shared.torch",
+    "TorchTrainingModel": "shared.torch",
+    "default_infer_procedure": "shared.torch",
+    "get_device": "shared.torch",
+    "Trainer": "shared.trainer",
+    "TrainersDict": "shared.trainer",
+}
 
 __all__ = [
     "App",
@@ -26,3 +53,12 @@ __all__ = [
     "default_infer_procedure",
     "get_device",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'shared' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -15,7 +15,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights import wire
 
 
-def _parse(message: bytes) -> pb.PushRequest | memoryview:
+def _parse(message: bytes | memoryview) -> pb.PushRequest | memoryview:
     try:
         return wire.decode(message)
     except DecodeError:
@@ -28,7 +28,7 @@ def _kind(message: pb.PushRequest | memoryview) -> str:
     return "data" if isinstance(message, memoryview) else message.WhichOneof("kind") or "empty"
 
 
-def read_header(messages: Iterator[bytes]) -> PushHeader:
+def read_header(messages: Iterator[bytes | memoryview]) -> PushHeader:
     """The push header, which must be the stream's first message."""
     raw = next(messages, None)
     if raw is None:
@@ -52,7 +52,7 @@ def read_header(messages: Iterator[bytes]) -> PushHeader:
     )
 
 
-def read_parts(messages: Iterator[bytes]) -> Iterator[memoryview | bytes | Commit]:
+def read_parts(messages: Iterator[bytes | memoryview]) -> Iterator[memoryview | bytes | Commit]:
     """Payload chunks, then the commit; the commit must be the stream's last message."""
     received = 0
     try:

@@ -36,7 +36,7 @@ def encode_data(pieces: Sequence[bytes | memoryview]) -> bytes:
     return b"".join([bytes([DATA_TAG]), _varint(size), *pieces])
 
 
-def decode(message: bytes) -> pb.PushRequest | memoryview:
+def decode(message: bytes | memoryview) -> pb.PushRequest | memoryview:
     """A data message's payload as a view of `message`, or any other message parsed."""
     if message[:1] == b"\x12":
         size = 0

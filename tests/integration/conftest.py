@@ -35,6 +35,7 @@ class Inference:
     log: Path
     metrics_url: str
     pki: Path | None = None  # when the service runs with mutual TLS (see test_security.py)
+    relay_pid: int | None = None  # its sync relay process (None with --sync-in-process)
 
     def sync_stub(self) -> sync_grpc.WeightSyncStub:
         if self.pki is None:
@@ -112,6 +113,7 @@ class Services:
             log,
             f"http://127.0.0.1:{ports['metrics_port']}/metrics",
             tls,
+            ports.get("sync_relay_pid"),
         )
 
     def trainer(

@@ -1,0 +1,204 @@
+"""The sync relay: the sync plane's public gRPC server, in a process of its own.
+
+Why a process: grpcio receiving bulk data costs a serving process's tail latency far more than
+the CPU it takes. Measured with bench/serve.py on a 2-core machine under load, 100 MB pushed
+each second into a handler inside the inference service that only counted the bytes raised the
+serving p99 by 50-68%, as much as real pushes; the same stream into a separate process at a
+lower priority raised it by 11-17%. The serving process shares its gRPC I/O threads and its
+GIL with whatever it receives; a separate process shares only CPUs, where the kernel's
+scheduler and nice values apply.
+
+So the inference service starts this program (inference_service/syncplane/relay_process.py),
+which listens on the sync plane's address at a lower CPU priority, authenticates callers, and:
+
+- relays each Push over a push link (inference_service/syncplane/link.py): the messages go
+  through shared memory, and the service answers with the push's status;
+- forwards every other call (GetModel, AcquireWriter, Rollback, health, reflection, ...) as
+  raw bytes to the service's own sync server on a Unix socket, status and trailers included.
+
+It runs until the service writes `stop <grace>` to its stdin, or its stdin closes (the service
+has gone), and knows nothing of models: its imports stay light, so it starts in a fraction of a
+second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from inference_service.syncplane.link import RelayLink
+from shared.allocator import tune_for_streaming
+from shared.cli import configure_logging
+from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
+from shared.grpc.errors import REASON_KEY
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.grpc.server import bind, lower_thread_priority, new_server
+
+logger = logging.getLogger("inference_service.sync_relay")
+
+PUSH = "/weightsync.v1.WeightSync/Push"
+TOKEN_ENV = "WEIGHTSYNC_RELAY_TOKEN"  # the sync plane's token, passed in the environment
+WEAKER_TOKEN_ENV = "WEIGHTSYNC_RELAY_WEAKER_TOKEN"  # the data plane's, refused by name
+NO_DEADLINE_S = 1e8
+
+
+class LinkPool:
+    """Idle push links to the service, reused from push to push."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._idle: list[RelayLink] = []
+        self._lock = threading.Lock()
+
+    def acquire(self) -> RelayLink:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return RelayLink(self._path)
+
+    def release(self, link: RelayLink) -> None:
+        if not link.healthy:
+            link.close()
+            return
+        with self._lock:
+            self._idle.append(link)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for link in idle:
+            link.close()
+
+
+class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Push over the links; every other method forwarded to the service as raw bytes."""
+
+    def __init__(self, upstream: grpc.Channel, links: LinkPool) -> None:
+        self._upstream = upstream
+        self._links = links
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if details.method == PUSH:
+            return grpc.stream_unary_rpc_method_handler(self._push)
+        return grpc.stream_stream_rpc_method_handler(
+            functools.partial(self._forward, details.method)
+        )
+
+    def _push(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        try:
+            link = self._links.acquire()
+        except OSError as exc:
+            logger.error("cannot reach the inference service for a push: %s", exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the inference service is not answering")
+        try:
+            result = link.push(messages)
+        except OSError as exc:
+            logger.error("the inference service went away during a push: %s", exc)
+            link.close()
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the inference service stopped during the push"
+            )
+        self._links.release(link)
+        if result.code is grpc.StatusCode.OK:
+            return result.payload
+        if result.reason:
+            context.set_trailing_metadata(((REASON_KEY, result.reason),))
+        context.abort(result.code, result.message)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    def _forward(
+        self, method: str, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        metadata = tuple(
+            (key, value)
+            for key, value in context.invocation_metadata()
+            if key != "user-agent" and not key.startswith("grpc-")
+        )
+        remaining = context.time_remaining()  # without a deadline: a far future, not None
+        call: Any = self._upstream.stream_stream(method)(
+            requests,
+            metadata=metadata,
+            timeout=remaining if remaining is not None and remaining < NO_DEADLINE_S else None,
+        )
+        context.add_callback(call.cancel)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            context.set_trailing_metadata(error.trailing_metadata() or ())
+            context.abort(error.code(), error.details() or "")
+        context.set_trailing_metadata(call.trailing_metadata() or ())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m inference_service.syncplane.relay")
+    parser.add_argument("--listen", required=True, help="the sync plane's public address")
+    parser.add_argument("--upstream", required=True, help="the service's sync server socket")
+    parser.add_argument("--links", required=True, help="the service's push link socket")
+    parser.add_argument("--max-concurrent", type=int, default=8)
+    parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-client-ca", type=Path)
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def _say(**info: object) -> None:
+    """One JSON line to the service, which reads the relay's stdout."""
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the service stops us
+    lower_thread_priority(args.nice)  # gRPC's threads, started below, inherit it
+    tune_for_streaming()
+    token = os.environ.pop(TOKEN_ENV, None)
+    weaker = os.environ.pop(WEAKER_TOKEN_ENV, None)
+    interceptors = [TokenAuthInterceptor(token, "sync plane", weaker=weaker)] if token else []
+    upstream = grpc.insecure_channel(
+        f"unix:{args.upstream}", options=channel_options(SYNC_MAX_MESSAGE_BYTES)
+    )
+    links = LinkPool(args.links)
+    server = new_server(
+        args.max_concurrent + 2,
+        SYNC_MAX_MESSAGE_BYTES,
+        interceptors,
+        max_concurrent_rpcs=args.max_concurrent,
+        name="relay",
+    )
+    server.add_generic_rpc_handlers((Relay(upstream, links),))
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    try:
+        port = bind(server, args.listen, tls if tls.enabled else None)
+    except OSError as exc:
+        _say(error=str(exc))
+        return 2
+    server.start()
+    _say(port=port, pid=os.getpid())
+    grace = 0.0
+    for line in sys.stdin:  # the service's word; end of input: the service has gone
+        if line.startswith("stop"):
+            grace = float(line.split()[1])
+            break
+    server.stop(grace).wait()
+    links.close()
+    upstream.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The inference service's side of the sync relay: start the relay process, serve its pushes.
+
+The relay (inference_service/syncplane/relay.py) owns the sync plane's public address; this
+module starts it, accepts its push links on a Unix socket in a private directory, and runs each
+relayed push through the PushReceiver exactly as a push received here would run, answering with
+the same statuses. Calls other than Push reach the service's own sync server, which then listens
+on a Unix socket in the same directory (`upstream`). Should the relay die, it is started again on
+the port it had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from inference_service.syncplane import convert
+from inference_service.syncplane.link import PushStream, Result, ServiceLink
+from inference_service.syncplane.receiver import PushReceiver
+from inference_service.syncplane.relay import TOKEN_ENV, WEAKER_TOKEN_ENV
+from shared.errors import ServiceError
+from shared.grpc.auth import TlsFiles
+from shared.grpc.errors import reason_for, status_for
+from shared.grpc.server import lower_thread_priority
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    listen: str
+    max_concurrent: int = 8
+    nice: int = 0
+    tls: TlsFiles | None = None
+    token: str | None = None
+    weaker_token: str | None = None
+    log_level: str = "INFO"
+
+
+class SyncRelay:
+    def __init__(self, receiver: PushReceiver, config: RelayConfig) -> None:
+        self._receiver = receiver
+        self._config = config
+        self._dir = tempfile.mkdtemp(prefix="weightsync-sync-")  # mode 0700: ours alone
+        self.upstream = f"unix:{self._dir}/sync.sock"
+        self._links_path = f"{self._dir}/push.sock"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self._links_path)
+        self._listener.listen(64)
+        self._process: subprocess.Popen[str] | None = None
+        self._stopping = threading.Event()
+        self.port = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> int:
+        """Start the relay on the configured address; return the port it listens on."""
+        threading.Thread(target=self._accept, name="push-links", daemon=True).start()
+        self.port = self._spawn(self._config.listen)
+        threading.Thread(target=self._supervise, name="sync-relay", daemon=True).start()
+        return self.port
+
+    def stop(self, grace: float) -> None:
+        """Let the relay finish its calls for up to `grace` seconds, then end it."""
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.stdin is not None:
+            try:
+                process.stdin.write(f"stop {grace}\n")
+                process.stdin.close()
+            except OSError:
+                pass
+            try:
+                process.wait(grace + 10)
+            except subprocess.TimeoutExpired:
+                logger.warning("the sync relay did not stop in time; killing it")
+                process.kill()
+                process.wait()
+        self._listener.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _spawn(self, listen: str) -> int:
+        config = self._config
+        tls = config.tls or TlsFiles()
+        command = [
+            sys.executable,
+            "-m",
+            "inference_service.syncplane.relay",
+            f"--listen={listen}",
+            f"--upstream={self.upstream.removeprefix('unix:')}",
+            f"--links={self._links_path}",
+            f"--max-concurrent={config.max_concurrent}",
+            f"--nice={config.nice}",
+            f"--log-level={config.log_level}",
+        ]
+        for flag, path in (("cert", tls.cert), ("key", tls.key), ("client-ca", tls.ca)):
+            if path is not None:
+                command.append(f"--tls-{flag}={path}")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        for name, value in ((TOKEN_ENV, config.token), (WEAKER_TOKEN_ENV, config.weaker_token)):
+            if value:
+                env[name] = value
+        process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
+        line = process.stdout.readline() if ready else ""
+        info = json.loads(line) if line.startswith("{") else {}
+        if "port" not in info:
+            process.kill()
+            process.wait()
+            raise OSError(info.get("error") or f"the sync relay did not start on {listen}")
+        self._process = process
+        logger.info("sync relay (pid %d) on port %d", process.pid, info["port"])
+        return int(info["port"])
+
+    def _supervise(self) -> None:
+        """Start the relay again, on the same port, should it die while the service runs."""
+        while not self._stopping.is_set():
+            assert self._process is not None
+            code = self._process.wait()
+            if self._stopping.is_set():
+                return
+            logger.error("the sync relay exited (status %s); starting it again", code)
+            host = self._config.listen.rsplit(":", 1)[0]
+            try:
+                self._spawn(f"{host}:{self.port}")
+            except OSError as exc:
+                logger.error("cannot start the sync relay again: %s", exc)
+                return
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:  # closed by stop()
+                return
+            link = threading.Thread(target=self._serve, args=(sock,), name="push-link", daemon=True)
+            link.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Run the pushes that come over one link, one after another."""
+        lower_thread_priority(self._config.nice)
+        try:
+            link = ServiceLink(sock)
+        except OSError as exc:
+            logger.warning("refused a push link: %s", exc)
+            return
+        try:
+            for stream in link.pushes():
+                stream.answer(self._push(stream))
+        except OSError as exc:  # the relay went away, mid-push (the push was not committed)
+            logger.warning("a push link broke: %s", exc)
+        finally:
+            link.close()
+
+    def _push(self, stream: PushStream) -> Result:
+        """One push, with the statuses and log lines of the sync servicer's Push."""
+        try:
+            header = convert.read_header(stream)
+            generation = self._receiver.receive(header, convert.read_parts(stream))
+        except ServiceError as error:
+            code = status_for(error)
+            logger.info("WeightSyncServicer.Push -> %s: %s", code.name, error)
+            return Result(code, reason=reason_for(error), message=str(error))
+        except OSError:
+            raise
+        except Exception:
+            logger.exception("unhandled error in WeightSyncServicer.Push")
+            return Result(
+                grpc.StatusCode.INTERNAL, message="internal server error; see the server log"
+            )
+        response = convert.push_response(header, generation)
+        return Result(grpc.StatusCode.OK, response.SerializeToString())

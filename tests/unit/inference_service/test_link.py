@@ -1,0 +1,158 @@
+"""The push link between the sync relay and the service, over a real Unix socket and memfd ring."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from inference_service.syncplane.link import (
+    PushStream,
+    RelayedCancel,
+    RelayLink,
+    Result,
+    ServiceLink,
+)
+
+OK = grpc.StatusCode.OK
+
+
+class Service:
+    """A service end that runs `handle` on each push and answers with what it returns."""
+
+    def __init__(self, path: Path, handle: Callable[[PushStream], Result]) -> None:
+        self.seen: list[list[bytes]] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        self._handle = handle
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        sock, _ = self._listener.accept()
+        link = ServiceLink(sock)
+        for stream in link.pushes():
+            stream.answer(self._handle(stream))
+        link.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Iterator[Path]:
+    """Where a test's service listens; its sockets and links are closed afterwards."""
+    yield tmp_path / "s"
+    for opened in OPENED:
+        opened.close()
+    OPENED.clear()
+
+
+OPENED: list[Service | RelayLink | socket.socket] = []
+
+
+def service(path: Path, handle: Callable[[PushStream], Result]) -> Service:
+    OPENED.append(Service(path, handle))
+    return OPENED[-1]  # type: ignore[return-value]
+
+
+def relay(path: Path) -> RelayLink:
+    link = RelayLink(str(path), slots=2, slot_bytes=64)
+    OPENED.append(link)
+    return link
+
+
+def collect(into: list[list[bytes]]) -> Callable[[PushStream], Result]:
+    def handle(stream: PushStream) -> Result:
+        messages: list[bytes] = []
+        try:
+            for message in stream:
+                messages.append(bytes(message))  # copied: a view lasts until the next message
+        except RelayedCancel:
+            into.append(messages)
+            return Result(grpc.StatusCode.CANCELLED, reason="cancelled", message="gone")
+        into.append(messages)
+        return Result(OK, b"done %d" % len(messages))
+
+    return handle
+
+
+def messages(count: int, size: int) -> list[bytes]:
+    return [bytes([i % 251]) * size for i in range(count)]
+
+
+def test_messages_arrive_in_order_through_few_slots_and_large_ones_inline(path: Path) -> None:
+    seen: list[list[bytes]] = []
+    service(path, collect(seen))
+    link = relay(path)
+    sent = [*messages(20, 64), b"x" * 1000, *messages(5, 3)]
+    assert link.push(iter(sent)) == Result(OK, b"done 26")
+    assert seen == [sent]
+    again = messages(7, 50)  # the same link and ring, the next push
+    assert link.push(iter(again)) == Result(OK, b"done 7")
+    assert seen[1] == again
+
+
+def test_a_broken_source_aborts_the_push_and_the_link_stays_usable(path: Path) -> None:
+    seen: list[list[bytes]] = []
+    service(path, collect(seen))
+    link = relay(path)
+
+    def broken() -> Iterator[bytes]:
+        yield b"a" * 10
+        yield b"b" * 10
+        raise grpc.RpcError()
+
+    result = link.push(broken())
+    assert (result.code, result.reason, result.message) == (
+        grpc.StatusCode.CANCELLED,
+        "cancelled",
+        "gone",
+    )
+    assert seen == [[b"a" * 10, b"b" * 10]]
+    assert link.healthy
+    assert link.push(iter([b"c"])) == Result(OK, b"done 1")
+
+
+def test_an_answer_part_way_stops_the_relay_and_the_next_push_starts_clean(
+    path: Path,
+) -> None:
+    def refuse_after_two(stream: PushStream) -> Result:
+        taken = [bytes(next(stream)), bytes(next(stream))]
+        if taken[0] == b"ok":
+            for _ in stream:
+                pass
+            return Result(OK, b"fine")
+        return Result(grpc.StatusCode.INVALID_ARGUMENT, reason="malformed-push", message="bad")
+
+    service(path, refuse_after_two)
+    link = relay(path)
+    pulled = 0
+
+    def many() -> Iterator[bytes]:
+        nonlocal pulled
+        for message in [b"no", *messages(1000, 64)]:
+            pulled += 1
+            yield message
+
+    result = link.push(many())
+    assert result.code == grpc.StatusCode.INVALID_ARGUMENT and result.message == "bad"
+    assert pulled < 1000  # it stopped taking the sender's messages
+    assert link.push(iter([b"ok", b"x" * 100, b"y"])) == Result(OK, b"fine")
+
+
+def test_a_link_whose_service_went_away_raises(path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    OPENED.append(listener)
+    listener.bind(str(path))
+    listener.listen()
+    link = relay(path)
+    accepted, _ = listener.accept()
+    ServiceLink(accepted).close()
+    with pytest.raises(OSError):
+        link.push(iter(messages(100, 64)))
+    assert not link.healthy
