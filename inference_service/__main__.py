@@ -16,6 +16,7 @@ from inference_service.persistence import WeightStore
 from inference_service.server import InferenceServer
 from inference_service.settings import InferenceSettings
 from inference_service.syncplane.receiver import SyncLimits
+from inference_service.syncplane.relay_process import relay_wanted
 from shared.allocator import tune_for_streaming
 from shared.app import load_app
 from shared.cli import configure_logging, is_loopback
@@ -87,7 +88,7 @@ def run(settings: InferenceSettings) -> None:
         data_token=settings.data_token,
         tls=tls if tls.enabled else None,
         sync_nice=settings.sync_nice,
-        sync_relay=not settings.sync_in_process,
+        sync_relay=relay_wanted(settings.sync_relay),
         log_level=settings.log_level,
     )
     ports = server.start()

@@ -187,13 +187,14 @@ OPTIONS = [
         _nice,
     ),
     Option(
-        "--sync-in-process",
-        "INFERENCE_SYNC_IN_PROCESS",
-        "receive pushes in this process rather than in the sync relay process (which keeps "
-        "their cost out of serving latency)",
-        False,
-        boolean,
-        switch=True,
+        "--sync-relay",
+        "INFERENCE_SYNC_RELAY",
+        "receive pushes in a process of their own, which keeps their cost out of serving "
+        "latency but copies each byte once more (auto: where this process may use 4 or more "
+        "CPUs)",
+        "auto",
+        str.lower,
+        choices=("auto", "on", "off"),
     ),
     Option(
         "--torch-threads",
@@ -246,7 +247,7 @@ class InferenceSettings:
     workers: int = 8
     sync_max_mb_per_s: float = 0.0
     sync_nice: int = 10
-    sync_in_process: bool = False
+    sync_relay: str = "auto"
     torch_threads: int = 0
     grace: float = 10.0
     ready_file: Path | None = None

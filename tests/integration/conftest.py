@@ -35,7 +35,7 @@ class Inference:
     log: Path
     metrics_url: str
     pki: Path | None = None  # when the service runs with mutual TLS (see test_security.py)
-    relay_pid: int | None = None  # its sync relay process (None with --sync-in-process)
+    relay_pid: int | None = None  # its sync relay process (None with --sync-relay off)
 
     def sync_stub(self) -> sync_grpc.WeightSyncStub:
         if self.pki is None:
@@ -94,6 +94,10 @@ class Services:
                 str(ready),
                 "--metrics-listen",
                 "127.0.0.1:0",
+                # The relay is what hosts with 4 or more CPUs run (`auto`); tests use it on
+                # any machine, and pass `--sync-relay off` for the in-process sync plane.
+                "--sync-relay",
+                "on",
                 *extra,
             ],
             log,

@@ -1,5 +1,5 @@
 """The sync relay process: it dies and comes back, it goes when its service goes, and it can be
-left out (--sync-in-process)."""
+left out (--sync-relay off)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_the_relay_goes_when_its_service_is_killed(services: Services) -> None:
 
 
 def test_pushes_still_work_in_process(services: Services) -> None:
-    inference = services.inference(STAMP, "--sync-in-process")
+    inference = services.inference(STAMP, "--sync-relay", "off")
     assert inference.relay_pid is None
     trainer = services.trainer(STAMP, [inference], "--max-runs", "2")
     assert trainer.wait(timeout=120) == 0, services.log("trainer")

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from inference_service.syncplane import relay_process
 from inference_service.syncplane.link import (
     PushStream,
     RelayedCancel,
@@ -17,6 +18,7 @@ from inference_service.syncplane.link import (
     Result,
     ServiceLink,
 )
+from inference_service.syncplane.relay_process import relay_wanted
 
 OK = grpc.StatusCode.OK
 
@@ -156,3 +158,11 @@ def test_a_link_whose_service_went_away_raises(path: Path) -> None:
     with pytest.raises(OSError):
         link.push(iter(messages(100, 64)))
     assert not link.healthy
+
+
+def test_the_relay_runs_where_there_are_cpus_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert relay_wanted("on") and not relay_wanted("off")
+    monkeypatch.setattr(relay_process, "available_cpus", lambda: 2)
+    assert not relay_wanted("auto")
+    monkeypatch.setattr(relay_process, "available_cpus", lambda: 4)
+    assert relay_wanted("auto")
