@@ -168,7 +168,7 @@ class InferenceServer:
             sync_port = bind(self._sync_server, self._sync_listen, self._tls)
             self._sync_server.start()
         else:
-            bind(self._sync_server, self._relay.upstream)
+            bind(self._sync_server, self._relay.open())
             self._sync_server.start()
             sync_port = self._relay.start()
         ports = Ports(data_port, sync_port)

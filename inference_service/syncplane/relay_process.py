@@ -4,8 +4,8 @@ The relay (inference_service/syncplane/relay.py) owns the sync plane's public ad
 module starts it, accepts its push links on a Unix socket in a private directory, and runs each
 relayed push through the PushReceiver exactly as a push received here would run, answering with
 the same statuses. Calls other than Push reach the service's own sync server, which then listens
-on a Unix socket in the same directory (`upstream`). Should the relay die, it is started again on
-the port it had.
+on a Unix socket in the same directory (the address `open()` returns). Should the relay die, it
+is started again on the port it had.
 """
 
 from __future__ import annotations
@@ -69,12 +69,9 @@ class SyncRelay:
     def __init__(self, receiver: PushReceiver, config: RelayConfig) -> None:
         self._receiver = receiver
         self._config = config
-        self._dir = tempfile.mkdtemp(prefix="weightsync-sync-")  # mode 0700: ours alone
-        self.upstream = f"unix:{self._dir}/sync.sock"
-        self._links_path = f"{self._dir}/push.sock"
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self._links_path)
-        self._listener.listen(64)
+        self._dir = ""
+        self._links_path = ""
+        self._listener: socket.socket | None = None
         self._process: subprocess.Popen[str] | None = None
         self._stopping = threading.Event()
         self.port = 0
@@ -83,10 +80,24 @@ class SyncRelay:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    def open(self) -> str:
+        """Make the private directory and the push link socket; return the address the
+        service's own sync server must listen on (a Unix socket there)."""
+        self._dir = tempfile.mkdtemp(prefix="weightsync-sync-")  # mode 0700: ours alone
+        self._links_path = f"{self._dir}/push.sock"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self._links_path)
+        self._listener.listen(64)
+        return f"unix:{self._dir}/sync.sock"
+
     def start(self) -> int:
         """Start the relay on the configured address; return the port it listens on."""
         threading.Thread(target=self._accept, name="push-links", daemon=True).start()
-        self.port = self._spawn(self._config.listen)
+        try:
+            self.port = self._spawn(self._config.listen)
+        except OSError:
+            self._close()
+            raise
         threading.Thread(target=self._supervise, name="sync-relay", daemon=True).start()
         return self.port
 
@@ -106,8 +117,13 @@ class SyncRelay:
                 logger.warning("the sync relay did not stop in time; killing it")
                 process.kill()
                 process.wait()
-        self._listener.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _spawn(self, listen: str) -> int:
         config = self._config
@@ -117,7 +133,7 @@ class SyncRelay:
             "-m",
             "inference_service.syncplane.relay",
             f"--listen={listen}",
-            f"--upstream={self.upstream.removeprefix('unix:')}",
+            f"--upstream={self._dir}/sync.sock",
             f"--links={self._links_path}",
             f"--max-concurrent={config.max_concurrent}",
             f"--nice={config.nice}",
@@ -162,6 +178,7 @@ class SyncRelay:
                 return
 
     def _accept(self) -> None:
+        assert self._listener is not None
         while True:
             try:
                 sock, _ = self._listener.accept()
