@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -189,14 +190,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     server.start()
     _say(port=port, pid=os.getpid())
-    grace = 0.0
+    grace = None
     for line in sys.stdin:  # the service's word; end of input: the service has gone
         if line.startswith("stop"):
             grace = float(line.split()[1])
             break
-    server.stop(grace).wait()
+    server.stop(grace or 0.0).wait()
     links.close()
     upstream.close()
+    private = Path(args.links).parent
+    if grace is None and private.name.startswith("weightsync-sync-"):
+        shutil.rmtree(private, ignore_errors=True)  # the service died; tidy up for it
     return 0
 
 
