@@ -21,6 +21,9 @@ it), for hosts where its environment cannot be installed.
     python -m bench.serve [--seconds 20] [--concurrency 8] [--device cpu] [--only-ours]
                           [--load h2load|threads]
 
+Our service runs with its defaults, `--sync-relay auto` included (the sync relay where it may use
+4 or more CPUs); INFERENCE_SYNC_RELAY=on or off in the environment chooses.
+
 `failed` counts requests that failed at the HTTP/2 level and those our service answered with a
 gRPC error (its own request counter); each server's answer is checked once with a real client.
 """

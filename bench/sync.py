@@ -15,8 +15,9 @@ receiver in their own processes, all on loopback:
 
     python -m bench.sync [--mb 1024] [--tensors 64] [--repeat 6] [--device cpu]
 
-`--device cuda` holds the inference service's model on the GPU, so the full push includes the
-staging copies to the device (the yardsticks still end in host memory).
+The service runs with `--sync-relay auto` (INFERENCE_SYNC_RELAY=on or off in the environment
+chooses). `--device cuda` holds the inference service's model on the GPU, so the full push
+includes the staging copies to the device (the yardsticks still end in host memory).
 """
 
 from __future__ import annotations
