@@ -32,12 +32,16 @@ def _varint(value: int) -> bytes:
 
 def encode_data(pieces: Sequence[bytes | memoryview]) -> bytes:
     """The serialized `PushRequest{data: concat(pieces)}`."""
-    size = sum(len(p) for p in pieces)
-    return b"".join([bytes([DATA_TAG]), _varint(size), *pieces])
+    return b"".join([data_header(sum(len(p) for p in pieces)), *pieces])
 
 
-def decode(message: bytes | memoryview) -> pb.PushRequest | memoryview:
-    """A data message's payload as a view of `message`, or any other message parsed."""
+def data_header(size: int) -> bytes:
+    """The tag and length that precede `size` payload bytes in a data message."""
+    return bytes([DATA_TAG]) + _varint(size)
+
+
+def data_payload(message: bytes | memoryview) -> memoryview | None:
+    """The payload of a data message encoded as above, as a view; None for anything else."""
     if message[:1] == b"\x12":
         size = 0
         shift = 0
@@ -49,5 +53,13 @@ def decode(message: bytes | memoryview) -> pb.PushRequest | memoryview:
                 if index + 1 + size == len(message):
                     return memoryview(message)[index + 1 :]
                 break
+    return None
+
+
+def decode(message: bytes | memoryview) -> pb.PushRequest | memoryview:
+    """A data message's payload as a view of `message`, or any other message parsed."""
+    payload = data_payload(message)
+    if payload is not None:
+        return payload
     parsed: pb.PushRequest = pb.PushRequest.FromString(message)
     return parsed

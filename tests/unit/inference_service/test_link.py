@@ -19,6 +19,7 @@ from inference_service.syncplane.link import (
     ServiceLink,
 )
 from inference_service.syncplane.relay_process import relay_wanted
+from shared.weights import wire
 
 OK = grpc.StatusCode.OK
 
@@ -166,3 +167,18 @@ def test_the_relay_runs_where_there_are_cpus_to_spare(monkeypatch: pytest.Monkey
     assert not relay_wanted("auto")
     monkeypatch.setattr(relay_process, "available_cpus", lambda: 4)
     assert relay_wanted("auto")
+
+
+def test_consecutive_data_messages_reach_the_service_joined(path: Path) -> None:
+    seen: list[list[bytes]] = []
+    service(path, collect(seen))
+    link = relay(path)  # 64-byte slots: 53 bytes of payload each
+    chunks = [bytes([i]) * 20 for i in range(1, 8)]
+    sent = [b"H" * 30, *(wire.encode_data([chunk]) for chunk in chunks), b"C" * 10]
+    assert link.push(iter(sent)).code == OK
+    first, *joined, last = seen[0]
+    assert (first, last) == (b"H" * 30, b"C" * 10)  # other messages keep their place
+    payloads = [wire.data_payload(message) for message in joined]
+    assert len(payloads) == 4  # two 20-byte chunks fit a slot: 2 + 2 + 2 + 1
+    assert b"".join(bytes(p) for p in payloads if p is not None) == b"".join(chunks)
+    assert all(p is not None for p in payloads)
