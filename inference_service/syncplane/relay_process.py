@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
+RESTART_DELAY_S = 0.1  # before starting a dead relay again; doubled while it keeps dying
+MAX_RESTART_DELAY_S = 30.0
+STEADY_S = 60.0  # a relay that ran this long before dying starts again at once
 # The relay copies each pushed byte once more (into the shared ring), about 10% more CPU per
 # push in all. Where CPUs are few that is felt: on a 2-core host, full 1 GiB pushes ran at
 # 0.67-0.83 of raw gRPC's speed relayed against 0.81-0.98 received in process (while serving
@@ -163,13 +167,23 @@ class SyncRelay:
         return int(info["port"])
 
     def _supervise(self) -> None:
-        """Start the relay again, on the same port, should it die while the service runs."""
+        """Start the relay again, on the same port, should it die while the service runs; one
+        that keeps dying soon after its start is started again less and less often."""
+        delay = RESTART_DELAY_S
         while not self._stopping.is_set():
             assert self._process is not None
+            started = time.monotonic()
             code = self._process.wait()
             if self._stopping.is_set():
                 return
-            logger.error("the sync relay exited (status %s); starting it again", code)
+            if time.monotonic() - started > STEADY_S:
+                delay = RESTART_DELAY_S
+            logger.error(
+                "the sync relay exited (status %s); starting it again in %.1fs", code, delay
+            )
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, MAX_RESTART_DELAY_S)
             host = self._config.listen.rsplit(":", 1)[0]
             try:
                 self._spawn(f"{host}:{self.port}")
