@@ -9,9 +9,14 @@ client (`--load threads`), which takes about a core of its own here. Prints
 
     serve_mlp ratio_vs_mlserver=X p99_ratio=Y    throughput ours/theirs; p99 ours/theirs
     swap_p99_ratio=Z failed=N                    our p99 while a 100 MB model's sync commits
-                                                 every second, over our p99 without syncs
-                                                 (the trainer in its own process, at nice 19;
-                                                 5 s slices with and without, alternating)
+      cpu_yardstick_p99_ratio=W                  every second, over our p99 without syncs
+                                                 (the trainer in its own process, at nice 19);
+                                                 W: our p99 beside a process at the lowest
+                                                 priority that only spends as much CPU a second
+                                                 as the syncs did (bench/cpu_yardstick.py),
+                                                 over p99 without: what that CPU time alone
+                                                 costs on this host (5 s slices of the three
+                                                 conditions, alternating)
 
 MLServer runs from its own virtual environment (its dependencies differ from ours), created on
 first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` executable.
@@ -42,6 +47,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -170,12 +176,20 @@ def main() -> int:
             load.check_answer(data)
             drive(data, 2, args.concurrency)  # warm
             ours = drive(data, args.seconds, args.concurrency)
-            quiet, syncing, pushes = swapping(
-                drive, data, f"127.0.0.1:{ports['sync_port']}", args.seconds, args.concurrency, env
-            )
+            relay = ports.get("sync_relay_pid")
             metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+            swap = swapping(
+                drive,
+                data,
+                f"127.0.0.1:{ports['sync_port']}",
+                args.seconds,
+                args.concurrency,
+                env,
+                [server.pid, *([relay] if relay else [])],
+                metrics_url,
+            )
             swaps = swap_pauses(metrics_url)
-            failed = quiet.failed + syncing.failed + failed_on_server(metrics_url)
+            failed = swap.quiet.failed + swap.syncing.failed + failed_on_server(metrics_url)
         finally:
             stop(server)
         print(
@@ -183,13 +197,24 @@ def main() -> int:
             f"concurrency {args.concurrency}, {args.seconds:g}s: "
             f"{ours.rps:,.0f} req/s p99 {ours.p99 * 1e3:.2f} ms ({ours.failed} failed)"
         )
+        quiet, syncing = swap.quiet, swap.syncing
         print(
-            f"# {SEGMENT_S:g}s slices with and without syncs, alternating, {args.seconds:g}s of "
-            f"each: without {quiet.rps:,.0f} req/s p99 {quiet.p99 * 1e3:.2f} ms; with "
-            f"{syncing.rps:,.0f} req/s p99 {syncing.p99 * 1e3:.2f} ms, {pushes} commits of the "
-            f"100 MB model (trainer in its own process); {swaps}"
+            f"# {SEGMENT_S:g}s slices without syncs, with them and beside the CPU yardstick, "
+            f"alternating, {args.seconds:g}s of each: without {quiet.rps:,.0f} req/s p99 "
+            f"{quiet.p99 * 1e3:.2f} ms; with {syncing.rps:,.0f} req/s p99 "
+            f"{syncing.p99 * 1e3:.2f} ms, {swap.commits} commits of the 100 MB model (trainer "
+            f"in its own process, on {'the sync relay' if relay else 'the service'}); {swaps}"
         )
-        print(f"swap_p99_ratio={syncing.p99 / quiet.p99:.2f} failed={failed}")
+        print(
+            f"# CPU yardstick: the syncs took {swap.sync_cpu_ms_per_s:.0f} ms of CPU a second "
+            f"(trainer, relay, service); a process at the lowest priority copying memory for "
+            f"as long each second: {swap.yardstick.rps:,.0f} req/s p99 "
+            f"{swap.yardstick.p99 * 1e3:.2f} ms"
+        )
+        print(
+            f"swap_p99_ratio={syncing.p99 / quiet.p99:.2f} failed={failed} "
+            f"cpu_yardstick_p99_ratio={swap.yardstick.p99 / quiet.p99:.2f}"
+        )
         if args.only_ours:
             return 0
 
@@ -243,6 +268,22 @@ def main() -> int:
     return 0
 
 
+@dataclass
+class Swapping:
+    """What the load generator saw without syncs, with them, and beside the CPU yardstick."""
+
+    quiet: Drive
+    syncing: Drive
+    yardstick: Drive
+    commits: int  # while syncing (the trainer also runs before the slices)
+    sync_cpu_ms_per_s: float  # trainer, relay and service, measured with no load
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def swapping(
     drive: Callable[[str, float, int], Drive],
     data: str,
@@ -250,12 +291,16 @@ def swapping(
     seconds: float,
     concurrency: int,
     env: dict[str, str],
-) -> tuple[Drive, Drive, int]:
-    """Drive the MLP with and without a trainer process syncing the 100 MB model each second.
+    service_pids: list[int],
+    metrics_url: str,
+) -> Swapping:
+    """Drive the MLP without syncs, with a trainer process syncing the 100 MB model each
+    second, and beside the CPU yardstick (bench/cpu_yardstick.py) spending as much CPU per
+    second as the syncs did (trainer, relay and service, measured first with no load).
 
-    The two conditions alternate in `SEGMENT_S` slices (the trainer is stopped with SIGSTOP for
-    the slices without syncs), so drift on a noisy machine hits both alike; each condition
-    gets `seconds` in all. Returns (without syncs, with syncs, commits)."""
+    The three conditions alternate in `SEGMENT_S` slices (the trainer and the yardstick are
+    stopped with SIGSTOP while not wanted), so drift on a noisy machine hits all alike; each
+    condition gets `seconds` in all."""
     trainer = subprocess.Popen(
         [
             sys.executable,
@@ -276,27 +321,56 @@ def swapping(
         ],
         cwd=ROOT,
         env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=subprocess.DEVNULL,
         # In a deployment the trainer has a host of its own; here it shares these cores with
         # the server and the load generator, so it runs at the lowest CPU priority to stand in
         # for that. The inference service's own cost of receiving the syncs is fully counted.
         preexec_fn=lambda: os.nice(19),
     )
-    quiet, syncing = Drive(), Drive()
+    yardstick: subprocess.Popen[bytes] | None = None
+    quiet, syncing, beside = Drive(), Drive(), Drive()
+    commits = 0
     try:
         time.sleep(3)  # let it start and push its first full copy
+        pids = [trainer.pid, *service_pids]
+        before = sum(cpu_seconds(pid) for pid in pids)
+        time.sleep(SEGMENT_S)
+        cpu_ms = (sum(cpu_seconds(pid) for pid in pids) - before) / SEGMENT_S * 1e3
+        yardstick = subprocess.Popen(
+            [sys.executable, "-m", "bench.cpu_yardstick", f"--ms-per-s={cpu_ms:.1f}"],
+            cwd=ROOT,
+            env=env,
+        )
         slices = max(1, round(seconds / SEGMENT_S))
         for _ in range(slices):
             trainer.send_signal(signal.SIGSTOP)
+            yardstick.send_signal(signal.SIGSTOP)
             quiet.add(drive(data, seconds / slices, concurrency))
+            version = served_version(metrics_url, "blob")
             trainer.send_signal(signal.SIGCONT)
             syncing.add(drive(data, seconds / slices, concurrency))
+            trainer.send_signal(signal.SIGSTOP)
+            commits += served_version(metrics_url, "blob") - version
+            yardstick.send_signal(signal.SIGCONT)
+            beside.add(drive(data, seconds / slices, concurrency))
     finally:
+        if yardstick is not None:
+            yardstick.kill()
+            yardstick.wait()
         trainer.send_signal(signal.SIGCONT)
-        stop(trainer)  # type: ignore[arg-type]
-    log = trainer.stderr.read() if trainer.stderr else ""
-    return quiet, syncing, log.count("committed on 1 inference service")
+        stop(trainer)
+    return Swapping(quiet, syncing, beside, commits, cpu_ms)
+
+
+def served_version(metrics_url: str, model: str) -> int:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "weightsync_inference_model_version":
+            for sample in family.samples:
+                if sample.labels.get("model") == model:
+                    return round(sample.value)
+    return 0
 
 
 def swap_pauses(metrics_url: str) -> str:
