@@ -315,13 +315,12 @@ def swapping(
             "--run-interval",
             "1",
             "--log-level",
-            "INFO",
+            "WARNING",  # commits are counted from the service's metrics
             "--metrics-listen",
             "off",
         ],
         cwd=ROOT,
         env=env,
-        stderr=subprocess.DEVNULL,
         # In a deployment the trainer has a host of its own; here it shares these cores with
         # the server and the load generator, so it runs at the lowest CPU priority to stand in
         # for that. The inference service's own cost of receiving the syncs is fully counted.
