@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-from pathlib import Path
 
 import torch
 
+from shared.cpus import available_cpus
 from shared.errors import ConfigurationError
 
 
@@ -27,19 +25,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigurationError(f"device {name!r}: only cpu and cuda are supported")
     return device
-
-
-def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
-    container's `--cpus`), which os.cpu_count() and torch's defaults both ignore."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cgroup_cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return cpus
-    if quota == "max":
-        return cpus
-    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
 def size_torch_threads(threads: int) -> int:

@@ -40,6 +40,7 @@ SLOTS = 4
 SLOT_BYTES = (4 << 20) + 4096  # four 1 MiB data chunks, joined, and their framing
 HEAD = 11  # room before a joined payload for its tag and the longest varint length
 POLL_EVERY = 8  # messages between the relay's looks for an early answer
+STALL_S = 0.05  # and how long it waits for a message before it looks anyway
 FREE_BATCH = 2  # slots the service hands back in one write
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -139,9 +140,11 @@ class RelayLink:
         self._base = ctypes.addressof(self._pin)
         self.healthy = True
 
-    def push(self, messages: Iterable[bytes]) -> Result:
+    def push(self, messages: Iterable[bytes | None]) -> Result:
         """Relay one push's messages and return the service's answer.
 
+        A None among the messages says none has come for a while: the relay then looks for an
+        early answer, so a sender that stalls after a refusal still gets it at once.
         ConnectionError when the service went away; the link is then unusable."""
         self.healthy = False  # until the exchange completes
         self._free: deque[int] = deque(range(self._slots))
@@ -163,11 +166,15 @@ class RelayLink:
         self.healthy = True
         return result
 
-    def _relay(self, messages: Iterable[bytes]) -> Result | None:
+    def _relay(self, messages: Iterable[bytes | None]) -> Result | None:
         room = self._slot_bytes - HEAD
         for count, message in enumerate(messages):
-            if count % POLL_EVERY == 0 and (result := self._take_frames(wait=False)):
+            if (message is None or count % POLL_EVERY == 0) and (
+                result := self._take_frames(wait=False)
+            ):
                 return result  # a refusal part-way is noticed this soon
+            if message is None:
+                continue
             payload = data_payload(message)
             if payload is not None and len(payload) <= room:
                 if self._joining is not None and self._joined + len(payload) > room:

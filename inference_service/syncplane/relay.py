@@ -38,12 +38,13 @@ from typing import Any
 
 import grpc
 
-from inference_service.syncplane.link import RelayLink
+from inference_service.syncplane.link import STALL_S, RelayLink
 from shared.allocator import tune_for_streaming
 from shared.cli import configure_logging
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.errors import REASON_KEY
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.grpc.prefetch import Prefetcher
 from shared.grpc.server import bind, lower_thread_priority, new_server
 
 logger = logging.getLogger("inference_service.sync_relay")
@@ -103,7 +104,12 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             logger.error("cannot reach the inference service for a push: %s", exc)
             context.abort(grpc.StatusCode.UNAVAILABLE, "the inference service is not answering")
         try:
-            result = link.push(messages)
+            # The sender's messages are read on a thread of their own, so that a refusal the
+            # service sends while the sender stalls still reaches it at once: grpcio's sync API
+            # cannot end a call from outside the handler's thread, which would otherwise be
+            # blocked waiting for the sender's next message.
+            with Prefetcher(messages, name="relay-push") as ahead:
+                result = link.push(ahead.waiting(STALL_S))
         except OSError as exc:
             logger.error("the inference service went away during a push: %s", exc)
             link.close()

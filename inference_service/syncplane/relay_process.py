@@ -30,7 +30,7 @@ from inference_service.syncplane import convert
 from inference_service.syncplane.link import PushStream, Result, ServiceLink
 from inference_service.syncplane.receiver import PushReceiver
 from inference_service.syncplane.relay import TOKEN_ENV, WEAKER_TOKEN_ENV
-from shared.devices import available_cpus
+from shared.cpus import available_cpus
 from shared.errors import ServiceError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.errors import reason_for, status_for

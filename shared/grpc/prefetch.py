@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Generic, TypeVar
 
-from shared.devices import available_cpus
+from shared.cpus import available_cpus
 
 T = TypeVar("T")
 
@@ -75,7 +75,25 @@ class Prefetcher(Generic[T]):
     def __next__(self) -> T:
         if self._finished:
             raise StopIteration
-        item, error = self._queue.get()
+        return self._unpack(self._queue.get())
+
+    def waiting(self, every_s: float) -> Iterator[T | None]:
+        """The items, with a None each time `every_s` passes without one: a reader can look
+        elsewhere (for an early answer) while the source stalls."""
+        while not self._finished:
+            try:
+                entry = self._queue.get(timeout=every_s)
+            except queue.Empty:
+                yield None
+                continue
+            try:
+                item = self._unpack(entry)
+            except StopIteration:
+                return
+            yield item
+
+    def _unpack(self, entry: tuple[object, BaseException | None]) -> T:
+        item, error = entry
         if error is not None:
             self._finished = True
             raise error

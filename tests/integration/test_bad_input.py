@@ -3,6 +3,7 @@ the problem, and the served weights stay bit-identical (same version, same diges
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -336,6 +337,25 @@ def test_bad_inference_request(
         bench.data.ModelInfer(request_of(), timeout=30)
     assert caught.value.code() == code, caught.value.details()
     assert fragment in (caught.value.details() or "")
+    assert_untouched(bench)
+
+
+def test_a_sender_that_stalls_after_its_header_still_gets_the_refusal(bench: Bench) -> None:
+    """The refusal reaches a sender that keeps its stream open and sends nothing more, through
+    the sync relay too, rather than its deadline (DEADLINE_EXCEEDED) or nothing at all."""
+    release = threading.Event()
+
+    def stalls() -> Iterator[bytes]:
+        yield bench.header(model_name="nope")
+        release.wait(60)
+
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            bench.push_raw(stalls(), timeout=30)
+    finally:
+        release.set()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value.details()
+    assert "nope" in (caught.value.details() or "")
     assert_untouched(bench)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.devices import available_cpus, resolve_device
+from shared.cpus import available_cpus
+from shared.devices import resolve_device
 from shared.errors import ConfigurationError
 
 

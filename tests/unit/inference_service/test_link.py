@@ -19,6 +19,7 @@ from inference_service.syncplane.link import (
     ServiceLink,
 )
 from inference_service.syncplane.relay_process import relay_wanted
+from shared.grpc.prefetch import Prefetcher
 from shared.weights import wire
 
 OK = grpc.StatusCode.OK
@@ -146,6 +147,30 @@ def test_an_answer_part_way_stops_the_relay_and_the_next_push_starts_clean(
     assert result.code == grpc.StatusCode.INVALID_ARGUMENT and result.message == "bad"
     assert pulled < 1000  # it stopped taking the sender's messages
     assert link.push(iter([b"ok", b"x" * 100, b"y"])) == Result(OK, b"fine")
+
+
+def test_a_sender_that_stalls_after_a_refusal_still_gets_it(path: Path) -> None:
+    def refuse_the_first(stream: PushStream) -> Result:
+        next(stream)
+        return Result(grpc.StatusCode.NOT_FOUND, reason="model-not-found", message="no such")
+
+    service(path, refuse_the_first)
+    link = relay(path)
+    release = threading.Event()
+
+    def stalls() -> Iterator[bytes]:
+        yield b"header"
+        release.wait(30)  # the sender holds its stream open and sends nothing more
+        yield b"late"
+
+    try:
+        with Prefetcher(stalls()) as ahead:
+            result = link.push(ahead.waiting(0.01))
+        assert result.code == grpc.StatusCode.NOT_FOUND and result.message == "no such"
+        assert not release.is_set()  # answered while the sender was still stalled
+    finally:
+        release.set()
+    assert link.push(iter([b"ok"])).code == grpc.StatusCode.NOT_FOUND  # the link is clean
 
 
 def test_a_link_whose_service_went_away_raises(path: Path) -> None:

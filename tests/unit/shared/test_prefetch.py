@@ -34,6 +34,30 @@ def test_an_error_of_the_source_is_raised_in_its_place() -> None:
             next(items)
 
 
+def test_waiting_says_none_while_the_source_stalls_and_passes_on_its_end_and_errors() -> None:
+    go_on = threading.Event()
+
+    def source() -> Iterator[int]:
+        yield 1
+        go_on.wait(10)
+        yield 2
+        raise ConnectionError("cut off")
+
+    with Prefetcher(source()) as items:
+        seen = items.waiting(0.01)
+        assert next(seen) == 1
+        assert next(seen) is None  # the source stalls
+        assert next(seen) is None
+        go_on.set()
+        rest = []
+        with pytest.raises(ConnectionError, match="cut off"):
+            for item in seen:
+                rest.append(item)
+        assert [item for item in rest if item is not None] == [2]
+    with Prefetcher(iter([1, 2])) as items:
+        assert [i for i in items.waiting(1.0) if i is not None] == [1, 2]
+
+
 def test_it_reads_at_most_depth_items_ahead_and_stops_once_closed() -> None:
     pulled: list[int] = []
     finished = threading.Event()
