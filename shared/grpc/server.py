@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from shared.grpc.auth import TlsFiles
+from shared.grpc.decoding import AsyncStrictDecoding, StrictDecoding
 from shared.grpc.options import server_options
 
 
@@ -25,7 +26,8 @@ def new_server(
     name: str = "grpc",
     nice: int = 0,
 ) -> grpc.Server:
-    """A thread-pool server; calls beyond `max_concurrent_rpcs` get RESOURCE_EXHAUSTED.
+    """A thread-pool server; calls beyond `max_concurrent_rpcs` get RESOURCE_EXHAUSTED, and
+    requests that do not parse INVALID_ARGUMENT (`shared.grpc.decoding`).
 
     `nice` lowers the CPU priority of the threads running its handlers (Linux schedules
     threads one by one), so that work yields to the process's other servers when CPUs are
@@ -37,7 +39,7 @@ def new_server(
             initializer=functools.partial(lower_thread_priority, nice) if nice else None,
         ),
         options=server_options(max_message_bytes),
-        interceptors=list(interceptors),
+        interceptors=[*interceptors, StrictDecoding()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 
@@ -45,9 +47,11 @@ def new_server(
 def new_aio_server(
     max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
 ) -> grpc.aio.Server:
-    """A grpc.aio server; create it on the event loop that will run it."""
+    """A grpc.aio server, requests that do not parse getting INVALID_ARGUMENT; create it on
+    the event loop that will run it."""
     return grpc.aio.server(
-        options=server_options(max_message_bytes), interceptors=list(interceptors)
+        options=server_options(max_message_bytes),
+        interceptors=[*interceptors, AsyncStrictDecoding()],
     )
 
 

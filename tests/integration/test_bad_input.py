@@ -340,6 +340,50 @@ def test_bad_inference_request(
     assert_untouched(bench)
 
 
+GARBAGE = b"\xff\xff\xff\xff"  # field 31, wire type 7: no protobuf message parses it
+
+# (plane, method, request or stream, message type named in the refusal)
+UNPARSABLE: list[tuple[str, str, str, str]] = [
+    ("data", "/inference.GRPCInferenceService/ModelInfer", "unary", "inference.ModelInferRequest"),
+    (
+        "data",
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        "stream",
+        "inference.ModelInferRequest",
+    ),
+    (
+        "data",
+        "/inference.GRPCInferenceService/ModelMetadata",
+        "unary",
+        "inference.ModelMetadataRequest",
+    ),
+    ("sync", "/weightsync.v1.WeightSync/GetModel", "unary", "weightsync.v1.GetModelRequest"),
+    ("sync", "/weightsync.v1.WeightSync/Rollback", "unary", "weightsync.v1.RollbackRequest"),
+]
+
+
+@pytest.mark.parametrize(
+    ("plane", "method", "shape", "message"),
+    UNPARSABLE,
+    ids=[u[1].rsplit("/", 1)[1] for u in UNPARSABLE],
+)
+def test_a_request_that_is_not_protobuf_is_an_invalid_argument(
+    bench: Bench, plane: str, method: str, shape: str, message: str
+) -> None:
+    """Not grpcio's UNKNOWN or INTERNAL: garbage is bad input like any other, on both planes
+    (the sync plane's calls pass through the relay to the service)."""
+    address = bench.inference.data if plane == "data" else bench.inference.sync
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        if shape == "unary":
+            channel.unary_unary(method)(GARBAGE, timeout=10)
+        else:
+            list(channel.stream_stream(method)(iter([GARBAGE]), timeout=10))
+    assert caught.value.code() == OK.INVALID_ARGUMENT, caught.value.details()
+    assert f"not a valid {message}" in (caught.value.details() or "")
+    assert "Traceback" not in bench.inference.log.read_text()
+    assert_untouched(bench)
+
+
 def test_a_sender_that_stalls_after_its_header_still_gets_the_refusal(bench: Bench) -> None:
     """The refusal reaches a sender that keeps its stream open and sends nothing more, through
     the sync relay too, rather than its deadline (DEADLINE_EXCEEDED) or nothing at all."""

@@ -1,0 +1,147 @@
+"""Requests that do not parse get INVALID_ARGUMENT, naming the message they should have been.
+
+grpcio parses each request before the handler runs and answers one that does not parse with
+UNKNOWN ("Unexpected <class '...DecodeError'>", grpc.aio) or INTERNAL ("Exception deserializing
+request!", the thread-pool server), logging a traceback each time. A request that is not the
+message it claims to be is bad input like any other, so `new_server` and `new_aio_server` install
+these interceptors last: they take the parsing into the handler, where a failure aborts with
+INVALID_ARGUMENT. Handlers that take raw bytes (no deserializer) are left as they are.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+Parse = Callable[[bytes], Any]
+
+
+def refusal(parse: Parse) -> str:
+    """What a request that `parse` cannot read is told."""
+    descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return f"the request is not a valid {name or 'request message'} (it does not parse)"
+
+
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    streams = ("stream" if handler.request_streaming else "unary") + "_"
+    return streams + ("stream" if handler.response_streaming else "unary")
+
+
+def strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` of `method` (thread-pool server) with its request parsing moved inside it."""
+    parse = handler.request_deserializer
+    if parse is None:
+        return handler
+    kind = _kind(handler)
+    inner = getattr(handler, kind)
+    message = refusal(parse)
+
+    def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except Exception:
+            logger.info("%s -> INVALID_ARGUMENT: %s", method, message)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    def each(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        for raw in raws:
+            yield parsed(raw, context)
+
+    def behavior(argument: Any, context: grpc.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return inner(each(argument, context), context)
+        return inner(parsed(argument, context), context)
+
+    return handler._replace(request_deserializer=None, **{kind: behavior})
+
+
+def strict_async(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` of `method` (grpc.aio server) with its request parsing moved inside it. A
+    handler that is neither a coroutine nor an async generator (grpc.aio runs those on an
+    executor) and one that reads with `context.read()` keep grpcio's parsing."""
+    parse = handler.request_deserializer
+    if parse is None:
+        return handler
+    kind = _kind(handler)
+    inner = getattr(handler, kind)
+    message = refusal(parse)
+
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except Exception:
+            logger.info("%s -> INVALID_ARGUMENT: %s", method, message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    async def each(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        async for raw in raws:
+            yield await parsed(raw, context)
+
+    async def argument_of(argument: Any, context: grpc.aio.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return each(argument, context)
+        return await parsed(argument, context)
+
+    if inspect.iscoroutinefunction(inner):
+
+        async def call(argument: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(await argument_of(argument, context), context)
+
+        behavior: Callable[..., Any] = call
+    elif inspect.isasyncgenfunction(inner):
+
+        async def generate(argument: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for response in inner(await argument_of(argument, context), context):
+                yield response
+
+        behavior = generate
+    else:
+        return handler
+    return handler._replace(request_deserializer=None, **{kind: behavior})
+
+
+class StrictDecoding(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Installs `strict` on every handler of a thread-pool server (each wrapped once)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrapped.setdefault(handler, strict(handler, details.method))
+        return wrapped
+
+
+class AsyncStrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Installs `strict_async` on every handler of a grpc.aio server (each wrapped once)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrapped.setdefault(handler, strict_async(handler, details.method))
+        return wrapped
