@@ -24,7 +24,11 @@ class MalformedPushError(InvalidArgumentError):
     """A weights push is malformed: bad stream order, header, tensor table, sizes or digest."""
 
 
-class ModelNotFoundError(ServiceError):
+class NotFoundError(ServiceError):
+    """What the request names does not exist here."""
+
+
+class ModelNotFoundError(NotFoundError):
     """No model of that name (or version) is served here."""
 
 
@@ -58,6 +62,10 @@ class UnavailableError(ServiceError):
 
 class ResourceLimitError(ServiceError):
     """The request exceeds a configured limit (sizes, queue depth, concurrent pushes)."""
+
+
+class UnsupportedError(ServiceError):
+    """The protocol has the call, but this service does not offer what it asks for."""
 
 
 class ConfigurationError(Exception):

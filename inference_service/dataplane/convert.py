@@ -1,4 +1,5 @@
-"""Triton-extension messages (ModelConfig, ModelStatistics) from the data plane's domain state."""
+"""Triton-extension messages (ModelConfig, ModelStatistics, RepositoryIndex) from the data
+plane's domain state."""
 
 from __future__ import annotations
 
@@ -58,3 +59,21 @@ def model_statistics(data: DataPlane, model: ServedModel) -> pb.ModelStatistics:
             for size, duration in sorted(stats.by_batch_size.items())
         ],
     )
+
+
+def repository_index(data: DataPlane, ready_only: bool) -> pb.RepositoryIndexResponse:
+    """Every served model at its live version. Readiness is the server's: a model is ready once
+    the service has warmed every model up, until it starts draining."""
+    index = pb.RepositoryIndexResponse.ModelIndex
+    models = [data.models[name] for name in sorted(data.models)]
+    if data.ready:
+        entries = [index(name=m.name, version=str(m.live.version), state="READY") for m in models]
+    elif ready_only:
+        entries = []
+    else:
+        reason = "the service is starting (warm-up) or shutting down"
+        entries = [
+            index(name=m.name, version=str(m.live.version), state="UNAVAILABLE", reason=reason)
+            for m in models
+        ]
+    return pb.RepositoryIndexResponse(models=entries)

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from inference_service import metrics
 from inference_service.dataplane import convert
+from inference_service.dataplane.extensions import TritonExtensions
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.tensors import decode_inputs, encode_outputs
 from shared.errors import ServiceError
@@ -32,7 +33,10 @@ EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The OIP core, ModelStreamInfer, ModelConfig and ModelStatistics; Triton's other RPCs
+    come from `TritonExtensions`."""
+
     def __init__(self, data_plane: DataPlane, server_version: str) -> None:
         self._data = data_plane
         self._server_version = server_version

@@ -19,11 +19,12 @@ from shared.errors import (
     ConflictError,
     DeadlineExceededError,
     InvalidArgumentError,
-    ModelNotFoundError,
+    NotFoundError,
     PushRejectedError,
     ResourceLimitError,
     ServiceError,
     UnavailableError,
+    UnsupportedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,13 @@ REASON_KEY = "error-reason"
 
 STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
     PushRejectedError: grpc.StatusCode.FAILED_PRECONDITION,
     ConflictError: grpc.StatusCode.ABORTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ResourceLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 

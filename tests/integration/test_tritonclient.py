@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,55 @@ def test_error_codes_reach_tritonclient(inference: Inference) -> None:
         client.infer("mlp", [bad], client_timeout=10)
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "datatype 'FP64' but the model takes FP32" in caught.value.message()
+
+
+def status_of(call: Callable[[], object]) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return caught.value.status(), caught.value.message()
+
+
+def test_repository_calls_answer_for_the_served_models(inference: Inference) -> None:
+    client = triton.InferenceServerClient(url=inference.data)
+    index = client.get_model_repository_index()
+    assert [(m.name, m.version, m.state) for m in index.models] == [
+        ("frozen", "0", "READY"),
+        ("mlp", "0", "READY"),
+    ]
+    assert len(client.get_model_repository_index().models) == 2
+    client.load_model("mlp")  # it is loaded: nothing to do
+    assert status_of(lambda: client.load_model("nope")) == (
+        "StatusCode.NOT_FOUND",
+        "no model named 'nope' is served here (served: frozen, mlp)",
+    )
+    code, message = status_of(lambda: client.load_model("mlp", config='{"max_batch_size": 2}'))
+    assert code == "StatusCode.UNIMPLEMENTED" and "takes no config or files" in message
+    code, message = status_of(lambda: client.unload_model("mlp"))
+    assert code == "StatusCode.UNIMPLEMENTED" and "cannot be unloaded" in message
+    assert client.is_model_ready("mlp")
+
+
+def test_shared_memory_trace_and_log_calls_get_real_answers(inference: Inference) -> None:
+    client = triton.InferenceServerClient(url=inference.data)
+    assert len(client.get_system_shared_memory_status().regions) == 0
+    assert len(client.get_cuda_shared_memory_status().regions) == 0
+    client.unregister_system_shared_memory()  # all of none
+    client.unregister_cuda_shared_memory()
+    for call in (
+        lambda: client.get_system_shared_memory_status("r"),
+        lambda: client.unregister_cuda_shared_memory("r"),
+    ):
+        assert status_of(call) == (
+            "StatusCode.NOT_FOUND",
+            "no shared-memory region named 'r' is registered",
+        )
+    for call in (
+        lambda: client.register_system_shared_memory("r", "/r", 64),
+        lambda: client.register_cuda_shared_memory("r", b"\0" * 64, 0, 64),
+    ):
+        code, message = status_of(call)
+        assert code == "StatusCode.UNIMPLEMENTED" and "send tensor contents" in message
+    code, message = status_of(client.get_trace_settings)
+    assert code == "StatusCode.UNIMPLEMENTED" and "tracing is not supported" in message
+    code, message = status_of(client.get_log_settings)
+    assert code == "StatusCode.UNIMPLEMENTED" and "--log-level" in message
