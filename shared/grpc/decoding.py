@@ -107,41 +107,48 @@ def strict_async(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
     return handler._replace(request_deserializer=None, **{kind: behavior})
 
 
+class _Once:
+    """Wraps each handler once: grpcio hands the same handler object for every call of a
+    method, so the wrapping costs one dictionary lookup per call."""
+
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]):
+        self._wrap = wrap
+        self._done: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
+    def __call__(
+        self, handler: grpc.RpcMethodHandler | None, method: str
+    ) -> grpc.RpcMethodHandler | None:
+        if handler is None:
+            return None
+        wrapped = self._done.get(handler)
+        if wrapped is None:
+            wrapped = self._done.setdefault(handler, self._wrap(handler, method))
+        return wrapped
+
+
 class StrictDecoding(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Installs `strict` on every handler of a thread-pool server (each wrapped once)."""
+    """Installs `strict` on every handler of a thread-pool server."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+        self._strict = _Once(strict)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        wrapped = self._wrapped.get(handler)
-        if wrapped is None:
-            wrapped = self._wrapped.setdefault(handler, strict(handler, details.method))
-        return wrapped
+        return self._strict(continuation(details), details.method)
 
 
 class AsyncStrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Installs `strict_async` on every handler of a grpc.aio server (each wrapped once)."""
+    """Installs `strict_async` on every handler of a grpc.aio server."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+        self._strict = _Once(strict_async)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        wrapped = self._wrapped.get(handler)
-        if wrapped is None:
-            wrapped = self._wrapped.setdefault(handler, strict_async(handler, details.method))
-        return wrapped
+        return self._strict(await continuation(details), details.method)
