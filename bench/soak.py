@@ -6,8 +6,10 @@ prints
 
     soak errors=N rss_growth=X
 
-N counts failed requests and responses that mixed two versions; X is the inference process's
-resident memory growth from the end of warm-up (the first fifth of the run) to the end.
+N counts failed requests and responses that mixed two versions; X is the growth of the inference
+process's resident memory from the second fifth of the run (after warm-up) to the last fifth,
+each the median of samples taken every half second: a single sample swings by the size of the
+model as pushes come and go, which a leak does not.
 
     python -m bench.soak [--seconds 120] [--mb 16] [--clients 4]
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,10 +94,13 @@ def main() -> int:
         try:
             for thread in threads:
                 thread.start()
-            time.sleep(args.seconds / 5)
-            warm = rss_kib(inference.pid, "VmRSS")
-            time.sleep(args.seconds * 4 / 5)
-            end = rss_kib(inference.pid, "VmRSS")
+            started = time.monotonic()
+            samples: list[tuple[float, int]] = []
+            while (elapsed := time.monotonic() - started) < args.seconds:
+                samples.append((elapsed / args.seconds, rss_kib(inference.pid, "VmRSS")))
+                time.sleep(0.5)
+            warm = statistics.median(kib for at, kib in samples if 0.2 <= at < 0.4)
+            end = statistics.median(kib for at, kib in samples if at >= 0.8)
         finally:
             stop.set()
             for thread in threads:
