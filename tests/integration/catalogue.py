@@ -91,6 +91,13 @@ class Bench:
         return [self.header(payload_bytes=len(blob)), self.data_msg(blob), self.commit(b"x" * 16)]
 
 
+def assert_untouched(bench: Bench) -> None:
+    """The served stamp model is still the version and digest the bench last recorded."""
+    now = bench.inference.model_state("stamp")
+    assert (now.version, now.digest) == (bench.served.version, bench.served.digest)
+    assert not now.HasField("pending")
+
+
 def serving_bench(tmp: Path) -> Iterator[Bench]:
     """One inference service for the catalogue, stopped when the generator is closed."""
     pretrained = tmp / "frozen.safetensors"
