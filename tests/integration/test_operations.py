@@ -42,6 +42,11 @@ def test_health_on_both_planes(services: Services) -> None:
     assert health(inference.data) == serving
     assert health(inference.data, "inference.GRPCInferenceService") == serving
     assert health(inference.sync, "weightsync.v1.WeightSync") == serving
+    for address in (inference.data, inference.sync):  # gRPC's client-side health checking
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert next(watch).status == serving
+        watch.cancel()
 
 
 def test_reflection_lists_and_describes_the_services(services: Services) -> None:
