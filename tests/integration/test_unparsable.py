@@ -1,14 +1,18 @@
-"""Requests that are not protobuf at all, on both planes: INVALID_ARGUMENT naming the message
-they should have been (grpcio alone answers UNKNOWN or INTERNAL), and the served weights stay as
-they were."""
+"""Garbage on the wire. Requests that are not protobuf at all, on both planes: INVALID_ARGUMENT
+naming the message they should have been (grpcio alone answers UNKNOWN or INTERNAL). Seeded byte
+mutations of a good inference request: each answered OK or with a clear client-side status, never
+UNKNOWN or INTERNAL. The served weights stay as they were."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
+from shared.gen.inference import grpc_service_pb2 as oip
 from tests.integration.catalogue import Bench, assert_untouched, serving_bench
 
 
@@ -57,5 +61,36 @@ def test_a_request_that_is_not_protobuf_is_an_invalid_argument(
             list(channel.stream_stream(method)(iter([GARBAGE]), timeout=10))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
     assert f"not a valid {message}" in (caught.value.details() or "")
+    assert "Traceback" not in bench.inference.log.read_text()
+    assert_untouched(bench)
+
+
+def test_mutated_inference_requests_get_clear_answers(bench: Bench) -> None:
+    request = oip.ModelInferRequest(model_name="stamp", id="fuzz")
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 8])
+    request.raw_input_contents.append(np.ones((2, 8), np.float32).tobytes())
+    good = request.SerializeToString()
+    rng = random.Random(20261126)
+    seen: dict[str, int] = {}
+    with grpc.insecure_channel(bench.inference.data) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(400):
+            mutated = bytearray(good)
+            if rng.random() < 0.6:
+                for _ in range(rng.randint(1, 4)):
+                    mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            else:
+                at = rng.randrange(len(mutated))
+                mutated[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            try:
+                infer(bytes(mutated), timeout=10)
+                code = "OK"
+            except grpc.RpcError as error:
+                code = error.code().name
+                assert code in ("INVALID_ARGUMENT", "NOT_FOUND"), (code, error.details())
+                assert error.details()
+            seen[code] = seen.get(code, 0) + 1
+        assert infer(good, timeout=10)
+    assert seen.get("INVALID_ARGUMENT", 0) > 200, seen
     assert "Traceback" not in bench.inference.log.read_text()
     assert_untouched(bench)
