@@ -51,6 +51,10 @@ class Drive:
         return len(self.latencies) / self.seconds
 
     @property
+    def p50(self) -> float:
+        return float(np.percentile(self.latencies, 50))
+
+    @property
     def p99(self) -> float:
         return float(np.percentile(self.latencies, 99))
 

@@ -37,80 +37,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from pathlib import Path
 
-import grpc
-import safetensors.torch
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import load
-from bench.mlp import MLP
-from bench.swap import SEGMENT_S, stop, swap_pauses, swapping
-from bench.sync import start_inference
-from shared.gen.inference import grpc_service_pb2 as pb
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def mlserver_executable(given: str | None) -> str:
-    if given:
-        return given
-    venv = ROOT / ".bench" / "mlserver-venv"
-    executable = venv / "bin" / "mlserver"
-    if not executable.exists():
-        print("# creating MLServer's environment in .bench/mlserver-venv (first run only)")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [
-                str(venv / "bin" / "pip"),
-                "install",
-                "-q",
-                "torch==2.13.0",
-                "mlserver",
-                "safetensors",
-                # mlserver 1.7.1's inference-pool workers die at start under uvloop >= 0.21
-                # ("There is no current event loop"); its older pin keeps its default setup
-                "uvloop<0.21",
-            ],
-            check=True,
-        )
-    return str(executable)
-
-
-def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    ready = pb.ModelReadyRequest(name="mlp")
-    channel = grpc.insecure_channel(address)
-    call = channel.unary_unary(
-        "/inference.GRPCInferenceService/ModelReady",
-        request_serializer=pb.ModelReadyRequest.SerializeToString,
-        response_deserializer=pb.ModelReadyResponse.FromString,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("the server exited before it was ready")
-        try:
-            if call(ready, timeout=2).ready:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the server did not become ready")
+from bench import load, servers
+from bench.swap import SEGMENT_S, swap_pauses, swapping
 
 
 def failed_on_server(metrics_url: str) -> int:
@@ -146,40 +80,24 @@ def main() -> int:
     args = parser.parse_args()
     drive = functools.partial(load.drive_with, args.load)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        weights = Path(tmp) / "mlp.safetensors"
-        safetensors.torch.save_file(MLP().state_dict(), weights)
-        env = {**os.environ, "BENCH_MLP_WEIGHTS": str(weights), "PYTHONPATH": str(ROOT)}
-
-        # ours
-        server, ports = start_inference(
-            "bench.serve_app:app",
-            tmp,
-            env,
-            *("--device", args.device, "--metrics-listen", "127.0.0.1:0"),
-        )
-        data = f"127.0.0.1:{ports['data_port']}"
-        try:
-            wait_ready(data, server)
-            load.check_answer(data)
+        env = servers.mlp_env(tmp)
+        with servers.ours(tmp, env, "--device", args.device) as server:
+            data = server.address
             drive(data, 2, args.concurrency)  # warm
             ours = drive(data, args.seconds, args.concurrency)
-            relay = ports.get("sync_relay_pid")
-            metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+            relay = server.ports.get("sync_relay_pid")
             swap = swapping(
                 drive,
                 data,
-                f"127.0.0.1:{ports['sync_port']}",
+                f"127.0.0.1:{server.ports['sync_port']}",
                 args.seconds,
                 args.concurrency,
                 env,
-                [server.pid, *([relay] if relay else [])],
-                metrics_url,
+                [server.process.pid, *([relay] if relay else [])],
+                server.metrics_url,
             )
-            swaps = swap_pauses(metrics_url)
-            failed = swap.quiet.failed + swap.syncing.failed + failed_on_server(metrics_url)
-        finally:
-            stop(server)
+            swaps = swap_pauses(server.metrics_url)
+            failed = swap.quiet.failed + swap.syncing.failed + failed_on_server(server.metrics_url)
         print(
             f"# load generator: {args.load}; ours on {args.device}, "
             f"concurrency {args.concurrency}, {args.seconds:g}s: "
@@ -206,43 +124,9 @@ def main() -> int:
         if args.only_ours:
             return 0
 
-        # MLServer
-        model_dir = Path(tmp) / "models" / "mlp"
-        model_dir.mkdir(parents=True)
-        (model_dir / "model-settings.json").write_text(
-            json.dumps({"name": "mlp", "implementation": "bench.mlserver_runtime.TorchMLP"})
-        )
-        grpc_port = free_port()
-        (Path(tmp) / "models" / "settings.json").write_text(
-            json.dumps(
-                {
-                    "grpc_port": grpc_port,
-                    "http_port": free_port(),
-                    "metrics_port": free_port(),
-                    "debug": False,
-                }
-            )
-        )
-        log = (Path(tmp) / "mlserver.log").open("wb")
-        theirs = subprocess.Popen(
-            [mlserver_executable(args.mlserver), "start", str(Path(tmp) / "models")],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        address = f"127.0.0.1:{grpc_port}"
-        try:
-            try:
-                wait_ready(address, theirs)
-                load.check_answer(address)
-            except SystemExit:
-                print((Path(tmp) / "mlserver.log").read_text()[-3000:], file=sys.stderr)
-                raise
+        with servers.mlserver(tmp, env, args.mlserver) as address:
             drive(address, 2, args.concurrency)
             theirs_seen = drive(address, args.seconds, args.concurrency)
-        finally:
-            stop(theirs)
 
     print(
         f"# MLServer, concurrency {args.concurrency}, {args.seconds:g}s: "

@@ -1,10 +1,12 @@
 """Dynamic batching: requests for one model are queued, joined along their first dimension,
 run once on one weights version, and split back.
 
-A worker thread per model takes the oldest request, waits at most `max_queue_delay_s` for more,
-stops at `max_batch_size` rows, and drops requests whose deadline passed before they were
-batched. The queue is bounded: a full queue answers UNAVAILABLE at once. A batch runs wholly on
-the generation it pinned, so every response in it names the same version.
+A worker thread per model takes the oldest request, stops at `max_batch_size` rows, and drops
+requests whose deadline passed before they were batched. It waits at most `max_queue_delay_s`
+for more only while requests arrive together: after a batch that held one request it runs the
+next at once, since a client alone would only wait out the delay on every request. The queue
+is bounded: a full queue answers UNAVAILABLE at once. A batch runs wholly on the generation it
+pinned, so every response in it names the same version.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ class BatchingConfig:
     max_batch_size: int = 32
     # Short: a closed-loop client waits for its answer, so a long delay only adds latency when
     # few clients are in flight (bench/serve.py, 8 clients: 0.5 ms served 2,550 requests/s,
-    # 2 ms 1,950 and 5 ms 1,050); requests that arrive together still run together.
+    # 2 ms 1,950 and 5 ms 1,050); requests that arrive together still run together. Not
+    # waiting at all served 8 clients less well (bench/curve.py: 2,600-3,000 requests/s
+    # against 3,150-3,300), so the batcher waits, but only while batches hold more than one
+    # request (one client: 1,580 requests/s, against 880 when it waited every time).
     max_queue_delay_s: float = 0.0005
     max_queue: int = 1024
 
@@ -64,6 +69,7 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._gather = False  # wait for more before the next batch: the last one held several
         self._thread = threading.Thread(target=self._run, name=f"batcher-{model.name}", daemon=True)
         self._thread.start()
 
@@ -92,9 +98,8 @@ class Batcher:
             self._cond.wait_for(lambda: self._queue or self._closed)
             if not self._queue:
                 return []
-            oldest = self._queue[0].enqueued
-            limit = oldest + self.config.max_queue_delay_s
-            while self._rows() < self.config.max_batch_size and not self._closed:
+            limit = self._queue[0].enqueued + self.config.max_queue_delay_s
+            while self._gather and self._rows() < self.config.max_batch_size and not self._closed:
                 left = limit - time.monotonic()
                 if left <= 0 or not self._cond.wait(left):
                     break
@@ -115,6 +120,7 @@ class Batcher:
                     continue
                 batch.append(request)
                 rows += request.rows
+            self._gather = len(batch) > 1
             return batch
 
     def _rows(self) -> int:

@@ -105,3 +105,35 @@ def test_a_request_its_caller_cancelled_is_dropped_unrun_and_the_batcher_goes_on
     assert torch.equal(out, torch.full((2, 2), 2.0))
     assert 3 not in gate.batches and 5 not in gate.batches  # the cancelled rows never ran
     runner.close()
+
+
+def test_a_lone_request_runs_at_once_rather_than_waiting_out_the_delay() -> None:
+    runner, gate = batcher(BatchingConfig(max_batch_size=64, max_queue_delay_s=600))
+    (out,), _ = runner.submit([torch.ones(1, 2)], None).result(30)  # long before the delay
+    assert torch.equal(out, torch.full((1, 2), 2.0))
+    assert gate.batches == [1]
+    runner.close()
+
+
+def test_once_requests_arrive_together_the_batcher_waits_to_gather_them() -> None:
+    runner, gate = batcher(BatchingConfig(max_batch_size=2, max_queue_delay_s=600))
+    gate.open.clear()
+    first = runner.submit([torch.zeros(1, 2)], None)  # runs alone, at once
+    assert gate.entered.wait(5)
+    together = [runner.submit([torch.zeros(1, 2)], None) for _ in range(2)]  # queue up behind
+    gate.open.set()
+    for future in [first, *together]:
+        future.result(30)
+    assert gate.batches == [1, 2]
+    # the last batch held two requests, so the next request waits for company (here until the
+    # batch is full, long before the delay) instead of running alone
+    early = runner.submit([torch.ones(1, 2)], None)
+    time.sleep(0.2)
+    assert not early.done()
+    late = runner.submit([torch.full((1, 2), 3.0)], None)
+    (out_early,), _ = early.result(30)
+    (out_late,), _ = late.result(30)
+    assert torch.equal(out_early, torch.full((1, 2), 2.0))
+    assert torch.equal(out_late, torch.full((1, 2), 6.0))
+    assert gate.batches == [1, 2, 2]
+    runner.close()
