@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -92,6 +93,12 @@ def run(settings: InferenceSettings) -> None:
         log_level=settings.log_level,
     )
     ports = server.start()
+    # What exists now (torch, grpc, the models, warmed up) lives as long as the process. Out of
+    # the collector's reach, it no longer makes each full collection walk ~180,000 objects:
+    # under load those took 60-80 ms every two seconds or so, stalling every request in flight
+    # (64 clients: p99 87 ms against a p50 of 21 ms; frozen, a full collection takes under a
+    # millisecond and p99 was 30 ms).
+    gc.freeze()
     metrics_port = serve_metrics(settings.metrics_listen) if settings.metrics_listen else None
     if settings.ready_file is not None:
         write_ready_file(

@@ -112,6 +112,8 @@ def empty_like_spec(spec: TensorSpec, shape: Sequence[int]) -> Tensor:
 
 def join_rows(parts: Sequence[Tensor]) -> Tensor:
     """Parts of one input from several requests, joined along the batch dimension."""
+    if len(parts) == 1:  # a lone request's input, as it is
+        return parts[0]
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
     return torch.cat([p for p in parts if isinstance(p, torch.Tensor)])
