@@ -31,6 +31,7 @@ SERVER_NAME = "weightsync"
 PLATFORM = convert.PLATFORM
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
 Context: TypeAlias = grpc.aio.ServicerContext
+STREAM_WINDOW = 64  # requests of one ModelStreamInfer stream running at once
 
 
 class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -101,17 +102,45 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Triton's convention: a failed request answers in-band and the stream stays open.
-        async for request in request_iterator:
+        # Requests run as they arrive, up to STREAM_WINDOW of them at once, so a client that
+        # keeps several in flight on one stream gets them batched; answers leave in request
+        # order, as Triton's do. Triton's convention too: a failed request answers in-band and
+        # the stream stays open.
+        answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None]
+        answers = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def read() -> None:
             try:
-                response = await self._infer(request, context.time_remaining())
-            except ServiceError as error:
-                yield pb.ModelStreamInferResponse(error_message=str(error))
-            except Exception:
-                logger.exception("unhandled error in ModelStreamInfer (id %r)", request.id)
-                yield pb.ModelStreamInferResponse(error_message="internal server error")
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                async for request in request_iterator:
+                    await window.acquire()
+                    answers.put_nowait(asyncio.ensure_future(self._stream_answer(request, context)))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield await answer
+                window.release()
+            await reader  # an unparsable message ends the stream with the reader's status
+        finally:
+            reader.cancel()
+            while not answers.empty():
+                if (left := answers.get_nowait()) is not None:
+                    left.cancel()
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            response = await self._infer(request, context.time_remaining())
+        except ServiceError as error:
+            return pb.ModelStreamInferResponse(error_message=str(error))
+        except Exception:
+            logger.exception("unhandled error in ModelStreamInfer (id %r)", request.id)
+            return pb.ModelStreamInferResponse(error_message="internal server error")
+        return pb.ModelStreamInferResponse(infer_response=response)
 
     @override
     @grpc_errors_async

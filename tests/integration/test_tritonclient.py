@@ -77,6 +77,48 @@ def test_stream_infer_answers_in_order_and_reports_errors_in_band(inference: Inf
     assert "no model named 'nope'" in str(e2)
 
 
+def test_requests_in_flight_on_one_stream_run_batched_and_answer_in_order(
+    inference: Inference,
+) -> None:
+    client = triton.InferenceServerClient(url=inference.data)
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    inputs = [np.full((1, 4), float(i), np.float32) for i in range(200)]
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i, x in enumerate(inputs):  # sent without waiting for answers
+            tensor = triton.InferInput("x", [1, 4], "FP32")
+            tensor.set_data_from_numpy(x)
+            client.async_stream_infer("mlp", [tensor], request_id=str(i))
+        got = [answers.get(timeout=30) for _ in range(len(inputs))]
+    finally:
+        client.stop_stream()
+    assert [error for _, error in got] == [None] * len(inputs)
+    assert [r.get_response().id for r, _ in got] == [str(i) for i in range(len(inputs))]  # type: ignore[attr-defined]
+    (stats,) = client.get_inference_statistics("mlp").model_stats
+    assert stats.inference_count == len(inputs)
+    assert stats.execution_count < len(inputs)  # they ran together, not one after another
+    for i in (0, 77, 199):  # each answer is its own request's
+        tensor = triton.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(inputs[i])
+        alone = client.infer("mlp", [tensor], client_timeout=10).as_numpy("y")
+        assert np.allclose(got[i][0].as_numpy("y"), alone, atol=1e-6)  # type: ignore[attr-defined]
+
+
+def test_a_stream_cancelled_with_requests_in_flight_leaves_the_service_serving(
+    inference: Inference,
+) -> None:
+    client = triton.InferenceServerClient(url=inference.data)
+    answers: queue.Queue[object] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put(result))
+    for i in range(200):
+        client.async_stream_infer("mlp", [x_input(1)], request_id=str(i))
+    answers.get(timeout=30)
+    client.stop_stream(cancel_requests=True)  # the rest are abandoned mid-flight
+    again = triton.InferenceServerClient(url=inference.data)
+    assert again.infer("mlp", [x_input(2)], client_timeout=10).as_numpy("y").shape == (2, 2)
+    assert again.is_server_ready()
+
+
 def test_error_codes_reach_tritonclient(inference: Inference) -> None:
     client = triton.InferenceServerClient(url=inference.data)
     with pytest.raises(InferenceServerException) as caught:
