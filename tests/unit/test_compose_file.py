@@ -4,6 +4,7 @@ up. tests/integration/test_compose.py then runs the file."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from typing import Any
 
@@ -64,3 +65,24 @@ def test_only_the_data_plane_is_published_and_everything_points_at_the_right_por
         assert trainer["depends_on"]["inference"]["condition"] == "service_healthy"
     for service in services.values():
         assert service["stop_grace_period"] and service["volumes"]
+
+
+def test_the_image_installs_every_runtime_dependency() -> None:
+    """docker/Dockerfile installs the package with --no-deps after naming its dependencies by
+    hand (so the torch layer stays cached), so a dependency added to pyproject.toml alone
+    would be missing from the image."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {
+        re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower() for spec in project["dependencies"]
+    }
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    installed = {
+        re.split(r"[<>=!~\[]", token.strip("\"'"), maxsplit=1)[0].lower()
+        for line in dockerfile.splitlines()
+        if line.startswith("RUN pip install")
+        for command in line.split("&&")
+        if "pip install" in command
+        for token in command.split("pip install", 1)[1].split()
+        if not token.startswith("-") and not token.startswith("$") and token not in (".",)
+    }
+    assert wanted - installed == set()
