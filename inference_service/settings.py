@@ -152,7 +152,8 @@ OPTIONS = [
     Option(
         "--max-queue-delay-ms",
         "INFERENCE_MAX_QUEUE_DELAY_MS",
-        "longest a request waits for others to batch with (0: batch only what is already queued)",
+        "longest a request waits for others to batch with, which it does only after a batch of "
+        "several requests (0: batch only what is already queued)",
         0.5,
         float,
     ),
