@@ -46,9 +46,18 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 REQUEST_SECONDS = Histogram(
     "weightsync_inference_request_duration_seconds",
-    "Model compute time of ModelInfer requests",
+    "Time from a successful inference request's arrival at its model to its outputs: queue "
+    "time and compute time",
     ["model"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    buckets=LATENCY_BUCKETS,
+)
+COMPUTE_SECONDS = Histogram(
+    "weightsync_inference_compute_duration_seconds",
+    "Time each model execution took (a batch, or one request of a model run unbatched): "
+    "joining inputs, the forward pass and collecting outputs",
+    ["model"],
+    buckets=(0.0001, *LATENCY_BUCKETS),
 )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from inference_service import metrics
 from inference_service.dataplane.tensors import Tensor, join_rows
 from inference_service.served_model import Generation, ServedModel
+from shared.devices import use_torch_threads
 from shared.errors import DeadlineExceededError, UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Batcher:
         return sum(r.rows for r in self._queue)
 
     def _run(self) -> None:
+        use_torch_threads()
         while True:
             batch = self._take_batch()
             if not batch:
@@ -143,11 +145,13 @@ class Batcher:
                 ]
                 result, generation = self.model.infer(joined)
                 outputs = self._normalize(result, len(self.model.spec.outputs))
+                took = time.monotonic() - started
+                metrics.COMPUTE_SECONDS.labels(self.model.name).observe(took)
                 if self._on_execution is not None:
                     self._on_execution(
                         self.model.name,
                         sum(r.rows for r in batch),
-                        time.monotonic() - started,
+                        took,
                         [started - r.enqueued for r in batch],
                     )
             except Exception as error:

@@ -13,6 +13,7 @@ from inference_service.dataplane.batcher import Batcher, BatchingConfig
 from inference_service.dataplane.stats import StatsBook
 from inference_service.dataplane.tensors import Tensor, normalize_model_outputs
 from inference_service.served_model import Generation, ServedModel
+from shared.devices import use_torch_threads
 from shared.errors import ModelNotFoundError, UnavailableError
 
 
@@ -25,7 +26,9 @@ class DataPlane:
     ) -> None:
         self._models = models
         # Models that are not batched run here, so a slow one never blocks the event loop.
-        self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
+        self._workers = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="model", initializer=use_torch_threads
+        )
         self._ready = threading.Event()
         self._batchers: dict[str, Batcher] = {}
         self.stats = StatsBook()
@@ -107,7 +110,9 @@ class DataPlane:
         started = time.perf_counter()
         result, generation = model.infer(inputs)
         outputs = normalize_model_outputs(result, len(model.spec.outputs))
-        self.stats.execution(model.name, rows, time.perf_counter() - started, [0.0])
+        took = time.perf_counter() - started
+        metrics.COMPUTE_SECONDS.labels(model.name).observe(took)
+        self.stats.execution(model.name, rows, took, [0.0])
         return outputs, generation
 
 

@@ -247,6 +247,11 @@ def test_data_plane_metrics_count_requests_by_status_and_errors_log_the_request_
     assert count('code="NOT_FOUND",model=""') == 1  # unknown names never become label values
     assert "no-such-model" not in text
     assert 'weightsync_inference_request_duration_seconds_count{model="mlp"} 3.0' in text
+    # the two refused requests never reached the model; the three others ran one at a time
+    executions = re.search(
+        r'weightsync_inference_compute_duration_seconds_count\{model="mlp"\} (\S+)', text
+    )
+    assert executions is not None and float(executions.group(1)) == 3
     log = services.log("inference")
     assert "request id 'req-mlp'" in log and "request id 'req-no-such-model'" in log
 
