@@ -200,7 +200,8 @@ OPTIONS = [
     Option(
         "--torch-threads",
         "INFERENCE_TORCH_THREADS",
-        "torch intra-op threads (0: one per CPU the process may use, container quota included)",
+        "torch intra-op threads (0: OMP_NUM_THREADS where set, else one per CPU the process may "
+        "use, container quota included)",
         0,
         _non_negative_int,
     ),

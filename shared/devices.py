@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Mapping
 
 import torch
 
@@ -27,10 +29,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def torch_thread_count(threads: int, environ: Mapping[str, str] = os.environ) -> int:
+    """The intra-op thread count to use: `threads` if given, else OMP_NUM_THREADS where it is
+    a positive number (torchrun sets 1 for several ranks on one host), else one per CPU the
+    process may use (`available_cpus`, container quota included)."""
+    if threads:
+        return threads
+    given = environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return available_cpus()
+
+
 def size_torch_threads(threads: int) -> int:
-    """Give torch `threads` intra-op threads (0: one per available CPU) and one inter-op thread
+    """Give torch `torch_thread_count(threads)` intra-op threads and one inter-op thread
     (requests already run in parallel on the server's threads); returns the number used."""
-    count = threads or available_cpus()
+    count = torch_thread_count(threads)
     torch.set_num_threads(count)
     # Raises when already set, or once parallel work has run in this process: keep what is.
     with contextlib.suppress(RuntimeError):

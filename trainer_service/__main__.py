@@ -9,10 +9,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from shared.allocator import tune_for_streaming
 from shared.app import load_app
 from shared.cli import configure_logging
-from shared.devices import resolve_device
+from shared.devices import resolve_device, torch_thread_count
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.metrics import serve_metrics
@@ -30,6 +32,9 @@ def run(settings: TrainerSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     device = resolve_device(settings.device)
+    # torch's default is one thread per CPU in the affinity mask, a container's CPU quota
+    # ignored: training in a `--cpus 2` container on a large host would spin a team of dozens
+    torch.set_num_threads(torch_thread_count(settings.torch_threads))
     group = join(device)  # data-parallel ranks under torchrun; None when run alone
     if group is not None:
         device = group.device
@@ -58,10 +63,11 @@ def run(settings: TrainerSettings) -> None:
             group,
         )
         logger.info(
-            "trainer %s: %d trainer(s) on %s, pushing %s to %s",
+            "trainer %s: %d trainer(s) on %s (%d torch thread(s)), pushing %s to %s",
             settings.writer_id,
             len(loop.trainers),
             device,
+            torch.get_num_threads(),
             ", ".join(loop.synced_models()) or "nothing",
             ", ".join(settings.inference),
         )

@@ -86,6 +86,14 @@ OPTIONS = [
     Option("--tls-key", "TRAINER_TLS_KEY", "PEM private key of --tls-cert", None, Path),
     Option("--device", "TRAINER_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
     Option(
+        "--torch-threads",
+        "TRAINER_TORCH_THREADS",
+        "torch intra-op threads (0: OMP_NUM_THREADS where set, as torchrun sets it, else one per "
+        "CPU the process may use, container quota included)",
+        0,
+        _non_negative_int,
+    ),
+    Option(
         "--state-dir",
         "TRAINER_STATE_DIR",
         "directory for model, optimizer and trainer state (saved on exit, loaded on start); a "
@@ -132,6 +140,7 @@ class TrainerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     device: str = "auto"
+    torch_threads: int = 0
     state_dir: Path | None = None
     trainer_id: str | None = None
     max_runs: int = 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shared.cpus import available_cpus
-from shared.devices import resolve_device
+from shared.devices import resolve_device, torch_thread_count
 from shared.errors import ConfigurationError
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -68,3 +68,21 @@ def test_unknown_devices_are_configuration_errors() -> None:
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigurationError, match="unknown device"):
         resolve_device("tpu:0")
+
+
+@pytest.mark.parametrize(
+    ("threads", "omp", "expected"),
+    [
+        (3, "7", 3),
+        (0, "7", 7),
+        (0, "1", 1),
+        (0, "0", None),  # None: the CPUs the process may use
+        (0, "many", None),
+        (0, None, None),
+    ],
+)
+def test_the_torch_thread_count_honours_the_flag_then_omp_num_threads_then_the_cpus(
+    threads: int, omp: str | None, expected: int | None
+) -> None:
+    environ = {} if omp is None else {"OMP_NUM_THREADS": omp}
+    assert torch_thread_count(threads, environ) == (expected or available_cpus())
