@@ -35,6 +35,9 @@ def run(settings: TrainerSettings) -> None:
     # torch's default is one thread per CPU in the affinity mask, a container's CPU quota
     # ignored: training in a `--cpus 2` container on a large host would spin a team of dozens
     torch.set_num_threads(torch_thread_count(settings.torch_threads))
+    # The app's imports happen before the group is joined, so a module that reads the default
+    # group at import time cannot hold it past the end (see Group.close).
+    app = load_app(settings.models)
     group = join(device)  # data-parallel ranks under torchrun; None when run alone
     if group is not None:
         device = group.device
@@ -55,7 +58,7 @@ def run(settings: TrainerSettings) -> None:
     )
     try:
         loop = TrainingLoop(
-            load_app(settings.models),
+            app,
             publisher,
             device,
             trainers,

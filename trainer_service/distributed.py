@@ -22,11 +22,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Imported here, before any group is joined, for its side effect: its functions take
+# `group=group.WORLD` as a default argument, read on first import. torch.optim imports it
+# (through torch._dynamo) with the first optimizer; imported after the group is joined, those
+# defaults would hold the group past destroy_process_group() and its threads into exit.
+import torch.distributed.nn.functional
 from torch import nn
 
 from shared.weights.digest import state_digest
@@ -88,12 +95,27 @@ class Group:
 
     def finish(self) -> None:
         """Wait until every rank is done (rank 0 writes the last checkpoint alone) before any
-        tears the group down: a rank that destroyed its gloo group while another was still
-        connected was seen to abort ("terminate called without an active exception")."""
+        tears the group down."""
         dist.barrier()
 
     def close(self) -> None:
+        """Leave the group and free it now, joining gloo's threads while the interpreter is
+        whole. A group that outlives destroy_process_group() (something still references it)
+        keeps its threads running into interpreter exit, where ranks were seen to abort
+        ("terminate called without an active exception") after a clean run."""
+        world = dist.group.WORLD
         dist.destroy_process_group()
+        # Two references: `world` and getrefcount's argument. Any more and `del` frees nothing.
+        if sys.getrefcount(world) > 2:
+            logger.warning(
+                "rank %d: the process group is still referenced after it was destroyed; its "
+                "threads stay up until exit, which can abort this rank. A module that reads "
+                "torch.distributed.group.WORLD at import time, imported after the group was "
+                "joined, holds it: import such modules before the group is joined",
+                self.rank,
+            )
+        del world
+        logger.info("rank %d: left the process group", self.rank)
 
 
 def join(device: torch.device) -> Group | None:
