@@ -19,7 +19,7 @@ from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.metrics import serve_metrics
 from shared.statedir import claim, claim_first
-from trainer_service.distributed import join
+from trainer_service.distributed import join, rank_device
 from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import TrainerSettings
@@ -31,7 +31,7 @@ def run(settings: TrainerSettings) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    device = resolve_device(settings.device)
+    device = rank_device(resolve_device(settings.device))
     # torch's default is one thread per CPU in the affinity mask, a container's CPU quota
     # ignored: training in a `--cpus 2` container on a large host would spin a team of dozens
     torch.set_num_threads(torch_thread_count(settings.torch_threads))
@@ -39,8 +39,6 @@ def run(settings: TrainerSettings) -> None:
     # group at import time cannot hold it past the end (see Group.close).
     app = load_app(settings.models)
     group = join(device)  # data-parallel ranks under torchrun; None when run alone
-    if group is not None:
-        device = group.device
     writes = group is None or group.is_writer
     if settings.metrics_listen and writes:
         port = serve_metrics(settings.metrics_listen)

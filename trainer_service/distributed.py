@@ -118,14 +118,23 @@ class Group:
         logger.info("rank %d: left the process group", self.rank)
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """The device this rank trains on: under torchrun on CUDA, `cuda:LOCAL_RANK`, made current
+    (before anything, the app's imports included, can touch cuda:0 from every rank)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or device.type != "cuda":
+        return device
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 def join(device: torch.device) -> Group | None:
-    """Join the process group torchrun describes in the environment; None when run alone."""
+    """Join the process group torchrun describes in the environment; None when run alone.
+
+    `device` is the rank's own (see rank_device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return None
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     group = Group(dist.get_rank(), dist.get_world_size(), device)
     logger.info("rank %d of %d (%s) on %s", group.rank, world_size, dist.get_backend(), device)
