@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SCHEDULES ?= 50
 
-.PHONY: help setup proto lint typecheck unit test demo bench clean
+.PHONY: help setup proto lint typecheck unit test faults demo bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +34,9 @@ unit: $(STAMP)  ## unit tests only (fast)
 test: $(STAMP)  ## everything CI runs: lint, types, all tests
 	$(MAKE) lint typecheck
 	$(PY) -m pytest -q
+
+faults: $(STAMP)  ## seeded fault schedules against real processes (SCHEDULES=50; root for the tmpfs)
+	$(PY) -m tests.faults --schedules $(SCHEDULES)
 
 demo: $(STAMP)  ## run the pair on the bundled example with a client querying it
 	$(VENV)/bin/python scripts/demo.py

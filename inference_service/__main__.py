@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from inference_service.dataplane.admission import RequestLimits
 from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.loading import load_models
 from inference_service.persistence import WeightStore
@@ -38,18 +39,40 @@ def package_version() -> str:
         return "0+unknown"
 
 
+def check_sync_access(settings: InferenceSettings) -> None:
+    """Refuse settings under which the sync plane's guard would not hold."""
+    if settings.sync_token and settings.sync_token == settings.data_token:
+        raise ConfigurationError(
+            "INFERENCE_SYNC_TOKEN and INFERENCE_DATA_TOKEN are the same: every client of the "
+            "data plane could push weights; give the sync plane a token of its own"
+        )
+    if settings.tls_sync_client_ca is not None and (
+        settings.tls_cert is None or settings.tls_key is None
+    ):
+        raise ConfigurationError(
+            "--tls-sync-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first"
+        )
+
+
 def run(settings: InferenceSettings) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    open_sync = not settings.sync_token and settings.tls_client_ca is None
+    sync_tls = TlsFiles(
+        settings.tls_cert, settings.tls_key, settings.tls_sync_client_ca or settings.tls_client_ca
+    )
+    check_sync_access(settings)
+    # A client CA shared with the data plane authenticates no one on the sync plane: every
+    # data-plane client holds a certificate it signed.
+    open_sync = not settings.sync_token and settings.tls_sync_client_ca is None
     if open_sync and not is_loopback(settings.sync_listen):
         if not settings.allow_open_sync:
             raise ConfigurationError(
                 f"the sync plane would listen on {settings.sync_listen} with no authentication: "
-                "set INFERENCE_SYNC_TOKEN (or --tls-client-ca for mutual TLS), or pass "
-                "--allow-open-sync on a network you trust"
+                "set INFERENCE_SYNC_TOKEN (or --tls-sync-client-ca for mutual TLS with a CA of "
+                "its own: a --tls-client-ca shared with the data plane would let any data-plane "
+                "client push), or pass --allow-open-sync on a network you trust"
             )
         logger.warning(
             "THE SYNC PLANE LISTENS ON %s WITHOUT AUTHENTICATION (--allow-open-sync): anyone "
@@ -79,15 +102,20 @@ def run(settings: InferenceSettings) -> None:
             max_header_bytes=settings.max_header_bytes,
             max_concurrent=settings.max_concurrent_pushes,
             max_bytes_per_s=settings.sync_max_mb_per_s * 1e6,
+            push_idle_timeout_s=settings.push_idle_timeout_s,
         ),
         server_version=package_version(),
         batching=BatchingConfig(
             settings.max_batch_size, settings.max_queue_delay_ms / 1000, settings.max_queue
         ),
+        request_limits=RequestLimits(
+            settings.max_requests_in_flight, settings.max_request_bytes_in_flight
+        ),
         store=store,
         sync_token=settings.sync_token,
         data_token=settings.data_token,
         tls=tls if tls.enabled else None,
+        sync_tls=sync_tls if sync_tls.enabled else None,
         sync_nice=settings.sync_nice,
         sync_relay=relay_wanted(settings.sync_relay),
         log_level=settings.log_level,

@@ -4,6 +4,11 @@
     weightsync-admin --sync 127.0.0.1:8101 versions quickstart
     weightsync-admin --sync 127.0.0.1:8101 rollback quickstart --to 12
 
+Against a guarded sync plane, give the sync token (INFERENCE_SYNC_TOKEN or TRAINER_SYNC_TOKEN in
+the environment, or --token) and, with TLS, the CA that signed the service's certificate
+(--tls-ca) and for mutual TLS a client certificate and key (--tls-cert, --tls-key); the TLS
+files are also read from TRAINER_TLS_CA, TRAINER_TLS_CERT and TRAINER_TLS_KEY, as a trainer would.
+
 A rollback serves the stored weights of an earlier version again as a new version, through the
 same checks and atomic swap as any push. A trainer still running will push its own weights on its
 next sync; stop it first if the rollback should stick.
@@ -19,8 +24,14 @@ from collections.abc import Sequence
 
 import grpc
 
+from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from shared.grpc.channel import add_options, from_options
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
+
+TOKEN_ENV = ("INFERENCE_SYNC_TOKEN", "TRAINER_SYNC_TOKEN")
+TLS_ENV = "TRAINER"
 
 
 def _when(seconds: float) -> str:
@@ -34,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("INFERENCE_SYNC_ADDRESS", "127.0.0.1:8101"),
         help="sync-plane address of the inference service (env INFERENCE_SYNC_ADDRESS)",
     )
+    add_options(parser, TOKEN_ENV, TLS_ENV)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("models", help="the models served, their versions and writers")
     versions = commands.add_parser("versions", help="the versions of a model kept on disk")
@@ -43,7 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rollback.add_argument("--to", type=int, required=True, help="the version to serve again")
     args = parser.parse_args(argv)
 
-    stub = pb_grpc.WeightSyncStub(grpc.insecure_channel(args.sync))
+    try:
+        channel = from_options(args, args.sync, SYNC_MAX_MESSAGE_BYTES)
+    except ConfigurationError as exc:
+        print(f"weightsync-admin: {exc}", file=sys.stderr)
+        return 2
+    stub = pb_grpc.WeightSyncStub(channel)
     try:
         if args.command == "models":
             for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models:
@@ -65,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"{error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    finally:
+        channel.close()
     return 0
 
 

@@ -34,6 +34,17 @@ REQUESTS = Counter(
     "code; model is '' for names the service does not serve",
     ["model", "code"],
 )
+REQUESTS_IN_FLIGHT = Gauge(
+    "weightsync_inference_requests_in_flight",
+    "Inference requests admitted and not yet run (queued, or running), by model; bounded by "
+    "--max-requests-in-flight",
+    ["model"],
+)
+REQUEST_BYTES_IN_FLIGHT = Gauge(
+    "weightsync_inference_request_bytes_in_flight",
+    "Bytes of request tensors that requests in flight hold; bounded by "
+    "--max-request-bytes-in-flight",
+)
 QUEUE_SECONDS = Histogram(
     "weightsync_inference_queue_duration_seconds",
     "Time requests waited to be batched",

@@ -7,27 +7,46 @@ keeps the newest `history` files. Commits that land while a write runs are coale
 version is written next. At start, the newest file whose tensors match the model and whose digest
 checks out is loaded, with its version, before the service reports ready. The files are the
 history an operator lists and rolls back to.
+
+Writing history never holds up a push. The writer does not pin the generation it writes: it
+copies one chunk at a time while no push can start overwriting that module
+(`ServedModel.unchanged`), and writes the copy with no lock held, however slow the disk. If a
+push has taken the module over meanwhile, a newer version is live and the file is given up.
+A failed write leaves no temp file behind (nor does a crash, after the next start); out of disk
+space, the older versions are removed, all but the newest one, and the write is tried once more.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
-from inference_service.served_model import ServedModel
+from inference_service.served_model import Generation, ServedModel
 from shared.errors import ModelNotFoundError
 from shared.weights.digest import tensor_hash
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import Payload
 
 logger = logging.getLogger(__name__)
+
+WriteChunk = Callable[[int, bytes], None]
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+# The most a push waits to start while the history writer copies (one chunk's copy).
+WRITE_CHUNK_BYTES = 4 << 20
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the file descriptor `fd`."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @dataclass(frozen=True)
@@ -49,65 +68,145 @@ class StoredVersion:
 
 
 class WeightStore:
-    def __init__(self, root: Path, history: int = 5) -> None:
+    """The history on disk. `write` writes one chunk to a file descriptor (tests pass a slow or
+    failing one); `chunk_bytes` is how much is copied at a time."""
+
+    def __init__(
+        self,
+        root: Path,
+        history: int = 5,
+        *,
+        write: WriteChunk = write_all,
+        chunk_bytes: int = WRITE_CHUNK_BYTES,
+    ) -> None:
         self.root = root
         self.history = max(1, history)
+        self._write_chunk = write
+        self._chunk_bytes = chunk_bytes
         root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
 
     def _dir(self, name: str) -> Path:
         return self.root / name
 
-    def save(self, model: ServedModel) -> int:
-        """Write the model's live generation atomically; return the version written."""
-        with model.acquire() as generation:
-            directory = self._dir(model.name)
-            directory.mkdir(exist_ok=True)
-            path = directory / f"{generation.version:012d}.safetensors"
-            if path.exists():
-                return generation.version
-            payload = Payload.of(
-                list(generation.module.state_dict().items()),
-                {
-                    "version": str(generation.version),
-                    "writer_id": generation.writer_id,
-                    "digest": generation.digest.hex(),
-                    "committed_at": repr(generation.committed_at),
-                },
+    def _remove_stale_temp_files(self) -> None:
+        """Remove the partial files a crash left (at start: nothing else writes here yet)."""
+        for tmp in sorted(self.root.glob("*/.*.tmp")):
+            tmp.unlink(missing_ok=True)
+            logger.warning("removed %s, a partial write left by an earlier run", tmp)
+
+    def save(self, model: ServedModel) -> int | None:
+        """Write the model's live generation atomically; return its version, or None when a
+        push started overwriting its weights before they were all copied (a newer version is
+        live then: the Persister writes that one next). A disk error is logged and raised."""
+        generation, count = model.snapshot()
+        try:
+            return self._save(model, generation, count)
+        except OSError as exc:
+            logger.error(
+                "model %s: version %d was not written to disk: %s (versions on disk: %s)",
+                model.name,
+                generation.version,
+                exc,
+                ", ".join(str(v.version) for v in self.versions(model.name)) or "none",
             )
-            tmp = directory / f".{path.name}.tmp"
-            with tmp.open("wb") as out:
-                for chunk in payload.chunks(8 << 20):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(directory)
+            raise
+
+    def _save(self, model: ServedModel, generation: Generation, count: int) -> int | None:
+        directory = self._dir(model.name)
+        directory.mkdir(exist_ok=True)
+        path = directory / f"{generation.version:012d}.safetensors"
+        if path.exists():
+            return generation.version
+        try:
+            written = self._write(model, generation, count, path)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE or not self._make_room(model.name, generation.version):
+                raise
+            written = self._write(model, generation, count, path)
+        if not written:
+            logger.info(
+                "model %s: version %d was not written to disk: a push reused its weights "
+                "before they were copied; the newer version is written next",
+                model.name,
+                generation.version,
+            )
+            return None
         for old in self.versions(model.name)[self.history :]:
             old.path.unlink(missing_ok=True)
         return generation.version
 
-    def save_lease(self, name: str, epoch: int, holder: str) -> None:
-        """Record the model's writer, so a restart keeps fencing the writers before it."""
-        directory = self._dir(name)
-        directory.mkdir(exist_ok=True)
-        path = directory / "writer.json"
-        tmp = directory / ".writer.json.tmp"
-        with tmp.open("w") as out:
-            json.dump({"epoch": epoch, "holder": holder}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
+    def _make_room(self, name: str, version: int) -> bool:
+        """Out of space: remove every stored version but the newest; whether any was removed."""
+        stored = self.versions(name)
+        if len(stored) <= 1:
+            logger.error(
+                "model %s: out of disk space writing version %d, and nothing to remove: the "
+                "only complete version on disk (%s) is kept",
+                name,
+                version,
+                stored[0].version if stored else "none",
+            )
+            return False
+        older = stored[1:]
+        for old in older:
+            old.path.unlink(missing_ok=True)
+        logger.warning(
+            "model %s: out of disk space writing version %d; removed version%s %s to make "
+            "room (kept version %d); trying once more",
+            name,
+            version,
+            "s" if len(older) > 1 else "",
+            ", ".join(str(v.version) for v in older),
+            stored[0].version,
+        )
+        return True
 
-    def restore_lease(self, model: ServedModel) -> None:
-        path = self._dir(model.name) / "writer.json"
+    def _write(self, model: ServedModel, generation: Generation, count: int, path: Path) -> bool:
+        """Write `generation` to `path` through a temp file; False if a push reused its module
+        first. The temp file is removed unless it became `path`."""
+        payload = Payload.of(
+            list(generation.module.state_dict().items()),
+            {
+                "version": str(generation.version),
+                "writer_id": generation.writer_id,
+                "digest": generation.digest.hex(),
+                "committed_at": repr(generation.committed_at),
+            },
+        )
+        tmp = path.with_name(f".{path.name}.tmp")
+        complete = False
         try:
-            lease = json.loads(path.read_text())
-            model.adopt_epoch(int(lease["epoch"]), str(lease["holder"]))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("model %s: ignoring unreadable %s: %s", model.name, path, exc)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                complete = self._fill(fd, model, generation, count, payload)
+                if complete:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if complete:
+                os.replace(tmp, path)
+                _fsync_dir(path.parent)
+        finally:
+            if not complete:
+                tmp.unlink(missing_ok=True)
+        return complete
+
+    def _fill(
+        self, fd: int, model: ServedModel, generation: Generation, count: int, payload: Payload
+    ) -> bool:
+        """Copy the payload chunk by chunk while no push can start on the module, and write
+        each copy with no lock held; False as soon as a push has taken the module over."""
+        chunks = payload.pieces(self._chunk_bytes)
+        left = payload.nbytes
+        while left:
+            with model.unchanged(generation, count) as unchanged:
+                if not unchanged:
+                    return False
+                chunk = b"".join(next(chunks))
+            self._write_chunk(fd, chunk)
+            left -= len(chunk)
+        return True
 
     def versions(self, name: str) -> list[StoredVersion]:
         """The stored versions of `name`, newest first (unreadable files are skipped)."""
@@ -138,7 +237,7 @@ class WeightStore:
 
     def restore(self, model: ServedModel) -> bool:
         """Load the newest stored version that fits the model and checks out, and its writer."""
-        self.restore_lease(model)
+        model.lease.attach(self._dir(model.name))  # its writer.json (ConfigurationError if bad)
         for stored in self.versions(model.name):
             if self._load(model, stored):
                 logger.info(
@@ -213,6 +312,7 @@ class Persister:
                 name = self._dirty.pop()
             try:
                 version = self._store.save(self._models[name])
-                logger.debug("model %s: version %d written to disk", name, version)
             except OSError:
-                logger.exception("model %s: could not write its weights to disk", name)
+                continue  # logged by the store; the next commit tries again
+            if version is not None:
+                logger.debug("model %s: version %d written to disk", name, version)

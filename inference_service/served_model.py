@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from inference_service import metrics
+from inference_service.lease import WriterLease
 from shared.app import ModelSpec
-from shared.errors import ConflictError, UnavailableError
+from shared.errors import ConflictError, UnavailableError, VersionNotServedError
 from shared.weights.digest import model_digest, tensor_hash
 from shared.weights.layout import TensorLayout
 
@@ -42,6 +43,14 @@ class Generation:
     committed_at: float = field(default_factory=time.time)
 
 
+def version_not_served(name: str, wanted: int | str, served: int) -> VersionNotServedError:
+    """The error for a request that names a version other than the one being served."""
+    return VersionNotServedError(
+        f"model {name!r} version {wanted} is not served; version {served} is (leave the "
+        "version empty for the latest)"
+    )
+
+
 @dataclass
 class PendingPush:
     """What the sync plane reports about a push in progress."""
@@ -51,6 +60,7 @@ class PendingPush:
     base_version: int
     payload_bytes: int
     bytes_received: int = 0
+    writer_epoch: int = 0
 
 
 class ServedModel:
@@ -78,12 +88,14 @@ class ServedModel:
         self._standby_hashes: dict[str, bytes | None] = {}
         self._lock = threading.Condition()
         self._readers: dict[int, int] = {}
+        # How many times each module has been handed to a push to overwrite. Bumped under
+        # `_reuse_lock`, which a copier (the history writer) holds while it copies: one who sees
+        # the same count before and during a copy copied one version's bytes, and never pins.
+        self._reuses: dict[int, int] = {}
+        self._reuse_lock = threading.Lock()
         self._push_lock = threading.Lock()
         self.pending: PendingPush | None = None
-        # The one writer allowed to push (fencing by epoch): the last to acquire the model.
-        self.writer_epoch = 0
-        self.lease_holder = ""
-        self._lease_lock = threading.Lock()
+        self.lease = WriterLease(spec.name)  # the one writer allowed to push, by epoch
 
     @property
     def live(self) -> Generation:
@@ -95,10 +107,14 @@ class ServedModel:
     # -- the request path ---------------------------------------------------------------------
 
     @contextmanager
-    def acquire(self) -> Iterator[Generation]:
-        """Pin the live generation for the duration of one request."""
+    def acquire(self, version: int | None = None) -> Iterator[Generation]:
+        """Pin the live generation for the duration of one request; with `version`, only if it
+        is that version (checked under the same lock, so no push can slip between the two),
+        else VersionNotServedError."""
         with self._lock:
             generation = self._live
+            if version is not None and version != generation.version:
+                raise version_not_served(self.name, version, generation.version)
             key = id(generation.module)
             self._readers[key] = self._readers.get(key, 0) + 1
         try:
@@ -109,39 +125,32 @@ class ServedModel:
                 if self._readers[key] == 0:
                     self._lock.notify_all()
 
-    def infer(self, inputs: Sequence[object]) -> tuple[Any, Generation]:
-        """Run the model's inference procedure on one generation; return its result and it.
+    def infer(self, inputs: Sequence[object], version: int | None = None) -> tuple[Any, Generation]:
+        """Run the model's inference procedure on one generation (`version`, if given, else the
+        live one); return its result and it."""
+        with self.acquire(version) as generation:
+            return self.run(generation, inputs), generation
+
+    def run(self, generation: Generation, inputs: Sequence[object]) -> Any:
+        """The inference procedure's result on `generation`, which the caller has pinned.
 
         Tensors go to the model's device; other inputs (BYTES arrays) are passed as they are."""
-        with self.acquire() as generation, torch.inference_mode():
+        with torch.inference_mode():
             moved = [
                 t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
                 for t in inputs
             ]
-            return self.procedure(generation.module, *moved), generation
+            return self.procedure(generation.module, *moved)
 
     # -- the push path ---------------------------------------------------------------------
 
-    def acquire_writer(self, writer_id: str) -> int:
-        """Make `writer_id` the model's writer under a new, higher epoch; return the epoch."""
-        with self._lease_lock:
-            self.writer_epoch += 1
-            self.lease_holder = writer_id
-            return self.writer_epoch
-
-    def adopt_epoch(self, epoch: int, writer_id: str) -> bool:
-        """Accept a writer's epoch if it is the newest seen (e.g. granted before a restart)."""
-        with self._lease_lock:
-            if epoch < self.writer_epoch:
-                return False
-            if epoch > self.writer_epoch:
-                self.writer_epoch, self.lease_holder = epoch, writer_id
-            return True
-
     @contextmanager
-    def writing(self, pending: PendingPush, drain_timeout_s: float) -> Iterator[nn.Module]:
-        """Hold the model's single push slot and yield the standby module to fill."""
-        if not self._push_lock.acquire(blocking=False):
+    def writing(
+        self, pending: PendingPush, drain_timeout_s: float, wait_s: float = 0.0
+    ) -> Iterator[nn.Module]:
+        """Hold the model's single push slot and yield the standby module to fill; the slot
+        is waited for up to `wait_s` (for a push that is being ended)."""
+        if not self._push_lock.acquire(timeout=wait_s):
             other = self.pending
             who = f" from {other.writer_id!r} (version {other.version})" if other else ""
             raise ConflictError(f"model {self.name!r}: another push{who} is in progress")
@@ -166,7 +175,22 @@ class ServedModel:
                 f"model {self.name!r}: requests on the previous weights did not finish within "
                 f"{drain_timeout_s:g}s; retry the push"
             )
+        with self._reuse_lock:  # before the first byte is written into it
+            self._reuses[id(standby)] = self._reuses.get(id(standby), 0) + 1
         return standby
+
+    def snapshot(self) -> tuple[Generation, int]:
+        """The live generation and a count to hand `unchanged` while copying it, unpinned."""
+        with self._reuse_lock:
+            live = self._live
+            return live, self._reuses.get(id(live.module), 0)
+
+    @contextmanager
+    def unchanged(self, generation: Generation, count: int) -> Iterator[bool]:
+        """Whether no push has started overwriting `generation` since `snapshot` gave `count`;
+        while true, none can start until the block ends (keep it to one short copy)."""
+        with self._reuse_lock:
+            yield self._reuses.get(id(generation.module), 0) == count
 
     def standby_tensor_is_current(self, name: str) -> bool:
         """Whether the standby copy already holds the live bytes of tensor `name`."""

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from inference_service.dataplane.admission import RequestLimits
 from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.servicer import InferenceServicer
@@ -34,6 +35,7 @@ from inference_service.syncplane.servicer import WeightSyncServicer
 from inference_service.syncplane.servicer import add_to_server as add_sync_servicer
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from shared.grpc.auth import AsyncTokenAuthInterceptor, TlsFiles, TokenAuthInterceptor
+from shared.grpc.limits import CallBudget
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_aio_server, new_server
@@ -80,13 +82,17 @@ class InferenceServer:
         sync_token: str | None = None,
         data_token: str | None = None,
         tls: TlsFiles | None = None,
+        sync_tls: TlsFiles | None = None,
         batching: BatchingConfig | None = None,
+        request_limits: RequestLimits | None = None,
         sync_nice: int = 0,
         sync_relay: bool = True,
         log_level: str = "INFO",
     ) -> None:
         self._tls = tls
-        self.data_plane = DataPlane(models, batching, workers)
+        # The sync plane's TLS differs from the data plane's when it has a client CA of its own.
+        self._sync_tls = sync_tls or tls
+        self.data_plane = DataPlane(models, batching, workers, request_limits)
         self._persister = Persister(store, models) if store is not None else None
         self.receiver = PushReceiver(
             models,
@@ -108,14 +114,21 @@ class InferenceServer:
         for service in SERVICES:
             self._health.set(service, NOT_SERVING)
 
-        concurrent = (limits or SyncLimits()).max_concurrent
+        # Calls past authentication, within the writers' budget; health calls have their own.
+        budget = CallBudget((limits or SyncLimits()).max_concurrent, "sync plane")
         # With the relay, the sync plane's address is the relay process's: it authenticates
         # callers and hands this server the calls other than Push over a private Unix socket.
         self._relay = (
             SyncRelay(
                 self.receiver,
                 RelayConfig(
-                    sync_listen, concurrent, sync_nice, tls, sync_token, data_token, log_level
+                    sync_listen,
+                    budget.calls,
+                    sync_nice,
+                    self._sync_tls,
+                    sync_token,
+                    data_token,
+                    log_level,
                 ),
             )
             if sync_relay
@@ -129,10 +142,10 @@ class InferenceServer:
         # Receiving weights (parse, copy, hash) runs at a lower CPU priority than serving, so
         # a push slows itself down rather than the requests when CPUs are short.
         self._sync_server = new_server(
-            concurrent + 2,
+            budget.threads,
             SYNC_MAX_MESSAGE_BYTES,
             sync_auth,
-            max_concurrent_rpcs=concurrent,
+            budget=budget,
             name="sync",
             nice=sync_nice,
         )
@@ -177,7 +190,7 @@ class InferenceServer:
         self._loop_thread.start()
         data_port = self._on_loop(self._start_data_server())
         if self._relay is None:
-            sync_port = bind(self._sync_server, self._sync_listen, self._tls)
+            sync_port = bind(self._sync_server, self._sync_listen, self._sync_tls)
             self._sync_server.start()
         else:
             bind(self._sync_server, self._relay.open())

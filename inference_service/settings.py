@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference_service.dataplane.admission import RequestLimits
 from shared.cli import LOG_LEVELS, Option, boolean, host_port, optional_host_port, parse
 
 DESCRIPTION = (
@@ -37,12 +38,21 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise ValueError(f"{value} is not a positive number")
+    return number
+
+
 def _nice(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 19:
         raise ValueError(f"{value} is not between 0 and 19")
     return number
 
+
+_LIMITS = RequestLimits()
 
 OPTIONS = [
     Option(
@@ -93,7 +103,16 @@ OPTIONS = [
     Option(
         "--tls-client-ca",
         "INFERENCE_TLS_CLIENT_CA",
-        "PEM CA: require client certificates it signed (mutual TLS) on both planes",
+        "PEM CA: require client certificates it signed (mutual TLS) on both planes; it does "
+        "not count as the sync plane's authentication, since every data-plane client holds one",
+        None,
+        Path,
+    ),
+    Option(
+        "--tls-sync-client-ca",
+        "INFERENCE_TLS_SYNC_CLIENT_CA",
+        "PEM CA for the sync plane alone: require sync-plane clients to present certificates it "
+        "signed instead of --tls-client-ca's; this authenticates the sync plane without a token",
         None,
         Path,
     ),
@@ -165,6 +184,22 @@ OPTIONS = [
         _positive_int,
     ),
     Option(
+        "--max-requests-in-flight",
+        "INFERENCE_MAX_REQUESTS_IN_FLIGHT",
+        "inference requests per model admitted and not yet run (queued for a batch or a "
+        "worker, or running); more get RESOURCE_EXHAUSTED",
+        _LIMITS.max_requests_per_model,
+        _positive_int,
+    ),
+    Option(
+        "--max-request-bytes-in-flight",
+        "INFERENCE_MAX_REQUEST_BYTES_IN_FLIGHT",
+        "bytes of request tensors that all inference requests in flight may hold together; "
+        "more get RESOURCE_EXHAUSTED",
+        _LIMITS.max_bytes,
+        _positive_int,
+    ),
+    Option(
         "--workers",
         "INFERENCE_WORKERS",
         "threads running models that are not batched (the data plane itself is one event loop)",
@@ -178,6 +213,14 @@ OPTIONS = [
         "serving latency (0: no limit)",
         0.0,
         _non_negative_float,
+    ),
+    Option(
+        "--push-idle-timeout-s",
+        "INFERENCE_PUSH_IDLE_TIMEOUT_S",
+        "seconds a weight push may send nothing before it is ended with DEADLINE_EXCEEDED, "
+        "freeing the model for other pushes",
+        5.0,
+        _positive_float,
     ),
     Option(
         "--sync-nice",
@@ -236,6 +279,7 @@ class InferenceSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    tls_sync_client_ca: Path | None = None
     allow_open_sync: bool = False
     device: str = "auto"
     state_dir: Path | None = None
@@ -246,8 +290,11 @@ class InferenceSettings:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 0.5
     max_queue: int = 1024
+    max_requests_in_flight: int = _LIMITS.max_requests_per_model
+    max_request_bytes_in_flight: int = _LIMITS.max_bytes
     workers: int = 8
     sync_max_mb_per_s: float = 0.0
+    push_idle_timeout_s: float = 5.0
     sync_nice: int = 10
     sync_relay: str = "auto"
     torch_threads: int = 0

@@ -24,12 +24,21 @@ class MalformedPushError(InvalidArgumentError):
     """A weights push is malformed: bad stream order, header, tensor table, sizes or digest."""
 
 
+class OutOfRangeError(InvalidArgumentError):
+    """A version or writer epoch at or past 2^63, the bound the sync plane keeps them under."""
+
+
 class NotFoundError(ServiceError):
     """What the request names does not exist here."""
 
 
 class ModelNotFoundError(NotFoundError):
     """No model of that name (or version) is served here."""
+
+
+class VersionNotServedError(ModelNotFoundError):
+    """A request names a version of a served model other than the one it serves now (an older
+    one a push has since replaced, or one never served); the message names the served one."""
 
 
 class PushRejectedError(ServiceError):
@@ -52,8 +61,17 @@ class FencedError(ConflictError):
     """Another writer has since acquired the model; pushes from this one are refused for good."""
 
 
+class UnknownEpochError(ConflictError):
+    """A push carries a writer epoch newer than any granted here: the service lost the lease it
+    granted (restarted without its state), so the writer must acquire the model again."""
+
+
 class DeadlineExceededError(ServiceError):
     """The caller's deadline passed before the work could start; it was dropped."""
+
+
+class PushStalledError(DeadlineExceededError):
+    """A push sent no message for the service's idle timeout; it was ended, nothing swapped."""
 
 
 class UnavailableError(ServiceError):

@@ -1,6 +1,11 @@
 """`python -m shared.healthcheck HOST:PORT`: exit 0 only if grpc.health.v1 says SERVING.
 
-Container images carry no grpcurl or grpc_health_probe; compose health checks call this.
+Container images carry no grpcurl or grpc_health_probe; compose health checks call this. Health
+needs no token on either plane, but a token given (--token, or INFERENCE_DATA_TOKEN in the
+environment) is sent. For a service that serves TLS, give the CA that signed its certificate
+(--tls-ca, or --tls for the system's CAs), and for mutual TLS a client certificate and key
+(--tls-cert, --tls-key); HEALTHCHECK_TLS_CA, HEALTHCHECK_TLS_CERT, HEALTHCHECK_TLS_KEY and
+HEALTHCHECK_TLS_SERVER_NAME set them from the environment.
 """
 
 from __future__ import annotations
@@ -12,14 +17,29 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.errors import ConfigurationError
+from shared.grpc.channel import add_options, from_options
+from shared.grpc.options import MiB
+
+TOKEN_ENV = ("INFERENCE_DATA_TOKEN",)
+TLS_ENV = "HEALTHCHECK"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.healthcheck", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("address", help="HOST:PORT of a gRPC server")
     parser.add_argument("--service", default="", help="service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds")
+    add_options(parser, TOKEN_ENV, TLS_ENV)
     args = parser.parse_args(argv)
-    with grpc.insecure_channel(args.address) as channel:
+    try:
+        channel = from_options(args, args.address, MiB)
+    except ConfigurationError as exc:
+        print(f"healthcheck: {exc}", file=sys.stderr)
+        return 1  # docker reserves 2; any failure here is "unhealthy"
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

@@ -51,6 +51,7 @@ def run(settings: TrainerSettings) -> None:
         settings.inference,
         settings.writer_id,
         timeout_s=settings.push_timeout,
+        connect_timeout_s=settings.connect_timeout,
         token=settings.sync_token,
         tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
     )

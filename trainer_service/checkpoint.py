@@ -1,21 +1,32 @@
 """The trainer's checkpoint: models, optimizer and trainer state, replaced as a whole.
 
-A checkpoint is written into a fresh directory, every file fsynced, then swapped in by two
-renames (`checkpoint` -> `.checkpoint-old`, new -> `checkpoint`); a crash between them leaves
-`.checkpoint-old`, which loading falls back to. So a trainer killed at any moment resumes from
-its last complete checkpoint, never a mix of two.
+A new checkpoint replaces the last one in steps, each durable before the next begins:
+
+1. written: it is written into `.checkpoint-next`, every file and directory fsynced, then
+   marked complete by a `.complete` file, fsynced too;
+2. set aside: `checkpoint` is renamed to `.checkpoint-old`;
+3. swapped: `.checkpoint-next` is renamed to `checkpoint`;
+4. cleaned: `.checkpoint-old` is deleted.
+
+The parent directory is fsynced after every rename. Nothing complete is deleted before a newer
+complete checkpoint is in place, so a crash at any point, or a second one while recovering,
+leaves a complete checkpoint: `current()` finds the newest (a complete `.checkpoint-next`, else
+`checkpoint`, else `.checkpoint-old`), and the next write first finishes an interrupted swap
+(`recover()`). A trainer killed at any moment resumes from its last complete checkpoint, never
+a mix of two and never from nothing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CURRENT = "checkpoint"
 OLD = ".checkpoint-old"
 NEXT = ".checkpoint-next"
+COMPLETE = ".complete"
 
 
 class Checkpoints:
@@ -23,7 +34,10 @@ class Checkpoints:
         self.state_dir = state_dir
 
     def current(self) -> Path | None:
-        """The newest complete checkpoint, if any."""
+        """The newest complete checkpoint, if any; changes nothing on disk."""
+        staged = self.state_dir / NEXT
+        if (staged / COMPLETE).is_file():
+            return staged
         for name in (CURRENT, OLD):
             path = self.state_dir / name
             if path.is_dir():
@@ -32,24 +46,81 @@ class Checkpoints:
 
     def write(self, fill: Callable[[Path], None]) -> Path:
         """Let `fill` write a checkpoint into a new directory, then make it the current one."""
+        for _ in self.steps(fill):
+            pass
+        return self.state_dir / CURRENT
+
+    def steps(self, fill: Callable[[Path], None]) -> Iterator[str]:
+        """`write`, one durable step at a time: yields the name of each step once it is done
+        (a caller that stops iterating leaves the directory as a crash there would)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        staging = self.state_dir / NEXT
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        fill(staging)
-        for root, _dirs, files in os.walk(staging):
-            for file in files:
-                with open(os.path.join(root, file), "rb") as written:
-                    os.fsync(written.fileno())
-        current, old = self.state_dir / CURRENT, self.state_dir / OLD
-        shutil.rmtree(old, ignore_errors=True)
+        current, old, staged = (self.state_dir / n for n in (CURRENT, OLD, NEXT))
+        self.recover()
+        yield "recovered"
+        staged.mkdir()
+        fill(staged)
+        _fsync_tree(staged)
+        marker = staged / COMPLETE
+        with marker.open("wb") as out:
+            os.fsync(out.fileno())
+        _fsync(staged)
+        _fsync(self.state_dir)
+        yield "written"
         if current.exists():
             os.rename(current, old)
-        os.rename(staging, current)
-        shutil.rmtree(old, ignore_errors=True)
-        handle = os.open(self.state_dir, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-        return current
+            _fsync(self.state_dir)
+        yield "set aside"
+        os.rename(staged, current)
+        _fsync(self.state_dir)
+        yield "swapped"
+        _discard(old)
+        _fsync(self.state_dir)
+        yield "cleaned"
+
+    def recover(self) -> None:
+        """Finish or undo a swap a crash interrupted, leaving `checkpoint` (if any checkpoint
+        is complete) and nothing else."""
+        if not self.state_dir.is_dir():
+            return
+        current, old, staged = (self.state_dir / n for n in (CURRENT, OLD, NEXT))
+        if staged.exists() and not (staged / COMPLETE).is_file():
+            _discard(staged)  # a write cut short: never complete, so never read
+        if staged.exists():  # complete, and the newest: finish its swap
+            if current.exists():
+                _discard(old)  # `checkpoint` and `.checkpoint-next` are both complete
+                os.rename(current, old)
+                _fsync(self.state_dir)
+            os.rename(staged, current)
+            _fsync(self.state_dir)
+        if not current.exists() and old.exists():
+            os.rename(old, current)
+            _fsync(self.state_dir)
+        if current.exists():
+            _discard(old)
+        _fsync(self.state_dir)
+
+
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory under `root`, `root` included, made durable."""
+    for directory, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(directory, name))
+        _fsync(Path(directory))
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory, its completion marker first (a deletion cut short never
+    leaves a directory that claims to be complete)."""
+    if not path.exists():
+        return
+    (path / COMPLETE).unlink(missing_ok=True)
+    _fsync(path)
+    shutil.rmtree(path)

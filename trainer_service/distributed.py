@@ -12,7 +12,9 @@ across ranks as soon as backward has accumulated it, so every optimizer takes th
 the weights stay bit-identical, which the ranks check against each other at every checkpoint.
 Only rank 0 pushes to the inference services, holds the writer lease, serves metrics and writes
 checkpoints. The ranks agree at every run boundary on whether to stop, so a signal that reaches
-one rank first never leaves the others waiting in a collective.
+one rank first never leaves the others waiting in a collective; after every sync rank 0 tells
+the others how it went, so a fenced writer stops every rank at once (exit code 3), and a sync
+that failed is treated alike everywhere (each rank's trainer tears its run down all the same).
 
 A trainer must make the same run-or-skip decision on every rank (`is_trainable`), or the ranks
 wait on each other forever; gloo is used on CPU and NCCL on CUDA.
@@ -78,6 +80,13 @@ class Group:
         flag = torch.tensor([int(stopping)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def rank_zero_says(self, value: int) -> int:
+        """Rank 0's `value`, on every rank: what only rank 0 knows (how its sync went), so
+        that every rank acts on it together."""
+        said = torch.tensor([value], device=self.device)
+        dist.broadcast(said, src=0)
+        return int(said.item())
 
     def check_in_sync(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Raise RanksDivergedError unless every rank holds bit-identical weights."""

@@ -16,14 +16,29 @@ PUSH_BYTES = Counter(
 )
 SYNC_SECONDS = Histogram(
     "weightsync_trainer_sync_duration_seconds",
-    "Time for one sync: every inference service committed",
+    "Time for one sync: every reachable inference service committed",
     ["model"],
     buckets=PUSH_BUCKETS,
 )
 SYNC_FAILURES = Counter(
-    "weightsync_trainer_sync_failures_total", "Syncs that some inference service missed", ["model"]
+    "weightsync_trainer_sync_failures_total",
+    "Syncs that failed: a reachable inference service refused the version, or none was reachable",
+    ["model"],
 )
 MODEL_VERSION = Gauge(
-    "weightsync_trainer_model_version", "Last version committed everywhere", ["model"]
+    "weightsync_trainer_model_version",
+    "Last version committed on every inference service that could be reached",
+    ["model"],
 )
 RUNS = Counter("weightsync_trainer_runs_total", "Completed trainer runs", ["trainer"])
+TARGET_LAGGING = Gauge(
+    "weightsync_trainer_target_lagging",
+    "1 while an inference service (an address) misses the model's newest version and is being "
+    "caught up in the background, else 0",
+    ["model", "target"],
+)
+TARGET_VERSION = Gauge(
+    "weightsync_trainer_target_version",
+    "The last version of the model an inference service (an address) acknowledged",
+    ["model", "target"],
+)

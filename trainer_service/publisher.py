@@ -1,45 +1,44 @@
-"""Push a model's weights to every inference service it feeds; return when all have committed.
+"""Push a model's weights to every inference service it feeds; return when every one that could
+be reached has committed.
 
-Per target the publisher remembers the version it last committed there and the per-tensor hashes
-of that version. The next push to that target is a delta carrying only the tensors whose hash
-changed; a target that answers that it lacks the base (it restarted, or someone else wrote) gets
-a full push instead. Targets are addresses or DNS names; a name is resolved on every push to all
-of its addresses, so new replicas behind one name are found and caught up with a full push.
+Per target (one model at one address: targets.Target) the publisher remembers the writer epoch
+it holds there, the version it last committed there and that version's per-tensor hashes. The
+next push to that target is a delta carrying only the tensors whose hash changed; a target that
+answers that it lacks the base (it restarted, or someone else wrote) gets a full push instead.
+Targets are addresses or DNS names; a name is resolved on every push to all of its addresses, so
+new replicas behind one name are found and caught up with a full push.
+
+A target that does not answer within the connect deadline holds nobody back: it is marked
+lagging, the sync completes once every reachable target has committed, and the background
+catch-up (catchup.py) retries it with capped backoff and brings it up to the newest version,
+kept for it as a host copy, when it answers. A sync fails when no target could be reached, or
+when one that answered refused the version.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 import torch
 
 from shared.grpc.auth import TlsFiles
-from shared.weights.digest import model_digest, tensor_hash
-from shared.weights.layout import TensorLayout
-from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
+from shared.weights.writer import DEFAULT_CHUNK_BYTES
 from trainer_service import metrics
-from trainer_service.push import PushFailedError, PushPlan, SyncClient
+from trainer_service.catchup import CatchUp
+from trainer_service.delivery import FENCED, Delivery, hashed
+from trainer_service.push import UNREACHABLE, PushFailedError, SyncClient, TargetUnreachableError
+from trainer_service.targets import Endpoint, Snapshot, Target, resolve, warn_plaintext_token
 
 logger = logging.getLogger(__name__)
 
-BASE_MISSING = "base-version-mismatch"
-FENCED = "fenced"
-# Worth retrying: the target is unreachable, restarting, or cut the stream off.
-RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
-
 
 class SyncFailedError(Exception):
-    """At least one inference service did not commit the new weights."""
+    """No inference service could be reached, or one that answered refused the new weights."""
 
 
 class WriterFencedError(SyncFailedError):
@@ -48,17 +47,16 @@ class WriterFencedError(SyncFailedError):
 
 @dataclass(frozen=True)
 class SyncReport:
-    """One publish: the version committed and the payload bytes it cost on the wire."""
+    """One publish: the version, the payload bytes it cost on the wire, how many targets
+    committed it and the addresses that lag behind it."""
 
     version: int
     payload_bytes: int
     targets: int
+    lagging: tuple[str, ...] = ()
 
 
-@dataclass
-class _Acked:
-    version: int
-    hashes: dict[str, bytes]
+Tensors = Mapping[str, torch.Tensor]
 
 
 class Publisher:
@@ -70,14 +68,14 @@ class Publisher:
         writer_id: str,
         *,
         timeout_s: float = 600.0,
+        connect_timeout_s: float = 3.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         token: str | None = None,
         tls: TlsFiles | None = None,
         retries: int = 2,
         retry_delay_s: float = 0.2,
     ) -> None:
-        self._retries = retries
-        self._retry_delay_s = retry_delay_s
+        self._delivery = Delivery(writer_id, connect_timeout_s, retries, retry_delay_s)
         self._token = token
         self._tls = tls
         self._targets = list(targets)
@@ -85,201 +83,240 @@ class Publisher:
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._clients: dict[str, SyncClient] = {}
-        self._acked: dict[tuple[str, str], _Acked] = {}
+        # Guards the set of targets, their lagging state as the sync and the catch-up see it,
+        # the versions and the snapshots. Never held while waiting for a target's lock.
+        self._lock = threading.Lock()
+        self._states: dict[tuple[str, str], Target] = {}
         self._versions: dict[str, int] = {}
-        self._epochs: dict[tuple[str, str], int] = {}
+        self._snapshots: dict[str, Snapshot] = {}
+        self._fenced: WriterFencedError | None = None
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="push")
+        warn_plaintext_token(self._targets, token, tls)
+        self._catch_up = CatchUp(self._lagging, self._catch_up_one)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._catch_up.stop()
         for client in self._clients.values():
-            client.close()
+            client.close()  # cancels catch-ups in flight
+        self._catch_up.join()
+        self._pool.shutdown(wait=True)
+        for target in self._lagging():
+            logger.warning(
+                "model %s: exiting with %s behind, at version %d of %d",
+                target.model,
+                target.address,
+                target.version,
+                self._versions.get(target.model, 0),
+            )
 
     def version(self, model_name: str) -> int:
         """The last version of `model_name` this publisher pushed (0: none yet)."""
         return self._versions.get(model_name, 0)
 
-    def publish(
-        self, model_name: str, state: Mapping[str, torch.Tensor], *, full: bool = False
-    ) -> SyncReport:
+    def publish(self, model_name: str, state: Tensors, *, full: bool = False) -> SyncReport:
         """Push `state` as the next version of `model_name` to every target.
 
         Each target gets a delta on the last version it committed from this publisher when it
         can take one; `full` sends every tensor regardless (to re-seed targets whose weights
         are in doubt)."""
+        if self._fenced is not None:
+            raise self._fenced
+        try:
+            return self._publish(model_name, state, full)
+        finally:
+            self._catch_up.wake()  # targets may lag now, or have a newer version to catch up to
+
+    def _publish(self, model_name: str, state: Tensors, full: bool) -> SyncReport:
         started = time.perf_counter()
         tensors = {name: t.detach() for name, t in state.items()}
-        clients = [self._client(address) for address in self._resolve()]
-        if not clients:
+        targets = self._targets_of(model_name)
+        if not targets:
             raise SyncFailedError(f"no inference service found at {', '.join(self._targets)}")
+        with self._lock:  # lagging targets are the catch-up's, unless every one lags
+            inline = [t for t in targets if not t.lagging] or targets
+            skipped = [t for t in targets if t not in inline]
         if full:
-            for client in clients:
-                self._acked.pop((client.target, model_name), None)
-        try:
-            version = self._next_version(model_name, clients)
-        except PushFailedError as error:
-            raise SyncFailedError(
-                f"model {model_name!r}: cannot read the served version: {error}"
-            ) from None
+            for target in inline:
+                target.hashes = None
+        version, unreachable = self._next_version(model_name, inline)
+        inline = [t for t in inline if t not in unreachable]
         # Hash up front only when some target can take a delta (it needs the changed set);
         # a full push hashes each tensor while streaming it.
         hashes: dict[str, bytes] | None = None
         digest: bytes | None = None
-        if any(self._delta_base(c.target, model_name, tensors) for c in clients):
-            hashes = {name: tensor_hash(t) for name, t in tensors.items()}
-            digest = model_digest({n: (TensorLayout.of(t), hashes[n]) for n, t in tensors.items()})
+        if any(t.delta_base(tensors) is not None for t in inline):
+            hashes, digest = hashed(tensors)
         futures = [
-            self._pool.submit(self._push_one, c, model_name, version, tensors, hashes, digest)
-            for c in clients
+            (t, self._pool.submit(self._delivery.deliver, t, version, tensors, hashes, digest))
+            for t in inline
         ]
-        errors = [e for f in futures if (e := f.exception()) is not None]
-        failures = [str(e) for e in errors]
+        sent, committed, errors = 0, [], []
+        missed = [str(e) for e in unreachable.values()]
+        for target, future in futures:
+            error = future.exception()
+            if error is not None:
+                errors.append(error)
+            elif isinstance(result := future.result(), PushFailedError):
+                missed.append(str(result))
+            else:
+                sent += result
+                committed.append(target)
         if any(isinstance(e, PushFailedError) and e.reason == FENCED for e in errors):
-            raise WriterFencedError(
-                f"model {model_name!r}: another trainer has taken it over: " + "; ".join(failures)
+            self._fenced = WriterFencedError(
+                f"model {model_name!r}: another trainer has taken it over: "
+                + "; ".join(map(str, errors))
             )
-        sent = sum(f.result() for f in futures if f.exception() is None)
+            raise self._fenced
+        if hashes is None and committed:
+            hashes = committed[0].hashes
         # The version is spent even if some target missed it: the ones that committed it must
         # never be offered the same number again.
-        self._versions[model_name] = version
-        if failures:
+        lagging = self._spend(model_name, version, tensors, hashes, targets, skipped)
+        if errors or not committed:
             metrics.SYNC_FAILURES.labels(model_name).inc()
+            if errors:
+                raise SyncFailedError(
+                    f"model {model_name!r} version {version} was not committed everywhere: "
+                    + "; ".join(map(str, errors))
+                )
             raise SyncFailedError(
-                f"model {model_name!r} version {version} was not committed everywhere: "
-                + "; ".join(failures)
+                f"model {model_name!r} version {version}: no inference service could be "
+                "reached: " + "; ".join(missed)
             )
         metrics.MODEL_VERSION.labels(model_name).set(version)
         metrics.SYNC_SECONDS.labels(model_name).observe(time.perf_counter() - started)
         logger.info(
-            "model %s: version %d committed on %d inference service(s) in %.3fs",
+            "model %s: version %d committed on %d inference service(s) in %.3fs%s",
             model_name,
             version,
-            len(clients),
+            len(committed),
             time.perf_counter() - started,
+            f"; lagging: {', '.join(lagging)}" if lagging else "",
         )
-        return SyncReport(version, sent, len(clients))
+        return SyncReport(version, sent, len(committed), tuple(lagging))
 
-    def _push_one(self, *args: Any) -> int:
-        """One target's push, retried with capped exponential backoff and jitter while the
-        target is unreachable (a restart, a dropped connection)."""
-        delay = self._retry_delay_s
-        for attempt in range(self._retries + 1):
+    def _spend(
+        self,
+        model_name: str,
+        version: int,
+        tensors: Tensors,
+        hashes: dict[str, bytes] | None,
+        targets: Sequence[Target],
+        skipped: Sequence[Target],
+    ) -> list[str]:
+        """Record `version` as the newest; while a target lags, keep a host copy of it for the
+        catch-up. Returns the addresses that lag."""
+        with self._lock:
+            self._versions[model_name] = version
+            for target in skipped:  # a catch-up may have finished with an older version meanwhile
+                if not target.lagging and target.version < version:
+                    target.fall_behind(f"it missed version {version} while being caught up")
+            lagging = [t.address for t in targets if t.lagging]
+            if lagging:
+                copy = {name: t.to("cpu", copy=True) for name, t in tensors.items()}
+                self._snapshots[model_name] = Snapshot(version, copy, hashes)
+            else:
+                self._snapshots.pop(model_name, None)
+        return lagging
+
+    def _next_version(
+        self, model_name: str, targets: Sequence[Target]
+    ) -> tuple[int, dict[Target, TargetUnreachableError]]:
+        """The version to push next, and the targets found unreachable while learning it (the
+        first push of a model continues the numbering the reachable targets serve)."""
+        if model_name in self._versions:
+            return self._versions[model_name] + 1, {}
+        probes = [(t, self._pool.submit(self._delivery.probe, t)) for t in targets]
+        served, unreachable = [], {}
+        for target, probe in probes:
             try:
-                return self._push_once(*args)
+                served.append(probe.result())
+            except TargetUnreachableError as error:
+                target.fall_behind(error)
+                unreachable[target] = error
             except PushFailedError as error:
-                if error.code not in RETRYABLE or attempt == self._retries:
-                    raise
-                logger.info("%s (attempt %d); retrying in about %.1fs", error, attempt + 1, delay)
-                time.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
-
-    def _push_once(
-        self,
-        client: SyncClient,
-        model_name: str,
-        version: int,
-        tensors: Mapping[str, torch.Tensor],
-        hashes: dict[str, bytes] | None,
-        digest: bytes | None,
-    ) -> int:
-        key = (client.target, model_name)
-        if key not in self._epochs:  # first contact: become the writer (fences earlier ones)
-            self._epochs[key] = client.acquire_writer(model_name, self.writer_id)
-        epoch = self._epochs[key]
-        acked = self._delta_base(client.target, model_name, tensors)
-        # One cheap call first: it waits a little for a restarting target, and tells whether it
-        # still serves our last version (else it restarted or someone else wrote: push in full).
-        if client.get_model(model_name).version != (acked.version if acked else -1):
-            acked = None
-        plan = self._plan(model_name, version, epoch, tensors, hashes, digest, acked)
-        try:
-            self._push_counted(client, plan)
-        except PushFailedError as error:
-            if plan.base_version == 0 or error.reason != BASE_MISSING:
-                raise
-            logger.info(
-                "%s lacks version %d of %s; pushing in full",
-                client.target,
-                plan.base_version,
-                model_name,
+                raise SyncFailedError(
+                    f"model {model_name!r}: cannot read the served version: {error}"
+                ) from None
+        if not served:
+            metrics.SYNC_FAILURES.labels(model_name).inc()
+            raise SyncFailedError(
+                f"model {model_name!r}: no inference service could be reached: "
+                + "; ".join(map(str, unreachable.values()))
             )
-            plan = self._plan(model_name, version, epoch, tensors, hashes, digest, None)
-            self._push_counted(client, plan)
-        self._acked[(client.target, model_name)] = _Acked(
-            version, plan.streamed_hashes if hashes is None else hashes
-        )
-        return plan.payload.nbytes
+        return max(served) + 1, unreachable
 
-    @staticmethod
-    def _push_counted(client: SyncClient, plan: PushPlan) -> None:
-        kind = "full" if plan.base_version == 0 else "delta"
-        try:
-            client.push(plan)
-        except PushFailedError as error:
-            metrics.PUSHES.labels(plan.model_name, kind, error.code.name.lower()).inc()
-            raise
-        metrics.PUSHES.labels(plan.model_name, kind, "committed").inc()
-        metrics.PUSH_BYTES.labels(plan.model_name, kind).inc(plan.payload.nbytes)
+    def _catch_up_one(self, target: Target) -> None:
+        """Bring one lagging target up to the newest version, or put it off again."""
+        with target.lock:
+            with self._lock:
+                if not target.lagging:
+                    return
+                snapshot = self._snapshots.get(target.model)
+            try:
+                if snapshot is None or target.version >= snapshot.version:
+                    target.client.get_model(target.model, self._delivery.connect_timeout_s)
+                else:
+                    self._delivery.push(
+                        target, snapshot.version, snapshot.tensors, snapshot.hashes, None
+                    )
+            except PushFailedError as error:
+                if error.reason == FENCED:
+                    self._fenced = WriterFencedError(
+                        f"model {target.model!r}: another trainer has taken it over: {error}"
+                    )
+                if error.code not in UNREACHABLE:
+                    logger.error(
+                        "model %s: catching %s up failed: %s", target.model, target.address, error
+                    )
+                target.fall_behind(error)
+                return
+            with self._lock:
+                if snapshot is not None and self._versions.get(target.model) != snapshot.version:
+                    target.retry_at = 0.0  # a newer version came meanwhile: again, now
+                    return
+                target.caught_up()
+                if not any(t.lagging for t in self._states.values() if t.model == target.model):
+                    self._snapshots.pop(target.model, None)
 
-    def _delta_base(
-        self, target: str, model_name: str, tensors: Mapping[str, torch.Tensor]
-    ) -> _Acked | None:
-        """What `target` last committed from us, if a delta on it can describe `tensors`."""
-        acked = self._acked.get((target, model_name))
-        return acked if acked is not None and acked.hashes.keys() == tensors.keys() else None
+    def _lagging(self) -> list[Target]:
+        with self._lock:
+            return [t for t in self._states.values() if t.lagging]
 
-    def _plan(
-        self,
-        model_name: str,
-        version: int,
-        epoch: int,
-        tensors: Mapping[str, torch.Tensor],
-        hashes: dict[str, bytes] | None,
-        digest: bytes | None,
-        acked: _Acked | None,
-    ) -> PushPlan:
-        if acked is None or hashes is None:
-            changed = list(tensors)
-            base = 0
-        else:
-            changed = [name for name in tensors if acked.hashes[name] != hashes[name]]
-            base = acked.version
-        payload = Payload.of([(name, tensors[name]) for name in changed])
-        return PushPlan(model_name, version, base, self.writer_id, payload, epoch, digest)
+    def _targets_of(self, model_name: str) -> list[Target]:
+        """The model at every address the targets resolve to now. Lagging targets whose
+        address no longer resolves (a replica scaled away) are no longer caught up."""
+        endpoints = resolve(self._targets)
+        with self._lock:
+            found = [self._target(endpoint, model_name) for endpoint in endpoints]
+            addresses = {endpoint.address for endpoint in endpoints}
+            for (address, model), target in list(self._states.items()):
+                if model == model_name and address not in addresses and target.lagging:
+                    logger.info(
+                        "model %s: %s no longer resolves from %s; it is no longer caught up",
+                        model,
+                        address,
+                        ", ".join(self._targets),
+                    )
+                    target.forget()
+                    del self._states[(address, model)]
+        return found
 
-    def _next_version(self, model_name: str, clients: Sequence[SyncClient]) -> int:
-        if model_name not in self._versions:
-            remote = [c.get_model(model_name).version for c in clients]
-            self._versions[model_name] = max(remote, default=0)
-        return self._versions[model_name] + 1
-
-    def _client(self, address: str) -> SyncClient:
-        client = self._clients.get(address)
-        if client is None:
-            client = SyncClient(address, self._timeout_s, self._chunk_bytes, self._token, self._tls)
-            self._clients[address] = client
-        return client
-
-    def _resolve(self) -> list[str]:
-        """Every address of every target; a DNS name stands for all the hosts behind it."""
-        addresses: list[str] = []
-        for target in self._targets:
-            host, _, port = target.rpartition(":")
-            host = host.strip("[]")
-            infos: list[tuple[object, ...]] = []
-            for family in (socket.AF_INET, socket.AF_INET6):  # IPv4 first: "localhost" is one host
-                try:
-                    infos = list(socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM))
-                except (OSError, ValueError):
-                    continue
-                if infos:
-                    break
-            if not infos:
-                logger.warning("cannot resolve inference target %s", target)
-            for info in infos:
-                ip = str(info[4][0])  # type: ignore[index]
-                address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-                if address not in addresses:
-                    addresses.append(address)
-        return addresses
+    def _target(self, endpoint: Endpoint, model_name: str) -> Target:
+        target = self._states.get((endpoint.address, model_name))
+        if target is None:
+            client = self._clients.get(endpoint.address)
+            if client is None:
+                client = SyncClient(
+                    endpoint.address,
+                    self._timeout_s,
+                    self._chunk_bytes,
+                    self._token,
+                    self._tls,
+                    endpoint.server_name,
+                )
+                self._clients[endpoint.address] = client
+            target = Target(client, model_name)
+            self._states[(endpoint.address, model_name)] = target
+            metrics.TARGET_LAGGING.labels(model_name, endpoint.address).set(0)
+        return target

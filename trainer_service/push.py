@@ -62,6 +62,23 @@ class PushFailedError(Exception):
         return cls(target, code, details or "", error_reason(error))
 
 
+class TargetUnreachableError(PushFailedError):
+    """The target did not answer within the connect deadline (down, restarting, unroutable, or
+    its TLS handshake failed)."""
+
+
+# What a call that never reached the target ends with.
+UNREACHABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+# A channel to a target that went away retries its connection with exponential backoff; cap it
+# well under a connect deadline, so that a probe of a target that came back finds it.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None) -> Iterator[bytes]:
     """The serialized messages of one push; data messages are cut straight from tensor memory."""
     header = pb.PushHeader(
@@ -91,7 +108,11 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
 
 
 class SyncClient:
-    """A channel to one inference service's sync plane."""
+    """A channel to one inference service's sync plane.
+
+    `target` is the address dialled; over TLS the service's certificate is verified against
+    `server_name` when given (the host name the user wrote, which `target` was resolved from),
+    else against `target` itself."""
 
     def __init__(
         self,
@@ -100,13 +121,20 @@ class SyncClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         token: str | None = None,
         tls: TlsFiles | None = None,
+        server_name: str | None = None,
     ):
         self.target = target
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._metadata = bearer(token)
-        options = channel_options(SYNC_MAX_MESSAGE_BYTES)
+        options: list[tuple[str, int | str]] = [
+            *channel_options(SYNC_MAX_MESSAGE_BYTES),
+            *RECONNECT_OPTIONS,
+        ]
         if tls is not None and tls.enabled:
+            if server_name is not None:
+                options.append(("grpc.ssl_target_name_override", server_name))
+                options.append(("grpc.default_authority", server_name))
             self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -122,7 +150,8 @@ class SyncClient:
         self._channel.close()
 
     def get_model(self, name: str, connect_timeout_s: float = 3.0) -> RemoteModel:
-        """What the target serves; waits briefly for the channel (it may be restarting)."""
+        """What the target serves; waits up to `connect_timeout_s` for the channel (it may be
+        restarting). TargetUnreachableError when it does not answer in that time."""
         try:
             state = self._stub.GetModel(
                 pb.GetModelRequest(model_name=name),
@@ -131,7 +160,12 @@ class SyncClient:
                 metadata=self._metadata,
             )
         except grpc.RpcError as error:
-            raise PushFailedError.from_rpc(self.target, error) from None
+            failed = PushFailedError.from_rpc(self.target, error)
+            if failed.code in UNREACHABLE:
+                raise TargetUnreachableError(
+                    self.target, failed.code, failed.details, failed.reason
+                ) from None
+            raise failed from None
         return RemoteModel(state.version, state.digest, state.writer_id, state.accepts_pushes)
 
     def acquire_writer(self, name: str, writer_id: str) -> int:

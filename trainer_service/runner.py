@@ -1,9 +1,12 @@
 """The training loop: build models and trainers, catch the inference services up, run trainers.
 
-PAMIQ's semantics across machines: one `Trainer.run()` at a time, round robin; each successful
-run ends with `sync_models()`, which for a model whose inference copy is remote streams the
-weights to every inference service and returns once all committed. A sync that fails (an
-inference service is down) is logged and the loop goes on; the next sync catches it up.
+PAMIQ's semantics across machines: one `Trainer.run()` at a time, round robin; each run ends
+with `sync_models()`, which for a model whose inference copy is remote streams the weights to
+every inference service and returns once every reachable one committed (one that is down lags
+and is caught up in the background), then `teardown()`. A sync that fails (no inference service
+reachable, or one refused the version) is logged and the loop goes on; the next sync catches up.
+Data-parallel ranks learn from rank 0, the one that pushes, how each sync went, and act on it
+together: a fenced writer stops every rank.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from enum import IntEnum
 from pathlib import Path
 
 import torch
@@ -29,6 +33,14 @@ from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedEr
 from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel
 
 logger = logging.getLogger(__name__)
+
+
+class Outcome(IntEnum):
+    """How a sync went, as rank 0 tells the other data-parallel ranks."""
+
+    SYNCED = 0
+    FAILED = 1
+    FENCED = 2
 
 
 class TrainingLoop:
@@ -148,30 +160,50 @@ class TrainingLoop:
     def _torch_models(self) -> dict[str, TorchTrainingModel[torch.nn.Module]]:
         return {n: m for n, m in self.models.data.items() if isinstance(m, TorchTrainingModel)}
 
-    @staticmethod
-    def _run_one(name: str, trainer: Trainer) -> bool:
-        try:
-            return trainer.run()
-        except WriterFencedError:
-            raise
-        except SyncFailedError as exc:
-            logger.error("trainer %s: sync failed, will catch up next run: %s", name, exc)
-            return True
+    def _run_one(self, name: str, trainer: Trainer) -> bool:
+        ran, error = self._agreed(trainer.run)
+        if error is not None:
+            logger.error("trainer %s: sync failed, will catch up next run: %s", name, error)
+        return bool(ran)
 
-    @staticmethod
     def _sync_until_done(
-        name: str, model: TorchTrainingModel[torch.nn.Module], stop: threading.Event
+        self, name: str, model: TorchTrainingModel[torch.nn.Module], stop: threading.Event
     ) -> None:
         delay = 0.2
-        while not stop.is_set():
-            try:
-                model.sync()
+        while not self._stopping(stop):
+            _, error = self._agreed(model.sync)
+            if error is None:
                 return
-            except WriterFencedError:
-                raise
-            except SyncFailedError as exc:
-                logger.warning(
-                    "model %s: initial sync failed, retrying in %.1fs: %s", name, delay, exc
-                )
-                stop.wait(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 10.0)
+            logger.warning(
+                "model %s: initial sync failed, retrying in %.1fs: %s", name, delay, error
+            )
+            stop.wait(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 10.0)
+
+    def _agreed(self, attempt: Callable[[], object]) -> tuple[object, SyncFailedError | None]:
+        """Run `attempt` (a trainer run, or a sync) and agree with the other ranks on how its
+        sync went: rank 0 alone pushes, and tells them. Raise WriterFencedError on every rank
+        when rank 0 was fenced; else return what `attempt` returned (True when it raised) and
+        the sync's failure, if it failed."""
+        result: object = True
+        error: SyncFailedError | None = None
+        try:
+            result = attempt()
+        except SyncFailedError as exc:  # WriterFencedError included
+            error = exc
+        outcome = (
+            Outcome.FENCED
+            if isinstance(error, WriterFencedError)
+            else Outcome.FAILED
+            if error is not None
+            else Outcome.SYNCED
+        )
+        if self.group is not None:
+            outcome = Outcome(self.group.rank_zero_says(outcome))
+        if outcome is Outcome.FENCED:
+            if isinstance(error, WriterFencedError):
+                raise error
+            raise WriterFencedError("rank 0 was fenced: another trainer has taken its models over")
+        if outcome is Outcome.FAILED and error is None:
+            error = SyncFailedError("rank 0's sync failed (see its log)")
+        return result, error

@@ -32,6 +32,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{value} is not positive")
+    return number
+
+
 OPTIONS = [
     Option(
         "--models",
@@ -123,6 +130,14 @@ OPTIONS = [
         "--push-timeout", "TRAINER_PUSH_TIMEOUT", "deadline in seconds for one push", 600.0, float
     ),
     Option(
+        "--connect-timeout",
+        "TRAINER_CONNECT_TIMEOUT",
+        "seconds an inference service has to answer before a sync counts it unreachable: it "
+        "then lags, the others are fed, and it is caught up in the background when it answers",
+        3.0,
+        _positive_float,
+    ),
+    Option(
         "--log-level", "TRAINER_LOG_LEVEL", "logging level", "INFO", str.upper, choices=LOG_LEVELS
     ),
 ]
@@ -147,6 +162,7 @@ class TrainerSettings:
     run_interval: float = 0.0
     checkpoint_every: int = 10
     push_timeout: float = 600.0
+    connect_timeout: float = 3.0
     log_level: str = "INFO"
 
     @property

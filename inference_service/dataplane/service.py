@@ -6,13 +6,19 @@ import asyncio
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from inference_service import metrics
-from inference_service.dataplane.batcher import Batcher, BatchingConfig
+from inference_service.dataplane.admission import Admission, RequestLimits
+from inference_service.dataplane.batcher import Batcher, BatchingConfig, Result
 from inference_service.dataplane.stats import StatsBook
-from inference_service.dataplane.tensors import Tensor, normalize_model_outputs
-from inference_service.served_model import Generation, ServedModel
+from inference_service.dataplane.tensors import (
+    Tensor,
+    common_rows,
+    normalize_model_outputs,
+    tensor_bytes,
+)
+from inference_service.served_model import Generation, ServedModel, version_not_served
 from shared.devices import use_torch_threads
 from shared.errors import ModelNotFoundError, UnavailableError
 
@@ -23,8 +29,10 @@ class DataPlane:
         models: Mapping[str, ServedModel],
         batching: BatchingConfig | None = None,
         workers: int = 8,
+        limits: RequestLimits | None = None,
     ) -> None:
         self._models = models
+        self.admission = Admission(limits or RequestLimits())
         # Models that are not batched run here, so a slow one never blocks the event loop.
         self._workers = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="model", initializer=use_torch_threads
@@ -60,16 +68,14 @@ class DataPlane:
         return self._ready.is_set()
 
     def model(self, name: str, version: str = "") -> ServedModel:
-        """The served model `name`; `version`, if given, must be the one being served."""
+        """The served model `name`; `version`, if given, must be the one being served now
+        (a request that names one is held to it again where it runs: `infer`)."""
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFoundError(f"no model named {name!r} is served here (served: {known})")
         if version and version != str(model.live.version):
-            raise ModelNotFoundError(
-                f"model {name!r} version {version} is not served; version "
-                f"{model.live.version} is (leave the version empty for the latest)"
-            )
+            raise version_not_served(name, version, model.live.version)
         return model
 
     def is_batched(self, name: str) -> bool:
@@ -80,23 +86,40 @@ class DataPlane:
         return self.ready
 
     async def infer(
-        self, model: ServedModel, inputs: list[Tensor], timeout_s: float | None = None
+        self,
+        model: ServedModel,
+        inputs: list[Tensor],
+        timeout_s: float | None = None,
+        version: str = "",
     ) -> tuple[list[Tensor], Generation]:
         """Run one request: through the model's batcher when it has one, else on a worker
-        thread; the event loop only waits."""
+        thread; the event loop only waits. With `version`, it runs on that version or fails
+        (VersionNotServedError): the check is made where the weights are pinned.
+
+        The request holds a place in `admission` from here until its model has run (or it
+        was dropped unrun), whether or not its caller still waits."""
         if not self.ready:
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
+        pinned = self._version(model, version)
+        if batchable(model):
+            rows = common_rows(model.spec.inputs, inputs)
+        else:
+            rows = int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else 1
+        ticket = self.admission.admit(model.name, sum(tensor_bytes(t) for t in inputs))
         started = time.perf_counter()
-        rows = int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else 1
         batcher = self._batchers.get(model.name)
         try:
+            future: Future[Result]
             if batcher is not None:
-                outputs, generation = await asyncio.wrap_future(batcher.submit(inputs, timeout_s))
+                future = batcher.submit(inputs, timeout_s, pinned)
             else:
-                loop = asyncio.get_running_loop()
-                outputs, generation = await loop.run_in_executor(
-                    self._workers, self._run, model, inputs, rows
-                )
+                future = self._workers.submit(self._run, model, inputs, rows, pinned)
+        except BaseException:
+            ticket.release()
+            raise
+        future.add_done_callback(lambda _: ticket.release())
+        try:
+            outputs, generation = await asyncio.wrap_future(future)
         except Exception:
             self.stats.request(model.name, time.perf_counter() - started, rows, ok=False)
             raise
@@ -104,11 +127,20 @@ class DataPlane:
         metrics.REQUEST_SECONDS.labels(model.name).observe(time.perf_counter() - started)
         return outputs, generation
 
+    @staticmethod
+    def _version(model: ServedModel, version: str) -> int | None:
+        """The version a request names (None: whichever is live when it runs)."""
+        if not version:
+            return None
+        if not (version.isascii() and version.isdigit()):
+            raise version_not_served(model.name, repr(version), model.live.version)
+        return int(version)
+
     def _run(
-        self, model: ServedModel, inputs: list[Tensor], rows: int
+        self, model: ServedModel, inputs: list[Tensor], rows: int, version: int | None
     ) -> tuple[list[Tensor], Generation]:
         started = time.perf_counter()
-        result, generation = model.infer(inputs)
+        result, generation = model.infer(inputs, version)
         outputs = normalize_model_outputs(result, len(model.spec.outputs))
         took = time.perf_counter() - started
         metrics.COMPUTE_SECONDS.labels(model.name).observe(took)
@@ -119,4 +151,4 @@ class DataPlane:
 def batchable(model: ServedModel) -> bool:
     """Whether requests can be joined along a leading batch dimension (-1 on every tensor)."""
     tensors = (*model.spec.inputs, *model.spec.outputs)
-    return all(t.shape and t.shape[0] == -1 for t in tensors)
+    return bool(model.spec.inputs) and all(t.shape and t.shape[0] == -1 for t in tensors)

@@ -187,7 +187,9 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         model = self._data.model(request.model_name, request.model_version)
         inputs = decode_inputs(request, model.spec.inputs)
-        outputs, generation = await self._data.infer(model, inputs, timeout_s)
+        outputs, generation = await self._data.infer(
+            model, inputs, timeout_s, request.model_version
+        )
         tensors, raw = encode_outputs(
             outputs,
             model.spec.outputs,

@@ -25,6 +25,7 @@ import torch
 from shared.app import TensorSpec
 from shared.errors import InvalidInputError
 from shared.gen.inference import grpc_service_pb2 as pb
+from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ _FIELD_DTYPES: dict[str, type[np.generic]] = {
 # What a model takes and returns per OIP tensor: a torch tensor, or for BYTES a numpy array.
 Tensor: TypeAlias = "torch.Tensor | np.ndarray[Any, Any]"
 _LENGTH = struct.Struct("<I")
+# The fewest bytes one element takes in a request: raw, its size (a BYTES element, its 4-byte
+# length); typed, one (a varint, or a BYTES element's length prefix).
+_RAW_BYTES_ELEMENT = _LENGTH.size
 
 
 def pack_bytes(elements: Iterable[bytes]) -> bytes:
@@ -121,6 +125,27 @@ def empty_like_spec(spec: TensorSpec, shape: Sequence[int]) -> Tensor:
     return torch.zeros(list(shape), dtype=dtype_of(spec.datatype))
 
 
+def tensor_bytes(tensor: Tensor) -> int:
+    """The memory a decoded request tensor holds (BYTES: a reference per element and their
+    bytes)."""
+    if isinstance(tensor, np.ndarray):
+        return int(tensor.nbytes) + sum(len(e) for e in tensor.reshape(-1).tolist())
+    return tensor.nelement() * tensor.element_size()
+
+
+def common_rows(specs: Sequence[TensorSpec], inputs: Sequence[Tensor]) -> int:
+    """The number of rows (size of the first dimension) every input of one request has;
+    InvalidInputError if they differ, since a batch is split back by rows."""
+    rows = {spec.name: int(t.shape[0]) for spec, t in zip(specs, inputs, strict=True)}
+    if len(set(rows.values())) > 1:
+        listed = ", ".join(f"{name!r} {count}" for name, count in rows.items())
+        raise InvalidInputError(
+            f"the inputs have different numbers of rows (first dimension: {listed}); every "
+            "input of a request must have the same number of rows"
+        )
+    return next(iter(rows.values()), 1)
+
+
 def join_rows(parts: Sequence[Tensor]) -> Tensor:
     """Parts of one input from several requests, joined along the batch dimension."""
     if len(parts) == 1:  # a lone request's input, as it is
@@ -151,8 +176,16 @@ def _to_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[Tensor]:
-    """The request's input tensors, one per spec, in spec order, checked against the specs."""
+def decode_inputs(
+    request: pb.ModelInferRequest,
+    specs: Sequence[TensorSpec],
+    max_message_bytes: int = DATA_MAX_MESSAGE_BYTES,
+) -> list[Tensor]:
+    """The request's input tensors, one per spec, in spec order, checked against the specs.
+
+    Every shape is checked before any tensor is built: its sizes must fit the spec, and the
+    elements they span must fit in a message of `max_message_bytes` (so no size, nor product
+    of sizes, can overflow what numpy and torch compute from it, even with a size of 0)."""
     expected = {spec.name: spec for spec in specs}
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -169,7 +202,7 @@ def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) ->
             )
         if tensor.name in found:
             raise InvalidInputError(f"input {tensor.name!r} is given twice")
-        shape = _check_header(tensor, spec)
+        shape = _check_header(tensor, spec, bool(raw), max_message_bytes)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(
@@ -185,7 +218,9 @@ def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) ->
     return [found[spec.name] for spec in specs]
 
 
-def _check_header(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec) -> list[int]:
+def _check_header(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, raw: bool, max_bytes: int
+) -> list[int]:
     if tensor.datatype != spec.datatype:
         raise InvalidInputError(
             f"input {tensor.name!r}: datatype {tensor.datatype!r} but the model takes "
@@ -201,7 +236,29 @@ def _check_header(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpe
             f"input {tensor.name!r}: shape {shape} does not fit the model's {list(spec.shape)} "
             "(-1: any size)"
         )
+    _check_size(tensor.name, spec.datatype, shape, raw, max_bytes)
     return shape
+
+
+def _check_size(name: str, datatype: str, shape: list[int], raw: bool, max_bytes: int) -> None:
+    """InvalidInputError unless a message of `max_bytes` could carry a tensor of `shape`, sizes
+    of 0 counted as 1 (the span numpy and torch compute strides over)."""
+    if not raw:
+        per = 1
+    elif datatype == BYTES:
+        per = _RAW_BYTES_ELEMENT
+    else:
+        per = dtype_of(datatype).itemsize
+    most = max_bytes // per
+    span = 1
+    for size in shape:  # stops early: a client's sizes may be up to 2**63 - 1 each
+        span *= max(size, 1)
+        if span > most:
+            raise InvalidInputError(
+                f"input {name!r}: shape {shape} is too large: a request of at most {max_bytes} "
+                f"bytes carries at most {most} {datatype} elements "
+                f"({'raw' if raw else 'typed'}), counting sizes of 0 as 1"
+            )
 
 
 def _from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> Tensor:

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from inference_service.lease import check_counter
 from inference_service.persistence import StoredVersion
 from inference_service.served_model import Generation, ServedModel
-from inference_service.syncplane.receiver import Commit, PushHeader
+from inference_service.syncplane.receiver import Commit, PushHeader, PushReceiver
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights import wire
@@ -30,7 +31,10 @@ def _kind(message: pb.PushRequest | memoryview) -> str:
 
 def read_header(messages: Iterator[bytes | memoryview]) -> PushHeader:
     """The push header, which must be the stream's first message."""
-    raw = next(messages, None)
+    try:
+        raw = next(messages, None)
+    except grpc.RpcError:
+        raise MalformedPushError("the sender cancelled the push before its header") from None
     if raw is None:
         raise MalformedPushError("empty push stream: the first message must be a PushHeader")
     first = _parse(raw)
@@ -39,6 +43,10 @@ def read_header(messages: Iterator[bytes | memoryview]) -> PushHeader:
             f"the first message of a push must be a header, not {_kind(first)}"
         )
     h = first.header
+    # uint64 on the wire: bounded before anything else looks at them
+    check_counter("the push header's version", h.version)
+    check_counter("the push header's base_version", h.base_version)
+    check_counter("the push header's writer_epoch", h.writer_epoch)
     if not h.model_name:
         raise MalformedPushError("the push header names no model")
     if h.version == 0:
@@ -79,6 +87,17 @@ def read_parts(messages: Iterator[bytes | memoryview]) -> Iterator[memoryview | 
         ) from None
 
 
+def run_push(
+    receiver: PushReceiver, messages: Iterator[bytes | memoryview | None]
+) -> pb.PushResponse:
+    """One push, whichever transport brought it: `messages` as it delivers them, with a None
+    each TICK_S (inference_service/syncplane/inbox.py) that passes without one."""
+    inbox = receiver.inbox(messages)
+    header = read_header(inbox)
+    generation = receiver.receive(header, read_parts(inbox), inbox)
+    return push_response(header, generation)
+
+
 def push_response(header: PushHeader, generation: Generation) -> pb.PushResponse:
     return pb.PushResponse(
         model_name=header.model_name,
@@ -90,14 +109,15 @@ def push_response(header: PushHeader, generation: Generation) -> pb.PushResponse
 
 def model_state(model: ServedModel) -> pb.ModelState:
     live = model.live
+    epoch, holder = model.lease.snapshot()
     state = pb.ModelState(
         model_name=model.name,
         version=live.version,
         digest=live.digest,
         writer_id=live.writer_id,
         accepts_pushes=model.accepts_pushes,
-        lease_holder=model.lease_holder,
-        writer_epoch=model.writer_epoch,
+        lease_holder=holder,
+        writer_epoch=epoch,
         tensors=[
             pb.TensorState(name=name, dtype=layout.dtype, shape=layout.shape)
             for name, layout in model.layout.items()

@@ -10,12 +10,14 @@ size: the service then wakes, takes its GIL and runs its per-message Python a qu
 when it asks for the next message, and answers each push with one RESULT frame: the gRPC
 status, and the PushResponse or the error's reason and message.
 
-    relay -> service   HELLO (with the ring's fd), then per push: SLOT | INLINE ... END | ABORT
+    relay -> service   HELLO (with the ring's fd); per push: BEGIN, SLOT | INLINE ... END | ABORT
     service -> relay   FREE ..., RESULT
 
-A RESULT may come before the stream ends (the push was refused part-way); the relay then stops
-relaying and sends ABORT, and the service reads and drops frames up to END or ABORT, so the link
-is clean for the next push.
+BEGIN opens a push as soon as the relay takes its call, so the service's idle timeout covers a
+sender that never sends even a header. A RESULT may come before the stream ends (the push was
+refused part-way, or ended for a stall or a fenced writer); the relay then stops relaying and
+sends ABORT, and the service reads and drops frames up to END or ABORT, so the link is clean for
+the next push.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import grpc
 from shared.weights.wire import data_header, data_payload
 
 FRAME = struct.Struct("<BIIQ")  # kind, a, b, c
-HELLO, SLOT, INLINE, END, ABORT, FREE, RESULT = range(1, 8)
+HELLO, SLOT, INLINE, END, ABORT, FREE, RESULT, BEGIN = range(1, 9)
 SLOTS = 4
 SLOT_BYTES = (4 << 20) + 4096  # four 1 MiB data chunks, joined, and their framing
 HEAD = 11  # room before a joined payload for its tag and the longest varint length
@@ -112,9 +114,10 @@ class _Frames:
     def buffered(self) -> bool:
         return bool(self._buffer)
 
-    def ready(self) -> bool:
-        """Whether a frame (or the peer's close) is waiting to be read."""
-        return self.buffered or bool(select.select([self.sock], [], [], 0)[0])
+    def ready(self, timeout_s: float = 0.0) -> bool:
+        """Whether a frame (or the peer's close) is waiting to be read, or comes within
+        `timeout_s`."""
+        return self.buffered or bool(select.select([self.sock], [], [], timeout_s)[0])
 
     def close(self) -> None:
         self.sock.close()
@@ -151,6 +154,7 @@ class RelayLink:
         self._joining: int | None = None  # the slot that data payloads are being joined in
         self._joined = 0
         result: Result | None = None
+        self._frames.send(BEGIN)
         try:
             result = self._relay(messages)
         except grpc.RpcError:  # the sender cancelled or went away: the service rejects the push
@@ -294,14 +298,32 @@ class PushStream:
         return self
 
     def __next__(self) -> bytes | memoryview:
+        while (message := self._next(None)) is None:
+            pass
+        return message
+
+    def waiting(self, every_s: float) -> Iterator[bytes | memoryview | None]:
+        """The messages, with a None each time `every_s` passes without one."""
+        while True:
+            try:
+                yield self._next(every_s)
+            except StopIteration:
+                return
+
+    def _next(self, timeout_s: float | None) -> bytes | memoryview | None:
+        """The next message; None after `timeout_s` without one (or for a BEGIN)."""
         # Slots are handed back a few at a time, and always before waiting on the relay.
         if self._freed and (len(self._freed) >= FREE_BATCH or not self._frames.buffered):
             self._frames.send_many((FREE, slot, 0, 0) for slot in self._freed)
             self._freed.clear()
         if self.ended:
             raise StopIteration
+        if self._first is None and timeout_s is not None and not self._frames.ready(timeout_s):
+            return None
         kind, a, b, c = self._first or self._frames.recv()
         self._first = None
+        if kind == BEGIN:
+            return None
         if kind == SLOT:
             self._freed.append(a)
             start = a * self._slot_bytes + b

@@ -1,10 +1,14 @@
 """Apply one push: check it, stage it into the standby copy, verify the digest, swap.
 
-Order of checks: the header against the model (exists, accepts pushes, newer version, base held,
-size limit); the safetensors header against the model's tensors (names, dtypes, shapes, offsets);
-the byte count; the digest of the resulting state. Only when all pass does the swap happen, so a
-push that fails for any reason (including a sender that dies mid-stream) leaves the served
-weights exactly as they were.
+Order of checks: the header against the model (exists, accepts pushes, the writer's epoch,
+newer version, base held, size limit); the safetensors header against the model's tensors (names,
+dtypes, shapes, offsets); the byte count; the digest of the resulting state; the writer's epoch
+once more, under the lease's lock, as the swap happens. Only when all pass does the swap happen,
+so a push that fails for any reason (including a sender that dies or stalls mid-stream, or a
+writer fenced while it streams) leaves the served weights exactly as they were.
+
+Whatever transport brings a push hands its messages over through an `Inbox`, which ends a push
+that sends nothing for the idle timeout, and one whose writer another has fenced meanwhile.
 """
 
 from __future__ import annotations
@@ -12,26 +16,32 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from inference_service import metrics
+from inference_service.lease import COUNTER_LIMIT, check_counter
 from inference_service.persistence import StoredVersion, WeightStore
 from inference_service.served_model import Generation, PendingPush, ServedModel
+from inference_service.syncplane.inbox import Inbox
 from inference_service.syncplane.staging import make_sink
 from shared.errors import (
     BaseVersionMismatchError,
     ConflictError,
-    FencedError,
     InferenceOnlyModelError,
     MalformedPushError,
     ModelNotFoundError,
+    OutOfRangeError,
     PushRejectedError,
     ResourceLimitError,
 )
 from shared.weights.reader import PayloadReader
 
 logger = logging.getLogger(__name__)
+
+# How long a push waits for the model's push slot when the push holding it has been fenced
+# (it notices within a tick, or at its next message, and lets go).
+ENDING_PUSH_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class SyncLimits:
     # Receive weights no faster than this (bytes/s; 0: as fast as they come). Spreading a
     # push's CPU cost over time keeps it from showing in the data plane's tail latency.
     max_bytes_per_s: float = 0.0
+    # A push that sends nothing for this long is ended (DEADLINE_EXCEEDED), freeing the model.
+    push_idle_timeout_s: float = 5.0
 
 
 class PushReceiver:
@@ -86,12 +98,20 @@ class PushReceiver:
     def models(self) -> Mapping[str, ServedModel]:
         return self._models
 
+    def inbox(self, messages: Iterator[bytes | memoryview | None]) -> Inbox:
+        """An Inbox over a transport's messages, with this service's idle timeout."""
+        return Inbox(messages, self._limits.push_idle_timeout_s)
+
     def receive(
-        self, header: PushHeader, parts: Iterable[memoryview | bytes | Commit]
+        self,
+        header: PushHeader,
+        parts: Iterable[memoryview | bytes | Commit],
+        inbox: Inbox | None = None,
     ) -> Generation:
+        """Apply one push; `inbox`, the stream `parts` come from, is watched while it waits."""
         model = self.model(header.model_name)
         try:
-            generation = self._receive(model, header, parts)
+            generation = self._receive(model, header, parts, inbox)
         except Exception:
             metrics.PUSHES.labels(model.name, "rejected").inc()
             raise
@@ -105,13 +125,26 @@ class PushReceiver:
         model: ServedModel,
         header: PushHeader,
         parts: Iterable[memoryview | bytes | Commit],
+        inbox: Inbox | None,
     ) -> Generation:
         self._check_header(model, header)
         started = time.perf_counter()
         pending = PendingPush(
-            header.writer_id, header.version, header.base_version, header.payload_bytes
+            header.writer_id,
+            header.version,
+            header.base_version,
+            header.payload_bytes,
+            writer_epoch=header.writer_epoch,
         )
-        with model.writing(pending, self._limits.drain_timeout_s) as standby:
+        lease = model.lease
+        if inbox is not None:
+            inbox.watch(
+                lambda: lease.check(header.writer_epoch, header.writer_id),
+                f" of {model.name!r} version {header.version} from {header.writer_id!r}",
+            )
+        other = model.pending  # a push being ended for a fenced writer lets go of the model soon
+        wait = ENDING_PUSH_WAIT_S if other and other.writer_epoch != lease.epoch else 0.0
+        with model.writing(pending, self._limits.drain_timeout_s, wait) as standby:
             self._check_versions(model, header)  # again: a push may have committed meanwhile
             targets = standby.state_dict()
             sink = make_sink(targets, lambda name: model.mark_standby(name, None))
@@ -142,7 +175,9 @@ class PushReceiver:
                 )
             for name, tensor_digest in received.items():
                 model.mark_standby(name, tensor_digest)
-            generation = model.commit(header.version, header.writer_id, hashes)
+            # Under the lease's lock: a grant lands wholly before this check or after the swap.
+            with lease.fenced(header.writer_epoch, header.writer_id):
+                generation = model.commit(header.version, header.writer_id, hashes)
         metrics.PUSH_SECONDS.labels(model.name).observe(time.perf_counter() - started)
         if self._on_commit is not None:
             self._on_commit(model.name)
@@ -165,9 +200,7 @@ class PushReceiver:
             raise InferenceOnlyModelError(
                 f"model {model.name!r} is inference-only: it has no writer"
             )
-        epoch = model.acquire_writer(writer_id)
-        if self.store is not None:
-            self.store.save_lease(name, epoch, writer_id)
+        epoch = model.lease.grant(writer_id)
         logger.info("model %s: %s is the writer now (epoch %d)", name, writer_id, epoch)
         return epoch
 
@@ -178,15 +211,22 @@ class PushReceiver:
 
     def rollback(self, name: str, to_version: int) -> Generation:
         """Serve stored version `to_version` again, committed as the next version."""
+        check_counter("to_version", to_version)
         model = self.model(name)
         stored = self._history().find(name, to_version)
+        version = model.live.version + 1
+        if version >= COUNTER_LIMIT:
+            raise OutOfRangeError(
+                f"model {name!r} serves version {version - 1}, the last below 2^63: no version "
+                "can follow it"
+            )
         header = PushHeader(
             name,
-            model.live.version + 1,
+            version,
             0,
             f"rollback to {to_version} of {stored.writer_id or 'unknown'}",
             stored.size_bytes,
-            model.writer_epoch,
+            model.lease.epoch,
         )
         return self.receive(header, itertools.chain(stored.chunks(), [Commit(stored.digest)]))
 
@@ -212,12 +252,7 @@ class PushReceiver:
 
     @staticmethod
     def _check_versions(model: ServedModel, header: PushHeader) -> None:
-        if not model.adopt_epoch(header.writer_epoch, header.writer_id):
-            raise FencedError(
-                f"model {model.name!r} is written by {model.lease_holder!r} (epoch "
-                f"{model.writer_epoch}, serving version {model.live.version}); this push from "
-                f"{header.writer_id!r} carries epoch {header.writer_epoch} and is fenced"
-            )
+        model.lease.check(header.writer_epoch, header.writer_id)  # a push never moves the lease
         live = model.live
         if header.version <= live.version:
             writer = f" (written by {live.writer_id!r})" if live.writer_id else ""

@@ -14,7 +14,10 @@ which listens on the sync plane's address at a lower CPU priority, authenticates
 - relays each Push over a push link (inference_service/syncplane/link.py): the messages go
   through shared memory, and the service answers with the push's status;
 - forwards every other call (GetModel, AcquireWriter, Rollback, health, reflection, ...) as
-  raw bytes to the service's own sync server on a Unix socket, status and trailers included.
+  raw bytes to the service's own sync server on a Unix socket, status and trailers included,
+  with the caller's deadline capped at FORWARD_DEADLINE_S.
+
+Calls run within the sync plane's budget (shared/grpc/limits.py), counted after authentication.
 
 It runs until the service writes `stop <grace>` to its stdin, or its stdin closes (the service
 has gone), and knows nothing of models: its imports stay light, so it starts in a fraction of a
@@ -43,6 +46,7 @@ from shared.allocator import tune_for_streaming
 from shared.cli import configure_logging
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.errors import REASON_KEY
+from shared.grpc.limits import CallBudget
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
 from shared.grpc.prefetch import Prefetcher
 from shared.grpc.server import bind, lower_thread_priority, new_server
@@ -52,7 +56,10 @@ logger = logging.getLogger("inference_service.sync_relay")
 PUSH = "/weightsync.v1.WeightSync/Push"
 TOKEN_ENV = "WEIGHTSYNC_RELAY_TOKEN"  # the sync plane's token, passed in the environment
 WEAKER_TOKEN_ENV = "WEIGHTSYNC_RELAY_WEAKER_TOKEN"  # the data plane's, refused by name
-NO_DEADLINE_S = 1e8
+# Calls forwarded to the service get the caller's deadline, and this one when the caller set
+# none or a later one: no forwarded call holds a relay thread for ever. Rollback, the slowest,
+# reads a whole model's stored weights and swaps them in.
+FORWARD_DEADLINE_S = 600.0
 
 
 class LinkPool:
@@ -136,7 +143,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         call: Any = self._upstream.stream_stream(method)(
             requests,
             metadata=metadata,
-            timeout=remaining if remaining is not None and remaining < NO_DEADLINE_S else None,
+            timeout=min(FORWARD_DEADLINE_S, FORWARD_DEADLINE_S if remaining is None else remaining),
         )
         context.add_callback(call.cancel)
         try:
@@ -180,12 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"unix:{args.upstream}", options=channel_options(SYNC_MAX_MESSAGE_BYTES)
     )
     links = LinkPool(args.links)
+    budget = CallBudget(args.max_concurrent, "sync plane")
     server = new_server(
-        args.max_concurrent + 2,
-        SYNC_MAX_MESSAGE_BYTES,
-        interceptors,
-        max_concurrent_rpcs=args.max_concurrent,
-        name="relay",
+        budget.threads, SYNC_MAX_MESSAGE_BYTES, interceptors, budget=budget, name="relay"
     )
     server.add_generic_rpc_handlers((Relay(upstream, links),))
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from inference_service.syncplane import convert
+from inference_service.syncplane.inbox import TICK_S
 from inference_service.syncplane.link import PushStream, Result, ServiceLink
 from inference_service.syncplane.receiver import PushReceiver
 from inference_service.syncplane.relay import TOKEN_ENV, WEAKER_TOKEN_ENV
@@ -220,8 +221,7 @@ class SyncRelay:
     def _push(self, stream: PushStream) -> Result:
         """One push, with the statuses and log lines of the sync servicer's Push."""
         try:
-            header = convert.read_header(stream)
-            generation = self._receiver.receive(header, convert.read_parts(stream))
+            response = convert.run_push(self._receiver, stream.waiting(TICK_S))
         except ServiceError as error:
             code = status_for(error)
             logger.info("WeightSyncServicer.Push -> %s: %s", code.name, error)
@@ -233,5 +233,4 @@ class SyncRelay:
             return Result(
                 grpc.StatusCode.INTERNAL, message="internal server error; see the server log"
             )
-        response = convert.push_response(header, generation)
         return Result(grpc.StatusCode.OK, response.SerializeToString())

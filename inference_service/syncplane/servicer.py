@@ -8,12 +8,13 @@ import grpc
 from typing_extensions import override
 
 from inference_service.syncplane import convert
+from inference_service.syncplane.inbox import TICK_S
 from inference_service.syncplane.receiver import PushReceiver
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.errors import grpc_errors
-from shared.grpc.prefetch import prefetched
+from shared.grpc.prefetch import Prefetcher
 
 
 class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
@@ -25,10 +26,10 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     def Push(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.PushResponse:
-        with prefetched(request_iterator, "push-receive") as messages:
-            header = convert.read_header(messages)
-            generation = self._receiver.receive(header, convert.read_parts(messages))
-        return convert.push_response(header, generation)
+        # Read on a thread of its own, so that waiting for a silent sender can time out (and see
+        # its writer fenced): grpcio's request iterator blocks until the next message comes.
+        with Prefetcher(request_iterator, name="push-receive") as ahead:
+            return convert.run_push(self._receiver, ahead.waiting(TICK_S))
 
     @override
     @grpc_errors

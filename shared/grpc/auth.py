@@ -5,6 +5,10 @@ health service is always open (load balancers and compose health checks probe it
 credentials). A server may know two tokens: the one that grants its own plane, and a weaker one
 that identifies a caller without granting it (the data plane's token presented to the sync plane):
 that caller gets PERMISSION_DENIED rather than UNAUTHENTICATED.
+
+A client CA shared by both planes does not authenticate the sync plane: any data-plane client
+would hold a certificate it signed. The inference service counts only its sync token, or a CA
+given for the sync plane alone (--tls-sync-client-ca), as sync-plane authentication.
 """
 
 from __future__ import annotations
@@ -64,12 +68,12 @@ class TokenAuthInterceptor(_TokenCheck, grpc.ServerInterceptor):  # type: ignore
             return continuation(details)
         code, message = refusal
 
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
+        def deny(requests: Any, context: grpc.ServicerContext) -> None:
             context.abort(code, message)
 
-        if details.method.endswith("/Push"):  # the one client-streaming method
-            return grpc.stream_unary_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        # Request-streaming whatever the method: the refusal goes out at once, where a unary
+        # handler would first hold a pool thread until the caller sent its request.
+        return grpc.stream_stream_rpc_method_handler(deny)
 
 
 class AsyncTokenAuthInterceptor(_TokenCheck, grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -14,6 +14,7 @@ import grpc
 
 from shared.grpc.auth import TlsFiles
 from shared.grpc.decoding import AsyncStrictDecoding, StrictDecoding
+from shared.grpc.limits import CallBudget, CallLimiter
 from shared.grpc.options import server_options
 
 
@@ -21,17 +22,26 @@ def new_server(
     workers: int,
     max_message_bytes: int,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-    max_concurrent_rpcs: int | None = None,
     *,
+    budget: CallBudget | None = None,
     name: str = "grpc",
     nice: int = 0,
 ) -> grpc.Server:
-    """A thread-pool server; calls beyond `max_concurrent_rpcs` get RESOURCE_EXHAUSTED, and
-    requests that do not parse INVALID_ARGUMENT (`shared.grpc.decoding`).
+    """A thread-pool server of `workers` threads; requests that do not parse get
+    INVALID_ARGUMENT (`shared.grpc.decoding`). With `budget`, the calls that `interceptors`
+    (authentication) let through run within it, and those beyond it get RESOURCE_EXHAUSTED
+    (`shared.grpc.limits`); `workers` must then be at least `budget.threads`.
 
     `nice` lowers the CPU priority of the threads running its handlers (Linux schedules
     threads one by one), so that work yields to the process's other servers when CPUs are
     short."""
+    limiter: list[grpc.ServerInterceptor] = []
+    if budget is not None:
+        if workers < budget.threads:
+            raise ValueError(
+                f"{workers} threads cannot run the {budget.threads} that {budget} needs"
+            )
+        limiter.append(CallLimiter(budget))
     return grpc.server(
         ThreadPoolExecutor(
             max_workers=workers,
@@ -39,8 +49,7 @@ def new_server(
             initializer=functools.partial(lower_thread_priority, nice) if nice else None,
         ),
         options=server_options(max_message_bytes),
-        interceptors=[*interceptors, StrictDecoding()],
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        interceptors=[*interceptors, *limiter, StrictDecoding()],
     )
 
 

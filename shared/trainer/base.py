@@ -88,10 +88,14 @@ class Trainer(ABC, PersistentStateMixin):
             self._training_models[name].sync()
 
     def teardown(self) -> None:
-        """Hook called after each training run (after the sync)."""
+        """Hook called after each training run (after the sync, whether or not it succeeded)."""
 
     def run(self) -> bool:
         """Run `setup`, `train`, `sync_models` and `teardown`, if the trainer is trainable.
+
+        `teardown` runs even when the sync fails (an inference service is unreachable), so
+        what it keeps of the run (TorchTrainer: the optimizer states) is never lost; the
+        sync's error is raised after it.
 
         Returns:
             Whether it trained: False (and nothing run) when `is_trainable()` is False.
@@ -100,8 +104,10 @@ class Trainer(ABC, PersistentStateMixin):
             return False
         self.setup()
         self.train()
-        self.sync_models()
-        self.teardown()
+        try:
+            self.sync_models()
+        finally:
+            self.teardown()
         return True
 
     @override

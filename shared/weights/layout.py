@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,15 @@ def parse_header(
         table = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedPushError(f"safetensors header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedPushError(
+            "safetensors header nests arrays or objects too deeply to be parsed"
+        ) from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise MalformedPushError(
+            f"safetensors header holds an integer of more than {sys.get_int_max_str_digits()} "
+            "digits; sizes and offsets are far shorter"
+        ) from None
     if not isinstance(table, dict):
         raise MalformedPushError("safetensors header must be a JSON object")
     metadata = table.pop("__metadata__", {})

@@ -176,3 +176,52 @@ sleepy.add_model(
     inputs=[TensorSpec("x", "FP32", (-1, 1))],
     outputs=[TensorSpec("y", "FP32", (-1, 1))],
 )
+
+
+def hold_at_gate() -> None:
+    """While the file TEST_GATE names exists, wait, having created `<gate>.held`: a test holds a
+    model busy this way while it queues requests behind it."""
+    gate = os.environ.get("TEST_GATE")
+    if not gate or not os.path.exists(gate):
+        return
+    with open(f"{gate}.held", "w"):
+        pass
+    while os.path.exists(gate):
+        time.sleep(0.005)
+
+
+class Echo(nn.Module):
+    """Answers each input back (tensors times a learnable scale of 1, which keeps them
+    bit-exact; BYTES as they are), after waiting at the gate: each request must get back its
+    own rows, whatever it was batched with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    @override
+    def forward(self, *inputs: torch.Tensor | np.ndarray) -> object:  # type: ignore[type-arg]
+        hold_at_gate()
+        out = [t * self.scale if isinstance(t, torch.Tensor) else t for t in inputs]
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def echo(
+    name: str, datatype: str, shape: tuple[int, ...], inputs: tuple[str, ...] = ("x",)
+) -> None:
+    holes.add_model(
+        name,
+        lambda: TorchTrainingModel(Echo(), inference_thread_only=True),
+        inputs=[TensorSpec(i, datatype, shape) for i in inputs],
+        outputs=[TensorSpec(f"{i}_out", datatype, shape) for i in inputs],
+    )
+
+
+# The data plane's holes (test_dataplane_holes.py): sizes that differ beyond the batch
+# dimension, two inputs, a shape of rank 3, and a model that is never batched.
+holes = App()
+echo("ragged", "FP32", (-1, -1))
+echo("two", "FP32", (-1, 2), inputs=("x", "y"))
+echo("cube", "FP32", (-1, -1, -1))
+echo("cube_text", "BYTES", (-1, -1, -1))
+echo("fixed", "FP32", (1, 4))

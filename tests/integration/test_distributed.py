@@ -3,14 +3,17 @@ in lockstep, rank 0 alone pushes and checkpoints, and the served weights are the
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import safetensors.torch
 
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights.digest import state_digest
-from tests.integration.conftest import ROOT, Services
+from tests.integration.conftest import ROOT, Services, wait_until
 
 QUICKSTART = "examples.quickstart:app"
 
@@ -78,3 +81,90 @@ def test_two_ranks_train_in_lockstep_and_rank_zero_alone_pushes(
     assert again.returncode == 0, again.stdout + again.stderr
     assert_group_freed(again.stderr)
     assert inference.model_state("quickstart").version >= state.version + 2
+
+
+def ranks(services: Services, tmp_path: Path, *args: str) -> list[subprocess.Popen[bytes]]:
+    """Two ranks started as torchrun would start them, each with its own exit code and log."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port for rank 0's store
+        port = probe.getsockname()[1]
+    started = []
+    for rank in (0, 1):
+        env = {
+            **services.env,
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        with (tmp_path / f"rank{rank}.log").open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "trainer_service",
+                    "--models",
+                    QUICKSTART,
+                    "--device",
+                    "cpu",
+                    "--trainer-id",
+                    "dp",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                    "--state-dir",
+                    str(tmp_path / "trainer"),
+                    *args,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        services.processes.append(process)
+        started.append(process)
+    return started
+
+
+def test_ranks_act_together_on_a_failed_sync_and_stop_together_when_fenced(
+    services: Services, tmp_path: Path
+) -> None:
+    inference = services.inference(QUICKSTART)
+    group = ranks(
+        services, tmp_path, "--inference", inference.sync, "--run-interval", "0.2",
+        "--checkpoint-every", "1", "--connect-timeout", "0.5",
+    )  # fmt: skip
+
+    def log(rank: int) -> str:
+        return (tmp_path / f"rank{rank}.log").read_text()
+
+    def running() -> bool:
+        assert all(p.poll() is None for p in group), log(0) + log(1)
+        return True
+
+    wait_until(lambda: running() and inference.model_state("quickstart").version >= 3)
+    # No inference service left: rank 0's syncs fail. Every rank still tears each run down, so
+    # the optimizers stay alike and the weights with them, which every checkpoint checks.
+    inference.process.send_signal(signal.SIGKILL)
+    inference.process.wait(timeout=10)
+    wait_until(lambda: running() and log(0).count("sync failed, will catch up next run") >= 2)
+    checked = log(0).count("all 2 ranks hold identical weights")
+    wait_until(
+        lambda: running() and log(0).count("all 2 ranks hold identical weights") >= checked + 2
+    )
+
+    back = services.inference(
+        QUICKSTART, "--sync-listen", inference.sync, name="back"
+    )  # it lost the lease: the trainer acquires it again
+    wait_until(lambda: running() and back.model_state("quickstart").version > 0)
+    assert back.model_state("quickstart").lease_holder == "dp"
+    # Another trainer takes the model over: rank 0's next push is fenced, and both ranks stop.
+    request = pb.AcquireWriterRequest(model_name="quickstart", writer_id="usurper")
+    back.sync_stub().AcquireWriter(request, timeout=10)
+    assert [p.wait(timeout=60) for p in group] == [3, 3], log(0) + log(1)
+    for rank in (0, 1):
+        assert "stopping:" in log(rank) and "another trainer has taken" in log(rank)
+        assert "left the process group" in log(rank)
+    assert back.model_state("quickstart").lease_holder == "usurper"
+    assert "sync failed, will catch up next run: rank 0's sync failed" in log(1)

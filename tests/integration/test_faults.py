@@ -103,6 +103,9 @@ def test_an_inference_service_killed_mid_serve_restarts_on_its_last_written_vers
     inference = services.inference(STAMP, "--state-dir", str(state_dir), name="first")
     trainer = services.trainer(STAMP, [inference], "--run-interval", "0.05")
     wait_until(lambda: inference.model_state("stamp").version >= 6)
+    # Freeze the trainer so that it cannot catch the restarted service up before the restored
+    # weights are checked; it resumes below, its push in flight failing against the dead one.
+    trainer.send_signal(signal.SIGSTOP)
     inference.process.send_signal(signal.SIGKILL)
     inference.process.wait(timeout=10)
 
@@ -117,8 +120,8 @@ def test_an_inference_service_killed_mid_serve_restarts_on_its_last_written_vers
     )
     assert f"model stamp: restored version {stored_version} from" in again.log.read_text()
     restored = again.model_state("stamp")
-    if restored.version == stored_version:  # (the trainer may already have caught it up)
-        assert restored.digest == stored_digest
+    assert (restored.version, restored.digest) == (stored_version, stored_digest)
+    trainer.send_signal(signal.SIGCONT)
     wait_until(lambda: again.model_state("stamp").version > stored_version)  # caught up
     assert trainer.poll() is None  # the trainer outlived the inference service it fed
 

@@ -14,7 +14,8 @@ from inference_service.dataplane.batcher import Batcher, BatchingConfig, Result
 from inference_service.dataplane.tensors import normalize_model_outputs
 from inference_service.served_model import ServedModel
 from shared.app import ModelSpec, TensorSpec
-from shared.errors import DeadlineExceededError, UnavailableError
+from shared.errors import DeadlineExceededError, UnavailableError, VersionNotServedError
+from shared.weights.digest import tensor_hash
 
 SPEC = ModelSpec(
     "m", lambda: None, (TensorSpec("x", "FP32", (-1, 2)),), (TensorSpec("y", "FP32", (-1, 2)),)
@@ -136,4 +137,72 @@ def test_once_requests_arrive_together_the_batcher_waits_to_gather_them() -> Non
     assert torch.equal(out_early, torch.full((1, 2), 2.0))
     assert torch.equal(out_late, torch.full((1, 2), 6.0))
     assert gate.batches == [1, 2, 2]
+    runner.close()
+
+
+RAGGED = ModelSpec(
+    "r", lambda: None, (TensorSpec("x", "FP32", (-1, -1)),), (TensorSpec("y", "FP32", (-1, -1)),)
+)  # type: ignore[arg-type,return-value]
+
+
+def test_requests_of_other_sizes_beyond_the_first_dimension_wait_for_a_batch_of_their_own() -> None:
+    gate = Gate()
+    model = ServedModel(RAGGED, gate, lambda m, x: m(x), True, torch.device("cpu"))
+    runner = Batcher(model, BatchingConfig(max_batch_size=64), normalize_model_outputs)
+    gate.open.clear()
+    first = runner.submit([torch.zeros(1, 3)], None)  # occupies the model
+    assert gate.entered.wait(5)
+    inputs = [torch.full((1, 3), 1.0), torch.full((2, 5), 2.0), torch.full((3, 3), 3.0)]
+    futures = [runner.submit([x], None) for x in inputs]
+    gate.open.set()
+    first.result(5)
+    for x, future in zip(inputs, futures, strict=True):
+        (out,), _ = future.result(5)
+        assert torch.equal(out, x * 2)
+    assert gate.batches == [1, 4, 2]  # the 3-wide ones together, in order, then the 5-wide one
+    runner.close()
+
+
+def restore(model: ServedModel, version: int, scale: float) -> None:
+    """Make `version` (weights: `scale`) the live one, as a committed push would."""
+    tensors = {"scale": torch.tensor(scale)}
+    hashes = {k: tensor_hash(v) for k, v in tensors.items()}
+    model.restore(tensors, version, "test", hashes, 0.0)
+
+
+def test_a_request_naming_a_version_runs_in_a_batch_only_on_that_version() -> None:
+    runner, gate = batcher(BatchingConfig(max_batch_size=64))
+    gate.open.clear()
+    first = runner.submit([torch.zeros(1, 2)], None)  # occupies the model, on version 0
+    assert gate.entered.wait(5)
+    stale = runner.submit([torch.ones(1, 2)], None, version=0)
+    current = runner.submit([torch.ones(2, 2)], None, version=1)
+    latest = runner.submit([torch.ones(3, 2)], None)
+    restore(runner.model, 1, 3.0)  # a push commits version 1 while they queue
+    gate.open.set()
+    first.result(5)
+    with pytest.raises(VersionNotServedError, match="version 0 is not served; version 1 is"):
+        stale.result(5)
+    for future, rows in ((current, 2), (latest, 3)):
+        (out,), generation = future.result(5)
+        assert generation.version == 1 and torch.equal(out, torch.full((rows, 2), 3.0))
+    assert gate.batches == [1, 5]  # the stale request never ran
+    runner.close()
+
+
+def test_a_batch_whose_outputs_lack_a_row_per_input_row_fails_rather_than_mixing_rows() -> None:
+    model = ServedModel(SPEC, Gate(), lambda m, x: m(x)[:-1], True, torch.device("cpu"))
+    runner = Batcher(model, BatchingConfig(max_batch_size=64), normalize_model_outputs)
+    gate = model.live.module
+    assert isinstance(gate, Gate)
+    gate.open.clear()
+    first = runner.submit([torch.zeros(2, 2)], None)
+    assert gate.entered.wait(5)
+    together = [runner.submit([torch.ones(1, 2)], None) for _ in range(2)]
+    gate.open.set()
+    (alone,), _ = first.result(5)  # alone, its one row short is its own
+    assert alone.shape == (1, 2)
+    for future in together:
+        with pytest.raises(RuntimeError, match="must return one row per input row"):
+            future.result(5)
     runner.close()

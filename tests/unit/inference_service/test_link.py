@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from inference_service.syncplane import relay_process
+from inference_service.syncplane import convert, relay_process
+from inference_service.syncplane.inbox import TICK_S, Inbox
 from inference_service.syncplane.link import (
     PushStream,
     RelayedCancel,
@@ -19,6 +20,7 @@ from inference_service.syncplane.link import (
     ServiceLink,
 )
 from inference_service.syncplane.relay_process import relay_wanted
+from shared.errors import MalformedPushError, PushStalledError
 from shared.grpc.prefetch import Prefetcher
 from shared.weights import wire
 
@@ -207,3 +209,57 @@ def test_consecutive_data_messages_reach_the_service_joined(path: Path) -> None:
     assert len(payloads) == 4  # two 20-byte chunks fit a slot: 2 + 2 + 2 + 1
     assert b"".join(bytes(p) for p in payloads if p is not None) == b"".join(chunks)
     assert all(p is not None for p in payloads)
+
+
+def test_a_push_that_goes_quiet_is_seen_by_the_service_and_ended(path: Path) -> None:
+    """The service waits on the link in ticks, from the push's start (before any message), so
+    its idle timeout covers a sender that never sends even a header."""
+
+    def time_out(stream: PushStream) -> Result:
+        taken: list[bytes] = []
+        try:
+            for message in Inbox(stream.waiting(TICK_S), idle_timeout_s=0.2):
+                taken.append(bytes(message))
+        except PushStalledError as error:
+            return Result(grpc.StatusCode.DEADLINE_EXCEEDED, message=f"{taken}: {error}")
+        return Result(OK, b"done")
+
+    service(path, time_out)
+    link = relay(path)
+    release = threading.Event()
+
+    def stalls(*sent: bytes) -> Iterator[bytes]:
+        yield from sent
+        release.wait(30)
+
+    try:
+        for sent in ([b"header"], []):
+            with Prefetcher(stalls(*sent)) as ahead:
+                result = link.push(ahead.waiting(0.01))
+            assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert result.message.startswith(f"{sent}: the push sent nothing for 0.2s")
+        assert not release.is_set()
+    finally:
+        release.set()
+    assert link.push(iter([b"x"])) == Result(OK, b"done")  # the link is clean
+
+
+def test_a_push_cancelled_before_its_header_is_refused_as_such(path: Path) -> None:
+    def read_the_header(stream: PushStream) -> Result:
+        try:
+            convert.read_header(stream)
+        except MalformedPushError as error:
+            return Result(grpc.StatusCode.INVALID_ARGUMENT, message=str(error))
+        return Result(OK, b"a header")
+
+    service(path, read_the_header)
+
+    def cancelled() -> Iterator[bytes]:
+        raise grpc.RpcError()
+        yield b""  # pragma: no cover - a generator that fails at its first item
+
+    result = relay(path).push(cancelled())
+    assert result == Result(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        message="the sender cancelled the push before its header",
+    )

@@ -19,7 +19,10 @@ from shared.errors import (
     InferenceOnlyModelError,
     MalformedPushError,
     ModelNotFoundError,
+    OutOfRangeError,
     ResourceLimitError,
+    UnavailableError,
+    UnknownEpochError,
 )
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
@@ -217,7 +220,7 @@ def test_requests_in_flight_finish_on_their_version_and_pushes_wait_for_them(
     with model.acquire() as pinned:  # a request on version 1
         push(receiver, trained(2), 2)  # writes the other copy: fine
         assert pinned.version == 1
-        with pytest.raises(Exception, match=r"did not finish within 0\.5s"):
+        with pytest.raises(UnavailableError, match=r"did not finish within 0\.5s"):
             push(receiver, trained(3), 3)  # would overwrite the pinned copy: waits, gives up
         assert_state(model, trained(2))
     assert push(receiver, trained(3), 3) == 3
@@ -237,15 +240,54 @@ def test_the_last_writer_to_acquire_fences_the_ones_before(
     before = served_state(model)
     with pytest.raises(
         FencedError,
-        match=r"written by 'b' \(epoch 2, serving version 1\); this push from 'a' carries epoch 1",
+        match=r"written by 'b' \(epoch 2\); this push from 'a' carries epoch 1 and is fenced",
     ):
         push_as("a", 1, 2)
     assert_state(model, before)
     with pytest.raises(FencedError):
         push_as("anonymous", 0, 2)  # pushes without a lease are fenced once anyone holds one
     assert push_as("b", 2, 2) == 2
-    assert push_as("c", 5, 3) == 3  # an epoch granted before a restart is newer still: adopted
-    assert (model.writer_epoch, model.lease_holder) == (5, "c")
+    before = served_state(model)
+    with pytest.raises(UnknownEpochError, match="carries epoch 5, newer than the newest granted"):
+        push_as("c", 5, 3)  # an epoch not granted here (a lease lost in a restart): refused
+    assert_state(model, before)
+    assert model.lease.snapshot() == (2, "b")  # a push never moves the lease
+
+
+def test_pushes_without_a_lease_commit_until_the_first_grant(
+    model: ServedModel, receiver: PushReceiver
+) -> None:
+    assert push(receiver, trained(1), 1) == 1  # epoch 0: nobody has acquired the model
+    assert push(receiver, trained(2), 2) == 2
+    receiver.acquire_writer("m", "a")
+    with pytest.raises(FencedError, match="carries epoch 0 and is fenced"):
+        push(receiver, trained(3), 3)
+    assert_state(model, trained(2))
+
+
+def test_a_push_whose_writer_is_fenced_before_its_commit_swaps_nothing(
+    model: ServedModel, receiver: PushReceiver
+) -> None:
+    epoch = receiver.acquire_writer("m", "a")
+    state = trained(1)
+    payload = Payload.of(list(state.items()))
+
+    def fenced_before_the_commit() -> Iterator[bytes | Commit]:
+        yield from payload.chunks(16)
+        receiver.acquire_writer("m", "b")  # lands after every byte is staged, before the swap
+        yield Commit(state_digest(state))
+
+    before = served_state(model)
+    header = PushHeader("m", 1, 0, "a", payload.nbytes, epoch)
+    with pytest.raises(FencedError, match=r"written by 'b' \(epoch 2\); this push from 'a'"):
+        receiver.receive(header, fenced_before_the_commit())
+    assert_state(model, before)
+    assert model.live.version == 0 and model.pending is None
+
+
+def test_rollback_refuses_a_version_out_of_range(receiver: PushReceiver) -> None:
+    with pytest.raises(OutOfRangeError, match=r"to_version 9223372036854775808 is out of range"):
+        receiver.rollback("m", 1 << 63)
 
 
 def test_inference_only_models_have_no_writer() -> None:

@@ -9,12 +9,14 @@ import tritonclient.grpc as triton
 
 from inference_service.dataplane.tensors import (
     DATATYPES,
+    common_rows,
     datatype_of,
     decode_inputs,
     dtype_of,
     encode_outputs,
     normalize_model_outputs,
     pack_bytes,
+    tensor_bytes,
     unpack_bytes,
 )
 from shared.app import TensorSpec
@@ -232,3 +234,52 @@ def test_a_request_built_by_tritonclient_decodes_to_the_same_values() -> None:
     ours = pb.ModelInferRequest.FromString(request.SerializeToString())
     (decoded,) = decode_inputs(ours, [TensorSpec("x", "FP32", (-1, 3))])
     np.testing.assert_array_equal(decoded.numpy(), values)
+
+
+HUGE = 2**63 - 1
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "BOOL", "BYTES"])
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("shape", [[0, HUGE, HUGE], [HUGE, 0, 1], [0, 1 << 40, 1 << 40]])
+def test_shapes_too_large_for_a_message_are_refused_before_any_tensor_is_built(
+    datatype: str, raw: bool, shape: list[int]
+) -> None:
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype=datatype, shape=shape)
+    if raw:
+        request.raw_input_contents.append(b"")
+    spec = TensorSpec("x", datatype, (-1, -1, -1))
+    with pytest.raises(InvalidInputError, match=rf"input 'x': shape \[{shape[0]}, .* is too large"):
+        decode_inputs(request, [spec])
+
+
+def test_the_size_bound_is_what_one_message_can_carry() -> None:
+    spec = TensorSpec("x", "FP32", (-1, -1))
+    at_most = pb.ModelInferRequest(model_name="m")
+    at_most.inputs.add(name="x", datatype="FP32", shape=[0, 1024 // 4])
+    at_most.raw_input_contents.append(b"")
+    (empty,) = decode_inputs(at_most, [spec], max_message_bytes=1024)
+    assert empty.shape == (0, 256)
+    over = pb.ModelInferRequest()
+    over.CopyFrom(at_most)
+    over.inputs[0].shape[:] = [0, 1024 // 4 + 1]
+    with pytest.raises(InvalidInputError, match="at most 1024 bytes carries at most 256 FP32"):
+        decode_inputs(over, [spec], max_message_bytes=1024)
+    typed = pb.ModelInferRequest()  # typed, an element may take a single byte
+    typed.inputs.add(name="x", datatype="FP32", shape=[0, 1024])
+    (empty,) = decode_inputs(typed, [spec], max_message_bytes=1024)
+    assert empty.shape == (0, 1024)
+
+
+def test_the_inputs_of_a_request_must_have_the_same_number_of_rows() -> None:
+    specs = [TensorSpec("x", "FP32", (-1, 2)), TensorSpec("t", "BYTES", (-1,))]
+    assert common_rows(specs, [torch.zeros(3, 2), np.array([b"a", b"b", b"c"], object)]) == 3
+    with pytest.raises(InvalidInputError, match=r"first dimension: 'x' 1, 't' 0\)"):
+        common_rows(specs, [torch.zeros(1, 2), np.array([], object)])
+
+
+def test_tensor_bytes_counts_what_a_decoded_tensor_holds() -> None:
+    assert tensor_bytes(torch.zeros(3, 4, dtype=torch.float64)) == 96
+    words = np.array([b"ab", b"cde"], object)
+    assert tensor_bytes(words) == words.nbytes + 5

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ SPEC = ModelSpec(
 )
 
 
-def module() -> nn.Module:
+def fresh() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Linear(8, 8) for _ in range(5)])
 
@@ -30,17 +31,20 @@ def module() -> nn.Module:
 class Target:
     """An inference service in this process, on a free port (or a given one)."""
 
-    def __init__(self, port: int = 0) -> None:
-        served = ServedModel(SPEC, module(), lambda m, x: m(x), True, torch.device("cpu"))
+    def __init__(self, port: int = 0, module: nn.Module | None = None) -> None:
+        served = ServedModel(SPEC, module or fresh(), lambda m, x: m(x), True, torch.device("cpu"))
         self.model = served
         self.server = InferenceServer(
             {"m": served}, listen="127.0.0.1:0", sync_listen=f"127.0.0.1:{port}"
         )
         self.port = self.server.start().sync
         self.address = f"127.0.0.1:{self.port}"
+        self.stopped = False
 
     def stop(self) -> None:
-        self.server.stop(0)
+        if not self.stopped:
+            self.stopped = True
+            self.server.stop(0)
 
     def assert_serves(self, state: dict[str, torch.Tensor], version: int) -> None:
         live = self.model.live
@@ -58,8 +62,15 @@ def targets() -> Iterator[list[Target]]:
         target.stop()
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def trained() -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() + 1 for k, v in module().state_dict().items()}
+    return {k: v.detach().clone() + 1 for k, v in fresh().state_dict().items()}
 
 
 def test_full_then_deltas_reach_every_target_bit_exactly(targets: list[Target]) -> None:
@@ -110,21 +121,68 @@ def test_a_restarted_target_without_the_base_gets_a_full_push(targets: list[Targ
     publisher.close()
 
 
-def test_a_dead_target_fails_the_sync_and_leaves_the_others_committed(
+def test_a_dead_target_lags_while_the_others_commit_and_is_caught_up_in_the_background(
     targets: list[Target],
 ) -> None:
-    publisher = Publisher([t.address for t in targets], "trainer-x", timeout_s=5, retries=0)
+    publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=0.5)
     state = trained()
     publisher.publish("m", state)
     targets[1].stop()
     state[next(iter(state))] += 1
-    with pytest.raises(SyncFailedError, match="version 2 was not committed everywhere"):
-        publisher.publish("m", state)
-    targets[0].assert_serves(state, 2)
-    port = targets[1].port
-    targets[1] = Target(port)  # it comes back empty; the next sync catches it up
     report = publisher.publish("m", state)
-    assert report.version == 3
+    assert (report.version, report.targets, report.lagging) == (2, 1, (targets[1].address,))
+    targets[0].assert_serves(state, 2)
+    published = {k: v.clone() for k, v in state.items()}
+    state[next(iter(state))] += 1  # training goes on; the catch-up sends what was published
+    port = targets[1].port
+    targets[1] = Target(port)  # it comes back empty; no sync happens, yet it is caught up
+    wait_until(lambda: targets[1].model.live.version == 2)
+    targets[1].assert_serves(published, 2)
+    report = publisher.publish("m", state)
+    assert (report.version, report.targets, report.lagging) == (3, 2, ())
+    for target in targets:
+        target.assert_serves(state, 3)
+    publisher.close()
+
+
+def test_a_sync_that_reaches_no_target_fails(targets: list[Target]) -> None:
+    publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=0.5)
+    state = trained()
+    publisher.publish("m", state)
+    for target in targets:
+        target.stop()
+    with pytest.raises(SyncFailedError, match="version 2: no inference service could be reached"):
+        publisher.publish("m", state)
+    publisher.close()
+
+
+def test_a_target_that_answers_with_a_refusal_fails_the_sync(targets: list[Target]) -> None:
+    other = Target(module=nn.Sequential(nn.Linear(8, 4)))  # serves other shapes: INVALID_ARGUMENT
+    try:
+        publisher = Publisher([targets[0].address, other.address], "trainer-x")
+        state = trained()
+        with pytest.raises(SyncFailedError, match=r"not committed everywhere.*INVALID_ARGUMENT"):
+            publisher.publish("m", state)
+        targets[0].assert_serves(state, 1)  # the other target committed it
+        assert other.model.live.version == 0
+        publisher.close()
+    finally:
+        other.stop()
+
+
+def test_a_target_that_lost_the_writer_lease_is_acquired_again(targets: list[Target]) -> None:
+    publisher = Publisher([t.address for t in targets], "trainer-x")
+    state = trained()
+    publisher.publish("m", state)
+    publisher.publish("m", state)
+    port = targets[1].port
+    targets[1].stop()
+    targets[1] = Target(port)  # no state kept: it granted no lease, and refuses epoch 1 as unknown
+    assert targets[1].model.lease.snapshot() == (0, "")
+    state[next(iter(state))] += 1
+    report = publisher.publish("m", state)
+    assert (report.version, report.targets) == (3, 2)
+    assert targets[1].model.lease.snapshot() == (1, "trainer-x")  # granted again, then pushed
     for target in targets:
         target.assert_serves(state, 3)
     publisher.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import struct
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from torch.optim.lr_scheduler import ExponentialLR
 from shared.model import TrainingModelsDict
 from shared.torch import OptimizersSetup, TorchTrainer, TorchTrainingModel
 from tests.unit.shared.model.test_interface import TrainingModelImpl
+from trainer_service.publisher import Publisher, SyncFailedError
+from trainer_service.remote import PublishedInferenceModel
 
 
 class LinearTrainer(TorchTrainer):
@@ -109,6 +112,26 @@ def test_training_goes_on_across_local_syncs() -> None:
     trainer.setup()  # rebuilt from create_optimizers, state restored
     assert trainer.optimizers["adamw"].state_dict()["state"][0]["step"].item() == 3
     assert trainer.optimizers["adamw"].param_groups[0]["lr"] == pytest.approx(0.001 * 0.998**3)
+
+
+def test_a_failed_remote_sync_keeps_the_optimizer_state_of_the_run() -> None:
+    """The run's optimizer step survives a sync that reached no inference service: teardown
+    still keeps the state, so the next run resumes from it, as after a sync that succeeded."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:  # an address nothing listens on
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"
+    publisher = Publisher([dead], "trainer-x", connect_timeout_s=0.2)
+    try:
+        models = make_models()
+        models["linear"].attach_inference_model(PublishedInferenceModel("linear", publisher))
+        trainer = LinearTrainer()
+        trainer.attach_training_models(models)
+        for step in (1, 2):
+            with pytest.raises(SyncFailedError, match="no inference service could be reached"):
+                trainer.run()
+            assert trainer.optimizer_states["adamw"]["state"][0]["step"].item() == step
+            assert trainer.lr_scheduler_states["exp"]["last_epoch"] == step
+    finally:
+        publisher.close()
 
 
 def test_setup_refuses_a_kept_state_without_its_optimizer() -> None:

@@ -110,6 +110,25 @@ def test_run_is_setup_train_sync_teardown(events: list[str], models: TrainingMod
     assert a.inference_model.param == a.param == 2.0
 
 
+class Unsyncable(LoggedModel):
+    """A model whose inference copy cannot be reached: every sync fails."""
+
+    def sync_impl(self, inference_model: InferenceModelImpl) -> None:
+        self.events.append(f"sync {self.name} failed")
+        raise ConnectionError(f"model {self.name}: no inference service could be reached")
+
+
+def test_teardown_runs_after_a_sync_that_failed_and_the_failure_is_raised(
+    events: list[str],
+) -> None:
+    trainer = TrainerImpl(events)
+    trainer.attach_training_models(TrainingModelsDict({"a": Unsyncable(events, "a")}))
+    events.clear()
+    with pytest.raises(ConnectionError, match="model a: no inference service could be reached"):
+        trainer.run()
+    assert events == ["setup", "train", "sync a failed", "teardown"]
+
+
 def test_run_does_nothing_when_not_trainable(events: list[str], models: TrainingModelsDict) -> None:
     trainer = TrainerImpl(events, trainable=False)
     trainer.attach_training_models(models)

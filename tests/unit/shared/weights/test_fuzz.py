@@ -124,3 +124,69 @@ def test_a_mangled_push_commits_exactly_or_changes_nothing(
     for name, tensor in expected.items():
         assert torch.equal(live[name], tensor), name
     assert model.live.digest == state_digest(expected)
+
+
+# Headers as an attacker writes them: any JSON value (floats, huge integers, deep nesting,
+# strings where numbers belong), and valid headers with bytes inserted, removed or replaced.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["a", "dtype", "shape", "data_offsets", "x"]), children),
+    max_leaves=20,
+)
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, allow_nan=True).encode()
+
+
+@st.composite
+def hostile_headers(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["value", "table", "mutated", "deep", "huge-int"]))
+    if kind == "value":
+        return _dumps(draw(json_values))
+    if kind == "table":
+        return _dumps(draw(st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), json_values)))
+    if kind == "deep":
+        depth = draw(st.integers(min_value=100, max_value=200_000))
+        opener = draw(st.sampled_from(["[", '{"a":']))
+        return (opener * depth).encode()
+    if kind == "huge-int":
+        digits = draw(st.integers(min_value=300, max_value=20_000))
+        field = draw(st.sampled_from(["shape", "data_offsets"]))
+        entry = {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}
+        text = _dumps({"a": entry}).decode()
+        return text.replace(f'"{field}": [', f'"{field}": [{"9" * digits}, ', 1).encode()
+    body = bytearray(_dumps({"a": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}}))
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        at = draw(st.integers(min_value=0, max_value=len(body)))
+        action = draw(st.sampled_from(["insert", "delete", "replace"]))
+        byte = draw(st.integers(min_value=0, max_value=255))
+        if action == "insert":
+            body.insert(at, byte)
+        elif at < len(body):
+            if action == "delete":
+                del body[at]
+            else:
+                body[at] = byte
+    return bytes(body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(hostile_headers(), st.integers(min_value=0, max_value=100))
+def test_a_hostile_header_is_refused_with_a_domain_error_or_describes_the_data(
+    body: bytes, size: int
+) -> None:
+    """Anything but a ServiceError (a RecursionError, a ValueError from int parsing, ...) would
+    reach the client as INTERNAL."""
+    try:
+        parsed = parse_header(body, size, LAYOUT)
+    except ServiceError:
+        return
+    assert sum(entry.end - entry.begin for entry in parsed) == size
+    for entry in parsed:
+        assert entry.layout == LAYOUT[entry.name]

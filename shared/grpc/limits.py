@@ -1,0 +1,112 @@
+"""How many calls a thread-pool server runs at once, counted after authentication.
+
+grpcio's own `maximum_concurrent_rpcs` counts every call before any interceptor runs, so callers
+without a token (health probes, anyone who can reach the port) could fill the one budget and
+leave none for the writers who hold it. Here the budget is split, and applied after the
+authentication interceptor: a call that it refused is answered at once and counts against
+nothing; a health call, open to everyone, takes one of a few slots of its own; every other
+call one of the writers' slots. A call beyond its budget gets RESOURCE_EXHAUSTED.
+
+Each call admitted holds a pool thread until it ends, and long-lived health Watch streams do too,
+so the pool has a thread for every slot and a few spare ones to answer refusals. Handlers are
+run request-streaming (a unary handler gets the one request from the stream): grpcio would
+otherwise hold a thread waiting for a unary request before any handler ran, uncounted, for as
+long as the caller chooses to send nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from shared.grpc.auth import OPEN_METHODS
+
+HEALTH_CALLS = 4  # health calls at once, Watch streams included; probes need few
+SPARE_THREADS = 2  # pool threads beyond the slots, to answer the calls refused
+
+
+@dataclass(frozen=True)
+class CallBudget:
+    """Calls a server runs at once: `calls` of its own methods (after authentication) and
+    `health` health calls; `plane` names the server in refusals."""
+
+    calls: int
+    plane: str
+    health: int = HEALTH_CALLS
+
+    @property
+    def threads(self) -> int:
+        """Pool threads the budget needs: one per slot, and spare ones."""
+        return self.calls + self.health + SPARE_THREADS
+
+
+class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Admits calls within a `CallBudget`; install it after the authentication interceptor."""
+
+    def __init__(self, budget: CallBudget) -> None:
+        self._calls = threading.BoundedSemaphore(budget.calls)
+        self._health = threading.BoundedSemaphore(budget.health)
+        self._calls_full = f"the {budget.plane} is at its limit of {budget.calls} calls at once"
+        self._health_full = (
+            f"the {budget.plane} is at its limit of {budget.health} health calls at once"
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if details.method.startswith(OPEN_METHODS):
+            return _admitted(handler, self._health, self._health_full)
+        return _admitted(handler, self._calls, self._calls_full)
+
+
+def _admitted(
+    handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore, full: str
+) -> grpc.RpcMethodHandler:
+    """`handler` made request-streaming, run only while it holds one of `slots`."""
+    kind = ("stream" if handler.request_streaming else "unary") + "_"
+    kind += "stream" if handler.response_streaming else "unary"
+    inner = getattr(handler, kind)
+
+    def argument(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return requests
+        for request in requests:
+            return request
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request")
+
+    def take(context: grpc.ServicerContext) -> None:
+        if not slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
+
+    if handler.response_streaming:
+
+        def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            take(context)
+            try:
+                yield from inner(argument(requests, context), context)
+            finally:
+                slots.release()
+
+        return grpc.stream_stream_rpc_method_handler(
+            streaming, handler.request_deserializer, handler.response_serializer
+        )
+
+    def unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        take(context)
+        try:
+            return inner(argument(requests, context), context)
+        finally:
+            slots.release()
+
+    return grpc.stream_unary_rpc_method_handler(
+        unary, handler.request_deserializer, handler.response_serializer
+    )

@@ -1,0 +1,234 @@
+"""Who may use the sync plane, and how much of it: callers without the sync token take none of
+the writers' calls (health has a small budget of its own, and refusals wait for nothing), a
+client CA shared with the data plane does not authenticate the sync plane, and the two planes
+cannot share a token. With the sync relay and without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.gen.inference import grpc_service_pb2 as oip
+from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from shared.grpc.auth import TlsFiles
+from shared.grpc.channel import open_channel
+from shared.grpc.limits import HEALTH_CALLS
+from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
+from tests.integration.conftest import ROOT, Inference, Services, wait_until
+from tests.integration.pki import make_ca, make_cert, make_server_cert
+from tests.integration.stamp_writer import StampWriter
+
+STAMP = "tests.integration.apps:stamp"
+MB = 1
+TOKEN = "sync-secret"
+WRITERS = 8  # --max-concurrent-pushes' default
+GET_MODEL = "/weightsync.v1.WeightSync/GetModel"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(params=["on", "off"], ids=["relay", "in-process"])
+def relay(request: pytest.FixtureRequest) -> str:
+    mode: str = request.param
+    return mode
+
+
+def start(services: Services, relay: str, *extra: str) -> Inference:
+    services.env.update(INFERENCE_SYNC_TOKEN=TOKEN, TEST_STAMP_MB=str(MB))
+    return services.inference(STAMP, "--sync-relay", relay, *extra)
+
+
+def stalled(release: threading.Event, request: bytes = b"") -> Iterator[bytes]:
+    """A request stream that sends nothing until `release` is set."""
+    release.wait(120)
+    yield request
+
+
+def health_check(channel: grpc.Channel) -> int | grpc.StatusCode:
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        status: int = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    except grpc.RpcError as error:
+        code: grpc.StatusCode = error.code()
+        return code
+    return status
+
+
+def test_callers_without_the_token_take_none_of_the_writers_calls(
+    services: Services, relay: str
+) -> None:
+    inference = start(services, relay)
+    anonymous = grpc.insecure_channel(inference.sync)
+    health = health_pb2_grpc.HealthStub(anonymous)
+    watchers = [health.Watch(health_pb2.HealthCheckRequest(), timeout=120) for _ in range(WRITERS)]
+    answers: list[object] = []
+    for watch in watchers:
+        try:
+            answers.append(next(watch).status)
+        except grpc.RpcError as error:
+            answers.append((error.code(), error.details()))
+    full = (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the sync plane is at its limit of {HEALTH_CALLS} health calls at once; retry later",
+    )
+    assert sorted(answers, key=str) == sorted(
+        [SERVING] * HEALTH_CALLS + [full] * (WRITERS - HEALTH_CALLS), key=str
+    )
+
+    # Calls without the token that never send their request are refused at once, holding nothing.
+    release = threading.Event()
+    get_model = anonymous.stream_unary(GET_MODEL, request_serializer=None)
+    try:
+        calls = [get_model.future(stalled(release), timeout=120) for _ in range(2 * WRITERS)]
+        for call in calls:
+            refusal = call.exception(timeout=30)
+            assert isinstance(refusal, grpc.RpcError)
+            assert refusal.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert "missing bearer token for the sync plane" in (refusal.details() or "")
+    finally:
+        release.set()
+
+    # With the watchers still open, a writer gets every call it needs.
+    writer = StampWriter(open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=TOKEN), MB)
+    model = writer.stub.GetModel(pb.GetModelRequest(model_name="stamp"), timeout=10)
+    assert model.version == 0
+    writer.acquire()
+    digest = writer.push(1.0, 1)
+    served = inference.model_state("stamp", token=TOKEN)
+    assert (served.version, served.digest) == (1, digest)
+
+    # The watchers that were let in still watch; once they leave, health answers again.
+    assert health_check(anonymous) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    for watch in watchers:
+        watch.cancel()
+    wait_until(lambda: health_check(anonymous) == SERVING, timeout=30)
+
+
+def test_the_writers_budget_counts_the_calls_past_authentication(
+    services: Services, relay: str
+) -> None:
+    inference = start(services, relay, "--max-concurrent-pushes", "1")
+    channel = open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=TOKEN)
+    stub = pb_grpc.WeightSyncStub(channel)
+    request = pb.GetModelRequest(model_name="stamp")
+    release = threading.Event()
+    slow_get_model = channel.stream_unary(
+        GET_MODEL, request_serializer=None, response_deserializer=pb.ModelState.FromString
+    )
+    held = [slow_get_model.future(stalled(release, request.SerializeToString()), timeout=120)]
+    try:
+
+        def refused() -> bool:
+            if held[-1].done():  # a probe below took the one call first: hold it again
+                assert held[-1].code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                held.append(
+                    slow_get_model.future(
+                        stalled(release, request.SerializeToString()), timeout=120
+                    )
+                )
+                return False
+            try:
+                stub.GetModel(request, timeout=10)
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error.details() == (
+                    "the sync plane is at its limit of 1 calls at once; retry later"
+                )
+                return not held[-1].done()
+            return False  # the held call has not reached the server yet
+
+        wait_until(refused, timeout=30)
+        # Health and callers without the token are still answered: they wait for no writer.
+        anonymous = grpc.insecure_channel(inference.sync)
+        assert health_check(anonymous) == SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.WeightSyncStub(anonymous).GetModel(request, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        release.set()
+    assert held[-1].result(timeout=30).version == 0
+    assert stub.GetModel(request, timeout=10).version == 0  # its call was given back
+
+
+def run_inference(services: Services, *args: str) -> subprocess.CompletedProcess[str]:
+    """Start the inference service with `args` and wait for it to exit (it must refuse)."""
+    command = [sys.executable, "-m", "inference_service", "--models", STAMP, "--device", "cpu"]
+    command += ["--listen", "127.0.0.1:0", "--metrics-listen", "off", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, env=services.env, timeout=60
+    )
+
+
+def test_a_client_ca_shared_with_the_data_plane_does_not_authenticate_the_sync_plane(
+    services: Services, tmp_path: Path
+) -> None:
+    pki = tmp_path / "pki"
+    ca = make_ca(pki, "ca")
+    cert, key = make_server_cert(pki, ca)
+    refused = run_inference(
+        services,
+        *("--sync-listen", "0.0.0.0:0", "--tls-cert", str(cert), "--tls-key", str(key)),
+        *("--tls-client-ca", str(ca)),
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "with no authentication: set INFERENCE_SYNC_TOKEN" in refused.stderr
+    assert "a --tls-client-ca shared with the data plane would let any data-plane client push" in (
+        refused.stderr
+    )
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_sync_plane_client_ca_of_its_own_admits_its_clients_only(
+    services: Services, tmp_path: Path, relay: str
+) -> None:
+    pki = tmp_path / "pki"
+    data_ca, sync_ca = make_ca(pki, "data-ca"), make_ca(pki, "sync-ca")
+    server_cert, server_key = make_server_cert(pki, data_ca)
+    data_client = TlsFiles(*make_cert(pki, "data-client", data_ca), data_ca)
+    trainer = TlsFiles(*make_cert(pki, "trainer", sync_ca), data_ca)
+    services.env.update(
+        TEST_STAMP_MB=str(MB),
+        INFERENCE_TLS_CERT=str(server_cert),
+        INFERENCE_TLS_KEY=str(server_key),
+        INFERENCE_TLS_CLIENT_CA=str(data_ca),
+        INFERENCE_TLS_SYNC_CLIENT_CA=str(sync_ca),
+    )
+    # Beyond loopback and with no token: the sync plane's own CA is its authentication.
+    inference = services.inference(STAMP, "--sync-relay", relay, "--sync-listen", "0.0.0.0:0")
+    request = pb.GetModelRequest(model_name="stamp")
+
+    as_data_client = open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, tls=data_client)
+    with pytest.raises(grpc.RpcError) as caught:
+        pb_grpc.WeightSyncStub(as_data_client).GetModel(request, timeout=10)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE  # its certificate is refused
+
+    writer = StampWriter(open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, tls=trainer), MB)
+    assert writer.stub.GetModel(request, timeout=10).version == 0
+    writer.acquire()
+    digest = writer.push(2.0, 1)
+    served = writer.stub.GetModel(request, timeout=10)
+    assert (served.version, served.digest) == (1, digest)
+
+    data = open_channel(inference.data, DATA_MAX_MESSAGE_BYTES, tls=data_client)
+    ready = oip.ServerReadyRequest()
+    assert oip_grpc.GRPCInferenceServiceStub(data).ServerReady(ready, timeout=10).ready
+    as_trainer = open_channel(inference.data, DATA_MAX_MESSAGE_BYTES, tls=trainer)
+    with pytest.raises(grpc.RpcError) as caught:
+        oip_grpc.GRPCInferenceServiceStub(as_trainer).ServerReady(ready, timeout=10)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE  # the data plane keeps its CA
+
+
+def test_the_same_token_for_both_planes_is_refused_at_start(services: Services) -> None:
+    services.env.update(INFERENCE_SYNC_TOKEN="shared", INFERENCE_DATA_TOKEN="shared")
+    refused = run_inference(services, "--sync-listen", "127.0.0.1:0")
+    assert refused.returncode == 2, refused.stderr
+    assert "INFERENCE_SYNC_TOKEN and INFERENCE_DATA_TOKEN are the same" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -1,0 +1,184 @@
+"""The trainer's targets: TLS verifies the name the user gave at every address it resolves to;
+an unreachable target lags, never holds the others back, and is caught up when it returns."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from shared.weights.digest import state_digest
+from tests.integration.apps import Stamp
+from tests.integration.conftest import Inference, Services, wait_until
+
+STAMP = "tests.integration.apps:stamp"
+# Nothing listens there and nothing routes to it (TEST-NET-1, RFC 5737): a dead, non-loopback
+# target.
+UNROUTABLE = "192.0.2.1:8101"
+
+
+@pytest.fixture(autouse=True)
+def small_stamp(services: Services) -> None:
+    services.env["TEST_STAMP_MB"] = "1"
+
+
+def stamp_digest(run: int) -> bytes:
+    """The digest of the stamp model after trainer run `run` (0: as initialised)."""
+    module = Stamp(1)
+    with torch.no_grad():
+        for part in module.parts:
+            part.fill_(float(run))
+    return state_digest(module.state_dict())
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def localhost_pki(tmp_path: Path) -> Path:
+    """A CA and a server certificate it signed for the name `localhost` only (no IP SAN)."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+    )  # fmt: skip
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+        "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+    )  # fmt: skip
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost\n")
+    openssl(
+        "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
+        "-out", str(d / "server.pem"), "-extfile", str(d / "server.ext"),
+    )  # fmt: skip
+    return d
+
+
+def tls_model_state(inference: Inference, pki: Path) -> pb.ModelState:
+    """GetModel over TLS, verifying the service as `localhost`."""
+    port = inference.sync.rsplit(":", 1)[1]
+    credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
+    with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+        stub = pb_grpc.WeightSyncStub(channel)
+        state: pb.ModelState = stub.GetModel(pb.GetModelRequest(model_name="stamp"), timeout=10)
+        return state
+
+
+def trainer_metrics(services: Services, name: str) -> str:
+    port = re.search(r"metrics on port (\d+)", services.log(name))
+    assert port, services.log(name)
+    url = f"http://127.0.0.1:{port.group(1)}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def target_gauge(text: str, metric: str, target: str) -> float | None:
+    found = re.search(
+        rf'weightsync_trainer_target_{metric}\{{model="stamp",target="{re.escape(target)}"\}} '
+        r"(\S+)",
+        text,
+    )
+    return float(found.group(1)) if found else None
+
+
+def test_tls_verifies_the_name_given_not_the_address_it_resolves_to(
+    services: Services, localhost_pki: Path
+) -> None:
+    services.env.update(
+        INFERENCE_TLS_CERT=str(localhost_pki / "server.pem"),
+        INFERENCE_TLS_KEY=str(localhost_pki / "server.key"),
+    )
+    inference = services.inference(STAMP)
+    port = inference.sync.rsplit(":", 1)[1]
+    services.env["TRAINER_TLS_CA"] = str(localhost_pki / "ca.pem")
+    trainer = services.trainer(
+        STAMP, [inference], "--inference", f"localhost:{port}", "--max-runs", "1"
+    )
+    assert trainer.wait(timeout=30) == 0, services.log("trainer")
+    state = tls_model_state(inference, localhost_pki)
+    assert (state.version, state.digest) == (2, stamp_digest(1))  # the catch-up, then one run
+
+    # An address is verified as given: the certificate names no IP, so 127.0.0.1 fails.
+    by_ip = services.trainer(
+        STAMP,
+        [inference],
+        "--inference",
+        f"127.0.0.1:{port}",
+        "--connect-timeout",
+        "1",
+        name="by-ip",
+    )
+    wait_until(lambda: "initial sync failed" in services.log("by-ip"), timeout=30)
+    by_ip.kill()
+    by_ip.wait()
+    assert "UNAVAILABLE" in services.log("by-ip") or "DEADLINE_EXCEEDED" in services.log("by-ip")
+    assert tls_model_state(inference, localhost_pki).version == 2
+
+
+def test_a_dead_target_lags_while_the_live_one_is_fed_and_is_caught_up_when_it_returns(
+    services: Services,
+) -> None:
+    live = services.inference(STAMP, name="live")
+    gone = services.inference(STAMP, name="gone")
+    gone.process.send_signal(signal.SIGTERM)
+    assert gone.process.wait(timeout=30) == 0
+    # One run, then a long wait before the next: the returning target can only be caught up
+    # in the background, not by a later sync.
+    trainer = services.trainer(
+        STAMP, [live, gone], "--run-interval", "600", "--max-runs", "2", "--connect-timeout", "1"
+    )
+    wait_until(lambda: live.model_state("stamp").version == 2, timeout=30)
+    assert live.model_state("stamp").digest == stamp_digest(1)
+    log = services.log("trainer")
+    assert f"{gone.sync} is unreachable" in log, log
+    text = trainer_metrics(services, "trainer")
+    assert target_gauge(text, "lagging", gone.sync) == 1.0
+    assert target_gauge(text, "lagging", live.sync) == 0.0
+    assert target_gauge(text, "version", live.sync) == 2.0
+
+    back = services.inference(STAMP, "--sync-listen", gone.sync, name="back")
+    wait_until(lambda: back.model_state("stamp").version == 2, timeout=30)
+    assert back.model_state("stamp").digest == stamp_digest(1)
+    wait_until(lambda: f"{gone.sync} caught up" in services.log("trainer"), timeout=10)
+    text = trainer_metrics(services, "trainer")
+    assert target_gauge(text, "lagging", gone.sync) == 0.0
+    assert target_gauge(text, "version", gone.sync) == 2.0
+    assert trainer.poll() is None  # still waiting out its run interval: no sync did this
+    assert live.model_state("stamp").version == 2
+
+
+def test_a_token_sent_in_plaintext_beyond_loopback_is_warned_of_once_per_target(
+    services: Services,
+) -> None:
+    services.env.update(INFERENCE_SYNC_TOKEN="sync-secret", TRAINER_SYNC_TOKEN="sync-secret")
+    live = services.inference(STAMP)
+    trainer = services.trainer(
+        STAMP,
+        [live],
+        "--inference",
+        f"{live.sync},{UNROUTABLE}",
+        "--max-runs",
+        "2",
+        "--connect-timeout",
+        "1",
+    )
+    assert trainer.wait(timeout=30) == 0, services.log("trainer")
+    assert live.model_state("stamp", token="sync-secret").version == 3
+    warnings = [
+        line
+        for line in services.log("trainer").splitlines()
+        if "WARNING" in line and "plaintext" in line
+    ]
+    assert len(warnings) == 1, services.log("trainer")
+    assert UNROUTABLE in warnings[0] and "--tls-ca" in warnings[0]

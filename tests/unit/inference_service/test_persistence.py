@@ -1,0 +1,228 @@
+"""The history on disk: a slow disk never holds a push up, a failed or full disk leaves no partial
+file and frees older versions, and what is written restores bit-exactly."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from inference_service.persistence import Persister, WeightStore, write_all
+from inference_service.served_model import ServedModel
+from inference_service.syncplane.receiver import Commit, PushHeader, PushReceiver, SyncLimits
+from shared.app import ModelSpec, TensorSpec
+from shared.weights.digest import state_digest
+from shared.weights.writer import Payload
+
+SPEC = ModelSpec(
+    "m",
+    lambda: None,
+    (TensorSpec("x", "FP32", (-1, 16)),),  # type: ignore[arg-type,return-value]
+    (TensorSpec("y", "FP32", (-1, 4)),),
+)
+WAIT_S = 30.0  # for events that come at once when the code is right
+
+
+def new_module() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def new_model() -> ServedModel:
+    torch.manual_seed(0)
+    return ServedModel(SPEC, new_module(), lambda m, x: m(x), True, torch.device("cpu"))
+
+
+def weights(version: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(version)
+    return {k: v.detach().clone() for k, v in new_module().state_dict().items()}
+
+
+def push(receiver: PushReceiver, version: int) -> None:
+    state = weights(version)
+    payload = Payload.of(list(state.items()))
+    header = PushHeader("m", version, 0, "trainer-a", payload.nbytes)
+    parts: Iterator[bytes | Commit] = iter([*payload.chunks(64), Commit(state_digest(state))])
+    assert receiver.receive(header, parts).version == version
+
+
+def stored(store: WeightStore) -> list[int]:
+    return [v.version for v in store.versions("m")]
+
+
+def temp_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("*/.*.tmp"))
+
+
+def assert_restores(root: Path, version: int) -> None:
+    """A fresh service on `root` serves `version`, bit-exactly."""
+    fresh = new_model()
+    assert WeightStore(root).restore(fresh)
+    assert fresh.live.version == version
+    live = fresh.live.module.state_dict()
+    for name, tensor in weights(version).items():
+        assert torch.equal(live[name], tensor), name
+    assert fresh.live.digest == state_digest(weights(version))
+
+
+class StuckDisk:
+    """A disk whose first write hangs until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, fd: int, data: bytes) -> None:
+        self.entered.set()
+        assert self.release.wait(WAIT_S), "the test never released the disk"
+        write_all(fd, data)
+
+
+class FullDisk:
+    """A disk that takes half of a chunk and then reports `code`, `times` times."""
+
+    def __init__(self, code: int, times: int) -> None:
+        self.code = code
+        self.times = times
+        self.failed = threading.Event()
+
+    def __call__(self, fd: int, data: bytes) -> None:
+        if self.times > 0:
+            self.times -= 1
+            write_all(fd, data[: len(data) // 2])
+            self.failed.set()
+            raise OSError(self.code, os.strerror(self.code))
+        write_all(fd, data)
+
+
+@pytest.mark.parametrize(
+    ("chunk_bytes", "kept"),
+    [
+        (1 << 20, [3, 1]),  # one chunk, copied before the pushes: version 1 is written whole
+        (256, [3]),  # many: the copy finds version 1's module taken over and gives it up
+    ],
+)
+def test_two_pushes_commit_while_a_write_is_stuck_and_the_newest_is_written_after(
+    tmp_path: Path, chunk_bytes: int, kept: list[int]
+) -> None:
+    model = new_model()
+    disk = StuckDisk()
+    store = WeightStore(tmp_path, write=disk, chunk_bytes=chunk_bytes)
+    persister = Persister(store, {"m": model})
+    # A short drain: a push that waited on the writer would fail UNAVAILABLE, not hang.
+    receiver = PushReceiver({"m": model}, SyncLimits(drain_timeout_s=0.5), persister.committed)
+    try:
+        push(receiver, 1)
+        assert disk.entered.wait(WAIT_S)  # writing version 1 now, and stuck
+        push(receiver, 2)
+        push(receiver, 3)  # into the module that holds version 1, the one being written
+        assert model.live.version == 3
+    finally:
+        disk.release.set()
+        persister.close()
+    assert stored(store) == kept
+    assert temp_files(tmp_path) == []
+    if 1 in kept:  # copied before version 3 overwrote its module: still version 1's bytes
+        version_1 = next(v for v in store.versions("m") if v.version == 1)
+        assert version_1.digest == state_digest(weights(1))
+    assert_restores(tmp_path, 3)
+
+
+def test_out_of_space_removes_all_older_versions_but_the_newest_and_tries_once_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = new_model()
+    disk = FullDisk(errno.ENOSPC, times=0)
+    store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
+    receiver = PushReceiver({"m": model}, SyncLimits())
+    for version in (1, 2, 3):
+        push(receiver, version)
+        assert store.save(model) == version
+    push(receiver, 4)
+    disk.times = 1
+    with caplog.at_level(logging.WARNING, "inference_service.persistence"):
+        assert store.save(model) == 4
+    assert stored(store) == [4, 3]
+    assert temp_files(tmp_path) == []
+    assert "out of disk space writing version 4; removed versions 2, 1 to make room" in caplog.text
+    assert_restores(tmp_path, 4)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_out_of_space_never_removes_the_only_complete_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    model = new_model()
+    disk = FullDisk(code, times=0)
+    store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
+    receiver = PushReceiver({"m": model}, SyncLimits())
+    push(receiver, 1)
+    assert store.save(model) == 1
+    push(receiver, 2)
+    disk.times = 2
+    with (
+        caplog.at_level(logging.WARNING, "inference_service.persistence"),
+        pytest.raises(OSError) as caught,
+    ):
+        store.save(model)
+    assert caught.value.errno == code
+    assert stored(store) == [1]
+    assert temp_files(tmp_path) == []
+    assert "the only complete version on disk (1) is kept" in caplog.text
+    assert "version 2 was not written to disk" in caplog.text
+    assert_restores(tmp_path, 1)
+
+
+def test_a_failed_write_leaves_no_temp_file_and_removes_no_version(tmp_path: Path) -> None:
+    model = new_model()
+    disk = FullDisk(errno.EIO, times=0)
+    store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
+    receiver = PushReceiver({"m": model}, SyncLimits())
+    for version in (1, 2):
+        push(receiver, version)
+        assert store.save(model) == version
+    push(receiver, 3)
+    disk.times = 1
+    with pytest.raises(OSError) as caught:
+        store.save(model)
+    assert caught.value.errno == errno.EIO
+    assert stored(store) == [2, 1]
+    assert temp_files(tmp_path) == []
+    assert store.save(model) == 3  # the disk is back: the same version goes through
+    assert stored(store) == [3, 2, 1]
+
+
+def test_the_persister_keeps_writing_after_a_failed_write(tmp_path: Path) -> None:
+    model = new_model()
+    disk = FullDisk(errno.EIO, times=1)
+    store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
+    persister = Persister(store, {"m": model})
+    receiver = PushReceiver({"m": model}, SyncLimits(), persister.committed)
+    try:
+        push(receiver, 1)
+        assert disk.failed.wait(WAIT_S)  # version 1 did not reach the disk
+        push(receiver, 2)
+    finally:
+        persister.close()
+    assert stored(store) == [2]
+    assert temp_files(tmp_path) == []
+    assert_restores(tmp_path, 2)
+
+
+def test_partial_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
+    model = new_model()
+    receiver = PushReceiver({"m": model}, SyncLimits())
+    push(receiver, 1)
+    assert WeightStore(tmp_path).save(model) == 1
+    crashed = tmp_path / "m" / ".000000000002.safetensors.tmp"
+    crashed.write_bytes(b"half a file")
+    WeightStore(tmp_path)
+    assert temp_files(tmp_path) == []
+    assert stored(WeightStore(tmp_path)) == [1]
+    assert_restores(tmp_path, 1)

@@ -1,0 +1,175 @@
+"""One version of one model delivered to one inference service, whatever it takes.
+
+A cheap call first (it waits up to the connect deadline for a restarting target, and says
+whether it still serves the version we last committed there); the writer lease on first
+contact; then a delta on that version when the target can take one, else a full push. A target
+that lacks the delta's base gets a full push; one that no longer knows our lease (it lost its
+state) is asked for the lease again, once. A push cut off once it had started is retried with
+capped exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+
+import torch
+
+from shared.weights.digest import model_digest, tensor_hash
+from shared.weights.layout import TensorLayout
+from shared.weights.writer import Payload
+from trainer_service import metrics
+from trainer_service.push import (
+    UNREACHABLE,
+    PushFailedError,
+    PushPlan,
+    SyncClient,
+    TargetUnreachableError,
+)
+from trainer_service.targets import Target
+
+logger = logging.getLogger(__name__)
+
+# `error-reason` trailers acted on.
+BASE_MISSING = "base-version-mismatch"
+FENCED = "fenced"
+UNKNOWN_EPOCH = "unknown-epoch"  # the target has no record of our lease (it lost its state)
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def hashed(tensors: Tensors) -> tuple[dict[str, bytes], bytes]:
+    """Each tensor's hash, and the digest of the whole state."""
+    hashes = {name: tensor_hash(t) for name, t in tensors.items()}
+    return hashes, model_digest({n: (TensorLayout.of(t), hashes[n]) for n, t in tensors.items()})
+
+
+class Delivery:
+    def __init__(
+        self, writer_id: str, connect_timeout_s: float, retries: int, retry_delay_s: float
+    ) -> None:
+        self.writer_id = writer_id
+        self.connect_timeout_s = connect_timeout_s
+        self._retries = retries
+        self._retry_delay_s = retry_delay_s
+
+    def probe(self, target: Target) -> int:
+        """The version `target` serves; TargetUnreachableError if it does not answer in time."""
+        with target.lock:
+            return target.client.get_model(target.model, self.connect_timeout_s).version
+
+    def deliver(
+        self,
+        target: Target,
+        version: int,
+        tensors: Tensors,
+        hashes: dict[str, bytes] | None,
+        digest: bytes | None,
+    ) -> int | PushFailedError:
+        """Push `version` to `target`: the payload bytes sent, or why it could not be reached
+        (it lags now). A target that answered with a refusal raises PushFailedError."""
+        with target.lock:
+            delay = self._retry_delay_s
+            for attempt in range(self._retries + 1):
+                try:
+                    sent = self.push(target, version, tensors, hashes, digest)
+                except TargetUnreachableError as error:
+                    target.fall_behind(error)
+                    return error
+                except PushFailedError as error:
+                    if error.code not in UNREACHABLE:
+                        raise
+                    if attempt == self._retries:
+                        target.fall_behind(error)
+                        return error
+                    logger.info(
+                        "%s (attempt %d); retrying in about %.1fs", error, attempt + 1, delay
+                    )
+                    time.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, 5.0)
+                else:
+                    target.caught_up()
+                    return sent
+        raise AssertionError("unreachable")
+
+    def push(
+        self,
+        target: Target,
+        version: int,
+        tensors: Tensors,
+        hashes: dict[str, bytes] | None,
+        digest: bytes | None,
+    ) -> int:
+        """One try, with the fallbacks the target's answers call for; the caller holds
+        `target.lock`. `hashes` and `digest`: of `tensors`, when already known."""
+        remote = target.client.get_model(target.model, self.connect_timeout_s)
+        if target.epoch is None:  # first contact: become the writer (fences earlier ones)
+            target.epoch = target.client.acquire_writer(target.model, self.writer_id)
+        base = target.delta_base(tensors) if remote.version == target.version else None
+        if base is not None and (hashes is None or digest is None):
+            hashes, digest = hashed(tensors)
+        acquired_again = False
+        while True:
+            plan = self._plan(target, version, tensors, hashes, digest, base)
+            try:
+                self._push_counted(target.client, plan)
+                break
+            except PushFailedError as error:
+                if error.reason == UNKNOWN_EPOCH and not acquired_again:
+                    logger.info(
+                        "%s no longer knows our writer lease of %s (epoch %d; it lost its "
+                        "state); acquiring it again",
+                        target.address,
+                        target.model,
+                        target.epoch,
+                    )
+                    target.epoch = None
+                    target.epoch = target.client.acquire_writer(target.model, self.writer_id)
+                    acquired_again = True
+                elif error.reason == BASE_MISSING and plan.base_version != 0:
+                    logger.info(
+                        "%s lacks version %d of %s; pushing in full",
+                        target.address,
+                        plan.base_version,
+                        target.model,
+                    )
+                    base = None
+                else:
+                    raise
+        acked = plan.streamed_hashes if plan.digest is None else hashes  # a digest comes with
+        assert acked is not None  # the hashes it was made of
+        target.acknowledged(version, acked)
+        return plan.payload.nbytes
+
+    @staticmethod
+    def _push_counted(client: SyncClient, plan: PushPlan) -> None:
+        kind = "full" if plan.base_version == 0 else "delta"
+        try:
+            client.push(plan)
+        except PushFailedError as error:
+            metrics.PUSHES.labels(plan.model_name, kind, error.code.name.lower()).inc()
+            raise
+        metrics.PUSHES.labels(plan.model_name, kind, "committed").inc()
+        metrics.PUSH_BYTES.labels(plan.model_name, kind).inc(plan.payload.nbytes)
+
+    def _plan(
+        self,
+        target: Target,
+        version: int,
+        tensors: Tensors,
+        hashes: dict[str, bytes] | None,
+        digest: bytes | None,
+        base: dict[str, bytes] | None,
+    ) -> PushPlan:
+        assert target.epoch is not None
+        if base is None or hashes is None:
+            changed, base_version = list(tensors), 0
+        else:
+            changed = [name for name in tensors if base[name] != hashes[name]]
+            base_version = target.version
+        payload = Payload.of([(name, tensors[name]) for name in changed])
+        return PushPlan(
+            target.model, version, base_version, self.writer_id, payload, target.epoch, digest
+        )

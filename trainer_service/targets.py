@@ -1,0 +1,186 @@
+"""The inference services a trainer feeds: where they are, and what each holds of each model.
+
+A target the user names (`HOST:PORT`) stands for every address HOST resolves to (a DNS name
+behind which compose or Kubernetes puts several replicas); each address is dialled on its own,
+and over TLS verified against the name the user wrote, so a certificate for `inference` or
+`localhost` need not list IP addresses. A target given as an IP address is verified as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.grpc.auth import TlsFiles
+from trainer_service import metrics
+from trainer_service.push import PushFailedError, SyncClient
+
+logger = logging.getLogger(__name__)
+
+# How soon a lagging target is tried again: doubling from the first, never longer than the cap.
+RETRY_FIRST_S = 0.5
+RETRY_CAP_S = 10.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One address to dial, and the host name TLS verifies there (None: the address itself)."""
+
+    address: str
+    server_name: str | None
+
+
+def split(target: str) -> tuple[str, str]:
+    """`HOST:PORT` (or `[V6]:PORT`) -> (host, port)."""
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), port
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _addresses(host: str, port: str) -> list[str]:
+    infos: list[tuple[object, ...]] = []
+    for family in (socket.AF_INET, socket.AF_INET6):  # IPv4 first: "localhost" is one host
+        try:
+            infos = list(socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM))
+        except (OSError, ValueError):
+            continue
+        if infos:
+            break
+    return [str(info[4][0]) for info in infos]  # type: ignore[index]
+
+
+def resolve(targets: Sequence[str]) -> list[Endpoint]:
+    """Every address of every target, each once; a DNS name stands for all the hosts behind
+    it."""
+    endpoints: list[Endpoint] = []
+    seen: set[str] = set()
+    for target in targets:
+        host, port = split(target)
+        ips = _addresses(host, port)
+        if not ips:
+            logger.warning("cannot resolve inference target %s", target)
+        server_name = None if _is_ip(host) else host
+        for ip in ips:
+            address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            if address not in seen:
+                seen.add(address)
+                endpoints.append(Endpoint(address, server_name))
+    return endpoints
+
+
+def is_loopback(target: str) -> bool:
+    """Whether every address `target` resolves to is a loopback one (False if none)."""
+    host, port = split(target)
+    ips = [host] if _is_ip(host) else _addresses(host, port)
+    return bool(ips) and all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips)
+
+
+def warn_plaintext_token(targets: Sequence[str], token: str | None, tls: TlsFiles | None) -> None:
+    """Log, once per target, that a bearer token is about to cross the network unencrypted."""
+    if not token or (tls is not None and tls.enabled):
+        return
+    for target in targets:
+        if not is_loopback(target):
+            logger.warning(
+                "the sync token goes to %s in plaintext: anyone who can see that traffic can "
+                "read it and push weights. Give --tls-ca (TRAINER_TLS_CA) to send it over TLS",
+                target,
+            )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A version of a model as it was published, kept to catch lagging targets up with."""
+
+    version: int
+    tensors: Mapping[str, torch.Tensor]
+    hashes: dict[str, bytes] | None
+
+
+@dataclass(eq=False)
+class Target:
+    """One model at one inference service: everything the publisher knows of it.
+
+    `lock` is held for the whole of any exchange with the target about the model, so the sync
+    and the background catch-up never push to it at once."""
+
+    client: SyncClient
+    model: str
+    epoch: int | None = None  # the writer lease held there; None: acquire it on next contact
+    version: int = 0  # the last version it acknowledged from this publisher (0: none)
+    hashes: dict[str, bytes] | None = None  # the per-tensor hashes of that version
+    lagging_since: float | None = None
+    retry_at: float = 0.0
+    retry_delay_s: float = 0.0
+    catching_up: bool = False  # a catch-up task holds it or is queued for it
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def address(self) -> str:
+        return self.client.target
+
+    @property
+    def lagging(self) -> bool:
+        return self.lagging_since is not None
+
+    def delta_base(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, bytes] | None:
+        """The hashes of what it last acknowledged, if a delta on that can describe
+        `tensors`."""
+        hashes = self.hashes
+        return hashes if hashes is not None and hashes.keys() == tensors.keys() else None
+
+    def acknowledged(self, version: int, hashes: dict[str, bytes]) -> None:
+        self.version, self.hashes = version, hashes
+        metrics.TARGET_VERSION.labels(self.model, self.address).set(version)
+
+    def fall_behind(self, error: PushFailedError | str) -> None:
+        """It missed a version: the background catch-up tries it again after a capped,
+        growing delay."""
+        now = time.monotonic()
+        self.retry_delay_s = min(max(self.retry_delay_s * 2, RETRY_FIRST_S), RETRY_CAP_S)
+        self.retry_at = now + self.retry_delay_s * random.uniform(0.5, 1.0)
+        if self.lagging_since is None:
+            self.lagging_since = now
+            metrics.TARGET_LAGGING.labels(self.model, self.address).set(1)
+            logger.warning(
+                "model %s: inference service %s is unreachable, so it lags at version %d; the "
+                "others are fed and it is caught up in the background when it answers: %s",
+                self.model,
+                self.address,
+                self.version,
+                error,
+            )
+
+    def caught_up(self) -> None:
+        if self.lagging_since is not None:
+            logger.info(
+                "model %s: inference service %s caught up at version %d after %.1fs behind",
+                self.model,
+                self.address,
+                self.version,
+                time.monotonic() - self.lagging_since,
+            )
+        self.lagging_since, self.retry_delay_s = None, 0.0
+        metrics.TARGET_LAGGING.labels(self.model, self.address).set(0)
+
+    def forget(self) -> None:
+        """Stop tracking it (its address no longer resolves)."""
+        for gauge in (metrics.TARGET_LAGGING, metrics.TARGET_VERSION):
+            with contextlib.suppress(KeyError):  # never set
+                gauge.remove(self.model, self.address)
