@@ -16,7 +16,7 @@ from tests.faults.harness import run_schedule
 from tests.faults.schedule import FEATURES, features, generate
 
 STEPS = 8
-SEEDS = (137, 52, 537)
+SEEDS = (641, 685, 74)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
