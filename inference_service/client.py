@@ -11,7 +11,6 @@ Failed calls raise `grpc.RpcError` with the server's status code and message.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -19,16 +18,11 @@ from types import TracebackType
 import grpc
 import torch
 
-from inference_service.dataplane.tensors import (
-    BYTES,
-    Tensor,
-    bytes_array,
-    datatype_of,
-    dtype_of,
-    pack_bytes,
-    unpack_bytes,
-)
+from inference_service.dataplane.bytes_wire import pack_bytes
+from inference_service.dataplane.codec import tensor_from_raw, tensor_from_typed
+from inference_service.dataplane.model_io import Tensor
 from shared.app import TensorSpec
+from shared.dtypes import BYTES, datatype_of
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, channel_options
@@ -118,37 +112,17 @@ class InferenceClient:
 
 
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, Tensor]:
-    """Output tensors of a response, raw or typed (BYTES as numpy arrays of bytes)."""
+    """Output tensors of a response, raw or typed (BYTES as numpy arrays of bytes), decoded as
+    the server decodes a request's inputs; InvalidInputError if one does not parse."""
+    raw = response.raw_output_contents
     result: dict[str, Tensor] = {}
     for index, output in enumerate(response.outputs):
         shape = list(output.shape)
-        if output.datatype == BYTES:
-            elements = (
-                unpack_bytes(output.name, response.raw_output_contents[index], math.prod(shape))
-                if response.raw_output_contents
-                else list(output.contents.bytes_contents)
-            )
-            result[output.name] = bytes_array(elements, shape)
-            continue
-        dtype = dtype_of(output.datatype)
-        if response.raw_output_contents:
-            raw = bytearray(response.raw_output_contents[index])
-            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        if raw:
+            value = tensor_from_raw("output", output.name, raw[index], output.datatype, shape)
         else:
-            contents = output.contents
-            field = {
-                torch.bool: contents.bool_contents,
-                torch.float32: contents.fp32_contents,
-                torch.float64: contents.fp64_contents,
-                torch.int64: contents.int64_contents,
-                torch.uint64: contents.uint64_contents,
-            }.get(dtype)
-            if field is None:
-                field = (
-                    contents.uint_contents
-                    if output.datatype.startswith("U")
-                    else contents.int_contents
-                )
-            flat = torch.tensor(list(field), dtype=dtype)
-        result[output.name] = flat.reshape(shape) if math.prod(shape) == flat.numel() else flat
+            value = tensor_from_typed(
+                "output", output.name, output.contents, output.datatype, shape
+            )
+        result[output.name] = value
     return result

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from inference_service.dataplane.tensors import empty_like_spec
+from inference_service.dataplane.model_io import empty_like_spec
 from inference_service.served_model import ServedModel
 from shared.app import App
 from shared.errors import ConfigurationError

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from shared.dtypes import OIP_DATATYPES
 from shared.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -33,26 +34,6 @@ if TYPE_CHECKING:
 ModelFactory = Callable[[], "TrainingModel[Any]"]
 TrainerFactory = Callable[[], "Trainer"]
 F = TypeVar("F", bound=Callable[..., Any])
-
-# OIP datatypes a model's inputs and outputs may declare.
-DATATYPES = frozenset(
-    {
-        "BOOL",
-        "BYTES",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "BF16",
-        "FP32",
-        "FP64",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -64,10 +45,10 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if self.datatype not in DATATYPES:
+        if self.datatype not in OIP_DATATYPES:
             raise ConfigurationError(
                 f"tensor {self.name!r}: datatype {self.datatype!r} is not one of "
-                f"{', '.join(sorted(DATATYPES))}"
+                f"{', '.join(sorted(OIP_DATATYPES))}"
             )
         if any(d < -1 for d in self.shape):
             raise ConfigurationError(

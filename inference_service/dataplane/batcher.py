@@ -23,7 +23,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from inference_service import metrics
-from inference_service.dataplane.tensors import Tensor, join_rows
+from inference_service.dataplane.batch_rows import (
+    ShapeKey,
+    check_rows,
+    join_rows,
+    shape_key,
+    split_rows,
+)
+from inference_service.dataplane.model_io import Tensor
 from inference_service.served_model import Generation, ServedModel, version_not_served
 from shared.devices import use_torch_threads
 from shared.errors import DeadlineExceededError, UnavailableError
@@ -54,12 +61,11 @@ class _Request:
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[Result] = field(default_factory=Future)
     rows: int = field(init=False)
-    # What requests that batch together share: each input's sizes beyond the first dimension.
-    key: tuple[tuple[int, ...], ...] = field(init=False)
+    key: ShapeKey = field(init=False)  # requests with equal keys can batch together
 
     def __post_init__(self) -> None:
         self.rows = int(self.inputs[0].shape[0])
-        self.key = tuple(tuple(int(d) for d in t.shape[1:]) for t in self.inputs)
+        self.key = shape_key(self.inputs)
 
 
 class Batcher:
@@ -189,7 +195,7 @@ class Batcher:
             result = self.model.run(generation, joined)
             outputs = self._normalize(result, len(self.model.spec.outputs))
             if len(batch) > 1:
-                self._check_rows(outputs, rows)
+                check_rows(self.model.name, outputs, rows)
             took = time.monotonic() - started
             metrics.COMPUTE_SECONDS.labels(self.model.name).observe(took)
             if self._on_execution is not None:
@@ -201,18 +207,5 @@ class Batcher:
             for request in batch:
                 request.future.set_exception(error)
             return
-        offset = 0
-        for request in batch:
-            parts = [o[offset : offset + request.rows] for o in outputs]
-            offset += request.rows
+        for request, parts in zip(batch, split_rows(outputs, [r.rows for r in batch]), strict=True):
             request.future.set_result((parts, generation))
-
-    def _check_rows(self, outputs: list[Tensor], rows: int) -> None:
-        """A batch is split back by rows: outputs with another count would hand one request's
-        rows to another."""
-        shapes = [list(o.shape) for o in outputs]
-        if any(not shape or shape[0] != rows for shape in shapes):
-            raise RuntimeError(
-                f"model {self.model.name!r} returned outputs of shapes {shapes} for a batch of "
-                f"{rows} rows; a batched model must return one row per input row"
-            )

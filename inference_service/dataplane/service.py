@@ -10,14 +10,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from inference_service import metrics
 from inference_service.dataplane.admission import Admission, RequestLimits
+from inference_service.dataplane.batch_rows import common_rows
 from inference_service.dataplane.batcher import Batcher, BatchingConfig, Result
+from inference_service.dataplane.model_io import Tensor, normalize_model_outputs, tensor_bytes
 from inference_service.dataplane.stats import StatsBook
-from inference_service.dataplane.tensors import (
-    Tensor,
-    common_rows,
-    normalize_model_outputs,
-    tensor_bytes,
-)
 from inference_service.served_model import Generation, ServedModel, version_not_served
 from shared.devices import use_torch_threads
 from shared.errors import ModelNotFoundError, UnavailableError

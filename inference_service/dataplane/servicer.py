@@ -17,9 +17,9 @@ from typing_extensions import override
 
 from inference_service import metrics
 from inference_service.dataplane import convert
+from inference_service.dataplane.codec import decode_inputs, encode_outputs
 from inference_service.dataplane.extensions import TritonExtensions
 from inference_service.dataplane.service import DataPlane
-from inference_service.dataplane.tensors import decode_inputs, encode_outputs
 from shared.errors import ServiceError
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc

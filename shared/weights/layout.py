@@ -1,4 +1,4 @@
-"""The safetensors layout: dtype names, building a header, and checking one that arrived.
+"""The safetensors layout: tensor layouts, building a header, and checking one that arrived.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON mapping each tensor
 name to {dtype, shape, data_offsets: [begin, end)} (offsets relative to the end of the header),
@@ -17,30 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.dtypes import BY_SAFETENSORS, BY_TORCH
 from shared.errors import MalformedPushError
-
-DTYPE_TO_NAME: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.uint16: "U16",
-    torch.int32: "I32",
-    torch.uint32: "U32",
-    torch.int64: "I64",
-    torch.uint64: "U64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.complex64: "C64",
-}
-NAME_TO_DTYPE = {name: dtype for dtype, name in DTYPE_TO_NAME.items()}
-ITEMSIZE = {
-    name: torch.empty((), dtype=dtype).element_size() for dtype, name in DTYPE_TO_NAME.items()
-}
 
 # safetensors' own limit on the JSON header.
 MAX_HEADER_BYTES = 100_000_000
@@ -55,13 +33,14 @@ class TensorLayout:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+        return math.prod(self.shape) * BY_SAFETENSORS[self.dtype].itemsize
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorLayout:
-        if tensor.dtype not in DTYPE_TO_NAME:
+        name = entry.safetensors if (entry := BY_TORCH.get(tensor.dtype)) else None
+        if name is None:
             raise TypeError(f"dtype {tensor.dtype} cannot travel in safetensors framing")
-        return cls(DTYPE_TO_NAME[tensor.dtype], tuple(tensor.shape))
+        return cls(name, tuple(tensor.shape))
 
 
 @dataclass(frozen=True)

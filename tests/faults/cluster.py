@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import signal
@@ -56,6 +57,10 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def gone(pid: int) -> bool:
+    return not alive(pid)
 
 
 def children(pid: int, marker: str) -> list[int]:
@@ -293,10 +298,10 @@ class Cluster:
     def _end_relays(self) -> None:
         """A relay exits when its service dies; make sure, and kill any that lingers."""
         for pid in list(self.relays):
-            if not wait_for(lambda pid=pid: not alive(pid), 30):  # type: ignore[misc]
+            if not wait_for(functools.partial(gone, pid), 30):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                wait_for(lambda pid=pid: not alive(pid), 10)  # type: ignore[misc]
+                wait_for(functools.partial(gone, pid), 10)
             self.relays.discard(pid)
 
     @staticmethod

@@ -367,9 +367,12 @@ def features(schedule: Schedule) -> set[str]:
             case AcquireRace():
                 found.add("acquire-race")
             case Stall():
-                found.add(f"stall-then-{step.end}")
+                # Meaningful when the stalled writer is surely the current one: it acquires
+                # first, with room on the disk to record that.
+                current = step.acquire_first and not full
+                found.add(f"stall-then-{step.end}" if current or step.end != "hold" else "")
                 fenced = any(what == "acquire" for what, _ in step.during)
-                if step.acquire_first and step.end == "commit" and fenced:
+                if current and step.end == "commit" and fenced:
                     found.add("fenced-while-streaming")
             case KillService():
                 found.add("restart-sigterm" if step.graceful else "restart-kill-9")
@@ -393,6 +396,7 @@ def features(schedule: Schedule) -> set[str]:
                 found.add("forged-epoch")
             if full:
                 found.add("push-on-full-disk")
+    found.discard("")
     return found
 
 

@@ -70,7 +70,7 @@ class Answer:
 
     @property
     def ok(self) -> bool:
-        return self.code == grpc.StatusCode.OK
+        return bool(self.code == grpc.StatusCode.OK)
 
     def describe(self) -> str:
         if self.response is not None:

@@ -1,5 +1,7 @@
 """Data-parallel training in the trainer tier: torchrun starts two ranks (gloo, CPU); they train
-in lockstep, rank 0 alone pushes and checkpoints, and the served weights are the checkpoint's."""
+in lockstep, rank 0 alone pushes and checkpoints, and the served weights are the checkpoint's.
+Rank 0 tells the others how each sync went: they go on alike when it failed, and all stop when
+rank 0 is fenced."""
 
 from __future__ import annotations
 
@@ -18,6 +20,14 @@ from tests.integration.conftest import ROOT, Services, wait_until
 QUICKSTART = "examples.quickstart:app"
 
 
+def trainer_args(tmp_path: Path, *args: str) -> list[str]:
+    """The trainer service's arguments every rank gets."""
+    return [
+        "-m", "trainer_service", "--models", QUICKSTART, "--device", "cpu", "--trainer-id", "dp",
+        "--metrics-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "trainer"), *args,
+    ]  # fmt: skip
+
+
 def torchrun(services: Services, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -25,19 +35,7 @@ def torchrun(services: Services, tmp_path: Path, *args: str) -> subprocess.Compl
             "--standalone",
             "--nproc-per-node",
             "2",
-            "-m",
-            "trainer_service",
-            "--models",
-            QUICKSTART,
-            "--device",
-            "cpu",
-            "--trainer-id",
-            "dp",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(tmp_path / "trainer"),
-            *args,
+            *trainer_args(tmp_path, *args),
         ],
         cwd=ROOT,
         env={**services.env, "OMP_NUM_THREADS": "1"},
@@ -101,22 +99,7 @@ def ranks(services: Services, tmp_path: Path, *args: str) -> list[subprocess.Pop
         }
         with (tmp_path / f"rank{rank}.log").open("wb") as out:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "trainer_service",
-                    "--models",
-                    QUICKSTART,
-                    "--device",
-                    "cpu",
-                    "--trainer-id",
-                    "dp",
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                    "--state-dir",
-                    str(tmp_path / "trainer"),
-                    *args,
-                ],
+                [sys.executable, *trainer_args(tmp_path, *args)],
                 cwd=ROOT,
                 env=env,
                 stdout=out,

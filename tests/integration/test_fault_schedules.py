@@ -16,19 +16,16 @@ from tests.faults.harness import run_schedule
 from tests.faults.schedule import FEATURES, features, generate
 
 STEPS = 8
-SEEDS = (641, 685, 74)
+SEEDS = (168, 1378, 391)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_fault_schedule_keeps_every_invariant(seed: int, tmp_path: Path) -> None:
     schedule = generate(seed, STEPS)
     result = run_schedule(schedule, tmp_path / f"seed-{seed}")  # prints every step and answer
-    assert not result.violations, "\n".join(
-        [
-            *result.violations,
-            f"replay: python -m tests.faults --seed {seed} --steps {STEPS} --keep",
-        ]
-    )
+    if result.violations:
+        replay = f"replay: python -m tests.faults --seed {seed} --steps {STEPS} --keep"
+        pytest.fail("\n".join([*result.violations, replay]), pytrace=False)
     assert result.steps == len(schedule.steps)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.weights.digest import state_digest
 from tests.integration.apps import Stamp
 from tests.integration.conftest import Inference, Services, wait_until
+from tests.integration.pki import make_ca, make_cert
 
 STAMP = "tests.integration.apps:stamp"
 # Nothing listens there and nothing routes to it (TEST-NET-1, RFC 5737): a dead, non-loopback
@@ -39,30 +39,13 @@ def stamp_digest(run: int) -> bytes:
     return state_digest(module.state_dict())
 
 
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def localhost_pki(tmp_path: Path) -> Path:
     """A CA and a server certificate it signed for the name `localhost` only (no IP SAN)."""
-    d = tmp_path / "pki"
-    d.mkdir()
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-    )  # fmt: skip
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
-    )  # fmt: skip
-    (d / "server.ext").write_text("subjectAltName=DNS:localhost\n")
-    openssl(
-        "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
-        "-out", str(d / "server.pem"), "-extfile", str(d / "server.ext"),
-    )  # fmt: skip
-    return d
+    directory = tmp_path / "pki"
+    ca = make_ca(directory, "ca")
+    make_cert(directory, "server", ca, "DNS:localhost")
+    return directory
 
 
 def tls_model_state(inference: Inference, pki: Path) -> pb.ModelState:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from inference_service.dataplane.batcher import Batcher, BatchingConfig, Result
-from inference_service.dataplane.tensors import normalize_model_outputs
+from inference_service.dataplane.model_io import normalize_model_outputs
 from inference_service.served_model import ServedModel
 from shared.app import ModelSpec, TensorSpec
 from shared.errors import DeadlineExceededError, UnavailableError, VersionNotServedError

@@ -16,6 +16,7 @@ from inference_service.served_model import ServedModel
 from shared.app import ModelSpec, TensorSpec
 from shared.errors import InvalidInputError, ResourceLimitError, VersionNotServedError
 from shared.weights.digest import tensor_hash
+from tests.devices import NEEDS_CUDA
 
 SPEC = ModelSpec(
     "two",
@@ -131,3 +132,33 @@ def test_a_request_its_caller_abandoned_holds_its_place_until_its_model_has_run(
     module.open.set()
     data.close()  # waits for the worker
     assert data.admission.in_flight("two") == 0 and data.admission.bytes_in_flight == 0
+
+
+def on_device(device: str) -> ServedModel:
+    """A model that runs on `device` and returns its result there (no weights: "meta" has no
+    data to hash)."""
+    return ServedModel(SPEC, nn.Module(), lambda m, x, y: x + y, True, torch.device(device))
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_outputs_leave_the_device_on_the_models_thread(batched: bool) -> None:
+    # With no GPU, "meta" stands for the model's device. Its tensors hold no data, so the copy
+    # to host memory fails: the failure must come back through the model's own future, raised
+    # where the model ran, instead of meta outputs reaching the event loop to be encoded there.
+    # (It shows where the copy happens, not that a real device's bytes arrive: the CUDA test.)
+    model = on_device("meta")
+    data = plane(model, batched)
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        asyncio.run(data.infer(model, [torch.ones(1, 2), torch.ones(1, 2)]))
+    data.close()
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=NEEDS_CUDA)])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_outputs_reach_the_event_loop_in_host_memory(batched: bool, device: str) -> None:
+    model = on_device(device)
+    data = plane(model, batched)
+    (z,), _ = asyncio.run(data.infer(model, [torch.ones(3, 2), torch.full((3, 2), 2.0)]))
+    assert isinstance(z, torch.Tensor) and z.device.type == "cpu"
+    assert torch.equal(z, torch.full((3, 2), 3.0))
+    data.close()

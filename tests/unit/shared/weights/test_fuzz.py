@@ -17,9 +17,10 @@ from torch import nn
 from inference_service.served_model import ServedModel
 from inference_service.syncplane.receiver import Commit, PushHeader, PushReceiver, SyncLimits
 from shared.app import ModelSpec, TensorSpec
+from shared.dtypes import BY_SAFETENSORS
 from shared.errors import ServiceError
 from shared.weights.digest import state_digest
-from shared.weights.layout import ITEMSIZE, TensorEntry, TensorLayout, parse_header
+from shared.weights.layout import TensorEntry, TensorLayout, parse_header
 from shared.weights.reader import PayloadReader
 from shared.weights.writer import Payload
 
@@ -75,7 +76,7 @@ def test_a_header_is_refused_or_describes_exactly_the_data(
         assert entry.end - entry.begin == entry.layout.nbytes
         position = entry.end
     assert position == size
-    assert sum(ITEMSIZE[e.layout.dtype] >= 1 for e in parsed) == len(parsed)
+    assert sum(BY_SAFETENSORS[e.layout.dtype].itemsize >= 1 for e in parsed) == len(parsed)
 
 
 SPEC = ModelSpec(

@@ -1,4 +1,4 @@
-"""OIP tensors to torch and back: every datatype, both forms, and every refusal."""
+"""The codec: OIP tensors to torch and back, every datatype, both forms, every refusal."""
 
 from __future__ import annotations
 
@@ -7,42 +7,13 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from inference_service.dataplane.tensors import (
-    DATATYPES,
-    common_rows,
-    datatype_of,
-    decode_inputs,
-    dtype_of,
-    encode_outputs,
-    normalize_model_outputs,
-    pack_bytes,
-    tensor_bytes,
-    unpack_bytes,
-)
+from inference_service.dataplane.bytes_wire import pack_bytes, unpack_bytes
+from inference_service.dataplane.codec import decode_inputs, encode_outputs
 from shared.app import TensorSpec
+from shared.dtypes import BY_OIP, datatype_of, dtype_of
 from shared.errors import InvalidInputError
 from shared.gen.inference import grpc_service_pb2 as pb
-
-
-def extremes(datatype: str) -> torch.Tensor:
-    dtype = dtype_of(datatype)
-    if dtype == torch.bool:
-        return torch.tensor([[True, False, True]])
-    if dtype.is_floating_point:
-        info = torch.finfo(dtype)
-        values = [info.min, info.max, -0.0, float("inf"), float("nan"), 1.5]
-        return torch.tensor([values], dtype=dtype)
-    info = torch.iinfo(dtype)
-    return torch.tensor([[info.min, info.max, 0, 1]], dtype=dtype)
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return (
-        a.contiguous().view(torch.uint8).numpy().tobytes()
-        == b.contiguous().view(torch.uint8).numpy().tobytes()
-    )
+from tests.unit.inference_service.values import bitwise_equal, extremes
 
 
 def request_for(tensor: torch.Tensor, datatype: str, raw: bool) -> pb.ModelInferRequest:
@@ -51,13 +22,14 @@ def request_for(tensor: torch.Tensor, datatype: str, raw: bool) -> pb.ModelInfer
     if raw:
         request.raw_input_contents.append(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     else:
-        field = DATATYPES[datatype].field
+        field = BY_OIP[datatype].field
         assert field is not None
-        getattr(entry.contents, field).extend(tensor.reshape(-1).tolist())
+        getattr(entry.contents, field.name).extend(tensor.reshape(-1).tolist())
     return request
 
 
-FORMS = [(d, True) for d in DATATYPES] + [(d, False) for d, e in DATATYPES.items() if e.field]
+TORCH_TYPED = [d for d, e in BY_OIP.items() if e.torch_dtype is not None]
+FORMS = [(d, True) for d in TORCH_TYPED] + [(d, False) for d in TORCH_TYPED if BY_OIP[d].field]
 
 
 @pytest.mark.parametrize(("datatype", "raw"), FORMS)
@@ -72,9 +44,9 @@ def test_every_datatype_round_trips(datatype: str, raw: bool) -> None:
     if contents:
         back = torch.frombuffer(bytearray(contents[0]), dtype=tensor.dtype).reshape(tensor.shape)
     else:
-        field = DATATYPES[datatype].field
+        field = BY_OIP[datatype].field
         assert field is not None
-        values = list(getattr(response.outputs[0].contents, field))
+        values = list(getattr(response.outputs[0].contents, field.name))
         back = torch.tensor(values, dtype=tensor.dtype).reshape(tensor.shape)
     assert bitwise_equal(back, tensor)
 
@@ -194,7 +166,7 @@ def test_bytes_round_trip_raw_and_typed() -> None:
         outputs, contents = encode_outputs([decoded], spec, [], raw=raw)
         assert list(outputs[0].shape) == [2, 2]
         if raw:
-            assert unpack_bytes("t", contents[0], 4) == words
+            assert unpack_bytes("output 't'", contents[0], 4) == words
         else:
             assert list(outputs[0].contents.bytes_contents) == words
 
@@ -202,7 +174,7 @@ def test_bytes_round_trip_raw_and_typed() -> None:
 def test_bytes_outputs_take_str_and_refuse_other_values() -> None:
     spec = [TensorSpec("t", "BYTES", (-1,))]
     _, contents = encode_outputs([np.array(["\u00e9", b"x"], dtype=object)], spec, [], True)
-    assert unpack_bytes("t", contents[0], 2) == ["\u00e9".encode(), b"x"]
+    assert unpack_bytes("output 't'", contents[0], 2) == ["\u00e9".encode(), b"x"]
     with pytest.raises(RuntimeError, match="BYTES elements must be bytes or str, not int"):
         encode_outputs([np.array([1, 2], dtype=object)], spec, [], True)
     with pytest.raises(RuntimeError, match="return a numpy array of bytes or str, not a Tensor"):
@@ -217,11 +189,13 @@ def test_output_refusals_and_model_bugs() -> None:
         encode_outputs([torch.ones(1)], spec, ["z"], raw=True)
     with pytest.raises(RuntimeError, match=r"is torch\.float64 but the model declares FP32"):
         encode_outputs([torch.ones(1, dtype=torch.float64)], spec, [], raw=True)
-    with pytest.raises(RuntimeError, match="declares 2 output tensor"):
-        normalize_model_outputs(torch.ones(1), 2)
-    with pytest.raises(RuntimeError, match="returned a dict"):
-        normalize_model_outputs({}, 1)
-    assert len(normalize_model_outputs((torch.ones(1), torch.ones(2)), 2)) == 2
+
+
+def test_the_encoder_takes_host_memory_only_and_never_copies_from_a_device() -> None:
+    # It runs on the event loop: a device-to-host copy there would stall every other request.
+    spec = [TensorSpec("y", "FP32", (-1,))]
+    with pytest.raises(RuntimeError, match="'y' reached the encoder on meta"):
+        encode_outputs([torch.ones(2, device="meta")], spec, [], raw=True)
 
 
 def test_a_request_built_by_tritonclient_decodes_to_the_same_values() -> None:
@@ -270,16 +244,3 @@ def test_the_size_bound_is_what_one_message_can_carry() -> None:
     typed.inputs.add(name="x", datatype="FP32", shape=[0, 1024])
     (empty,) = decode_inputs(typed, [spec], max_message_bytes=1024)
     assert empty.shape == (0, 1024)
-
-
-def test_the_inputs_of_a_request_must_have_the_same_number_of_rows() -> None:
-    specs = [TensorSpec("x", "FP32", (-1, 2)), TensorSpec("t", "BYTES", (-1,))]
-    assert common_rows(specs, [torch.zeros(3, 2), np.array([b"a", b"b", b"c"], object)]) == 3
-    with pytest.raises(InvalidInputError, match=r"first dimension: 'x' 1, 't' 0\)"):
-        common_rows(specs, [torch.zeros(1, 2), np.array([], object)])
-
-
-def test_tensor_bytes_counts_what_a_decoded_tensor_holds() -> None:
-    assert tensor_bytes(torch.zeros(3, 4, dtype=torch.float64)) == 96
-    words = np.array([b"ab", b"cde"], object)
-    assert tensor_bytes(words) == words.nbytes + 5

@@ -1,0 +1,282 @@
+"""The only place that converts OIP tensors to what a model takes (`model_io`) and back.
+
+Raw contents (`raw_input_contents` / `raw_output_contents`: little-endian, row-major bytes, one
+entry per tensor) are the fast path: one copy into a tensor that owns its memory. Typed contents
+(`InferTensorContents`) are accepted and produced too, except for the datatypes the protocol
+carries raw only (FP16, BF16: `shared.dtypes`); BYTES raw contents are laid out as
+`bytes_wire` says.
+
+The server decodes requests' inputs and the client (`inference_service.client`) responses'
+outputs with the same two routines, `tensor_from_raw` and `tensor_from_typed`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from inference_service.dataplane.bytes_wire import LENGTH_BYTES, pack_bytes, unpack_bytes
+from inference_service.dataplane.model_io import Tensor, bytes_array
+from shared.app import TensorSpec
+from shared.dtypes import BY_OIP, BY_TORCH, BYTES, CONTENTS_FIELDS, dtype_of, row_of
+from shared.errors import InvalidInputError
+from shared.gen.inference import grpc_service_pb2 as pb
+from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
+
+# Which side of a call a tensor is on: its messages name it, and its raw field.
+Role = Literal["input", "output"]
+Contents = pb.InferTensorContents
+
+
+def decode_inputs(
+    request: pb.ModelInferRequest,
+    specs: Sequence[TensorSpec],
+    max_message_bytes: int = DATA_MAX_MESSAGE_BYTES,
+) -> list[Tensor]:
+    """The request's input tensors, one per spec, in spec order, checked against the specs.
+
+    Every shape is checked before any tensor is built: its sizes must fit the spec, and the
+    elements they span must fit in a message of `max_message_bytes` (so no size, nor product
+    of sizes, can overflow what numpy and torch compute from it, even with a size of 0)."""
+    expected = {spec.name: spec for spec in specs}
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"{len(raw)} raw_input_contents entries for {len(request.inputs)} inputs; "
+            "send one per input, in the order of `inputs`"
+        )
+    found: dict[str, Tensor] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = expected.get(tensor.name)
+        if spec is None:
+            raise InvalidInputError(
+                f"unknown input {tensor.name!r}; the model takes {', '.join(expected)}"
+            )
+        if tensor.name in found:
+            raise InvalidInputError(f"input {tensor.name!r} is given twice")
+        shape = _check_header(tensor, spec, bool(raw), max_message_bytes)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInputError(
+                    f"input {tensor.name!r} has typed contents while the request uses "
+                    "raw_input_contents; use one form for all inputs"
+                )
+            found[tensor.name] = tensor_from_raw(
+                "input", tensor.name, raw[index], spec.datatype, shape
+            )
+        else:
+            found[tensor.name] = tensor_from_typed(
+                "input", tensor.name, tensor.contents, spec.datatype, shape
+            )
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise InvalidInputError(f"missing input(s) {', '.join(missing)}")
+    return [found[spec.name] for spec in specs]
+
+
+def _check_header(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, raw: bool, max_bytes: int
+) -> list[int]:
+    if tensor.datatype != spec.datatype:
+        raise InvalidInputError(
+            f"input {tensor.name!r}: datatype {tensor.datatype!r} but the model takes "
+            f"{spec.datatype}"
+        )
+    shape = list(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input {tensor.name!r}: shape {shape} has a negative size")
+    if len(shape) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+    ):
+        raise InvalidInputError(
+            f"input {tensor.name!r}: shape {shape} does not fit the model's {list(spec.shape)} "
+            "(-1: any size)"
+        )
+    _check_size(tensor.name, spec.datatype, shape, raw, max_bytes)
+    return shape
+
+
+def _check_size(name: str, datatype: str, shape: list[int], raw: bool, max_bytes: int) -> None:
+    """InvalidInputError unless a message of `max_bytes` could carry a tensor of `shape`, sizes
+    of 0 counted as 1 (the span numpy and torch compute strides over).
+
+    The fewest bytes one element takes: raw, its size (a BYTES element, its length prefix);
+    typed, one (a varint, or a BYTES element's length prefix)."""
+    if not raw:
+        per = 1
+    elif datatype == BYTES:
+        per = LENGTH_BYTES
+    else:
+        per = dtype_of(datatype).itemsize
+    most = max_bytes // per
+    span = 1
+    for size in shape:  # stops early: a client's sizes may be up to 2**63 - 1 each
+        span *= max(size, 1)
+        if span > most:
+            raise InvalidInputError(
+                f"input {name!r}: shape {shape} is too large: a request of at most {max_bytes} "
+                f"bytes carries at most {most} {datatype} elements "
+                f"({'raw' if raw else 'typed'}), counting sizes of 0 as 1"
+            )
+
+
+def tensor_from_raw(role: Role, name: str, data: bytes, datatype: str, shape: list[int]) -> Tensor:
+    """One tensor from its raw contents, in memory of its own; InvalidInputError if the bytes do
+    not make `datatype` of `shape`."""
+    if datatype == BYTES:
+        return bytes_array(unpack_bytes(f"{role} {name!r}", data, math.prod(shape)), shape)
+    dtype = dtype_of(datatype)
+    want = math.prod(shape) * dtype.itemsize
+    if len(data) != want:
+        raise InvalidInputError(
+            f"{role} {name!r}: {len(data)} raw bytes but {datatype}{shape} needs {want}"
+        )
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    # bytearray: one copy into writable memory the tensor owns (frombuffer on read-only bytes
+    # would warn, and the model must not see the message's buffer).
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def tensor_from_typed(
+    role: Role, name: str, contents: Contents, datatype: str, shape: list[int]
+) -> Tensor:
+    """One tensor from its typed contents, read in one pass (np.fromiter) and range-checked
+    where the field's type is wider than the datatype; InvalidInputError if the values are in
+    another field, too few or too many, or out of range."""
+    label = f"{role} {name!r}"
+    entry = row_of(datatype)
+    field = entry.field
+    if field is None:
+        raise InvalidInputError(f"{label}: {datatype} can only be sent in raw_{role}_contents")
+    for other in CONTENTS_FIELDS:
+        if other != field and len(getattr(contents, other.name)):
+            raise InvalidInputError(
+                f"{label}: {datatype} values belong in {field.name}, not {other.name}"
+            )
+    values = getattr(contents, field.name)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInputError(f"{label}: {len(values)} values but shape {shape} needs {count}")
+    if entry.torch_dtype is None:  # BYTES
+        return bytes_array(list(values), shape)
+    array = np.fromiter(values, field.numpy, count)
+    bounds = entry.checked_range
+    if (
+        bounds is not None
+        and count
+        and not bounds[0] <= int(array.min()) <= int(array.max()) <= bounds[1]
+    ):
+        raise InvalidInputError(
+            f"{label}: values must lie in [{bounds[0]}, {bounds[1]}] for {datatype}"
+        )
+    return torch.from_numpy(array).to(entry.torch_dtype).reshape(shape)
+
+
+def encode_outputs(
+    outputs: Sequence[Tensor],
+    specs: Sequence[TensorSpec],
+    requested: Sequence[str],
+    raw: bool,
+) -> tuple[list[pb.ModelInferResponse.InferOutputTensor], list[bytes]]:
+    """Response tensors for the requested outputs (all when none are named), from outputs in
+    host memory (`model_io.normalize_model_outputs` put them there)."""
+    index = {spec.name: i for i, spec in enumerate(specs)}
+    for name in requested:
+        if name not in index:
+            raise InvalidInputError(
+                f"unknown output {name!r}; the model returns {', '.join(index)}"
+            )
+    chosen = [index[name] for name in requested] if requested else list(range(len(specs)))
+    raw = raw or any(BY_OIP[specs[i].datatype].field is None for i in chosen)
+    results = []
+    contents: list[bytes] = []
+    for i in chosen:
+        out, data = _encode_output(specs[i], outputs[i], raw)
+        results.append(out)
+        if data is not None:
+            contents.append(data)
+    return results, contents
+
+
+def _encode_output(
+    spec: TensorSpec, value: Tensor, raw: bool
+) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes | None]:
+    """One response tensor, and its raw contents (None: typed, in the tensor)."""
+    values: list[Any]
+    if spec.datatype == BYTES:
+        shape, elements = _output_elements(spec.name, value)
+        _check_rank(spec, shape)
+        data = pack_bytes(elements) if raw else None
+        values = elements
+    else:
+        tensor = _output_tensor(spec, value)
+        shape = list(tensor.shape)
+        data = _to_bytes(tensor) if raw else None
+        values = [] if raw else tensor.reshape(-1).tolist()
+    out = pb.ModelInferResponse.InferOutputTensor(
+        name=spec.name, datatype=spec.datatype, shape=shape
+    )
+    field = BY_OIP[spec.datatype].field
+    if data is None and field is not None:
+        getattr(out.contents, field.name).extend(values)
+    return out, data
+
+
+def _to_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _output_elements(name: str, value: Tensor) -> tuple[list[int], list[bytes]]:
+    """A BYTES output's shape and its elements as bytes (str is UTF-8 encoded)."""
+    array = value if isinstance(value, np.ndarray) else None
+    if array is None:
+        raise RuntimeError(
+            f"model output {name!r} is declared BYTES: return a numpy array of bytes or str, "
+            f"not a {type(value).__name__}"
+        )
+    elements: list[bytes] = []
+    for item in array.reshape(-1).tolist():
+        if isinstance(item, str):
+            item = item.encode()
+        if not isinstance(item, bytes):
+            raise RuntimeError(
+                f"model output {name!r}: BYTES elements must be bytes or str, not "
+                f"{type(item).__name__}"
+            )
+        elements.append(item)
+    return list(array.shape), elements
+
+
+def _output_tensor(spec: TensorSpec, value: Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(
+            f"model output {spec.name!r} is a {type(value).__name__} but the model declares "
+            f"{spec.datatype}; return a torch.Tensor"
+        )
+    if value.device.type != "cpu":  # never copied here: this runs on the event loop
+        raise RuntimeError(
+            f"model output {spec.name!r} reached the encoder on {value.device}; outputs are "
+            "moved to the CPU where the model ran (normalize_model_outputs)"
+        )
+    tensor = value.detach().contiguous()
+    entry = BY_TORCH.get(tensor.dtype)
+    if entry is None or entry.oip != spec.datatype:
+        raise RuntimeError(
+            f"model output {spec.name!r} is {tensor.dtype} but the model declares {spec.datatype}"
+        )
+    _check_rank(spec, list(tensor.shape))
+    return tensor
+
+
+def _check_rank(spec: TensorSpec, shape: list[int]) -> None:
+    if len(shape) != len(spec.shape):
+        raise RuntimeError(
+            f"model output {spec.name!r} has shape {shape} but the model declares "
+            f"{list(spec.shape)}"
+        )
