@@ -6,6 +6,7 @@ from __future__ import annotations
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.stats import Duration
 from inference_service.served_model import ServedModel
+from shared.dtypes import BYTES
 from shared.gen.inference import grpc_service_pb2 as pb
 
 PLATFORM = "pytorch"
@@ -14,7 +15,7 @@ PLATFORM = "pytorch"
 def _type(datatype: str) -> pb.DataType:
     """The ModelConfig enum for an OIP datatype (BYTES is Triton's TYPE_STRING)."""
     value: pb.DataType = pb.DataType.Value(
-        "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+        "TYPE_STRING" if datatype == BYTES else f"TYPE_{datatype}"
     )
     return value
 

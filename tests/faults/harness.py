@@ -87,7 +87,7 @@ class Run:
         self._log_offsets: dict[Path, int] = {}
         self._trainer_acks: dict[int, int] = {}
         self._awaiting_grant: set[str] = set()  # trainers started, not yet seen granted
-        self._killed: set[int] = set()  # ids of trainer processes the harness killed
+        self._killed: set[int] = set()  # pids of trainer processes the harness killed
         self._exits_seen: set[int] = set()
         self._tmp_seen: dict[str, tuple[int, int]] = {}
         self._files: dict[tuple[str, int, int], tuple[int, str, bytes] | str] = {}
@@ -605,7 +605,7 @@ class Run:
         if process is None or process.poll() is not None:
             self.note(f"{trainer_id(index)} is not running")
             return
-        self._killed.add(id(process))
+        self._killed.add(process.pid)
         self.cluster.kill_trainer(index)
 
     def fill_disk(self) -> None:
@@ -657,11 +657,11 @@ class Run:
     def check_trainer_exits(self) -> None:
         for index, process in self.cluster.trainers.items():
             code = process.poll()
-            if code is None or id(process) in self._exits_seen:
+            if code is None or process.pid in self._exits_seen:
                 continue
-            self._exits_seen.add(id(process))
+            self._exits_seen.add(process.pid)
             tid = trainer_id(index)
-            if id(process) in self._killed or code == 0:
+            if process.pid in self._killed or code == 0:
                 continue
             if code == 3:
                 own = [i for i, g in enumerate(self.ledger.grants) if g.holder == tid]
