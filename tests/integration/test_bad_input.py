@@ -365,7 +365,9 @@ def test_after_the_catalogue_nothing_failed_inside_and_a_good_push_still_works(
         metrics = response.read().decode()
     assert 'code="INTERNAL"' not in metrics
     refused = [
-        line for line in metrics.splitlines() if line.startswith("weightsync_inference_requests_total")
+        line
+        for line in metrics.splitlines()
+        if line.startswith("weightsync_inference_requests_total")
     ]
     assert any('code="INVALID_ARGUMENT"' in line for line in refused), refused
     payload = bench.payload()

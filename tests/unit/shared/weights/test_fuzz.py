@@ -135,8 +135,10 @@ json_values = st.recursive(
     | st.integers(min_value=-(10**40), max_value=10**40)
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(["a", "dtype", "shape", "data_offsets", "x"]), children),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["a", "dtype", "shape", "data_offsets", "x"]), children)
+    ),
     max_leaves=20,
 )
 
