@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SCHEDULES ?= 50
 
-.PHONY: help setup proto lint typecheck unit test faults demo bench clean
+.PHONY: help setup proto docs lint typecheck unit test faults demo bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,6 +20,9 @@ setup: $(STAMP)  ## create .venv with the pinned CPU build of torch and the dev 
 
 proto: $(STAMP)  ## regenerate shared/gen from proto/
 	$(PY) scripts/gen_proto.py
+
+docs: $(STAMP)  ## regenerate docs/configuration.md from the settings declarations
+	$(PY) scripts/gen_config_docs.py
 
 lint: $(STAMP)  ## ruff check and format check
 	$(VENV)/bin/ruff check .

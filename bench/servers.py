@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ import torch
 
 from bench import load
 from bench.mlp import MLP
-from bench.swap import stop
-from bench.sync import start_inference
-from shared.gen.inference import grpc_service_pb2 as pb
+from devtools import launch
+from inference_service.client import InferenceClient
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = launch.ROOT
 
 
 def free_port() -> int:
@@ -71,28 +69,21 @@ def mlserver_executable(given: str | None) -> str:
     return str(executable)
 
 
-def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    ready = pb.ModelReadyRequest(name="mlp")
-    channel = grpc.insecure_channel(address)
-    call = channel.unary_unary(
-        "/inference.GRPCInferenceService/ModelReady",
-        request_serializer=pb.ModelReadyRequest.SerializeToString,
-        response_deserializer=pb.ModelReadyResponse.FromString,
+def mlp_ready(address: str) -> bool:
+    """Whether the server at `address` says the MLP is ready (False while it cannot answer)."""
+    with InferenceClient(address, timeout_s=2) as client:
+        try:
+            return client.model_ready("mlp")
+        except grpc.RpcError:
+            return False
+
+
+def wait_ready(
+    address: str, process: subprocess.Popen[bytes], what: str, log: Path | None = None
+) -> None:
+    launch.wait_for(
+        process, lambda: mlp_ready(address), what=what, timeout=120, log=log, interval=0.5
     )
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit("the server exited before it was ready")
-            try:
-                if call(ready, timeout=2).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    finally:
-        channel.close()
-    raise SystemExit("the server did not become ready")
 
 
 @dataclass
@@ -111,17 +102,19 @@ class Ours:
 @contextmanager
 def ours(tmp: str, env: dict[str, str], *flags: str) -> Iterator[Ours]:
     """This project's inference service on free loopback ports, with `flags` added."""
-    own = tempfile.mkdtemp(dir=tmp)  # each start its own ready file
-    process, ports = start_inference(
-        "bench.serve_app:app", own, env, "--metrics-listen", "127.0.0.1:0", *flags
-    )
-    try:
-        address = f"127.0.0.1:{ports['data_port']}"
-        wait_ready(address, process)
-        load.check_answer(address)
-        yield Ours(process, address, ports)
-    finally:
-        stop(process)
+    own = Path(tempfile.mkdtemp(dir=tmp))  # each start its own ready file
+    with launch.Launcher(own, env, logs=False, grace=60) as launcher:
+        service = launcher.start_inference(
+            "bench.serve_app:app",
+            *launch.QUIET,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            *flags,
+            timeout=300,
+        )
+        wait_ready(service.data, service.process, "our inference service")
+        load.check_answer(service.data)
+        yield Ours(service.process, service.data, service.ready)
 
 
 @contextmanager
@@ -145,23 +138,16 @@ def mlserver(tmp: str, env: dict[str, str], executable: str | None) -> Iterator[
             }
         )
     )
-    log_path = Path(tmp) / "mlserver.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [mlserver_executable(executable), "start", str(models)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+    with launch.Launcher(Path(tmp), env, grace=60) as launcher:
+        process = launcher.spawn(
+            [mlserver_executable(executable), "start", str(models)], "mlserver"
         )
-    address = f"127.0.0.1:{grpc_port}"
-    try:
+        log = launcher.log_path("mlserver")
+        address = f"127.0.0.1:{grpc_port}"
+        wait_ready(address, process, "MLServer", log)
         try:
-            wait_ready(address, process)
             load.check_answer(address)
         except SystemExit:
-            print(log_path.read_text()[-3000:], file=sys.stderr)
+            print(launch.tail(log), file=sys.stderr)
             raise
         yield address
-    finally:
-        stop(process)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +28,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.sync import rss_kib, start_inference
+from bench.sync import rss_kib
+from devtools import launch
 from inference_service.client import InferenceClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,26 +42,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent client threads")
     args = parser.parse_args()
     env = {**os.environ, "BENCH_MB": str(args.mb), "PYTHONPATH": str(ROOT)}
-    quiet = ["--log-level", "WARNING", "--metrics-listen", "off"]
-    with tempfile.TemporaryDirectory() as tmp:
-        inference, ports = start_inference("bench.soak_app:app", tmp, env)
-        trainer = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "trainer_service",
-                "--models",
-                "bench.soak_app:app",
-                "--device",
-                "cpu",
-                "--inference",
-                f"127.0.0.1:{ports['sync_port']}",
-                "--run-interval",
-                "0.1",
-                *quiet,
-            ],
-            cwd=ROOT,
-            env=env,
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        launch.Launcher(Path(tmp), env, logs=False, grace=60) as launcher,
+    ):
+        inference = launcher.start_inference("bench.soak_app:app", *launch.QUIET, timeout=300)
+        trainer = launcher.start_trainer(
+            "bench.soak_app:app", [inference.sync], "--run-interval", "0.1", *launch.QUIET
         )
         errors: list[str] = []
         answered = 0
@@ -73,7 +59,7 @@ def main() -> int:
         def client() -> None:
             nonlocal answered
             x = torch.zeros(1, 8)
-            with InferenceClient(f"127.0.0.1:{ports['data_port']}") as c:
+            with InferenceClient(inference.data) as c:
                 while not stop.is_set():
                     try:
                         result = c.infer("stamp", {"x": x})
@@ -97,7 +83,7 @@ def main() -> int:
             started = time.monotonic()
             samples: list[tuple[float, int]] = []
             while (elapsed := time.monotonic() - started) < args.seconds:
-                samples.append((elapsed / args.seconds, rss_kib(inference.pid, "VmRSS")))
+                samples.append((elapsed / args.seconds, rss_kib(inference.process.pid, "VmRSS")))
                 time.sleep(0.5)
             warm = statistics.median(kib for at, kib in samples if 0.2 <= at < 0.4)
             end = statistics.median(kib for at, kib in samples if at >= 0.8)
@@ -105,9 +91,7 @@ def main() -> int:
             stop.set()
             for thread in threads:
                 thread.join()
-            for process in (trainer, inference):
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
+            launch.stop(trainer, 60)  # first: its last push then finds the service up
     print(
         f"# {answered} requests over {args.seconds:g}s, {len(versions)} versions served, "
         f"{args.mb} MiB model, RSS {warm / 1024:.0f} -> {end / 1024:.0f} MiB"

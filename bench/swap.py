@@ -16,17 +16,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import Drive
+from devtools import launch
 
-ROOT = Path(__file__).resolve().parent.parent
 SEGMENT_S = 5.0  # the three conditions' slices alternate this often
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 @dataclass
@@ -62,49 +54,33 @@ def swapping(
     The three conditions alternate in `SEGMENT_S` slices (the trainer and the yardstick are
     stopped with SIGSTOP while not wanted), so drift on a noisy machine hits all alike; each
     condition gets `seconds` in all."""
-    trainer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainer_service",
-            "--models",
-            "bench.serve_app:app",
-            "--device",
-            "cpu",
-            "--inference",
-            sync,
-            "--run-interval",
-            "1",
-            "--log-level",
-            "WARNING",  # commits are counted from the service's metrics
-            "--metrics-listen",
-            "off",
-        ],
-        cwd=ROOT,
-        env=env,
+    trainer = launch.spawn(
+        # warnings only: commits are counted from the service's metrics
+        launch.trainer_command("bench.serve_app:app", [sync], "--run-interval", "1", *launch.QUIET),
+        env,
         # In a deployment the trainer has a host of its own; here it shares these cores with
         # the server and the load generator, so it runs at the lowest CPU priority to stand in
         # for that. The inference service's own cost of receiving the syncs is fully counted.
-        preexec_fn=lambda: os.nice(19),
+        nice=19,
     )
     yardstick: subprocess.Popen[bytes] | None = None
     quiet, syncing, beside = Drive(), Drive(), Drive()
     commits = 0
     try:
         # measure from the second commit on: the trainer's start and first full copy are past
-        deadline = time.monotonic() + 120
-        while served_version(metrics_url, "blob") < 2:
-            if trainer.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the trainer did not commit the 100 MB model twice")
-            time.sleep(0.1)
+        launch.wait_for(
+            trainer,
+            lambda: served_version(metrics_url, "blob") >= 2,
+            what="the trainer (to commit the 100 MB model twice)",
+            timeout=120,
+            interval=0.1,
+        )
         pids = [trainer.pid, *service_pids]
         before = sum(cpu_seconds(pid) for pid in pids)
         time.sleep(SEGMENT_S)
         cpu_ms = (sum(cpu_seconds(pid) for pid in pids) - before) / SEGMENT_S * 1e3
-        yardstick = subprocess.Popen(
-            [sys.executable, "-m", "bench.cpu_yardstick", f"--ms-per-s={cpu_ms:.1f}"],
-            cwd=ROOT,
-            env=env,
+        yardstick = launch.spawn(
+            [sys.executable, "-m", "bench.cpu_yardstick", f"--ms-per-s={cpu_ms:.1f}"], env
         )
         slices = max(1, round(seconds / SEGMENT_S))
         for _ in range(slices):
@@ -123,7 +99,7 @@ def swapping(
             yardstick.kill()
             yardstick.wait()
         trainer.send_signal(signal.SIGCONT)
-        stop(trainer)
+        launch.stop(trainer, 60)
     return Swapping(quiet, syncing, beside, commits, cpu_ms)
 
 

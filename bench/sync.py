@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,55 +37,15 @@ import grpc
 import torch
 
 from bench.apps import Blocks
+from devtools import launch
 from shared.allocator import tune_for_streaming
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.settings import ProcessSettings
 from shared.weights.digest import byte_view
 from trainer_service.publisher import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 1 << 20
-
-
-def start(args: list[str], ready: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
-    deadline = time.monotonic() + 300
-    while not ready.exists() or not ready.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{args} did not start")
-        time.sleep(0.05)
-    return process
-
-
-def start_inference(
-    app: str, tmp: str, env: dict[str, str], *extra: str
-) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    """The inference service on free loopback ports, quiet; returns it and its bound ports."""
-    ready = Path(tmp) / f"inference-{app.replace(':', '-')}.json"
-    process = start(
-        [
-            "-m",
-            "inference_service",
-            "--models",
-            app,
-            "--device",
-            "cpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--sync-listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-            "--log-level",
-            "WARNING",
-            "--metrics-listen",
-            "off",
-            *extra,
-        ],
-        ready,
-        env,
-    )
-    ports: dict[str, int] = json.loads(ready.read_text())
-    return process, ports
 
 
 def rss_kib(pid: int, field: str) -> int:
@@ -166,7 +123,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=6, help="runs per figure (median)")
     parser.add_argument("--device", default="cpu", help="the inference service's device")
     args = parser.parse_args()
-    tune_for_streaming()  # as the trainer service does; this process sends for all three
+    # as the trainer service does; this process sends for all three
+    tune_for_streaming(ProcessSettings.from_environ(os.environ, "bench").malloc)
     env = {
         **os.environ,
         "BENCH_MB": str(args.mb),
@@ -185,15 +143,30 @@ def main() -> int:
         # Nothing is served here, so the sync plane's lower CPU priority (--sync-nice, which
         # makes pushes yield to serving) has nothing to protect; left on, it would only make the
         # receiver yield to this co-located sender, which a real trainer on its own host is not.
-        inference, ports = start_inference(
-            "bench.apps:app", tmp, env, "--sync-nice", "0", "--device", args.device
-        )
-        port_file = Path(tmp) / "yardstick.port"
-        yardstick = start(["-m", "bench.yardstick_server", str(port_file)], port_file, env)
+        launcher = launch.Launcher(Path(tmp), env, logs=False, grace=60)
         try:
-            sync_address = f"127.0.0.1:{ports['sync_port']}"
+            inference = launcher.start_inference(
+                "bench.apps:app",
+                *launch.QUIET,
+                "--sync-nice",
+                "0",
+                "--device",
+                args.device,
+                timeout=300,
+            )
+            port_file = Path(tmp) / "yardstick.port"
+            yardstick = launcher.spawn(
+                [sys.executable, "-m", "bench.yardstick_server", str(port_file)], "yardstick"
+            )
+            port = launch.wait_for(
+                yardstick,
+                lambda: port_file.read_text() if port_file.exists() else "",  # "": not written yet
+                what="the yardstick server",
+                timeout=300,
+            )
+            sync_address = inference.sync
             channel = grpc.insecure_channel(
-                f"127.0.0.1:{port_file.read_text()}",
+                f"127.0.0.1:{port}",
                 options=channel_options(SYNC_MAX_MESSAGE_BYTES),
             )
             raw = channel.stream_unary("/bench.Yardstick/Raw")
@@ -203,7 +176,7 @@ def main() -> int:
             # channel is reused too). First full push, under the memory probe: it allocates
             # the inference standby copy.
             publisher = Publisher([sync_address], "bench")
-            receivers = [inference.pid, *filter(None, [ports.get("sync_relay_pid")])]
+            receivers = [inference.process.pid, *filter(None, [inference.relay_pid])]
             with PeakRss(*receivers) as probe:
                 publisher.publish("blocks", state)
 
@@ -265,9 +238,7 @@ def main() -> int:
                 " MiB model, first full sync"
             )
         finally:
-            for process in (inference, yardstick):
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
+            launcher.stop_all()
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 from bench.apps import Blocks
 from shared.allocator import tune_for_streaming
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, server_options
+from shared.settings import ProcessSettings
 
 
 def raw(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -46,7 +47,7 @@ def main() -> int:
     # The same malloc settings as our services (shared/allocator.py): raw grpcio's receiving
     # side pays the same page faults without them, so the yardstick stays the transport at its
     # best.
-    tune_for_streaming()
+    tune_for_streaming(ProcessSettings.from_environ(os.environ, "bench").malloc)
     port_file = Path(sys.argv[1])
     model = Blocks(int(os.environ["BENCH_MB"]), int(os.environ["BENCH_TENSORS"]))
     handlers = {

@@ -8,25 +8,31 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from inference_service.dataplane.admission import RequestLimits
 from inference_service.dataplane.batcher import BatchingConfig
+from inference_service.dataplane.service import DataPlane
 from inference_service.loading import load_models
-from inference_service.persistence import WeightStore
-from inference_service.server import InferenceServer
-from inference_service.settings import InferenceSettings
-from inference_service.syncplane.receiver import SyncLimits
-from inference_service.syncplane.relay_process import relay_wanted
+from inference_service.persistence import Persister, WeightStore
+from inference_service.served_model import ServedModel
+from inference_service.server import DataEndpoint, InferenceServer, SyncEndpoint
+from inference_service.settings import PROG, InferenceSettings
+from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.relay.supervisor import RelayConfig, RelaySupervisor, relay_wanted
+from inference_service.syncplane.service import SyncPlane
 from shared.allocator import tune_for_streaming
 from shared.app import load_app
 from shared.cli import configure_logging, is_loopback
 from shared.devices import resolve_device, size_torch_threads
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
+from shared.grpc.limits import CallBudget
+from shared.grpc.prefetch import read_ahead
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
+from shared.settings import ProcessSettings
 from shared.statedir import claim
 
 logger = logging.getLogger("inference_service")
@@ -54,14 +60,81 @@ def check_sync_access(settings: InferenceSettings) -> None:
         )
 
 
+def build_server(
+    settings: InferenceSettings,
+    models: Mapping[str, ServedModel],
+    store: WeightStore | None = None,
+) -> InferenceServer:
+    """The composition root: build the parts `settings` call for around `models` (and `store`,
+    which keeps their history) and hand them to the server."""
+    tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    # The sync plane's TLS differs from the data plane's when it has a client CA of its own.
+    sync_tls = TlsFiles(
+        settings.tls_cert, settings.tls_key, settings.tls_sync_client_ca or settings.tls_client_ca
+    )
+    limits = SyncLimits(
+        max_payload_bytes=settings.max_push_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        max_concurrent=settings.max_concurrent_pushes,
+        max_bytes_per_s=settings.sync_max_bytes_per_s,
+        push_idle_timeout_s=settings.push_idle_timeout_s,
+    )
+    persister = Persister(store, models) if store is not None else None
+    sync_plane = SyncPlane(
+        models, limits, persister.committed if persister is not None else None, store
+    )
+    data_plane = DataPlane(
+        models,
+        BatchingConfig(settings.max_batch_size, settings.max_queue_delay_s, settings.max_queue),
+        settings.workers,
+        RequestLimits(settings.max_requests_in_flight, settings.max_request_bytes_in_flight),
+    )
+    data = DataEndpoint(
+        settings.listen, tls if tls.enabled else None, settings.data_token, package_version()
+    )
+    sync = SyncEndpoint(
+        settings.sync_listen,
+        sync_tls if sync_tls.enabled else None,
+        settings.sync_token,
+        settings.data_token,
+        CallBudget(limits.max_concurrent, "sync plane"),
+        settings.sync_nice,
+    )
+    relay = None
+    if relay_wanted(settings.sync_relay):
+        relay_config = RelayConfig(
+            sync.listen,
+            sync.budget.calls,
+            sync.nice,
+            sync.tls,
+            sync.token,
+            sync.weaker_token,
+            settings.log_level,
+        )
+        relay = RelaySupervisor(sync_plane.push, relay_config)
+    return InferenceServer(data_plane, sync_plane, data, sync, relay=relay, persister=persister)
+
+
+def open_store(
+    settings: InferenceSettings, models: Mapping[str, ServedModel]
+) -> WeightStore | None:
+    """The history under --state-dir, if given, with each model's last version restored."""
+    if settings.state_dir is None:
+        return None
+    state = claim(settings.state_dir)
+    assert state is not None  # claim() without `wait` raises rather than returning None
+    logger.info("state directory %s", state.path)
+    store = WeightStore(state.path / "models", settings.history)
+    for model in models.values():
+        if model.accepts_pushes:
+            store.restore(model)
+    return store
+
+
 def run(settings: InferenceSettings) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    sync_tls = TlsFiles(
-        settings.tls_cert, settings.tls_key, settings.tls_sync_client_ca or settings.tls_client_ca
-    )
     check_sync_access(settings)
     # A client CA shared with the data plane authenticates no one on the sync plane: every
     # data-plane client holds a certificate it signed.
@@ -83,43 +156,7 @@ def run(settings: InferenceSettings) -> None:
     threads = size_torch_threads(settings.torch_threads)
     logger.info("torch: %d intra-op thread(s); %d request worker(s)", threads, settings.workers)
     models = load_models(load_app(settings.models), device)
-    store = None
-    if settings.state_dir is not None:
-        state = claim(settings.state_dir)
-        assert state is not None  # claim() without `wait` raises rather than returning None
-        logger.info("state directory %s", state.path)
-        store = WeightStore(state.path / "models", settings.history)
-        for model in models.values():
-            if model.accepts_pushes:
-                store.restore(model)
-    server = InferenceServer(
-        models,
-        listen=settings.listen,
-        sync_listen=settings.sync_listen,
-        workers=settings.workers,
-        limits=SyncLimits(
-            max_payload_bytes=settings.max_push_bytes,
-            max_header_bytes=settings.max_header_bytes,
-            max_concurrent=settings.max_concurrent_pushes,
-            max_bytes_per_s=settings.sync_max_mb_per_s * 1e6,
-            push_idle_timeout_s=settings.push_idle_timeout_s,
-        ),
-        server_version=package_version(),
-        batching=BatchingConfig(
-            settings.max_batch_size, settings.max_queue_delay_ms / 1000, settings.max_queue
-        ),
-        request_limits=RequestLimits(
-            settings.max_requests_in_flight, settings.max_request_bytes_in_flight
-        ),
-        store=store,
-        sync_token=settings.sync_token,
-        data_token=settings.data_token,
-        tls=tls if tls.enabled else None,
-        sync_tls=sync_tls if sync_tls.enabled else None,
-        sync_nice=settings.sync_nice,
-        sync_relay=relay_wanted(settings.sync_relay),
-        log_level=settings.log_level,
-    )
+    server = build_server(settings, models, open_store(settings, models))
     ports = server.start()
     # What exists now (torch, grpc, the models, warmed up) lives as long as the process. Out of
     # the collector's reach, it no longer makes each full collection walk ~180,000 objects:
@@ -145,9 +182,11 @@ def run(settings: InferenceSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = InferenceSettings.from_args(argv)
+    settings = InferenceSettings.from_args(argv, os.environ)
+    process = ProcessSettings.from_environ(os.environ, PROG)
     configure_logging(settings.log_level)
-    tune_for_streaming()
+    tune_for_streaming(process.malloc)
+    read_ahead(process.prefetch)
     try:
         run(settings)
     except (ConfigurationError, OSError) as exc:

@@ -2,7 +2,8 @@
 
 Any Open Inference Protocol client works against the inference service (tritonclient, KServe's);
 this one saves torch users the datatype bookkeeping. Tensors travel raw (little-endian bytes).
-Failed calls raise `grpc.RpcError` with the server's status code and message.
+Failed calls raise `grpc.RpcError` with the server's status code and message. A data plane that
+requires a token or TLS takes `token=`, `tls=` and `server_name=` (see `open_channel`).
 
     with InferenceClient("127.0.0.1:8001") as client:
         result = client.infer("quickstart", {"x": torch.linspace(-2, 2, 9).unsqueeze(1)})
@@ -15,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-import grpc
 import torch
 
 from inference_service.dataplane.bytes_wire import pack_bytes
@@ -25,7 +25,9 @@ from shared.app import TensorSpec
 from shared.dtypes import BYTES, datatype_of
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, channel_options
+from shared.grpc.auth import TlsFiles
+from shared.grpc.channel import open_channel
+from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,27 @@ class ModelInfo:
 
 
 class InferenceClient:
-    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
-        self._channel = grpc.insecure_channel(
-            address, options=channel_options(DATA_MAX_MESSAGE_BYTES)
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """`timeout_s`: the deadline of every call. `token`: the data plane's bearer token.
+        `tls`: connect over TLS (mutual TLS with a client certificate), verifying the service
+        as `server_name` when `address` names it otherwise."""
+        self._channel = open_channel(
+            address,
+            DATA_MAX_MESSAGE_BYTES,
+            token=token,
+            tls=tls,
+            server_name=server_name,
+            deadline_s=timeout_s,
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._timeout_s = timeout_s
 
     def close(self) -> None:
         self._channel.close()
@@ -68,15 +85,15 @@ class InferenceClient:
         self.close()
 
     def server_ready(self) -> bool:
-        response = self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self._timeout_s)
+        response = self._stub.ServerReady(pb.ServerReadyRequest())
         return bool(response.ready)
 
     def model_ready(self, name: str) -> bool:
-        response = self._stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=self._timeout_s)
+        response = self._stub.ModelReady(pb.ModelReadyRequest(name=name))
         return bool(response.ready)
 
     def metadata(self, name: str) -> ModelInfo:
-        m = self._stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=self._timeout_s)
+        m = self._stub.ModelMetadata(pb.ModelMetadataRequest(name=name))
 
         def specs(tensors: Sequence[pb.ModelMetadataResponse.TensorMetadata]) -> list[TensorSpec]:
             return [TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in tensors]
@@ -105,7 +122,7 @@ class InferenceClient:
             request.raw_input_contents.append(raw)
         for name in outputs:
             request.outputs.add(name=name)
-        response = self._stub.ModelInfer(request, timeout=self._timeout_s)
+        response = self._stub.ModelInfer(request)
         return InferResult(
             response.model_name, int(response.model_version), response.id, decode_outputs(response)
         )

@@ -40,6 +40,7 @@ WriteChunk = Callable[[int, bytes], None]
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 # The most a push waits to start while the history writer copies (one chunk's copy).
 WRITE_CHUNK_BYTES = 4 << 20
+HISTORY = 5  # committed versions kept per model (--history)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -74,7 +75,7 @@ class WeightStore:
     def __init__(
         self,
         root: Path,
-        history: int = 5,
+        history: int = HISTORY,
         *,
         write: WriteChunk = write_all,
         chunk_bytes: int = WRITE_CHUNK_BYTES,

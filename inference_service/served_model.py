@@ -1,7 +1,8 @@
 """One served model: the weights version that answers requests, and the copy a push fills.
 
-Double buffering. `live` is the generation that answers requests; a push writes into `standby`,
-a second copy of the module, and a commit swaps the two by replacing one reference. A request
+Double buffering. `live` is the generation that answers requests; a push writes into the
+standby copy, a second copy of the module, through the staging transaction `begin_push()` hands
+it (syncplane/transaction.py), and its commit swaps the two by replacing one reference. A request
 takes the live generation once, under a short lock, and runs wholly on it, so it never sees two
 versions. Before a push writes into the standby copy (the previous live one) it waits for the
 requests still running on it to finish. Memory: the model twice (plus small chunk buffers),
@@ -10,7 +11,6 @@ which lets a swap cost one pointer store however large the model is.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +23,7 @@ from torch import nn
 
 from inference_service import metrics
 from inference_service.lease import WriterLease
+from inference_service.syncplane.transaction import StagingTransaction, Standby
 from shared.app import ModelSpec
 from shared.errors import ConflictError, UnavailableError, VersionNotServedError
 from shared.weights.digest import model_digest, tensor_hash
@@ -84,15 +85,9 @@ class ServedModel:
         self.layout = {k: TensorLayout.of(v) for k, v in state.items()}
         hashes = {k: tensor_hash(v) for k, v in state.items()}
         self._live = Generation(module, 0, self.digest_of(hashes), "", hashes)
-        self._standby: nn.Module | None = None
-        self._standby_hashes: dict[str, bytes | None] = {}
+        self._standby = Standby()
         self._lock = threading.Condition()
         self._readers: dict[int, int] = {}
-        # How many times each module has been handed to a push to overwrite. Bumped under
-        # `_reuse_lock`, which a copier (the history writer) holds while it copies: one who sees
-        # the same count before and during a copy copied one version's bytes, and never pins.
-        self._reuses: dict[int, int] = {}
-        self._reuse_lock = threading.Lock()
         self._push_lock = threading.Lock()
         self.pending: PendingPush | None = None
         self.lease = WriterLease(spec.name)  # the one writer allowed to push, by epoch
@@ -144,61 +139,64 @@ class ServedModel:
 
     # -- the push path ---------------------------------------------------------------------
 
-    @contextmanager
-    def writing(
+    def begin_push(
         self, pending: PendingPush, drain_timeout_s: float, wait_s: float = 0.0
-    ) -> Iterator[nn.Module]:
-        """Hold the model's single push slot and yield the standby module to fill; the slot
-        is waited for up to `wait_s` (for a push that is being ended)."""
+    ) -> StagingTransaction:
+        """Take the model's single push slot (waiting up to `wait_s` for a push that is being
+        ended) and the standby copy, once the requests on it have finished (up to
+        `drain_timeout_s`): the transaction the push stages its bytes in, then commits or
+        aborts. ConflictError while another push holds the slot."""
         if not self._push_lock.acquire(timeout=wait_s):
             other = self.pending
             who = f" from {other.writer_id!r} (version {other.version})" if other else ""
             raise ConflictError(f"model {self.name!r}: another push{who} is in progress")
         try:
             self.pending = pending
-            yield self._prepare_standby(drain_timeout_s)
-        finally:
-            self.pending = None
-            self._push_lock.release()
+            standby = self._standby.prepare(self._live)
+            with self._lock:
+                drained = self._lock.wait_for(
+                    lambda: self._readers.get(id(standby), 0) == 0, timeout=drain_timeout_s
+                )
+            if not drained:
+                raise UnavailableError(
+                    f"model {self.name!r}: requests on the previous weights did not finish "
+                    f"within {drain_timeout_s:g}s; retry the push"
+                )
+            self._standby.hand_over(standby)
+            return StagingTransaction(self._live, self._standby, self._swap, self._end_push)
+        except BaseException:
+            self._end_push()
+            raise
 
-    def _prepare_standby(self, drain_timeout_s: float) -> nn.Module:
-        if self._standby is None:
-            self._standby = copy.deepcopy(self._live.module)
-            self._standby_hashes = dict(self._live.hashes)
-        standby = self._standby
-        with self._lock:
-            drained = self._lock.wait_for(
-                lambda: self._readers.get(id(standby), 0) == 0, timeout=drain_timeout_s
-            )
-        if not drained:
-            raise UnavailableError(
-                f"model {self.name!r}: requests on the previous weights did not finish within "
-                f"{drain_timeout_s:g}s; retry the push"
-            )
-        with self._reuse_lock:  # before the first byte is written into it
-            self._reuses[id(standby)] = self._reuses.get(id(standby), 0) + 1
-        return standby
+    def _end_push(self) -> None:
+        self.pending = None
+        self._push_lock.release()
+
+    def _swap(
+        self, module: nn.Module, version: int, writer_id: str, hashes: dict[str, bytes]
+    ) -> tuple[Generation, Generation]:
+        """Make `module` live as `version`; return the generation it replaced, and its own."""
+        generation = Generation(module, version, self.digest_of(hashes), writer_id, hashes)
+        with self._lock:  # the only moment requests wait on a push: one reference store
+            held = time.perf_counter()
+            old = self._live
+            self._live = generation
+            held = time.perf_counter() - held
+        metrics.SWAP_SECONDS.labels(self.name).observe(held)
+        return old, generation
 
     def snapshot(self) -> tuple[Generation, int]:
         """The live generation and a count to hand `unchanged` while copying it, unpinned."""
-        with self._reuse_lock:
+        with self._standby.lock:
             live = self._live
-            return live, self._reuses.get(id(live.module), 0)
+            return live, self._standby.handovers(live.module)
 
     @contextmanager
     def unchanged(self, generation: Generation, count: int) -> Iterator[bool]:
         """Whether no push has started overwriting `generation` since `snapshot` gave `count`;
         while true, none can start until the block ends (keep it to one short copy)."""
-        with self._reuse_lock:
-            yield self._reuses.get(id(generation.module), 0) == count
-
-    def standby_tensor_is_current(self, name: str) -> bool:
-        """Whether the standby copy already holds the live bytes of tensor `name`."""
-        return self._standby_hashes.get(name) == self._live.hashes[name]
-
-    def mark_standby(self, name: str, digest: bytes | None) -> None:
-        """Record what the standby copy of `name` holds now (None: unknown, e.g. half written)."""
-        self._standby_hashes[name] = digest
+        with self._standby.lock:
+            yield self._standby.handovers(generation.module) == count
 
     def restore(
         self,
@@ -215,18 +213,4 @@ class ServedModel:
         self._live = Generation(
             self._live.module, version, self.digest_of(hashes), writer_id, hashes, committed_at
         )
-        self._standby = None
-
-    def commit(self, version: int, writer_id: str, hashes: dict[str, bytes]) -> Generation:
-        """Make the standby copy live as `version`; the old live copy becomes the standby."""
-        assert self._standby is not None
-        generation = Generation(self._standby, version, self.digest_of(hashes), writer_id, hashes)
-        with self._lock:  # the only moment requests wait on a push: one reference store
-            held = time.perf_counter()
-            old = self._live
-            self._live = generation
-            held = time.perf_counter() - held
-        metrics.SWAP_SECONDS.labels(self.name).observe(held)
-        self._standby = old.module
-        self._standby_hashes = dict(old.hashes)
-        return generation
+        self._standby.drop()

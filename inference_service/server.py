@@ -7,7 +7,7 @@ server reflection. The data plane is a grpc.aio server on an event loop thread o
 server (few, long streams whose per-message work releases the GIL), run at a lower CPU priority.
 
 By default the sync plane's address belongs to the sync relay, a process of its own that
-receives pushes' bulk bytes off this process's gRPC threads and GIL (see syncplane/relay.py for
+receives pushes' bulk bytes off this process's gRPC threads and GIL (see syncplane/relay/ for
 why and what it cost), and this process's sync server listens on a private Unix socket.
 """
 
@@ -16,21 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from inference_service.dataplane.admission import RequestLimits
-from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.servicer import InferenceServicer
-from inference_service.persistence import Persister, WeightStore
-from inference_service.served_model import ServedModel
-from inference_service.syncplane.receiver import PushReceiver, SyncLimits
-from inference_service.syncplane.relay_process import RelayConfig, SyncRelay
+from inference_service.persistence import Persister
+from inference_service.syncplane.relay.supervisor import RelaySupervisor
+from inference_service.syncplane.service import SyncPlane
 from inference_service.syncplane.servicer import WeightSyncServicer
 from inference_service.syncplane.servicer import add_to_server as add_sync_servicer
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
@@ -68,42 +65,48 @@ class Ports:
     sync: int
 
 
+@dataclass(frozen=True)
+class DataEndpoint:
+    """Where and how the data plane listens."""
+
+    listen: str
+    tls: TlsFiles | None
+    token: str | None  # clients must present it; None: open
+    server_version: str
+
+
+@dataclass(frozen=True)
+class SyncEndpoint:
+    """Where and how the sync plane listens (the relay's address, when there is a relay)."""
+
+    listen: str
+    tls: TlsFiles | None
+    token: str | None  # trainers must present it; None: mTLS or loopback alone guard the plane
+    weaker_token: str | None  # the data plane's: refused by name on the sync plane
+    budget: CallBudget  # calls past authentication, within the writers' budget
+    nice: int  # how much lower the receiving threads' CPU priority is than serving's
+
+
 class InferenceServer:
+    """Serves built parts: the data plane's use-cases, the sync plane's (and the sync relay
+    in front of it, if any), on the two endpoints; closes them all on stop."""
+
     def __init__(
         self,
-        models: Mapping[str, ServedModel],
+        data_plane: DataPlane,
+        sync_plane: SyncPlane,
+        data: DataEndpoint,
+        sync: SyncEndpoint,
         *,
-        listen: str,
-        sync_listen: str,
-        workers: int = 8,
-        limits: SyncLimits | None = None,
-        server_version: str = "0",
-        store: WeightStore | None = None,
-        sync_token: str | None = None,
-        data_token: str | None = None,
-        tls: TlsFiles | None = None,
-        sync_tls: TlsFiles | None = None,
-        batching: BatchingConfig | None = None,
-        request_limits: RequestLimits | None = None,
-        sync_nice: int = 0,
-        sync_relay: bool = True,
-        log_level: str = "INFO",
+        relay: RelaySupervisor | None = None,
+        persister: Persister | None = None,
     ) -> None:
-        self._tls = tls
-        # The sync plane's TLS differs from the data plane's when it has a client CA of its own.
-        self._sync_tls = sync_tls or tls
-        self.data_plane = DataPlane(models, batching, workers, request_limits)
-        self._persister = Persister(store, models) if store is not None else None
-        self.receiver = PushReceiver(
-            models,
-            limits or SyncLimits(),
-            self._persister.committed if self._persister else None,
-            store,
-        )
-        self._listen = listen
-        self._sync_listen = sync_listen
-        self._server_version = server_version
-        self._data_token = data_token
+        self.data_plane = data_plane
+        self.sync_plane = sync_plane
+        self._data = data
+        self._sync = sync
+        self._relay = relay
+        self._persister = persister
         self._loop = new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="data-plane", daemon=True
@@ -114,60 +117,41 @@ class InferenceServer:
         for service in SERVICES:
             self._health.set(service, NOT_SERVING)
 
-        # Calls past authentication, within the writers' budget; health calls have their own.
-        budget = CallBudget((limits or SyncLimits()).max_concurrent, "sync plane")
         # With the relay, the sync plane's address is the relay process's: it authenticates
         # callers and hands this server the calls other than Push over a private Unix socket.
-        self._relay = (
-            SyncRelay(
-                self.receiver,
-                RelayConfig(
-                    sync_listen,
-                    budget.calls,
-                    sync_nice,
-                    self._sync_tls,
-                    sync_token,
-                    data_token,
-                    log_level,
-                ),
-            )
-            if sync_relay
-            else None
-        )
         sync_auth = (
-            [TokenAuthInterceptor(sync_token, "sync plane", weaker=data_token)]
-            if sync_token and self._relay is None
+            [TokenAuthInterceptor(sync.token, "sync plane", weaker=sync.weaker_token)]
+            if sync.token and relay is None
             else []
         )
         # Receiving weights (parse, copy, hash) runs at a lower CPU priority than serving, so
         # a push slows itself down rather than the requests when CPUs are short.
         self._sync_server = new_server(
-            budget.threads,
+            sync.budget.threads,
             SYNC_MAX_MESSAGE_BYTES,
             sync_auth,
-            budget=budget,
+            budget=sync.budget,
             name="sync",
-            nice=sync_nice,
+            nice=sync.nice,
         )
-        add_sync_servicer(WeightSyncServicer(self.receiver), self._sync_server)
+        add_sync_servicer(WeightSyncServicer(sync_plane), self._sync_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)
         enable_reflection(self._sync_server, [SYNC_SERVICE])
 
     async def _start_data_server(self) -> int:
         """Build, bind and start the data plane's aio server on its loop; return its port."""
-        auth = (
-            [AsyncTokenAuthInterceptor(self._data_token, "data plane")] if self._data_token else []
-        )
+        token = self._data.token
+        auth = [AsyncTokenAuthInterceptor(token, "data plane")] if token else []
         server = new_aio_server(DATA_MAX_MESSAGE_BYTES, auth)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.data_plane, self._server_version), server
+            InferenceServicer(self.data_plane, self._data.server_version), server
         )
         self._data_health = health.aio.HealthServicer()
         for service in SERVICES:
             await self._data_health.set(service, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._data_health, server)
         enable_reflection(server, [OIP_SERVICE])
-        port = bind(server, self._listen, self._tls)
+        port = bind(server, self._data.listen, self._data.tls)
         await server.start()
         self._data_server = server
         return port
@@ -190,7 +174,7 @@ class InferenceServer:
         self._loop_thread.start()
         data_port = self._on_loop(self._start_data_server())
         if self._relay is None:
-            sync_port = bind(self._sync_server, self._sync_listen, self._sync_tls)
+            sync_port = bind(self._sync_server, self._sync.listen, self._sync.tls)
             self._sync_server.start()
         else:
             bind(self._sync_server, self._relay.open())

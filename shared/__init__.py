@@ -1,6 +1,7 @@
-"""Code both services share: the PAMIQ-Core model API, the App definition, the weights codec.
+"""Code both services share: the PAMIQ-Core model and data APIs, the App definition, the
+weights codec.
 
-The model API is imported on first use (`from shared import TorchTrainingModel` works as
+The model and data APIs are imported on first use (`from shared import TorchTrainingModel` works as
 usual), so that programs which need only the light parts, the sync relay among them, start
 without loading torch.
 """
@@ -12,6 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shared.app import App, TensorSpec
+    from shared.data import (
+        DataBuffer,
+        DataCollector,
+        DataCollectorsDict,
+        DataUser,
+        DataUsersDict,
+        DictRandomReplacementBuffer,
+        DictSequentialBuffer,
+        RandomReplacementBuffer,
+        SequentialBuffer,
+    )
     from shared.model import InferenceModel, InferenceModelsDict, TrainingModel, TrainingModelsDict
     from shared.torch import (
         TorchInferenceModel,
@@ -25,6 +37,15 @@ if TYPE_CHECKING:
 _HOMES = {
     "App": "shared.app",
     "TensorSpec": "shared.app",
+    "DataBuffer": "shared.data",
+    "DataCollector": "shared.data",
+    "DataCollectorsDict": "shared.data",
+    "DataUser": "shared.data",
+    "DataUsersDict": "shared.data",
+    "DictRandomReplacementBuffer": "shared.data",
+    "DictSequentialBuffer": "shared.data",
+    "RandomReplacementBuffer": "shared.data",
+    "SequentialBuffer": "shared.data",
     "InferenceModel": "shared.model",
     "InferenceModelsDict": "shared.model",
     "TrainingModel": "shared.model",
@@ -40,8 +61,17 @@ _HOMES = {
 
 __all__ = [
     "App",
+    "DataBuffer",
+    "DataCollector",
+    "DataCollectorsDict",
+    "DataUser",
+    "DataUsersDict",
+    "DictRandomReplacementBuffer",
+    "DictSequentialBuffer",
     "InferenceModel",
     "InferenceModelsDict",
+    "RandomReplacementBuffer",
+    "SequentialBuffer",
     "TensorSpec",
     "TorchInferenceModel",
     "TorchTrainer",

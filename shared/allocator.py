@@ -16,8 +16,9 @@ up to 32 MiB that a model allocates and frees on every request stay on the heap 
 cost is up to that much idle memory per busy arena.
 
 Anyone who tuned malloc already (the MALLOC_*_ environment variables, or glibc.malloc tunables)
-keeps their settings; `WEIGHTSYNC_MALLOC=default` leaves glibc's defaults. Other C libraries, or
-an allocator such as jemalloc preloaded in its place, are left alone too.
+keeps their settings; `WEIGHTSYNC_MALLOC=default` (resolved by main(), see shared/settings.py)
+leaves glibc's defaults. Other C libraries, or an allocator such as jemalloc preloaded in its
+place, are left alone too.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ _USER_SETTINGS = (
 )
 
 
-def _left_to_user(environ: Mapping[str, str]) -> str | None:
+def _left_to_user(malloc: str, environ: Mapping[str, str]) -> str | None:
     """Why malloc is left as it is, or None to tune it."""
-    if environ.get("WEIGHTSYNC_MALLOC", "").lower() == "default":
+    if malloc == "default":
         return "WEIGHTSYNC_MALLOC=default"
     named = [name for name in _USER_SETTINGS if name in environ]
     if named:
@@ -59,10 +60,14 @@ def _left_to_user(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def tune_for_streaming(environ: Mapping[str, str] | None = None) -> dict[str, int] | None:
-    """Set glibc's malloc thresholds for streamed messages; return what was set, or None."""
+def tune_for_streaming(
+    malloc: str, environ: Mapping[str, str] | None = None
+) -> dict[str, int] | None:
+    """Set glibc's malloc thresholds for streamed messages, unless `malloc` (WEIGHTSYNC_MALLOC)
+    is "default" or `environ` (glibc's own variables; os.environ by default) shows malloc
+    already tuned; return what was set, or None."""
     environ = os.environ if environ is None else environ
-    reason = _left_to_user(environ)
+    reason = _left_to_user(malloc, environ)
     if reason is not None:
         logger.debug("malloc left as it is: %s", reason)
         return None

@@ -13,6 +13,14 @@ holds a copy it does not need.
         return TorchTrainingModel(MLP())
 
     app.add_trainer("quickstart", QuickstartTrainer)
+
+An app may also declare experience buffers, which agents fill over the trainer's experience
+plane (`RemoteDataCollector`) and trainers read as data users: each sample maps the buffer's
+tensor names to tensors of the declared datatype and shape (-1: any size, the same within a
+batch).
+
+    app.add_buffer("steps", lambda: DictSequentialBuffer(["x", "y"], max_size=1000),
+                   tensors=[TensorSpec("x", "FP32", (1,)), TensorSpec("y", "FP32", (1,))])
 """
 
 from __future__ import annotations
@@ -24,15 +32,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.dtypes import OIP_DATATYPES
+from shared.dtypes import BYTES, OIP_DATATYPES
 from shared.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from shared.data.buffer import DataBuffer
     from shared.model.interface import TrainingModel
     from shared.trainer.base import Trainer
 
 ModelFactory = Callable[[], "TrainingModel[Any]"]
 TrainerFactory = Callable[[], "Trainer"]
+BufferFactory = Callable[[], "DataBuffer[Any, Any]"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -67,12 +77,23 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...] = ()
 
 
+@dataclass(frozen=True)
+class BufferSpec:
+    """A named experience buffer: how to build it, and the tensors each of its samples holds
+    (shapes per sample; batches stack samples along a new first dimension)."""
+
+    name: str
+    build: BufferFactory
+    tensors: tuple[TensorSpec, ...]
+
+
 class App:
-    """The registry of model and trainer factories that both services load."""
+    """The registry of model, trainer and buffer factories that both services load."""
 
     def __init__(self) -> None:
         self._models: dict[str, ModelSpec] = {}
         self._trainers: dict[str, TrainerFactory] = {}
+        self._buffers: dict[str, BufferSpec] = {}
 
     @property
     def models(self) -> Mapping[str, ModelSpec]:
@@ -81,6 +102,10 @@ class App:
     @property
     def trainers(self) -> Mapping[str, TrainerFactory]:
         return dict(self._trainers)
+
+    @property
+    def buffers(self) -> Mapping[str, BufferSpec]:
+        return dict(self._buffers)
 
     def add_model(
         self,
@@ -118,6 +143,26 @@ class App:
         if name in self._trainers:
             raise ConfigurationError(f"trainer {name!r} is defined twice")
         self._trainers[name] = build
+
+    def add_buffer(self, name: str, build: BufferFactory, *, tensors: Iterable[TensorSpec]) -> None:
+        """Declare the experience buffer `name`: `build` makes it (on the trainer), `tensors`
+        are what each sample holds (BYTES excluded: samples are tensors)."""
+        if not name or "/" in name:
+            raise ConfigurationError(f"buffer name {name!r} must be non-empty and contain no '/'")
+        if name in self._buffers:
+            raise ConfigurationError(f"buffer {name!r} is defined twice")
+        spec = BufferSpec(name, build, tuple(tensors))
+        names = [t.name for t in spec.tensors]
+        if not names:
+            raise ConfigurationError(f"buffer {name!r}: declare the tensors its samples hold")
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"buffer {name!r}: tensor names repeat: {names}")
+        for tensor in spec.tensors:
+            if tensor.datatype == BYTES:
+                raise ConfigurationError(
+                    f"buffer {name!r}: tensor {tensor.name!r} is BYTES; samples hold tensors"
+                )
+        self._buffers[name] = spec
 
 
 def load_app(import_string: str) -> App:

@@ -1,8 +1,8 @@
 """The domain errors both services raise.
 
-This module knows nothing of gRPC: shared/grpc/errors.py maps each class to a status code, resolved
-along the class hierarchy, in one place. Every error carries a message that tells the caller what
-went wrong and what to fix.
+This module knows nothing of gRPC: shared/grpc/errors.py maps each class to a status code and a
+wire reason (shared/protocol.py), resolved along the class hierarchy, in one table. Every error
+carries a message that tells the caller what went wrong and what to fix.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ class MalformedPushError(InvalidArgumentError):
     """A weights push is malformed: bad stream order, header, tensor table, sizes or digest."""
 
 
+class MalformedBatchError(InvalidArgumentError):
+    """An experience batch does not match its buffer: tensor names, dtypes, shapes, sample
+    counts or the safetensors framing."""
+
+
 class OutOfRangeError(InvalidArgumentError):
     """A version or writer epoch at or past 2^63, the bound the sync plane keeps them under."""
 
@@ -39,6 +44,14 @@ class ModelNotFoundError(NotFoundError):
 class VersionNotServedError(ModelNotFoundError):
     """A request names a version of a served model other than the one it serves now (an older
     one a push has since replaced, or one never served); the message names the served one."""
+
+
+class BufferNotFoundError(NotFoundError):
+    """The trainer holds no experience buffer of that name."""
+
+
+class RegionNotFoundError(NotFoundError):
+    """No shared-memory region of that name is registered (none ever is)."""
 
 
 class PushRejectedError(ServiceError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,12 +18,14 @@ from shared.cli import configure_logging
 from shared.devices import resolve_device, torch_thread_count
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
+from shared.grpc.prefetch import read_ahead
 from shared.metrics import serve_metrics
+from shared.settings import ProcessSettings
 from shared.statedir import claim, claim_first
 from trainer_service.distributed import join, rank_device
 from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
-from trainer_service.settings import TrainerSettings
+from trainer_service.settings import PROG, TrainerSettings
 
 logger = logging.getLogger("trainer_service")
 
@@ -116,9 +119,11 @@ def claim_state(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = TrainerSettings.from_args(argv)
+    settings = TrainerSettings.from_args(argv, os.environ)
+    process = ProcessSettings.from_environ(os.environ, PROG)
     configure_logging(settings.log_level)
-    tune_for_streaming()
+    tune_for_streaming(process.malloc)
+    read_ahead(process.prefetch)
     try:
         run(settings)
     except ConfigurationError as exc:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from shared import protocol
 from shared.weights.digest import model_digest, tensor_hash
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import Payload
@@ -31,11 +32,6 @@ from trainer_service.push import (
 from trainer_service.targets import Target
 
 logger = logging.getLogger(__name__)
-
-# `error-reason` trailers acted on.
-BASE_MISSING = "base-version-mismatch"
-FENCED = "fenced"
-UNKNOWN_EPOCH = "unknown-epoch"  # the target has no record of our lease (it lost its state)
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -117,7 +113,7 @@ class Delivery:
                 self._push_counted(target.client, plan)
                 break
             except PushFailedError as error:
-                if error.reason == UNKNOWN_EPOCH and not acquired_again:
+                if error.reason == protocol.UNKNOWN_EPOCH and not acquired_again:
                     logger.info(
                         "%s no longer knows our writer lease of %s (epoch %d; it lost its "
                         "state); acquiring it again",
@@ -128,7 +124,7 @@ class Delivery:
                     target.epoch = None
                     target.epoch = target.client.acquire_writer(target.model, self.writer_id)
                     acquired_again = True
-                elif error.reason == BASE_MISSING and plan.base_version != 0:
+                elif error.reason == protocol.BASE_VERSION_MISMATCH and plan.base_version != 0:
                     logger.info(
                         "%s lacks version %d of %s; pushing in full",
                         target.address,

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from shared import protocol
 from shared.grpc.auth import TlsFiles
 from shared.weights.writer import DEFAULT_CHUNK_BYTES
 from trainer_service import metrics
 from trainer_service.catchup import CatchUp
-from trainer_service.delivery import FENCED, Delivery, hashed
+from trainer_service.delivery import Delivery, hashed
 from trainer_service.push import UNREACHABLE, PushFailedError, SyncClient, TargetUnreachableError
 from trainer_service.targets import Endpoint, Snapshot, Target, resolve, warn_plaintext_token
 
@@ -161,7 +162,7 @@ class Publisher:
             else:
                 sent += result
                 committed.append(target)
-        if any(isinstance(e, PushFailedError) and e.reason == FENCED for e in errors):
+        if any(isinstance(e, PushFailedError) and e.reason == protocol.FENCED for e in errors):
             self._fenced = WriterFencedError(
                 f"model {model_name!r}: another trainer has taken it over: "
                 + "; ".join(map(str, errors))
@@ -261,7 +262,7 @@ class Publisher:
                         target, snapshot.version, snapshot.tensors, snapshot.hashes, None
                     )
             except PushFailedError as error:
-                if error.reason == FENCED:
+                if error.reason == protocol.FENCED:
                     self._fenced = WriterFencedError(
                         f"model {target.model!r}: another trainer has taken it over: {error}"
                     )

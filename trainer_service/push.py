@@ -9,9 +9,10 @@ import grpc
 
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
-from shared.grpc.auth import TlsFiles, bearer
+from shared.grpc.auth import TlsFiles
+from shared.grpc.channel import open_channel
 from shared.grpc.errors import error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
 from shared.weights.digest import model_digest
@@ -73,7 +74,7 @@ UNREACHABLE = frozenset(
 )
 # A channel to a target that went away retries its connection with exponential backoff; cap it
 # well under a connect deadline, so that a probe of a target that came back finds it.
-RECONNECT_OPTIONS = [
+RECONNECT_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
@@ -126,18 +127,15 @@ class SyncClient:
         self.target = target
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
-        self._metadata = bearer(token)
-        options: list[tuple[str, int | str]] = [
-            *channel_options(SYNC_MAX_MESSAGE_BYTES),
-            *RECONNECT_OPTIONS,
-        ]
-        if tls is not None and tls.enabled:
-            if server_name is not None:
-                options.append(("grpc.ssl_target_name_override", server_name))
-                options.append(("grpc.default_authority", server_name))
-            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        secure = tls is not None and tls.enabled
+        self._channel = open_channel(
+            target,
+            SYNC_MAX_MESSAGE_BYTES,
+            token=token,
+            tls=tls if secure else None,
+            server_name=server_name if secure else None,  # plaintext: nothing to verify
+            options=RECONNECT_OPTIONS,
+        )
         self._stub = pb_grpc.WeightSyncStub(self._channel)
         # Push sends messages we serialize ourselves (shared/weights/wire.py).
         self._push = self._channel.stream_unary(
@@ -157,7 +155,6 @@ class SyncClient:
                 pb.GetModelRequest(model_name=name),
                 timeout=min(self._timeout_s, connect_timeout_s),
                 wait_for_ready=True,
-                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             failed = PushFailedError.from_rpc(self.target, error)
@@ -175,7 +172,6 @@ class SyncClient:
                 pb.AcquireWriterRequest(model_name=name, writer_id=writer_id),
                 timeout=min(self._timeout_s, 10.0),
                 wait_for_ready=True,
-                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
@@ -190,7 +186,7 @@ class SyncClient:
                 label = f"{plan.model_name} v{plan.version} ({kind}) -> {self.target}"
                 progress = Progress(label, plan.payload.nbytes)
             with prefetched(requests(plan, self._chunk_bytes, progress), "push-send") as messages:
-                response = self._push(messages, timeout=self._timeout_s, metadata=self._metadata)
+                response = self._push(messages, timeout=self._timeout_s)
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
         return int(response.version)

@@ -1,169 +1,193 @@
-"""The trainer service's settings: flags, each also an environment variable."""
+"""The trainer service's settings: each option declared once (shared/settings.py).
+
+docs/configuration.md is generated from this file.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from shared.cli import (
-    LOG_LEVELS,
-    Option,
-    address_list,
-    name_groups,
-    name_list,
-    optional_host_port,
+    ADDRESSES,
+    NAME_GROUPS,
+    NAMES,
+    PATH,
+    duration,
+    integer,
+)
+from shared.settings import (
+    PROCESS_OPTIONS,
+    SYNC_ADDRESS,
+    Scope,
+    device_option,
+    log_level_option,
+    metrics_option,
+    option,
+    options,
     parse,
 )
 
+PROG = Scope.TRAINER.value
 DESCRIPTION = (
     "Run the trainers an app defines; after each trainer run, push the changed weights of the "
     "models it used to every inference service."
 )
 
 
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"{value} is negative")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError(f"{value} is not positive")
-    return number
-
-
-OPTIONS = [
-    Option(
-        "--models",
-        "TRAINER_MODELS",
-        "import string of the app: package.module:attribute",
-        required=True,
-    ),
-    Option(
-        "--inference",
-        "TRAINER_INFERENCE",
-        "sync-plane addresses of the inference services, HOST:PORT[,HOST:PORT...]; a DNS "
-        "name stands for every address it resolves to",
-        ("127.0.0.1:8101",),
-        address_list,
-    ),
-    Option(
-        "--trainers",
-        "TRAINER_TRAINERS",
-        "comma-separated trainer names to run (default: every trainer the app defines)",
-        None,
-        name_list,
-    ),
-    Option(
-        "--trainer-groups",
-        "TRAINER_GROUPS",
-        "groups of trainers, 'a,b;c': each process runs the first group whose directory under "
-        "--state-dir no other process holds, so replicas of one service split the groups "
-        "between them; a replica finding every group taken stands by",
-        None,
-        name_groups,
-    ),
-    Option(
-        "--metrics-listen",
-        "TRAINER_METRICS_LISTEN",
-        "Prometheus /metrics listen address HOST:PORT, or 'off'",
-        "127.0.0.1:9102",
-        optional_host_port,
-    ),
-    Option(
-        "--sync-token",
-        "TRAINER_SYNC_TOKEN",
-        "bearer token for the inference services' sync plane (prefer the env var)",
-    ),
-    Option(
-        "--tls-ca",
-        "TRAINER_TLS_CA",
-        "PEM CA: connect over TLS, verifying the inference services against it",
-        None,
-        Path,
-    ),
-    Option("--tls-cert", "TRAINER_TLS_CERT", "PEM client certificate for mutual TLS", None, Path),
-    Option("--tls-key", "TRAINER_TLS_KEY", "PEM private key of --tls-cert", None, Path),
-    Option("--device", "TRAINER_DEVICE", "auto (CUDA when present), cpu, cuda or cuda:N", "auto"),
-    Option(
-        "--torch-threads",
-        "TRAINER_TORCH_THREADS",
-        "torch intra-op threads (0: OMP_NUM_THREADS where set, as torchrun sets it, else one per "
-        "CPU the process may use, container quota included)",
-        0,
-        _non_negative_int,
-    ),
-    Option(
-        "--state-dir",
-        "TRAINER_STATE_DIR",
-        "directory for model, optimizer and trainer state (saved on exit, loaded on start); a "
-        "second trainer given the same directory stands by until the first exits",
-        None,
-        Path,
-    ),
-    Option("--trainer-id", "TRAINER_ID", "identity recorded with each pushed version", None),
-    Option(
-        "--max-runs",
-        "TRAINER_MAX_RUNS",
-        "stop after this many trainer runs (0: never)",
-        0,
-        _non_negative_int,
-    ),
-    Option(
-        "--run-interval", "TRAINER_RUN_INTERVAL", "minimum seconds between trainer runs", 0.0, float
-    ),
-    Option(
-        "--checkpoint-every",
-        "TRAINER_CHECKPOINT_EVERY",
-        "checkpoint to --state-dir every N trainer runs (0: only on exit)",
-        10,
-        _non_negative_int,
-    ),
-    Option(
-        "--push-timeout", "TRAINER_PUSH_TIMEOUT", "deadline in seconds for one push", 600.0, float
-    ),
-    Option(
-        "--connect-timeout",
-        "TRAINER_CONNECT_TIMEOUT",
-        "seconds an inference service has to answer before a sync counts it unreachable: it "
-        "then lags, the others are fed, and it is caught up in the background when it answers",
-        3.0,
-        _positive_float,
-    ),
-    Option(
-        "--log-level", "TRAINER_LOG_LEVEL", "logging level", "INFO", str.upper, choices=LOG_LEVELS
-    ),
-]
-
-
 @dataclass(frozen=True)
 class TrainerSettings:
-    models: str
-    inference: tuple[str, ...] = ("127.0.0.1:8101",)
-    trainers: tuple[str, ...] | None = None
-    trainer_groups: tuple[tuple[str, ...], ...] | None = None
-    metrics_listen: str | None = "127.0.0.1:9102"
-    sync_token: str | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    device: str = "auto"
-    torch_threads: int = 0
-    state_dir: Path | None = None
-    trainer_id: str | None = None
-    max_runs: int = 0
-    run_interval: float = 0.0
-    checkpoint_every: int = 10
-    push_timeout: float = 600.0
-    connect_timeout: float = 3.0
-    log_level: str = "INFO"
+    models: str = field(
+        metadata=option(
+            "--models",
+            "TRAINER_MODELS",
+            "import string of the app: package.module:attribute",
+            metavar="MODULE:ATTR",
+        )
+    )
+    inference: tuple[str, ...] = field(
+        default=(SYNC_ADDRESS,),
+        metadata=option(
+            "--inference",
+            "TRAINER_INFERENCE",
+            "sync-plane addresses of the inference services, comma-separated; a DNS name "
+            "stands for every address it resolves to",
+            ADDRESSES,
+        ),
+    )
+    trainers: tuple[str, ...] | None = field(
+        default=None,
+        metadata=option(
+            "--trainers",
+            "TRAINER_TRAINERS",
+            "comma-separated trainer names to run",
+            NAMES,
+            default_text="every trainer the app defines",
+        ),
+    )
+    trainer_groups: tuple[tuple[str, ...], ...] | None = field(
+        default=None,
+        metadata=option(
+            "--trainer-groups",
+            "TRAINER_GROUPS",
+            "groups of trainers, 'a,b;c': each process runs the first group whose directory "
+            "under --state-dir no other process holds, so replicas of one service split the "
+            "groups between them; a replica finding every group taken stands by",
+            NAME_GROUPS,
+        ),
+    )
+    metrics_listen: str | None = metrics_option("TRAINER", "127.0.0.1:9102")
+    sync_token: str | None = field(
+        default=None,
+        metadata=option(
+            "--sync-token",
+            "TRAINER_SYNC_TOKEN",
+            "bearer token for the inference services' sync plane (prefer the env var: flags "
+            "show in ps)",
+            metavar="TOKEN",
+        ),
+    )
+    tls_ca: Path | None = field(
+        default=None,
+        metadata=option(
+            "--tls-ca",
+            "TRAINER_TLS_CA",
+            "PEM CA: connect over TLS, verifying the inference services against it",
+            PATH,
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=option(
+            "--tls-cert", "TRAINER_TLS_CERT", "PEM client certificate for mutual TLS", PATH
+        ),
+    )
+    tls_key: Path | None = field(
+        default=None,
+        metadata=option("--tls-key", "TRAINER_TLS_KEY", "PEM private key of --tls-cert", PATH),
+    )
+    device: str = device_option("TRAINER")
+    torch_threads: int = field(
+        default=0,
+        metadata=option(
+            "--torch-threads",
+            "TRAINER_TORCH_THREADS",
+            "torch intra-op threads (0: OMP_NUM_THREADS where set, as torchrun sets it, else "
+            "one per CPU the process may use, container quota included)",
+            integer(0),
+        ),
+    )
+    state_dir: Path | None = field(
+        default=None,
+        metadata=option(
+            "--state-dir",
+            "TRAINER_STATE_DIR",
+            "directory for model, optimizer and trainer state (saved on exit, loaded on start); "
+            "a second trainer given the same directory stands by until the first exits",
+            PATH,
+        ),
+    )
+    trainer_id: str | None = field(
+        default=None,
+        metadata=option(
+            "--trainer-id",
+            "TRAINER_ID",
+            "identity recorded with each pushed version",
+            default_text="HOST-PID",
+            metavar="ID",
+        ),
+    )
+    max_runs: int = field(
+        default=0,
+        metadata=option(
+            "--max-runs",
+            "TRAINER_MAX_RUNS",
+            "stop after this many trainer runs (0: never)",
+            integer(0),
+        ),
+    )
+    run_interval: float = field(
+        default=0.0,
+        metadata=option(
+            "--run-interval",
+            "TRAINER_RUN_INTERVAL",
+            "least time between trainer runs",
+            duration("s"),
+        ),
+    )
+    checkpoint_every: int = field(
+        default=10,
+        metadata=option(
+            "--checkpoint-every",
+            "TRAINER_CHECKPOINT_EVERY",
+            "checkpoint to --state-dir every N trainer runs (0: only on exit)",
+            integer(0),
+        ),
+    )
+    push_timeout: float = field(
+        default=600.0,
+        metadata=option(
+            "--push-timeout",
+            "TRAINER_PUSH_TIMEOUT",
+            "deadline for one push",
+            duration("s", positive=True),
+        ),
+    )
+    connect_timeout: float = field(
+        default=3.0,
+        metadata=option(
+            "--connect-timeout",
+            "TRAINER_CONNECT_TIMEOUT",
+            "how long an inference service has to answer before a sync counts it unreachable: "
+            "it then lags, the others are fed, and it is caught up in the background when it "
+            "answers",
+            duration("s", positive=True),
+        ),
+    )
+    log_level: str = log_level_option("TRAINER")
 
     @property
     def writer_id(self) -> str:
@@ -173,11 +197,9 @@ class TrainerSettings:
     def from_args(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> TrainerSettings:
-        values: dict[str, Any] = parse(
-            "trainer-service",
-            DESCRIPTION,
-            OPTIONS,
-            argv,
-            os.environ if environ is None else environ,
-        )
-        return cls(**values)
+        """Flags over `environ` (os.environ by default) over the declared defaults."""
+        environ = os.environ if environ is None else environ
+        return parse(cls, OPTIONS, PROG, DESCRIPTION, argv, environ, PROCESS_OPTIONS)
+
+
+OPTIONS = options(TrainerSettings, Scope.TRAINER)

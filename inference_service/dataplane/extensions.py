@@ -15,7 +15,7 @@ import grpc
 
 from inference_service.dataplane import convert
 from inference_service.dataplane.service import DataPlane
-from shared.errors import NotFoundError, UnsupportedError
+from shared.errors import RegionNotFoundError, UnsupportedError
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.grpc.errors import grpc_errors_async
 
@@ -25,10 +25,6 @@ NO_SHARED_MEMORY = (
     "shared-memory tensors are not supported: send tensor contents in the request "
     "(raw_input_contents, or typed contents)"
 )
-
-
-class RegionNotFoundError(NotFoundError):
-    """No shared-memory region of that name is registered (none ever is)."""
 
 
 def _no_region(name: str) -> None:

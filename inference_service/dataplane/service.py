@@ -18,13 +18,15 @@ from inference_service.served_model import Generation, ServedModel, version_not_
 from shared.devices import use_torch_threads
 from shared.errors import ModelNotFoundError, UnavailableError
 
+WORKERS = 8  # threads running models that are not batched (--workers)
+
 
 class DataPlane:
     def __init__(
         self,
         models: Mapping[str, ServedModel],
         batching: BatchingConfig | None = None,
-        workers: int = 8,
+        workers: int = WORKERS,
         limits: RequestLimits | None = None,
     ) -> None:
         self._models = models

@@ -1,4 +1,4 @@
-"""weightsync.v1.WeightSync: convert, delegate to the PushReceiver, convert back."""
+"""weightsync.v1.WeightSync: convert, delegate to the SyncPlane, convert back."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import grpc
 from typing_extensions import override
 
-from inference_service.syncplane import convert
+from inference_service.syncplane import convert, messages
 from inference_service.syncplane.inbox import TICK_S
-from inference_service.syncplane.receiver import PushReceiver
+from inference_service.syncplane.service import SyncPlane
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -18,8 +18,8 @@ from shared.grpc.prefetch import Prefetcher
 
 
 class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
-    def __init__(self, receiver: PushReceiver) -> None:
-        self._receiver = receiver
+    def __init__(self, plane: SyncPlane) -> None:
+        self._plane = plane
 
     @override
     @grpc_errors
@@ -29,7 +29,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
         # Read on a thread of its own, so that waiting for a silent sender can time out (and see
         # its writer fenced): grpcio's request iterator blocks until the next message comes.
         with Prefetcher(request_iterator, name="push-receive") as ahead:
-            return convert.run_push(self._receiver, ahead.waiting(TICK_S))
+            outcome = self._plane.push.handle(messages.parts(ahead.waiting(TICK_S)))
+        return messages.push_response(outcome)
 
     @override
     @grpc_errors
@@ -38,8 +39,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     ) -> pb.WriterLease:
         if not request.writer_id:
             raise MalformedPushError("AcquireWriter needs a writer_id naming the trainer")
-        epoch = self._receiver.acquire_writer(request.model_name, request.writer_id)
-        model = self._receiver.model(request.model_name)
+        epoch = self._plane.acquire_writer(request.model_name, request.writer_id)
+        model = self._plane.model(request.model_name)
         return pb.WriterLease(
             model_name=model.name,
             writer_id=request.writer_id,
@@ -50,14 +51,14 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     @override
     @grpc_errors
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
-        return convert.model_state(self._receiver.model(request.model_name))
+        return convert.model_state(self._plane.model(request.model_name))
 
     @override
     @grpc_errors
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        models = self._receiver.models
+        models = self._plane.models
         return pb.ListModelsResponse(
             models=[convert.model_state(models[name]) for name in sorted(models)]
         )
@@ -67,16 +68,14 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.ServicerContext
     ) -> pb.ListVersionsResponse:
-        versions = self._receiver.versions(request.model_name)
-        return convert.versions(
-            request.model_name, self._receiver.model(request.model_name), versions
-        )
+        versions = self._plane.versions(request.model_name)
+        return convert.versions(request.model_name, self._plane.model(request.model_name), versions)
 
     @override
     @grpc_errors
     def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.ModelState:
-        self._receiver.rollback(request.model_name, request.to_version)
-        return convert.model_state(self._receiver.model(request.model_name))
+        self._plane.rollback(request.model_name, request.to_version)
+        return convert.model_state(self._plane.model(request.model_name))
 
 
 def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:

@@ -1,5 +1,7 @@
-"""One way to open a client channel to either service: plaintext, TLS or mutual TLS, a bearer
-token on every call, and message-size limits set explicitly.
+"""The one way to open a client channel to either service: plaintext, TLS or mutual TLS (verifying
+the name the user gave), a bearer token and a default deadline on every call, and message-size
+limits set explicitly. The trainer's push client, `InferenceClient`, the sync relay,
+`weightsync-admin` and the health check all open theirs here.
 
 Command-line tools declare the same client options through `add_options` and open their channel
 with `from_options`, so each of them speaks to any deployment the services can be run as.
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,31 +29,38 @@ def open_channel(
     token: str | None = None,
     tls: TlsFiles | None = None,
     server_name: str | None = None,
+    options: Sequence[tuple[str, int | str]] = (),
+    deadline_s: float | None = None,
 ) -> grpc.Channel:
-    """A channel to `target` (HOST:PORT).
+    """A channel to `target` (HOST:PORT, or any address gRPC dials: `unix:PATH`).
 
     `tls` None: plaintext. Otherwise TLS, verifying the server against `tls.ca` (the system's
     CAs without one), and presenting `tls.cert` and `tls.key` when given (mutual TLS).
     `server_name`: the name the server's certificate must carry, when `target` names it
-    otherwise (an IP address, a tunnel). `token` travels as `authorization: Bearer` metadata
-    on every call."""
-    options: list[tuple[str, Any]] = list(channel_options(max_message_bytes))
+    otherwise (an IP address it was resolved to, a tunnel); calls carry it as their authority,
+    as they would dialling that name. `token` travels as `authorization: Bearer` metadata on
+    every call. `options`: channel arguments besides the message-size limits and keepalive of
+    `channel_options` (which they override where they name the same). `deadline_s`: calls that
+    set no timeout of their own end after that many seconds."""
+    merged: dict[str, Any] = dict(channel_options(max_message_bytes))
+    merged.update(options)
     if tls is None:
         if server_name:
             raise ConfigurationError("a TLS server name needs TLS: give a CA file or --tls")
-        channel = grpc.insecure_channel(target, options=options)
+        channel = grpc.insecure_channel(target, options=list(merged.items()))
     else:
         if (tls.cert is None) != (tls.key is None):
             raise ConfigurationError("mutual TLS needs both a client certificate and its key")
         if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
+            merged["grpc.ssl_target_name_override"] = server_name
+            merged["grpc.default_authority"] = server_name
         try:
             credentials = tls.channel_credentials()
         except OSError as exc:
             raise ConfigurationError(f"cannot read a TLS file: {exc}") from None
-        channel = grpc.secure_channel(target, credentials, options=options)
-    if token:
-        channel = grpc.intercept_channel(channel, BearerToken(token))
+        channel = grpc.secure_channel(target, credentials, options=list(merged.items()))
+    if token or deadline_s is not None:
+        channel = grpc.intercept_channel(channel, CallDefaults(token, deadline_s))
     return channel
 
 
@@ -64,57 +73,49 @@ class _Details(NamedTuple):
     compression: grpc.Compression | None
 
 
-class BearerToken(
+class CallDefaults(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
     grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
     grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
 ):
-    """Adds `authorization: Bearer <token>` to every call's metadata."""
+    """What every call carries: `authorization: Bearer <token>` in its metadata (with a token),
+    and a timeout of `deadline_s` when it sets none (with a deadline)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str | None, deadline_s: float | None = None) -> None:
         self._metadata = bearer(token)
+        self._deadline_s = deadline_s
 
-    def _with_token(self, details: grpc.ClientCallDetails) -> _Details:
-        metadata = [
-            (key, value)
-            for key, value in (details.metadata or ())
-            if key != "authorization"  # a token given with the call gives way to ours
-        ]
+    def _with_defaults(self, details: grpc.ClientCallDetails) -> _Details:
+        metadata = details.metadata
+        if self._metadata:
+            metadata = [
+                *(
+                    (key, value)
+                    for key, value in (metadata or ())
+                    if key != "authorization"  # a token given with the call gives way to ours
+                ),
+                *self._metadata,
+            ]
         return _Details(
             details.method,
-            details.timeout,
-            [*metadata, *self._metadata],
+            self._deadline_s if details.timeout is None else details.timeout,
+            metadata,
             details.credentials,
             details.wait_for_ready,
             details.compression,
         )
 
-    def intercept_unary_unary(
+    def _continue(
         self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
     ) -> Any:
-        return continuation(self._with_token(details), request)
+        """Any kind of call: `request` is its request, or the iterator of its requests."""
+        return continuation(self._with_defaults(details), request)
 
-    def intercept_unary_stream(
-        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
-    ) -> Any:
-        return continuation(self._with_token(details), request)
-
-    def intercept_stream_unary(
-        self,
-        continuation: Callable[..., Any],
-        details: grpc.ClientCallDetails,
-        requests: Iterator[Any],
-    ) -> Any:
-        return continuation(self._with_token(details), requests)
-
-    def intercept_stream_stream(
-        self,
-        continuation: Callable[..., Any],
-        details: grpc.ClientCallDetails,
-        requests: Iterator[Any],
-    ) -> Any:
-        return continuation(self._with_token(details), requests)
+    intercept_unary_unary = _continue
+    intercept_unary_stream = _continue
+    intercept_stream_unary = _continue
+    intercept_stream_stream = _continue
 
 
 def add_options(parser: argparse.ArgumentParser, token_env: Sequence[str], tls_env: str) -> None:

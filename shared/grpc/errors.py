@@ -1,9 +1,12 @@
-"""One table from domain errors to gRPC status codes, applied in one place.
+"""One table from domain errors to what a client is told: status code, reason, message.
 
-Servicer methods are wrapped with `@grpc_errors`. A `ServiceError` becomes its mapped status with
-its own message, plus a machine-readable `error-reason` trailer that clients (our trainer) use to
-tell, say, "delta base missing" from other FAILED_PRECONDITION answers. Anything else is a bug:
-logged with its traceback, reported as INTERNAL with a generic message, never a stack trace.
+A `ServiceError` ends a call with the status code and the `error-reason` trailer (shared/
+protocol.py) of the table's entry for its class, found along the class hierarchy (most specific
+first), and with its own message. Anything else is a bug: logged with its traceback, reported as
+INTERNAL with a generic message, never a stack trace. `failure()` is that mapping, used by every
+place a call can fail: the sync servicer and the aio data plane through `@grpc_errors` and
+`@grpc_errors_async`, and the sync relay's push link, whose answers the relay process sends on
+with `abort()`.
 """
 
 from __future__ import annotations
@@ -11,56 +14,114 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from shared import protocol
 from shared.errors import (
+    BaseVersionMismatchError,
+    BufferNotFoundError,
     ConflictError,
     DeadlineExceededError,
+    FencedError,
+    InferenceOnlyModelError,
     InvalidArgumentError,
+    InvalidInputError,
+    MalformedBatchError,
+    MalformedPushError,
+    ModelNotFoundError,
     NotFoundError,
+    OutOfRangeError,
     PushRejectedError,
+    PushStalledError,
+    RegionNotFoundError,
     ResourceLimitError,
     ServiceError,
     UnavailableError,
+    UnknownEpochError,
     UnsupportedError,
+    VersionNotServedError,
 )
 
 logger = logging.getLogger(__name__)
 
-REASON_KEY = "error-reason"
+Code = grpc.StatusCode
 
-STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
-    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    PushRejectedError: grpc.StatusCode.FAILED_PRECONDITION,
-    ConflictError: grpc.StatusCode.ABORTED,
-    UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ResourceLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
+ERRORS: dict[type[ServiceError], tuple[grpc.StatusCode, str]] = {
+    ServiceError: (Code.UNKNOWN, protocol.SERVICE),
+    InvalidArgumentError: (Code.INVALID_ARGUMENT, protocol.INVALID_ARGUMENT),
+    InvalidInputError: (Code.INVALID_ARGUMENT, protocol.INVALID_INPUT),
+    MalformedPushError: (Code.INVALID_ARGUMENT, protocol.MALFORMED_PUSH),
+    MalformedBatchError: (Code.INVALID_ARGUMENT, protocol.MALFORMED_BATCH),
+    OutOfRangeError: (Code.INVALID_ARGUMENT, protocol.OUT_OF_RANGE),
+    NotFoundError: (Code.NOT_FOUND, protocol.NOT_FOUND),
+    ModelNotFoundError: (Code.NOT_FOUND, protocol.MODEL_NOT_FOUND),
+    VersionNotServedError: (Code.NOT_FOUND, protocol.VERSION_NOT_SERVED),
+    RegionNotFoundError: (Code.NOT_FOUND, protocol.REGION_NOT_FOUND),
+    BufferNotFoundError: (Code.NOT_FOUND, protocol.BUFFER_NOT_FOUND),
+    PushRejectedError: (Code.FAILED_PRECONDITION, protocol.PUSH_REJECTED),
+    InferenceOnlyModelError: (Code.FAILED_PRECONDITION, protocol.INFERENCE_ONLY_MODEL),
+    BaseVersionMismatchError: (Code.FAILED_PRECONDITION, protocol.BASE_VERSION_MISMATCH),
+    ConflictError: (Code.ABORTED, protocol.CONFLICT),
+    FencedError: (Code.ABORTED, protocol.FENCED),
+    UnknownEpochError: (Code.ABORTED, protocol.UNKNOWN_EPOCH),
+    DeadlineExceededError: (Code.DEADLINE_EXCEEDED, protocol.DEADLINE_EXCEEDED),
+    PushStalledError: (Code.DEADLINE_EXCEEDED, protocol.PUSH_STALLED),
+    UnavailableError: (Code.UNAVAILABLE, protocol.UNAVAILABLE),
+    ResourceLimitError: (Code.RESOURCE_EXHAUSTED, protocol.RESOURCE_LIMIT),
+    UnsupportedError: (Code.UNIMPLEMENTED, protocol.UNSUPPORTED),
 }
 
 
-def status_for(error: ServiceError) -> grpc.StatusCode:
-    """The status code for `error`, found along its class hierarchy (most specific first)."""
+@dataclass(frozen=True)
+class Status:
+    """How a failed call ends: its code, its `error-reason` ("": none sent) and its message."""
+
+    code: grpc.StatusCode
+    reason: str
+    message: str
+
+
+INTERNAL = Status(Code.INTERNAL, "", "internal server error; see the server log")
+
+
+def status_of(error: ServiceError) -> Status:
+    """The table's status for `error`, found along its class hierarchy, with its message."""
     for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)
-        if code is not None:
-            return code
-    return grpc.StatusCode.UNKNOWN
+        entry = ERRORS.get(cls)
+        if entry is not None:
+            return Status(*entry, str(error))
+    raise AssertionError("unreachable: ServiceError itself is in the table")  # pragma: no cover
 
 
-def reason_for(error: ServiceError) -> str:
-    """A stable kebab-case name of the error class, sent as the `error-reason` trailer."""
-    name = type(error).__name__.removesuffix("Error")
-    return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+def status_for(error: ServiceError) -> grpc.StatusCode:
+    """The status code for `error` (as `status_of`)."""
+    return status_of(error).code
 
 
-def abort(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
-    context.set_trailing_metadata(((REASON_KEY, reason_for(error)),))
-    context.abort(status_for(error), str(error))
+def failure(error: Exception, where: str) -> Status:
+    """The status a call that raised `error` in `where` ends with, logged: a domain error with
+    its message, anything else (a bug) with its traceback, answered INTERNAL."""
+    if isinstance(error, ServiceError):
+        status = status_of(error)
+        logger.info("%s -> %s: %s", where, status.code.name, error)
+        return status
+    logger.error("unhandled error in %s", where, exc_info=error)
+    return INTERNAL
+
+
+def _trailers(status: Status) -> tuple[tuple[str, str], ...]:
+    return ((protocol.REASON_KEY, status.reason),) if status.reason else ()
+
+
+def abort(context: grpc.ServicerContext, status: Status) -> NoReturn:
+    """End the call with `status` (its reason as the `error-reason` trailer)."""
+    trailers = _trailers(status)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    context.abort(status.code, status.message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
@@ -74,16 +135,10 @@ def grpc_errors(handler: H) -> H:
     def wrapper(self: object, request: object, context: grpc.ServicerContext) -> Any:
         try:
             return handler(self, request, context)
-        except ServiceError as error:
-            logger.info(
-                "%s%s -> %s: %s", handler.__qualname__, _id(request), status_for(error).name, error
-            )
-            abort(context, error)
-        except Exception:
-            if context.code() is not None:  # the handler aborted on purpose
-                raise
-            logger.exception("unhandled error in %s%s", handler.__qualname__, _id(request))
-            context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
+        except Exception as error:
+            if not isinstance(error, ServiceError) and context.code() is not None:
+                raise  # the handler aborted on purpose
+            abort(context, failure(error, handler.__qualname__ + _id(request)))
 
     return wrapper  # type: ignore[return-value]
 
@@ -95,19 +150,14 @@ def grpc_errors_async(handler: H) -> H:
     async def wrapper(self: object, request: object, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(self, request, context)
-        except ServiceError as error:
-            logger.info(
-                "%s%s -> %s: %s", handler.__qualname__, _id(request), status_for(error).name, error
-            )
-            context.set_trailing_metadata(((REASON_KEY, reason_for(error)),))
-            await context.abort(status_for(error), str(error))
         except grpc.aio.AbortError:  # the handler aborted on purpose
             raise
-        except Exception:
-            logger.exception("unhandled error in %s%s", handler.__qualname__, _id(request))
-            await context.abort(
-                grpc.StatusCode.INTERNAL, "internal server error; see the server log"
-            )
+        except Exception as error:
+            status = failure(error, handler.__qualname__ + _id(request))
+            trailers = _trailers(status)
+            if trailers:
+                context.set_trailing_metadata(trailers)
+            await context.abort(status.code, status.message)
 
     return wrapper  # type: ignore[return-value]
 
@@ -122,6 +172,6 @@ def error_reason(error: grpc.RpcError) -> str | None:
     """The `error-reason` trailer of a failed call, if the server sent one."""
     trailers: Any = getattr(error, "trailing_metadata", lambda: None)()
     for key, value in trailers or ():
-        if key == REASON_KEY:
+        if key == protocol.REASON_KEY:
             return str(value)
     return None

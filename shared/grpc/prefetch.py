@@ -9,14 +9,14 @@ message. A prefetcher keeps up to `depth` messages ready, so that work overlaps 
 That pays off where there are cores to spare (the hashes and copies release the GIL). Measured
 with bench/sync.py: on a 16-core host, prefetching both ends of a 1 GiB push took it from 0.74
 to 0.96 of the raw gRPC stream's speed (receiver only: 0.88); on a 2-core host the extra thread's
-hand-offs cost about what the overlap gained, so `prefetched()` reads directly below 4 CPUs
-(WEIGHTSYNC_PREFETCH=1 or 0 overrides that choice).
+hand-offs cost about what the overlap gained, so `prefetched()` reads directly below 4 CPUs.
+`read_ahead()` overrides that choice for the whole process: each service's main() passes it
+WEIGHTSYNC_PREFETCH (declared in shared/settings.py).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -29,20 +29,28 @@ T = TypeVar("T")
 
 MIN_CPUS = 4
 _END = object()
+_forced: bool | None = None  # set by read_ahead(); None: by the CPUs this process may use
+
+
+def read_ahead(choice: bool | None) -> None:
+    """Whether `prefetched` reads ahead in this process: True always, False never, None where
+    the process may use MIN_CPUS or more."""
+    global _forced
+    _forced = choice
+    _worth_it.cache_clear()
 
 
 @functools.cache
 def _worth_it() -> bool:
-    forced = os.environ.get("WEIGHTSYNC_PREFETCH", "auto")  # 1: always, 0: never
-    if forced in ("0", "1"):
-        return forced == "1"
+    if _forced is not None:
+        return _forced
     return available_cpus() >= MIN_CPUS
 
 
 def prefetched(
     source: Iterator[T], name: str, depth: int = 4
 ) -> AbstractContextManager[Iterator[T]]:
-    """`source` read ahead by a Prefetcher where this process has MIN_CPUS or more, else as is."""
+    """`source` read ahead by a Prefetcher where `read_ahead` says so, else as is."""
     if not _worth_it():
         return nullcontext(source)
     return Prefetcher(source, depth, name)

@@ -42,8 +42,14 @@ class TorchTrainer(Trainer):
         lr_scheduler_states: The LR scheduler states kept at the last `teardown()` or loaded.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        training_condition_data_user: str | None = None,
+        min_buffer_size: int = 0,
+        min_new_data_count: int = 0,
+    ) -> None:
+        """Initialize the trainer; the arguments are Trainer's (when a run trains)."""
+        super().__init__(training_condition_data_user, min_buffer_size, min_new_data_count)
         self.optimizers: OptimizersDict = {}
         self.lr_schedulers: LRSchedulersDict = {}
         self.optimizer_states: dict[str, StateDict] = {}

@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.dir.mkdir(parents=True, exist_ok=True)
     base = args.dir or Path(tempfile.mkdtemp(prefix="weightsync-faults-"))
     results = run_seeds(seeds, args.steps, base, args.keep)
+    if args.dir is None and not any(base.iterdir()):
+        base.rmdir()
     violations = [v for r in results for v in r.violations]
     if violations:
         print("violations:")

@@ -82,11 +82,14 @@ def children(pid: int, marker: str) -> list[int]:
 
 def idle_timeout_flag() -> str | None:
     """The service's flag that ends silent pushes, if it has one."""
-    from inference_service.settings import OPTIONS
-
+    try:
+        from inference_service.settings import OPTIONS
+    except ImportError:
+        return None
     for option in OPTIONS:
-        if any(word in option.flag for word in IDLE_WORDS) and "push" in option.flag:
-            return option.flag
+        flag = getattr(option, "flag", None) or ""
+        if "push" in flag and any(word in flag for word in IDLE_WORDS):
+            return str(flag)
     return None
 
 

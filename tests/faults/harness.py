@@ -759,14 +759,14 @@ class Run:
         reported = (state.writer_epoch, state.lease_holder)
         if reported != lease:
             self.violate(
-                f"lease-memory:{reported}",
+                "lease-memory",
                 f"GetModel reports writer {state.lease_holder!r} epoch {state.writer_epoch}, but "
                 f"the last grant answered was epoch {lease[0]} to {lease[1]!r}",
             )
         on_disk = self.cluster.lease_file()
         if (on_disk or (0, "")) != lease:
             self.violate(
-                f"lease-disk:{on_disk}",
+                "lease-disk",
                 f"writer.json holds {on_disk}, but the last grant answered was epoch {lease[0]} "
                 f"to {lease[1]!r}",
             )
@@ -810,16 +810,10 @@ class Run:
     def check_disk(self, final: bool) -> None:
         for version, writer, digest in self.stored_versions():
             self.check_state(version, digest, writer, f"version file {version:012d}")
-        if final:  # the last writes settle (those already reported are not waited for)
-            wait_for(
-                lambda: all(
-                    f"temp:{p.relative_to(self.cluster.state)}" in self._keys
-                    for p in temp_files(self.cluster.state)
-                ),
-                QUIET_S,
-                0.1,
-            )
+        if final and "temp" not in self._keys:  # the last writes settle
+            wait_for(lambda: not temp_files(self.cluster.state), QUIET_S, 0.1)
         seen: dict[str, tuple[int, int]] = {}
+        stale: list[Path] = []  # unchanged since the last quiet point
         for path in temp_files(self.cluster.state):
             try:
                 stat = path.stat()
@@ -827,16 +821,22 @@ class Run:
                 continue
             name = str(path.relative_to(self.cluster.state))
             signature = (stat.st_size, stat.st_mtime_ns)
-            unchanged = self._tmp_seen.get(name) == signature and f"temp:{name}" not in self._keys
-            if unchanged:  # since the last step: give a slow writer time to move on
-                unchanged = not wait_for(changed(path, signature), QUIET_S, 0.2)
-            if final or unchanged:
+            seen[name] = signature
+            if final or self._tmp_seen.get(name) == signature:
+                stale.append(path)
+        if stale and "temp" not in self._keys:
+            if not final:  # give a slow writer time to move on before calling it left behind
+                waits = [changed(p, seen[str(p.relative_to(self.cluster.state))]) for p in stale]
+                wait_for(lambda: all(w() for w in waits), QUIET_S, 0.2)
+                stale = [p for p, w in zip(stale, waits, strict=True) if not w()]
+            if stale:
+                names = ", ".join(str(p.relative_to(self.cluster.state)) for p in stale[:3])
+                more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
                 self.violate(
-                    f"temp:{name}",
-                    f"{name} ({stat.st_size} bytes), a partial write, was left on disk: "
+                    "temp",
+                    f"partial writes were left on disk ({names}{more}): "
                     + ("still there at the end" if final else "unchanged since the last step"),
                 )
-            seen[name] = signature
         self._tmp_seen = seen
 
 

@@ -109,8 +109,7 @@ def serving_bench(tmp: Path) -> Iterator[Bench]:
         "TEST_STAMP_MB": str(MB),
         "WEIGHTSYNC_PREFETCH": "1",  # garbage goes through the read-ahead thread too
     }
-    services = Services(tmp, env)
-    try:
+    with Services(tmp, env) as services:
         inference = services.inference(
             "tests.integration.apps:catalogue",
             "--max-push-bytes",
@@ -119,5 +118,3 @@ def serving_bench(tmp: Path) -> Iterator[Bench]:
             str(1 << 16),
         )
         yield Bench(inference)
-    finally:
-        services.stop_all()

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,9 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from devtools import launch
+
+ROOT = launch.ROOT
 BIN = Path(sys.executable).parent
 VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -128,8 +129,8 @@ class Replica:
     def name(self) -> str:
         return f"{self.service}-{self.index}"
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+    def failed(self, problem: str) -> ComposeError:
+        return ComposeError(f"{self.name} {problem}; the end of its log:\n{launch.tail(self.log)}")
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Project:
         interval = seconds(check.get("interval", "30s"))
         for _ in range(int(check.get("retries", 3)) + 1):
             if replica.process.poll() is not None:
-                raise ComposeError(f"{replica.name} exited:\n{replica.output()}")
+                raise replica.failed("exited")
             probe = subprocess.run(
                 command,
                 cwd=ROOT,
@@ -197,21 +198,15 @@ class Project:
             )
             if probe.returncode == 0:
                 if replica.process.poll() is not None:  # something else answered there
-                    raise ComposeError(f"{replica.name} exited:\n{replica.output()}")
+                    raise replica.failed("exited")
                 return
             time.sleep(min(interval, 0.5))  # poll faster than compose; the budget stays its own
-        raise ComposeError(f"{replica.name} never became healthy:\n{replica.output()}")
+        raise replica.failed("never became healthy")
 
     def stop(self, replica: Replica) -> int:
         """SIGTERM, then SIGKILL after the service's stop_grace_period; the exit status."""
         grace = seconds(self.services[replica.service].get("stop_grace_period", "10s"))
-        if replica.process.poll() is None:
-            replica.process.send_signal(signal.SIGTERM)
-        try:
-            return replica.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            replica.process.kill()
-            return replica.process.wait()
+        return launch.stop(replica.process, grace)
 
     def kill(self, replica: Replica) -> None:
         replica.process.kill()
@@ -250,14 +245,10 @@ class Project:
         }
         command = list(spec["command"])
         log = self.tmp / f"{service}-{index}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [self._executable(command[0]), *command[1:]],
-                cwd=ROOT,  # the image's WORKDIR holds the project, examples included
-                env={**base, **environment},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        # In the repository root: the image's WORKDIR holds the project, examples included.
+        process = launch.spawn(
+            [self._executable(command[0]), *command[1:]], {**base, **environment}, log
+        )
         replica = Replica(service, index, address, process, log)
         replicas.append(replica)
         self._write_dns()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from devtools.launch import Launcher
 from shared.gen.weightsync.v1 import weightsync_pb2 as sync_pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as sync_grpc
 
@@ -53,108 +51,45 @@ class Inference:
         return self.sync_stub().GetModel(request, timeout=10, metadata=metadata)
 
 
-class Services:
-    """Starts processes for one test and stops every one of them afterwards."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.tmp = tmp
-        self.env = env
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(self, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, *args],
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.processes.append(process)
-        return process
+class Services(Launcher):
+    """Starts processes for one test, each logging to `<name>.log` in its temporary directory,
+    and stops every one of them afterwards."""
 
     def inference(
         self, app: str, *extra: str, name: str = "inference", tls: Path | None = None
     ) -> Inference:
-        ready = self.tmp / f"{name}.ready.json"
-        log = self.tmp / f"{name}.log"
-        process = self._spawn(
-            [
-                "-m",
-                "inference_service",
-                "--models",
-                app,
-                "--listen",
-                "127.0.0.1:0",
-                "--sync-listen",
-                "127.0.0.1:0",
-                "--device",
-                "cpu",
-                "--ready-file",
-                str(ready),
-                "--metrics-listen",
-                "127.0.0.1:0",
-                # The relay is what hosts with 4 or more CPUs run (`auto`); tests use it on
-                # any machine, and pass `--sync-relay off` for the in-process sync plane.
-                "--sync-relay",
-                "on",
-                *extra,
-            ],
-            log,
+        started = self.start_inference(
+            app,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            # The relay is what hosts with 4 or more CPUs run (`auto`); tests use it on
+            # any machine, and pass `--sync-relay off` for the in-process sync plane.
+            "--sync-relay",
+            "on",
+            *extra,
+            name=name,
         )
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if process.poll() is not None:
-                raise AssertionError(f"inference service exited:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"inference service not ready:\n{log.read_text()}")
-            time.sleep(0.05)
-        ports = json.loads(ready.read_text())
+        assert started.log is not None and started.metrics_url is not None
         return Inference(
-            process,
-            f"127.0.0.1:{ports['data_port']}",
-            f"127.0.0.1:{ports['sync_port']}",
-            log,
-            f"http://127.0.0.1:{ports['metrics_port']}/metrics",
+            started.process,
+            started.data,
+            started.sync,
+            started.log,
+            started.metrics_url,
             tls,
-            ports.get("sync_relay_pid"),
+            started.relay_pid,
         )
 
     def trainer(
         self, app: str, inference: Sequence[Inference], *extra: str, name: str = "trainer"
     ) -> subprocess.Popen[bytes]:
-        return self._spawn(
-            [
-                "-m",
-                "trainer_service",
-                "--models",
-                app,
-                "--device",
-                "cpu",
-                "--inference",
-                ",".join(i.sync for i in inference),
-                "--trainer-id",
-                name,
-                "--metrics-listen",
-                "127.0.0.1:0",
-                *extra,
-            ],
-            self.tmp / f"{name}.log",
+        targets = [i.sync for i in inference]
+        return self.start_trainer(
+            app, targets, "--trainer-id", name, "--metrics-listen", "127.0.0.1:0", *extra, name=name
         )
 
     def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text()
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        return (self.directory / f"{name}.log").read_text()
 
 
 @pytest.fixture
@@ -163,11 +98,8 @@ def services(tmp_path: Path) -> Iterator[Services]:
     # Pushes read ahead on hosts with cores to spare (shared/grpc/prefetch.py); make the
     # services take that path here too, whatever this host has.
     env.setdefault("WEIGHTSYNC_PREFETCH", "1")
-    running = Services(tmp_path, env)
-    try:
+    with Services(tmp_path, env) as running:
         yield running
-    finally:
-        running.stop_all()
 
 
 def wait_until(predicate: object, timeout: float = 60.0, interval: float = 0.05) -> None:

@@ -1,4 +1,5 @@
-"""The push link between the sync relay and the service, over a real Unix socket and memfd ring."""
+"""The push link between the sync relay and the service, over a real Unix socket and memfd ring:
+push parts and answers carried as they are, nothing encoded again or parsed at the service."""
 
 from __future__ import annotations
 
@@ -9,29 +10,44 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from torch import nn
 
-from inference_service.syncplane import convert, relay_process
+from inference_service.served_model import ServedModel
+from inference_service.syncplane import messages
 from inference_service.syncplane.inbox import TICK_S, Inbox
-from inference_service.syncplane.link import (
-    PushStream,
-    RelayedCancel,
-    RelayLink,
-    Result,
-    ServiceLink,
+from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.parts import (
+    Commit,
+    Empty,
+    Part,
+    PushHeader,
+    PushOutcome,
+    SenderGone,
 )
-from inference_service.syncplane.relay_process import relay_wanted
+from inference_service.syncplane.relay import supervisor
+from inference_service.syncplane.relay.frames import Answer, decode_answer, encode_answer
+from inference_service.syncplane.relay.link import RelayLink
+from inference_service.syncplane.relay.service_end import PushStream, ServiceLink
+from inference_service.syncplane.relay.supervisor import relay_wanted
+from inference_service.syncplane.service import SyncPlane
+from shared.app import ModelSpec, TensorSpec
 from shared.errors import MalformedPushError, PushStalledError
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.grpc.errors import Status, failure
 from shared.grpc.prefetch import Prefetcher
 from shared.weights import wire
+from shared.weights.digest import state_digest
+from shared.weights.writer import Payload
 
-OK = grpc.StatusCode.OK
+OK = PushOutcome("m", 1, b"d" * 16, 0)
+HEADER = PushHeader("m", 7, 6, "trainer-é", 1 << 40, (1 << 63) - 1)
 
 
 class Service:
     """A service end that runs `handle` on each push and answers with what it returns."""
 
-    def __init__(self, path: Path, handle: Callable[[PushStream], Result]) -> None:
-        self.seen: list[list[bytes]] = []
+    def __init__(self, path: Path, handle: Callable[[PushStream], Answer]) -> None:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen()
@@ -61,9 +77,8 @@ def path(tmp_path: Path) -> Iterator[Path]:
 OPENED: list[Service | RelayLink | socket.socket] = []
 
 
-def service(path: Path, handle: Callable[[PushStream], Result]) -> Service:
+def service(path: Path, handle: Callable[[PushStream], Answer]) -> None:
     OPENED.append(Service(path, handle))
-    return OPENED[-1]  # type: ignore[return-value]
 
 
 def relay(path: Path) -> RelayLink:
@@ -72,107 +87,144 @@ def relay(path: Path) -> RelayLink:
     return link
 
 
-def collect(into: list[list[bytes]]) -> Callable[[PushStream], Result]:
-    def handle(stream: PushStream) -> Result:
-        messages: list[bytes] = []
+def refused(message: str) -> Status:
+    return Status(grpc.StatusCode.INVALID_ARGUMENT, "malformed-push", message)
+
+
+def collect(into: list[list[Part]]) -> Callable[[PushStream], Answer]:
+    """Keep each push's parts (data copied: a view lasts until the next part); answer OK, or
+    with what ended the stream."""
+
+    def handle(stream: PushStream) -> Answer:
+        parts: list[Part] = []
+        into.append(parts)
         try:
-            for message in stream:
-                messages.append(bytes(message))  # copied: a view lasts until the next message
-        except RelayedCancel:
-            into.append(messages)
-            return Result(grpc.StatusCode.CANCELLED, reason="cancelled", message="gone")
-        into.append(messages)
-        return Result(OK, b"done %d" % len(messages))
+            for part in stream:
+                parts.append(bytes(part) if isinstance(part, memoryview) else part)
+        except SenderGone:
+            return Status(grpc.StatusCode.CANCELLED, "cancelled", "gone")
+        except MalformedPushError as error:
+            return refused(str(error))
+        return PushOutcome("m", len(parts), b"", 0)
 
     return handle
 
 
-def messages(count: int, size: int) -> list[bytes]:
+def chunks(count: int, size: int) -> list[bytes]:
     return [bytes([i % 251]) * size for i in range(count)]
 
 
-def test_messages_arrive_in_order_through_few_slots_and_large_ones_inline(path: Path) -> None:
-    seen: list[list[bytes]] = []
+def test_parts_arrive_as_themselves_with_data_joined_in_few_slots(path: Path) -> None:
+    seen: list[list[Part]] = []
     service(path, collect(seen))
-    link = relay(path)
-    sent = [*messages(20, 64), b"x" * 1000, *messages(5, 3)]
-    assert link.push(iter(sent)) == Result(OK, b"done 26")
-    assert seen == [sent]
-    again = messages(7, 50)  # the same link and ring, the next push
-    assert link.push(iter(again)) == Result(OK, b"done 7")
+    link = relay(path)  # 64-byte slots
+    data = chunks(7, 20)
+    sent: list[Part] = [HEADER, *data, b"x" * 100, Empty(), b"y" * 3, Commit(b"\x01" * 16)]
+    answer = link.push(iter(sent))
+    assert answer == PushOutcome("m", 8, b"", 0)
+    header, *joined, large, empty, small, commit = seen[0]
+    assert (header, large, empty, small, commit) == (
+        HEADER,
+        b"x" * 100,
+        Empty(),
+        b"y" * 3,
+        sent[-1],
+    )
+    # three 20-byte chunks fit a slot: 3 + 3 + 1; data before another part is handed over first
+    assert joined == [b"".join(data[:3]), b"".join(data[3:6]), data[6]]
+    again = [HEADER, *chunks(9, 50), Commit(b"")]  # the same link and ring, the next push
+    assert link.push(iter(again)) == PushOutcome("m", 11, b"", 0)
     assert seen[1] == again
 
 
-def test_a_broken_source_aborts_the_push_and_the_link_stays_usable(path: Path) -> None:
-    seen: list[list[bytes]] = []
+def test_answers_cross_as_they_are() -> None:
+    # (the RESULT frame's encoding; the other tests carry answers over a real link)
+    for answer in (
+        PushOutcome("modèle", (1 << 63) - 1, bytes(range(16)), 1 << 40),
+        Status(grpc.StatusCode.ABORTED, "fenced", "written by 'b' (epoch 2)"),
+        Status(grpc.StatusCode.INTERNAL, "", "internal server error; see the server log"),
+    ):
+        assert decode_answer(*encode_answer(answer)) == answer
+
+
+def test_a_sender_that_goes_away_is_seen_in_place_and_the_link_stays_usable(path: Path) -> None:
+    seen: list[list[Part]] = []
     service(path, collect(seen))
     link = relay(path)
 
-    def broken() -> Iterator[bytes]:
+    def broken() -> Iterator[Part]:
+        yield HEADER
         yield b"a" * 10
         yield b"b" * 10
-        raise grpc.RpcError()
+        raise SenderGone()
 
-    result = link.push(broken())
-    assert (result.code, result.reason, result.message) == (
-        grpc.StatusCode.CANCELLED,
-        "cancelled",
-        "gone",
-    )
-    assert seen == [[b"a" * 10, b"b" * 10]]
+    assert link.push(broken()) == Status(grpc.StatusCode.CANCELLED, "cancelled", "gone")
+    assert seen == [[HEADER, b"a" * 10 + b"b" * 10]]  # joined data before the end is not lost
     assert link.healthy
-    assert link.push(iter([b"c"])) == Result(OK, b"done 1")
+    assert link.push(iter([b"c"])) == PushOutcome("m", 1, b"", 0)
+
+
+def test_a_message_the_relay_cannot_decode_is_refused_in_its_place(path: Path) -> None:
+    seen: list[list[Part]] = []
+    service(path, collect(seen))
+    link = relay(path)
+    header = pb.PushRequest(header=pb.PushHeader(model_name="m", version=2)).SerializeToString()
+    sent = [header, wire.encode_data([b"abc"]), b"\xff\xff\xff\xff", wire.encode_data([b"late"])]
+    answer = link.push(messages.parts(iter(sent)))
+    assert answer == refused("a push message is not a valid weightsync.v1.PushRequest")
+    assert seen == [[PushHeader("m", 2, 0, "", 0), b"abc"]]
+    assert link.push(iter([b"ok"])) == PushOutcome("m", 1, b"", 0)  # the link is clean
 
 
 def test_an_answer_part_way_stops_the_relay_and_the_next_push_starts_clean(
     path: Path,
 ) -> None:
-    def refuse_after_two(stream: PushStream) -> Result:
-        taken = [bytes(next(stream)), bytes(next(stream))]
-        if taken[0] == b"ok":
+    def refuse_after_two(stream: PushStream) -> Answer:
+        taken = [next(stream), next(stream)]
+        if taken[0] == HEADER:
             for _ in stream:
                 pass
-            return Result(OK, b"fine")
-        return Result(grpc.StatusCode.INVALID_ARGUMENT, reason="malformed-push", message="bad")
+            return OK
+        return refused("bad")
 
     service(path, refuse_after_two)
     link = relay(path)
     pulled = 0
 
-    def many() -> Iterator[bytes]:
+    def many() -> Iterator[Part]:
         nonlocal pulled
-        for message in [b"no", *messages(1000, 64)]:
+        for part in [Empty(), *chunks(1000, 64)]:
             pulled += 1
-            yield message
+            yield part
 
-    result = link.push(many())
-    assert result.code == grpc.StatusCode.INVALID_ARGUMENT and result.message == "bad"
-    assert pulled < 1000  # it stopped taking the sender's messages
-    assert link.push(iter([b"ok", b"x" * 100, b"y"])) == Result(OK, b"fine")
+    assert link.push(many()) == refused("bad")
+    assert pulled < 1000  # it stopped taking the sender's parts
+    assert link.push(iter([HEADER, b"x" * 100, Commit(b"")])) == OK
 
 
 def test_a_sender_that_stalls_after_a_refusal_still_gets_it(path: Path) -> None:
-    def refuse_the_first(stream: PushStream) -> Result:
+    gone = Status(grpc.StatusCode.NOT_FOUND, "model-not-found", "no such")
+
+    def refuse_the_first(stream: PushStream) -> Answer:
         next(stream)
-        return Result(grpc.StatusCode.NOT_FOUND, reason="model-not-found", message="no such")
+        return gone
 
     service(path, refuse_the_first)
     link = relay(path)
     release = threading.Event()
 
-    def stalls() -> Iterator[bytes]:
-        yield b"header"
+    def stalls() -> Iterator[Part]:
+        yield HEADER
         release.wait(30)  # the sender holds its stream open and sends nothing more
         yield b"late"
 
     try:
         with Prefetcher(stalls()) as ahead:
-            result = link.push(ahead.waiting(0.01))
-        assert result.code == grpc.StatusCode.NOT_FOUND and result.message == "no such"
+            assert link.push(ahead.waiting(0.01)) == gone
         assert not release.is_set()  # answered while the sender was still stalled
     finally:
         release.set()
-    assert link.push(iter([b"ok"])).code == grpc.StatusCode.NOT_FOUND  # the link is clean
+    assert link.push(iter([HEADER])) == gone  # the link is clean
 
 
 def test_a_link_whose_service_went_away_raises(path: Path) -> None:
@@ -184,82 +236,93 @@ def test_a_link_whose_service_went_away_raises(path: Path) -> None:
     accepted, _ = listener.accept()
     ServiceLink(accepted).close()
     with pytest.raises(OSError):
-        link.push(iter(messages(100, 64)))
+        link.push(iter(chunks(100, 64)))
     assert not link.healthy
 
 
 def test_the_relay_runs_where_there_are_cpus_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
     assert relay_wanted("on") and not relay_wanted("off")
-    monkeypatch.setattr(relay_process, "available_cpus", lambda: 2)
+    monkeypatch.setattr(supervisor, "available_cpus", lambda: 2)
     assert not relay_wanted("auto")
-    monkeypatch.setattr(relay_process, "available_cpus", lambda: 4)
+    monkeypatch.setattr(supervisor, "available_cpus", lambda: 4)
     assert relay_wanted("auto")
 
 
-def test_consecutive_data_messages_reach_the_service_joined(path: Path) -> None:
-    seen: list[list[bytes]] = []
-    service(path, collect(seen))
-    link = relay(path)  # 64-byte slots: 53 bytes of payload each
-    chunks = [bytes([i]) * 20 for i in range(1, 8)]
-    sent = [b"H" * 30, *(wire.encode_data([chunk]) for chunk in chunks), b"C" * 10]
-    assert link.push(iter(sent)).code == OK
-    first, *joined, last = seen[0]
-    assert (first, last) == (b"H" * 30, b"C" * 10)  # other messages keep their place
-    payloads = [wire.data_payload(message) for message in joined]
-    assert len(payloads) == 4  # two 20-byte chunks fit a slot: 2 + 2 + 2 + 1
-    assert b"".join(bytes(p) for p in payloads if p is not None) == b"".join(chunks)
-    assert all(p is not None for p in payloads)
-
-
 def test_a_push_that_goes_quiet_is_seen_by_the_service_and_ended(path: Path) -> None:
-    """The service waits on the link in ticks, from the push's start (before any message), so
+    """The service waits on the link in ticks, from the push's start (before any part), so
     its idle timeout covers a sender that never sends even a header."""
 
-    def time_out(stream: PushStream) -> Result:
-        taken: list[bytes] = []
+    def time_out(stream: PushStream) -> Answer:
+        taken: list[Part] = []
         try:
-            for message in Inbox(stream.waiting(TICK_S), idle_timeout_s=0.2):
-                taken.append(bytes(message))
+            for part in Inbox(stream.waiting(TICK_S), idle_timeout_s=0.2):
+                taken.append(part)
         except PushStalledError as error:
-            return Result(grpc.StatusCode.DEADLINE_EXCEEDED, message=f"{taken}: {error}")
-        return Result(OK, b"done")
+            return Status(grpc.StatusCode.DEADLINE_EXCEEDED, "", f"{len(taken)}: {error}")
+        return OK
 
     service(path, time_out)
     link = relay(path)
     release = threading.Event()
 
-    def stalls(*sent: bytes) -> Iterator[bytes]:
+    def stalls(*sent: Part) -> Iterator[Part]:
         yield from sent
         release.wait(30)
 
     try:
-        for sent in ([b"header"], []):
+        for sent in ([HEADER], []):
             with Prefetcher(stalls(*sent)) as ahead:
-                result = link.push(ahead.waiting(0.01))
-            assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert result.message.startswith(f"{sent}: the push sent nothing for 0.2s")
+                answer = link.push(ahead.waiting(0.01))
+            assert isinstance(answer, Status)
+            assert answer.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert answer.message.startswith(f"{len(sent)}: the push sent nothing for 0.2s")
         assert not release.is_set()
     finally:
         release.set()
-    assert link.push(iter([b"x"])) == Result(OK, b"done")  # the link is clean
+    assert link.push(iter([b"x"])) == OK  # the link is clean
 
 
-def test_a_push_cancelled_before_its_header_is_refused_as_such(path: Path) -> None:
-    def read_the_header(stream: PushStream) -> Result:
+SPEC = ModelSpec(
+    "m",
+    lambda: None,
+    (TensorSpec("x", "FP32", (-1, 3)),),  # type: ignore[arg-type,return-value]
+    (TensorSpec("y", "FP32", (-1, 2)),),
+)
+
+
+def test_relayed_pushes_run_through_the_one_push_handler(path: Path) -> None:
+    """gRPC messages decoded at the relay, their parts carried over, the push handler at the
+    service: a push commits bit-exact; one cut off gets the in-process path's answer."""
+    torch.manual_seed(0)
+    model = ServedModel(SPEC, nn.Linear(3, 2), lambda m, x: m(x), True, torch.device("cpu"))
+    plane = SyncPlane({"m": model}, SyncLimits(drain_timeout_s=1))
+
+    def handle(stream: PushStream) -> Answer:
         try:
-            convert.read_header(stream)
-        except MalformedPushError as error:
-            return Result(grpc.StatusCode.INVALID_ARGUMENT, message=str(error))
-        return Result(OK, b"a header")
+            return plane.push.handle(stream.waiting(TICK_S))
+        except Exception as error:
+            return failure(error, "test")
 
-    service(path, read_the_header)
+    service(path, handle)
+    link = RelayLink(str(path), slots=2, slot_bytes=256)
+    OPENED.append(link)
+    state = {k: v + 1 for k, v in model.live.module.state_dict().items()}
+    payload = Payload.of(list(state.items()))
+    head = pb.PushHeader(model_name="m", version=1, writer_id="t", payload_bytes=payload.nbytes)
+    data = [wire.encode_data([chunk]) for chunk in payload.chunks(10)]
+    commit = pb.PushRequest(commit=pb.PushCommit(digest=state_digest(state)))
+    sent = [pb.PushRequest(header=head).SerializeToString(), *data, commit.SerializeToString()]
 
-    def cancelled() -> Iterator[bytes]:
+    def cut_off() -> Iterator[bytes]:
+        yield from sent[:3]
         raise grpc.RpcError()
-        yield b""  # pragma: no cover - a generator that fails at its first item
 
-    result = relay(path).push(cancelled())
-    assert result == Result(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        message="the sender cancelled the push before its header",
+    assert link.push(messages.parts(cut_off())) == refused(
+        "the sender cancelled the push after 20 payload bytes"
     )
+    assert model.live.version == 0
+    assert link.push(messages.parts(iter(sent))) == PushOutcome(
+        "m", 1, state_digest(state), payload.nbytes
+    )
+    live = model.live.module.state_dict()
+    assert all(torch.equal(live[name], tensor) for name, tensor in state.items())

@@ -16,7 +16,9 @@ from torch import nn
 
 from inference_service.persistence import Persister, WeightStore, write_all
 from inference_service.served_model import ServedModel
-from inference_service.syncplane.receiver import Commit, PushHeader, PushReceiver, SyncLimits
+from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.parts import Commit, PushHeader
+from inference_service.syncplane.service import SyncPlane
 from shared.app import ModelSpec, TensorSpec
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
@@ -44,12 +46,12 @@ def weights(version: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in new_module().state_dict().items()}
 
 
-def push(receiver: PushReceiver, version: int) -> None:
+def push(plane: SyncPlane, version: int) -> None:
     state = weights(version)
     payload = Payload.of(list(state.items()))
     header = PushHeader("m", version, 0, "trainer-a", payload.nbytes)
     parts: Iterator[bytes | Commit] = iter([*payload.chunks(64), Commit(state_digest(state))])
-    assert receiver.receive(header, parts).version == version
+    assert plane.applier.apply(header, parts).version == version
 
 
 def stored(store: WeightStore) -> list[int]:
@@ -116,12 +118,12 @@ def test_two_pushes_commit_while_a_write_is_stuck_and_the_newest_is_written_afte
     store = WeightStore(tmp_path, write=disk, chunk_bytes=chunk_bytes)
     persister = Persister(store, {"m": model})
     # A short drain: a push that waited on the writer would fail UNAVAILABLE, not hang.
-    receiver = PushReceiver({"m": model}, SyncLimits(drain_timeout_s=0.5), persister.committed)
+    plane = SyncPlane({"m": model}, SyncLimits(drain_timeout_s=0.5), persister.committed)
     try:
-        push(receiver, 1)
+        push(plane, 1)
         assert disk.entered.wait(WAIT_S)  # writing version 1 now, and stuck
-        push(receiver, 2)
-        push(receiver, 3)  # into the module that holds version 1, the one being written
+        push(plane, 2)
+        push(plane, 3)  # into the module that holds version 1, the one being written
         assert model.live.version == 3
     finally:
         disk.release.set()
@@ -140,11 +142,11 @@ def test_out_of_space_removes_all_older_versions_but_the_newest_and_tries_once_m
     model = new_model()
     disk = FullDisk(errno.ENOSPC, times=0)
     store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
-    receiver = PushReceiver({"m": model}, SyncLimits())
+    plane = SyncPlane({"m": model}, SyncLimits())
     for version in (1, 2, 3):
-        push(receiver, version)
+        push(plane, version)
         assert store.save(model) == version
-    push(receiver, 4)
+    push(plane, 4)
     disk.times = 1
     with caplog.at_level(logging.WARNING, "inference_service.persistence"):
         assert store.save(model) == 4
@@ -161,10 +163,10 @@ def test_out_of_space_never_removes_the_only_complete_version(
     model = new_model()
     disk = FullDisk(code, times=0)
     store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
-    receiver = PushReceiver({"m": model}, SyncLimits())
-    push(receiver, 1)
+    plane = SyncPlane({"m": model}, SyncLimits())
+    push(plane, 1)
     assert store.save(model) == 1
-    push(receiver, 2)
+    push(plane, 2)
     disk.times = 2
     with (
         caplog.at_level(logging.WARNING, "inference_service.persistence"),
@@ -183,11 +185,11 @@ def test_a_failed_write_leaves_no_temp_file_and_removes_no_version(tmp_path: Pat
     model = new_model()
     disk = FullDisk(errno.EIO, times=0)
     store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
-    receiver = PushReceiver({"m": model}, SyncLimits())
+    plane = SyncPlane({"m": model}, SyncLimits())
     for version in (1, 2):
-        push(receiver, version)
+        push(plane, version)
         assert store.save(model) == version
-    push(receiver, 3)
+    push(plane, 3)
     disk.times = 1
     with pytest.raises(OSError) as caught:
         store.save(model)
@@ -203,11 +205,11 @@ def test_the_persister_keeps_writing_after_a_failed_write(tmp_path: Path) -> Non
     disk = FullDisk(errno.EIO, times=1)
     store = WeightStore(tmp_path, write=disk, chunk_bytes=256)
     persister = Persister(store, {"m": model})
-    receiver = PushReceiver({"m": model}, SyncLimits(), persister.committed)
+    plane = SyncPlane({"m": model}, SyncLimits(), persister.committed)
     try:
-        push(receiver, 1)
+        push(plane, 1)
         assert disk.failed.wait(WAIT_S)  # version 1 did not reach the disk
-        push(receiver, 2)
+        push(plane, 2)
     finally:
         persister.close()
     assert stored(store) == [2]
@@ -217,8 +219,8 @@ def test_the_persister_keeps_writing_after_a_failed_write(tmp_path: Path) -> Non
 
 def test_partial_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
     model = new_model()
-    receiver = PushReceiver({"m": model}, SyncLimits())
-    push(receiver, 1)
+    plane = SyncPlane({"m": model}, SyncLimits())
+    push(plane, 1)
     assert WeightStore(tmp_path).save(model) == 1
     crashed = tmp_path / "m" / ".000000000002.safetensors.tmp"
     crashed.write_bytes(b"half a file")

@@ -17,10 +17,13 @@ def is_glibc() -> bool:
     return True
 
 
+def test_weightsync_malloc_default_keeps_glibcs_own() -> None:
+    assert tune_for_streaming("default", {}) is None
+
+
 @pytest.mark.parametrize(
     "environ",
     [
-        {"WEIGHTSYNC_MALLOC": "default"},
         {"MALLOC_TRIM_THRESHOLD_": "1000000"},
         {"MALLOC_MMAP_THRESHOLD_": "1000000"},
         {"MALLOC_TOP_PAD_": "0"},
@@ -29,10 +32,10 @@ def is_glibc() -> bool:
     ],
 )
 def test_settings_the_user_made_are_kept(environ: dict[str, str]) -> None:
-    assert tune_for_streaming(environ) is None
+    assert tune_for_streaming("tuned", environ) is None
 
 
 @pytest.mark.skipif(not is_glibc(), reason="glibc only")
 def test_glibc_takes_the_thresholds() -> None:
-    settings = tune_for_streaming({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    settings = tune_for_streaming("tuned", {"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
     assert settings == {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}

@@ -80,15 +80,13 @@ def test_it_reads_at_most_depth_items_ahead_and_stops_once_closed() -> None:
     assert len(pulled) <= 5
 
 
-@pytest.mark.parametrize(("setting", "threaded"), [("1", True), ("0", False)])
-def test_the_environment_can_force_the_choice(
-    monkeypatch: pytest.MonkeyPatch, setting: str, threaded: bool
-) -> None:
-    monkeypatch.setenv("WEIGHTSYNC_PREFETCH", setting)
-    prefetch._worth_it.cache_clear()
+@pytest.mark.parametrize("threaded", [True, False])
+def test_the_process_setting_forces_the_choice(threaded: bool) -> None:
+    """main() passes WEIGHTSYNC_PREFETCH (1 or 0) to read_ahead."""
+    prefetch.read_ahead(threaded)
     try:
         with prefetch.prefetched(iter([1, 2]), "test") as items:
             assert isinstance(items, prefetch.Prefetcher) is threaded
             assert list(items) == [1, 2]
     finally:
-        prefetch._worth_it.cache_clear()
+        prefetch.read_ahead(None)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from inference_service.__main__ import build_server
 from inference_service.served_model import ServedModel
-from inference_service.server import InferenceServer
+from inference_service.settings import InferenceSettings
 from shared.app import ModelSpec, TensorSpec
 from shared.weights.digest import state_digest
 from trainer_service.publisher import Publisher, SyncFailedError
@@ -34,9 +35,15 @@ class Target:
     def __init__(self, port: int = 0, module: nn.Module | None = None) -> None:
         served = ServedModel(SPEC, module or fresh(), lambda m, x: m(x), True, torch.device("cpu"))
         self.model = served
-        self.server = InferenceServer(
-            {"m": served}, listen="127.0.0.1:0", sync_listen=f"127.0.0.1:{port}"
+        settings = InferenceSettings(
+            models="-",
+            listen="127.0.0.1:0",
+            sync_listen=f"127.0.0.1:{port}",
+            metrics_listen=None,
+            sync_nice=0,
+            sync_relay="on",
         )
+        self.server = build_server(settings, {"m": served})
         self.port = self.server.start().sync
         self.address = f"127.0.0.1:{self.port}"
         self.stopped = False

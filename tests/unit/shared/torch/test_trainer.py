@@ -153,8 +153,13 @@ def test_save_and_load_state_restores_exactly(tmp_path: Path, device: torch.devi
     trainer.run()
     trainer.save_state(tmp_path / "trainer")
     files = sorted((tmp_path / "trainer").iterdir())
-    assert [f.name for f in files] == ["adamw.optim.safetensors", "exp.lrsch.safetensors"]
-    for file in files:  # safetensors: an 8-byte header length, then a JSON header
+    assert [f.name for f in files] == [
+        "adamw.optim.safetensors",
+        "exp.lrsch.safetensors",
+        "previous_training_time",  # Trainer's: "-inf", no condition
+    ]
+    assert files[2].read_text() == "-inf"
+    for file in files[:2]:  # safetensors: an 8-byte header length, then a JSON header
         data = file.read_bytes()
         (header_length,) = struct.unpack("<Q", data[:8])
         assert data[8:9] == b"{" and 8 + header_length <= len(data)

@@ -159,8 +159,15 @@ def test_save_state_creates_the_directory(tmp_path: Path) -> None:
     trainer.save_state(tmp_path / "t")
     trainer.save_state(tmp_path / "t")  # again: the directory may exist
     assert (tmp_path / "t").is_dir()
-    assert list((tmp_path / "t").iterdir()) == []
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["previous_training_time"]
     trainer.load_state(tmp_path / "t")
+
+
+def test_load_state_of_a_state_saved_before_trainers_had_data(tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()  # no previous_training_time: the time stays -inf
+    trainer = Minimal()
+    trainer.load_state(tmp_path / "t")
+    assert trainer._previous_training_time == float("-inf")
 
 
 class PersistLog(Minimal):

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the header parser and the whole push path (hypothesis).
 
-Whatever bytes arrive, the receiver answers with a domain error (which the gRPC layer maps to a
+Whatever bytes arrive, the service answers with a domain error (which the gRPC layer maps to a
 status) or commits exactly what the sender meant; it never crashes with anything else, and the
 served weights are either untouched or bit-exact.
 """
@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from inference_service.served_model import ServedModel
-from inference_service.syncplane.receiver import Commit, PushHeader, PushReceiver, SyncLimits
+from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.parts import Commit, PushHeader
+from inference_service.syncplane.service import SyncPlane
 from shared.app import ModelSpec, TensorSpec
 from shared.dtypes import BY_SAFETENSORS
 from shared.errors import ServiceError
@@ -103,7 +105,7 @@ def test_a_mangled_push_commits_exactly_or_changes_nothing(
     flips: list[tuple[int, int]], cut: int, chunk: int, keep_commit: bool
 ) -> None:
     model = served()
-    receiver = PushReceiver({"m": model}, SyncLimits(drain_timeout_s=1))
+    plane = SyncPlane({"m": model}, SyncLimits(drain_timeout_s=1))
     before = {k: v.clone() for k, v in model.live.module.state_dict().items()}
     target = {k: v + 1 for k, v in before.items()}
     blob = bytearray(b"".join(Payload.of(list(target.items())).chunks()))
@@ -116,7 +118,7 @@ def test_a_mangled_push_commits_exactly_or_changes_nothing(
         parts.append(Commit(state_digest(target)))
     header = PushHeader("m", 1, 0, "fuzz", len(blob))
     try:
-        receiver.receive(header, iter(parts))
+        plane.applier.apply(header, iter(parts))
     except ServiceError:
         expected = before
     else:

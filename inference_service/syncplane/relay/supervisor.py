@@ -1,11 +1,12 @@
-"""The inference service's side of the sync relay: start the relay process, serve its pushes.
+"""The inference service's side of the sync relay: start and supervise the relay process,
+and serve the pushes it relays.
 
-The relay (inference_service/syncplane/relay.py) owns the sync plane's public address; this
-module starts it, accepts its push links on a Unix socket in a private directory, and runs each
-relayed push through the PushReceiver exactly as a push received here would run, answering with
-the same statuses. Calls other than Push reach the service's own sync server, which then listens
-on a Unix socket in the same directory (the address `open()` returns). Should the relay die, it
-is started again on the port it had.
+The relay (relay/process.py) owns the sync plane's public address; this module starts it,
+accepts its push links on a Unix socket in a private directory, and hands each relayed push's
+parts to the push handler (syncplane/handler.py), the one a push received here goes through,
+answering with the same statuses. Calls other than Push reach the service's own sync server,
+which then listens on a Unix socket in the same directory (the address `open()` returns).
+Should the relay die, it is started again on the port it had.
 """
 
 from __future__ import annotations
@@ -24,22 +25,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from inference_service.syncplane import convert
+from inference_service.syncplane.handler import PushHandler
 from inference_service.syncplane.inbox import TICK_S
-from inference_service.syncplane.link import PushStream, Result, ServiceLink
-from inference_service.syncplane.receiver import PushReceiver
-from inference_service.syncplane.relay import TOKEN_ENV, WEAKER_TOKEN_ENV
+from inference_service.syncplane.relay.frames import Answer
+from inference_service.syncplane.relay.process import TOKEN_ENV, WEAKER_TOKEN_ENV
+from inference_service.syncplane.relay.service_end import PushStream, ServiceLink
 from shared.cpus import available_cpus
-from shared.errors import ServiceError
 from shared.grpc.auth import TlsFiles
-from shared.grpc.errors import reason_for, status_for
+from shared.grpc.errors import failure
 from shared.grpc.server import lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 START_TIMEOUT_S = 30.0
 RESTART_DELAY_S = 0.1  # before starting a dead relay again; doubled while it keeps dying
 MAX_RESTART_DELAY_S = 30.0
@@ -70,9 +68,12 @@ class RelayConfig:
     log_level: str = "INFO"
 
 
-class SyncRelay:
-    def __init__(self, receiver: PushReceiver, config: RelayConfig) -> None:
-        self._receiver = receiver
+class RelaySupervisor:
+    """Starts the relay process, starts it again should it die, stops it; serves its pushes
+    with `handler`."""
+
+    def __init__(self, handler: PushHandler, config: RelayConfig) -> None:
+        self._handler = handler
         self._config = config
         self._dir = ""
         self._links_path = ""
@@ -136,7 +137,7 @@ class SyncRelay:
         command = [
             sys.executable,
             "-m",
-            "inference_service.syncplane.relay",
+            "inference_service.syncplane.relay.process",
             f"--listen={listen}",
             f"--upstream={self._dir}/sync.sock",
             f"--links={self._links_path}",
@@ -218,19 +219,11 @@ class SyncRelay:
         finally:
             link.close()
 
-    def _push(self, stream: PushStream) -> Result:
+    def _push(self, stream: PushStream) -> Answer:
         """One push, with the statuses and log lines of the sync servicer's Push."""
         try:
-            response = convert.run_push(self._receiver, stream.waiting(TICK_S))
-        except ServiceError as error:
-            code = status_for(error)
-            logger.info("WeightSyncServicer.Push -> %s: %s", code.name, error)
-            return Result(code, reason=reason_for(error), message=str(error))
-        except OSError:
+            return self._handler.handle(stream.waiting(TICK_S))
+        except OSError:  # the link broke
             raise
-        except Exception:
-            logger.exception("unhandled error in WeightSyncServicer.Push")
-            return Result(
-                grpc.StatusCode.INTERNAL, message="internal server error; see the server log"
-            )
-        return Result(grpc.StatusCode.OK, response.SerializeToString())
+        except Exception as error:
+            return failure(error, "WeightSyncServicer.Push")

@@ -1,4 +1,4 @@
-"""The push procedure, in process: what commits, what is refused, and that refusals lose nothing."""
+"""Pushes applied in process: what commits, what is refused, and that refusals lose nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from inference_service.served_model import ServedModel
-from inference_service.syncplane.receiver import Commit, PushHeader, PushReceiver, SyncLimits
+from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.parts import Commit, PushHeader
+from inference_service.syncplane.service import SyncPlane
 from shared.app import ModelSpec, TensorSpec
 from shared.errors import (
     BaseVersionMismatchError,
@@ -57,7 +59,7 @@ def parts(
 
 
 def push(
-    receiver: PushReceiver,
+    plane: SyncPlane,
     state: dict[str, torch.Tensor],
     version: int,
     base: int = 0,
@@ -66,7 +68,7 @@ def push(
 ) -> int:
     send = state if send is None else send
     header = PushHeader("m", version, base, "trainer-a", Payload.of(list(send.items())).nbytes)
-    return receiver.receive(header, parts(send, digest or state_digest(state))).version
+    return plane.applier.apply(header, parts(send, digest or state_digest(state))).version
 
 
 def served_state(model: ServedModel) -> dict[str, torch.Tensor]:
@@ -87,102 +89,102 @@ def model() -> ServedModel:
 
 
 @pytest.fixture
-def receiver(model: ServedModel) -> PushReceiver:
-    return PushReceiver({"m": model}, SyncLimits(max_payload_bytes=1 << 20, drain_timeout_s=0.5))
+def plane(model: ServedModel) -> SyncPlane:
+    return SyncPlane({"m": model}, SyncLimits(max_payload_bytes=1 << 20, drain_timeout_s=0.5))
 
 
 def test_full_push_commits_bit_exact_weights_and_version(
-    model: ServedModel, receiver: PushReceiver
+    model: ServedModel, plane: SyncPlane
 ) -> None:
     state = trained(1)
-    assert push(receiver, state, 1) == 1
+    assert push(plane, state, 1) == 1
     assert_state(model, state)
     assert model.live.writer_id == "trainer-a"
 
 
 def test_deltas_carry_only_changed_tensors_and_stay_exact_across_many_syncs(
-    model: ServedModel, receiver: PushReceiver
+    model: ServedModel, plane: SyncPlane
 ) -> None:
     state = trained(1)
-    push(receiver, state, 1)
+    push(plane, state, 1)
     g = torch.Generator().manual_seed(5)
     names = list(state)
     for version in range(2, 30):
         changed = names[version % len(names)]
         state[changed] = state[changed] + torch.randn(state[changed].shape, generator=g)
         if version % 7 == 0:
-            push(receiver, state, version)  # a full push now and then
+            push(plane, state, version)  # a full push now and then
         else:
-            push(receiver, state, version, base=version - 1, send={changed: state[changed]})
+            push(plane, state, version, base=version - 1, send={changed: state[changed]})
         assert_state(model, state)
 
 
 def test_delta_on_a_base_not_served_is_refused_and_changes_nothing(
-    model: ServedModel, receiver: PushReceiver
+    model: ServedModel, plane: SyncPlane
 ) -> None:
     before = served_state(model)
     with pytest.raises(BaseVersionMismatchError, match="applies to version 3 but version 0"):
-        push(receiver, trained(1), 4, base=3)
+        push(plane, trained(1), 4, base=3)
     assert_state(model, before)
 
 
-def test_stale_version_is_a_conflict(model: ServedModel, receiver: PushReceiver) -> None:
-    push(receiver, trained(1), 5)
+def test_stale_version_is_a_conflict(model: ServedModel, plane: SyncPlane) -> None:
+    push(plane, trained(1), 5)
     state = served_state(model)
     with pytest.raises(ConflictError, match="version 5 is not newer than the served version 5"):
-        push(receiver, trained(2), 5)
+        push(plane, trained(2), 5)
     assert_state(model, state)
 
 
 @pytest.mark.parametrize("cut", [0, 1, 9, 50])
 def test_a_stream_that_ends_early_changes_nothing(
-    model: ServedModel, receiver: PushReceiver, cut: int
+    model: ServedModel, plane: SyncPlane, cut: int
 ) -> None:
-    push(receiver, trained(1), 1)
+    push(plane, trained(1), 1)
     before = served_state(model)
     state = trained(2)
     payload = Payload.of(list(state.items()))
     truncated = list(payload.chunks(16))[:cut]
     header = PushHeader("m", 2, 0, "t", payload.nbytes)
     with pytest.raises(MalformedPushError):
-        receiver.receive(header, iter(truncated))
+        plane.applier.apply(header, iter(truncated))
     assert_state(model, before)
-    assert push(receiver, state, 2) == 2  # and the next push works
+    assert push(plane, state, 2) == 2  # and the next push works
     assert_state(model, state)
 
 
-def test_digest_mismatch_changes_nothing(model: ServedModel, receiver: PushReceiver) -> None:
+def test_digest_mismatch_changes_nothing(model: ServedModel, plane: SyncPlane) -> None:
     before = served_state(model)
     with pytest.raises(MalformedPushError, match="digest mismatch"):
-        push(receiver, trained(1), 1, digest=b"\0" * 16)
+        push(plane, trained(1), 1, digest=b"\0" * 16)
     assert_state(model, before)
     state = trained(3)  # a half-written standby must not leak into a later delta
-    push(receiver, state, 2)
+    push(plane, state, 2)
     state["0.bias"] = state["0.bias"] + 1
-    push(receiver, state, 3, base=2, send={"0.bias": state["0.bias"]})
+    push(plane, state, 3, base=2, send={"0.bias": state["0.bias"]})
     assert_state(model, state)
 
 
-def test_full_push_must_carry_every_tensor(model: ServedModel, receiver: PushReceiver) -> None:
+def test_full_push_must_carry_every_tensor(model: ServedModel, plane: SyncPlane) -> None:
     state = trained(1)
     with pytest.raises(MalformedPushError, match=r"missing: 2\.bias, 2\.weight"):
-        push(receiver, state, 1, send={"0.weight": state["0.weight"], "0.bias": state["0.bias"]})
+        push(plane, state, 1, send={"0.weight": state["0.weight"], "0.bias": state["0.bias"]})
 
 
 def test_inference_only_model_refuses_pushes() -> None:
-    receiver = PushReceiver({"m": make_served(accepts_pushes=False)}, SyncLimits())
+    plane = SyncPlane({"m": make_served(accepts_pushes=False)}, SyncLimits())
     with pytest.raises(InferenceOnlyModelError, match="inference-only"):
-        push(receiver, trained(1), 1)
+        push(plane, trained(1), 1)
 
 
-def test_unknown_model_and_size_limit(receiver: PushReceiver) -> None:
+def test_unknown_model_and_size_limit(plane: SyncPlane) -> None:
     with pytest.raises(ModelNotFoundError, match="no model named 'x'"):
-        receiver.receive(PushHeader("x", 1, 0, "t", 10), iter([]))
+        plane.applier.apply(PushHeader("x", 1, 0, "t", 10), iter([]))
     with pytest.raises(ResourceLimitError, match="exceeds the 1048576-byte limit"):
-        receiver.receive(PushHeader("m", 1, 0, "t", 2 << 20), iter([]))
+        plane.applier.apply(PushHeader("m", 1, 0, "t", 2 << 20), iter([]))
 
 
-def test_a_second_concurrent_push_is_a_conflict(model: ServedModel, receiver: PushReceiver) -> None:
+def test_a_second_concurrent_push_is_a_conflict(model: ServedModel, plane: SyncPlane) -> None:
     state = trained(1)
     payload = Payload.of(list(state.items()))
     gate = threading.Event()
@@ -199,14 +201,14 @@ def test_a_second_concurrent_push_is_a_conflict(model: ServedModel, receiver: Pu
     result: list[int] = []
     thread = threading.Thread(
         target=lambda: result.append(
-            receiver.receive(PushHeader("m", 1, 0, "slow", payload.nbytes), slow()).version
+            plane.applier.apply(PushHeader("m", 1, 0, "slow", payload.nbytes), slow()).version
         )
     )
     thread.start()
     entered.wait(5)
     assert model.pending is not None and model.pending.writer_id == "slow"
     with pytest.raises(ConflictError, match=r"another push from 'slow' \(version 1\)"):
-        push(receiver, trained(2), 2)
+        push(plane, trained(2), 2)
     gate.set()
     thread.join()
     assert result == [1]
@@ -214,29 +216,29 @@ def test_a_second_concurrent_push_is_a_conflict(model: ServedModel, receiver: Pu
 
 
 def test_requests_in_flight_finish_on_their_version_and_pushes_wait_for_them(
-    model: ServedModel, receiver: PushReceiver
+    model: ServedModel, plane: SyncPlane
 ) -> None:
-    push(receiver, trained(1), 1)  # standby now holds version 0's module
+    push(plane, trained(1), 1)  # standby now holds version 0's module
     with model.acquire() as pinned:  # a request on version 1
-        push(receiver, trained(2), 2)  # writes the other copy: fine
+        push(plane, trained(2), 2)  # writes the other copy: fine
         assert pinned.version == 1
         with pytest.raises(UnavailableError, match=r"did not finish within 0\.5s"):
-            push(receiver, trained(3), 3)  # would overwrite the pinned copy: waits, gives up
+            push(plane, trained(3), 3)  # would overwrite the pinned copy: waits, gives up
         assert_state(model, trained(2))
-    assert push(receiver, trained(3), 3) == 3
+    assert push(plane, trained(3), 3) == 3
 
 
 def test_the_last_writer_to_acquire_fences_the_ones_before(
-    model: ServedModel, receiver: PushReceiver
+    model: ServedModel, plane: SyncPlane
 ) -> None:
     def push_as(writer: str, epoch: int, version: int) -> int:
         state = trained(version)
         header = PushHeader("m", version, 0, writer, Payload.of(list(state.items())).nbytes, epoch)
-        return receiver.receive(header, parts(state, state_digest(state))).version
+        return plane.applier.apply(header, parts(state, state_digest(state))).version
 
-    assert receiver.acquire_writer("m", "a") == 1
+    assert plane.acquire_writer("m", "a") == 1
     assert push_as("a", 1, 1) == 1
-    assert receiver.acquire_writer("m", "b") == 2
+    assert plane.acquire_writer("m", "b") == 2
     before = served_state(model)
     with pytest.raises(
         FencedError,
@@ -255,42 +257,42 @@ def test_the_last_writer_to_acquire_fences_the_ones_before(
 
 
 def test_pushes_without_a_lease_commit_until_the_first_grant(
-    model: ServedModel, receiver: PushReceiver
+    model: ServedModel, plane: SyncPlane
 ) -> None:
-    assert push(receiver, trained(1), 1) == 1  # epoch 0: nobody has acquired the model
-    assert push(receiver, trained(2), 2) == 2
-    receiver.acquire_writer("m", "a")
+    assert push(plane, trained(1), 1) == 1  # epoch 0: nobody has acquired the model
+    assert push(plane, trained(2), 2) == 2
+    plane.acquire_writer("m", "a")
     with pytest.raises(FencedError, match="carries epoch 0 and is fenced"):
-        push(receiver, trained(3), 3)
+        push(plane, trained(3), 3)
     assert_state(model, trained(2))
 
 
 def test_a_push_whose_writer_is_fenced_before_its_commit_swaps_nothing(
-    model: ServedModel, receiver: PushReceiver
+    model: ServedModel, plane: SyncPlane
 ) -> None:
-    epoch = receiver.acquire_writer("m", "a")
+    epoch = plane.acquire_writer("m", "a")
     state = trained(1)
     payload = Payload.of(list(state.items()))
 
     def fenced_before_the_commit() -> Iterator[bytes | Commit]:
         yield from payload.chunks(16)
-        receiver.acquire_writer("m", "b")  # lands after every byte is staged, before the swap
+        plane.acquire_writer("m", "b")  # lands after every byte is staged, before the swap
         yield Commit(state_digest(state))
 
     before = served_state(model)
     header = PushHeader("m", 1, 0, "a", payload.nbytes, epoch)
     with pytest.raises(FencedError, match=r"written by 'b' \(epoch 2\); this push from 'a'"):
-        receiver.receive(header, fenced_before_the_commit())
+        plane.applier.apply(header, fenced_before_the_commit())
     assert_state(model, before)
     assert model.live.version == 0 and model.pending is None
 
 
-def test_rollback_refuses_a_version_out_of_range(receiver: PushReceiver) -> None:
+def test_rollback_refuses_a_version_out_of_range(plane: SyncPlane) -> None:
     with pytest.raises(OutOfRangeError, match=r"to_version 9223372036854775808 is out of range"):
-        receiver.rollback("m", 1 << 63)
+        plane.rollback("m", 1 << 63)
 
 
 def test_inference_only_models_have_no_writer() -> None:
-    receiver = PushReceiver({"m": make_served(accepts_pushes=False)}, SyncLimits())
+    plane = SyncPlane({"m": make_served(accepts_pushes=False)}, SyncLimits())
     with pytest.raises(InferenceOnlyModelError, match="has no writer"):
-        receiver.acquire_writer("m", "a")
+        plane.acquire_writer("m", "a")

@@ -1,4 +1,4 @@
-"""The sync relay: the sync plane's public gRPC server, in a process of its own.
+"""The sync relay program: the sync plane's public gRPC server, in a process of its own.
 
 Why a process: grpcio receiving bulk data costs a serving process's tail latency far more than
 the CPU it takes. Measured with bench/serve.py on a 2-core machine under load, 100 MB pushed
@@ -8,11 +8,12 @@ lower priority raised it by 11-17%. The serving process shares its gRPC I/O thre
 GIL with whatever it receives; a separate process shares only CPUs, where the kernel's
 scheduler and nice values apply.
 
-So the inference service starts this program (inference_service/syncplane/relay_process.py),
-which listens on the sync plane's address at a lower CPU priority, authenticates callers, and:
+So the inference service starts this program (relay/supervisor.py), which listens on the sync
+plane's address at a lower CPU priority, authenticates callers, and:
 
-- relays each Push over a push link (inference_service/syncplane/link.py): the messages go
-  through shared memory, and the service answers with the push's status;
+- decodes each Push's messages into push parts (syncplane/messages.py) and relays the parts
+  over a push link (relay/link.py): the payload goes through shared memory, and the service
+  answers with the push's outcome or status;
 - forwards every other call (GetModel, AcquireWriter, Rollback, health, reflection, ...) as
   raw bytes to the service's own sync server on a Unix socket, status and trailers included,
   with the caller's deadline capped at FORWARD_DEADLINE_S.
@@ -41,15 +42,20 @@ from typing import Any
 
 import grpc
 
-from inference_service.syncplane.link import STALL_S, RelayLink
+from inference_service.syncplane.messages import parts, push_response
+from inference_service.syncplane.parts import PushOutcome
+from inference_service.syncplane.relay.link import STALL_S, RelayLink
 from shared.allocator import tune_for_streaming
 from shared.cli import configure_logging
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
-from shared.grpc.errors import REASON_KEY
+from shared.grpc.channel import open_channel
+from shared.grpc.errors import abort
 from shared.grpc.limits import CallBudget
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
 from shared.grpc.prefetch import Prefetcher
 from shared.grpc.server import bind, lower_thread_priority, new_server
+from shared.settings import ProcessSettings
 
 logger = logging.getLogger("inference_service.sync_relay")
 
@@ -99,12 +105,14 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         if details.method == PUSH:
-            return grpc.stream_unary_rpc_method_handler(self._push)
+            return grpc.stream_unary_rpc_method_handler(
+                self._push, response_serializer=pb.PushResponse.SerializeToString
+            )
         return grpc.stream_stream_rpc_method_handler(
             functools.partial(self._forward, details.method)
         )
 
-    def _push(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
         try:
             link = self._links.acquire()
         except OSError as exc:
@@ -115,8 +123,8 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             # service sends while the sender stalls still reaches it at once: grpcio's sync API
             # cannot end a call from outside the handler's thread, which would otherwise be
             # blocked waiting for the sender's next message.
-            with Prefetcher(messages, name="relay-push") as ahead:
-                result = link.push(ahead.waiting(STALL_S))
+            with Prefetcher(requests, name="relay-push") as ahead:
+                answer = link.push(parts(ahead.waiting(STALL_S)))
         except OSError as exc:
             logger.error("the inference service went away during a push: %s", exc)
             link.close()
@@ -124,12 +132,9 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
                 grpc.StatusCode.UNAVAILABLE, "the inference service stopped during the push"
             )
         self._links.release(link)
-        if result.code is grpc.StatusCode.OK:
-            return result.payload
-        if result.reason:
-            context.set_trailing_metadata(((REASON_KEY, result.reason),))
-        context.abort(result.code, result.message)
-        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+        if isinstance(answer, PushOutcome):
+            return push_response(answer)
+        abort(context, answer)
 
     def _forward(
         self, method: str, requests: Iterator[bytes], context: grpc.ServicerContext
@@ -155,7 +160,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m inference_service.syncplane.relay")
+    parser = argparse.ArgumentParser(prog="python -m inference_service.syncplane.relay.process")
     parser.add_argument("--listen", required=True, help="the sync plane's public address")
     parser.add_argument("--upstream", required=True, help="the service's sync server socket")
     parser.add_argument("--links", required=True, help="the service's push link socket")
@@ -179,13 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the service stops us
     lower_thread_priority(args.nice)  # gRPC's threads, started below, inherit it
-    tune_for_streaming()
+    tune_for_streaming(ProcessSettings.from_environ(os.environ, "sync-relay").malloc)
     token = os.environ.pop(TOKEN_ENV, None)
     weaker = os.environ.pop(WEAKER_TOKEN_ENV, None)
     interceptors = [TokenAuthInterceptor(token, "sync plane", weaker=weaker)] if token else []
-    upstream = grpc.insecure_channel(
-        f"unix:{args.upstream}", options=channel_options(SYNC_MAX_MESSAGE_BYTES)
-    )
+    upstream = open_channel(f"unix:{args.upstream}", SYNC_MAX_MESSAGE_BYTES)
     links = LinkPool(args.links)
     budget = CallBudget(args.max_concurrent, "sync plane")
     server = new_server(

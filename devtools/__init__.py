@@ -1,0 +1,1 @@
+"""Tools for developing this project, shared by tests/, bench/ and scripts/; not installed."""

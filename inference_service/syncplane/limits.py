@@ -1,0 +1,18 @@
+"""The sync plane's limits: sizes, waits and rates a push is held to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SyncLimits:
+    max_payload_bytes: int = 64 << 30
+    max_header_bytes: int = 16 << 20
+    drain_timeout_s: float = 30.0
+    max_concurrent: int = 8
+    # Receive weights no faster than this (bytes/s; 0: as fast as they come). Spreading a
+    # push's CPU cost over time keeps it from showing in the data plane's tail latency.
+    max_bytes_per_s: float = 0.0
+    # A push that sends nothing for this long is ended (DEADLINE_EXCEEDED), freeing the model.
+    push_idle_timeout_s: float = 5.0

@@ -1,0 +1,117 @@
+"""The push link's frames, and how push parts and answers are written in them.
+
+A frame is a kind and three numbers (FRAME), some followed by `c` bytes inline:
+
+    relay -> service   HELLO (with the ring's fd), then per push: BEGIN, then the parts:
+                       HEADER, SLOT | DATA (payload), COMMIT, EMPTY; then END | ABORT | BAD
+    service -> relay   FREE (a slot read), RESULT (the push's answer)
+
+SLOT says that ring slot `a` holds `c` payload bytes; DATA carries payload too large for a slot
+inline. A push ends with END (the stream ended), ABORT (the sender went away, or the service
+answered before the end) or BAD (the relay could not decode a message: the inline text says
+why). A RESULT is the PushOutcome or the Status the push is answered with.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+from collections.abc import Iterable
+
+import grpc
+
+from inference_service.syncplane.parts import PushHeader, PushOutcome
+from shared.grpc.errors import Status
+
+FRAME = struct.Struct("<BIIQ")  # kind, a, b, c
+HELLO, BEGIN, HEADER, SLOT, DATA, COMMIT, EMPTY, END, ABORT, BAD, FREE, RESULT = range(1, 13)
+INLINE = frozenset({HEADER, DATA, COMMIT, BAD, RESULT})  # frames followed by `c` bytes
+ENDS = frozenset({END, ABORT, BAD})  # frames that end a push's stream
+
+_HEADER = struct.Struct("<QQQQI")  # version, base_version, payload_bytes, writer_epoch, name size
+_OUTCOME = struct.Struct("<QQI")  # version, payload_bytes, digest size
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+Answer = PushOutcome | Status
+
+
+def encode_header(header: PushHeader) -> bytes:
+    name = header.model_name.encode()
+    numbers = (header.version, header.base_version, header.payload_bytes, header.writer_epoch)
+    return _HEADER.pack(*numbers, len(name)) + name + header.writer_id.encode()
+
+
+def decode_header(data: bytes) -> PushHeader:
+    version, base_version, payload_bytes, writer_epoch, size = _HEADER.unpack_from(data)
+    name = data[_HEADER.size : _HEADER.size + size].decode()
+    writer_id = data[_HEADER.size + size :].decode()
+    return PushHeader(name, version, base_version, writer_id, payload_bytes, writer_epoch)
+
+
+def encode_answer(answer: Answer) -> tuple[int, bytes]:
+    """The RESULT frame's code and bytes for `answer`."""
+    if isinstance(answer, PushOutcome):
+        numbers = _OUTCOME.pack(answer.version, answer.payload_bytes, len(answer.digest))
+        return grpc.StatusCode.OK.value[0], numbers + answer.digest + answer.model_name.encode()
+    return answer.code.value[0], f"{answer.reason}\0{answer.message}".encode()
+
+
+def decode_answer(code: int, data: bytes) -> Answer:
+    status = CODES.get(code, grpc.StatusCode.UNKNOWN)
+    if status is grpc.StatusCode.OK:
+        version, payload_bytes, size = _OUTCOME.unpack_from(data)
+        digest = data[_OUTCOME.size : _OUTCOME.size + size]
+        name = data[_OUTCOME.size + size :].decode()
+        return PushOutcome(name, version, digest, payload_bytes)
+    reason, _, message = data.decode(errors="replace").partition("\0")
+    return Status(status, reason, message)
+
+
+class Frames:
+    """Frames over one connected Unix stream socket, read through a buffer (a few frames often
+    arrive together, and each saved read is a system call saved per megabyte pushed)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+
+    def send(
+        self, kind: int, a: int = 0, b: int = 0, c: int = 0, data: bytes | memoryview = b""
+    ) -> None:
+        self.sock.sendall(FRAME.pack(kind, a, b, c))
+        if data:
+            self.sock.sendall(data)
+
+    def send_inline(self, kind: int, data: bytes | memoryview, a: int = 0) -> None:
+        """A frame followed by `data`."""
+        self.send(kind, a, c=len(data), data=data)
+
+    def send_many(self, frames: Iterable[tuple[int, int, int, int]]) -> None:
+        self.sock.sendall(b"".join(FRAME.pack(*frame) for frame in frames))
+
+    def recv(self) -> tuple[int, int, int, int]:
+        """The next frame's kind and fields; ConnectionError when the peer has gone."""
+        kind, a, b, c = FRAME.unpack(self.recv_bytes(FRAME.size))
+        return kind, a, b, c
+
+    def recv_bytes(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            data = self.sock.recv(max(1 << 16, size - len(self._buffer)))
+            if not data:
+                raise ConnectionError("the push link closed")
+            self._buffer += data
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self._buffer)
+
+    def ready(self, timeout_s: float = 0.0) -> bool:
+        """Whether a frame (or the peer's close) is waiting to be read, or comes within
+        `timeout_s`."""
+        return self.buffered or bool(select.select([self.sock], [], [], timeout_s)[0])
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,91 @@
+"""The sync plane's use-case layer: the models by name, their writers, history and rollback,
+and pushes through the one push handler (handler.py)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+
+from inference_service.lease import COUNTER_LIMIT, check_counter
+from inference_service.persistence import StoredVersion, WeightStore
+from inference_service.served_model import Generation, ServedModel
+from inference_service.syncplane.apply import PushApplier
+from inference_service.syncplane.checks import model_named
+from inference_service.syncplane.handler import PushHandler
+from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.parts import Commit, PushHeader
+from shared.errors import InferenceOnlyModelError, OutOfRangeError, PushRejectedError
+
+logger = logging.getLogger(__name__)
+
+
+class SyncPlane:
+    """What the weightsync.v1 servicer (and the relay's push link, through `push`) serves.
+
+    `on_commit(name)` hears of each commit (the history writer); `store`, the history on disk,
+    is what versions are listed from and rolled back to (None: no history kept)."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        limits: SyncLimits,
+        on_commit: Callable[[str], None] | None = None,
+        store: WeightStore | None = None,
+    ) -> None:
+        self._models = models
+        self.store = store
+        self.applier = PushApplier(models, limits, on_commit)
+        self.push = PushHandler(self.applier, limits.push_idle_timeout_s)
+
+    def model(self, name: str) -> ServedModel:
+        return model_named(self._models, name)
+
+    @property
+    def models(self) -> Mapping[str, ServedModel]:
+        return self._models
+
+    def acquire_writer(self, name: str, writer_id: str) -> int:
+        """Make `writer_id` the only writer of `name`; earlier writers are fenced from now on."""
+        model = self.model(name)
+        if not model.accepts_pushes:
+            raise InferenceOnlyModelError(
+                f"model {model.name!r} is inference-only: it has no writer"
+            )
+        epoch = model.lease.grant(writer_id)
+        logger.info("model %s: %s is the writer now (epoch %d)", name, writer_id, epoch)
+        return epoch
+
+    def versions(self, name: str) -> list[StoredVersion]:
+        """The versions of `name` kept on disk, newest first."""
+        self.model(name)
+        return self._history().versions(name)
+
+    def rollback(self, name: str, to_version: int) -> Generation:
+        """Serve stored version `to_version` again, committed as the next version: a push of
+        the stored file, under the current writer's epoch."""
+        check_counter("to_version", to_version)
+        model = self.model(name)
+        stored = self._history().find(name, to_version)
+        version = model.live.version + 1
+        if version >= COUNTER_LIMIT:
+            raise OutOfRangeError(
+                f"model {name!r} serves version {version - 1}, the last below 2^63: no version "
+                "can follow it"
+            )
+        header = PushHeader(
+            name,
+            version,
+            0,
+            f"rollback to {to_version} of {stored.writer_id or 'unknown'}",
+            stored.size_bytes,
+            model.lease.epoch,
+        )
+        return self.applier.apply(header, itertools.chain(stored.chunks(), [Commit(stored.digest)]))
+
+    def _history(self) -> WeightStore:
+        if self.store is None:
+            raise PushRejectedError(
+                "this inference service keeps no version history: start it with --state-dir"
+            )
+        return self.store

@@ -1,0 +1,43 @@
+"""Wire facts both services rely on: the `error-reason` trailer and the reasons it names.
+
+A failed call ends with a gRPC status code and a message for people; where a client must act on
+which of several errors sharing a code it got, the `error-reason` trailing metadata names it
+with one of the constants below. The trainer acts on BASE_VERSION_MISMATCH (it pushes in full),
+FENCED (it stops: another trainer writes the model) and UNKNOWN_EPOCH (it acquires the writer
+lease again). Which domain error sends which reason is one table, in shared/grpc/errors.py.
+These are protocol: they never change with a class's name.
+"""
+
+from __future__ import annotations
+
+REASON_KEY = "error-reason"
+
+# INVALID_ARGUMENT
+INVALID_ARGUMENT = "invalid-argument"
+INVALID_INPUT = "invalid-input"
+MALFORMED_PUSH = "malformed-push"
+MALFORMED_BATCH = "malformed-batch"  # an experience batch its buffer cannot take: drop it
+OUT_OF_RANGE = "out-of-range"
+# NOT_FOUND
+NOT_FOUND = "not-found"
+MODEL_NOT_FOUND = "model-not-found"
+VERSION_NOT_SERVED = "version-not-served"
+REGION_NOT_FOUND = "region-not-found"
+BUFFER_NOT_FOUND = "buffer-not-found"
+# FAILED_PRECONDITION
+PUSH_REJECTED = "push-rejected"
+INFERENCE_ONLY_MODEL = "inference-only-model"
+BASE_VERSION_MISMATCH = "base-version-mismatch"  # the delta's base is not served: push in full
+# ABORTED
+CONFLICT = "conflict"
+FENCED = "fenced"  # another writer acquired the model since: this one must stop
+UNKNOWN_EPOCH = "unknown-epoch"  # the service lost the lease it granted: acquire it again
+# DEADLINE_EXCEEDED
+DEADLINE_EXCEEDED = "deadline-exceeded"
+PUSH_STALLED = "push-stalled"
+# UNAVAILABLE, RESOURCE_EXHAUSTED, UNIMPLEMENTED
+UNAVAILABLE = "unavailable"
+RESOURCE_LIMIT = "resource-limit"
+UNSUPPORTED = "unsupported"
+# UNKNOWN: a ServiceError of no more specific kind (none is raised as such)
+SERVICE = "service"
