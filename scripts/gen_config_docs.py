@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from inference_service import settings as inference_settings  # noqa: E402
 from shared.cli import DURATION_UNITS, SIZE_UNITS  # noqa: E402
-from shared.settings import PROCESS_OPTIONS, Option  # noqa: E402
+from shared.settings import PROCESS_OPTIONS, Option, Scope  # noqa: E402
 from trainer_service import settings as trainer_settings  # noqa: E402
 
 DOC = ROOT / "docs" / "configuration.md"
@@ -65,6 +65,26 @@ def _process_table(options: Sequence[Option]) -> list[str]:
     return rows
 
 
+INTRODUCTIONS = {
+    Scope.INFERENCE: inference_settings.DESCRIPTION,
+    Scope.TRAINER: trainer_settings.DESCRIPTION,
+    Scope.BOTH: "Read from the environment alone by every process of both services (the sync "
+    "relay included), whatever flags it was given.",
+}
+
+
+def _sections() -> list[str]:
+    """A section per scope, each with the table of the options declared in it."""
+    declared = [*inference_settings.OPTIONS, *trainer_settings.OPTIONS, *PROCESS_OPTIONS]
+    lines = []
+    for scope, introduction in INTRODUCTIONS.items():
+        table = _process_table if scope is Scope.BOTH else _service_table
+        title = "Process-wide (both services)" if scope is Scope.BOTH else scope.value
+        in_scope = [option for option in declared if option.scope is scope]
+        lines += [f"## {title}", "", introduction, "", *table(in_scope), ""]
+    return lines
+
+
 def render() -> str:
     """The whole of docs/configuration.md, as the declarations say today."""
     durations = ", ".join(_code(unit) for unit in DURATION_UNITS)
@@ -91,25 +111,7 @@ def render() -> str:
         "`on` or `0`, `false`, `no`, `off`.",
         "- Lists: comma-separated; `A,B;C` is groups separated by `;`.",
         "",
-        "## inference-service",
-        "",
-        inference_settings.DESCRIPTION,
-        "",
-        *_service_table(inference_settings.OPTIONS),
-        "",
-        "## trainer-service",
-        "",
-        trainer_settings.DESCRIPTION,
-        "",
-        *_service_table(trainer_settings.OPTIONS),
-        "",
-        "## Process-wide (both services)",
-        "",
-        "Read from the environment alone by every process of both services (the sync relay",
-        "included), whatever flags it was given.",
-        "",
-        *_process_table(PROCESS_OPTIONS),
-        "",
+        *_sections(),
     ]
     return "\n".join(lines)
 

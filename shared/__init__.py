@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         RandomReplacementBuffer,
         SequentialBuffer,
     )
+    from shared.data.remote import RemoteDataCollector
     from shared.model import InferenceModel, InferenceModelsDict, TrainingModel, TrainingModelsDict
     from shared.torch import (
         TorchInferenceModel,
@@ -46,6 +47,7 @@ _HOMES = {
     "DictSequentialBuffer": "shared.data",
     "RandomReplacementBuffer": "shared.data",
     "SequentialBuffer": "shared.data",
+    "RemoteDataCollector": "shared.data.remote",
     "InferenceModel": "shared.model",
     "InferenceModelsDict": "shared.model",
     "TrainingModel": "shared.model",
@@ -71,6 +73,7 @@ __all__ = [
     "InferenceModel",
     "InferenceModelsDict",
     "RandomReplacementBuffer",
+    "RemoteDataCollector",
     "SequentialBuffer",
     "TensorSpec",
     "TorchInferenceModel",

@@ -14,15 +14,19 @@ import torch
 
 from shared.allocator import tune_for_streaming
 from shared.app import load_app
-from shared.cli import configure_logging
+from shared.cli import configure_logging, is_loopback
 from shared.devices import resolve_device, torch_thread_count
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.prefetch import read_ahead
+from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
 from shared.settings import ProcessSettings
 from shared.statedir import claim, claim_first
-from trainer_service.distributed import join, rank_device
+from trainer_service.distributed import Group, join, rank_device
+from trainer_service.experience.buffers import Buffers
+from trainer_service.experience.server import STOP_GRACE_S, ExperienceEndpoint, ExperienceServer
+from trainer_service.experience.service import ExperiencePlane
 from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import PROG, TrainerSettings
@@ -43,9 +47,10 @@ def run(settings: TrainerSettings) -> None:
     app = load_app(settings.models)
     group = join(device)  # data-parallel ranks under torchrun; None when run alone
     writes = group is None or group.is_writer
+    metrics_port = None
     if settings.metrics_listen and writes:
-        port = serve_metrics(settings.metrics_listen)
-        logger.info("metrics on port %d", port)
+        metrics_port = serve_metrics(settings.metrics_listen)
+        logger.info("metrics on port %d", metrics_port)
     claimed = claim_state(settings, writes, stop)
     if claimed is None:
         return
@@ -58,6 +63,7 @@ def run(settings: TrainerSettings) -> None:
         token=settings.sync_token,
         tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
     )
+    experience: ExperienceServer | None = None
     try:
         loop = TrainingLoop(
             app,
@@ -67,6 +73,11 @@ def run(settings: TrainerSettings) -> None:
             state_dir,
             group,
         )
+        experience = experience_server(settings, loop.buffers, group)
+        experience_port = experience.start() if experience is not None else None
+        if settings.ready_file is not None:
+            info = {"pid": os.getpid(), "experience_port": experience_port}
+            write_ready_file(settings.ready_file, {**info, "metrics_port": metrics_port})
         logger.info(
             "trainer %s: %d trainer(s) on %s (%d torch thread(s)), pushing %s to %s",
             settings.writer_id,
@@ -78,13 +89,62 @@ def run(settings: TrainerSettings) -> None:
         )
         loop.start(stop)
         loop.run(stop, settings.max_runs, settings.run_interval, settings.checkpoint_every)
+        if experience is not None:  # first: every batch acknowledged is in the last checkpoint
+            experience.stop(STOP_GRACE_S)
         loop.save()
         if group is not None:
             group.finish()
     finally:
+        if experience is not None:
+            experience.stop(0)
         publisher.close()
         if group is not None:
             group.close()
+
+
+def experience_server(
+    settings: TrainerSettings, buffers: Buffers, group: Group | None
+) -> ExperienceServer | None:
+    """The experience plane for the app's buffers; None when it declares none or the plane is
+    off."""
+    if not buffers.schemas:
+        return None
+    if settings.experience_listen is None:
+        logger.warning("the app declares buffers but --experience-listen is off: none fills them")
+        return None
+    if group is not None:
+        raise ConfigurationError(
+            "experience buffers are not supported with data-parallel ranks yet: each rank "
+            "would hold different samples and decide differently whether to train"
+        )
+    listen = settings.experience_listen
+    authenticated = settings.experience_token or settings.experience_tls_client_ca is not None
+    if not authenticated and not is_loopback(listen):
+        if not settings.allow_open_experience:
+            raise ConfigurationError(
+                f"the experience plane would listen on {listen} with no authentication: "
+                "set TRAINER_EXPERIENCE_TOKEN (or --experience-tls-client-ca for mutual "
+                "TLS), or pass --allow-open-experience on a network you trust"
+            )
+        logger.warning(
+            "THE EXPERIENCE PLANE LISTENS ON %s WITHOUT AUTHENTICATION "
+            "(--allow-open-experience): anyone who can reach it can feed the trainer.",
+            listen,
+        )
+    tls = TlsFiles(
+        settings.experience_tls_cert,
+        settings.experience_tls_key,
+        settings.experience_tls_client_ca,
+    )
+    if tls.enabled and (tls.cert is None or tls.key is None):
+        raise ConfigurationError(
+            "the experience plane's TLS needs --experience-tls-cert and --experience-tls-key"
+        )
+    plane = ExperiencePlane(buffers.users, buffers.schemas, settings.experience_max_batch)
+    endpoint = ExperienceEndpoint(
+        listen, tls if tls.enabled else None, settings.experience_token, settings.experience_streams
+    )
+    return ExperienceServer(plane, endpoint)
 
 
 def claim_state(

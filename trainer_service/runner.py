@@ -29,10 +29,14 @@ from shared.trainer.base import Trainer, TrainersDict
 from trainer_service import metrics
 from trainer_service.checkpoint import Checkpoints
 from trainer_service.distributed import Group
+from trainer_service.experience.buffers import Buffers
 from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
 from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel
 
 logger = logging.getLogger(__name__)
+
+# How long the loop waits when no trainer was trainable (each waits for its data).
+IDLE_WAIT_S = 0.02
 
 
 class Outcome(IntEnum):
@@ -79,6 +83,8 @@ class TrainingLoop:
             )
         self.trainers = TrainersDict({name: app.trainers[name]() for name in names})
         self.trainers.attach_training_models(self.models)
+        self.buffers = Buffers.of(app)
+        self.buffers.attach(self.trainers)
         self.runs = 0
 
     def synced_models(self) -> list[str]:
@@ -94,6 +100,9 @@ class TrainingLoop:
                 if (saved / "models" / f"{name}.safetensors").exists():
                     model.load_state(saved / "models" / name)
             self.trainers.load_state(saved / "trainers")
+            for name, user in self.buffers.users.items():
+                if (saved / "data" / name).is_dir():
+                    user.load_state(saved / "data" / name)
             logger.info("resumed from %s", saved)
         if self.group is not None:
             self.group.replicate(m.model for m in self._torch_models().values())
@@ -112,12 +121,14 @@ class TrainingLoop:
         """Run trainers round robin until `stop` is set or `max_runs` runs have completed;
         checkpoint every `checkpoint_every` runs (0: only at the end)."""
         while not self._stopping(stop):
+            trained = False
             for name, trainer in self.trainers.items():
                 if self._stopping(stop):
                     return
                 started = time.perf_counter()
                 if not self._run_one(name, trainer):
                     continue
+                trained = True
                 self.runs += 1
                 metrics.RUNS.labels(name).inc()
                 logger.info(
@@ -130,9 +141,12 @@ class TrainingLoop:
                     return
                 if interval:
                     stop.wait(interval)
+            if not trained:  # every trainer waits for data: look again soon, without spinning
+                stop.wait(IDLE_WAIT_S)
 
     def save(self) -> None:
-        """Checkpoint models and trainer state (safetensors, no pickle), atomically as a whole.
+        """Checkpoint models, trainer state and buffers (safetensors and JSON, no pickle),
+        atomically as a whole; the samples queued for the buffers are moved in and saved too.
 
         Data-parallel ranks first check that they hold the same weights; rank 0 writes."""
         if self.group is not None:
@@ -148,6 +162,7 @@ class TrainingLoop:
             for name, model in self.models.data.items():
                 model.save_state(directory / "models" / name)
             self.trainers.save_state(directory / "trainers")
+            self.buffers.users.save_state(directory / "data")
 
         path = self.checkpoints.write(fill)
         logger.info("checkpoint written to %s after %d runs", path, self.runs)

@@ -13,9 +13,12 @@ from pathlib import Path
 
 from shared.cli import (
     ADDRESSES,
+    BOOLEAN,
     NAME_GROUPS,
     NAMES,
+    OPTIONAL_HOST_PORT,
     PATH,
+    SIZE,
     duration,
     integer,
 )
@@ -30,6 +33,8 @@ from shared.settings import (
     options,
     parse,
 )
+from trainer_service.experience.server import DEFAULT_STREAMS
+from trainer_service.experience.service import DEFAULT_MAX_BATCH_BYTES
 
 PROG = Scope.TRAINER.value
 DESCRIPTION = (
@@ -109,6 +114,84 @@ class TrainerSettings:
         default=None,
         metadata=option("--tls-key", "TRAINER_TLS_KEY", "PEM private key of --tls-cert", PATH),
     )
+    experience_listen: str | None = field(
+        default="127.0.0.1:8201",
+        metadata=option(
+            "--experience-listen",
+            "TRAINER_EXPERIENCE_LISTEN",
+            "experience plane listen address, where agents stream samples into the app's "
+            "buffers (only when the app declares buffers), or 'off'",
+            OPTIONAL_HOST_PORT,
+        ),
+    )
+    experience_token: str | None = field(
+        default=None,
+        metadata=option(
+            "--experience-token",
+            "TRAINER_EXPERIENCE_TOKEN",
+            "bearer token agents must present on the experience plane (prefer the env var: "
+            "flags show in ps)",
+            metavar="TOKEN",
+        ),
+    )
+    experience_tls_cert: Path | None = field(
+        default=None,
+        metadata=option(
+            "--experience-tls-cert",
+            "TRAINER_EXPERIENCE_TLS_CERT",
+            "PEM certificate: serve the experience plane over TLS",
+            PATH,
+        ),
+    )
+    experience_tls_key: Path | None = field(
+        default=None,
+        metadata=option(
+            "--experience-tls-key",
+            "TRAINER_EXPERIENCE_TLS_KEY",
+            "PEM private key of --experience-tls-cert",
+            PATH,
+        ),
+    )
+    experience_tls_client_ca: Path | None = field(
+        default=None,
+        metadata=option(
+            "--experience-tls-client-ca",
+            "TRAINER_EXPERIENCE_TLS_CLIENT_CA",
+            "PEM CA: require agents to present certificates it signed (mutual TLS); this "
+            "authenticates the experience plane without a token",
+            PATH,
+        ),
+    )
+    allow_open_experience: bool = field(
+        default=False,
+        metadata=option(
+            "--allow-open-experience",
+            "TRAINER_ALLOW_OPEN_EXPERIENCE",
+            "start even though the experience plane listens beyond loopback with no token or "
+            "client CA",
+            BOOLEAN,
+            switch=True,
+        ),
+    )
+    experience_max_batch: int = field(
+        default=DEFAULT_MAX_BATCH_BYTES,
+        metadata=option(
+            "--experience-max-batch",
+            "TRAINER_EXPERIENCE_MAX_BATCH",
+            "largest batch payload an agent may send; larger ones are refused, nothing stored",
+            SIZE,
+        ),
+    )
+    experience_streams: int = field(
+        default=DEFAULT_STREAMS,
+        metadata=option(
+            "--experience-streams",
+            "TRAINER_EXPERIENCE_STREAMS",
+            "agents' streams served at once (each holds a thread); one beyond gets "
+            "RESOURCE_EXHAUSTED and retries",
+            integer(1),
+        ),
+    )
     device: str = device_option("TRAINER")
     torch_threads: int = field(
         default=0,
@@ -185,6 +268,16 @@ class TrainerSettings:
             "it then lags, the others are fed, and it is caught up in the background when it "
             "answers",
             duration("s", positive=True),
+        ),
+    )
+    ready_file: Path | None = field(
+        default=None,
+        metadata=option(
+            "--ready-file",
+            "TRAINER_READY_FILE",
+            "write the pid and the experience plane's bound port here as JSON once it "
+            "listens (for tests and orchestration)",
+            PATH,
         ),
     )
     log_level: str = log_level_option("TRAINER")

@@ -1,0 +1,514 @@
+"""PAMIQ's `DataCollector.collect()` for an agent that runs apart from its trainer.
+
+    with RemoteDataCollector("trainer:8201", "steps", token=TOKEN) as collector:
+        while running:
+            ...
+            collector.collect({"x": obs, "y": target})   # returns at once
+
+The agent calls `collect(sample)` as it calls PAMIQ's collector. A thread of the collector's own
+gathers samples into batches (up to `batch_size` samples, or what came within `max_delay_s`) and
+streams them to the trainer's experience plane (experience.v1 `Collect`), keeping each batch
+until the trainer acknowledges that it stored it, and sending it again on a new call if the
+call broke first (the trainer stores a resent batch once: batches carry this collector's id
+and a sequence number).
+
+`collect` never waits for the network or the trainer: it copies the sample and queues it under
+a lock that the sending thread holds only to move queued samples. While the trainer is away
+samples wait, at most `max_pending` of them; beyond that the oldest are dropped, logged and
+counted in `stats.dropped`, as are the samples of a batch the trainer refuses (it names why:
+`stats.last_error`). Memory is bounded by `max_pending` samples plus `max_in_flight` batches.
+`flush()` waits until every sample collected so far is acknowledged or dropped; `close()`
+flushes, then stops. Samples still waiting when the process ends without `close()` are lost;
+acknowledged ones are the trainer's.
+
+It lives in `shared/data` beside PAMIQ's collector because it is the same API's remote end, for
+any process that collects (an agent, or a service recording what it serves): it needs nothing
+of either service but the experience.v1 stubs and the channel factory.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from shared import protocol
+from shared.data.batch import MAX_BATCH_SAMPLES, encode_batch
+from shared.gen.experience.v1 import experience_pb2 as pb
+from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
+from shared.grpc.auth import TlsFiles
+from shared.grpc.channel import open_channel
+from shared.grpc.errors import error_reason
+
+logger = logging.getLogger(__name__)
+
+# The largest message the channel sends: a batch is split to fit the trainer's own limit.
+MAX_MESSAGE_BYTES = 256 << 20
+# Refusals of one batch: drop that batch (sending it again cannot succeed) and go on.
+REFUSED_REASONS = (protocol.MALFORMED_BATCH, protocol.RESOURCE_LIMIT, protocol.INVALID_ARGUMENT)
+DROP_LOG_INTERVAL_S = 10.0
+
+Sample = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CollectorStats:
+    """Samples given to `collect`, acknowledged by the trainer, dropped (queue full while the
+    trainer was away or slow, or refused by it), and still waiting or in flight; and the last
+    problem, if any."""
+
+    collected: int
+    acknowledged: int
+    dropped: int
+    pending: int
+    last_error: str | None
+
+
+@dataclass
+class _Batch:
+    sequence: int
+    samples: list[Sample]
+    payload: bytes
+    sent_at: float | None = None
+
+
+class _Call:
+    """One experience.v1 Collect call: requests go in through a queue, acks come back on a
+    thread of its own."""
+
+    def __init__(self, stub: pb_grpc.ExperienceStub, owner: RemoteDataCollector) -> None:
+        self.requests: queue.SimpleQueue[pb.Batch | None] = queue.SimpleQueue()
+        self.ending = False  # finished or cancelled from this side: send nothing more on it
+        self.ended = False
+        self.error: grpc.RpcError | None = None
+        self._owner = owner
+        self._call: Any = stub.Collect(self._outgoing())
+        self._receiver = threading.Thread(target=self._receive, name="experience-acks", daemon=True)
+        self._receiver.start()
+
+    def _outgoing(self) -> Iterator[pb.Batch]:
+        while (item := self.requests.get()) is not None:
+            yield item
+
+    def _receive(self) -> None:
+        error: grpc.RpcError | None = None
+        try:
+            for ack in self._call:
+                self._owner._acknowledged(ack)
+        except grpc.RpcError as exc:
+            error = exc
+        self._owner._ended(self, error)
+
+    def finish(self) -> None:
+        """End the call from this side (its last requests still go out)."""
+        self.ending = True
+        self.requests.put(None)
+
+    def cancel(self) -> None:
+        self.ending = True
+        self._call.cancel()
+
+    def join(self, timeout: float) -> None:
+        self._receiver.join(timeout)
+
+
+class RemoteDataCollector:
+    def __init__(
+        self,
+        address: str,
+        buffer: str,
+        *,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+        server_name: str | None = None,
+        batch_size: int = 64,
+        max_delay_s: float = 0.05,
+        max_pending: int = 10_000,
+        max_in_flight: int = 4,
+        timeout_s: float = 10.0,
+        retry_max_s: float = 5.0,
+        idle_close_s: float = 30.0,
+    ) -> None:
+        """Collect samples for the buffer `buffer` of the trainer whose experience plane is at
+        `address`.
+
+        Args:
+            address: The trainer's experience plane, HOST:PORT.
+            buffer: The buffer's name (as the app declares it).
+            token: The experience plane's bearer token.
+            tls: Connect over TLS (mutual with a client certificate), verifying the trainer as
+                `server_name` when `address` names it otherwise.
+            batch_size: The most samples per batch.
+            max_delay_s: How long a sample waits for a batch to fill before it goes anyway.
+            max_pending: The most samples waiting to be sent; the oldest go beyond.
+            max_in_flight: The most batches sent and not yet acknowledged.
+            timeout_s: How long the trainer has to acknowledge a batch, or to answer at all,
+                before the call counts as broken and is made again.
+            retry_max_s: The longest wait between two attempts to reach the trainer.
+            idle_close_s: A call with nothing to send for this long is ended (it holds one of
+                the trainer's stream slots).
+        """
+        if batch_size < 1 or max_pending < 1 or max_in_flight < 1:
+            raise ValueError("batch_size, max_pending and max_in_flight must be at least 1")
+        self.address = address
+        self.buffer = buffer
+        self.collector_id = uuid.uuid4().hex
+        self._batch_size = batch_size
+        self._max_delay_s = max_delay_s
+        self._max_pending = max_pending
+        self._max_in_flight = max_in_flight
+        self._timeout_s = timeout_s
+        self._retry_max_s = retry_max_s
+        self._idle_close_s = idle_close_s
+        self._channel = open_channel(
+            address, MAX_MESSAGE_BYTES, token=token, tls=tls, server_name=server_name
+        )
+        self._stub = pb_grpc.ExperienceStub(self._channel)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pending: deque[tuple[float, Sample]] = deque()
+        self._unacked: deque[_Batch] = deque()  # in sequence order; sent or to (re)send
+        self._in_transit = 0  # samples taken from _pending, not yet in a batch of _unacked
+        self._layout: dict[str, tuple[torch.dtype, torch.Size]] | None = None
+        self._sequence = 0
+        self._collected = self._acknowledged_samples = self._dropped = 0
+        self._last_error: str | None = None
+        self._call: _Call | None = None
+        self._limits: tuple[int, int] | None = None  # the trainer's (max bytes, max samples)
+        self._closing = False
+        self._abandoned = False  # closed before the trainer took everything: drop what is left
+        self._flushing = 0
+        self._last_drop_log = float("-inf")
+        self._thread = threading.Thread(target=self._run, name="experience-send", daemon=True)
+        self._thread.start()
+
+    # The agent's side.
+
+    def collect(self, data: Mapping[str, Any]) -> None:
+        """Queue one sample for the trainer's buffer; returns without waiting for the network.
+
+        Args:
+            data: The sample: each of the buffer's tensor names to a tensor, numpy array or
+                number (copied here: the caller may reuse its memory at once).
+
+        Raises:
+            ValueError: The sample's names, dtypes or shapes differ from the first sample's.
+            RuntimeError: The collector is closed.
+        """
+        sample = {name: _copy(value) for name, value in data.items()}
+        layout = {name: (t.dtype, t.shape) for name, t in sample.items()}
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("this RemoteDataCollector is closed")
+            if self._layout is None:
+                self._layout = layout
+            elif layout != self._layout:
+                raise ValueError(
+                    f"sample {_describe(layout)} differs from the first one collected, "
+                    f"{_describe(self._layout)}: every sample of buffer {self.buffer!r} holds "
+                    "the same names, dtypes and shapes"
+                )
+            self._collected += 1
+            self._pending.append((time.monotonic(), sample))
+            if len(self._pending) > self._max_pending:
+                self._pending.popleft()
+                self._drop(1, "the queue of samples waiting for the trainer is full")
+            if len(self._pending) >= self._batch_size:
+                self._changed.notify_all()
+
+    @property
+    def stats(self) -> CollectorStats:
+        with self._lock:
+            return self._stats()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every sample collected so far is acknowledged or dropped.
+
+        Returns:
+            Whether it came to that within `timeout` seconds (None: no limit).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._flushing += 1
+            self._changed.notify_all()
+            try:
+                while self._pending or self._unacked or self._in_transit:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._changed.wait(left)
+                return True
+            finally:
+                self._flushing -= 1
+
+    def close(self, timeout: float | None = 10.0) -> CollectorStats:
+        """Flush for up to `timeout` seconds, then stop; what is still waiting is dropped.
+
+        Returns:
+            The final stats.
+        """
+        flushed = self.flush(timeout)
+        with self._lock:
+            self._closing = True
+            if not flushed:
+                self._abandoned = True
+                left = len(self._pending) + sum(len(b.samples) for b in self._unacked)
+                self._pending.clear()
+                self._unacked.clear()
+                if left:
+                    self._drop(left, "the collector closed before the trainer acknowledged them")
+            self._changed.notify_all()
+        self._thread.join(self._timeout_s)
+        self._channel.close()
+        return self.stats
+
+    def __enter__(self) -> RemoteDataCollector:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # The sending thread's side; `_lock` guards everything below.
+
+    def _run(self) -> None:
+        delay = 0.1
+        while True:
+            with self._lock:
+                work = self._wait_for_work()
+                if work is None:
+                    break
+            if work == "connect":
+                if self._connect():
+                    delay = 0.1
+                    continue
+                with self._lock:
+                    self._changed.wait_for(lambda: self._closing, delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            self._send()
+        call = self._call
+        if call is not None:
+            call.finish()
+            call.join(self._timeout_s)
+
+    def _wait_for_work(self) -> str | None:
+        """Block until there is something to do: 'connect', 'send', or None to stop."""
+        idle_since = time.monotonic()
+        while True:
+            if self._closing and (self._abandoned or not (self._pending or self._unacked)):
+                return None
+            now = time.monotonic()
+            call = self._call
+            if call is not None and call.ended:
+                self._call = call = None
+            wake = 1.0
+            if self._unacked or self._pending:
+                idle_since = now
+                if call is None:
+                    return "connect"
+                sent_at = self._unacked[0].sent_at if self._unacked else None
+                if call.ending:
+                    pass  # wait for its end, then connect again
+                elif sent_at is not None and now - sent_at > self._timeout_s:
+                    self._last_error = (
+                        f"the trainer at {self.address} acknowledged nothing for "
+                        f"{self._timeout_s:g}s"
+                    )
+                    call.cancel()  # its end comes back through _ended
+                elif any(b.sent_at is None for b in self._unacked) or self._batch_due(now):
+                    return "send"
+                else:
+                    wake = self._next_wake(now)
+            elif call is not None and not call.ending:
+                if now - idle_since >= self._idle_close_s:
+                    call.finish()  # nothing to send for a while: give the stream slot back
+                else:
+                    wake = min(wake, self._idle_close_s - (now - idle_since))
+            self._changed.wait(max(0.001, wake))
+
+    def _batch_due(self, now: float) -> bool:
+        if not self._pending or len(self._unacked) >= self._max_in_flight:
+            return False
+        return (
+            len(self._pending) >= self._batch_size
+            or now - self._pending[0][0] >= self._max_delay_s
+            or self._flushing > 0
+            or self._closing
+        )
+
+    def _next_wake(self, now: float) -> float:
+        waits = [1.0]
+        if self._pending and len(self._unacked) < self._max_in_flight:
+            waits.append(self._max_delay_s - (now - self._pending[0][0]))
+        if self._unacked and self._unacked[0].sent_at is not None:
+            waits.append(self._timeout_s - (now - self._unacked[0].sent_at))
+        return max(0.001, min(waits))
+
+    def _connect(self) -> bool:
+        """Learn the trainer's limits and open a call; False (and why) if it cannot be had."""
+        try:
+            answer = self._stub.ListBuffers(pb.ListBuffersRequest(), timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            with self._lock:
+                self._last_error = f"the trainer at {self.address}: {_status(exc)}"
+            return False
+        names = [b.name for b in answer.buffers]
+        with self._lock:
+            if self.buffer not in names:
+                self._last_error = (
+                    f"the trainer at {self.address} holds no buffer {self.buffer!r} (it holds "
+                    f"{', '.join(names) or 'none'})"
+                )
+                return False
+            self._limits = (
+                int(answer.max_batch_bytes),
+                int(answer.max_batch_samples or MAX_BATCH_SAMPLES),
+            )
+            for batch in self._unacked:
+                batch.sent_at = None  # every batch not acknowledged goes again, in order
+            self._call = _Call(self._stub, self)
+        return True
+
+    def _send(self) -> None:
+        """Send what is due on the current call: batches to resend first, then a new one."""
+        with self._lock:
+            call = self._call
+            if call is None or call.ending:
+                return
+            resend = [b for b in self._unacked if b.sent_at is None]
+            samples: list[Sample] = []
+            if not resend and self._batch_due(time.monotonic()):
+                _, max_samples = self._limits or (0, MAX_BATCH_SAMPLES)
+                take = min(self._batch_size, max_samples, len(self._pending))
+                samples = [self._pending.popleft()[1] for _ in range(take)]
+                self._in_transit = take
+        batches = self._encode(samples)
+        with self._lock:
+            self._in_transit = 0
+            if self._abandoned:
+                if samples:
+                    self._drop(len(samples), "the collector closed before they were sent")
+                return
+            self._unacked.extend(batches)  # kept whatever happens next: a later call resends
+        for batch in [*resend, *batches]:
+            with self._lock:
+                if self._call is not call or call.ending or batch not in self._unacked:
+                    return  # the call ended meanwhile: the next one sends the rest
+                batch.sent_at = time.monotonic()
+            call.requests.put(
+                pb.Batch(
+                    buffer=self.buffer,
+                    sequence=batch.sequence,
+                    payload=batch.payload,
+                    collector_id=self.collector_id,
+                )
+            )
+
+    def _encode(self, samples: list[Sample]) -> list[_Batch]:
+        """Samples as batches within the trainer's byte limit (halving until they fit)."""
+        if not samples:
+            return []
+        payload = encode_batch(samples)
+        max_bytes = self._limits[0] if self._limits else len(payload)
+        if len(payload) > max_bytes:
+            if len(samples) == 1:
+                with self._lock:
+                    self._drop(
+                        1,
+                        f"a sample takes {len(payload)} bytes; the trainer takes batches of at "
+                        f"most {max_bytes}",
+                    )
+                return []
+            half = len(samples) // 2
+            return self._encode(samples[:half]) + self._encode(samples[half:])
+        with self._lock:
+            self._sequence += 1
+            return [_Batch(self._sequence, samples, payload)]
+
+    # Called on a call's receiving thread.
+
+    def _acknowledged(self, ack: pb.BatchAck) -> None:
+        with self._lock:
+            if self._unacked and self._unacked[0].sequence == ack.sequence:
+                batch = self._unacked.popleft()
+                self._acknowledged_samples += len(batch.samples)
+                self._changed.notify_all()
+
+    def _ended(self, call: _Call, error: grpc.RpcError | None) -> None:
+        with self._lock:
+            call.ended = True
+            if error is not None and self._unacked and _refused(error):
+                batch = self._unacked.popleft()  # the trainer refused it: it never will take it
+                self._drop(len(batch.samples), f"the trainer refused a batch: {_status(error)}")
+            elif error is not None and self._unacked:
+                self._last_error = f"the trainer at {self.address}: {_status(error)}"
+            self._changed.notify_all()
+
+    def _drop(self, count: int, why: str) -> None:
+        self._dropped += count
+        self._last_error = f"dropped {count} sample(s): {why}"
+        self._changed.notify_all()
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            self._last_drop_log = now
+            logger.warning(
+                "buffer %s at %s: %s; %d sample(s) dropped so far",
+                self.buffer,
+                self.address,
+                self._last_error,
+                self._dropped,
+            )
+
+    def _stats(self) -> CollectorStats:
+        in_flight = sum(len(b.samples) for b in self._unacked)
+        return CollectorStats(
+            self._collected,
+            self._acknowledged_samples,
+            self._dropped,
+            len(self._pending) + self._in_transit + in_flight,
+            self._last_error,
+        )
+
+
+def _copy(value: Any) -> torch.Tensor:
+    """A CPU copy of a sample's value: tensors and numpy arrays keep their dtype, Python
+    numbers take torch's (float32, int64, bool)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, (np.ndarray, np.generic)):
+        return torch.from_numpy(np.array(value, copy=True))
+    return torch.tensor(value)
+
+
+def _describe(layout: Mapping[str, tuple[torch.dtype, torch.Size]]) -> str:
+    return "{" + ", ".join(f"{n}: {d} {list(s)}" for n, (d, s) in layout.items()) + "}"
+
+
+def _status(error: grpc.RpcError) -> str:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+def _refused(error: grpc.RpcError) -> bool:
+    """Whether the call ended because the trainer refused the batch it was reading."""
+    code = error.code() if hasattr(error, "code") else None
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(error) in REFUSED_REASONS

@@ -1,0 +1,156 @@
+"""RemoteDataCollector against a real experience plane served in this process: samples arrive in
+order, batches split to the trainer's limit, refusals and an absent trainer are reported as
+dropped samples, and `collect` never waits for any of it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from shared.app import App, TensorSpec
+from shared.data import DictSequentialBuffer
+from shared.data.remote import RemoteDataCollector
+from trainer_service.experience.buffers import Buffers
+from trainer_service.experience.server import ExperienceEndpoint, ExperienceServer
+from trainer_service.experience.service import ExperiencePlane
+
+TENSORS = [TensorSpec("x", "FP32", (2,)), TensorSpec("id", "INT64", ())]
+
+
+class Trainer:
+    """The experience plane of a trainer holding the buffer 'steps', on a free port."""
+
+    def __init__(self, max_batch_bytes: int = 1 << 20) -> None:
+        app = App()
+        app.add_buffer("steps", lambda: DictSequentialBuffer(["x", "id"], 10_000), tensors=TENSORS)
+        self.buffers = Buffers.of(app)
+        plane = ExperiencePlane(self.buffers.users, self.buffers.schemas, max_batch_bytes)
+        self.server = ExperienceServer(plane, ExperienceEndpoint("127.0.0.1:0", None, None, 4))
+        self.address = f"127.0.0.1:{self.server.start()}"
+
+    def ids(self) -> list[int]:
+        return [int(t) for t in self.buffers.users["steps"].get_data()["id"]]
+
+
+@pytest.fixture
+def trainer() -> Iterator[Trainer]:
+    running = Trainer()
+    yield running
+    running.server.stop(0)
+
+
+def sample(i: int) -> dict[str, object]:
+    return {"x": torch.full((2,), float(i)), "id": torch.tensor(i)}
+
+
+def test_samples_arrive_in_order_and_are_acknowledged(trainer: Trainer) -> None:
+    with RemoteDataCollector(trainer.address, "steps", batch_size=16) as collector:
+        for i in range(300):
+            collector.collect(sample(i))
+        assert collector.flush(timeout=30)
+        stats = collector.stats
+    assert (stats.collected, stats.acknowledged, stats.dropped, stats.pending) == (300, 300, 0, 0)
+    assert trainer.ids() == list(range(300))
+
+
+def test_numpy_arrays_and_numbers_keep_their_types(trainer: Trainer) -> None:
+    with RemoteDataCollector(trainer.address, "steps") as collector:
+        collector.collect({"x": np.array([1.5, 2.5], dtype=np.float32), "id": 7})
+        assert collector.flush(timeout=30)
+    data = trainer.buffers.users["steps"].get_data()
+    assert data["x"][0].tolist() == [1.5, 2.5] and data["id"][0].item() == 7
+
+
+def test_the_sample_is_copied_at_collect(trainer: Trainer) -> None:
+    x = torch.zeros(2)
+    with RemoteDataCollector(trainer.address, "steps") as collector:
+        collector.collect({"x": x, "id": torch.tensor(0)})
+        x.fill_(9.0)  # the agent reuses its memory at once
+        assert collector.flush(timeout=30)
+    assert trainer.buffers.users["steps"].get_data()["x"][0].tolist() == [0.0, 0.0]
+
+
+def test_batches_are_split_to_the_trainers_limit() -> None:
+    small = Trainer(max_batch_bytes=400)  # a batch of 8 of these samples takes ~330 bytes
+    try:
+        with RemoteDataCollector(small.address, "steps", batch_size=64) as collector:
+            for i in range(100):
+                collector.collect(sample(i))
+            assert collector.flush(timeout=30)
+            assert collector.stats.dropped == 0
+        assert small.ids() == list(range(100))
+    finally:
+        small.server.stop(0)
+
+
+def test_a_sample_larger_than_any_batch_is_dropped_and_said_why() -> None:
+    tiny = Trainer(max_batch_bytes=100)
+    try:
+        collector = RemoteDataCollector(tiny.address, "steps")
+        collector.collect(sample(1))
+        assert collector.flush(timeout=30)
+        stats = collector.close()
+        assert (stats.acknowledged, stats.dropped) == (0, 1)
+        assert stats.last_error is not None
+        assert re.search(
+            r"a sample takes \d+ bytes; the trainer takes batches of at most 100", stats.last_error
+        )
+    finally:
+        tiny.server.stop(0)
+
+
+def test_a_batch_the_trainer_refuses_is_dropped_with_its_reason(trainer: Trainer) -> None:
+    collector = RemoteDataCollector(trainer.address, "steps")
+    for i in range(3):
+        collector.collect({"x": np.zeros(2), "id": i})  # float64: the buffer collects FP32
+    assert collector.flush(timeout=30)
+    stats = collector.close()
+    assert (stats.acknowledged, stats.dropped) == (0, 3)
+    assert stats.last_error is not None
+    assert "INVALID_ARGUMENT" in stats.last_error
+    assert "tensor 'x' has dtype 'F64' but the buffer collects FP32 (F32)" in stats.last_error
+    assert trainer.ids() == []
+
+
+def test_an_unknown_buffer_is_reported_and_nothing_is_sent(trainer: Trainer) -> None:
+    collector = RemoteDataCollector(trainer.address, "nowhere", max_pending=2)
+    for i in range(5):
+        collector.collect(sample(i))
+    assert not collector.flush(timeout=0.5)
+    stats = collector.close(timeout=0)
+    assert (stats.collected, stats.acknowledged, stats.dropped, stats.pending) == (5, 0, 5, 0)
+    assert stats.last_error is not None
+    assert "dropped" in stats.last_error
+
+
+def test_while_the_trainer_is_away_the_oldest_samples_go_and_are_counted() -> None:
+    gone = Trainer()
+    gone.server.stop(0)  # its port now refuses connections
+    collector = RemoteDataCollector(gone.address, "steps", max_pending=10, timeout_s=1)
+    for i in range(25):
+        collector.collect(sample(i))  # never waits for the trainer
+    stats = collector.stats
+    assert (stats.collected, stats.acknowledged, stats.dropped, stats.pending) == (25, 0, 15, 10)
+    assert stats.last_error == (
+        "dropped 1 sample(s): the queue of samples waiting for the trainer is full"
+    )
+    assert not collector.flush(timeout=0.3)
+    final = collector.close(timeout=0)
+    assert (final.dropped, final.pending) == (25, 0)
+
+
+def test_collect_refuses_a_sample_unlike_the_first_and_after_close(trainer: Trainer) -> None:
+    collector = RemoteDataCollector(trainer.address, "steps")
+    collector.collect(sample(0))
+    with pytest.raises(ValueError, match="differs from the first one collected"):
+        collector.collect({"x": torch.zeros(3), "id": torch.tensor(1)})
+    with pytest.raises(ValueError, match="differs from the first one collected"):
+        collector.collect({"x": torch.zeros(2)})
+    collector.close()
+    with pytest.raises(RuntimeError, match="this RemoteDataCollector is closed"):
+        collector.collect(sample(1))
+    assert trainer.ids() == [0]

@@ -1,0 +1,76 @@
+"""Serve the experience plane on its own address: build, start (returns the bound port), stop.
+
+It is a thread-pool server, as the sync plane is: few long streams, each batch decoded and
+stored on the stream's thread. Memory stays bounded: a call's batches are read one at a time
+(HTTP/2 flow control holds the sender back meanwhile), a batch is at most the size limit, the
+calls at once are at most `streams`, and what is stored goes to bounded queues. It carries the
+sync plane's authentication (a bearer token) and TLS (mutual with a client CA), grpc.health.v1
+(open to all) and server reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
+from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
+from shared.grpc.limits import CallBudget
+from shared.grpc.reflection import enable_reflection
+from shared.grpc.server import bind, new_server
+from trainer_service.experience.service import ExperiencePlane
+from trainer_service.experience.servicer import ExperienceServicer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STREAMS = 32
+# How long agents' calls in flight get to finish when the trainer stops.
+STOP_GRACE_S = 5.0
+SERVICE = "experience.v1.Experience"
+PLANE = "experience plane"
+# Room in a message beyond its payload: the buffer name, ids, protobuf framing.
+ENVELOPE_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class ExperienceEndpoint:
+    """Where and how the experience plane listens."""
+
+    listen: str
+    tls: TlsFiles | None
+    token: str | None  # agents must present it; None: mTLS or the network alone guard it
+    streams: int  # calls at once (each holds a thread)
+
+
+class ExperienceServer:
+    def __init__(self, plane: ExperiencePlane, endpoint: ExperienceEndpoint) -> None:
+        self._endpoint = endpoint
+        auth = [TokenAuthInterceptor(endpoint.token, PLANE)] if endpoint.token else []
+        budget = CallBudget(endpoint.streams, PLANE)
+        self._server = new_server(
+            budget.threads,
+            plane.max_batch_bytes + ENVELOPE_BYTES,
+            auth,
+            budget=budget,
+            name="experience",
+        )
+        pb_grpc.add_ExperienceServicer_to_server(ExperienceServicer(plane), self._server)
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        for service in ("", SERVICE):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        enable_reflection(self._server, [SERVICE])
+
+    def start(self) -> int:
+        """Listen and serve; return the bound port."""
+        port = bind(self._server, self._endpoint.listen, self._endpoint.tls)
+        self._server.start()
+        logger.info("experience plane on port %d", port)
+        return port
+
+    def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish for `grace` s."""
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()

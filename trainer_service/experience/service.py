@@ -1,0 +1,130 @@
+"""Store experience batches into the trainer's buffers: the use-case behind experience.v1.
+
+A batch is checked whole against its buffer before any of it is stored (shared/data/batch.py),
+then its samples are handed, in order, to the buffer's collector: the writing end PAMIQ's agent
+would call, whose bounded queue the training thread empties into the buffer (DataUser.update).
+So what a full buffer keeps is the buffer's own policy, and memory stays bounded whatever the
+agents send. A batch resent after a broken call (same collector id, a sequence already stored)
+is acknowledged without being stored twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.data.batch import MAX_BATCH_SAMPLES, BatchSchema, Column, decode_batch
+from shared.data.container import DataUsersDict
+from shared.errors import BufferNotFoundError, ResourceLimitError
+
+DEFAULT_MAX_BATCH_BYTES = 16 << 20
+# Senders remembered for resends; the least recently heard from is forgotten first.
+MAX_COLLECTORS = 4096
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What one batch stored: its buffer, the sender's number for it, the samples and payload
+    bytes, and whether it was a resend of a batch stored before (then it stored nothing)."""
+
+    buffer: str
+    sequence: int
+    samples: int
+    payload_bytes: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class BufferInfo:
+    """One buffer as callers see it."""
+
+    name: str
+    columns: tuple[Column, ...]
+    size: int
+    received: int
+    max_queue_size: int
+
+
+class ExperiencePlane:
+    def __init__(
+        self,
+        users: DataUsersDict,
+        schemas: Mapping[str, BatchSchema],
+        max_batch_bytes: int,
+        max_batch_samples: int = MAX_BATCH_SAMPLES,
+    ) -> None:
+        self._users = users
+        self._schemas = dict(schemas)
+        self.max_batch_bytes = max_batch_bytes
+        self.max_batch_samples = max_batch_samples
+        self._lock = threading.Lock()
+        self._received = dict.fromkeys(self._schemas, 0)
+        self._last_sequence: OrderedDict[str, int] = OrderedDict()
+
+    def store(
+        self, buffer: str, sequence: int, payload: bytes | memoryview, collector_id: str = ""
+    ) -> Stored:
+        """Check the batch against its buffer and hand its samples to the buffer's collector.
+
+        Raises:
+            BufferNotFoundError: There is no buffer `buffer`.
+            ResourceLimitError: The payload or its sample count is over the limit.
+            MalformedBatchError: The payload does not match the buffer.
+        """
+        schema = self._schemas.get(buffer)
+        if schema is None:
+            known = ", ".join(sorted(self._schemas)) or "none"
+            raise BufferNotFoundError(
+                f"batch {sequence}: this trainer holds no buffer named {buffer!r}; it holds: "
+                f"{known}"
+            )
+        size = len(payload)
+        if size > self.max_batch_bytes:
+            raise ResourceLimitError(
+                f"batch {sequence} for buffer {buffer!r} carries {size} bytes; this trainer "
+                f"takes batches of at most {self.max_batch_bytes} (--experience-max-batch): "
+                "send fewer samples per batch"
+            )
+        if self._stored_before(collector_id, sequence):
+            return Stored(buffer, sequence, 0, size, duplicate=True)
+        samples = decode_batch(payload, schema, self.max_batch_samples)
+        collector = self._users.data_collectors_dict[buffer]
+        with self._lock:
+            if self._stored_before(collector_id, sequence):  # a resend on another call won
+                return Stored(buffer, sequence, 0, size, duplicate=True)
+            for sample in samples:
+                collector.collect(sample)
+            self._received[buffer] += len(samples)
+            if collector_id:
+                self._last_sequence[collector_id] = sequence
+                self._last_sequence.move_to_end(collector_id)
+                while len(self._last_sequence) > MAX_COLLECTORS:
+                    self._last_sequence.popitem(last=False)
+        return Stored(buffer, sequence, len(samples), size)
+
+    def _stored_before(self, collector_id: str, sequence: int) -> bool:
+        if not collector_id:
+            return False
+        last = self._last_sequence.get(collector_id)
+        return last is not None and sequence <= last
+
+    def buffers(self) -> list[BufferInfo]:
+        """Every buffer, by name."""
+        with self._lock:
+            received = dict(self._received)
+        found = []
+        for name in sorted(self._schemas):
+            user = self._users[name]
+            queue = user.buffer.max_queue_size
+            found.append(
+                BufferInfo(
+                    name,
+                    self._schemas[name].columns,
+                    len(user),
+                    received[name],
+                    0 if queue is None else queue,
+                )
+            )
+        return found

@@ -1,0 +1,71 @@
+"""experience.v1.Experience: convert, delegate to the ExperiencePlane, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from typing_extensions import override
+
+from shared.errors import ServiceError
+from shared.gen.experience.v1 import experience_pb2 as pb
+from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
+from shared.grpc.errors import abort, failure, grpc_errors
+from trainer_service.experience.service import BufferInfo, ExperiencePlane, Stored
+
+
+class ExperienceServicer(pb_grpc.ExperienceServicer):  # type: ignore[misc]
+    def __init__(self, plane: ExperiencePlane) -> None:
+        self._plane = plane
+
+    @override
+    def Collect(
+        self, request_iterator: Iterator[pb.Batch], context: grpc.ServicerContext
+    ) -> Iterator[pb.BatchAck]:
+        # A generator: the error table is applied inside it, where the errors are raised.
+        try:
+            for batch in request_iterator:
+                stored = self._plane.store(
+                    batch.buffer, batch.sequence, batch.payload, batch.collector_id
+                )
+                yield ack(stored)
+        except grpc.RpcError:
+            return  # the agent went away mid-call: what it was acknowledged is stored
+        except Exception as error:
+            if not isinstance(error, ServiceError) and context.code() is not None:
+                raise  # aborted on purpose
+            abort(context, failure(error, "Experience.Collect"))
+
+    @override
+    @grpc_errors
+    def ListBuffers(
+        self, request: pb.ListBuffersRequest, context: grpc.ServicerContext
+    ) -> pb.ListBuffersResponse:
+        return pb.ListBuffersResponse(
+            buffers=[buffer_state(b) for b in self._plane.buffers()],
+            max_batch_bytes=self._plane.max_batch_bytes,
+            max_batch_samples=self._plane.max_batch_samples,
+        )
+
+
+def ack(stored: Stored) -> pb.BatchAck:
+    return pb.BatchAck(
+        sequence=stored.sequence,
+        buffer=stored.buffer,
+        samples=stored.samples,
+        payload_bytes=stored.payload_bytes,
+        duplicate=stored.duplicate,
+    )
+
+
+def buffer_state(info: BufferInfo) -> pb.BufferState:
+    return pb.BufferState(
+        name=info.name,
+        tensors=[
+            pb.TensorSpec(name=c.name, datatype=c.datatype, shape=list(c.shape))
+            for c in info.columns
+        ],
+        size=info.size,
+        received=info.received,
+        max_queue_size=info.max_queue_size,
+    )
