@@ -184,6 +184,7 @@ class RemoteDataCollector:
         self._sequence = 0
         self._collected = self._acknowledged_samples = self._dropped = 0
         self._last_error: str | None = None
+        self._problem: str | None = None  # why the trainer cannot be reached, until it acks
         self._call: _Call | None = None
         self._limits: tuple[int, int] | None = None  # the trainer's (max bytes, max samples)
         self._closing = False
@@ -326,7 +327,7 @@ class RemoteDataCollector:
                 if call.ending:
                     pass  # wait for its end, then connect again
                 elif sent_at is not None and now - sent_at > self._timeout_s:
-                    self._last_error = (
+                    self._trouble(
                         f"the trainer at {self.address} acknowledged nothing for "
                         f"{self._timeout_s:g}s"
                     )
@@ -366,12 +367,12 @@ class RemoteDataCollector:
             answer = self._stub.ListBuffers(pb.ListBuffersRequest(), timeout=self._timeout_s)
         except grpc.RpcError as exc:
             with self._lock:
-                self._last_error = f"the trainer at {self.address}: {_status(exc)}"
+                self._trouble(f"the trainer at {self.address}: {_status(exc)}")
             return False
         names = [b.name for b in answer.buffers]
         with self._lock:
             if self.buffer not in names:
-                self._last_error = (
+                self._trouble(
                     f"the trainer at {self.address} holds no buffer {self.buffer!r} (it holds "
                     f"{', '.join(names) or 'none'})"
                 )
@@ -448,6 +449,7 @@ class RemoteDataCollector:
             if self._unacked and self._unacked[0].sequence == ack.sequence:
                 batch = self._unacked.popleft()
                 self._acknowledged_samples += len(batch.samples)
+                self._problem = None
                 self._changed.notify_all()
 
     def _ended(self, call: _Call, error: grpc.RpcError | None) -> None:
@@ -457,12 +459,16 @@ class RemoteDataCollector:
                 batch = self._unacked.popleft()  # the trainer refused it: it never will take it
                 self._drop(len(batch.samples), f"the trainer refused a batch: {_status(error)}")
             elif error is not None and self._unacked:
-                self._last_error = f"the trainer at {self.address}: {_status(error)}"
+                self._trouble(f"the trainer at {self.address}: {_status(error)}")
             self._changed.notify_all()
+
+    def _trouble(self, problem: str) -> None:
+        self._problem = self._last_error = problem
 
     def _drop(self, count: int, why: str) -> None:
         self._dropped += count
-        self._last_error = f"dropped {count} sample(s): {why}"
+        cause = f" ({self._problem})" if self._problem else ""
+        self._last_error = f"dropped {count} sample(s): {why}{cause}"
         self._changed.notify_all()
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:

@@ -260,7 +260,8 @@ class _Generator:
         if self.rng.random() < 0.5:
             return None
         push = self.push(allow_cut=False)
-        return Push(push.writer, push.fills, push.delta_parts, 1, self.rng.choice(CUTS), "cancel")
+        # Sent up to the cut point, then the process is killed under it ("kill").
+        return Push(push.writer, push.fills, push.delta_parts, 1, self.rng.choice(CUTS), "kill")
 
     def kill_service(self) -> KillService:
         if self.rng.random() < 0.3:

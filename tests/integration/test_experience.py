@@ -1,0 +1,346 @@
+"""The trainer's experience plane with real processes: agents stream samples into a trainer's
+buffer over experience.v1, the trainer trains when its data says so, and what it acknowledged
+survives an agent's kill -9 and its own restart; bad batches are refused, nothing of them kept."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from devtools.launch import read_json, trainer_command, wait_for
+from shared import protocol
+from shared.data.batch import encode_batch, encode_columns
+from shared.data.persist import load_samples
+from shared.data.remote import RemoteDataCollector
+from shared.gen.experience.v1 import experience_pb2 as pb
+from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
+from shared.grpc.auth import TlsFiles
+from shared.grpc.errors import error_reason
+from tests.integration.conftest import Services, wait_until
+from tests.integration.pki import SERVER_NAME, make_ca, make_cert, make_server_cert
+
+APP = "tests.integration.experience_apps:steps"
+AGENT = [sys.executable, "-m", "tests.integration.experience_agent"]
+
+
+@dataclass
+class Trainer:
+    process: subprocess.Popen[bytes]
+    address: str
+    state: Path
+
+    def buffers(self, token: str | None = None) -> pb.ListBuffersResponse:
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        with grpc.insecure_channel(self.address) as channel:
+            answer: pb.ListBuffersResponse = pb_grpc.ExperienceStub(channel).ListBuffers(
+                pb.ListBuffersRequest(), timeout=10, metadata=metadata
+            )
+        return answer
+
+    def steps(self) -> pb.BufferState:
+        (state,) = self.buffers().buffers
+        return state
+
+    def stop(self) -> list[int]:
+        """SIGTERM, wait for the exit, and return the ids in its last checkpoint's buffer."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=60) == 0
+        return saved_ids(self.state)
+
+
+def saved_ids(state: Path) -> list[int]:
+    samples = load_samples(state / "checkpoint" / "data" / "steps" / "buffer.safetensors")
+    return [int(s["id"]) for s in samples]
+
+
+def start_trainer(services: Services, *extra: str, name: str = "trainer") -> Trainer:
+    ready = services.directory / f"{name}.ready.json"
+    ready.unlink(missing_ok=True)
+    state = services.directory / f"{name}-state"
+    command = trainer_command(
+        APP,
+        ["127.0.0.1:0"],  # the app's model has no inference copy: nothing is ever pushed
+        "--experience-listen",
+        "127.0.0.1:0",
+        "--ready-file",
+        str(ready),
+        "--state-dir",
+        str(state),
+        "--trainer-id",
+        name,
+        "--metrics-listen",
+        "off",
+        *extra,
+    )
+    process = services.spawn(command, name)
+    found = wait_for(
+        process,
+        lambda: read_json(ready),
+        what=f"trainer {name!r}",
+        timeout=60,
+        log=services.log_path(name),
+    )
+    return Trainer(process, f"127.0.0.1:{found['experience_port']}", state)
+
+
+def start_agent(
+    services: Services, trainer: Trainer, name: str, *args: str
+) -> subprocess.Popen[bytes]:
+    return services.spawn([*AGENT, "--address", trainer.address, *args], name)
+
+
+def final_stats(services: Services, name: str) -> dict[str, object]:
+    (line,) = [s for s in services.log(name).splitlines() if s.startswith("stats ")]
+    stats: dict[str, object] = json.loads(line.removeprefix("stats "))
+    return stats
+
+
+def test_two_agents_stream_into_one_trainer_that_trains_on_their_samples(
+    services: Services,
+) -> None:
+    trainer = start_trainer(services)
+    agents = [
+        start_agent(services, trainer, "agent-a", "--first-id", "0", "--count", "300"),
+        start_agent(services, trainer, "agent-b", "--first-id", "1000", "--count", "300"),
+    ]
+    for agent in agents:
+        assert agent.wait(timeout=120) == 0
+    for name in ("agent-a", "agent-b"):
+        stats = final_stats(services, name)
+        assert (stats["collected"], stats["acknowledged"], stats["dropped"]) == (300, 300, 0)
+    assert trainer.steps().received == 600
+    wait_until(lambda: trainer.steps().size == 600)  # the trainer moved them into its buffer
+    ids = trainer.stop()
+    assert sorted(ids) == [*range(300), *range(1000, 1300)]  # each once
+    a, b = [i for i in ids if i < 1000], [i for i in ids if i >= 1000]
+    assert a == sorted(a) and b == sorted(b)  # each agent's samples in its order
+    runs = re.findall(r"trainer fit: run (\d+)", services.log("trainer"))
+    assert 1 <= len(runs) <= 600 // 20  # it trains only once 20 new samples are in
+
+
+def test_an_agent_killed_mid_stream_loses_nothing_acknowledged(services: Services) -> None:
+    trainer = start_trainer(services)
+    agent = start_agent(
+        services, trainer, "agent", "--count", "1000000", "--pause", "0.001", "--batch-size", "8"
+    )
+
+    def acknowledged() -> list[tuple[int, int]]:
+        found = re.findall(r"^acknowledged (\d+) dropped (\d+)$", services.log("agent"), re.M)
+        return [(int(k), int(d)) for k, d in found]
+
+    wait_until(lambda: any(k >= 300 for k, _ in acknowledged()))
+    agent.send_signal(signal.SIGKILL)  # while it streams: batches in flight, none flushed
+    assert agent.wait(timeout=30) == -signal.SIGKILL
+    last, dropped = acknowledged()[-1]
+    assert dropped == 0  # so the samples acknowledged are ids 0 .. last - 1
+    assert trainer.steps().received >= last
+    ids = trainer.stop()
+    assert len(ids) >= last
+    assert ids == list(range(len(ids)))  # every acknowledged one, in order, none twice
+
+
+def test_a_restarted_trainer_resumes_its_buffers_from_its_checkpoint(services: Services) -> None:
+    trainer = start_trainer(services)
+    with RemoteDataCollector(trainer.address, "steps") as collector:
+        for i in range(120):
+            collector.collect({"x": torch.rand(1), "y": torch.rand(1), "id": torch.tensor(i)})
+        assert collector.flush(timeout=60)
+    assert trainer.stop() == list(range(120))
+
+    again = start_trainer(services, name="trainer")  # the same state directory
+    state = again.steps()
+    assert (state.size, state.received) == (120, 0)  # restored, none received since
+    with RemoteDataCollector(again.address, "steps") as collector:
+        for i in range(120, 150):
+            collector.collect({"x": torch.rand(1), "y": torch.rand(1), "id": torch.tensor(i)})
+        assert collector.flush(timeout=60)
+    wait_until(lambda: again.steps().size == 150)
+    assert again.stop() == list(range(150))
+
+
+def good(first: int, count: int) -> bytes:
+    return encode_batch(
+        [
+            {"x": torch.zeros(1), "y": torch.ones(1), "id": torch.tensor(i)}
+            for i in range(first, first + count)
+        ]
+    )
+
+
+BAD = [
+    (
+        "steps",
+        encode_columns({"x": torch.zeros(2, 1), "y": torch.zeros(2, 1)}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        protocol.MALFORMED_BATCH,
+        "batch for buffer 'steps': tensor(s) id missing; its samples hold x, y, id",
+    ),
+    (
+        "steps",
+        encode_columns(
+            {
+                "x": torch.zeros(2, 1),
+                "y": torch.zeros(2, 1),
+                "id": torch.zeros(2, dtype=torch.int64),
+                "reward": torch.zeros(2),
+            }
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        protocol.MALFORMED_BATCH,
+        "batch for buffer 'steps': tensor 'reward' is not one the buffer collects",
+    ),
+    (
+        "steps",
+        encode_columns(
+            {
+                "x": torch.zeros(2, 1, dtype=torch.float64),
+                "y": torch.zeros(2, 1),
+                "id": torch.zeros(2, dtype=torch.int64),
+            }
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        protocol.MALFORMED_BATCH,
+        "batch for buffer 'steps': tensor 'x' has dtype 'F64' but the buffer collects FP32",
+    ),
+    (
+        "steps",
+        encode_columns(
+            {
+                "x": torch.zeros(2, 3),
+                "y": torch.zeros(2, 1),
+                "id": torch.zeros(2, dtype=torch.int64),
+            }
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        protocol.MALFORMED_BATCH,
+        "batch for buffer 'steps': tensor 'x' has shape [2, 3]: samples of shape [3] but the "
+        "buffer collects [1]",
+    ),
+    (
+        "steps",
+        b"\x08\x00\x00\x00\x00\x00\x00\x00not json",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        protocol.MALFORMED_BATCH,
+        "batch for buffer 'steps': the safetensors header is not JSON",
+    ),
+    (
+        "moves",
+        good(0, 1),
+        grpc.StatusCode.NOT_FOUND,
+        protocol.BUFFER_NOT_FOUND,
+        "batch 2: this trainer holds no buffer named 'moves'; it holds: steps",
+    ),
+    (
+        "steps",
+        good(0, 2000),  # 32 kB: over the trainer's 16 KiB, within gRPC's message limit
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        protocol.RESOURCE_LIMIT,
+        f"batch 2 for buffer 'steps' carries {len(good(0, 2000))} bytes; this trainer takes "
+        "batches of at most 16384 (--experience-max-batch)",
+    ),
+]
+
+
+def test_bad_batches_are_refused_and_nothing_of_them_is_stored(services: Services) -> None:
+    trainer = start_trainer(services, "--experience-max-batch", "16KiB")
+    stored = 0
+    with grpc.insecure_channel(trainer.address) as channel:
+        stub = pb_grpc.ExperienceStub(channel)
+        for buffer, payload, code, reason, message in BAD:
+            batches = [
+                pb.Batch(buffer="steps", sequence=1, payload=good(stored, 2)),
+                pb.Batch(buffer=buffer, sequence=2, payload=payload),
+                pb.Batch(buffer="steps", sequence=3, payload=good(5000, 2)),  # never read
+            ]
+            acks = []
+            with pytest.raises(grpc.RpcError) as refused:
+                for ack in stub.Collect(iter(batches), timeout=30):
+                    acks.append(ack)
+            error = refused.value
+            assert error.code() == code, error.details()
+            assert message in error.details()
+            assert error_reason(error) == reason
+            assert [(a.sequence, a.samples) for a in acks] == [(1, 2)]  # the good one before
+            stored += 2
+            assert trainer.steps().received == stored
+    assert trainer.stop() == list(range(stored))  # the good batches alone
+
+
+def test_a_batch_larger_than_the_message_limit_is_refused_by_grpc(services: Services) -> None:
+    trainer = start_trainer(services, "--experience-max-batch", "16KiB")
+    with grpc.insecure_channel(trainer.address) as channel:
+        stub = pb_grpc.ExperienceStub(channel)
+        huge = pb.Batch(buffer="steps", sequence=1, payload=b"\x00" * (1 << 20))
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Collect(iter([huge]), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert trainer.steps().received == 0
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    directory = tmp_path / "pki"
+    ca = make_ca(directory, "ca")
+    make_server_cert(directory, ca)
+    make_cert(directory, "client", ca)
+    return directory
+
+
+def test_the_experience_plane_takes_a_token_and_mutual_tls(services: Services, pki: Path) -> None:
+    services.env.update(
+        TRAINER_EXPERIENCE_TOKEN="agents-only",
+        TRAINER_EXPERIENCE_TLS_CERT=str(pki / "server.pem"),
+        TRAINER_EXPERIENCE_TLS_KEY=str(pki / "server.key"),
+        TRAINER_EXPERIENCE_TLS_CLIENT_CA=str(pki / "ca.pem"),
+    )
+    trainer = start_trainer(services)
+    tls = TlsFiles(pki / "client.pem", pki / "client.key", pki / "ca.pem")
+
+    def collect(token: str | None, files: TlsFiles | None) -> tuple[int, str | None]:
+        collector = RemoteDataCollector(
+            trainer.address,
+            "steps",
+            token=token,
+            tls=files,
+            server_name=SERVER_NAME if files else None,
+            timeout_s=2,
+        )
+        collector.collect({"x": torch.zeros(1), "y": torch.zeros(1), "id": torch.tensor(7)})
+        collector.flush(timeout=3)
+        stats = collector.close(timeout=0)
+        return stats.acknowledged, stats.last_error
+
+    acknowledged, error = collect("wrong", tls)
+    assert acknowledged == 0
+    assert error is not None and "UNAUTHENTICATED" in error
+    assert "invalid bearer token for the experience plane" in error
+    assert collect("agents-only", None)[0] == 0  # plaintext to a TLS port: no connection
+    ca_only = TlsFiles(None, None, pki / "ca.pem")
+    assert collect("agents-only", ca_only)[0] == 0  # no client certificate: refused
+    assert collect("agents-only", tls) == (1, None)
+    assert trainer.stop() == [7]
+
+
+def test_an_open_experience_plane_beyond_loopback_needs_an_explicit_flag(
+    services: Services,
+) -> None:
+    process = services.spawn(
+        trainer_command(
+            APP, ["127.0.0.1:0"], "--experience-listen", "0.0.0.0:0", "--metrics-listen", "off"
+        ),
+        "open",
+    )
+    assert process.wait(timeout=60) == 2
+    assert (
+        "the experience plane would listen on 0.0.0.0:0 with no authentication: set "
+        "TRAINER_EXPERIENCE_TOKEN" in services.log("open")
+    )
