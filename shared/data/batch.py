@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 MAX_BATCH_SAMPLES = 65536
 # Headers name a few tensors; anything much longer is not a batch.
 MAX_HEADER_BYTES = 1 << 16
+# The largest size of a dimension: beyond, only a tensor with another dimension of size 0
+# could fit any payload, and torch cannot hold every such shape.
+MAX_DIMENSION = 1 << 32
 
 Sample = Mapping[str, "torch.Tensor"]
 
@@ -224,8 +227,13 @@ def _entries(
                 f"{where}: tensor {name!r} has dtype {dtype!r} but the buffer collects "
                 f"{column.datatype} ({column.safetensors})"
             )
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise MalformedBatchError(f"{where}: tensor {name!r}: shape {shape!r} is not sizes")
+        if not isinstance(shape, list) or not all(
+            type(d) is int and 0 <= d < MAX_DIMENSION for d in shape
+        ):
+            raise MalformedBatchError(
+                f"{where}: tensor {name!r}: shape {shape!r} is not a list of sizes under "
+                f"{MAX_DIMENSION}"
+            )
         if not shape or not column.fits(shape[1:]):
             raise MalformedBatchError(
                 f"{where}: tensor {name!r} has shape {shape}: samples of shape {shape[1:]} but "

@@ -75,7 +75,7 @@ class CollectorStats:
     last_error: str | None
 
 
-@dataclass
+@dataclass(eq=False)  # batches are told apart by identity
 class _Batch:
     sequence: int
     samples: list[Sample]

@@ -129,6 +129,9 @@ class Replica:
     def name(self) -> str:
         return f"{self.service}-{self.index}"
 
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
     def failed(self, problem: str) -> ComposeError:
         return ComposeError(f"{self.name} {problem}; the end of its log:\n{launch.tail(self.log)}")
 

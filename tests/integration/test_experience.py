@@ -62,13 +62,19 @@ def saved_ids(state: Path) -> list[int]:
     return [int(s["id"]) for s in samples]
 
 
-def start_trainer(services: Services, *extra: str, name: str = "trainer") -> Trainer:
+def start_trainer(
+    services: Services,
+    *extra: str,
+    name: str = "trainer",
+    app: str = APP,
+    targets: tuple[str, ...] = ("127.0.0.1:0",),  # APP's model has no inference copy
+) -> Trainer:
     ready = services.directory / f"{name}.ready.json"
     ready.unlink(missing_ok=True)
     state = services.directory / f"{name}-state"
     command = trainer_command(
-        APP,
-        ["127.0.0.1:0"],  # the app's model has no inference copy: nothing is ever pushed
+        app,
+        targets,
         "--experience-listen",
         "127.0.0.1:0",
         "--ready-file",
@@ -344,3 +350,33 @@ def test_an_open_experience_plane_beyond_loopback_needs_an_explicit_flag(
         "the experience plane would listen on 0.0.0.0:0 with no authentication: set "
         "TRAINER_EXPERIENCE_TOKEN" in services.log("open")
     )
+
+
+def test_the_online_example_learns_from_what_its_agent_streams(services: Services) -> None:
+    inference = services.inference("examples.online:app")
+    trainer = start_trainer(services, app="examples.online:app", targets=(inference.sync,))
+    wait_until(lambda: inference.model_state("online").version == 1)  # its first weights
+    agent = services.spawn(
+        [
+            sys.executable,
+            "examples/agent.py",
+            "--inference",
+            inference.data,
+            "--trainer",
+            trainer.address,
+            "--seconds",
+            "4",
+        ],
+        "agent",
+    )
+    assert agent.wait(timeout=120) == 0
+    (last,) = re.findall(
+        r"^collected (\d+), acknowledged (\d+), dropped (\d+)$", services.log("agent"), re.M
+    )
+    collected, acknowledged, dropped = map(int, last)
+    assert collected == acknowledged > 128 and dropped == 0
+    # The trainer trains only on the agent's samples, 128 new ones at a time, and pushes.
+    wait_until(lambda: inference.model_state("online").version >= 2)
+    assert re.search(r"trainer online: run \d+", services.log("trainer"))
+    trainer.process.send_signal(signal.SIGTERM)  # before the inference service it pushes to
+    assert trainer.process.wait(timeout=60) == 0

@@ -167,7 +167,18 @@ def column_batch(**overrides: torch.Tensor) -> bytes:
                 },
                 b"\x00" * 17,
             ),
-            "tensor 'obs': shape [1, -1, 2] is not sizes",
+            "tensor 'obs': shape [1, -1, 2] is not a list of sizes under 4294967296",
+        ),
+        (
+            raw(
+                {
+                    "obs": {"dtype": "F32", "shape": [1, 2**62, 0], "data_offsets": [0, 0]},
+                    "act": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]},
+                    "done": {"dtype": "BOOL", "shape": [1, 1], "data_offsets": [8, 9]},
+                },
+                b"\x00" * 9,
+            ),
+            "tensor 'obs': shape [1, 4611686018427387904, 0] is not a list of sizes under",
         ),
     ],
 )
