@@ -1,13 +1,20 @@
-"""The load generator bench/serve.py drives each server with, and what it saw.
+"""The load generators bench/serve.py drives each server with, and what they saw.
 
-`concurrency` clients each keep one prebuilt batch-1 FP32 raw ModelInfer request in flight over
-gRPC, waiting for its answer before sending the next (a closed loop). h2load (Debian's
-nghttp2-client) replays the request where it is installed; otherwise Python threads with
-grpcio's client do, which take about a core of a small machine themselves.
+Closed loop (`drive_with`): `concurrency` clients each keep one prebuilt batch-1 FP32 raw
+ModelInfer request in flight over gRPC, waiting for its answer before sending the next. h2load
+(Debian's nghttp2-client) replays the request where it is installed; otherwise Python threads
+with grpcio's client do, which take about a core of a small machine themselves.
+
+Open loop (`drive_rate`): requests leave at a fixed rate whatever the answers do, from Python
+asyncio with grpc.aio's client (h2load's --rate paces connections, not requests, and its
+--timing-script-file fell ~25% behind its schedule here). Each latency counts from the time the
+request was due, so a generator that falls behind shows it in the latencies too, and the rate
+it reached is reported beside the rate asked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -40,11 +47,15 @@ class Drive:
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
     failed: int = 0
+    asked: float = 0.0  # open loop: requests asked for (the rate times the seconds)
+    late: float = 0.0  # open loop: the most a request left after it was due, in seconds
 
     def add(self, other: Drive) -> None:
         self.latencies += other.latencies
         self.seconds += other.seconds
         self.failed += other.failed
+        self.asked += other.asked
+        self.late = max(self.late, other.late)
 
     @property
     def rps(self) -> float:
@@ -57,6 +68,81 @@ class Drive:
     @property
     def p99(self) -> float:
         return float(np.percentile(self.latencies, 99))
+
+    @property
+    def asked_rps(self) -> float:
+        return self.asked / self.seconds
+
+
+async def _open_loop(address: str, seconds: float, rate: float) -> Drive:
+    payload = request_bytes()
+    count = int(seconds * rate)
+    latencies: list[float] = []
+    failed = 0
+    late = 0.0
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+        await call(payload, timeout=30)  # connect outside the timed window
+        loop = asyncio.get_running_loop()
+
+        async def one(due: float) -> None:
+            nonlocal failed
+            try:
+                await call(payload, timeout=10)
+            except grpc.RpcError:
+                failed += 1
+            latencies.append(loop.time() - due)
+
+        tasks = []
+        started = loop.time()
+        for i in range(count):
+            due = started + i / rate
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            else:
+                late = max(late, -wait)
+            tasks.append(asyncio.ensure_future(one(due)))
+        await asyncio.gather(*tasks)
+        elapsed = loop.time() - started
+    return Drive(latencies, elapsed, failed, asked=rate * elapsed, late=late)
+
+
+async def _closed_loop(address: str, seconds: float, concurrency: int) -> Drive:
+    payload = request_bytes()
+    latencies: list[float] = []
+    failed = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+        await call(payload, timeout=30)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        end = started + seconds
+
+        async def client() -> None:
+            nonlocal failed
+            while (now := loop.time()) < end:
+                try:
+                    await call(payload, timeout=10)
+                except grpc.RpcError:
+                    failed += 1
+                latencies.append(loop.time() - now)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = loop.time() - started
+    return Drive(latencies, elapsed, failed)
+
+
+def drive_aio(address: str, seconds: float, concurrency: int) -> Drive:
+    """The closed loop from the open loop's generator (Python asyncio, grpc.aio's client, one
+    connection): the capacity `drive_rate` can ask a share of, its own CPU counted."""
+    return asyncio.run(_closed_loop(address, seconds, concurrency))
+
+
+def drive_rate(address: str, seconds: float, rate: float) -> Drive:
+    """Send the request at `rate` a second for `seconds` over one HTTP/2 connection, whatever
+    the answers do (an open loop); `rps` is the rate reached, `asked_rps` the rate asked, both
+    over the time until the last answer."""
+    return asyncio.run(_open_loop(address, seconds, rate))
 
 
 def drive_threads(address: str, seconds: float, concurrency: int) -> Drive:

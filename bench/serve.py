@@ -1,30 +1,37 @@
-"""Serving figures against MLServer, as ratios measured in the same run.
+"""Serving figures against MLServer at its best and a bare grpc.aio ceiling, as ratios measured
+in the same run.
 
 Serves one torch MLP (64 -> 256 -> 10) from this project's inference service and from MLServer
-(its custom-runtime way of serving torch), one after the other on this machine, and drives each
-with the same load generator: `--concurrency` clients, each sending one prebuilt batch-1 FP32
-raw ModelInfer request over gRPC and waiting for its answer, for `--seconds`. The generator is
-h2load (Debian's nghttp2-client) where it is installed, else Python threads with grpcio's
-client (`--load threads`), which takes about a core of its own here. Prints
+(its custom-runtime way of serving torch) twice, with its default worker pool and with
+`parallel_workers: 0` (the model in its own process, its best on a small host), beside a bare
+grpc.aio server that answers a canned response and does no work (bench/echo_server.py: the
+ceiling of a Python gRPC server). All run at once; the same load generator drives each in turn,
+in `--rounds` interleaved rounds so drift on a noisy host hits all alike: `--concurrency`
+clients, each sending one prebuilt batch-1 FP32 raw ModelInfer request and waiting for its
+answer, and one client alone (concurrency 1, the latency a real-time agent feels). The closed
+loop is h2load (Debian's nghttp2-client) where installed, else Python threads (`--load
+threads`), which take about a core of their own here. Then the swap cost on our service at an
+operating point (bench/swap.py): open-loop loads at 50% and 80% of the capacity just measured
+(Python asyncio, grpc.aio's client: bench/load.py `drive_rate`; the capacity here is what
+that generator gets served in a closed loop, its own CPU counted) and at saturation, with a
+trainer at normal priority pushing the 100 MB model every second, against no trainer. Prints
 
-    serve_mlp ratio_vs_mlserver=X p99_ratio=Y    throughput ours/theirs; p99 ours/theirs
-    swap_p99_ratio=Z failed=N                    our p99 while a 100 MB model's sync commits
-      cpu_yardstick_p99_ratio=W                  every second, over our p99 without syncs
-                                                 (the trainer in its own process, at nice 19);
-                                                 W: our p99 beside a process at the lowest
-                                                 priority that only spends as much CPU a second
-                                                 as the syncs did (bench/cpu_yardstick.py),
-                                                 over p99 without: what that CPU time alone
-                                                 costs on this host (5 s slices of the three
-                                                 conditions, alternating)
+    serve_mlp ratio_vs_mlserver_best=X ratio_vs_ceiling=Y p99_ratio=Z
+        X: our req/s over the better MLServer setting's; Y: over the ceiling's; Z: our p99 over
+        that MLServer setting's
+    serve_c1 p50_ratio=A p99_ratio=B
+        concurrency 1: our p50 and p99 over the lower of the two MLServer settings' each
+    swap load=50% p99_ratio=C    our p99 with pushes over without, open loop at 50% of capacity
+    swap load=80% p99_ratio=D    the same at 80%
+    swap load=saturation p99_ratio=E failed=N
 
 MLServer runs from its own virtual environment (its dependencies differ from ours), created on
 first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` executable.
 `--device cuda` serves ours from the GPU; `--only-ours` skips MLServer (and the ratios against
 it), for hosts where its environment cannot be installed.
 
-    python -m bench.serve [--seconds 20] [--concurrency 8] [--device cpu] [--only-ours]
-                          [--load h2load|threads]
+    python -m bench.serve [--seconds 20] [--concurrency 8] [--rounds 4] [--swap-seconds 20]
+                          [--device cpu] [--only-ours] [--load h2load|threads]
 
 Our service runs with its defaults, `--sync-relay auto` included (the sync relay where it may use
 4 or more CPUs); INFERENCE_SYNC_RELAY=on or off in the environment chooses.
@@ -36,7 +43,9 @@ gRPC error (its own request counter); each server's answer is checked once with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import sys
 import tempfile
 import urllib.request
@@ -44,7 +53,17 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load, servers
-from bench.swap import SEGMENT_S, swap_pauses, swapping
+from bench.load import Drive
+from bench.swap import SATURATION, swap_cost, swap_pauses
+
+OURS, CEILING = "ours", "ceiling"
+MLSERVER = {"mlserver_pw0": 0, "mlserver_default": None}  # parallel_workers (None: default)
+LABELS = {
+    OURS: "ours",
+    CEILING: "bare grpc.aio echo (ceiling)",
+    "mlserver_pw0": "MLServer parallel_workers=0",
+    "mlserver_default": "MLServer defaults",
+}
 
 
 def failed_on_server(metrics_url: str) -> int:
@@ -64,13 +83,29 @@ def failed_on_server(metrics_url: str) -> int:
     )
 
 
+def loadavg() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def figure(drive: Drive) -> str:
+    return (
+        f"{drive.rps:,.0f} req/s p50 {drive.p50 * 1e3:.2f} ms p99 {drive.p99 * 1e3:.2f} ms "
+        f"({drive.failed} failed)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="serving figures against MLServer")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per server and load")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    parser.add_argument(
+        "--swap-seconds", type=float, default=20.0, help="per load, with and without pushes"
+    )
     parser.add_argument("--mlserver", help="path of an `mlserver` executable to use")
     parser.add_argument("--device", default="cpu", help="our service's device (cpu, cuda)")
     parser.add_argument("--only-ours", action="store_true", help="skip MLServer")
+    parser.add_argument("--no-swap", action="store_true", help="skip the swap figures")
     parser.add_argument(
         "--load",
         choices=load.GENERATORS,
@@ -79,64 +114,101 @@ def main() -> int:
     )
     args = parser.parse_args()
     drive = functools.partial(load.drive_with, args.load)
-    with tempfile.TemporaryDirectory() as tmp:
+    piece = args.seconds / args.rounds
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         env = servers.mlp_env(tmp)
-        with servers.ours(tmp, env, "--device", args.device) as server:
-            data = server.address
-            drive(data, 2, args.concurrency)  # warm
-            ours = drive(data, args.seconds, args.concurrency)
-            relay = server.ports.get("sync_relay_pid")
-            swap = swapping(
-                drive,
-                data,
-                f"127.0.0.1:{server.ports['sync_port']}",
-                args.seconds,
-                args.concurrency,
-                env,
-                [server.process.pid, *([relay] if relay else [])],
-                server.metrics_url,
+        server = stack.enter_context(servers.ours(tmp, env, "--device", args.device))
+        others = stack.enter_context(contextlib.ExitStack())  # stopped before the swap figures
+        addresses = {OURS: server.address, CEILING: others.enter_context(servers.echo(tmp, env))}
+        if not args.only_ours:
+            for name, workers in MLSERVER.items():
+                addresses[name] = others.enter_context(
+                    servers.mlserver(tmp, env, args.mlserver, workers)
+                )
+        full = {name: Drive() for name in addresses}
+        alone = {name: Drive() for name in addresses}
+        for address in addresses.values():
+            drive(address, 2, args.concurrency)  # warm
+        print(f"# before the rounds: {loadavg()}")
+        for _ in range(args.rounds):
+            for name, address in addresses.items():
+                full[name].add(drive(address, piece, args.concurrency))
+                alone[name].add(drive(address, piece, 1))
+        print(f"# after the rounds: {loadavg()}")
+        print(
+            f"# load generator: {args.load}; ours on {args.device}; {args.rounds} interleaved "
+            f"rounds, {args.seconds:g}s of each server at each concurrency in all"
+        )
+        for name in addresses:
+            print(f"# {LABELS[name]}, concurrency {args.concurrency}: {figure(full[name])}")
+            print(f"# {LABELS[name]}, concurrency 1: {figure(alone[name])}")
+        ours, ceiling = full[OURS], full[CEILING]
+        if not args.only_ours:
+            best = max(MLSERVER, key=lambda name: full[name].rps)
+            theirs = full[best]
+            print(f"# MLServer's best at concurrency {args.concurrency}: {LABELS[best]}")
+            print(
+                f"serve_mlp ratio_vs_mlserver_best={ours.rps / theirs.rps:.2f} "
+                f"ratio_vs_ceiling={ours.rps / ceiling.rps:.2f} "
+                f"p99_ratio={ours.p99 / theirs.p99:.2f}"
             )
-            swaps = swap_pauses(server.metrics_url)
-            failed = swap.quiet.failed + swap.syncing.failed + failed_on_server(server.metrics_url)
-        print(
-            f"# load generator: {args.load}; ours on {args.device}, "
-            f"concurrency {args.concurrency}, {args.seconds:g}s: "
-            f"{ours.rps:,.0f} req/s p99 {ours.p99 * 1e3:.2f} ms ({ours.failed} failed)"
-        )
-        quiet, syncing = swap.quiet, swap.syncing
-        print(
-            f"# {SEGMENT_S:g}s slices without syncs, with them and beside the CPU yardstick, "
-            f"alternating, {args.seconds:g}s of each: without {quiet.rps:,.0f} req/s p99 "
-            f"{quiet.p99 * 1e3:.2f} ms; with {syncing.rps:,.0f} req/s p99 "
-            f"{syncing.p99 * 1e3:.2f} ms, {swap.commits} commits of the 100 MB model (trainer "
-            f"in its own process, on {'the sync relay' if relay else 'the service'}); {swaps}"
-        )
-        print(
-            f"# CPU yardstick: the syncs took {swap.sync_cpu_ms_per_s:.0f} ms of CPU a second "
-            f"(trainer, relay, service); a process at the lowest priority copying memory for "
-            f"as long each second: {swap.yardstick.rps:,.0f} req/s p99 "
-            f"{swap.yardstick.p99 * 1e3:.2f} ms"
-        )
-        print(
-            f"swap_p99_ratio={syncing.p99 / quiet.p99:.2f} failed={failed} "
-            f"cpu_yardstick_p99_ratio={swap.yardstick.p99 / quiet.p99:.2f}"
-        )
-        if args.only_ours:
+            p50 = min(alone[name].p50 for name in MLSERVER)
+            p99 = min(alone[name].p99 for name in MLSERVER)
+            print(
+                f"serve_c1 p50_ratio={alone[OURS].p50 / p50:.2f} "
+                f"p99_ratio={alone[OURS].p99 / p99:.2f}"
+            )
+        else:
+            print(f"serve_mlp ratio_vs_ceiling={ours.rps / ceiling.rps:.2f}")
+        others.close()  # only ours runs for the swap figures
+        if args.no_swap:
             return 0
-
-        with servers.mlserver(tmp, env, args.mlserver) as address:
-            drive(address, 2, args.concurrency)
-            theirs_seen = drive(address, args.seconds, args.concurrency)
-
-    print(
-        f"# MLServer, concurrency {args.concurrency}, {args.seconds:g}s: "
-        f"{theirs_seen.rps:,.0f} req/s p99 {theirs_seen.p99 * 1e3:.2f} ms "
-        f"({theirs_seen.failed} failed)"
-    )
-    print(
-        f"serve_mlp ratio_vs_mlserver={ours.rps / theirs_seen.rps:.2f} "
-        f"p99_ratio={ours.p99 / theirs_seen.p99:.2f}"
-    )
+        shares = (0.5, 0.8, SATURATION)
+        print(f"# swap: before, {loadavg()}")
+        # the capacity the open loop takes shares of: the most its own generator (Python
+        # asyncio, about half a core here) gets served, not h2load's
+        capacity = load.drive_aio(server.address, piece * 2, args.concurrency)
+        print(
+            f"# swap: capacity with the open loop's generator (grpc.aio client, closed loop, "
+            f"concurrency {args.concurrency}): {figure(capacity)}"
+        )
+        swaps = swap_cost(
+            drive,
+            load.drive_rate,
+            server.address,
+            f"127.0.0.1:{server.ports['sync_port']}",
+            env,
+            server.metrics_url,
+            capacity=capacity.rps,
+            shares=shares,
+            concurrency=args.concurrency,
+            seconds=args.swap_seconds,
+            rounds=max(1, args.rounds // 2),
+        )
+        print(f"# swap: after, {loadavg()}")
+        failed = failed_on_server(server.metrics_url) + sum(
+            got.failed for seen in swaps.values() for got in (seen.quiet, seen.syncing)
+        )
+        relay = server.ports.get("sync_relay_pid")
+        print(
+            f"# swap: trainer at normal priority pushing the 100 MB model each second to "
+            f"{'the sync relay' if relay else 'the service'}; capacity {capacity.rps:,.0f} req/s; "
+            f"{swap_pauses(server.metrics_url)}"
+        )
+        for share, seen in swaps.items():
+            name = "saturation" if share == SATURATION else f"{share:.0%}"
+            for what, got in (("without pushes", seen.quiet), ("with pushes", seen.syncing)):
+                asked = (
+                    f", asked {got.asked_rps:,.0f} req/s, most late {got.late * 1e3:.1f} ms"
+                    if got.asked
+                    else ""
+                )
+                print(f"# swap load={name} {what}: {figure(got)}{asked}")
+            print(f"# swap load={name}: {seen.commits} commits in {seen.seconds:.0f}s with pushes")
+        for share, seen in swaps.items():
+            name = "saturation" if share == SATURATION else f"{share:.0%}"
+            extra = f" failed={failed}" if share == SATURATION else ""
+            print(f"swap load={name} p99_ratio={seen.p99_ratio:.2f}{extra}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The two servers the serving benches drive: this project's inference service and MLServer,
-each serving the same torch MLP (bench/mlp.py) with the same weights.
+"""The servers the serving benches drive: this project's inference service and MLServer, each
+serving the same torch MLP (bench/mlp.py) with the same weights, and the ceiling yardstick, a
+bare grpc.aio server answering a canned response (bench/echo_server.py).
 
 MLServer runs from its own virtual environment (its dependencies differ from ours), created on
 first use under .bench/mlserver-venv unless an `mlserver` executable is given.
@@ -118,27 +119,50 @@ def ours(tmp: str, env: dict[str, str], *flags: str) -> Iterator[Ours]:
 
 
 @contextmanager
-def mlserver(tmp: str, env: dict[str, str], executable: str | None) -> Iterator[str]:
-    """MLServer with its defaults serving the MLP through bench/mlserver_runtime.py; yields its
-    gRPC address once its answer is checked."""
-    models = Path(tmp) / "models"
+def echo(tmp: str, env: dict[str, str]) -> Iterator[str]:
+    """The bare grpc.aio server of bench/echo_server.py; yields its address once it answers."""
+    own = Path(tempfile.mkdtemp(dir=tmp))
+    port_file = own / "port"
+    with launch.Launcher(own, env, grace=10) as launcher:
+        process = launcher.spawn(
+            [sys.executable, "-m", "bench.echo_server", str(port_file)], "echo"
+        )
+        launch.wait_for(
+            process,
+            lambda: port_file.exists() and port_file.read_text(),
+            what="the echo server",
+            timeout=60,
+            log=launcher.log_path("echo"),
+        )
+        address = f"127.0.0.1:{port_file.read_text()}"
+        load.check_answer(address)
+        yield address
+
+
+@contextmanager
+def mlserver(
+    tmp: str, env: dict[str, str], executable: str | None, parallel_workers: int | None = None
+) -> Iterator[str]:
+    """MLServer serving the MLP through bench/mlserver_runtime.py, with its defaults or with
+    `parallel_workers` set (0: the model runs in MLServer's own process, no worker pool); yields
+    its gRPC address once its answer is checked."""
+    models = Path(tempfile.mkdtemp(dir=tmp)) / "models"
     model_dir = models / "mlp"
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model-settings.json").write_text(
         json.dumps({"name": "mlp", "implementation": "bench.mlserver_runtime.TorchMLP"})
     )
     grpc_port = free_port()
-    (models / "settings.json").write_text(
-        json.dumps(
-            {
-                "grpc_port": grpc_port,
-                "http_port": free_port(),
-                "metrics_port": free_port(),
-                "debug": False,
-            }
-        )
-    )
-    with launch.Launcher(Path(tmp), env, grace=60) as launcher:
+    settings: dict[str, object] = {
+        "grpc_port": grpc_port,
+        "http_port": free_port(),
+        "metrics_port": free_port(),
+        "debug": False,
+    }
+    if parallel_workers is not None:
+        settings["parallel_workers"] = parallel_workers
+    (models / "settings.json").write_text(json.dumps(settings))
+    with launch.Launcher(models.parent, env, grace=60) as launcher:
         process = launcher.spawn(
             [mlserver_executable(executable), "start", str(models)], "mlserver"
         )

@@ -1,106 +1,106 @@
-"""bench/serve.py's swap figure: our service under load without syncs, with a trainer process
-syncing a 100 MB model every second, and beside the CPU yardstick (bench/cpu_yardstick.py)."""
+"""bench/serve.py's swap figures: our service's p99 at an operating point (an open-loop load at
+a fixed share of the capacity the same run measured, and at saturation), while a trainer process
+at normal priority pushes the 100 MB model every second, over its p99 with no trainer at all.
+
+Slices with pushes and slices without alternate, so drift on a noisy host hits both alike. A
+slice with pushes runs while a trainer process pushes (`--run-interval 1`), from its second
+commit on; a slice without has no trainer process, so no push in flight at all (the trainer is
+never frozen mid-push). Each round starts and stops one trainer."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
+import functools
 import time
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import Drive
 from devtools import launch
 
-SEGMENT_S = 5.0  # the three conditions' slices alternate this often
+SATURATION = 0.0  # a load share meaning: the closed loop, every client one request in flight
 
 
 @dataclass
 class Swapping:
-    """What the load generator saw without syncs, with them, and beside the CPU yardstick."""
+    """What the load generators saw at one load, without pushes and with them."""
 
-    quiet: Drive
-    syncing: Drive
-    yardstick: Drive
-    commits: int  # while syncing (the trainer also runs before the slices)
-    sync_cpu_ms_per_s: float  # trainer, relay and service, measured with no load
+    quiet: Drive = field(default_factory=Drive)
+    syncing: Drive = field(default_factory=Drive)
+    commits: int = 0  # versions committed during the slices with pushes
+    seconds: float = 0.0  # the slices with pushes, in all
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    @property
+    def p99_ratio(self) -> float:
+        return self.syncing.p99 / self.quiet.p99
 
 
-def swapping(
+def swap_cost(
     drive: Callable[[str, float, int], Drive],
+    rate_drive: Callable[[str, float, float], Drive],
     data: str,
     sync: str,
-    seconds: float,
-    concurrency: int,
     env: dict[str, str],
-    service_pids: list[int],
     metrics_url: str,
-) -> Swapping:
-    """Drive the MLP without syncs, with a trainer process syncing the 100 MB model each
-    second, and beside the CPU yardstick (bench/cpu_yardstick.py) spending as much CPU per
-    second as the syncs did (trainer, relay and service, measured first with no load).
+    *,
+    capacity: float,
+    shares: Sequence[float],
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+) -> dict[float, Swapping]:
+    """Per load share of `capacity` (SATURATION: the closed loop of `concurrency` clients), our
+    p99 with pushes and without, `seconds` of each in all, over `rounds` alternating rounds."""
+    seen = {share: Swapping() for share in shares}
+    piece = seconds / rounds
 
-    The three conditions alternate in `SEGMENT_S` slices (the trainer and the yardstick are
-    stopped with SIGSTOP while not wanted), so drift on a noisy machine hits all alike; each
-    condition gets `seconds` in all."""
-    trainer = launch.spawn(
-        # warnings only: commits are counted from the service's metrics
-        launch.trainer_command("bench.serve_app:app", [sync], "--run-interval", "1", *launch.QUIET),
-        env,
-        # In a deployment the trainer has a host of its own; here it shares these cores with
-        # the server and the load generator, so it runs at the lowest CPU priority to stand in
-        # for that. The inference service's own cost of receiving the syncs is fully counted.
-        nice=19,
-    )
-    yardstick: subprocess.Popen[bytes] | None = None
-    quiet, syncing, beside = Drive(), Drive(), Drive()
-    commits = 0
-    try:
-        # measure from the second commit on: the trainer's start and first full copy are past
-        launch.wait_for(
-            trainer,
-            lambda: served_version(metrics_url, "blob") >= 2,
-            what="the trainer (to commit the 100 MB model twice)",
-            timeout=120,
-            interval=0.1,
+    def run_all(syncing: bool) -> None:
+        for share, swapping in seen.items():
+            before = served_version(metrics_url, "blob")
+            started = time.monotonic()
+            if share == SATURATION:
+                got = drive(data, piece, concurrency)
+            else:
+                got = rate_drive(data, piece, share * capacity)
+            if syncing:
+                swapping.syncing.add(got)
+                swapping.commits += served_version(metrics_url, "blob") - before
+                swapping.seconds += time.monotonic() - started
+            else:
+                swapping.quiet.add(got)
+
+    for round_ in range(rounds):
+        if round_ % 2:
+            run_all(syncing=False)
+        trainer = launch.spawn(
+            # warnings only: commits are counted from the service's metrics
+            launch.trainer_command(
+                "bench.serve_app:app", [sync], "--run-interval", "1", *launch.QUIET
+            ),
+            env,
         )
-        pids = [trainer.pid, *service_pids]
-        before = sum(cpu_seconds(pid) for pid in pids)
-        time.sleep(SEGMENT_S)
-        cpu_ms = (sum(cpu_seconds(pid) for pid in pids) - before) / SEGMENT_S * 1e3
-        yardstick = launch.spawn(
-            [sys.executable, "-m", "bench.cpu_yardstick", f"--ms-per-s={cpu_ms:.1f}"], env
-        )
-        slices = max(1, round(seconds / SEGMENT_S))
-        for _ in range(slices):
-            trainer.send_signal(signal.SIGSTOP)
-            yardstick.send_signal(signal.SIGSTOP)
-            quiet.add(drive(data, seconds / slices, concurrency))
-            version = served_version(metrics_url, "blob")
-            trainer.send_signal(signal.SIGCONT)
-            syncing.add(drive(data, seconds / slices, concurrency))
-            trainer.send_signal(signal.SIGSTOP)
-            commits += served_version(metrics_url, "blob") - version
-            yardstick.send_signal(signal.SIGCONT)
-            beside.add(drive(data, seconds / slices, concurrency))
-    finally:
-        if yardstick is not None:
-            yardstick.kill()
-            yardstick.wait()
-        trainer.send_signal(signal.SIGCONT)
-        launch.stop(trainer, 60)
-    return Swapping(quiet, syncing, beside, commits, cpu_ms)
+        try:
+            first = served_version(metrics_url, "blob")
+            # from its second commit on: the trainer's start and first full copy are past
+            launch.wait_for(
+                trainer,
+                functools.partial(committed_twice, metrics_url, first),
+                what="the trainer (to commit the 100 MB model twice)",
+                timeout=180,
+                interval=0.1,
+            )
+            run_all(syncing=True)
+        finally:
+            launch.stop(trainer, 60)
+        if not round_ % 2:
+            run_all(syncing=False)
+    return seen
+
+
+def committed_twice(metrics_url: str, first: int) -> bool:
+    return served_version(metrics_url, "blob") >= first + 2
 
 
 def served_version(metrics_url: str, model: str) -> int:

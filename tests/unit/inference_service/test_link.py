@@ -10,13 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from torch import nn
 
-from inference_service.served_model import ServedModel
 from inference_service.syncplane import messages
 from inference_service.syncplane.inbox import TICK_S, Inbox
-from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import (
     Commit,
     Empty,
@@ -30,15 +26,11 @@ from inference_service.syncplane.relay.frames import Answer, decode_answer, enco
 from inference_service.syncplane.relay.link import RelayLink
 from inference_service.syncplane.relay.service_end import PushStream, ServiceLink
 from inference_service.syncplane.relay.supervisor import relay_wanted
-from inference_service.syncplane.service import SyncPlane
-from shared.app import ModelSpec, TensorSpec
 from shared.errors import MalformedPushError, PushStalledError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
-from shared.grpc.errors import Status, failure
+from shared.grpc.errors import Status
 from shared.grpc.prefetch import Prefetcher
 from shared.weights import wire
-from shared.weights.digest import state_digest
-from shared.weights.writer import Payload
 
 OK = PushOutcome("m", 1, b"d" * 16, 0)
 HEADER = PushHeader("m", 7, 6, "trainer-é", 1 << 40, (1 << 63) - 1)
@@ -280,49 +272,3 @@ def test_a_push_that_goes_quiet_is_seen_by_the_service_and_ended(path: Path) -> 
     finally:
         release.set()
     assert link.push(iter([b"x"])) == OK  # the link is clean
-
-
-SPEC = ModelSpec(
-    "m",
-    lambda: None,
-    (TensorSpec("x", "FP32", (-1, 3)),),  # type: ignore[arg-type,return-value]
-    (TensorSpec("y", "FP32", (-1, 2)),),
-)
-
-
-def test_relayed_pushes_run_through_the_one_push_handler(path: Path) -> None:
-    """gRPC messages decoded at the relay, their parts carried over, the push handler at the
-    service: a push commits bit-exact; one cut off gets the in-process path's answer."""
-    torch.manual_seed(0)
-    model = ServedModel(SPEC, nn.Linear(3, 2), lambda m, x: m(x), True, torch.device("cpu"))
-    plane = SyncPlane({"m": model}, SyncLimits(drain_timeout_s=1))
-
-    def handle(stream: PushStream) -> Answer:
-        try:
-            return plane.push.handle(stream.waiting(TICK_S))
-        except Exception as error:
-            return failure(error, "test")
-
-    service(path, handle)
-    link = RelayLink(str(path), slots=2, slot_bytes=256)
-    OPENED.append(link)
-    state = {k: v + 1 for k, v in model.live.module.state_dict().items()}
-    payload = Payload.of(list(state.items()))
-    head = pb.PushHeader(model_name="m", version=1, writer_id="t", payload_bytes=payload.nbytes)
-    data = [wire.encode_data([chunk]) for chunk in payload.chunks(10)]
-    commit = pb.PushRequest(commit=pb.PushCommit(digest=state_digest(state)))
-    sent = [pb.PushRequest(header=head).SerializeToString(), *data, commit.SerializeToString()]
-
-    def cut_off() -> Iterator[bytes]:
-        yield from sent[:3]
-        raise grpc.RpcError()
-
-    assert link.push(messages.parts(cut_off())) == refused(
-        "the sender cancelled the push after 20 payload bytes"
-    )
-    assert model.live.version == 0
-    assert link.push(messages.parts(iter(sent))) == PushOutcome(
-        "m", 1, state_digest(state), payload.nbytes
-    )
-    live = model.live.module.state_dict()
-    assert all(torch.equal(live[name], tensor) for name, tensor in state.items())
