@@ -1,12 +1,9 @@
 """The sync relay program: the sync plane's public gRPC server, in a process of its own.
 
 Why a process: grpcio receiving bulk data costs a serving process's tail latency far more than
-the CPU it takes. Measured with bench/serve.py on a 2-core machine under load, 100 MB pushed
-each second into a handler inside the inference service that only counted the bytes raised the
-serving p99 by 50-68%, as much as real pushes; the same stream into a separate process at a
-lower priority raised it by 11-17%. The serving process shares its gRPC I/O threads and its
-GIL with whatever it receives; a separate process shares only CPUs, where the kernel's
-scheduler and nice values apply.
+the CPU it takes. The serving process shares its gRPC I/O threads and its GIL with whatever it
+receives; a separate process shares only CPUs, where the kernel's scheduler and nice values
+apply (docs/performance.md has the figures and the command that measures them).
 
 So the inference service starts this program (relay/supervisor.py), which listens on the sync
 plane's address at a lower CPU priority, authenticates callers, and:

@@ -42,11 +42,8 @@ START_TIMEOUT_S = 30.0
 RESTART_DELAY_S = 0.1  # before starting a dead relay again; doubled while it keeps dying
 MAX_RESTART_DELAY_S = 30.0
 STEADY_S = 60.0  # a relay that ran this long before dying starts again at once
-# The relay copies each pushed byte once more (into the shared ring), about 10% more CPU per
-# push in all. Where CPUs are few that is felt: on a 2-core host, full 1 GiB pushes ran at
-# 0.67-0.83 of raw gRPC's speed relayed against 0.81-0.98 received in process (while serving
-# p99 under syncs rose 20-49% relayed, 53-68% in process). With cores to spare the isolation
-# costs no push speed, so `auto` relays from this many CPUs up.
+# The relay copies each pushed byte once more (into the shared ring): where CPUs are few that
+# costs push speed, with cores to spare it costs none, so `auto` relays from this many CPUs up.
 RELAY_MIN_CPUS = 4
 
 
