@@ -17,7 +17,7 @@ REFUSALS = {
     grpc.StatusCode.INVALID_ARGUMENT,  # not protobuf, bad header or table, digest mismatch
     grpc.StatusCode.NOT_FOUND,  # a flipped model name
     grpc.StatusCode.FAILED_PRECONDITION,  # a flipped base version, the inference-only model
-    grpc.StatusCode.ABORTED,  # a flipped version or epoch: stale, or fenced
+    grpc.StatusCode.ABORTED,  # a flipped version or epoch: stale, fenced or unknown epoch
     grpc.StatusCode.RESOURCE_EXHAUSTED,  # a flipped size over the service's limits
 }
 
@@ -40,8 +40,8 @@ def test_flipped_bits_in_pushes_commit_whole_or_change_nothing(bench: Bench) -> 
     half = len(payload) // 2
     outcomes: dict[str, int] = {}
     for _ in range(120):
-        # A fresh lease each time, so a push that committed under a flipped writer id or epoch
-        # does not fence the rest of the run.
+        # A fresh lease each time: the epoch each push carries is the current one, so only the
+        # flips decide the outcome (a flipped epoch is fenced or unknown, never adopted).
         lease = bench.inference.sync_stub().AcquireWriter(
             pb.AcquireWriterRequest(model_name="stamp", writer_id="catalogue"), timeout=10
         )
