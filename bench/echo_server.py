@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,7 @@ def canned_response() -> bytes:
 async def serve(port_file: Path) -> None:
     answer = canned_response()
 
-    async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+    async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return answer
 
     server = grpc.aio.server()
@@ -49,12 +50,13 @@ async def serve(port_file: Path) -> None:
 
 def main() -> int:
     # uvloop where installed, as our inference service runs (inference_service/server.py)
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     try:
         import uvloop
 
         factory = uvloop.new_event_loop
     except ImportError:
-        factory = asyncio.new_event_loop
+        pass
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(serve(Path(sys.argv[1])))
     return 0
