@@ -44,7 +44,8 @@ app.add_model(
 
 class Stamp(nn.Module):
     """Eight tensors a trainer fills with one value per run; the output is their means, so a
-    response computed on a mix of two versions shows unequal values."""
+    response computed on a mix of two versions shows unequal values (the integration tests'
+    stamp model too, tests/integration/apps.py)."""
 
     def __init__(self, megabytes: int) -> None:
         super().__init__()
@@ -57,6 +58,8 @@ class Stamp(nn.Module):
 
 
 class StampTrainer(TorchTrainer):
+    """Run n (from 1) sets every tensor of the stamp model to n."""
+
     @override
     def on_training_models_attached(self) -> None:
         super().on_training_models_attached()

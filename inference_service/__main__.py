@@ -22,17 +22,15 @@ from inference_service.settings import PROG, InferenceSettings
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.relay.supervisor import RelayConfig, RelaySupervisor, relay_wanted
 from inference_service.syncplane.service import SyncPlane
-from shared.allocator import tune_for_streaming
 from shared.app import load_app
-from shared.cli import configure_logging, is_loopback
+from shared.cli import is_loopback
 from shared.devices import resolve_device, size_torch_threads
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.limits import CallBudget
-from shared.grpc.prefetch import read_ahead
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
-from shared.settings import ProcessSettings
+from shared.process import prepare_process
 from shared.statedir import claim
 
 logger = logging.getLogger("inference_service")
@@ -183,10 +181,7 @@ def run(settings: InferenceSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = InferenceSettings.from_args(argv, os.environ)
-    process = ProcessSettings.from_environ(os.environ, PROG)
-    configure_logging(settings.log_level)
-    tune_for_streaming(process.malloc)
-    read_ahead(process.prefetch)
+    prepare_process(PROG, settings.log_level)
     try:
         run(settings)
     except (ConfigurationError, OSError) as exc:

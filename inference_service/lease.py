@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from shared.durable import fsync_path
 from shared.errors import (
     ConfigurationError,
     FencedError,
@@ -166,11 +167,7 @@ class WriterLease:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_path(folder)
 
 
 def _parse(path: Path, text: str) -> tuple[int, str]:

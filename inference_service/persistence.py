@@ -29,6 +29,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from inference_service.served_model import Generation, ServedModel
+from shared.durable import fsync_path
 from shared.errors import ModelNotFoundError
 from shared.weights.digest import tensor_hash
 from shared.weights.layout import TensorLayout
@@ -187,7 +188,7 @@ class WeightStore:
                 os.close(fd)
             if complete:
                 os.replace(tmp, path)
-                _fsync_dir(path.parent)
+                fsync_path(path.parent)
         finally:
             if not complete:
                 tmp.unlink(missing_ok=True)
@@ -270,14 +271,6 @@ class WeightStore:
             return False
         model.restore(tensors, stored.version, stored.writer_id, hashes, stored.committed_at)
         return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 class Persister:

@@ -7,7 +7,6 @@ docs/configuration.md is generated from this file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +26,7 @@ from shared.cli import (
     integer,
     scaled,
 )
-from shared.settings import (
-    PROCESS_OPTIONS,
-    SYNC_ADDRESS,
-    Scope,
-    device_option,
-    log_level_option,
-    metrics_option,
-    option,
-    options,
-    parse,
-)
+from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options, parse_service
 
 PROG = Scope.INFERENCE.value
 DESCRIPTION = (
@@ -45,17 +34,12 @@ DESCRIPTION = (
     "(gRPC), and take weight pushes from trainers on a separate sync address."
 )
 
+COMMON = ServiceOptions("INFERENCE")
+
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    models: str = field(
-        metadata=option(
-            "--models",
-            "INFERENCE_MODELS",
-            "import string of the app: package.module:attribute",
-            metavar="MODULE:ATTR",
-        )
-    )
+    models: str = COMMON.models()
     listen: str = field(
         default="127.0.0.1:8001",
         metadata=option(
@@ -71,7 +55,7 @@ class InferenceSettings:
             HOST_PORT,
         ),
     )
-    metrics_listen: str | None = metrics_option("INFERENCE", "127.0.0.1:9101")
+    metrics_listen: str | None = COMMON.metrics("127.0.0.1:9101")
     sync_token: str | None = field(
         default=None,
         metadata=option(
@@ -134,7 +118,7 @@ class InferenceSettings:
             switch=True,
         ),
     )
-    device: str = device_option("INFERENCE")
+    device: str = COMMON.device()
     state_dir: Path | None = field(
         default=None,
         metadata=option(
@@ -304,15 +288,14 @@ class InferenceSettings:
             PATH,
         ),
     )
-    log_level: str = log_level_option("INFERENCE")
+    log_level: str = COMMON.log_level()
 
     @classmethod
     def from_args(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> InferenceSettings:
         """Flags over `environ` (os.environ by default) over the declared defaults."""
-        environ = os.environ if environ is None else environ
-        return parse(cls, OPTIONS, PROG, DESCRIPTION, argv, environ, PROCESS_OPTIONS)
+        return parse_service(cls, OPTIONS, PROG, DESCRIPTION, argv, environ)
 
 
 OPTIONS = options(InferenceSettings, Scope.INFERENCE)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,38 +114,50 @@ def option(
     return {_KEY: Option(flag, env, help, convert, switch, default_text, metavar)}
 
 
-# Options both services declare alike, each under its own prefix (INFERENCE_, TRAINER_).
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Options both services declare alike, each under its own prefix (INFERENCE_, TRAINER_):
+    `field = COMMON.device()` where `COMMON = ServiceOptions("INFERENCE")`."""
 
+    prefix: str
 
-def device_option(prefix: str) -> Any:
-    return field(
-        default="auto",
-        metadata=option(
-            "--device",
-            f"{prefix}_DEVICE",
-            "auto (CUDA when present), cpu, cuda or cuda:N",
-            metavar="DEVICE",
-        ),
-    )
+    def models(self) -> Any:
+        return field(
+            metadata=option(
+                "--models",
+                f"{self.prefix}_MODELS",
+                "import string of the app: package.module:attribute",
+                metavar="MODULE:ATTR",
+            )
+        )
 
+    def device(self) -> Any:
+        return field(
+            default="auto",
+            metadata=option(
+                "--device",
+                f"{self.prefix}_DEVICE",
+                "auto (CUDA when present), cpu, cuda or cuda:N",
+                metavar="DEVICE",
+            ),
+        )
 
-def metrics_option(prefix: str, default: str) -> Any:
-    return field(
-        default=default,
-        metadata=option(
-            "--metrics-listen",
-            f"{prefix}_METRICS_LISTEN",
-            "Prometheus /metrics listen address, or 'off'",
-            OPTIONAL_HOST_PORT,
-        ),
-    )
+    def metrics(self, default: str) -> Any:
+        return field(
+            default=default,
+            metadata=option(
+                "--metrics-listen",
+                f"{self.prefix}_METRICS_LISTEN",
+                "Prometheus /metrics listen address, or 'off'",
+                OPTIONAL_HOST_PORT,
+            ),
+        )
 
-
-def log_level_option(prefix: str) -> Any:
-    return field(
-        default="INFO",
-        metadata=option("--log-level", f"{prefix}_LOG_LEVEL", "logging level", LOG_LEVEL),
-    )
+    def log_level(self) -> Any:
+        return field(
+            default="INFO",
+            metadata=option("--log-level", f"{self.prefix}_LOG_LEVEL", "logging level", LOG_LEVEL),
+        )
 
 
 def options(cls: type, scope: Scope) -> list[Option]:
@@ -241,6 +254,20 @@ def parse(
             where = "" if declared_option.flag is None else f" (from {source})"
             parser.error(f"{declared_option.label}: {exc}{where}")
     return cls(**values)
+
+
+def parse_service(
+    cls: type[S],
+    declared: Sequence[Option],
+    prog: str,
+    description: str,
+    argv: Sequence[str] | None,
+    environ: Mapping[str, str] | None,
+) -> S:
+    """A service's settings: flags over `environ` (os.environ by default) over the declared
+    defaults; its --help lists the process-wide environment variables too."""
+    environ = os.environ if environ is None else environ
+    return parse(cls, declared, prog, description, argv, environ, PROCESS_OPTIONS)
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import torch
 
-from shared.allocator import tune_for_streaming
 from shared.app import load_app
-from shared.cli import configure_logging, is_loopback
+from shared.cli import is_loopback
 from shared.devices import resolve_device, torch_thread_count
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
-from shared.grpc.prefetch import read_ahead
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
-from shared.settings import ProcessSettings
+from shared.process import prepare_process
 from shared.statedir import claim, claim_first
 from trainer_service.distributed import Group, join, rank_device
 from trainer_service.experience.buffers import Buffers
@@ -180,10 +178,7 @@ def claim_state(
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = TrainerSettings.from_args(argv, os.environ)
-    process = ProcessSettings.from_environ(os.environ, PROG)
-    configure_logging(settings.log_level)
-    tune_for_streaming(process.malloc)
-    read_ahead(process.prefetch)
+    prepare_process(PROG, settings.log_level)
     try:
         run(settings)
     except ConfigurationError as exc:

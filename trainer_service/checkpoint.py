@@ -23,6 +23,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shared.durable import fsync_path
+
 CURRENT = "checkpoint"
 OLD = ".checkpoint-old"
 NEXT = ".checkpoint-next"
@@ -63,18 +65,18 @@ class Checkpoints:
         marker = staged / COMPLETE
         with marker.open("wb") as out:
             os.fsync(out.fileno())
-        _fsync(staged)
-        _fsync(self.state_dir)
+        fsync_path(staged)
+        fsync_path(self.state_dir)
         yield "written"
         if current.exists():
             os.rename(current, old)
-            _fsync(self.state_dir)
+            fsync_path(self.state_dir)
         yield "set aside"
         os.rename(staged, current)
-        _fsync(self.state_dir)
+        fsync_path(self.state_dir)
         yield "swapped"
         _discard(old)
-        _fsync(self.state_dir)
+        fsync_path(self.state_dir)
         yield "cleaned"
 
     def recover(self) -> None:
@@ -89,31 +91,23 @@ class Checkpoints:
             if current.exists():
                 _discard(old)  # `checkpoint` and `.checkpoint-next` are both complete
                 os.rename(current, old)
-                _fsync(self.state_dir)
+                fsync_path(self.state_dir)
             os.rename(staged, current)
-            _fsync(self.state_dir)
+            fsync_path(self.state_dir)
         if not current.exists() and old.exists():
             os.rename(old, current)
-            _fsync(self.state_dir)
+            fsync_path(self.state_dir)
         if current.exists():
             _discard(old)
-        _fsync(self.state_dir)
-
-
-def _fsync(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+        fsync_path(self.state_dir)
 
 
 def _fsync_tree(root: Path) -> None:
     """Every file and directory under `root`, `root` included, made durable."""
     for directory, _dirs, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync(Path(directory, name))
-        _fsync(Path(directory))
+            fsync_path(Path(directory, name))
+        fsync_path(Path(directory))
 
 
 def _discard(path: Path) -> None:
@@ -122,5 +116,5 @@ def _discard(path: Path) -> None:
     if not path.exists():
         return
     (path / COMPLETE).unlink(missing_ok=True)
-    _fsync(path)
+    fsync_path(path)
     shutil.rmtree(path)

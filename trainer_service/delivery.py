@@ -10,10 +10,12 @@ capped exponential backoff and jitter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +44,17 @@ def hashed(tensors: Tensors) -> tuple[dict[str, bytes], bytes]:
     return hashes, model_digest({n: (TensorLayout.of(t), hashes[n]) for n, t in tensors.items()})
 
 
+@dataclass(frozen=True)
+class Version:
+    """One version of a model's state, to deliver: `hashes` (each tensor's) and `digest` (of the
+    whole state) where already known, else None."""
+
+    number: int
+    tensors: Tensors
+    hashes: dict[str, bytes] | None = None
+    digest: bytes | None = None
+
+
 class Delivery:
     def __init__(
         self, writer_id: str, connect_timeout_s: float, retries: int, retry_delay_s: float
@@ -56,21 +69,14 @@ class Delivery:
         with target.lock:
             return target.client.get_model(target.model, self.connect_timeout_s).version
 
-    def deliver(
-        self,
-        target: Target,
-        version: int,
-        tensors: Tensors,
-        hashes: dict[str, bytes] | None,
-        digest: bytes | None,
-    ) -> int | PushFailedError:
+    def deliver(self, target: Target, version: Version) -> int | PushFailedError:
         """Push `version` to `target`: the payload bytes sent, or why it could not be reached
         (it lags now). A target that answered with a refusal raises PushFailedError."""
         with target.lock:
             delay = self._retry_delay_s
             for attempt in range(self._retries + 1):
                 try:
-                    sent = self.push(target, version, tensors, hashes, digest)
+                    sent = self.push(target, version)
                 except TargetUnreachableError as error:
                     target.fall_behind(error)
                     return error
@@ -90,25 +96,19 @@ class Delivery:
                     return sent
         raise AssertionError("unreachable")
 
-    def push(
-        self,
-        target: Target,
-        version: int,
-        tensors: Tensors,
-        hashes: dict[str, bytes] | None,
-        digest: bytes | None,
-    ) -> int:
+    def push(self, target: Target, version: Version) -> int:
         """One try, with the fallbacks the target's answers call for; the caller holds
-        `target.lock`. `hashes` and `digest`: of `tensors`, when already known."""
+        `target.lock`."""
         remote = target.client.get_model(target.model, self.connect_timeout_s)
         if target.epoch is None:  # first contact: become the writer (fences earlier ones)
             target.epoch = target.client.acquire_writer(target.model, self.writer_id)
-        base = target.delta_base(tensors) if remote.version == target.version else None
-        if base is not None and (hashes is None or digest is None):
-            hashes, digest = hashed(tensors)
+        base = target.delta_base(version.tensors) if remote.version == target.version else None
+        if base is not None and (version.hashes is None or version.digest is None):
+            hashes, digest = hashed(version.tensors)
+            version = dataclasses.replace(version, hashes=hashes, digest=digest)
         acquired_again = False
         while True:
-            plan = self._plan(target, version, tensors, hashes, digest, base)
+            plan = self._plan(target, version, base)
             try:
                 self._push_counted(target.client, plan)
                 break
@@ -134,9 +134,9 @@ class Delivery:
                     base = None
                 else:
                     raise
-        acked = plan.streamed_hashes if plan.digest is None else hashes  # a digest comes with
-        assert acked is not None  # the hashes it was made of
-        target.acknowledged(version, acked)
+        acked = plan.streamed_hashes if plan.digest is None else version.hashes  # a digest comes
+        assert acked is not None  # with the hashes it was made of
+        target.acknowledged(version.number, acked)
         return plan.payload.nbytes
 
     @staticmethod
@@ -150,16 +150,9 @@ class Delivery:
         metrics.PUSHES.labels(plan.model_name, kind, "committed").inc()
         metrics.PUSH_BYTES.labels(plan.model_name, kind).inc(plan.payload.nbytes)
 
-    def _plan(
-        self,
-        target: Target,
-        version: int,
-        tensors: Tensors,
-        hashes: dict[str, bytes] | None,
-        digest: bytes | None,
-        base: dict[str, bytes] | None,
-    ) -> PushPlan:
+    def _plan(self, target: Target, version: Version, base: dict[str, bytes] | None) -> PushPlan:
         assert target.epoch is not None
+        tensors, hashes = version.tensors, version.hashes
         if base is None or hashes is None:
             changed, base_version = list(tensors), 0
         else:
@@ -167,5 +160,11 @@ class Delivery:
             base_version = target.version
         payload = Payload.of([(name, tensors[name]) for name in changed])
         return PushPlan(
-            target.model, version, base_version, self.writer_id, payload, target.epoch, digest
+            target.model,
+            version.number,
+            base_version,
+            self.writer_id,
+            payload,
+            target.epoch,
+            version.digest,
         )

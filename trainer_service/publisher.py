@@ -31,7 +31,7 @@ from shared.grpc.auth import TlsFiles
 from shared.weights.writer import DEFAULT_CHUNK_BYTES
 from trainer_service import metrics
 from trainer_service.catchup import CatchUp
-from trainer_service.delivery import Delivery, hashed
+from trainer_service.delivery import Delivery, Version, hashed
 from trainer_service.push import UNREACHABLE, PushFailedError, SyncClient, TargetUnreachableError
 from trainer_service.targets import Endpoint, Snapshot, Target, resolve, warn_plaintext_token
 
@@ -147,10 +147,8 @@ class Publisher:
         digest: bytes | None = None
         if any(t.delta_base(tensors) is not None for t in inline):
             hashes, digest = hashed(tensors)
-        futures = [
-            (t, self._pool.submit(self._delivery.deliver, t, version, tensors, hashes, digest))
-            for t in inline
-        ]
+        delivered = Version(version, tensors, hashes, digest)
+        futures = [(t, self._pool.submit(self._delivery.deliver, t, delivered)) for t in inline]
         sent, committed, errors = 0, [], []
         missed = [str(e) for e in unreachable.values()]
         for target, future in futures:
@@ -259,7 +257,7 @@ class Publisher:
                     target.client.get_model(target.model, self._delivery.connect_timeout_s)
                 else:
                     self._delivery.push(
-                        target, snapshot.version, snapshot.tensors, snapshot.hashes, None
+                        target, Version(snapshot.version, snapshot.tensors, snapshot.hashes)
                     )
             except PushFailedError as error:
                 if error.reason == protocol.FENCED:

@@ -22,17 +22,7 @@ from shared.cli import (
     duration,
     integer,
 )
-from shared.settings import (
-    PROCESS_OPTIONS,
-    SYNC_ADDRESS,
-    Scope,
-    device_option,
-    log_level_option,
-    metrics_option,
-    option,
-    options,
-    parse,
-)
+from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options, parse_service
 from trainer_service.experience.server import DEFAULT_STREAMS
 from trainer_service.experience.service import DEFAULT_MAX_BATCH_BYTES
 
@@ -42,17 +32,12 @@ DESCRIPTION = (
     "models it used to every inference service."
 )
 
+COMMON = ServiceOptions("TRAINER")
+
 
 @dataclass(frozen=True)
 class TrainerSettings:
-    models: str = field(
-        metadata=option(
-            "--models",
-            "TRAINER_MODELS",
-            "import string of the app: package.module:attribute",
-            metavar="MODULE:ATTR",
-        )
-    )
+    models: str = COMMON.models()
     inference: tuple[str, ...] = field(
         default=(SYNC_ADDRESS,),
         metadata=option(
@@ -84,7 +69,7 @@ class TrainerSettings:
             NAME_GROUPS,
         ),
     )
-    metrics_listen: str | None = metrics_option("TRAINER", "127.0.0.1:9102")
+    metrics_listen: str | None = COMMON.metrics("127.0.0.1:9102")
     sync_token: str | None = field(
         default=None,
         metadata=option(
@@ -192,7 +177,7 @@ class TrainerSettings:
             integer(1),
         ),
     )
-    device: str = device_option("TRAINER")
+    device: str = COMMON.device()
     torch_threads: int = field(
         default=0,
         metadata=option(
@@ -280,7 +265,7 @@ class TrainerSettings:
             PATH,
         ),
     )
-    log_level: str = log_level_option("TRAINER")
+    log_level: str = COMMON.log_level()
 
     @property
     def writer_id(self) -> str:
@@ -291,8 +276,7 @@ class TrainerSettings:
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> TrainerSettings:
         """Flags over `environ` (os.environ by default) over the declared defaults."""
-        environ = os.environ if environ is None else environ
-        return parse(cls, OPTIONS, PROG, DESCRIPTION, argv, environ, PROCESS_OPTIONS)
+        return parse_service(cls, OPTIONS, PROG, DESCRIPTION, argv, environ)
 
 
 OPTIONS = options(TrainerSettings, Scope.TRAINER)

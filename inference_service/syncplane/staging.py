@@ -24,6 +24,19 @@ def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
+class _FirstWrite:
+    """Calls `on_first_write(name)` the first time it is called with each name."""
+
+    def __init__(self, on_first_write: Callable[[str], None]) -> None:
+        self._on_first_write = on_first_write
+        self._touched: set[str] = set()
+
+    def __call__(self, name: str) -> None:
+        if name not in self._touched:
+            self._touched.add(name)
+            self._on_first_write(name)
+
+
 class CpuSink:
     """Writes tensor bytes into CPU tensors in place."""
 
@@ -31,13 +44,10 @@ class CpuSink:
         self, targets: Mapping[str, torch.Tensor], on_first_write: Callable[[str], None]
     ) -> None:
         self._flat = {name: _flat_bytes(t) for name, t in targets.items()}
-        self._on_first_write = on_first_write
-        self._touched: set[str] = set()
+        self._first_write = _FirstWrite(on_first_write)
 
     def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
-        if entry.name not in self._touched:
-            self._touched.add(entry.name)
-            self._on_first_write(entry.name)
+        self._first_write(entry.name)
         target = self._flat[entry.name]
         if offset < 0 or offset + len(data) > target.numel():
             raise ValueError(f"write of {len(data)} bytes at {offset} overruns {entry.name!r}")
@@ -76,13 +86,10 @@ class CudaSink:
         self._arrays = [b.numpy() for b in self._buffers]
         self._events: list[torch.cuda.Event | None] = [None] * ring
         self._next = 0
-        self._on_first_write = on_first_write
-        self._touched: set[str] = set()
+        self._first_write = _FirstWrite(on_first_write)
 
     def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
-        if entry.name not in self._touched:
-            self._touched.add(entry.name)
-            self._on_first_write(entry.name)
+        self._first_write(entry.name)
         size = len(self._arrays[0])
         for start in range(0, len(data), size):
             piece = data[start : start + size]

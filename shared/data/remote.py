@@ -36,7 +36,6 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -277,12 +276,7 @@ class RemoteDataCollector:
     def __enter__(self) -> RemoteDataCollector:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # The sending thread's side; `_lock` guards everything below.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -34,14 +34,28 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
     return streams + ("stream" if handler.response_streaming else "unary")
 
 
-def strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """`handler` of `method` (thread-pool server) with its request parsing moved inside it."""
+class _Parts(NamedTuple):
+    parse: Parse
+    kind: str  # the handler's attribute that holds its behavior
+    inner: Callable[..., Any]  # that behavior
+    message: str  # what a request that does not parse is told
+
+
+def _parts(handler: grpc.RpcMethodHandler) -> _Parts | None:
+    """What a wrapper needs of `handler`; None where it takes raw bytes."""
     parse = handler.request_deserializer
     if parse is None:
-        return handler
+        return None
     kind = _kind(handler)
-    inner = getattr(handler, kind)
-    message = refusal(parse)
+    return _Parts(parse, kind, getattr(handler, kind), refusal(parse))
+
+
+def strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` of `method` (thread-pool server) with its request parsing moved inside it."""
+    parts = _parts(handler)
+    if parts is None:
+        return handler
+    parse, kind, inner, message = parts
 
     def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
         try:
@@ -66,12 +80,10 @@ def strict_async(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
     """`handler` of `method` (grpc.aio server) with its request parsing moved inside it. A
     handler that is neither a coroutine nor an async generator (grpc.aio runs those on an
     executor) and one that reads with `context.read()` keep grpcio's parsing."""
-    parse = handler.request_deserializer
-    if parse is None:
+    parts = _parts(handler)
+    if parts is None:
         return handler
-    kind = _kind(handler)
-    inner = getattr(handler, kind)
-    message = refusal(parse)
+    parse, kind, inner, message = parts
 
     async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:

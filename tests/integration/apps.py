@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from bench.apps import Stamp, StampTrainer
 from shared import App, TensorSpec, TorchTrainer, TorchTrainingModel, get_device
 from shared.torch.trainer import OptimizersSetup
 
@@ -52,44 +53,6 @@ class SgdTrainer(TorchTrainer):
             self.optimizers["sgd"].zero_grad()
             loss.backward()
             self.optimizers["sgd"].step()
-
-
-class Stamp(nn.Module):
-    """Many tensors that the trainer fills with one value per run; its output is their means.
-
-    A response computed on a mix of two versions would show unequal means.
-    """
-
-    def __init__(self, megabytes: int) -> None:
-        super().__init__()
-        per = max(1, megabytes * (1 << 20) // 4 // 8)
-        self.parts = nn.ParameterList([nn.Parameter(torch.zeros(per)) for _ in range(8)])
-
-    @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        means = torch.stack([p.mean() for p in self.parts])
-        return x * 0 + means.unsqueeze(0)
-
-
-class StampTrainer(TorchTrainer):
-    """Run n (from 1) sets every tensor of the stamp model to n."""
-
-    @override
-    def on_training_models_attached(self) -> None:
-        super().on_training_models_attached()
-        self.model = self.get_torch_training_model("stamp", Stamp)
-        self.count = 0
-
-    @override
-    def create_optimizers(self) -> OptimizersSetup:
-        return {}
-
-    @override
-    def train(self) -> None:
-        self.count += 1
-        with torch.no_grad():
-            for p in self.model.model.parts:
-                p.fill_(float(self.count))
 
 
 def frozen_model() -> TorchTrainingModel[MLP]:
