@@ -41,7 +41,7 @@ test: $(STAMP)  ## everything CI runs: lint, types, all tests
 faults: $(STAMP)  ## seeded fault schedules against real processes (SCHEDULES=50; root for the tmpfs)
 	$(PY) -m tests.faults --schedules $(SCHEDULES)
 
-demo: $(STAMP)  ## run the pair on the bundled example with a client querying it
+demo: $(STAMP)  ## the online-learning loop: an agent, the inference service, a trainer
 	$(VENV)/bin/python scripts/demo.py
 
 clean:  ## remove the venv and caches

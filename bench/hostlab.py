@@ -17,9 +17,9 @@ resolve inside every lab namespace through `/etc/netns/<namespace>/hosts`, which
 
 Teardown always runs: leaving the `with` block, `close()`, or at interpreter exit (atexit); a
 run killed outright leaves namespaces whose names carry its dead process id, and the next lab
-started on the machine removes them. It needs root and iproute2 (`ip`, `tc`); elsewhere, or
-where a namespace cannot be created, it raises LabUnavailableError, whose message says why
-(tests skip with it).
+started on the machine removes them (bench/netns.py). It needs root and iproute2 (`ip`, `tc`);
+elsewhere, or where a namespace cannot be created, it raises LabUnavailableError, whose message
+says why (tests skip with it).
 
     python -m bench.hostlab check [--rate 1gbit] [--mb 256]   # two hosts: the measured rate
 """
@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import itertools
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -43,23 +40,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-PREFIX = "wslab"  # every lab namespace's name starts with it, then the owner's process id
+from bench.netns import (
+    NETNS_ETC,
+    PREFIX,
+    LabError,
+    LabUnavailableError,
+    remove_namespace,
+    remove_stale,
+    run_tool,
+    unavailable,
+)
+
 SUBNET = "10.213.0"  # the lab's /24; .1 is left unused, hosts get .2, .3, ...
-NETNS_ETC = Path("/etc/netns")
 HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 LATENCY = "25ms"  # how long tbf queues a packet before dropping it (its queue length)
 _serial = itertools.count()
-
-
-class LabError(RuntimeError):
-    """An `ip`/`tc` command of the lab failed."""
-
-
-class LabUnavailableError(LabError):
-    """The lab cannot run here (not root, no iproute2, namespaces refused); the message says
-    why."""
 
 
 def rate_bits(rate: str) -> int:
@@ -68,73 +65,6 @@ def rate_bits(rate: str) -> int:
     if found is None:
         raise ValueError(f"rate {rate!r}: expected a number and bit, kbit, mbit or gbit")
     return int(float(found.group(1)) * RATE_UNITS[found.group(2)])
-
-
-def unavailable() -> str | None:
-    """Why no lab can run here, or None when it might (creating a namespace is the proof)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "the host lab needs root (network namespaces, veth, tc)"
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
-        return f"the host lab needs iproute2: {', '.join(missing)} not found"
-    return None
-
-
-def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(argv), capture_output=True, text=True, check=False)
-    if check and done.returncode != 0:
-        raise LabError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
-    return done
-
-
-def _namespaces() -> list[str]:
-    """Every named network namespace (`ip netns list` prints `name (id: N)` or `name`)."""
-    listed = _run(["ip", "netns", "list"], check=False).stdout
-    return [line.split()[0] for line in listed.splitlines() if line.strip()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _owner(name: str, prefix: str) -> int | None:
-    """The process id in a lab namespace's name, None for a name not of this prefix."""
-    found = re.match(rf"^{re.escape(prefix)}(\d+)x\d+-", name)
-    return int(found.group(1)) if found else None
-
-
-def _remove_namespace(name: str) -> None:
-    """Kill what still runs in namespace `name` (only lab code starts processes there), delete
-    it and its /etc/netns folder."""
-    pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-    _run(["ip", "netns", "del", name], check=False)
-    shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
-
-
-def remove_stale(prefix: str = PREFIX) -> list[str]:
-    """Remove the namespaces (and /etc/netns folders) of labs whose process is gone; the names
-    removed."""
-    removed = []
-    for name in _namespaces():
-        owner = _owner(name, prefix)
-        if owner is not None and not _pid_alive(owner):
-            _remove_namespace(name)
-            removed.append(name)
-    if NETNS_ETC.is_dir():
-        for folder in NETNS_ETC.iterdir():
-            owner = _owner(folder.name, prefix)
-            if owner is not None and not _pid_alive(owner):
-                shutil.rmtree(folder, ignore_errors=True)
-    return removed
 
 
 @dataclass(frozen=True)
@@ -242,13 +172,13 @@ class HostLab:
                 if stream is not None:
                     stream.close()
         for name in reversed(self._created):
-            _remove_namespace(name)
+            remove_namespace(name)
         self._created.clear()
 
     # -- building ------------------------------------------------------------------------------
 
     def _add_namespace(self, name: str) -> None:
-        done = _run(["ip", "netns", "add", name], check=False)
+        done = run_tool(["ip", "netns", "add", name], check=False)
         if done.returncode != 0:
             raise LabUnavailableError(
                 f"cannot create a network namespace ({name}): {done.stderr.strip()}"
@@ -283,19 +213,19 @@ class HostLab:
         spec = ["tbf", "rate", self.rate, "burst", str(burst), "latency", LATENCY]
         for namespace, device in ((host.namespace, "eth0"), (self.switch, host.port)):
             argv = ["tc", "-n", namespace, "qdisc", verb, "dev", device, "root", *spec]
-            done = _run(argv, check=False)
+            done = run_tool(argv, check=False)
             if done.returncode != 0 and "unknown" in done.stderr.lower():  # no sch_tbf
                 raise LabUnavailableError(f"tc has no tbf qdisc here: {done.stderr.strip()}")
             if done.returncode != 0:
                 raise LabError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
 
     def _in(self, namespace: str, *args: str) -> None:
-        _run(["ip", "-n", namespace, *args])
+        run_tool(["ip", "-n", namespace, *args])
 
     def _sysctl(self, namespace: str, key: str, value: str, *, check: bool = True) -> None:
         # /proc/sys/net shows the writer's network namespace.
         script = f"echo {value} > /proc/sys/{key}"
-        _run(["ip", "netns", "exec", namespace, "sh", "-c", script], check=check)
+        run_tool(["ip", "netns", "exec", namespace, "sh", "-c", script], check=check)
 
     # -- using ---------------------------------------------------------------------------------
 

@@ -4,9 +4,9 @@ The one way the integration tests, the benches and the demo start processes (it 
 from pytest): `inference_command` and `trainer_command` build the command lines, `spawn` runs
 one in the repository root, its output in a log file, `wait_for` polls until a process is ready
 and fails with the end of its log if it exits first or takes too long, and `stop` ends it
-(SIGTERM, then SIGKILL after a grace period). `Launcher` does all of that for a set of
-processes: an inference service is ready once its `--ready-file` appears, and every process it
-started is stopped at the end.
+(SIGTERM, then SIGKILL after a grace period; `kill`: SIGKILL at once). `Launcher` does all of
+that for a set of processes: an inference service is ready once its `--ready-file` appears, and
+every process it started is stopped at the end.
 
 It sits at the top of the repository, beside the three folders that use it: in `tests/` it would
 make the benches and the demo depend on the test suite, in `bench/` the tests on the benches;
@@ -152,6 +152,13 @@ def stop(process: subprocess.Popen[bytes], grace: float = 20.0) -> int:
     return _reap(process, grace)
 
 
+def kill(process: subprocess.Popen[bytes]) -> int:
+    """SIGKILL (unless it has exited); its exit status."""
+    if process.poll() is None:
+        process.kill()
+    return process.wait()
+
+
 def _reap(process: subprocess.Popen[bytes], grace: float) -> int:
     try:
         return process.wait(timeout=grace)
@@ -214,9 +221,17 @@ class Launcher:
     def log_path(self, name: str) -> Path | None:
         return self.directory / f"{name}.log" if self.logs else None
 
-    def spawn(self, command: Sequence[str], name: str, *, nice: int = 0) -> subprocess.Popen[bytes]:
-        """Start `command` (see `spawn`), its output in the log `name`."""
-        process = spawn(command, self.env, self.log_path(name), nice=nice)
+    def spawn(
+        self,
+        command: Sequence[str],
+        name: str,
+        *,
+        nice: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start `command` (see `spawn`), its output in the log `name`; `env`: variables set
+        over the launcher's for this process alone."""
+        process = spawn(command, {**self.env, **(env or {})}, self.log_path(name), nice=nice)
         self.processes.append(process)
         return process
 

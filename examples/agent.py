@@ -5,7 +5,8 @@ its prediction over OIP, sees the environment's true y = sin(3x + phase), and co
 (x, y) for the trainer's buffer with a RemoteDataCollector (which batches and streams them in the
 background). Every `--shift-every` seconds the environment's phase moves on. Once a second it
 prints the served version, its prediction error over that second, and how many samples the
-trainer acknowledged (or dropped, were it away).
+trainer acknowledged (or dropped, were it away). SIGTERM or SIGINT end it as `--seconds` does:
+what it collected is flushed to the trainer first.
 
 python examples/agent.py [--inference 127.0.0.1:8001] [--trainer 127.0.0.1:8201] [--seconds 60]
 """
@@ -16,7 +17,10 @@ import argparse
 import math
 import os
 import pathlib
+import signal
+import socket
 import sys
+import threading
 import time
 
 import grpc
@@ -44,20 +48,35 @@ class ShiftingCurve:
         return torch.sin(3 * x + self.shifts * self.step)
 
 
+def every_address(address: str) -> str:
+    """`address` as a gRPC target naming every IPv4 address its host resolves to now (the
+    replicas behind a compose service name), tried in turn; as given if it resolves to none."""
+    host, _, port = address.rpartition(":")
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return address
+    ips = list(dict.fromkeys(str(info[4][0]) for info in found))
+    return "ipv4:" + ",".join(f"{ip}:{port}" for ip in ips) if ips else address
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inference", default="127.0.0.1:8001", help="data plane HOST:PORT")
     parser.add_argument("--trainer", default="127.0.0.1:8201", help="experience plane HOST:PORT")
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long to act")
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long to act (inf: on)")
     parser.add_argument("--shift-every", type=float, default=20.0, help="seconds between shifts")
     parser.add_argument("--points", type=int, default=16, help="points per step")
     parser.add_argument("--steps-per-second", type=float, default=50.0)
     args = parser.parse_args()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     environment = ShiftingCurve(args.shift_every)
     token = os.environ.get("AGENT_EXPERIENCE_TOKEN")
     started = time.monotonic()
     with (
-        InferenceClient(args.inference) as client,
+        InferenceClient(every_address(args.inference)) as client,
         RemoteDataCollector(args.trainer, "experience", token=token) as collector,
     ):
         columns = ("time", "shift", "version", "rmse", "acked", "dropped")
@@ -65,15 +84,15 @@ def main() -> int:
         errors: list[float] = []
         version = 0
         next_report = started + 1.0
-        while time.monotonic() - started < args.seconds:
+        while time.monotonic() - started < args.seconds and not stop.is_set():
             x = torch.rand(args.points, 1) * 4 - 2
             try:
                 result = client.infer("online", {"x": x})
                 version = result.version
                 prediction = result.outputs["y"]
             except grpc.RpcError as error:  # not served yet, or the service restarts
-                print(f"request failed: {error.code().name}: {error.details()}")
-                time.sleep(1)
+                print(f"request failed: {error.code().name}: {error.details()}", flush=True)
+                stop.wait(1)
                 continue
             y = environment(x)
             assert isinstance(prediction, torch.Tensor)
@@ -91,7 +110,7 @@ def main() -> int:
                 )
                 errors.clear()
                 next_report += 1.0
-            time.sleep(1.0 / args.steps_per_second)
+            stop.wait(1.0 / args.steps_per_second)
     final = collector.stats
     print(
         f"collected {final.collected}, acknowledged {final.acknowledged}, dropped {final.dropped}"

@@ -16,9 +16,11 @@ from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import DataPlane
 from inference_service.loading import load_models
 from inference_service.persistence import Persister, WeightStore
+from inference_service.recording import Recorder
 from inference_service.served_model import ServedModel
 from inference_service.server import DataEndpoint, InferenceServer, SyncEndpoint
 from inference_service.settings import PROG, InferenceSettings
+from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.relay.supervisor import RelayConfig, RelaySupervisor, relay_wanted
 from inference_service.syncplane.service import SyncPlane
@@ -50,6 +52,8 @@ def check_sync_access(settings: InferenceSettings) -> None:
             "INFERENCE_SYNC_TOKEN and INFERENCE_DATA_TOKEN are the same: every client of the "
             "data plane could push weights; give the sync plane a token of its own"
         )
+    if (settings.tls_peer_cert is None) != (settings.tls_peer_key is None):
+        raise ConfigurationError("--tls-peer-cert and --tls-peer-key go together")
     if settings.tls_sync_client_ca is not None and (
         settings.tls_cert is None or settings.tls_key is None
     ):
@@ -58,10 +62,20 @@ def check_sync_access(settings: InferenceSettings) -> None:
         )
 
 
+def peer_access(settings: InferenceSettings, limits: SyncLimits) -> PeerAccess:
+    """How pushes are passed on to other replicas: with the sync plane's own token, over TLS
+    when the sync plane serves TLS."""
+    tls = None
+    if settings.tls_cert is not None:
+        tls = TlsFiles(settings.tls_peer_cert, settings.tls_peer_key, settings.tls_peer_ca)
+    return PeerAccess(settings.sync_token, tls, limits.push_idle_timeout_s)
+
+
 def build_server(
     settings: InferenceSettings,
     models: Mapping[str, ServedModel],
     store: WeightStore | None = None,
+    recorder: Recorder | None = None,
 ) -> InferenceServer:
     """The composition root: build the parts `settings` call for around `models` (and `store`,
     which keeps their history) and hand them to the server."""
@@ -79,13 +93,18 @@ def build_server(
     )
     persister = Persister(store, models) if store is not None else None
     sync_plane = SyncPlane(
-        models, limits, persister.committed if persister is not None else None, store
+        models,
+        limits,
+        persister.committed if persister is not None else None,
+        store,
+        peer_access(settings, limits),
     )
     data_plane = DataPlane(
         models,
         BatchingConfig(settings.max_batch_size, settings.max_queue_delay_s, settings.max_queue),
         settings.workers,
         RequestLimits(settings.max_requests_in_flight, settings.max_request_bytes_in_flight),
+        recorder,
     )
     data = DataEndpoint(
         settings.listen, tls if tls.enabled else None, settings.data_token, package_version()
@@ -153,8 +172,16 @@ def run(settings: InferenceSettings) -> None:
     device = resolve_device(settings.device)
     threads = size_torch_threads(settings.torch_threads)
     logger.info("torch: %d intra-op thread(s); %d request worker(s)", threads, settings.workers)
-    models = load_models(load_app(settings.models), device)
-    server = build_server(settings, models, open_store(settings, models))
+    app = load_app(settings.models)
+    models = load_models(app, device)
+    recorder = Recorder(
+        app.models,
+        app.buffers,
+        settings.experience,
+        token=settings.experience_token,
+        max_queue=settings.record_queue,
+    )
+    server = build_server(settings, models, open_store(settings, models), recorder)
     ports = server.start()
     # What exists now (torch, grpc, the models, warmed up) lives as long as the process. Out of
     # the collector's reach, it no longer makes each full collection walk ~180,000 objects:
@@ -177,6 +204,7 @@ def run(settings: InferenceSettings) -> None:
     stop.wait()
     logger.info("shutting down: draining for up to %gs", settings.grace)
     server.stop(settings.grace)
+    recorder.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,11 @@ SWAP_SECONDS = Histogram(
     ["model"],
     buckets=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
 )
+DECODE_SECONDS = Counter(
+    "weightsync_inference_decode_seconds_total",
+    "Time spent decoding encoded tensors of pushes against their base, by model and encoding",
+    ["model", "encoding"],
+)
 MODEL_VERSION = Gauge("weightsync_inference_model_version", "Version being served", ["model"])
 REQUESTS = Counter(
     "weightsync_inference_requests_total",

@@ -15,8 +15,10 @@ from inference_service.dataplane.admission import RequestLimits
 from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import WORKERS
 from inference_service.persistence import HISTORY
+from inference_service.recording import DEFAULT_QUEUE
 from inference_service.syncplane.limits import SyncLimits
 from shared.cli import (
+    ADDRESSES,
     BOOLEAN,
     HOST_PORT,
     PATH,
@@ -106,6 +108,33 @@ class InferenceSettings:
             "certificates it signed instead of --tls-client-ca's; this authenticates the sync "
             "plane without a token",
             PATH,
+        ),
+    )
+    tls_peer_ca: Path | None = field(
+        default=None,
+        metadata=option(
+            "--tls-peer-ca",
+            "INFERENCE_TLS_PEER_CA",
+            "PEM CA to verify the replicas this one passes pushes on to (trainers route pushes "
+            "through replicas; with --tls-cert the next one is dialled over TLS)",
+            PATH,
+            default_text="the system's CAs",
+        ),
+    )
+    tls_peer_cert: Path | None = field(
+        default=None,
+        metadata=option(
+            "--tls-peer-cert",
+            "INFERENCE_TLS_PEER_CERT",
+            "PEM client certificate presented to the replicas this one passes pushes on to, "
+            "where their sync plane requires mutual TLS",
+            PATH,
+        ),
+    )
+    tls_peer_key: Path | None = field(
+        default=None,
+        metadata=option(
+            "--tls-peer-key", "INFERENCE_TLS_PEER_KEY", "PEM private key of --tls-peer-cert", PATH
         ),
     )
     allow_open_sync: bool = field(
@@ -258,6 +287,38 @@ class InferenceSettings:
             "latency but copies each byte once more (auto: where this process may use 4 or "
             "more CPUs)",
             choice("auto", "on", "off"),
+        ),
+    )
+    experience: tuple[str, ...] | None = field(
+        default=None,
+        metadata=option(
+            "--experience",
+            "INFERENCE_EXPERIENCE",
+            "experience planes of the trainers that recorded requests go to (models declared "
+            "with record=, requests with the parameter record); comma-separated, a DNS name "
+            "stands for every address it resolves to, and each buffer's samples go to the "
+            "trainer that holds it",
+            ADDRESSES,
+            default_text="none (recording off)",
+        ),
+    )
+    experience_token: str | None = field(
+        default=None,
+        metadata=option(
+            "--experience-token",
+            "INFERENCE_EXPERIENCE_TOKEN",
+            "bearer token presented on the trainers' experience plane",
+            metavar="TOKEN",
+        ),
+    )
+    record_queue: int = field(
+        default=DEFAULT_QUEUE,
+        metadata=option(
+            "--record-queue",
+            "INFERENCE_RECORD_QUEUE",
+            "served requests waiting to be recorded; beyond, their samples are dropped and "
+            "counted (the answers never wait)",
+            integer(1),
         ),
     )
     torch_threads: int = field(

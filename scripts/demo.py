@@ -1,10 +1,14 @@
-"""Run the pair on the bundled example, on this machine, and query it while it learns.
+"""Run the online-learning loop on this machine: an agent, the inference service, a trainer.
 
-Starts the inference service and the trainer service on free loopback ports with the quickstart
-app, then runs the example client, which prints the served version and the model's error against
-the true function as training proceeds. Stops both services (SIGTERM, graceful) at the end.
+Starts the inference service and the trainer service on free loopback ports with the online
+example (examples/online.py), then the agent (examples/agent.py): it asks the served model for
+predictions over OIP, acts in an environment whose rule shifts every `--shift-every` seconds,
+and streams what it saw to the trainer's experience plane. The trainer trains only once enough
+new samples arrived and pushes each run's weights. The agent prints, once a second, the served
+version and its prediction error: falling, jumping at each shift, falling again. Stops every
+process (SIGTERM, graceful) at the end.
 
-    python scripts/demo.py [--seconds 30]
+    python scripts/demo.py [--seconds 39] [--shift-every 13]
 """
 
 from __future__ import annotations
@@ -20,43 +24,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for devtools/
 
 from devtools import launch
 
-APP = "examples.quickstart:app"
+APP = "examples.online:app"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="how long to watch it learn")
+    parser.add_argument("--seconds", type=float, default=39.0, help="how long the agent acts")
+    parser.add_argument(
+        "--shift-every", type=float, default=13.0, help="seconds between environment shifts"
+    )
     args = parser.parse_args()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="weightsync-demo-") as tmp:
         launcher = launch.Launcher(Path(tmp), env, logs=False)
         try:
             inference = launcher.start_inference(APP, *launch.QUIET)
-            launcher.start_trainer(
+            ready = Path(tmp) / "trainer.ready.json"
+            trainer = launcher.start_trainer(
                 APP,
                 [inference.sync],
                 "--state-dir",
                 str(Path(tmp) / "trainer-state"),
-                "--run-interval",
-                "0.2",
+                "--experience-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
                 *launch.QUIET,
             )
+            found = launch.wait_for(
+                trainer, lambda: launch.read_json(ready), what="trainer-service", timeout=60
+            )
+            experience = f"127.0.0.1:{found['experience_port']}"
             print(f"inference-service: OIP on {inference.data}, sync plane on {inference.sync}")
-            print("trainer-service: training the quickstart model, pushing after every run\n")
-            client = subprocess.run(
+            print(f"trainer-service: experience plane on {experience}; trains on 128 new samples")
+            print(
+                f"agent: acts for {args.seconds:g}s, the environment shifts every "
+                f"{args.shift_every:g}s\n"
+            )
+            agent = subprocess.run(
                 [
                     sys.executable,
-                    str(launch.ROOT / "examples" / "client.py"),
-                    "--address",
+                    str(launch.ROOT / "examples" / "agent.py"),
+                    "--inference",
                     inference.data,
+                    "--trainer",
+                    experience,
                     "--seconds",
                     str(args.seconds),
+                    "--shift-every",
+                    str(args.shift_every),
                 ],
                 cwd=launch.ROOT,
                 env=env,
                 check=False,
             )
-            return client.returncode
+            return agent.returncode
         except launch.NotReadyError as exc:
             raise SystemExit(str(exc)) from None
         finally:

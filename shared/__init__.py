@@ -1,9 +1,9 @@
 """Code both services share: the PAMIQ-Core model and data APIs, the App definition, the
 weights codec.
 
-The model and data APIs are imported on first use (`from shared import TorchTrainingModel` works as
-usual), so that programs which need only the light parts, the sync relay among them, start
-without loading torch.
+The model API and the rest are imported on first use (`from shared import TorchTrainingModel`
+works as usual), so that programs which need only the light parts, the sync relay among them,
+start without loading torch; the data API (`shared.data`, torch-free) is imported as is.
 """
 
 from __future__ import annotations
@@ -11,19 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from shared import data
+from shared.data import *  # noqa: F403 (its __all__ is added to this one's)
+
 if TYPE_CHECKING:
     from shared.app import App, TensorSpec
-    from shared.data import (
-        DataBuffer,
-        DataCollector,
-        DataCollectorsDict,
-        DataUser,
-        DataUsersDict,
-        DictRandomReplacementBuffer,
-        DictSequentialBuffer,
-        RandomReplacementBuffer,
-        SequentialBuffer,
-    )
     from shared.data.remote import RemoteDataCollector
     from shared.model import InferenceModel, InferenceModelsDict, TrainingModel, TrainingModelsDict
     from shared.torch import (
@@ -38,15 +30,6 @@ if TYPE_CHECKING:
 _HOMES = {
     "App": "shared.app",
     "TensorSpec": "shared.app",
-    "DataBuffer": "shared.data",
-    "DataCollector": "shared.data",
-    "DataCollectorsDict": "shared.data",
-    "DataUser": "shared.data",
-    "DataUsersDict": "shared.data",
-    "DictRandomReplacementBuffer": "shared.data",
-    "DictSequentialBuffer": "shared.data",
-    "RandomReplacementBuffer": "shared.data",
-    "SequentialBuffer": "shared.data",
     "RemoteDataCollector": "shared.data.remote",
     "InferenceModel": "shared.model",
     "InferenceModelsDict": "shared.model",
@@ -63,18 +46,9 @@ _HOMES = {
 
 __all__ = [
     "App",
-    "DataBuffer",
-    "DataCollector",
-    "DataCollectorsDict",
-    "DataUser",
-    "DataUsersDict",
-    "DictRandomReplacementBuffer",
-    "DictSequentialBuffer",
     "InferenceModel",
     "InferenceModelsDict",
-    "RandomReplacementBuffer",
     "RemoteDataCollector",
-    "SequentialBuffer",
     "TensorSpec",
     "TorchInferenceModel",
     "TorchTrainer",
@@ -86,6 +60,7 @@ __all__ = [
     "default_infer_procedure",
     "get_device",
 ]
+__all__ += data.__all__  # the data API, torch-free, is imported as is
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,15 @@ batch).
 
     app.add_buffer("steps", lambda: DictSequentialBuffer(["x", "y"], max_size=1000),
                    tensors=[TensorSpec("x", "FP32", (1,)), TensorSpec("y", "FP32", (1,))])
+
+A model may declare `record="steps"`: the inference service then records the inputs and outputs
+of every request it serves into that buffer (inference_service/recording.py).
+
+A model may declare `served_dtype=torch.bfloat16` (or another floating dtype): its inference copy
+then runs in that dtype while the trainer trains in its own. The trainer converts each floating
+tensor before it hashes and pushes it, and the inference service builds the model in that dtype,
+so the served weights are bit-exact to `weights.to(served_dtype)` (docs/sync.md). Default: the
+dtype the model trains in.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
 
 from shared.dtypes import BYTES, OIP_DATATYPES
 from shared.errors import ConfigurationError
@@ -75,6 +86,8 @@ class ModelSpec:
     build: ModelFactory
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    record: str | None = None  # the buffer the inference service records its requests into
+    served_dtype: torch.dtype | None = None  # floating tensors are served in it (None: as trained)
 
 
 @dataclass(frozen=True)
@@ -114,12 +127,21 @@ class App:
         *,
         inputs: Iterable[TensorSpec] = (),
         outputs: Iterable[TensorSpec] = (),
+        record: str | None = None,
+        served_dtype: torch.dtype | None = None,
     ) -> None:
+        """Declare the model `name`; with `record`, the inference service records the inputs
+        and outputs of the requests it serves into that buffer (one the app declares); with
+        `served_dtype`, its floating tensors are pushed and served in that dtype."""
         if not name or "/" in name:
             raise ConfigurationError(f"model name {name!r} must be non-empty and contain no '/'")
         if name in self._models:
             raise ConfigurationError(f"model {name!r} is defined twice")
-        spec = ModelSpec(name, build, tuple(inputs), tuple(outputs))
+        if served_dtype is not None and not served_dtype.is_floating_point:
+            raise ConfigurationError(
+                f"model {name!r}: served_dtype {served_dtype} is not a floating dtype"
+            )
+        spec = ModelSpec(name, build, tuple(inputs), tuple(outputs), record, served_dtype)
         for kind, tensors in (("input", spec.inputs), ("output", spec.outputs)):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
@@ -127,12 +149,25 @@ class App:
         self._models[name] = spec
 
     def model(
-        self, name: str, *, inputs: Iterable[TensorSpec] = (), outputs: Iterable[TensorSpec] = ()
+        self,
+        name: str,
+        *,
+        inputs: Iterable[TensorSpec] = (),
+        outputs: Iterable[TensorSpec] = (),
+        record: str | None = None,
+        served_dtype: torch.dtype | None = None,
     ) -> Callable[[F], F]:
         """Decorator form of add_model."""
 
         def register(build: F) -> F:
-            self.add_model(name, build, inputs=inputs, outputs=outputs)
+            self.add_model(
+                name,
+                build,
+                inputs=inputs,
+                outputs=outputs,
+                record=record,
+                served_dtype=served_dtype,
+            )
             return build
 
         return register

@@ -280,8 +280,10 @@ class ProcessSettings:
         metadata=option(
             None,
             "WEIGHTSYNC_PREFETCH",
-            "read a push's stream ahead on a thread of its own: 1 always, 0 never, auto where "
-            "the process may use 4 or more CPUs (shared/grpc/prefetch.py)",
+            "trainer-service: read each outgoing push ahead on a thread of its own: 1 always, "
+            "0 never, auto where the process may use 4 or more CPUs (the inference service "
+            "always reads incoming pushes on a thread, to end silent ones; "
+            "shared/grpc/prefetch.py)",
             AUTO_BOOLEAN,
         ),
     )

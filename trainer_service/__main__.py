@@ -60,6 +60,8 @@ def run(settings: TrainerSettings) -> None:
         connect_timeout_s=settings.connect_timeout,
         token=settings.sync_token,
         tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
+        fanout=settings.fanout,
+        push_encoding=settings.push_encoding,
     )
     experience: ExperienceServer | None = None
     try:

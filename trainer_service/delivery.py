@@ -24,8 +24,13 @@ from shared.weights.digest import model_digest, tensor_hash
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import Payload
 from trainer_service import metrics
+from trainer_service.bases import Bases
+from trainer_service.encoding_choice import AUTO, EncodingChooser
 from trainer_service.push import (
     UNREACHABLE,
+    Hop,
+    HopResult,
+    Pushed,
     PushFailedError,
     PushPlan,
     SyncClient,
@@ -57,26 +62,38 @@ class Version:
 
 class Delivery:
     def __init__(
-        self, writer_id: str, connect_timeout_s: float, retries: int, retry_delay_s: float
+        self,
+        writer_id: str,
+        connect_timeout_s: float,
+        retries: int,
+        retry_delay_s: float,
+        encoding: str = AUTO,
     ) -> None:
         self.writer_id = writer_id
         self.connect_timeout_s = connect_timeout_s
         self._retries = retries
         self._retry_delay_s = retry_delay_s
+        # How changed tensors travel (encoding_choice.py), and the versions they are encoded
+        # against (bases.py).
+        self._chooser = EncodingChooser(encoding)
+        self._bases = Bases()
 
     def probe(self, target: Target) -> int:
         """The version `target` serves; TargetUnreachableError if it does not answer in time."""
         with target.lock:
             return target.client.get_model(target.model, self.connect_timeout_s).version
 
-    def deliver(self, target: Target, version: Version) -> int | PushFailedError:
-        """Push `version` to `target`: the payload bytes sent, or why it could not be reached
-        (it lags now). A target that answered with a refusal raises PushFailedError."""
+    def deliver(
+        self, target: Target, version: Version, route: tuple[Hop, ...] = ()
+    ) -> Pushed | PushFailedError:
+        """Push `version` to `target` (which passes it on down `route`): what it cost and what
+        became of it down the route, or why it could not be reached (it lags now). A target
+        that answered with a refusal raises PushFailedError."""
         with target.lock:
             delay = self._retry_delay_s
             for attempt in range(self._retries + 1):
                 try:
-                    sent = self.push(target, version)
+                    sent = self.push(target, version, route)
                 except TargetUnreachableError as error:
                     target.fall_behind(error)
                     return error
@@ -96,10 +113,19 @@ class Delivery:
                     return sent
         raise AssertionError("unreachable")
 
-    def push(self, target: Target, version: Version) -> int:
+    def push(self, target: Target, version: Version, route: tuple[Hop, ...] = ()) -> Pushed:
         """One try, with the fallbacks the target's answers call for; the caller holds
         `target.lock`."""
         remote = target.client.get_model(target.model, self.connect_timeout_s)
+        if (  # committed already: passed on to it by a replica whose own push then failed
+            remote.version == version.number
+            and remote.writer_id == self.writer_id
+            and version.digest is not None
+            and remote.digest == version.digest
+            and version.hashes is not None
+        ):
+            target.acknowledged(version.number, version.hashes)
+            return Pushed(0)
         if target.epoch is None:  # first contact: become the writer (fences earlier ones)
             target.epoch = target.client.acquire_writer(target.model, self.writer_id)
         base = target.delta_base(version.tensors) if remote.version == target.version else None
@@ -108,9 +134,11 @@ class Delivery:
             version = dataclasses.replace(version, hashes=hashes, digest=digest)
         acquired_again = False
         while True:
-            plan = self._plan(target, version, base)
+            plan = dataclasses.replace(self._plan(target, version, base), route=route)
             try:
-                self._push_counted(target.client, plan)
+                began = time.perf_counter()
+                hops = self._push_counted(target.client, plan)
+                self._chooser.pushed(plan, target.address, time.perf_counter() - began)
                 break
             except PushFailedError as error:
                 if error.reason == protocol.UNKNOWN_EPOCH and not acquired_again:
@@ -137,18 +165,21 @@ class Delivery:
         acked = plan.streamed_hashes if plan.digest is None else version.hashes  # a digest comes
         assert acked is not None  # with the hashes it was made of
         target.acknowledged(version.number, acked)
-        return plan.payload.nbytes
+        if self._chooser.wants_bases(target.address):  # a later delta may encode against it
+            self._bases.keep(target.model, version.number, version.tensors, acked)
+        return Pushed(plan.payload.nbytes, hops)
 
     @staticmethod
-    def _push_counted(client: SyncClient, plan: PushPlan) -> None:
+    def _push_counted(client: SyncClient, plan: PushPlan) -> tuple[HopResult, ...]:
         kind = "full" if plan.base_version == 0 else "delta"
         try:
-            client.push(plan)
+            hops = client.push(plan)
         except PushFailedError as error:
             metrics.PUSHES.labels(plan.model_name, kind, error.code.name.lower()).inc()
             raise
         metrics.PUSHES.labels(plan.model_name, kind, "committed").inc()
         metrics.PUSH_BYTES.labels(plan.model_name, kind).inc(plan.payload.nbytes)
+        return hops
 
     def _plan(self, target: Target, version: Version, base: dict[str, bytes] | None) -> PushPlan:
         assert target.epoch is not None
@@ -158,7 +189,22 @@ class Delivery:
         else:
             changed = [name for name in tensors if base[name] != hashes[name]]
             base_version = target.version
-        payload = Payload.of([(name, tensors[name]) for name in changed])
+        carried = [(name, tensors[name]) for name in changed]
+        kept = self._bases.get(target.model, base_version) if base_version else None
+        if kept is None or not self._chooser.wants_bases(target.address):
+            payload = Payload.of(carried)
+        else:
+            encoded = self._chooser.encode(target.model, target.address, carried, kept)
+            payload = Payload.of(carried, encoded=encoded.tensors)
+            logger.debug(
+                "model %s v%d -> %s (delta on %d): %s; encoded in %.3fs",
+                target.model,
+                version.number,
+                target.address,
+                base_version,
+                encoded.summary(),
+                encoded.seconds,
+            )
         return PushPlan(
             target.model,
             version.number,

@@ -42,3 +42,20 @@ TARGET_VERSION = Gauge(
     "The last version of the model an inference service (an address) acknowledged",
     ["model", "target"],
 )
+WIRE_BYTES = Counter(
+    "weightsync_trainer_wire_bytes_total",
+    "Tensor bytes of committed pushes, by model and the encoding they travelled in (whole, "
+    "xor-zstd, xor-lz4, sparse)",
+    ["model", "encoding"],
+)
+ENCODE_SECONDS = Counter(
+    "weightsync_trainer_encode_seconds_total",
+    "Time spent encoding changed tensors against their base, by encoding",
+    ["encoding"],
+)
+LINK_RATE = Gauge(
+    "weightsync_trainer_link_bytes_per_second",
+    "The link rate to an inference service (an address), measured from recent pushes: "
+    "payload bytes over the push's seconds, a running average",
+    ["target"],
+)

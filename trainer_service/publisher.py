@@ -29,10 +29,16 @@ import torch
 from shared import protocol
 from shared.grpc.auth import TlsFiles
 from shared.weights.writer import DEFAULT_CHUNK_BYTES
-from trainer_service import metrics
+from trainer_service import chain, metrics
 from trainer_service.catchup import CatchUp
 from trainer_service.delivery import Delivery, Version, hashed
-from trainer_service.push import UNREACHABLE, PushFailedError, SyncClient, TargetUnreachableError
+from trainer_service.push import (
+    UNREACHABLE,
+    Pushed,
+    PushFailedError,
+    SyncClient,
+    TargetUnreachableError,
+)
 from trainer_service.targets import Endpoint, Snapshot, Target, resolve, warn_plaintext_token
 
 logger = logging.getLogger(__name__)
@@ -75,14 +81,19 @@ class Publisher:
         tls: TlsFiles | None = None,
         retries: int = 2,
         retry_delay_s: float = 0.2,
+        fanout: str = "chain",
+        push_encoding: str = "auto",
     ) -> None:
-        self._delivery = Delivery(writer_id, connect_timeout_s, retries, retry_delay_s)
+        self._delivery = Delivery(
+            writer_id, connect_timeout_s, retries, retry_delay_s, push_encoding
+        )
         self._token = token
         self._tls = tls
         self._targets = list(targets)
         self.writer_id = writer_id
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
+        self._chained = fanout == "chain"
         self._clients: dict[str, SyncClient] = {}
         # Guards the set of targets, their lagging state as the sync and the catch-up see it,
         # the versions and the snapshots. Never held while waiting for a target's lock.
@@ -148,17 +159,15 @@ class Publisher:
         if any(t.delta_base(tensors) is not None for t in inline):
             hashes, digest = hashed(tensors)
         delivered = Version(version, tensors, hashes, digest)
-        futures = [(t, self._pool.submit(self._delivery.deliver, t, delivered)) for t in inline]
         sent, committed, errors = 0, [], []
         missed = [str(e) for e in unreachable.values()]
-        for target, future in futures:
-            error = future.exception()
-            if error is not None:
-                errors.append(error)
-            elif isinstance(result := future.result(), PushFailedError):
-                missed.append(str(result))
-            else:
-                sent += result
+        for target, outcome in self._deliver(inline, delivered):
+            if isinstance(outcome, chain.Refused):
+                errors.append(outcome.error)
+            elif isinstance(outcome, PushFailedError):
+                missed.append(str(outcome))
+            elif isinstance(outcome, Pushed):
+                sent += outcome.nbytes
                 committed.append(target)
         if any(isinstance(e, PushFailedError) and e.reason == protocol.FENCED for e in errors):
             self._fenced = WriterFencedError(
@@ -193,6 +202,33 @@ class Publisher:
             f"; lagging: {', '.join(lagging)}" if lagging else "",
         )
         return SyncReport(version, sent, len(committed), tuple(lagging))
+
+    def _deliver(
+        self, targets: Sequence[Target], version: Version
+    ) -> list[tuple[Target, chain.Outcome]]:
+        """Push `version` to `targets`: the ones that share a delta base in chains (see
+        chain.py), the others alone; the ones a failed hop kept it from, again at once."""
+        done: list[tuple[Target, chain.Outcome]] = []
+        chained, direct = list(targets), list[Target]()
+        while chained or direct:
+            chains, alone = chain.plan(chained, version.tensors, self._chained)
+            futures = [
+                self._pool.submit(chain.deliver_chain, self._delivery, c, version) for c in chains
+            ]
+            futures += [
+                self._pool.submit(chain.deliver_one, self._delivery, t, version)
+                for t in [*alone, *direct]
+            ]
+            chained, direct = list[Target](), list[Target]()
+            for future in futures:
+                for target, outcome in future.result():
+                    if outcome is chain.Again.CHAINED:
+                        chained.append(target)
+                    elif outcome is chain.Again.DIRECT:
+                        direct.append(target)
+                    else:
+                        done.append((target, outcome))
+        return done
 
     def _spend(
         self,

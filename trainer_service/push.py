@@ -21,6 +21,33 @@ from trainer_service.progress import Progress, wants_progress
 
 
 @dataclass(frozen=True)
+class Hop:
+    """A replica a push is passed on to, down its route: the address dialled, the name its TLS
+    certificate must carry ("": the address's host) and the writer epoch held there."""
+
+    address: str
+    server_name: str
+    writer_epoch: int
+
+
+@dataclass(frozen=True)
+class HopResult:
+    """What became of a push on one hop of its route: the version committed there (0: none),
+    else the status it failed with."""
+
+    address: str
+    version: int
+    code: grpc.StatusCode
+    reason: str
+    message: str
+
+    def error(self) -> PushFailedError:
+        """The failure as the error a direct push to the hop would have raised."""
+        cls = TargetUnreachableError if self.code in UNREACHABLE else PushFailedError
+        return cls(self.address, self.code, self.message, self.reason or None)
+
+
+@dataclass(frozen=True)
 class PushPlan:
     """Everything one push sends."""
 
@@ -34,6 +61,17 @@ class PushPlan:
     # (a full push) and fill `streamed_hashes`.
     digest: bytes | None
     streamed_hashes: dict[str, bytes] = field(default_factory=dict)
+    # Replicas the receiver passes the push on to, in order (see docs/sync.md).
+    route: tuple[Hop, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """A push the target committed: the payload bytes it cost, and what became of it on each
+    hop of its route (a hop missing from the end was not reached)."""
+
+    nbytes: int
+    hops: tuple[HopResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +110,7 @@ class TargetUnreachableError(PushFailedError):
 UNREACHABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
+CODES = {code.value[0]: code for code in grpc.StatusCode}
 # A channel to a target that went away retries its connection with exponential backoff; cap it
 # well under a connect deadline, so that a probe of a target that came back finds it.
 RECONNECT_OPTIONS: list[tuple[str, int | str]] = [
@@ -89,6 +128,10 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
         writer_id=plan.writer_id,
         payload_bytes=plan.payload.nbytes,
         writer_epoch=plan.writer_epoch,
+        route=[
+            pb.Hop(address=h.address, server_name=h.server_name, writer_epoch=h.writer_epoch)
+            for h in plan.route
+        ],
     )
     yield pb.PushRequest(header=header).SerializeToString()
     hashes = plan.streamed_hashes if plan.digest is None else None
@@ -125,6 +168,7 @@ class SyncClient:
         server_name: str | None = None,
     ):
         self.target = target
+        self.server_name = server_name or ""
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         secure = tls is not None and tls.enabled
@@ -177,8 +221,9 @@ class SyncClient:
             raise PushFailedError.from_rpc(self.target, error) from None
         return int(lease.epoch)
 
-    def push(self, plan: PushPlan) -> int:
-        """Stream one push; return the version the target committed."""
+    def push(self, plan: PushPlan) -> tuple[HopResult, ...]:
+        """Stream one push (the target committed it unless this raises); return what became of
+        it on each hop of its route."""
         try:
             progress = None
             if wants_progress(plan.payload.nbytes):
@@ -189,4 +234,13 @@ class SyncClient:
                 response = self._push(messages, timeout=self._timeout_s)
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
-        return int(response.version)
+        return tuple(
+            HopResult(
+                h.address,
+                h.version,
+                CODES.get(h.code, grpc.StatusCode.UNKNOWN),
+                h.reason,
+                h.message,
+            )
+            for h in response.hops
+        )

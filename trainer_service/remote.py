@@ -8,15 +8,20 @@ import torch
 from typing_extensions import override
 
 from shared.model.remote import RemoteInferenceModel
+from shared.weights.served import served_state
 from trainer_service.publisher import Publisher
 
 
 class PublishedInferenceModel(RemoteInferenceModel):
-    """`sync()` of its TrainingModel streams the weights through the publisher."""
+    """`sync()` of its TrainingModel streams the weights through the publisher, converted to
+    the dtype they are served in (`served_dtype`; None: as trained)."""
 
-    def __init__(self, name: str, publisher: Publisher) -> None:
+    def __init__(
+        self, name: str, publisher: Publisher, served_dtype: torch.dtype | None = None
+    ) -> None:
         self.name = name
         self._publisher = publisher
+        self._served_dtype = served_dtype
 
     @property
     def version(self) -> int:
@@ -25,7 +30,7 @@ class PublishedInferenceModel(RemoteInferenceModel):
 
     @override
     def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self._publisher.publish(self.name, weights)
+        self._publisher.publish(self.name, served_state(weights, self._served_dtype))
 
 
 class PublishedByRankZero(RemoteInferenceModel):

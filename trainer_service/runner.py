@@ -69,7 +69,7 @@ class TrainingLoop:
             model.model.to(device)
             if model.has_inference_model:  # before the dict would build a local copy
                 model.attach_inference_model(
-                    PublishedInferenceModel(spec.name, publisher)
+                    PublishedInferenceModel(spec.name, publisher, spec.served_dtype)
                     if writes
                     else PublishedByRankZero(spec.name)
                 )
@@ -83,8 +83,8 @@ class TrainingLoop:
             )
         self.trainers = TrainersDict({name: app.trainers[name]() for name in names})
         self.trainers.attach_training_models(self.models)
-        self.buffers = Buffers.of(app)
-        self.buffers.attach(self.trainers)
+        # A trainer group holds the buffers its trainers read (experience/buffers.py).
+        self.buffers = Buffers.of(app).attach(self.trainers, every=set(names) == set(app.trainers))
         self.runs = 0
 
     def synced_models(self) -> list[str]:

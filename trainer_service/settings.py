@@ -19,10 +19,12 @@ from shared.cli import (
     OPTIONAL_HOST_PORT,
     PATH,
     SIZE,
+    choice,
     duration,
     integer,
 )
 from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options, parse_service
+from trainer_service.encoding_choice import AUTO, CHOICES
 from trainer_service.experience.server import DEFAULT_STREAMS
 from trainer_service.experience.service import DEFAULT_MAX_BATCH_BYTES
 
@@ -253,6 +255,29 @@ class TrainerSettings:
             "it then lags, the others are fed, and it is caught up in the background when it "
             "answers",
             duration("s", positive=True),
+        ),
+    )
+    fanout: str = field(
+        default="chain",
+        metadata=option(
+            "--fanout",
+            "TRAINER_FANOUT",
+            "how a push reaches several inference services: chain (one push, each service "
+            "passing it on to the next as it arrives, so the trainer's link carries one copy) "
+            "or direct (one push per service)",
+            choice("chain", "direct"),
+        ),
+    )
+    push_encoding: str = field(
+        default=AUTO,
+        metadata=option(
+            "--push-encoding",
+            "TRAINER_PUSH_ENCODING",
+            "how the changed tensors of a delta travel: auto (per tensor, whichever of whole "
+            "bytes and the encodings costs least on the target's measured link; whole on "
+            "loopback), whole, or one encoding forced where the target holds the base: "
+            "xor-zstd, xor-lz4, sparse (see docs/sync.md)",
+            choice(*CHOICES),
         ),
     )
     ready_file: Path | None = field(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
 from inference_service import metrics
 from shared.errors import ResourceLimitError
 
@@ -44,6 +46,7 @@ class Admission:
         self._lock = threading.Lock()
         self._requests: dict[str, int] = {}
         self._bytes = 0
+        self._gauges: dict[str, Gauge] = {}  # each model's child of REQUESTS_IN_FLIGHT
 
     def admit(self, model: str, nbytes: int) -> Ticket:
         """A place for one request of `model` whose tensors hold `nbytes`; ResourceLimitError
@@ -71,7 +74,7 @@ class Admission:
                 )
             self._requests[model] = held + 1
             self._bytes += nbytes
-            metrics.REQUESTS_IN_FLIGHT.labels(model).set(held + 1)
+            self._gauge(model).set(held + 1)
             metrics.REQUEST_BYTES_IN_FLIGHT.set(self._bytes)
         return Ticket(self, model, nbytes)
 
@@ -83,8 +86,15 @@ class Admission:
             held = self._requests[ticket.model] - 1
             self._requests[ticket.model] = held
             self._bytes -= ticket.nbytes
-            metrics.REQUESTS_IN_FLIGHT.labels(ticket.model).set(held)
+            self._gauge(ticket.model).set(held)
             metrics.REQUEST_BYTES_IN_FLIGHT.set(self._bytes)
+
+    def _gauge(self, model: str) -> Gauge:
+        """`model`'s in-flight gauge, looked up once; called holding the lock."""
+        gauge = self._gauges.get(model)
+        if gauge is None:
+            gauge = self._gauges[model] = metrics.REQUESTS_IN_FLIGHT.labels(model)
+        return gauge
 
     def in_flight(self, model: str) -> int:
         with self._lock:

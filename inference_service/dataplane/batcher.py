@@ -10,17 +10,26 @@ alone would only wait out the delay on every request. The queue is bounded: a fu
 answers UNAVAILABLE at once. A batch runs wholly on the generation it pinned, so every response
 in it names the same version; a request that names a version runs in a batch only if the
 pinned generation is that version, and fails otherwise (the check and the pin are one step).
+
+Requests from the event loop (`submit_async`) cross threads once each way per batch, not per
+request: the loop appends to the queue and wakes the worker only when it sleeps (or a gathering
+batch is full), and the worker hands every answer of a batch back to the loop in one
+`call_soon_threadsafe`. Each request's `on_settled` runs on the worker's thread once its model
+has run or it was dropped unrun, whether or not its caller still waits. `submit` serves callers
+on other threads with a `concurrent.futures.Future`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from inference_service import metrics
 from inference_service.dataplane.batch_rows import (
@@ -53,19 +62,63 @@ class BatchingConfig:
     max_queue: int = 1024
 
 
-@dataclass
-class _Request:
-    inputs: list[Tensor]
-    deadline: float | None
-    version: int | None = None  # the version the request must run on (None: the live one)
-    enqueued: float = field(default_factory=time.monotonic)
-    future: Future[Result] = field(default_factory=Future)
-    rows: int = field(init=False)
-    key: ShapeKey = field(init=False)  # requests with equal keys can batch together
+# What a request's waiter is handed: its result, or the error it failed with (None for
+# both: dropped unrun because its caller gave up).
+Outcome = tuple["_Request", Result | None, BaseException | None]
 
-    def __post_init__(self) -> None:
-        self.rows = int(self.inputs[0].shape[0])
-        self.key = shape_key(self.inputs)
+
+class _Request:
+    """One queued request and where its answer goes: a thread's `Future`, or (`loop` set) an
+    asyncio future settled on that loop."""
+
+    __slots__ = (
+        "deadline",
+        "enqueued",
+        "future",
+        "inputs",
+        "key",
+        "loop",
+        "on_settled",
+        "rows",
+        "version",
+    )
+
+    def __init__(
+        self,
+        inputs: list[Tensor],
+        deadline: float | None,
+        version: int | None,  # the version the request must run on (None: the live one)
+        future: Future[Result] | asyncio.Future[Result],
+        loop: asyncio.AbstractEventLoop | None = None,
+        on_settled: Callable[[], None] | None = None,
+    ) -> None:
+        self.inputs = inputs
+        self.deadline = deadline
+        self.version = version
+        self.enqueued = time.monotonic()
+        self.rows = int(inputs[0].shape[0])
+        self.key: ShapeKey = shape_key(inputs)  # requests with equal keys can batch together
+        self.future = future
+        self.loop = loop
+        self.on_settled = on_settled
+
+    def claim(self) -> bool:
+        """Whether the request is still wanted, marking a thread's future running if so."""
+        if self.loop is None:
+            assert isinstance(self.future, Future)
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()  # read off the loop: at worst, runs one unwanted
+
+
+def _settle_on_loop(outcomes: list[Outcome]) -> None:
+    """Answer a batch's loop requests; on their loop's thread."""
+    for request, result, error in outcomes:
+        future = request.future
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            elif result is not None:
+                future.set_result(result)
 
 
 class Batcher:
@@ -77,6 +130,10 @@ class Batcher:
         on_execution: Callable[[str, int, float, list[float]], None] | None = None,
     ) -> None:
         self._on_execution = on_execution
+        name = model.name
+        self._queue_seconds = metrics.QUEUE_SECONDS.labels(name)
+        self._batch_size = metrics.BATCH_SIZE.labels(name)
+        self._compute_seconds = metrics.COMPUTE_SECONDS.labels(name)
         self.model = model
         self.config = config
         self._normalize = normalize
@@ -84,6 +141,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._gather = False  # wait for more before the next batch: the last one held several
+        self._idle = False  # the worker waits for any request: a new one wakes it
+        self._gathering = False  # the worker waits for company: a full batch wakes it
+        self._queued_rows = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{model.name}", daemon=True)
         self._thread.start()
 
@@ -91,8 +151,27 @@ class Batcher:
         self, inputs: list[Tensor], timeout_s: float | None, version: int | None = None
     ) -> Future[Result]:
         """Queue one request (every input with the same number of rows); `version`, if given,
-        is the only one it may run on."""
-        request = _Request(inputs, time.monotonic() + timeout_s if timeout_s else None, version)
+        is the only one it may run on. For callers on any thread."""
+        future: Future[Result] = Future()
+        self._enqueue(_Request(inputs, _deadline(timeout_s), version, future))
+        return future
+
+    def submit_async(
+        self,
+        inputs: list[Tensor],
+        timeout_s: float | None,
+        version: int | None = None,
+        on_settled: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Result]:
+        """`submit` for a caller on a running event loop: its future is settled on that loop.
+        `on_settled` is called on the worker's thread once the request has run or was dropped
+        unrun, whether or not the caller still waits (not if this raises)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._enqueue(_Request(inputs, _deadline(timeout_s), version, future, loop, on_settled))
+        return future
+
+    def _enqueue(self, request: _Request) -> None:
         with self._cond:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
@@ -102,8 +181,11 @@ class Batcher:
                     f"({self.config.max_queue}); retry with backoff"
                 )
             self._queue.append(request)
-            self._cond.notify()
-        return request.future
+            self._queued_rows += request.rows
+            # Wake the worker only if it waits for this: while it runs a batch it takes the
+            # queue when it comes back, with no wake-up (a futex call and a thread switch).
+            if self._idle or (self._gathering and self._queued_rows >= self.config.max_batch_size):
+                self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
@@ -111,28 +193,37 @@ class Batcher:
             self._cond.notify()
         self._thread.join()
 
-    def _take_batch(self) -> list[_Request]:
+    def _take_batch(self, dropped: list[Outcome]) -> list[_Request]:
         with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._closed)
+            self._idle = True
+            try:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+            finally:
+                self._idle = False
             if not self._queue:
                 return []
             head = self._queue[0]
             limit = head.enqueued + self.config.max_queue_delay_s
-            while (
-                self._gather
-                and self._rows_like(head) < self.config.max_batch_size
-                and not self._closed
-            ):
-                left = limit - time.monotonic()
-                if left <= 0 or not self._cond.wait(left):
-                    break
-            batch = self._pop_batch()
+            self._gathering = True
+            try:
+                while (
+                    self._gather
+                    and self._rows_like(head) < self.config.max_batch_size
+                    and not self._closed
+                ):
+                    left = limit - time.monotonic()
+                    if left <= 0 or not self._cond.wait(left):
+                        break
+            finally:
+                self._gathering = False
+            batch = self._pop_batch(dropped)
             self._gather = len(batch) > 1
             return batch
 
-    def _pop_batch(self) -> list[_Request]:
+    def _pop_batch(self, dropped: list[Outcome]) -> list[_Request]:
         """The oldest live request and, in order, the queued ones that can join it; the others
-        stay queued in their order. Called holding the condition."""
+        stay queued in their order; those whose caller left or whose deadline passed go to
+        `dropped`. Called holding the condition."""
         batch: list[_Request] = []
         passed: list[_Request] = []  # other shapes than the batch's
         rows = 0
@@ -145,12 +236,13 @@ class Batcher:
             if batch and rows + request.rows > self.config.max_batch_size:
                 self._queue.appendleft(request)
                 break
-            if not request.future.set_running_or_notify_cancel():  # the caller gave up
+            self._queued_rows -= request.rows
+            if not request.claim():  # the caller gave up
+                dropped.append((request, None, None))
                 continue
             if request.deadline is not None and request.deadline <= now:
-                request.future.set_exception(
-                    DeadlineExceededError("the request's deadline passed while it queued")
-                )
+                error = DeadlineExceededError("the request's deadline passed while it queued")
+                dropped.append((request, None, error))
                 continue
             batch.append(request)
             rows += request.rows
@@ -164,32 +256,37 @@ class Batcher:
     def _run(self) -> None:
         use_torch_threads()
         while True:
-            batch = self._take_batch()
-            if not batch:
-                if self._closed:
-                    return
-                continue
-            with self.model.acquire() as generation:
-                self._execute([r for r in batch if self._runs_on(generation, r)], generation)
+            outcomes: list[Outcome] = []
+            batch = self._take_batch(outcomes)
+            if batch:
+                with self.model.acquire() as generation:
+                    runs = [r for r in batch if self._runs_on(generation, r, outcomes)]
+                    self._execute(runs, generation, outcomes)
+            _deliver(outcomes)
+            if not batch and self._closed:
+                with self._cond:
+                    if not self._queue:
+                        return
 
-    def _runs_on(self, generation: Generation, request: _Request) -> bool:
+    def _runs_on(self, generation: Generation, request: _Request, outcomes: list[Outcome]) -> bool:
         """Whether `request` may run on the pinned `generation`; if not, it fails, naming the
         version served."""
         if request.version is None or request.version == generation.version:
             return True
-        request.future.set_exception(
-            version_not_served(self.model.name, request.version, generation.version)
-        )
+        error = version_not_served(self.model.name, request.version, generation.version)
+        outcomes.append((request, None, error))
         return False
 
-    def _execute(self, batch: list[_Request], generation: Generation) -> None:
+    def _execute(
+        self, batch: list[_Request], generation: Generation, outcomes: list[Outcome]
+    ) -> None:
         if not batch:
             return
         started = time.monotonic()
         rows = sum(r.rows for r in batch)
         for request in batch:
-            metrics.QUEUE_SECONDS.labels(self.model.name).observe(started - request.enqueued)
-        metrics.BATCH_SIZE.labels(self.model.name).observe(rows)
+            self._queue_seconds.observe(started - request.enqueued)
+        self._batch_size.observe(rows)
         try:
             joined = [join_rows([r.inputs[i] for r in batch]) for i in range(len(batch[0].inputs))]
             result = self.model.run(generation, joined)
@@ -197,15 +294,40 @@ class Batcher:
             if len(batch) > 1:
                 check_rows(self.model.name, outputs, rows)
             took = time.monotonic() - started
-            metrics.COMPUTE_SECONDS.labels(self.model.name).observe(took)
+            self._compute_seconds.observe(took)
             if self._on_execution is not None:
                 self._on_execution(
                     self.model.name, rows, took, [started - r.enqueued for r in batch]
                 )
         except Exception as error:
             logger.exception("model %s: a batch of %d failed", self.model.name, len(batch))
-            for request in batch:
-                request.future.set_exception(error)
+            outcomes.extend((request, None, error) for request in batch)
             return
         for request, parts in zip(batch, split_rows(outputs, [r.rows for r in batch]), strict=True):
-            request.future.set_result((parts, generation))
+            outcomes.append((request, (parts, generation), None))
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return time.monotonic() + timeout_s if timeout_s else None
+
+
+def _deliver(outcomes: list[Outcome]) -> None:
+    """Hand each request its outcome: a thread's future at once, a loop's requests in one
+    callback per loop."""
+    loops: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for outcome in outcomes:
+        request, result, error = outcome
+        if request.on_settled is not None:
+            request.on_settled()
+        if request.loop is not None:
+            loops.setdefault(request.loop, []).append(outcome)
+            continue
+        assert isinstance(request.future, Future)
+        if error is not None:
+            request.future.set_exception(error)
+        elif result is not None:
+            request.future.set_result(result)
+    for loop, answers in loops.items():
+        # RuntimeError: the loop is closed, and no one waits for these answers any more
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_on_loop, answers)

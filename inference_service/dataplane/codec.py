@@ -32,6 +32,24 @@ Role = Literal["input", "output"]
 Contents = pb.InferTensorContents
 
 
+def _numpy_dtypes() -> dict[torch.dtype, np.dtype[Any]]:
+    """The OIP datatypes' torch dtypes that numpy and torch.from_numpy share (not BF16)."""
+    found: dict[torch.dtype, np.dtype[Any]] = {}
+    for entry in BY_OIP.values():
+        if entry.torch_dtype is None:
+            continue
+        try:
+            array = torch.empty(0, dtype=entry.torch_dtype).numpy()
+            if torch.from_numpy(array).dtype == entry.torch_dtype:
+                found[entry.torch_dtype] = array.dtype
+        except TypeError:  # no numpy dtype
+            continue
+    return found
+
+
+_NUMPY = _numpy_dtypes()
+
+
 def decode_inputs(
     request: pb.ModelInferRequest,
     specs: Sequence[TensorSpec],
@@ -137,8 +155,12 @@ def tensor_from_raw(role: Role, name: str, data: bytes, datatype: str, shape: li
         )
     if not data:
         return torch.empty(shape, dtype=dtype)
-    # bytearray: one copy into writable memory the tensor owns (frombuffer on read-only bytes
-    # would warn, and the model must not see the message's buffer).
+    array = _NUMPY.get(dtype)
+    if array is not None:
+        # One copy into writable memory the tensor owns (the model must not see the message's
+        # buffer), through numpy: a fifth of torch.frombuffer's cost on a small tensor.
+        return torch.from_numpy(np.frombuffer(data, array).reshape(shape).copy())
+    # bytearray: frombuffer on read-only bytes would warn
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
@@ -228,6 +250,9 @@ def _encode_output(
 
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:
+    """The contiguous host tensor's bytes."""
+    if tensor.dtype in _NUMPY:
+        return bytes(tensor.numpy().tobytes())
     flat = tensor.reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
@@ -264,7 +289,9 @@ def _output_tensor(spec: TensorSpec, value: Tensor) -> torch.Tensor:
             f"model output {spec.name!r} reached the encoder on {value.device}; outputs are "
             "moved to the CPU where the model ran (normalize_model_outputs)"
         )
-    tensor = value.detach().contiguous()
+    tensor = value
+    if tensor.requires_grad or not tensor.is_contiguous():
+        tensor = tensor.detach().contiguous()
     entry = BY_TORCH.get(tensor.dtype)
     if entry is None or entry.oip != spec.datatype:
         raise RuntimeError(

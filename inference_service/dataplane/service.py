@@ -6,14 +6,17 @@ import asyncio
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client import Histogram
 
 from inference_service import metrics
 from inference_service.dataplane.admission import Admission, RequestLimits
 from inference_service.dataplane.batch_rows import common_rows
-from inference_service.dataplane.batcher import Batcher, BatchingConfig, Result
+from inference_service.dataplane.batcher import Batcher, BatchingConfig
 from inference_service.dataplane.model_io import Tensor, normalize_model_outputs, tensor_bytes
 from inference_service.dataplane.stats import StatsBook
+from inference_service.recording import Recorder
 from inference_service.served_model import Generation, ServedModel, version_not_served
 from shared.devices import use_torch_threads
 from shared.errors import ModelNotFoundError, UnavailableError
@@ -28,8 +31,10 @@ class DataPlane:
         batching: BatchingConfig | None = None,
         workers: int = WORKERS,
         limits: RequestLimits | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._models = models
+        self.recorder = recorder or Recorder.off()  # records served requests (recording.py)
         self.admission = Admission(limits or RequestLimits())
         # Models that are not batched run here, so a slow one never blocks the event loop.
         self._workers = ThreadPoolExecutor(
@@ -38,6 +43,8 @@ class DataPlane:
         self._ready = threading.Event()
         self._batchers: dict[str, Batcher] = {}
         self.stats = StatsBook()
+        self._seconds: dict[str, Histogram] = {}
+        self._batchable = {name: batchable(model) for name, model in models.items()}
         self.batching = batching if batching is not None and batching.max_batch_size > 1 else None
         if batching is not None and batching.max_batch_size > 1:
             for name, model in models.items():
@@ -99,31 +106,42 @@ class DataPlane:
         if not self.ready:
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
         pinned = self._version(model, version)
-        if batchable(model):
+        batcher = self._batchers.get(model.name)
+        joins = self._batchable.get(model.name)
+        if joins if joins is not None else batchable(model):
             rows = common_rows(model.spec.inputs, inputs)
         else:
             rows = int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else 1
         ticket = self.admission.admit(model.name, sum(tensor_bytes(t) for t in inputs))
         started = time.perf_counter()
-        batcher = self._batchers.get(model.name)
         try:
-            future: Future[Result]
             if batcher is not None:
-                future = batcher.submit(inputs, timeout_s, pinned)
+                # one hop to the batcher's thread and one back per batch (batcher.py)
+                waiter = batcher.submit_async(inputs, timeout_s, pinned, ticket.release)
             else:
                 future = self._workers.submit(self._run, model, inputs, rows, pinned)
+                future.add_done_callback(lambda _: ticket.release())
+                waiter = asyncio.wrap_future(future)
         except BaseException:
             ticket.release()
             raise
-        future.add_done_callback(lambda _: ticket.release())
         try:
-            outputs, generation = await asyncio.wrap_future(future)
+            outputs, generation = await waiter
         except Exception:
             self.stats.request(model.name, time.perf_counter() - started, rows, ok=False)
             raise
-        self.stats.request(model.name, time.perf_counter() - started, rows, ok=True)
-        metrics.REQUEST_SECONDS.labels(model.name).observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.stats.request(model.name, took, rows, ok=True)
+        self._request_seconds(model.name).observe(took)
         return outputs, generation
+
+    def _request_seconds(self, model: str) -> Histogram:
+        """The model's child of REQUEST_SECONDS, looked up once (labels() takes a lock and
+        builds a key on every call)."""
+        child = self._seconds.get(model)
+        if child is None:
+            child = self._seconds.setdefault(model, metrics.REQUEST_SECONDS.labels(model))
+        return child
 
     @staticmethod
     def _version(model: ServedModel, version: str) -> int | None:

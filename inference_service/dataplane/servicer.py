@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
+from prometheus_client import Counter
 from typing_extensions import override
 
 from inference_service import metrics
@@ -41,6 +42,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, data_plane: DataPlane, server_version: str) -> None:
         self._data = data_plane
         self._server_version = server_version
+        self._counted: dict[tuple[str, str], Counter] = {}  # REQUESTS' children, by labels
 
     @override
     @grpc_errors_async
@@ -180,16 +182,27 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             code = "CANCELLED"
             raise
         finally:
-            metrics.REQUESTS.labels(label, code).inc()
+            self._counter(label, code).inc()
+
+    def _counter(self, model: str, code: str) -> Counter:
+        """REQUESTS' child for `model` and `code`, looked up once (labels() takes a lock and
+        builds its key on every call)."""
+        counter = self._counted.get((model, code))
+        if counter is None:
+            counter = self._counted.setdefault((model, code), metrics.REQUESTS.labels(model, code))
+        return counter
 
     async def _infer_checked(
         self, request: pb.ModelInferRequest, timeout_s: float | None
     ) -> pb.ModelInferResponse:
         model = self._data.model(request.model_name, request.model_version)
         inputs = decode_inputs(request, model.spec.inputs)
+        recording = self._data.recorder.plans(model.name, request.parameters)
         outputs, generation = await self._data.infer(
             model, inputs, timeout_s, request.model_version
         )
+        if recording:  # queued for the recorder's thread: the answer does not wait
+            self._data.recorder.record(recording, inputs, outputs)
         tensors, raw = encode_outputs(
             outputs,
             model.spec.outputs,

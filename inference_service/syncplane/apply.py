@@ -26,6 +26,7 @@ from inference_service.syncplane.checks import (
 from inference_service.syncplane.inbox import Inbox
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, Data, PushHeader
+from inference_service.syncplane.staging import BaseDecoder
 from shared.errors import MalformedPushError
 from shared.weights.reader import PayloadReader
 
@@ -94,8 +95,14 @@ class PushApplier:
         wait = ENDING_PUSH_WAIT_S if other and other.writer_epoch != lease.epoch else 0.0
         with model.begin_push(pending, self._limits.drain_timeout_s, wait) as staging:
             check_versions(model, header)  # again: a push may have committed meanwhile
+            # A delta's encoded tensors decode against the live copy: its base (checked above).
+            decoder = (
+                BaseDecoder(model.name, staging.live.module.state_dict())
+                if header.base_version
+                else None
+            )
             reader = PayloadReader(
-                header.payload_bytes, model.layout, staging, self._limits.max_header_bytes
+                header.payload_bytes, model.layout, staging, self._limits.max_header_bytes, decoder
             )
             digest = self._stream_into(reader, body, pending)
             received = reader.finish()

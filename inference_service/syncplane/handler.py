@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from inference_service.syncplane import forward
 from inference_service.syncplane.apply import PushApplier
 from inference_service.syncplane.checks import check_header
+from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.inbox import Inbox
 from inference_service.syncplane.parts import (
     Commit,
@@ -28,18 +30,39 @@ from shared.errors import MalformedPushError
 
 
 class PushHandler:
-    def __init__(self, applier: PushApplier, idle_timeout_s: float) -> None:
+    """`peers`: how a push that names a route is passed on (forward.py); by default, with no
+    credentials, waiting for a hop up to `idle_timeout_s`."""
+
+    def __init__(
+        self, applier: PushApplier, idle_timeout_s: float, peers: PeerAccess | None = None
+    ) -> None:
         self._applier = applier
         self._idle_timeout_s = idle_timeout_s
+        self._peers = peers or PeerAccess(stall_timeout_s=idle_timeout_s)
 
     def handle(self, parts: Iterator[Part | None]) -> PushOutcome:
-        """Run one push from its parts (and ticks) to its commit, or raise why not."""
+        """Run one push from its parts (and ticks) to its commit, or raise why not. A push with
+        a route is passed on to its next hop as it arrives (forward.py): the local push goes
+        exactly as a direct one, and the outcome says what became of it down the route."""
         inbox: Inbox[Part] = Inbox(parts, self._idle_timeout_s)
         header = _header(inbox)
         check_header(header)
-        generation = self._applier.apply(header, _body(inbox), inbox)
+        forward.check_route(header)
+        # Passed on from its first body part on: by then the local checks of the header passed.
+        onward = forward.start(header, self._peers)
+        body = _body(inbox) if onward is None else onward.passing_on(_body(inbox))
+        try:
+            generation = self._applier.apply(header, body, inbox)
+        except BaseException:
+            if onward is not None:
+                onward.cancel()
+            raise
         return PushOutcome(
-            header.model_name, generation.version, generation.digest, header.payload_bytes
+            header.model_name,
+            generation.version,
+            generation.digest,
+            header.payload_bytes,
+            onward.results() if onward is not None else (),
         )
 
 

@@ -8,6 +8,7 @@ Its imports stay light for the relay's sake. A data message encoded as the sende
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -16,6 +17,8 @@ from google.protobuf.message import DecodeError
 from inference_service.syncplane.parts import (
     Commit,
     Empty,
+    Hop,
+    HopResult,
     Part,
     PushHeader,
     PushOutcome,
@@ -45,8 +48,15 @@ def decode(message: bytes | memoryview) -> Part:
         return Commit(request.commit.digest)
     if kind == "header":
         h = request.header
+        route = tuple(Hop(r.address, r.server_name, r.writer_epoch) for r in h.route)
         return PushHeader(
-            h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes, h.writer_epoch
+            h.model_name,
+            h.version,
+            h.base_version,
+            h.writer_id,
+            h.payload_bytes,
+            h.writer_epoch,
+            route,
         )
     return Empty()
 
@@ -61,10 +71,43 @@ def parts(messages: Iterable[bytes | memoryview | None]) -> Iterator[Part | None
         raise SenderGone() from None
 
 
+def encode_header(header: PushHeader) -> bytes:
+    """The serialized PushRequest carrying `header` (a forwarded push's first message): every
+    field of the part under its own name on the wire."""
+    fields = {f.name: getattr(header, f.name) for f in dataclasses.fields(header)}
+    route = [
+        pb.Hop(address=h.address, server_name=h.server_name, writer_epoch=h.writer_epoch)
+        for h in fields.pop("route")
+    ]
+    encoded: bytes = pb.PushRequest(header=pb.PushHeader(**fields, route=route)).SerializeToString()
+    return encoded
+
+
+def encode_commit(digest: bytes) -> bytes:
+    encoded: bytes = pb.PushRequest(commit=pb.PushCommit(digest=digest)).SerializeToString()
+    return encoded
+
+
+def hop_results(response: pb.PushResponse) -> tuple[HopResult, ...]:
+    return tuple(
+        HopResult(h.address, h.version, h.code, h.reason, h.message) for h in response.hops
+    )
+
+
 def push_response(outcome: PushOutcome) -> pb.PushResponse:
     return pb.PushResponse(
         model_name=outcome.model_name,
         version=outcome.version,
         digest=outcome.digest,
         payload_bytes=outcome.payload_bytes,
+        hops=[
+            pb.HopResult(
+                address=h.address,
+                version=h.version,
+                code=h.code,
+                reason=h.reason,
+                message=h.message,
+            )
+            for h in outcome.hops
+        ],
     )

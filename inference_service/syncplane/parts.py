@@ -14,6 +14,32 @@ from typing import TypeAlias
 
 
 @dataclass(frozen=True)
+class Hop:
+    """One replica down a push's route: where to dial it, the name its TLS certificate carries
+    (empty: the address's host), and the writer epoch the trainer holds there."""
+
+    address: str
+    server_name: str = ""
+    writer_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class HopResult:
+    """What became of a push on one hop: the version it committed, else (version 0) the status
+    code's number, error-reason and message it failed with."""
+
+    address: str
+    version: int = 0
+    code: int = 0
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def committed(self) -> bool:
+        return self.version != 0
+
+
+@dataclass(frozen=True)
 class PushHeader:
     """What a push says about itself before its payload (not yet checked: handler.py does)."""
 
@@ -23,6 +49,7 @@ class PushHeader:
     writer_id: str
     payload_bytes: int
     writer_epoch: int = 0
+    route: tuple[Hop, ...] = ()  # replicas to pass the push on to (forward.py)
 
 
 @dataclass(frozen=True)
@@ -66,3 +93,4 @@ class PushOutcome:
     version: int
     digest: bytes
     payload_bytes: int
+    hops: tuple[HopResult, ...] = ()  # what became of it down its route, in route order

@@ -12,6 +12,7 @@ from inference_service.persistence import StoredVersion, WeightStore
 from inference_service.served_model import Generation, ServedModel
 from inference_service.syncplane.apply import PushApplier
 from inference_service.syncplane.checks import model_named
+from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.handler import PushHandler
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, PushHeader
@@ -24,7 +25,8 @@ class SyncPlane:
     """What the weightsync.v1 servicer (and the relay's push link, through `push`) serves.
 
     `on_commit(name)` hears of each commit (the history writer); `store`, the history on disk,
-    is what versions are listed from and rolled back to (None: no history kept)."""
+    is what versions are listed from and rolled back to (None: no history kept); `peers`, how
+    pushes are passed on down their routes (syncplane/forward.py)."""
 
     def __init__(
         self,
@@ -32,11 +34,12 @@ class SyncPlane:
         limits: SyncLimits,
         on_commit: Callable[[str], None] | None = None,
         store: WeightStore | None = None,
+        peers: PeerAccess | None = None,
     ) -> None:
         self._models = models
         self.store = store
         self.applier = PushApplier(models, limits, on_commit)
-        self.push = PushHandler(self.applier, limits.push_idle_timeout_s)
+        self.push = PushHandler(self.applier, limits.push_idle_timeout_s, peers)
 
     def model(self, name: str) -> ServedModel:
         return model_named(self._models, name)

@@ -4,17 +4,24 @@ On the CPU the bytes go straight into the standby tensors' memory (one copy). On
 through a small ring of reused pinned host buffers and are copied to the device on a side stream,
 so a push never holds a second host copy of the model and the request path's stream is not
 stalled; `finish()` waits for the copies before the swap. `copy()` brings a tensor the push did
-not carry up to date from the live copy, on the same stream.
+not carry up to date from the live copy, on the same stream. A tensor that arrives encoded is
+decoded against the live copy (the push's base) by a `BaseDecoder` first, then written the same
+way.
 """
 
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
+from inference_service import metrics
+from shared.dtypes import BY_SAFETENSORS
+from shared.errors import MalformedPushError
+from shared.weights.encoding import EncodingError, decode
 from shared.weights.layout import TensorEntry
 
 
@@ -126,3 +133,28 @@ def make_sink(
     if devices == {"cuda"}:
         return CudaSink(targets, on_first_write)
     raise ValueError(f"a model's tensors must live on one kind of device, not {sorted(devices)}")
+
+
+class BaseDecoder:
+    """Decodes a delta push's encoded tensors against the live copy, the version it is based on
+    (a shared/weights/reader.Decoder). On CUDA the base is copied to the host first."""
+
+    def __init__(self, model: str, live: Mapping[str, torch.Tensor]) -> None:
+        self._model = model
+        self._live = live
+
+    def __call__(self, entry: TensorEntry, data: bytes) -> np.ndarray:
+        assert entry.encoding is not None
+        base = _flat_bytes(self._live[entry.name].detach().to("cpu").contiguous()).numpy()
+        out = np.empty(len(base), np.uint8)
+        started = time.perf_counter()
+        try:
+            decode(entry.encoding, data, base, BY_SAFETENSORS[entry.layout.dtype].itemsize, out)
+        except EncodingError as exc:
+            raise MalformedPushError(
+                f"tensor {entry.name!r}: its {entry.encoding} bytes do not decode against the "
+                f"base: {exc}"
+            ) from None
+        seconds = time.perf_counter() - started
+        metrics.DECODE_SECONDS.labels(self._model, entry.encoding).inc(seconds)
+        return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
     from shared.app import TensorSpec
 
+# Samples of at least this many bytes travel as views of their own memory, not stacked first.
+VIEW_SAMPLE_BYTES = 16 << 10
 # The most samples one batch may carry: a tensor of zero-sized samples costs no bytes, so the
 # byte limit alone would not bound the work a batch makes.
 MAX_BATCH_SAMPLES = 65536
@@ -81,28 +84,68 @@ def encode_batch(samples: Sequence[Sample]) -> bytes:
     Raises:
         ValueError: There are no samples, or they differ in names, dtypes or shapes.
     """
+    return b"".join(batch_pieces(samples))
+
+
+def batch_pieces(samples: Sequence[Sample]) -> list[bytes | memoryview]:
+    """The payload of a batch of `samples` as pieces to join: its header, then each tensor's
+    samples one after another. Large samples are views of the samples' own memory (joining the
+    pieces is the one copy); small ones are stacked first (one torch call instead of a view per
+    sample, which costs more than their bytes).
+
+    Raises:
+        ValueError: There are no samples, or they differ in names, dtypes or shapes.
+    """
     import torch
+
+    from shared.weights.digest import byte_view
+    from shared.weights.layout import TensorLayout, build_header
 
     if not samples:
         raise ValueError("a batch carries at least one sample")
-    names = list(samples[0])
-    columns: dict[str, torch.Tensor] = {}
-    for name in names:
-        try:
-            columns[name] = torch.stack([s[name] for s in samples])
-        except (KeyError, RuntimeError) as exc:
-            raise ValueError(f"the samples differ in tensor {name!r}: {exc}") from None
+    first = samples[0]
+    names = list(first)
     if any(len(s) != len(names) for s in samples):
         raise ValueError(f"the samples do not all hold exactly the tensors {names}")
-    return encode_columns(columns)
+    sample_bytes = sum(t.nelement() * t.element_size() for t in first.values())
+    if sample_bytes < VIEW_SAMPLE_BYTES:
+        columns: dict[str, torch.Tensor] = {}
+        for name in names:
+            try:
+                columns[name] = torch.stack([s[name] for s in samples])
+            except (KeyError, RuntimeError) as exc:
+                raise ValueError(f"the samples differ in tensor {name!r}: {exc}") from None
+        return column_pieces(columns)
+    layouts = []
+    for name in names:
+        t = first[name]
+        if any(
+            name not in s or s[name].dtype != t.dtype or s[name].shape != t.shape for s in samples
+        ):
+            raise ValueError(f"the samples differ in tensor {name!r}")
+        layouts.append((name, TensorLayout.of(t.new_empty((len(samples), *t.shape)))))
+    header, _ = build_header(layouts)
+    pieces: list[bytes | memoryview] = [header]
+    for name in names:
+        for s in samples:
+            t = s[name].detach().to("cpu")
+            pieces.append(byte_view(t if t.is_contiguous() else t.contiguous()))
+    return pieces
 
 
 def encode_columns(columns: Mapping[str, torch.Tensor]) -> bytes:
     """The payload of a batch given as stacked tensors (samples along the first dimension)."""
-    from shared.weights.writer import Payload
+    return b"".join(column_pieces(columns))
 
-    payload = Payload.of(list(columns.items()))
-    return b"".join(payload.chunks(max(payload.nbytes, 1)))
+
+def column_pieces(columns: Mapping[str, torch.Tensor]) -> list[bytes | memoryview]:
+    """The payload of a batch given as stacked tensors, as its header and views of them."""
+    from shared.weights.digest import byte_view
+    from shared.weights.layout import TensorLayout, build_header
+
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in columns.items()}
+    header, _ = build_header([(name, TensorLayout.of(t)) for name, t in cpu.items()])
+    return [header, *(byte_view(t) for t in cpu.values())]
 
 
 def decode_batch(
@@ -173,7 +216,14 @@ def decode_batch(
         if begin == end:
             stacked[name] = torch.empty(shape, dtype=dtype)
         else:
-            stacked[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+            # A read-only view of the payload: only the per-sample copies below are kept.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given buffer is not writable")
+                flat = torch.frombuffer(data[begin:end], dtype=dtype)
+            stacked[name] = flat.reshape(shape)
+    # Each sample a copy of its own: a view would keep its whole batch alive for as long as
+    # the buffer keeps that one sample (a random-replacement buffer could keep a batch per
+    # sample it holds).
     names = schema.names
     return [{n: stacked[n][i].clone() for n in names} for i in range(count)]
 

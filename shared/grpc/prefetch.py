@@ -4,14 +4,14 @@ grpcio's synchronous API moves one message of a stream at a time: a server handl
 iterator asks the transport for message i+1 only when the handler comes back for it, and a
 client takes message i+1 from its request iterator only once message i is sent. Whatever work
 is done per message (hashing and copying a chunk of weights) is then added to the time of every
-message. A prefetcher keeps up to `depth` messages ready, so that work overlaps the transport.
+message. A `Prefetcher` keeps up to `depth` messages ready, so that work overlaps the transport.
 
-That pays off where there are cores to spare (the hashes and copies release the GIL). Measured
-with bench/sync.py: on a 16-core host, prefetching both ends of a 1 GiB push took it from 0.74
-to 0.96 of the raw gRPC stream's speed (receiver only: 0.88); on a 2-core host the extra thread's
-hand-offs cost about what the overlap gained, so `prefetched()` reads directly below 4 CPUs.
-`read_ahead()` overrides that choice for the whole process: each service's main() passes it
-WEIGHTSYNC_PREFETCH (declared in shared/settings.py).
+The receiving end (the sync servicer and the relay) always reads a push through a Prefetcher:
+its reader can then wait with a timeout and end a push whose sender went silent. The sending
+end (trainer_service/push.py) goes through `prefetched()`, which reads ahead only where there
+are cores to spare (the hashes and copies release the GIL; on fewer than MIN_CPUS the extra
+thread's hand-offs cost about what the overlap gains). `read_ahead()` overrides that choice for
+the whole process: each service's main() passes it WEIGHTSYNC_PREFETCH (shared/settings.py).
 """
 
 from __future__ import annotations

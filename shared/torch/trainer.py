@@ -9,6 +9,7 @@ at the previous `teardown()` (optimizer states are keyed by parameter index, not
 from __future__ import annotations
 
 from abc import abstractmethod
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -35,25 +36,29 @@ LRSCH_SUFFIX = ".lrsch.safetensors"
 class TorchTrainer(Trainer):
     """A trainer of torch models; implement `create_optimizers` and `train`.
 
-    Attributes:
-        optimizers: This run's optimizers by name (built at `setup()`).
-        lr_schedulers: This run's LR schedulers by name (built at `setup()`).
-        optimizer_states: The optimizer states kept at the last `teardown()` or loaded.
-        lr_scheduler_states: The LR scheduler states kept at the last `teardown()` or loaded.
+    Constructed as `Trainer` (when a run trains). The four attributes below start empty, each
+    instance with its own.
     """
 
-    def __init__(
-        self,
-        training_condition_data_user: str | None = None,
-        min_buffer_size: int = 0,
-        min_new_data_count: int = 0,
-    ) -> None:
-        """Initialize the trainer; the arguments are Trainer's (when a run trains)."""
-        super().__init__(training_condition_data_user, min_buffer_size, min_new_data_count)
-        self.optimizers: OptimizersDict = {}
-        self.lr_schedulers: LRSchedulersDict = {}
-        self.optimizer_states: dict[str, StateDict] = {}
-        self.lr_scheduler_states: dict[str, StateDict] = {}
+    @cached_property
+    def optimizers(self) -> OptimizersDict:
+        """This run's optimizers by name (built at `setup()`)."""
+        return {}
+
+    @cached_property
+    def lr_schedulers(self) -> LRSchedulersDict:
+        """This run's LR schedulers by name (built at `setup()`)."""
+        return {}
+
+    @cached_property
+    def optimizer_states(self) -> dict[str, StateDict]:
+        """The optimizer states kept at the last `teardown()` or loaded."""
+        return {}
+
+    @cached_property
+    def lr_scheduler_states(self) -> dict[str, StateDict]:
+        """The LR scheduler states kept at the last `teardown()` or loaded."""
+        return {}
 
     @overload
     def get_torch_training_model(self, name: str) -> TorchTrainingModel[nn.Module]: ...

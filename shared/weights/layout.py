@@ -5,6 +5,11 @@ name to {dtype, shape, data_offsets: [begin, end)} (offsets relative to the end 
 then the tensors' packed little-endian bytes, which must cover the data area with no gap or
 overlap. We write and read that format in a stream rather than through safetensors' bytes API,
 which builds (and copies) the whole blob; the library still reads what we write (tested).
+
+A tensor sent encoded against the push's base (shared/weights/encoding.py) travels as a byte
+entry, `{"dtype": "U8", "shape": [encoded bytes]}`, described in `__metadata__` under
+`weightsync.encodings`: a JSON object mapping each such tensor's name to its `encoding` and its
+real `dtype` and `shape`, which must be the model's.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import torch
 
 from shared.dtypes import BY_SAFETENSORS, BY_TORCH
 from shared.errors import MalformedPushError
+from shared.weights.encoding import ENCODINGS
 
 # safetensors' own limit on the JSON header.
 MAX_HEADER_BYTES = 100_000_000
+# The `__metadata__` key that describes the encoded tensors of a payload.
+ENCODINGS_KEY = "weightsync.encodings"
 
 
 @dataclass(frozen=True)
@@ -45,30 +53,46 @@ class TensorLayout:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of a payload: name, layout, and its byte range in the data area."""
+    """One tensor of a payload: name, layout, and its byte range in the data area; `encoding`
+    names how those bytes describe it against the push's base (None: they are its bytes)."""
 
     name: str
     layout: TensorLayout
     begin: int
     end: int
+    encoding: str | None = None
 
 
 def build_header(
-    tensors: Sequence[tuple[str, TensorLayout]], metadata: Mapping[str, str] | None = None
+    tensors: Sequence[tuple[str, TensorLayout]],
+    metadata: Mapping[str, str] | None = None,
+    encoded: Mapping[str, tuple[str, int]] | None = None,
 ) -> tuple[bytes, list[TensorEntry]]:
-    """The 8-byte length plus JSON header for `tensors`, laid out back to back in that order."""
+    """The 8-byte length plus JSON header for `tensors`, laid out back to back in that order.
+
+    `encoded` maps the tensors sent encoded to their encoding and encoded size in bytes."""
     entries: list[TensorEntry] = []
     offset = 0
-    table: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    metadata = dict(metadata or {})
+    described: dict[str, object] = {}
+    table: dict[str, object] = {}
     for name, layout in tensors:
-        entry = TensorEntry(name, layout, offset, offset + layout.nbytes)
+        encoding, size = (encoded or {}).get(name, (None, layout.nbytes))
+        entry = TensorEntry(name, layout, offset, offset + size, encoding)
         entries.append(entry)
-        table[name] = {
-            "dtype": layout.dtype,
-            "shape": list(layout.shape),
-            "data_offsets": [entry.begin, entry.end],
-        }
+        dtype, shape = (layout.dtype, list(layout.shape)) if encoding is None else ("U8", [size])
+        table[name] = {"dtype": dtype, "shape": shape, "data_offsets": [entry.begin, entry.end]}
+        if encoding is not None:
+            described[name] = {
+                "encoding": encoding,
+                "dtype": layout.dtype,
+                "shape": list(layout.shape),
+            }
         offset = entry.end
+    if described:
+        metadata[ENCODINGS_KEY] = json.dumps(described, separators=(",", ":"))
+    if metadata:
+        table = {"__metadata__": metadata, **table}
     body = json.dumps(table, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)  # safetensors pads the header to 8-byte alignment
     return len(body).to_bytes(8, "little") + body, entries
@@ -102,7 +126,13 @@ def parse_header(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise MalformedPushError("safetensors __metadata__ must map strings to strings")
-    entries = [_parse_entry(name, info, expected) for name, info in table.items()]
+    encodings = _parse_encodings(metadata.get(ENCODINGS_KEY), expected)
+    entries = [_parse_entry(name, info, expected, encodings) for name, info in table.items()]
+    if missing := sorted(encodings.keys() - table.keys()):
+        raise MalformedPushError(
+            f"{ENCODINGS_KEY} describes {', '.join(map(repr, missing[:10]))}, which the "
+            "payload does not carry"
+        )
     entries.sort(key=lambda e: (e.begin, e.end))
     position = 0
     for entry in entries:
@@ -120,7 +150,43 @@ def parse_header(
     return entries
 
 
-def _parse_entry(name: str, info: object, expected: Mapping[str, TensorLayout]) -> TensorEntry:
+def _parse_encodings(text: str | None, expected: Mapping[str, TensorLayout]) -> dict[str, str]:
+    """The encoding of each tensor the metadata describes as encoded, checked against the
+    model."""
+    if text is None:
+        return {}
+    try:
+        described = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        described = None
+    if not isinstance(described, dict):
+        raise MalformedPushError(f"__metadata__[{ENCODINGS_KEY!r}] must be a JSON object")
+    encodings: dict[str, str] = {}
+    for name, info in described.items():
+        want = expected.get(name)
+        if want is None:
+            raise MalformedPushError(f"{ENCODINGS_KEY}: unknown tensor {name!r}")
+        if not isinstance(info, dict) or set(info) != {"encoding", "dtype", "shape"}:
+            raise MalformedPushError(
+                f"{ENCODINGS_KEY}: tensor {name!r} must have exactly encoding, dtype and shape"
+            )
+        if info["encoding"] not in ENCODINGS:
+            raise MalformedPushError(
+                f"tensor {name!r}: unknown encoding {info['encoding']!r} "
+                f"(known: {', '.join(ENCODINGS)})"
+            )
+        if info["dtype"] != want.dtype or info["shape"] != list(want.shape):
+            raise MalformedPushError(
+                f"tensor {name!r}: encoded as {info['dtype']}{info['shape']} but the model has "
+                f"{want.dtype}{list(want.shape)}"
+            )
+        encodings[name] = info["encoding"]
+    return encodings
+
+
+def _parse_entry(
+    name: str, info: object, expected: Mapping[str, TensorLayout], encodings: Mapping[str, str]
+) -> TensorEntry:
     want = expected.get(name)
     if want is None:
         known = ", ".join(sorted(expected)[:10])
@@ -139,13 +205,26 @@ def _parse_entry(name: str, info: object, expected: Mapping[str, TensorLayout]) 
         or offsets[0] > offsets[1]
     ):
         raise MalformedPushError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end)")
+    begin, end = offsets
+    encoding = encodings.get(name)
+    if encoding is not None:
+        if dtype != "U8" or shape != [end - begin]:
+            raise MalformedPushError(
+                f"tensor {name!r} is encoded ({encoding}): its entry must be U8 of shape "
+                f"[{end - begin}], not {dtype}{shape}"
+            )
+        if not 0 < end - begin < want.nbytes:
+            raise MalformedPushError(
+                f"tensor {name!r}: {end - begin} encoded bytes; an encoding is sent only where "
+                f"it is shorter than the {want.nbytes} bytes of the tensor"
+            )
+        return TensorEntry(name, want, begin, end, encoding)
     if dtype != want.dtype:
         raise MalformedPushError(f"tensor {name!r}: dtype {dtype!r} but the model has {want.dtype}")
     if tuple(shape) != want.shape:
         raise MalformedPushError(
             f"tensor {name!r}: shape {shape} but the model has {list(want.shape)}"
         )
-    begin, end = offsets
     if end - begin != want.nbytes:
         raise MalformedPushError(
             f"tensor {name!r}: data_offsets span {end - begin} bytes but {dtype}{shape} "

@@ -2,18 +2,25 @@
 
 The reader never buffers the payload: it reads the 8-byte length and the JSON header, checks the
 header against the model's tensors, then hands each slice of tensor bytes to the sink (which
-writes them into the staging copy) while hashing them for the digest check.
+writes them into the staging copy) while hashing them for the digest check. An encoded tensor
+(shared/weights/encoding.py) is gathered whole (it is shorter than the tensor), decoded against
+the base by the `decoder`, and its decoded bytes go to the sink and the hash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
+import numpy as np
 import xxhash
 
 from shared.errors import MalformedPushError, ResourceLimitError
 from shared.weights.layout import MAX_HEADER_BYTES, TensorEntry, TensorLayout, parse_header
+
+# An encoded tensor's bytes -> its decoded bytes (flat uint8); MalformedPushError if they do not
+# decode.
+Decoder = Callable[[TensorEntry, bytes], np.ndarray]
 
 
 class TensorSink(Protocol):
@@ -32,6 +39,7 @@ class PayloadReader:
         expected: Mapping[str, TensorLayout],
         sink: TensorSink,
         max_header_bytes: int = MAX_HEADER_BYTES,
+        decoder: Decoder | None = None,
     ) -> None:
         if payload_bytes < 8:
             raise MalformedPushError(
@@ -49,6 +57,8 @@ class PayloadReader:
         self._index = 0  # entry that receives the next data byte
         self._hasher = xxhash.xxh3_128()
         self._hashes: dict[str, bytes] = {}
+        self._decoder = decoder
+        self._encoded = bytearray()  # the encoded tensor being gathered
 
     @property
     def received(self) -> int:
@@ -122,14 +132,28 @@ class PayloadReader:
                 continue
             take = min(entry.end - position, len(view))
             piece = view[:take]
-            self._sink.write(entry, position - entry.begin, piece)
-            self._hasher.update(piece)
+            if entry.encoding is not None:
+                self._encoded += piece
+            else:
+                self._sink.write(entry, position - entry.begin, piece)
+                self._hasher.update(piece)
             position += take
             view = view[take:]
             if position == entry.end:
                 self._close_entry(entry)
 
     def _close_entry(self, entry: TensorEntry) -> None:
+        if entry.encoding is not None:
+            if self._decoder is None:
+                raise MalformedPushError(
+                    f"tensor {entry.name!r} is encoded ({entry.encoding}) but a full push has "
+                    "no base to decode it against"
+                )
+            decoded = self._decoder(entry, bytes(self._encoded))
+            self._encoded.clear()
+            view = memoryview(decoded).cast("B")  # type: ignore[arg-type]
+            self._sink.write(entry, 0, view)
+            self._hasher.update(view)
         self._hashes[entry.name] = self._hasher.digest()
         self._hasher.reset()
         self._index += 1

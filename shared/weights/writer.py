@@ -2,7 +2,8 @@
 
 The chunks are cut straight from tensor memory: each one is a single `bytes` join over views of
 the tensors it spans, so the sender never builds the whole serialized blob (safetensors'
-`save()` does, at about 0.4 GB/s on these machines, slower than the wire itself).
+`save()` does, at about 0.4 GB/s on these machines, slower than the wire itself). A tensor
+sent encoded (shared/weights/encoding.py) streams its encoded bytes instead.
 """
 
 from __future__ import annotations
@@ -25,16 +26,26 @@ class Payload:
 
     header: bytes
     entries: list[TensorEntry]
-    tensors: list[torch.Tensor]
+    tensors: list[torch.Tensor | bytes]  # bytes: the tensor's encoded bytes
 
     @classmethod
     def of(
-        cls, tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None = None
+        cls,
+        tensors: Sequence[tuple[str, torch.Tensor]],
+        metadata: Mapping[str, str] | None = None,
+        encoded: Mapping[str, tuple[str, bytes]] | None = None,
     ) -> Payload:
+        """The payload of `tensors`; those named in `encoded` travel as (encoding, bytes)."""
+        encoded = encoded or {}
         header, entries = build_header(
-            [(name, TensorLayout.of(t)) for name, t in tensors], metadata
+            [(name, TensorLayout.of(t)) for name, t in tensors],
+            metadata,
+            {name: (encoding, len(data)) for name, (encoding, data) in encoded.items()},
         )
-        return cls(header, entries, [t for _, t in tensors])
+        sources: list[torch.Tensor | bytes] = [
+            encoded[name][1] if name in encoded else t for name, t in tensors
+        ]
+        return cls(header, entries, sources)
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +66,8 @@ class Payload:
         """
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
+        if hashes is not None and any(e.encoding for e in self.entries):
+            raise ValueError("an encoded tensor's hash is that of its decoded bytes")
         pieces: list[memoryview] = []
         size = 0
         for name, view in self._sources():
@@ -79,4 +92,7 @@ class Payload:
     def _sources(self) -> Iterator[tuple[str | None, memoryview]]:
         yield None, memoryview(self.header)
         for entry, tensor in zip(self.entries, self.tensors, strict=True):
-            yield entry.name, byte_view(tensor.detach().to("cpu").contiguous())
+            if isinstance(tensor, bytes):
+                yield entry.name, memoryview(tensor)
+            else:
+                yield entry.name, byte_view(tensor.detach().to("cpu").contiguous())

@@ -7,6 +7,11 @@ pushes, real trainer processes, kill -9 of the inference service, its sync relay
 restarts on the same state directory, and a full state disk (a small tmpfs). `harness.py` runs
 it against real processes and checks the invariants of `model.py` after every step.
 
+The files by role: `steps.py` (what each step is), `schedule.py` (choosing them), `harness.py`
+(the run), `leases.py`, `pushes.py` and `processes.py` (carrying the steps out), `invariants.py`
+(the checks), `model.py` (the ledger they check against), `cluster.py` and `disk.py` (the
+processes and the state disk), `writer.py` (a raw wire-format writer), `stamp.py` (the model).
+
     python -m tests.faults --seed 7          # one schedule, every step and answer printed
     python -m tests.faults --schedules 50    # seeds 1..50 (`make faults`)
 

@@ -1,21 +1,20 @@
 """The real processes a schedule runs against: one inference service (with or without its sync
-relay) on a state directory, trainer processes, and the small tmpfs the state directory lives on.
+relay) on a state directory (`disk.py`), and trainer processes; started through
+devtools/launch.py like every test's and bench's.
 
 Every process started here, and every relay the service starts, is stopped by `close()`, which
-the harness calls in a `finally`; the tmpfs is unmounted there too.
+the harness calls in a `finally`; the state disk is unmounted there too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,14 +22,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from devtools import launch
 from shared.gen.inference import grpc_service_pb2 as oip
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from tests.faults import stamp
+from tests.faults.disk import StateDisk
 
 ROOT = Path(__file__).resolve().parents[2]
-TMPFS_BYTES = 24 << 20  # the state disk: a few versions of the 1 MiB model, and little more
 START_TIMEOUT_S = 120.0  # generous: two slow cores, torch imported by every process
 STOP_TIMEOUT_S = 60.0
 RELAY_MODULE = "inference_service.syncplane.relay"
@@ -103,15 +103,13 @@ class Cluster:
         self.relay = relay
         self.state = root / "state"
         self.model_dir = self.state / "models" / stamp.MODEL
-        self.filler = self.state / "faults-filler"
-        self.mounted = False
-        self.mount_error = ""
+        self.disk = StateDisk(self.state)
         self.env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": str(ROOT),
             "TEST_STAMP_MB": str(stamp.MEGABYTES),
-            "WEIGHTSYNC_PREFETCH": "1",
+            "WEIGHTSYNC_PREFETCH": "1",  # trainers send through the read-ahead thread
         }
         self.service: subprocess.Popen[bytes] | None = None
         self.incarnation = 0
@@ -125,49 +123,6 @@ class Cluster:
         self._channels: list[grpc.Channel] = []
         self._sync: pb_grpc.WeightSyncStub | None = None
         self._data: oip_grpc.GRPCInferenceServiceStub | None = None
-
-    # -- the state disk ------------------------------------------------------------------------
-
-    def mount(self) -> bool:
-        """A tmpfs of TMPFS_BYTES on the state directory (needs root); False if not possible."""
-        self.state.mkdir(parents=True)
-        if os.geteuid() != 0:
-            self.mount_error = "not running as root"
-            return False
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(self.state)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            self.mount_error = (done.stderr or done.stdout).strip() or f"exit {done.returncode}"
-            return False
-        self.mounted = True
-        return True
-
-    def fill_disk(self) -> int:
-        """Write a filler file until the state disk is full; return the bytes written."""
-        written = 0
-        handle = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            for size in (1 << 20, 4096, 1):
-                block = b"\0" * size
-                while True:
-                    try:
-                        count = os.write(handle, block)
-                    except OSError as exc:
-                        if exc.errno != errno.ENOSPC:
-                            raise
-                        break
-                    written += count
-                    if count < size:
-                        break
-        finally:
-            os.close(handle)
-        return written
-
-    def free_disk(self) -> None:
-        self.filler.unlink(missing_ok=True)
 
     # -- the inference service -----------------------------------------------------------------
 
@@ -205,19 +160,11 @@ class Cluster:
 
     def _try_start(self) -> bool:
         ready = self.root / f"service-{self.incarnation}.ready.json"
-        args = [
-            "-m",
-            "inference_service",
-            "--models",
-            stamp.APP,
+        flags = [
             "--listen",
             f"127.0.0.1:{self.data_port}",
             "--sync-listen",
             f"127.0.0.1:{self.sync_port}",
-            "--device",
-            "cpu",
-            "--ready-file",
-            str(ready),
             "--metrics-listen",
             "off",
             "--sync-relay",
@@ -228,18 +175,23 @@ class Cluster:
             "5",
         ]
         if self.idle_flag is not None:
-            args += [self.idle_flag, str(self.idle_s)]
-        with self.service_log().open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, *args], cwd=ROOT, env=self.env, stdout=log, stderr=log
-            )
+            flags += [self.idle_flag, str(self.idle_s)]
+        log = self.service_log()
+        process = launch.spawn(launch.inference_command(stamp.APP, ready, *flags), self.env, log)
         self.service = process
-        if not wait_for(lambda: ready.exists() or process.poll() is not None, START_TIMEOUT_S):
-            self._kill(process)
-            raise ServiceDown(f"the inference service was not ready in {START_TIMEOUT_S:g}s")
-        if not ready.exists():
-            return False
-        ports = json.loads(ready.read_text())
+        try:
+            ports = launch.wait_for(
+                process,
+                lambda: launch.read_json(ready),
+                what="the inference service",
+                timeout=START_TIMEOUT_S,
+                log=log,
+            )
+        except launch.NotReadyError as exc:
+            if process.poll() is None:  # not ready in time
+                launch.kill(process)
+                raise ServiceDown(str(exc)) from None
+            return False  # it exited: the caller looks at why
         self.data_port, self.sync_port = int(ports["data_port"]), int(ports["sync_port"])
         if ports.get("sync_relay_pid"):
             self.relays.add(int(ports["sync_relay_pid"]))
@@ -263,14 +215,10 @@ class Cluster:
         process = self.service
         if process is None:
             return None
-        if graceful and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._kill(process)
+        if graceful:
+            launch.stop(process, STOP_TIMEOUT_S)
         else:
-            self._kill(process)
+            launch.kill(process)
         self._end_relays()
         return process.returncode
 
@@ -306,12 +254,6 @@ class Cluster:
                     os.kill(pid, signal.SIGKILL)
                 wait_for(functools.partial(gone, pid), 10)
             self.relays.discard(pid)
-
-    @staticmethod
-    def _kill(process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
     # -- talking to it -------------------------------------------------------------------------
 
@@ -364,36 +306,22 @@ class Cluster:
 
     def start_trainer(self, index: int, trainer_id: str) -> subprocess.Popen[bytes]:
         logs = self.trainer_logs.setdefault(index, [])
-        log_path = self.root / f"{trainer_id}-{len(logs)}.log"
-        logs.append(log_path)
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "trainer_service",
-                    "--models",
-                    stamp.APP,
-                    "--device",
-                    "cpu",
-                    "--inference",
-                    self.sync_address,
-                    "--trainer-id",
-                    trainer_id,
-                    "--metrics-listen",
-                    "off",
-                    "--run-interval",
-                    "0.25",
-                    "--max-runs",
-                    str(TRAINER_RUNS),
-                    "--push-timeout",
-                    "60",
-                ],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=log,
-            )
+        log = self.root / f"{trainer_id}-{len(logs)}.log"
+        logs.append(log)
+        flags = [
+            "--trainer-id",
+            trainer_id,
+            "--metrics-listen",
+            "off",
+            "--run-interval",
+            "0.25",
+            "--max-runs",
+            str(TRAINER_RUNS),
+            "--push-timeout",
+            "60",
+        ]
+        command = launch.trainer_command(stamp.APP, [self.sync_address], *flags)
+        process = launch.spawn(command, self.env, log)
         self.trainers[index] = process
         return process
 
@@ -407,27 +335,17 @@ class Cluster:
     def kill_trainer(self, index: int) -> None:
         process = self.trainers.get(index)
         if process is not None:
-            self._kill(process)
+            launch.kill(process)
 
     # -- the end -------------------------------------------------------------------------------
 
     def close(self) -> list[str]:
-        """Stop everything started, unmount the tmpfs; return what could not be cleaned."""
-        problems = []
+        """Stop everything started, unmount the state disk; return what could not be cleaned."""
         for process in self.trainers.values():
-            self._kill(process)
+            launch.kill(process)
         if self.service is not None:
             self.stop_service(graceful=False)
         for channel in self._channels:
             channel.close()
         self._channels = []
-        if self.mounted:
-            done = subprocess.run(["umount", str(self.state)], capture_output=True, text=True)
-            if done.returncode != 0:
-                lazy = subprocess.run(
-                    ["umount", "-l", str(self.state)], capture_output=True, text=True
-                )
-                if lazy.returncode != 0:
-                    problems.append(f"could not unmount {self.state}: {lazy.stderr.strip()}")
-            self.mounted = False
-        return problems
+        return self.disk.unmount()

@@ -1,9 +1,10 @@
 """The invariants a fault schedule checks at every quiet point, and what they read.
 
-`Invariants` is the checking half of a schedule's run (`tests/faults/harness.py` is the acting
-half): the served weights equal some acknowledged version bit for bit, nothing acknowledged is
-lost, no fenced writer's push is served, the lease on disk equals the last one answered, and no
-partial file is left (`tests/faults/model.py` lists them).
+`Invariants` is the checking half of a schedule's run (the acting half: `leases.py`,
+`pushes.py` and `processes.py`, brought together by `Run` in `harness.py`): the served weights
+equal some acknowledged version bit for bit, nothing acknowledged is lost, no fenced writer's
+push is served, the lease on disk equals the last one answered, no call is answered with a
+status that means a bug, and no partial file is left (`tests/faults/model.py` lists them).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights.digest import state_digest
 from tests.faults import stamp
 from tests.faults.cluster import wait_for
+from tests.faults.writer import Answer
 
 QUIET_S = 30.0  # how long a push may stay pending once its writer is gone
+BUGS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)  # never a right answer
 
 
 class Abort(Exception):
@@ -28,6 +31,14 @@ class Abort(Exception):
 
 class Invariants:
     """Checks over a run's state (`Run` in harness.py provides the attributes they read)."""
+
+    def check_code(self, what: str, answer: Answer) -> None:
+        """No call is answered with a status that means a bug (docs/status-codes.md)."""
+        if answer.code in BUGS:
+            self.violate(
+                f"bug:{what}:{answer.code.name}",
+                f"{what} answered {answer.code.name} ({answer.details}): a bug by the status table",
+            )
 
     def check(self, final: bool = False) -> None:
         cluster = self.cluster

@@ -107,7 +107,6 @@ def serving_bench(tmp: Path) -> Iterator[Bench]:
         "PYTHONUNBUFFERED": "1",
         "TEST_PRETRAINED": str(pretrained),
         "TEST_STAMP_MB": str(MB),
-        "WEIGHTSYNC_PREFETCH": "1",  # garbage goes through the read-ahead thread too
     }
     with Services(tmp, env) as services:
         inference = services.inference(

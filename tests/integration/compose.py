@@ -157,8 +157,15 @@ class Project:
 
     @property
     def services(self) -> dict[str, dict[str, Any]]:
+        """The services that run: those of no profile, and those of a profile in
+        COMPOSE_PROFILES (as compose's --profile)."""
+        wanted = set(self.env.get("COMPOSE_PROFILES", "").split(","))
         services: dict[str, dict[str, Any]] = self.document["services"]
-        return services
+        return {
+            name: spec
+            for name, spec in services.items()
+            if not spec.get("profiles") or wanted & set(spec["profiles"])
+        }
 
     def up(self, scale: Mapping[str, int] | None = None) -> None:
         """Start every service, dependencies first, with `scale` replicas where given."""

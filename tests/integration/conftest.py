@@ -15,6 +15,7 @@ import pytest
 from devtools.launch import Launcher
 from shared.gen.weightsync.v1 import weightsync_pb2 as sync_pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as sync_grpc
+from tests.integration.pki import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,11 +96,17 @@ class Services(Launcher):
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[Services]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    # Pushes read ahead on hosts with cores to spare (shared/grpc/prefetch.py); make the
-    # services take that path here too, whatever this host has.
+    # Trainers read the pushes they send ahead on hosts with cores to spare
+    # (shared/grpc/prefetch.py); make them take that path here too, whatever this host has.
     env.setdefault("WEIGHTSYNC_PREFETCH", "1")
     with Services(tmp_path, env) as running:
         yield running
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA with a server and a client certificate it signed (tests/integration/pki.py)."""
+    return make_pki(tmp_path / "pki")
 
 
 def wait_until(predicate: object, timeout: float = 60.0, interval: float = 0.05) -> None:

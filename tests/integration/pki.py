@@ -69,3 +69,12 @@ def make_cert(directory: Path, name: str, ca: Path, san: str = "") -> tuple[Path
 def make_server_cert(directory: Path, ca: Path) -> tuple[Path, Path]:
     """A server certificate for SERVER_NAME and 127.0.0.1, signed by `ca`."""
     return make_cert(directory, "server", ca, f"DNS:{SERVER_NAME},IP:127.0.0.1")
+
+
+def make_pki(directory: Path) -> Path:
+    """`directory` with a CA (`ca.pem`), a server certificate (`make_server_cert`) and a client
+    certificate (`client.pem`, `client.key`), both signed by it."""
+    ca = make_ca(directory, "ca")
+    make_server_cert(directory, ca)
+    make_cert(directory, "client", ca)
+    return directory

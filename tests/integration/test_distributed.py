@@ -13,29 +13,33 @@ from pathlib import Path
 
 import safetensors.torch
 
+from devtools.launch import ROOT, trainer_command
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights.digest import state_digest
-from tests.integration.conftest import ROOT, Services, wait_until
+from tests.integration.conftest import Services, wait_until
 
 QUICKSTART = "examples.quickstart:app"
 
 
-def trainer_args(tmp_path: Path, *args: str) -> list[str]:
-    """The trainer service's arguments every rank gets."""
-    return [
-        "-m", "trainer_service", "--models", QUICKSTART, "--device", "cpu", "--trainer-id", "dp",
-        "--metrics-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "trainer"), *args,
-    ]  # fmt: skip
+def trainer_args(tmp_path: Path, target: str, *args: str) -> list[str]:
+    """What every rank runs after the interpreter (devtools/launch.py `trainer_command`): the
+    trainer service pushing to `target`."""
+    return trainer_command(
+        QUICKSTART, [target], "--trainer-id", "dp", "--metrics-listen", "127.0.0.1:0",
+        "--state-dir", str(tmp_path / "trainer"), *args,
+    )[1:]  # fmt: skip
 
 
-def torchrun(services: Services, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    services: Services, tmp_path: Path, target: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             str(Path(sys.executable).parent / "torchrun"),
             "--standalone",
             "--nproc-per-node",
             "2",
-            *trainer_args(tmp_path, *args),
+            *trainer_args(tmp_path, target, *args),
         ],
         cwd=ROOT,
         env={**services.env, "OMP_NUM_THREADS": "1"},
@@ -57,10 +61,7 @@ def test_two_ranks_train_in_lockstep_and_rank_zero_alone_pushes(
     services: Services, tmp_path: Path
 ) -> None:
     inference = services.inference(QUICKSTART)
-    run = torchrun(
-        services, tmp_path, "--inference", inference.sync, "--max-runs", "4",
-        "--checkpoint-every", "2",
-    )  # fmt: skip
+    run = torchrun(services, tmp_path, inference.sync, "--max-runs", "4", "--checkpoint-every", "2")
     assert run.returncode == 0, run.stdout + run.stderr
     assert_group_freed(run.stderr)
     # Checkpoints after runs 2 and 4 and on exit each checked that both ranks agree.
@@ -75,52 +76,39 @@ def test_two_ranks_train_in_lockstep_and_rank_zero_alone_pushes(
     assert state.digest == state_digest(trained)
 
     # A second launch resumes both ranks from rank 0's checkpoint and carries on the versions.
-    again = torchrun(services, tmp_path, "--inference", inference.sync, "--max-runs", "1")
+    again = torchrun(services, tmp_path, inference.sync, "--max-runs", "1")
     assert again.returncode == 0, again.stdout + again.stderr
     assert_group_freed(again.stderr)
     assert inference.model_state("quickstart").version >= state.version + 2
 
 
-def ranks(services: Services, tmp_path: Path, *args: str) -> list[subprocess.Popen[bytes]]:
-    """Two ranks started as torchrun would start them, each with its own exit code and log."""
+def ranks(services: Services, target: str, *args: str) -> list[subprocess.Popen[bytes]]:
+    """Two ranks started as torchrun would start them, each with its own exit code and log
+    (`rank0`, `rank1`)."""
     with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port for rank 0's store
         port = probe.getsockname()[1]
-    started = []
-    for rank in (0, 1):
-        env = {
-            **services.env,
-            "OMP_NUM_THREADS": "1",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        with (tmp_path / f"rank{rank}.log").open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, *trainer_args(tmp_path, *args)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        services.processes.append(process)
-        started.append(process)
-    return started
+    command = [sys.executable, *trainer_args(services.directory, target, *args)]
+    group = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    group |= {"MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    return [
+        services.spawn(
+            command, f"rank{rank}", env={**group, "RANK": f"{rank}", "LOCAL_RANK": f"{rank}"}
+        )
+        for rank in (0, 1)
+    ]
 
 
 def test_ranks_act_together_on_a_failed_sync_and_stop_together_when_fenced(
-    services: Services, tmp_path: Path
+    services: Services,
 ) -> None:
     inference = services.inference(QUICKSTART)
     group = ranks(
-        services, tmp_path, "--inference", inference.sync, "--run-interval", "0.2",
-        "--checkpoint-every", "1", "--connect-timeout", "0.5",
+        services, inference.sync, "--run-interval", "0.2", "--checkpoint-every", "1",
+        "--connect-timeout", "0.5",
     )  # fmt: skip
 
     def log(rank: int) -> str:
-        return (tmp_path / f"rank{rank}.log").read_text()
+        return services.log(f"rank{rank}")
 
     def running() -> bool:
         assert all(p.poll() is None for p in group), log(0) + log(1)

@@ -26,7 +26,7 @@ from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.errors import error_reason
 from tests.integration.conftest import Services, wait_until
-from tests.integration.pki import SERVER_NAME, make_ca, make_cert, make_server_cert
+from tests.integration.pki import SERVER_NAME
 
 APP = "tests.integration.experience_apps:steps"
 AGENT = [sys.executable, "-m", "tests.integration.experience_agent"]
@@ -290,15 +290,6 @@ def test_a_batch_larger_than_the_message_limit_is_refused_by_grpc(services: Serv
             list(stub.Collect(iter([huge]), timeout=30))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert trainer.steps().received == 0
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    directory = tmp_path / "pki"
-    ca = make_ca(directory, "ca")
-    make_server_cert(directory, ca)
-    make_cert(directory, "client", ca)
-    return directory
 
 
 def test_the_experience_plane_takes_a_token_and_mutual_tls(services: Services, pki: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.launch import ROOT, Launcher, NotReadyError, wait_for
+from devtools.launch import ROOT, Launcher, NotReadyError, kill, spawn, wait_for
 
 IGNORES_SIGTERM = (
     "import signal, time\n"
@@ -46,3 +46,21 @@ def test_stopping_kills_what_ignores_sigterm_after_the_grace_period(tmp_path: Pa
     wait_for(stubborn, lambda: "ignoring" in log.read_text(), what="stubborn", timeout=30)
     launcher.stop_all()
     assert stubborn.returncode == -9  # SIGKILL
+
+
+def test_a_process_gets_its_own_variables_over_the_launchers(tmp_path: Path) -> None:
+    with Launcher(tmp_path, {**os.environ, "SHARED": "all", "OWN": "launcher"}) as launcher:
+        printer = "import os; print(os.environ['SHARED'], os.environ['OWN'])"
+        ranked = launcher.spawn([sys.executable, "-c", printer], "ranked", env={"OWN": "rank0"})
+        plain = launcher.spawn([sys.executable, "-c", printer], "plain")
+        assert (ranked.wait(timeout=60), plain.wait(timeout=60)) == (0, 0)
+    assert launcher.env["OWN"] == "launcher"  # the launcher's own environment is left alone
+    assert (tmp_path / "ranked.log").read_text() == "all rank0\n"
+    assert (tmp_path / "plain.log").read_text() == "all launcher\n"
+
+
+def test_kill_ends_a_process_at_once_whatever_it_ignores(tmp_path: Path) -> None:
+    stubborn = spawn([sys.executable, "-c", IGNORES_SIGTERM], dict(os.environ), tmp_path / "s.log")
+    wait_for(stubborn, lambda: "ignoring" in (tmp_path / "s.log").read_text(), what="s", timeout=30)
+    assert kill(stubborn) == -9
+    assert kill(stubborn) == -9  # a process that has exited is left as it is

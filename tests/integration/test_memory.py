@@ -45,11 +45,7 @@ def received_faults(services: Services, *extra: str) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("prefetch", ["0", "1"])
-def test_receiving_pushes_does_not_fault_their_pages_again(
-    services: Services, prefetch: str
-) -> None:
-    services.env["WEIGHTSYNC_PREFETCH"] = prefetch
+def test_receiving_pushes_does_not_fault_their_pages_again(services: Services) -> None:
     faults, pages = received_faults(services)
     # Without the malloc settings this was 60-100% of the pages received; with them, mostly a
     # handful, and now and then a few percent while the heap grows to a new peak.

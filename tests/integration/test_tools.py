@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
 from shared.weights.digest import state_digest
 from tests.integration.conftest import ROOT, Inference, Services
-from tests.integration.pki import SERVER_NAME, make_ca, make_cert, make_server_cert
+from tests.integration.pki import SERVER_NAME
 from tests.integration.stamp_writer import StampWriter, stamp_state
 
 STAMP = "tests.integration.apps:stamp"
@@ -88,15 +86,6 @@ def test_admin_with_the_sync_token(services: Services, tmp_path: Path) -> None:
     assert healthcheck(services, inference.data) == 0
     assert healthcheck(services, inference.sync) == 0
     assert healthcheck(services, inference.data, INFERENCE_DATA_TOKEN=DATA_TOKEN) == 0
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    d = tmp_path / "pki"
-    ca = make_ca(d, "ca")
-    make_server_cert(d, ca)
-    make_cert(d, "client", ca)
-    return d
 
 
 def test_tools_over_tls(services: Services, pki: Path) -> None:

@@ -24,7 +24,21 @@ DECLARED = {
 def services(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
     document = load([ROOT / name for name in request.param], {"WEIGHTSYNC_SYNC_TOKEN": "t"})
     services: dict[str, dict[str, Any]] = document["services"]
-    return services
+    # The services `docker compose up` runs; the agent (profile online) has a test of its own.
+    return {name: spec for name, spec in services.items() if not spec.get("profiles")}
+
+
+def test_the_online_profile_runs_the_agent_example_against_both_tiers() -> None:
+    services = load([ROOT / "docker-compose.yml"], {"WEIGHTSYNC_SYNC_TOKEN": "t"})["services"]
+    agent = services["agent"]
+    assert agent["profiles"] == ["online"]
+    command = agent["command"]
+    assert command[:2] == ["python", "examples/agent.py"] and (ROOT / command[1]).is_file()
+    data = services["inference"]["environment"]["INFERENCE_LISTEN"].rsplit(":", 1)[1]
+    experience = services["trainer"]["environment"]["TRAINER_EXPERIENCE_LISTEN"].rsplit(":", 1)[1]
+    assert command[command.index("--inference") + 1] == f"inference:{data}"
+    assert command[command.index("--trainer") + 1] == f"trainer:{experience}"
+    assert set(agent["depends_on"]) == {"inference", "trainer"}
 
 
 def test_every_variable_is_a_flag_of_the_command_that_reads_it(

@@ -1,9 +1,20 @@
-"""The app's experience buffers, built on the trainer: a data user for each, and its schema."""
+"""The app's experience buffers, built on the trainer: a data user for each, and its schema.
+
+A process that runs every trainer of the app holds every buffer. One that runs a trainer group
+(replicas split the groups between them) holds only the buffers its own trainers read: those
+they look up with `get_data_user` when their data users are attached (PAMIQ's
+`on_data_users_attached`), and those their training condition names. So the experience for a
+buffer goes to the replica holding the group that reads it, and agents find that replica by
+asking (experience.v1 ListBuffers lists what a trainer holds).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from typing_extensions import override
 
 from shared.app import App
 from shared.data.batch import BatchSchema
@@ -41,13 +52,15 @@ class Buffers:
             schemas[spec.name] = BatchSchema.of(spec.name, spec.tensors)
         return cls(users, schemas)
 
-    def attach(self, trainers: TrainersDict) -> None:
-        """Attach the data users to every trainer.
+    def attach(self, trainers: TrainersDict, every: bool = True) -> Buffers:
+        """Attach the data users to every trainer; return the buffers this process holds:
+        all of them when it runs `every` trainer of the app, else those its trainers read.
 
         Raises:
             ConfigurationError: A trainer trains on the condition of a buffer the app does
                 not declare.
         """
+        read: set[str] = set()
         for name, trainer in trainers.items():
             wanted = trainer.training_condition_data_user
             if wanted is not None and wanted not in self.users:
@@ -56,4 +69,23 @@ class Buffers:
                     f"trainer {name!r} trains when buffer {wanted!r} has data, but the app "
                     f"declares no such buffer (it declares: {known})"
                 )
-        trainers.attach_data_users(self.users)
+            view = _Reads(self.users)
+            trainer.attach_data_users(view)
+            read |= view.read | ({wanted} if wanted is not None else set())
+        if every:
+            return self
+        users = DataUsersDict({n: u for n, u in self.users.items() if n in read})
+        return Buffers(users, {n: s for n, s in self.schemas.items() if n in read})
+
+
+class _Reads(DataUsersDict):
+    """The data users as one trainer sees them, noting the names it looks up."""
+
+    def __init__(self, users: DataUsersDict) -> None:
+        super().__init__(users)
+        self.read: set[str] = set()
+
+    @override
+    def __getitem__(self, key: str) -> DataUser[Any]:
+        self.read.add(key)
+        return super().__getitem__(key)

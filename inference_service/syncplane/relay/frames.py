@@ -14,6 +14,7 @@ why). A RESULT is the PushOutcome or the Status the push is answered with.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import struct
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from inference_service.syncplane.parts import PushHeader, PushOutcome
+from inference_service.syncplane.parts import Hop, HopResult, PushHeader, PushOutcome
 from shared.grpc.errors import Status
 
 FRAME = struct.Struct("<BIIQ")  # kind, a, b, c
@@ -29,40 +30,53 @@ HELLO, BEGIN, HEADER, SLOT, DATA, COMMIT, EMPTY, END, ABORT, BAD, FREE, RESULT =
 INLINE = frozenset({HEADER, DATA, COMMIT, BAD, RESULT})  # frames followed by `c` bytes
 ENDS = frozenset({END, ABORT, BAD})  # frames that end a push's stream
 
-_HEADER = struct.Struct("<QQQQI")  # version, base_version, payload_bytes, writer_epoch, name size
-_OUTCOME = struct.Struct("<QQI")  # version, payload_bytes, digest size
+# version, base_version, payload_bytes, writer_epoch, name size, writer size; then the route
+_HEADER = struct.Struct("<QQQQII")
+_OUTCOME = struct.Struct("<QQII")  # version, payload_bytes, digest size, name size; then hops
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 Answer = PushOutcome | Status
 
 
 def encode_header(header: PushHeader) -> bytes:
-    name = header.model_name.encode()
+    name, writer = header.model_name.encode(), header.writer_id.encode()
     numbers = (header.version, header.base_version, header.payload_bytes, header.writer_epoch)
-    return _HEADER.pack(*numbers, len(name)) + name + header.writer_id.encode()
+    route = json.dumps([[h.address, h.server_name, h.writer_epoch] for h in header.route])
+    return _HEADER.pack(*numbers, len(name), len(writer)) + name + writer + route.encode()
 
 
 def decode_header(data: bytes) -> PushHeader:
-    version, base_version, payload_bytes, writer_epoch, size = _HEADER.unpack_from(data)
-    name = data[_HEADER.size : _HEADER.size + size].decode()
-    writer_id = data[_HEADER.size + size :].decode()
-    return PushHeader(name, version, base_version, writer_id, payload_bytes, writer_epoch)
+    version, base_version, payload_bytes, writer_epoch, size, writer_size = _HEADER.unpack_from(
+        data
+    )
+    start = _HEADER.size
+    name = data[start : start + size].decode()
+    writer_id = data[start + size : start + size + writer_size].decode()
+    route = tuple(Hop(*hop) for hop in json.loads(data[start + size + writer_size :]))
+    return PushHeader(name, version, base_version, writer_id, payload_bytes, writer_epoch, route)
 
 
 def encode_answer(answer: Answer) -> tuple[int, bytes]:
     """The RESULT frame's code and bytes for `answer`."""
     if isinstance(answer, PushOutcome):
-        numbers = _OUTCOME.pack(answer.version, answer.payload_bytes, len(answer.digest))
-        return grpc.StatusCode.OK.value[0], numbers + answer.digest + answer.model_name.encode()
+        name = answer.model_name.encode()
+        numbers = _OUTCOME.pack(answer.version, answer.payload_bytes, len(answer.digest), len(name))
+        hops = json.dumps(
+            [[h.address, h.version, h.code, h.reason, h.message] for h in answer.hops]
+        )
+        return grpc.StatusCode.OK.value[0], numbers + answer.digest + name + hops.encode()
     return answer.code.value[0], f"{answer.reason}\0{answer.message}".encode()
 
 
 def decode_answer(code: int, data: bytes) -> Answer:
     status = CODES.get(code, grpc.StatusCode.UNKNOWN)
     if status is grpc.StatusCode.OK:
-        version, payload_bytes, size = _OUTCOME.unpack_from(data)
+        version, payload_bytes, size, name_size = _OUTCOME.unpack_from(data)
         digest = data[_OUTCOME.size : _OUTCOME.size + size]
-        name = data[_OUTCOME.size + size :].decode()
-        return PushOutcome(name, version, digest, payload_bytes)
+        name = data[_OUTCOME.size + size : _OUTCOME.size + size + name_size].decode()
+        hops = tuple(
+            HopResult(*hop) for hop in json.loads(data[_OUTCOME.size + size + name_size :])
+        )
+        return PushOutcome(name, version, digest, payload_bytes, hops)
     reason, _, message = data.decode(errors="replace").partition("\0")
     return Status(status, reason, message)
 

@@ -113,9 +113,12 @@ def test_admission_bounds_requests_per_model_and_bytes_per_service() -> None:
     assert admission.in_flight("a") == 1 and admission.bytes_in_flight == 90
 
 
-def test_a_request_its_caller_abandoned_holds_its_place_until_its_model_has_run() -> None:
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_a_request_its_caller_abandoned_holds_its_place_until_its_model_has_run(
+    batched: bool,
+) -> None:
     model, module = served()
-    data = plane(model, batched=False, limits=RequestLimits(max_requests_per_model=1))
+    data = plane(model, batched, limits=RequestLimits(max_requests_per_model=1))
     module.open.clear()
 
     async def abandon() -> None:
@@ -131,6 +134,43 @@ def test_a_request_its_caller_abandoned_holds_its_place_until_its_model_has_run(
     asyncio.run(abandon())
     module.open.set()
     data.close()  # waits for the worker
+    assert data.admission.in_flight("two") == 0 and data.admission.bytes_in_flight == 0
+
+
+def test_a_batched_request_cancelled_while_queued_is_dropped_unrun_and_gives_its_place_back() -> (
+    None
+):
+    seen: list[int] = []  # rows of each batch the model ran
+    module = Held()
+
+    def run(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(int(x.shape[0]))
+        out: torch.Tensor = m(x, y)
+        return out
+
+    model = ServedModel(SPEC, module, run, True, torch.device("cpu"))
+    data = plane(model, batched=True)
+    module.open.clear()
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(data.infer(model, [torch.ones(1, 2), torch.ones(1, 2)]))
+        while not module.entered.is_set():
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(data.infer(model, [torch.ones(3, 2), torch.ones(3, 2)]))
+        while data.admission.in_flight("two") < 2:  # until it has queued behind the first
+            await asyncio.sleep(0.001)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        module.open.set()
+        (z,), _ = await first
+        assert torch.equal(z, torch.full((1, 2), 2.0))
+        (z,), _ = await data.infer(model, [torch.ones(2, 2), torch.full((2, 2), 2.0)])
+        assert torch.equal(z, torch.full((2, 2), 3.0))
+
+    asyncio.run(scenario())
+    data.close()
+    assert seen == [1, 2]  # the cancelled request's three rows never ran
     assert data.admission.in_flight("two") == 0 and data.admission.bytes_in_flight == 0
 
 

@@ -11,16 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from inference_service.syncplane import messages
+from inference_service.syncplane import messages, parts
 from inference_service.syncplane.inbox import TICK_S, Inbox
-from inference_service.syncplane.parts import (
-    Commit,
-    Empty,
-    Part,
-    PushHeader,
-    PushOutcome,
-    SenderGone,
-)
+from inference_service.syncplane.parts import Commit, Empty, Part, PushHeader, PushOutcome
 from inference_service.syncplane.relay import supervisor
 from inference_service.syncplane.relay.frames import Answer, decode_answer, encode_answer
 from inference_service.syncplane.relay.link import RelayLink
@@ -88,16 +81,16 @@ def collect(into: list[list[Part]]) -> Callable[[PushStream], Answer]:
     with what ended the stream."""
 
     def handle(stream: PushStream) -> Answer:
-        parts: list[Part] = []
-        into.append(parts)
+        received: list[Part] = []
+        into.append(received)
         try:
             for part in stream:
-                parts.append(bytes(part) if isinstance(part, memoryview) else part)
-        except SenderGone:
+                received.append(bytes(part) if isinstance(part, memoryview) else part)
+        except parts.SenderGone:
             return Status(grpc.StatusCode.CANCELLED, "cancelled", "gone")
         except MalformedPushError as error:
             return refused(str(error))
-        return PushOutcome("m", len(parts), b"", 0)
+        return PushOutcome("m", len(received), b"", 0)
 
     return handle
 
@@ -148,7 +141,7 @@ def test_a_sender_that_goes_away_is_seen_in_place_and_the_link_stays_usable(path
         yield HEADER
         yield b"a" * 10
         yield b"b" * 10
-        raise SenderGone()
+        raise parts.SenderGone()
 
     assert link.push(broken()) == Status(grpc.StatusCode.CANCELLED, "cancelled", "gone")
     assert seen == [[HEADER, b"a" * 10 + b"b" * 10]]  # joined data before the end is not lost

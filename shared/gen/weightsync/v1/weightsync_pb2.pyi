@@ -7,20 +7,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushHeader(_message.Message):
-    __slots__ = ("model_name", "version", "base_version", "writer_id", "payload_bytes", "writer_epoch")
+    __slots__ = ("model_name", "version", "base_version", "writer_id", "payload_bytes", "writer_epoch", "route")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WRITER_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     WRITER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     base_version: int
     writer_id: str
     payload_bytes: int
     writer_epoch: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., writer_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., writer_epoch: _Optional[int] = ...) -> None: ...
+    route: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., writer_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., writer_epoch: _Optional[int] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+
+class Hop(_message.Message):
+    __slots__ = ("address", "server_name", "writer_epoch")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
+    WRITER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    server_name: str
+    writer_epoch: int
+    def __init__(self, address: _Optional[str] = ..., server_name: _Optional[str] = ..., writer_epoch: _Optional[int] = ...) -> None: ...
+
+class HopResult(_message.Message):
+    __slots__ = ("address", "version", "code", "reason", "message")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    version: int
+    code: int
+    reason: str
+    message: str
+    def __init__(self, address: _Optional[str] = ..., version: _Optional[int] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AcquireWriterRequest(_message.Message):
     __slots__ = ("model_name", "writer_id")
@@ -59,16 +85,18 @@ class PushRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("model_name", "version", "digest", "payload_bytes")
+    __slots__ = ("model_name", "version", "digest", "payload_bytes", "hops")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     digest: bytes
     payload_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    hops: _containers.RepeatedCompositeFieldContainer[HopResult]
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopResult, _Mapping]]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model_name",)

@@ -1,16 +1,11 @@
-"""PAMIQ's `DataCollector.collect()` for an agent that runs apart from its trainer.
-
-    with RemoteDataCollector("trainer:8201", "steps", token=TOKEN) as collector:
-        while running:
-            ...
-            collector.collect({"x": obs, "y": target})   # returns at once
+"""The RemoteDataCollector: PAMIQ's `collect()` on the agent, batches streamed to a trainer.
 
 The agent calls `collect(sample)` as it calls PAMIQ's collector. A thread of the collector's own
 gathers samples into batches (up to `batch_size` samples, or what came within `max_delay_s`) and
-streams them to the trainer's experience plane (experience.v1 `Collect`), keeping each batch
-until the trainer acknowledges that it stored it, and sending it again on a new call if the
-call broke first (the trainer stores a resent batch once: batches carry this collector's id
-and a sequence number).
+streams them to the experience plane (experience.v1 `Collect`) of the trainer that holds the
+buffer (route.py), keeping each batch until the trainer acknowledges that it stored it, and
+sending it again on a new call if the call broke first (the trainer stores a resent batch once:
+batches carry this collector's id and a sequence number).
 
 `collect` never waits for the network or the trainer: it copies the sample and queues it under
 a lock that the sending thread holds only to move queued samples. While the trainer is away
@@ -20,112 +15,46 @@ counted in `stats.dropped`, as are the samples of a batch the trainer refuses (i
 `flush()` waits until every sample collected so far is acknowledged or dropped; `close()`
 flushes, then stops. Samples still waiting when the process ends without `close()` are lost;
 acknowledged ones are the trainer's.
-
-It lives in `shared/data` beside PAMIQ's collector because it is the same API's remote end, for
-any process that collects (an agent, or a service recording what it serves): it needs nothing
-of either service but the experience.v1 stubs and the channel factory.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
-import torch
 
-from shared import protocol
-from shared.data.batch import MAX_BATCH_SAMPLES, encode_batch
+from shared.data.batch import MAX_BATCH_SAMPLES
+from shared.data.remote.call import Call, refused, status
+from shared.data.remote.route import Route, split_addresses
+from shared.data.remote.samples import (
+    CollectorStats,
+    Layout,
+    Sample,
+    copy_sample,
+    describe,
+    layout_of,
+)
+from shared.data.remote.wire import Framed, frame
 from shared.gen.experience.v1 import experience_pb2 as pb
-from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
-from shared.grpc.channel import open_channel
-from shared.grpc.errors import error_reason
 
 logger = logging.getLogger(__name__)
 
 # The largest message the channel sends: a batch is split to fit the trainer's own limit.
 MAX_MESSAGE_BYTES = 256 << 20
-# Refusals of one batch: drop that batch (sending it again cannot succeed) and go on.
-REFUSED_REASONS = (protocol.MALFORMED_BATCH, protocol.RESOURCE_LIMIT, protocol.INVALID_ARGUMENT)
 DROP_LOG_INTERVAL_S = 10.0
-
-Sample = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class CollectorStats:
-    """Samples given to `collect`, acknowledged by the trainer, dropped (queue full while the
-    trainer was away or slow, or refused by it), and still waiting or in flight; and the last
-    problem, if any."""
-
-    collected: int
-    acknowledged: int
-    dropped: int
-    pending: int
-    last_error: str | None
-
-
-@dataclass(eq=False)  # batches are told apart by identity
-class _Batch:
-    sequence: int
-    samples: list[Sample]
-    payload: bytes
-    sent_at: float | None = None
-
-
-class _Call:
-    """One experience.v1 Collect call: requests go in through a queue, acks come back on a
-    thread of its own."""
-
-    def __init__(self, stub: pb_grpc.ExperienceStub, owner: RemoteDataCollector) -> None:
-        self.requests: queue.SimpleQueue[pb.Batch | None] = queue.SimpleQueue()
-        self.ending = False  # finished or cancelled from this side: send nothing more on it
-        self.ended = False
-        self.error: grpc.RpcError | None = None
-        self._owner = owner
-        self._call: Any = stub.Collect(self._outgoing())
-        self._receiver = threading.Thread(target=self._receive, name="experience-acks", daemon=True)
-        self._receiver.start()
-
-    def _outgoing(self) -> Iterator[pb.Batch]:
-        while (item := self.requests.get()) is not None:
-            yield item
-
-    def _receive(self) -> None:
-        error: grpc.RpcError | None = None
-        try:
-            for ack in self._call:
-                self._owner._acknowledged(ack)
-        except grpc.RpcError as exc:
-            error = exc
-        self._owner._ended(self, error)
-
-    def finish(self) -> None:
-        """End the call from this side (its last requests still go out)."""
-        self.ending = True
-        self.requests.put(None)
-
-    def cancel(self) -> None:
-        self.ending = True
-        self._call.cancel()
-
-    def join(self, timeout: float) -> None:
-        self._receiver.join(timeout)
 
 
 class RemoteDataCollector:
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         buffer: str,
         *,
         token: str | None = None,
@@ -139,11 +68,14 @@ class RemoteDataCollector:
         retry_max_s: float = 5.0,
         idle_close_s: float = 30.0,
     ) -> None:
-        """Collect samples for the buffer `buffer` of the trainer whose experience plane is at
-        `address`.
+        """Collect samples for the buffer `buffer` of the trainer, among those at `address`,
+        that holds it.
 
         Args:
-            address: The trainer's experience plane, HOST:PORT.
+            address: The trainer's experience plane, HOST:PORT; or several (a list, or
+                comma-separated), or a name that resolves to several: the samples go to the
+                one that holds the buffer (trainers split an app's trainer groups between
+                them), found again whenever a call breaks.
             buffer: The buffer's name (as the app declares it).
             token: The experience plane's bearer token.
             tls: Connect over TLS (mutual with a client certificate), verifying the trainer as
@@ -160,7 +92,8 @@ class RemoteDataCollector:
         """
         if batch_size < 1 or max_pending < 1 or max_in_flight < 1:
             raise ValueError("batch_size, max_pending and max_in_flight must be at least 1")
-        self.address = address
+        self.addresses = split_addresses(address)
+        self.address = ",".join(self.addresses)
         self.buffer = buffer
         self.collector_id = uuid.uuid4().hex
         self._batch_size = batch_size
@@ -170,21 +103,26 @@ class RemoteDataCollector:
         self._timeout_s = timeout_s
         self._retry_max_s = retry_max_s
         self._idle_close_s = idle_close_s
-        self._channel = open_channel(
-            address, MAX_MESSAGE_BYTES, token=token, tls=tls, server_name=server_name
+        self._route = Route(
+            self.addresses,
+            MAX_MESSAGE_BYTES,
+            token=token,
+            tls=tls,
+            server_name=server_name,
+            timeout_s=timeout_s,
         )
-        self._stub = pb_grpc.ExperienceStub(self._channel)
+        self.holder: str | None = None  # the address of the trainer last found holding it
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._pending: deque[tuple[float, Sample]] = deque()
-        self._unacked: deque[_Batch] = deque()  # in sequence order; sent or to (re)send
+        self._unacked: deque[Framed] = deque()  # in sequence order; sent or to (re)send
         self._in_transit = 0  # samples taken from _pending, not yet in a batch of _unacked
-        self._layout: dict[str, tuple[torch.dtype, torch.Size]] | None = None
+        self._layout: Layout | None = None
         self._sequence = 0
         self._collected = self._acknowledged_samples = self._dropped = 0
         self._last_error: str | None = None
         self._problem: str | None = None  # why the trainer cannot be reached, until it acks
-        self._call: _Call | None = None
+        self._call: Call | None = None
         self._limits: tuple[int, int] | None = None  # the trainer's (max bytes, max samples)
         self._closing = False
         self._abandoned = False  # closed before the trainer took everything: drop what is left
@@ -206,8 +144,8 @@ class RemoteDataCollector:
             ValueError: The sample's names, dtypes or shapes differ from the first sample's.
             RuntimeError: The collector is closed.
         """
-        sample = {name: _copy(value) for name, value in data.items()}
-        layout = {name: (t.dtype, t.shape) for name, t in sample.items()}
+        sample = copy_sample(data)
+        layout = layout_of(sample)
         with self._lock:
             if self._closing:
                 raise RuntimeError("this RemoteDataCollector is closed")
@@ -215,8 +153,8 @@ class RemoteDataCollector:
                 self._layout = layout
             elif layout != self._layout:
                 raise ValueError(
-                    f"sample {_describe(layout)} differs from the first one collected, "
-                    f"{_describe(self._layout)}: every sample of buffer {self.buffer!r} holds "
+                    f"sample {describe(layout)} differs from the first one collected, "
+                    f"{describe(self._layout)}: every sample of buffer {self.buffer!r} holds "
                     "the same names, dtypes and shapes"
                 )
             self._collected += 1
@@ -224,8 +162,8 @@ class RemoteDataCollector:
             if len(self._pending) > self._max_pending:
                 self._pending.popleft()
                 self._drop(1, "the queue of samples waiting for the trainer is full")
-            if len(self._pending) >= self._batch_size:
-                self._changed.notify_all()
+            if len(self._pending) == self._batch_size:  # a batch is full: wake the sender
+                self._changed.notify_all()  # (once: beyond, it has work until it waits for acks)
 
     @property
     def stats(self) -> CollectorStats:
@@ -263,14 +201,14 @@ class RemoteDataCollector:
             self._closing = True
             if not flushed:
                 self._abandoned = True
-                left = len(self._pending) + sum(len(b.samples) for b in self._unacked)
+                left = len(self._pending) + sum(b.samples for b in self._unacked)
                 self._pending.clear()
                 self._unacked.clear()
                 if left:
                     self._drop(left, "the collector closed before the trainer acknowledged them")
             self._changed.notify_all()
         self._thread.join(self._timeout_s)
-        self._channel.close()
+        self._route.close()
         return self.stats
 
     def __enter__(self) -> RemoteDataCollector:
@@ -322,7 +260,7 @@ class RemoteDataCollector:
                     pass  # wait for its end, then connect again
                 elif sent_at is not None and now - sent_at > self._timeout_s:
                     self._trouble(
-                        f"the trainer at {self.address} acknowledged nothing for "
+                        f"the trainer at {self.holder} acknowledged nothing for "
                         f"{self._timeout_s:g}s"
                     )
                     call.cancel()  # its end comes back through _ended
@@ -356,28 +294,18 @@ class RemoteDataCollector:
         return max(0.001, min(waits))
 
     def _connect(self) -> bool:
-        """Learn the trainer's limits and open a call; False (and why) if it cannot be had."""
-        try:
-            answer = self._stub.ListBuffers(pb.ListBuffersRequest(), timeout=self._timeout_s)
-        except grpc.RpcError as exc:
-            with self._lock:
-                self._trouble(f"the trainer at {self.address}: {_status(exc)}")
-            return False
-        names = [b.name for b in answer.buffers]
+        """Find the trainer holding the buffer, learn its limits and open a call; False (and
+        why) if none can be had."""
+        found = self._route.find(self.buffer)
         with self._lock:
-            if self.buffer not in names:
-                self._trouble(
-                    f"the trainer at {self.address} holds no buffer {self.buffer!r} (it holds "
-                    f"{', '.join(names) or 'none'})"
-                )
+            if isinstance(found, str):
+                self._trouble(found)
                 return False
-            self._limits = (
-                int(answer.max_batch_bytes),
-                int(answer.max_batch_samples or MAX_BATCH_SAMPLES),
-            )
+            self.holder = found.address
+            self._limits = (found.max_batch_bytes, found.max_batch_samples)
             for batch in self._unacked:
                 batch.sent_at = None  # every batch not acknowledged goes again, in order
-            self._call = _Call(self._stub, self)
+            self._call = Call(found.collect, self._acknowledged, self._ended)
         return True
 
     def _send(self) -> None:
@@ -406,35 +334,28 @@ class RemoteDataCollector:
                 if self._call is not call or call.ending or batch not in self._unacked:
                     return  # the call ended meanwhile: the next one sends the rest
                 batch.sent_at = time.monotonic()
-            call.requests.put(
-                pb.Batch(
-                    buffer=self.buffer,
-                    sequence=batch.sequence,
-                    payload=batch.payload,
-                    collector_id=self.collector_id,
-                )
-            )
+            call.requests.put(batch.message)
 
-    def _encode(self, samples: list[Sample]) -> list[_Batch]:
-        """Samples as batches within the trainer's byte limit (halving until they fit)."""
-        if not samples:
-            return []
-        payload = encode_batch(samples)
-        max_bytes = self._limits[0] if self._limits else len(payload)
-        if len(payload) > max_bytes:
-            if len(samples) == 1:
-                with self._lock:
-                    self._drop(
-                        1,
-                        f"a sample takes {len(payload)} bytes; the trainer takes batches of at "
-                        f"most {max_bytes}",
-                    )
-                return []
-            half = len(samples) // 2
-            return self._encode(samples[:half]) + self._encode(samples[half:])
+    def _encode(self, samples: list[Sample]) -> list[Framed]:
+        """Samples as batches within the trainer's byte limit."""
+        max_bytes = self._limits[0] if self._limits else None
+        batches = []
+        for item in frame(samples, max_bytes, self.buffer, self.collector_id, self._next):
+            if isinstance(item, Framed):
+                batches.append(item)
+                continue
+            with self._lock:
+                self._drop(
+                    1,
+                    f"a sample takes {item.size} bytes; the trainer takes batches of at most "
+                    f"{item.max_bytes}",
+                )
+        return batches
+
+    def _next(self) -> int:
         with self._lock:
             self._sequence += 1
-            return [_Batch(self._sequence, samples, payload)]
+            return self._sequence
 
     # Called on a call's receiving thread.
 
@@ -442,18 +363,18 @@ class RemoteDataCollector:
         with self._lock:
             if self._unacked and self._unacked[0].sequence == ack.sequence:
                 batch = self._unacked.popleft()
-                self._acknowledged_samples += len(batch.samples)
+                self._acknowledged_samples += batch.samples
                 self._problem = None
                 self._changed.notify_all()
 
-    def _ended(self, call: _Call, error: grpc.RpcError | None) -> None:
+    def _ended(self, call: Call, error: grpc.RpcError | None) -> None:
         with self._lock:
             call.ended = True
-            if error is not None and self._unacked and _refused(error):
+            if error is not None and self._unacked and refused(error):
                 batch = self._unacked.popleft()  # the trainer refused it: it never will take it
-                self._drop(len(batch.samples), f"the trainer refused a batch: {_status(error)}")
+                self._drop(batch.samples, f"the trainer refused a batch: {status(error)}")
             elif error is not None and self._unacked:
-                self._trouble(f"the trainer at {self.address}: {_status(error)}")
+                self._trouble(f"the trainer at {self.holder}: {status(error)}")
             self._changed.notify_all()
 
     def _trouble(self, problem: str) -> None:
@@ -476,7 +397,7 @@ class RemoteDataCollector:
             )
 
     def _stats(self) -> CollectorStats:
-        in_flight = sum(len(b.samples) for b in self._unacked)
+        in_flight = sum(b.samples for b in self._unacked)
         return CollectorStats(
             self._collected,
             self._acknowledged_samples,
@@ -484,31 +405,3 @@ class RemoteDataCollector:
             len(self._pending) + self._in_transit + in_flight,
             self._last_error,
         )
-
-
-def _copy(value: Any) -> torch.Tensor:
-    """A CPU copy of a sample's value: tensors and numpy arrays keep their dtype, Python
-    numbers take torch's (float32, int64, bool)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, (np.ndarray, np.generic)):
-        return torch.from_numpy(np.array(value, copy=True))
-    return torch.tensor(value)
-
-
-def _describe(layout: Mapping[str, tuple[torch.dtype, torch.Size]]) -> str:
-    return "{" + ", ".join(f"{n}: {d} {list(s)}" for n, (d, s) in layout.items()) + "}"
-
-
-def _status(error: grpc.RpcError) -> str:
-    code = error.code() if hasattr(error, "code") else None
-    details = error.details() if hasattr(error, "details") else str(error)
-    return f"{code.name if code else 'error'}: {details}"
-
-
-def _refused(error: grpc.RpcError) -> bool:
-    """Whether the call ended because the trainer refused the batch it was reading."""
-    code = error.code() if hasattr(error, "code") else None
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-        return True
-    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(error) in REFUSED_REASONS

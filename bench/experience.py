@@ -1,0 +1,287 @@
+"""Experience-plane figures: samples into a trainer against a raw gRPC stream, and how long a
+collected sample takes to become a trained version that is served.
+
+    experience ratio_vs_raw=X samples_per_s=N mb_per_s=M
+        N, M: samples (and their payload MB) a RemoteDataCollector in this process gets
+              acknowledged by a trainer service (its experience plane, real process) per second,
+              from the first collect() to the end of flush()
+        X:    that throughput over the same bytes (each batch, as the collector frames it, in an
+              experience.v1 Batch) streamed over a raw grpcio bidirectional stream to a server
+              process that only counts them and answers each with an ack, in the same run
+    experience collect_to_served_ms p50=A max=B
+        from the collect() that completes a trainer's training condition (min_new_data_count)
+        to the inference service serving the version that run pushed
+
+    python -m bench.experience [--samples 20000] [--dim 1024] [--repeat 3] [--rounds 5]
+
+Throughput runs are interleaved (ours, raw, ours, ...) and reported as medians. The trainer
+service runs `bench.experience:app`: a buffer `bulk` that no trainer reads (throughput), and a
+buffer `steps` whose trainer runs once `--condition` new samples arrived (latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from torch import nn
+from typing_extensions import override
+
+from devtools import launch
+from shared import App, DictSequentialBuffer, TensorSpec, TorchTrainer, TorchTrainingModel
+from shared.data.batch import encode_batch
+from shared.data.remote import RemoteDataCollector
+from shared.gen.experience.v1 import experience_pb2 as pb
+from shared.grpc.options import channel_options, server_options
+from shared.torch.trainer import OptimizersSetup
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 1024  # floats per observation; the trainer's app is built for it (BENCH_EXPERIENCE_DIM)
+CONDITION = 64  # new samples that make the latency trainer run
+BATCH = 64  # samples per batch, ours and raw alike
+MAX_MESSAGE = 64 << 20
+RAW_METHOD = "/bench.RawExperience/Collect"
+COLLECT_S: list[float] = []  # how long each throughput run's collect() calls took together
+
+
+def dim() -> int:
+    import os
+
+    return int(os.environ.get("BENCH_EXPERIENCE_DIM", DIM))
+
+
+class StepsTrainer(TorchTrainer):
+    """A few SGD steps on the newest samples, once CONDITION new ones arrived."""
+
+    def __init__(self) -> None:
+        super().__init__("steps", min_buffer_size=CONDITION, min_new_data_count=CONDITION)
+
+    @override
+    def on_training_models_attached(self) -> None:
+        self.policy = self.get_torch_training_model("policy", nn.Linear)
+
+    @override
+    def on_data_users_attached(self) -> None:
+        self.steps = self.get_data_user("steps")
+
+    @override
+    def create_optimizers(self) -> OptimizersSetup:
+        return {"sgd": torch.optim.SGD(self.policy.model.parameters(), lr=1e-3)}
+
+    @override
+    def train(self) -> None:
+        data = self.steps.get_data()
+        obs, target = (
+            torch.stack(data["obs"][-CONDITION:]),
+            torch.stack(data["target"][-CONDITION:]),
+        )
+        loss = nn.functional.mse_loss(self.policy(obs), target)
+        self.optimizers["sgd"].zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.optimizers["sgd"].step()
+
+
+def sample_tensors() -> list[TensorSpec]:
+    return [TensorSpec("obs", "FP32", (dim(),)), TensorSpec("target", "FP32", (1,))]
+
+
+app = App()
+app.add_model(
+    "policy",
+    lambda: TorchTrainingModel(nn.Linear(dim(), 1)),
+    inputs=[TensorSpec("obs", "FP32", (-1, dim()))],
+    outputs=[TensorSpec("target", "FP32", (-1, 1))],
+)
+app.add_buffer(
+    "bulk", lambda: DictSequentialBuffer(["obs", "target"], 4096), tensors=sample_tensors()
+)
+app.add_buffer(
+    "steps", lambda: DictSequentialBuffer(["obs", "target"], 4096), tensors=sample_tensors()
+)
+app.add_trainer("steps", StepsTrainer)
+
+
+def serve_raw(port_file: Path) -> None:
+    """The raw yardstick: read each message, answer it with a small ack, nothing else."""
+
+    def collect(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for sequence, message in enumerate(requests):
+            yield pb.BatchAck(sequence=sequence, samples=BATCH, payload_bytes=len(message))
+            del message
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        collect, response_serializer=pb.BatchAck.SerializeToString
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), options=server_options(MAX_MESSAGE)
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("bench.RawExperience", {"Collect": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_file.write_text(str(port))
+    server.wait_for_termination()
+
+
+def samples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    obs = torch.randn(count, dim(), generator=generator)
+    return [{"obs": obs[i], "target": obs[i, :1].clone()} for i in range(count)]
+
+
+def ours(address: str, items: list[dict[str, torch.Tensor]]) -> float:
+    with RemoteDataCollector(
+        address, "bulk", batch_size=BATCH, max_pending=len(items) + 1
+    ) as collector:
+        started = time.perf_counter()
+        for item in items:
+            collector.collect(item)
+        collected = time.perf_counter() - started
+        assert collector.flush(timeout=600)
+        took = time.perf_counter() - started
+        COLLECT_S.append(collected)
+        stats = collector.stats
+    assert (stats.acknowledged, stats.dropped) == (len(items), 0), stats
+    return took
+
+
+def raw(channel: grpc.Channel, messages: list[bytes]) -> float:
+    call = channel.stream_stream(
+        RAW_METHOD, request_serializer=None, response_deserializer=pb.BatchAck.FromString
+    )
+    started = time.perf_counter()
+    acks = sum(1 for _ in call(iter(messages), timeout=600))
+    took = time.perf_counter() - started
+    assert acks == len(messages)
+    return took
+
+
+def served_version(client: object) -> int:
+    from inference_service.client import InferenceClient
+
+    assert isinstance(client, InferenceClient)
+    result = client.infer("policy", {"obs": torch.zeros(1, dim())})
+    return result.version
+
+
+def latency(address: str, data: str, rounds: int) -> list[float]:
+    """Seconds from the collect() that completes the training condition to its version being
+    served, `rounds` times."""
+    from inference_service.client import InferenceClient
+
+    found = []
+    with (
+        RemoteDataCollector(address, "steps", batch_size=CONDITION, max_delay_s=0.001) as collector,
+        InferenceClient(data) as client,
+    ):
+        for round_ in range(rounds):
+            before = served_version(client)
+            for item in samples(CONDITION, 1000 + round_):
+                collector.collect(item)
+            started = time.perf_counter()
+            while served_version(client) <= before:
+                time.sleep(0.002)
+            found.append(time.perf_counter() - started)
+            assert collector.flush(timeout=60)
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20_000, help="samples per throughput run")
+    parser.add_argument("--dim", type=int, default=DIM, help="floats per observation")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs each (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    parser.add_argument("--serve-raw", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_raw is not None:
+        serve_raw(args.serve_raw)
+        return 0
+    import os
+
+    os.environ["BENCH_EXPERIENCE_DIM"] = str(args.dim)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    items = samples(args.samples, 0)
+    messages = [
+        pb.Batch(
+            buffer="bulk",
+            sequence=n + 1,
+            payload=encode_batch(items[i : i + BATCH]),
+            collector_id="raw",
+        ).SerializeToString()
+        for n, i in enumerate(range(0, len(items), BATCH))
+    ]
+    payload_mb = sum(len(m) for m in messages) / 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        launcher = launch.Launcher(Path(tmp), env, logs=False, grace=30)
+        try:
+            inference = launcher.start_inference("bench.experience:app", *launch.QUIET)
+            ready = Path(tmp) / "trainer.ready.json"
+            trainer = launcher.start_trainer(
+                "bench.experience:app",
+                [inference.sync],
+                "--experience-listen",
+                "127.0.0.1:0",
+                "--experience-max-batch",
+                "64MiB",
+                "--ready-file",
+                str(ready),
+                *launch.QUIET,
+            )
+            ports = launch.wait_for(
+                trainer, lambda: launch.read_json(ready), what="the trainer", timeout=120
+            )
+            experience = f"127.0.0.1:{ports['experience_port']}"
+            port_file = Path(tmp) / "raw.port"
+            server = launcher.spawn(
+                [sys.executable, "-m", "bench.experience", "--serve-raw", str(port_file)], "raw"
+            )
+            port = launch.wait_for(
+                server,
+                lambda: port_file.read_text() if port_file.exists() else "",
+                what="the raw server",
+                timeout=120,
+            )
+            channel = grpc.insecure_channel(
+                f"127.0.0.1:{port}", options=channel_options(MAX_MESSAGE)
+            )
+            ours_s: list[float] = []
+            raw_s: list[float] = []
+            for _ in range(args.repeat):
+                ours_s.append(ours(experience, items))
+                raw_s.append(raw(channel, messages))
+            channel.close()
+            took, took_raw = statistics.median(ours_s), statistics.median(raw_s)
+            print(
+                f"experience ratio_vs_raw={took_raw / took:.2f} "
+                f"samples_per_s={args.samples / took:.0f} mb_per_s={payload_mb / took:.1f}"
+            )
+            print(
+                f"experience collect_us_per_sample="
+                f"{statistics.median(COLLECT_S) / args.samples * 1e6:.1f} "
+                "(the agent's own cost: copying the sample and queueing it)"
+            )
+            waits = latency(experience, inference.data, args.rounds)
+            print(
+                f"experience collect_to_served_ms p50={statistics.median(waits) * 1e3:.0f} "
+                f"max={max(waits) * 1e3:.0f}"
+            )
+        except launch.NotReadyError as exc:
+            raise SystemExit(str(exc)) from None
+        finally:
+            for process in reversed(launcher.processes):
+                launch.stop(process, 30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

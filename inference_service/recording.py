@@ -1,0 +1,273 @@
+"""Collection at the server: record what a model serves into a trainer's experience buffer.
+
+Opt-in, per model or per request. A model the app declares with `record="buffer"` has the inputs
+and outputs of every request it serves recorded into that buffer; a request may ask for it with
+the OIP parameter `record: "buffer"` (a buffer the app declares). Each buffer tensor is the model
+input or output of the same name; a model whose tensors all lead with a batch dimension (-1)
+gives one sample per row, any other one sample per request.
+
+The data plane hands a served request's tensors over after its answer is computed (`record`):
+they go into a bounded queue and the answer leaves at once. A thread of the recorder's own cuts
+them into samples and collects them with a RemoteDataCollector per buffer, which streams them
+to the trainer holding the buffer (`--experience`; the one that holds the buffer's trainer
+group). Nothing here waits for a trainer: when the queue is full, or the trainer is away long
+enough that the collector's own queue overflows, samples are dropped and counted in
+`weightsync_inference_recorded_dropped_total`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from prometheus_client import Counter
+
+from shared.app import BufferSpec, ModelSpec, TensorSpec
+from shared.data.remote import RemoteDataCollector
+from shared.errors import (
+    BufferNotFoundError,
+    ConfigurationError,
+    InvalidArgumentError,
+    UnsupportedError,
+)
+
+logger = logging.getLogger(__name__)
+
+PARAMETER = "record"  # the OIP request parameter naming a buffer to record the request into
+DEFAULT_QUEUE = 1024  # requests waiting to be recorded (--record-queue)
+
+RECORDED = Counter(
+    "weightsync_inference_recorded_samples_total",
+    "Samples recorded from served requests and handed to a buffer's collector, by buffer",
+    ["buffer"],
+)
+DROPPED = Counter(
+    "weightsync_inference_recorded_dropped_total",
+    "Samples recorded from served requests and dropped, by buffer and cause: 'queue' (the "
+    "recording queue was full), 'trainer' (the trainer was away or slow and the collector's "
+    "queue overflowed, or it refused them)",
+    ["buffer", "cause"],
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one model's requests fill one buffer: for each buffer tensor, whether it is an
+    output and its index among the model's inputs or outputs; `rows`: one sample per row."""
+
+    model: str
+    buffer: str
+    columns: tuple[tuple[str, bool, int], ...]
+    rows: bool
+
+
+def plan(model: ModelSpec, buffer: BufferSpec) -> Plan:
+    """How `model`'s requests fill `buffer`.
+
+    Raises:
+        InvalidArgumentError: The model's inputs and outputs do not hold the buffer's tensors.
+    """
+    rows = bool(model.inputs) and all(
+        t.shape and t.shape[0] == -1 for t in (*model.inputs, *model.outputs)
+    )
+    found: dict[str, tuple[TensorSpec, bool, int]] = {}
+    for is_output, tensors in ((False, model.inputs), (True, model.outputs)):
+        for index, tensor in enumerate(tensors):
+            found.setdefault(tensor.name, (tensor, is_output, index))
+    where = f"model {model.name!r} cannot record into buffer {buffer.name!r}"
+    columns = []
+    for want in buffer.tensors:
+        if want.name not in found:
+            raise InvalidArgumentError(
+                f"{where}: the buffer's samples hold {want.name!r}, which the model neither "
+                "takes nor returns"
+            )
+        have, is_output, index = found[want.name]
+        shape = have.shape[1:] if rows else have.shape
+        fits = len(shape) == len(want.shape) and all(
+            -1 in (a, b) or a == b for a, b in zip(shape, want.shape, strict=True)
+        )
+        if have.datatype != want.datatype or not fits:
+            per = " per row" if rows else ""
+            raise InvalidArgumentError(
+                f"{where}: tensor {want.name!r} is {have.datatype}{list(shape)}{per} but the "
+                f"buffer collects {want.datatype}{list(want.shape)}"
+            )
+        columns.append((want.name, is_output, index))
+    return Plan(model.name, buffer.name, tuple(columns), rows)
+
+
+class Recorder:
+    """What the data plane calls: `plans` when a request arrives, `record` once it is served."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelSpec],
+        buffers: Mapping[str, BufferSpec],
+        trainers: Sequence[str] | None,
+        *,
+        token: str | None = None,
+        max_queue: int = DEFAULT_QUEUE,
+        max_pending: int = 10_000,
+    ) -> None:
+        """Record requests of `models` into `buffers` of the trainers at `trainers` (their
+        experience planes; None: recording is off).
+
+        Raises:
+            ConfigurationError: A model declares recording into a buffer that the app does not
+                declare, or that its inputs and outputs do not fill.
+        """
+        self._models = models
+        self._buffers = buffers
+        self._trainers = list(trainers) if trainers else None
+        self._token = token
+        self._max_pending = max_pending
+        self._declared: dict[str, tuple[Plan, ...]] = {}
+        self._asked: dict[tuple[str, str], Plan] = {}
+        for model in models.values():
+            if model.record is None:
+                continue
+            if model.record not in buffers:
+                known = ", ".join(sorted(buffers)) or "none"
+                raise ConfigurationError(
+                    f"model {model.name!r} records into buffer {model.record!r}, which the app "
+                    f"does not declare (it declares: {known})"
+                )
+            try:
+                self._declared[model.name] = (plan(model, buffers[model.record]),)
+            except InvalidArgumentError as exc:
+                raise ConfigurationError(str(exc)) from None
+        if self._declared and self._trainers is None:
+            logger.warning(
+                "model(s) %s declare recording but --experience is not set: nothing is recorded",
+                ", ".join(sorted(self._declared)),
+            )
+            self._declared.clear()
+        self._queue: queue.Queue[tuple[tuple[Plan, ...], list[Any], list[Any]] | None]
+        self._queue = queue.Queue(max_queue)
+        self._collectors: dict[str, RemoteDataCollector] = {}
+        self._dropped_seen: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        if self._trainers is not None:
+            self._thread = threading.Thread(target=self._run, name="recording", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def off(cls) -> Recorder:
+        """A recorder that records nothing and refuses requests that ask for it."""
+        return cls({}, {}, None)
+
+    def plans(self, model: str, parameters: Mapping[str, Any]) -> tuple[Plan, ...]:
+        """The buffers a request for `model` is recorded into: the model's own, and the one
+        its `record` parameter names.
+
+        Raises:
+            UnsupportedError: The request asks for recording and recording is off here.
+            BufferNotFoundError: It names a buffer the app does not declare.
+            InvalidArgumentError: The parameter is not a string, or the model's inputs and
+                outputs do not fill the buffer it names.
+        """
+        declared = self._declared.get(model, ())
+        if PARAMETER not in parameters:
+            return declared
+        asked = parameters[PARAMETER]
+        if asked.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidArgumentError(
+                f"parameter {PARAMETER!r} names a buffer to record the request into: give a string"
+            )
+        name = asked.string_param
+        if self._trainers is None:
+            raise UnsupportedError(
+                f"this inference service records no requests (it has no --experience): cannot "
+                f"record into buffer {name!r}"
+            )
+        if name not in self._buffers:
+            known = ", ".join(sorted(self._buffers)) or "none"
+            raise BufferNotFoundError(
+                f"parameter {PARAMETER!r}: the app declares no buffer {name!r} (it declares: "
+                f"{known})"
+            )
+        if any(p.buffer == name for p in declared):
+            return declared
+        key = (model, name)
+        if key not in self._asked:
+            self._asked[key] = plan(self._models[model], self._buffers[name])
+        return (*declared, self._asked[key])
+
+    def record(self, plans: tuple[Plan, ...], inputs: list[Any], outputs: list[Any]) -> None:
+        """Queue a served request's tensors for its plans; returns at once (a full queue drops
+        the request's samples, counted)."""
+        try:
+            self._queue.put_nowait((plans, inputs, outputs))
+        except queue.Full:
+            for p in plans:
+                DROPPED.labels(p.buffer, "queue").inc(_samples(p, inputs))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Record what is queued, give the collectors up to `timeout` seconds to deliver it,
+        then stop."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        for collector in self._collectors.values():
+            collector.close(timeout)
+        self._count_trainer_drops()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self._count_trainer_drops()
+                continue
+            if item is None:
+                return
+            plans, inputs, outputs = item
+            for p in plans:
+                try:
+                    self._collect(p, inputs, outputs)
+                except Exception:  # one bad request must not stop recording
+                    logger.exception("recording a request of %s into %s", p.model, p.buffer)
+            self._count_trainer_drops()
+
+    def _collect(self, p: Plan, inputs: list[Any], outputs: list[Any]) -> None:
+        assert self._trainers is not None
+        collector = self._collectors.get(p.buffer)
+        if collector is None:
+            collector = RemoteDataCollector(
+                self._trainers, p.buffer, token=self._token, max_pending=self._max_pending
+            )
+            self._collectors[p.buffer] = collector
+            self._dropped_seen[p.buffer] = 0
+        tensors = {name: (outputs if out else inputs)[i] for name, out, i in p.columns}
+        count = _samples(p, inputs)
+        for row in range(count):
+            sample = {n: t[row] for n, t in tensors.items()} if p.rows else tensors
+            try:
+                collector.collect(sample)
+            except ValueError as exc:  # a shape that differs from the buffer's first sample
+                DROPPED.labels(p.buffer, "trainer").inc(count - row)
+                logger.warning("not recorded into %s: %s", p.buffer, exc)
+                return
+        RECORDED.labels(p.buffer).inc(count)
+
+    def _count_trainer_drops(self) -> None:
+        for name, collector in self._collectors.items():
+            dropped = collector.stats.dropped
+            if dropped > self._dropped_seen[name]:
+                DROPPED.labels(name, "trainer").inc(dropped - self._dropped_seen[name])
+                self._dropped_seen[name] = dropped
+
+
+def _samples(p: Plan, inputs: list[Any]) -> int:
+    """The samples a request gives a plan: its rows, or one."""
+    if not p.rows:
+        return 1
+    first = inputs[0] if inputs else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1

@@ -1,0 +1,20 @@
+"""PAMIQ's `DataCollector.collect()` for an agent that runs apart from its trainer.
+
+    with RemoteDataCollector("trainer:8201", "steps", token=TOKEN) as collector:
+        while running:
+            ...
+            collector.collect({"x": obs, "y": target})   # returns at once
+
+`collector.py` is the collector (the agent's calls, and the thread that batches and sends);
+`call.py` one experience.v1 Collect call and how its end reads; `route.py` which of the trainers
+the collector was given holds its buffer; `samples.py` the samples and the stats it reports.
+
+It lives in `shared/data` beside PAMIQ's collector because it is the same API's remote end, for
+any process that collects (an agent, or a service recording what it serves): it needs nothing
+of either service but the experience.v1 stubs and the channel factory.
+"""
+
+from shared.data.remote.collector import MAX_MESSAGE_BYTES, RemoteDataCollector
+from shared.data.remote.samples import CollectorStats, Sample
+
+__all__ = ["MAX_MESSAGE_BYTES", "CollectorStats", "RemoteDataCollector", "Sample"]

@@ -1,0 +1,121 @@
+"""Collection at the server with real processes: the inference service records the requests a
+model serves (declared in the app, or asked for with the OIP parameter `record`) into the
+trainer's buffers over the experience plane, refuses to record into buffers the app does not
+declare or that the model cannot fill, and counts what it drops while the trainer is away,
+answering every request meanwhile."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from shared import protocol
+from shared.data.persist import load_samples
+from shared.gen.inference import grpc_service_pb2 as oip
+from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from shared.grpc.errors import error_reason
+from tests.integration.conftest import Inference, Services, wait_until
+from tests.integration.test_experience import start_trainer
+
+APP = "tests.integration.experience_apps:recorded"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def request(x: torch.Tensor, **parameters: str | int) -> oip.ModelInferRequest:
+    message = oip.ModelInferRequest(model_name="scale")
+    message.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    message.raw_input_contents.append(x.numpy().tobytes())
+    for key, value in parameters.items():
+        if isinstance(value, str):
+            message.parameters[key].string_param = value
+        else:
+            message.parameters[key].int64_param = value
+    return message
+
+
+def infer(inference: Inference, message: oip.ModelInferRequest) -> torch.Tensor:
+    with grpc.insecure_channel(inference.data) as channel:
+        answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, timeout=30)
+    (raw,) = answer.raw_output_contents
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(-1, 1)
+
+
+def refused(inference: Inference, message: oip.ModelInferRequest) -> grpc.RpcError:
+    with (
+        grpc.insecure_channel(inference.data) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, timeout=30)
+    return error.value
+
+
+def metric(inference: Inference, name: str) -> float:
+    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[0]) if found else 0.0
+
+
+def test_served_requests_are_recorded_into_the_buffers_the_app_and_the_request_name(
+    services: Services,
+) -> None:
+    port = free_port()
+    inference = services.inference(APP, "--experience", f"127.0.0.1:{port}")
+    trainer = start_trainer(
+        services, "--experience-listen", f"127.0.0.1:{port}", app=APP, targets=(inference.sync,)
+    )
+    wait_until(lambda: inference.model_state("scale").version == 1)  # the trainer's weights
+    first, second = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[-4.0], [5.0]])
+    answers = [infer(inference, request(first)), infer(inference, request(second, record="asked"))]
+
+    error = refused(inference, request(first, record="nowhere"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(error) == protocol.BUFFER_NOT_FOUND
+    assert "parameter 'record': the app declares no buffer 'nowhere'" in error.details()
+    error = refused(inference, request(first, record="elsewhere"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "model 'scale' cannot record into buffer 'elsewhere': the buffer's samples hold 'z', "
+        "which the model neither takes nor returns" in error.details()
+    )
+    error = refused(inference, request(first, record=7))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameter 'record' names a buffer to record the request into" in error.details()
+
+    def received() -> dict[str, int]:
+        return {b.name: b.received for b in trainer.buffers().buffers}
+
+    wait_until(lambda: received() == {"served": 5, "asked": 2, "elsewhere": 0})
+    trainer.process.send_signal(signal.SIGTERM)  # it checkpoints its buffers as it stops
+    assert trainer.process.wait(timeout=60) == 0
+    data = trainer.state / "checkpoint" / "data"
+    served = load_samples(data / "served" / "buffer.safetensors")
+    assert torch.equal(torch.stack([s["x"] for s in served]), torch.cat([first, second]))
+    assert torch.equal(torch.stack([s["y"] for s in served]), torch.cat(answers))
+    asked = load_samples(data / "asked" / "buffer.safetensors")
+    assert torch.equal(torch.stack([s["x"] for s in asked]), second)
+    assert metric(inference, 'weightsync_inference_recorded_samples_total{buffer="served"}') == 5
+
+
+def test_requests_are_answered_and_drops_counted_while_the_trainer_is_away(
+    services: Services,
+) -> None:
+    inference = services.inference(APP, "--experience", f"127.0.0.1:{free_port()}")
+    rows = 12_000  # over the 10,000 samples a collector keeps waiting for its trainer
+    x = torch.arange(rows, dtype=torch.float32).reshape(-1, 1)
+    assert infer(inference, request(x)).shape == (rows, 1)  # answered; nobody takes the samples
+    dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
+    wait_until(lambda: metric(inference, dropped) == rows - 10_000)
+    assert metric(inference, 'weightsync_inference_recorded_samples_total{buffer="served"}') == rows

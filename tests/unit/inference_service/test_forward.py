@@ -1,0 +1,91 @@
+"""The forwarder on its own: routes checked, a hop that cannot be reached or stalls reported
+with its status while the local push goes on, routes and hop results carried by both
+transports' encodings."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from inference_service.syncplane import forward, messages
+from inference_service.syncplane.forward import Forward, PeerAccess
+from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader, PushOutcome
+from inference_service.syncplane.relay.frames import (
+    decode_answer,
+    decode_header,
+    encode_answer,
+    encode_header,
+)
+from shared.errors import MalformedPushError
+
+ROUTE = (Hop("replica2:9001", "replica2", 4), Hop("[::1]:9001", "", 9))
+HEADER = PushHeader("m", 3, 2, "trainer-1", 4096, 5, ROUTE)
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """An address that takes TCP connections and never answers (a hop that hangs)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once it is closed
+
+
+def body(chunks: int) -> list[Data | Commit]:
+    return [*(bytes([i]) * 1024 for i in range(chunks)), Commit(b"d" * 16)]
+
+
+def test_a_route_names_a_bounded_number_of_hops_each_with_an_address() -> None:
+    forward.check_route(HEADER)
+    too_long = PushHeader("m", 3, 2, "t", 1, 5, (Hop("a:1"),) * (forward.MAX_HOPS + 1))
+    with pytest.raises(MalformedPushError, match="route names 257 hops; at most 256"):
+        forward.check_route(too_long)
+    with pytest.raises(MalformedPushError, match="has no address"):
+        forward.check_route(PushHeader("m", 3, 2, "t", 1, 5, (Hop(""),)))
+    assert forward.start(PushHeader("m", 3, 2, "t", 1, 5), PeerAccess()) is None
+
+
+def test_a_hop_that_cannot_be_reached_is_reported_and_the_local_push_goes_on() -> None:
+    address = closed_port()
+    onward = Forward(PushHeader("m", 3, 2, "t", 4096, 5, (Hop(address, "", 1),)), PeerAccess())
+    parts = body(4)
+    assert list(onward.passing_on(parts)) == parts  # the local push sees every part, in order
+    [result] = onward.results()
+    assert (result.address, result.version) == (address, 0)
+    assert result.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert not result.committed
+
+
+def test_a_hop_that_takes_nothing_is_cut_off_after_the_bound(silent: str) -> None:
+    header = PushHeader("m", 3, 2, "t", 64 << 10, 5, (Hop(silent, "", 1),))
+    onward = Forward(header, PeerAccess(stall_timeout_s=0.3))
+    parts = body(64)  # more than the queue holds
+    assert list(onward.passing_on(parts)) == parts
+    [result] = onward.results()
+    assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert result.message == "the hop took nothing for 0.3s; it was cut off"
+
+
+def test_the_route_and_the_hop_results_cross_both_transports() -> None:
+    # gRPC: the header a forward sends is the header the next hop decodes, one hop shorter.
+    decoded = messages.decode(messages.encode_header(HEADER))
+    assert decoded == HEADER
+    # The relay's push link: header and answer frames carry them as they are.
+    assert decode_header(encode_header(HEADER)) == HEADER
+    hops = (
+        HopResult("replica2:9001", 3),
+        HopResult("[::1]:9001", 0, grpc.StatusCode.ABORTED.value[0], "fenced", "écrit par b"),
+    )
+    outcome = PushOutcome("m", 3, bytes(range(16)), 4096, hops)
+    assert decode_answer(*encode_answer(outcome)) == outcome
+    response = messages.push_response(outcome)
+    assert messages.hop_results(response) == hops

@@ -1,0 +1,128 @@
+"""The cost model that picks each changed tensor's encoding, and the base copies it encodes
+against."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared.app import App
+from shared.errors import ConfigurationError
+from shared.weights.encoding import SPARSE, WHOLE, XOR_ZSTD, decode
+from shared.weights.served import serve_module, served_state
+from trainer_service.bases import KEEP, Bases
+from trainer_service.encoding_choice import EncodingChooser, host_bytes
+
+REMOTE = "10.1.2.3:50052"  # never dialled: only its address is looked at
+LOOPBACK = "127.0.0.1:50052"
+
+
+def versions(fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 tensor of 1 MiB and the next version, with `fraction` of its elements moved."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1 << 19, generator=g).bfloat16()
+    moved = torch.rand(base.shape, generator=g) < fraction
+    return torch.where(moved, base * 1.5 + 0.01, base), base
+
+
+def decoded(data: bytes, encoding: str, base: torch.Tensor) -> bytes:
+    out = np.empty(base.numel() * base.element_size(), np.uint8)
+    decode(encoding, data, host_bytes(base), base.element_size(), out)
+    return out.tobytes()
+
+
+def test_loopback_takes_whole_bytes_and_keeps_no_base_in_auto() -> None:
+    chooser = EncodingChooser("auto")
+    assert not chooser.wants_bases(LOOPBACK)
+    assert chooser.wants_bases(REMOTE)
+    assert not EncodingChooser("whole").wants_bases(REMOTE)
+    assert EncodingChooser("sparse").wants_bases(LOOPBACK)
+
+
+def test_a_link_faster_than_any_encoder_gets_whole_bytes() -> None:
+    chooser = EncodingChooser("auto")
+    new, base = versions(0.03)
+    chooser.record_push(REMOTE, 1 << 30, 0.01)  # 100 GB/s
+    encoded = chooser.encode("m", REMOTE, [("w", new)], {"w": base})
+    assert encoded.chosen == {"w": WHOLE}
+    assert encoded.tensors == {}
+
+
+def test_nothing_measured_yet_means_whole_bytes() -> None:
+    new, base = versions(0.03)
+    encoded = EncodingChooser("auto").encode("m", REMOTE, [("w", new)], {"w": base})
+    assert encoded.chosen == {"w": WHOLE}
+
+
+def test_a_slow_link_and_a_sparse_change_get_a_smaller_exact_encoding() -> None:
+    chooser = EncodingChooser("auto")
+    chooser.record_push(REMOTE, 1 << 20, 1.0)  # 1 MB/s
+    new, base = versions(0.03)
+    encoded = chooser.encode("m", REMOTE, [("w", new)], {"w": base})
+    encoding, data = encoded.tensors["w"]
+    assert encoding != WHOLE
+    assert len(data) < new.numel() * 2 / 10
+    assert decoded(data, encoding, base) == host_bytes(new).tobytes()
+
+
+def test_a_dense_change_of_random_bits_stays_whole_even_on_a_slow_link() -> None:
+    chooser = EncodingChooser("auto")
+    chooser.record_push(REMOTE, 1 << 20, 1.0)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-(2**15), 2**15 - 1, (1 << 19,), generator=g, dtype=torch.int16)
+    new = torch.randint(-(2**15), 2**15 - 1, (1 << 19,), generator=g, dtype=torch.int16)
+    encoded = chooser.encode("m", REMOTE, [("w", new)], {"w": base})
+    assert encoded.chosen == {"w": WHOLE}
+
+
+@pytest.mark.parametrize("forced", [SPARSE, XOR_ZSTD])
+def test_a_forced_encoding_is_used_wherever_it_is_smaller(forced: str) -> None:
+    chooser = EncodingChooser(forced)
+    new, base = versions(0.03)
+    tiny_new, tiny_base = torch.ones(2), torch.zeros(2)  # no encoding is smaller: whole
+    encoded = chooser.encode(
+        "m", LOOPBACK, [("w", new), ("t", tiny_new)], {"w": base, "t": tiny_base}
+    )
+    assert encoded.chosen == {"w": forced, "t": WHOLE}
+    assert decoded(encoded.tensors["w"][1], forced, base) == host_bytes(new).tobytes()
+
+
+def test_no_base_for_a_tensor_means_whole_bytes() -> None:
+    new, _ = versions(0.03)
+    assert EncodingChooser(SPARSE).encode("m", REMOTE, [("w", new)], {}).chosen == {"w": WHOLE}
+
+
+def test_bases_share_unchanged_tensors_and_keep_the_newest_versions() -> None:
+    bases = Bases()
+    a, b = torch.zeros(4), torch.ones(4)
+    bases.keep("m", 1, {"a": a, "b": b}, {"a": b"1", "b": b"1"})
+    a2 = torch.full((4,), 2.0)
+    bases.keep("m", 2, {"a": a2, "b": b}, {"a": b"2", "b": b"1"})
+    one, two = bases.get("m", 1), bases.get("m", 2)
+    assert one is not None and two is not None
+    assert two["b"] is one["b"]  # unchanged: shared
+    assert torch.equal(two["a"], a2) and two["a"].data_ptr() != a2.data_ptr()  # a copy
+    a2.fill_(7.0)  # the trainer's tensors move on; the kept copy does not
+    assert torch.equal(two["a"], torch.full((4,), 2.0))
+    for version in range(3, 3 + KEEP):
+        bases.keep("m", version, {"a": a, "b": b}, {"a": str(version).encode(), "b": b"1"})
+    assert bases.get("m", 2) is None and bases.get("m", 2 + KEEP) is not None
+
+
+def test_served_dtype_converts_floating_tensors_only_the_same_way_on_both_sides() -> None:
+    module = torch.nn.Linear(3, 2)
+    module.register_buffer("steps", torch.arange(3))
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    served = served_state(state, torch.bfloat16)
+    assert served["weight"].dtype == torch.bfloat16 and served["steps"].dtype == torch.int64
+    serve_module(module, torch.bfloat16)
+    for name, tensor in module.state_dict().items():
+        assert tensor.dtype == served[name].dtype
+        assert torch.equal(tensor, served[name])
+    assert served_state(state, None) == state
+
+
+def test_an_app_refuses_a_served_dtype_that_is_not_floating() -> None:
+    with pytest.raises(ConfigurationError, match=r"served_dtype torch\.int8 is not a floating"):
+        App().add_model("m", lambda: None, served_dtype=torch.int8)  # type: ignore[arg-type,return-value]

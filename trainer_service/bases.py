@@ -1,0 +1,68 @@
+"""Host copies of recently pushed versions, which later deltas are encoded against.
+
+An element-level encoding (shared/weights/encoding.py) describes a tensor against the bytes of
+the version its target serves, so the trainer keeps those bytes: per model, the newest `KEEP`
+versions it delivered to a target that may take encoded deltas. A version shares the tensors
+that did not change with the one before it, so each costs only the tensors it changed; stored
+tensors are never written to again, so an encoder may read one while a newer version is stored.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+KEEP = 2  # a target may still be at the previous version while the newest is stored
+
+
+@dataclass(frozen=True)
+class Base:
+    tensors: Mapping[str, torch.Tensor]
+    hashes: Mapping[str, bytes]
+
+
+class Bases:
+    """The versions deltas may be encoded against, per model."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, dict[int, Base]] = {}
+
+    def get(self, model: str, version: int) -> Mapping[str, torch.Tensor] | None:
+        """The tensors of `version` of `model`, if kept."""
+        with self._lock:
+            base = self._models.get(model, {}).get(version)
+        return base.tensors if base is not None else None
+
+    def keep(
+        self,
+        model: str,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        hashes: Mapping[str, bytes],
+    ) -> None:
+        """Keep a host copy of `version` (each tensor's `hashes` say which changed)."""
+        with self._lock:
+            kept = self._models.setdefault(model, {})
+            if version in kept:
+                return
+            older = [v for v in kept if v < version]
+            previous = kept[max(older)] if older else None
+            copy: dict[str, torch.Tensor] = {}
+            for name, tensor in tensors.items():
+                digest = hashes.get(name)
+                if (
+                    previous is not None
+                    and digest is not None
+                    and previous.hashes.get(name) == digest
+                    and name in previous.tensors
+                ):
+                    copy[name] = previous.tensors[name]
+                else:
+                    copy[name] = tensor.detach().to("cpu", copy=True)
+            kept[version] = Base(copy, dict(hashes))
+            for old in sorted(kept)[:-KEEP]:
+                del kept[old]
