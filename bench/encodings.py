@@ -108,7 +108,7 @@ def measure(case: Case, mb: int, steps: int, link: float, verbose: bool = False)
         version = {k: v.clone() for k, v in served_state(state, case.served).items()}
         if previous is not None and step >= 10:
             changed = [(k, v) for k, v in version.items() if not torch.equal(v, previous[k])]
-            encoded = chooser.encode("bench", TARGET, changed, previous)
+            encoded = chooser.encode(TARGET, changed, previous)
             if verbose:
                 print(f"  step {step}: {encoded.summary()} in {encoded.seconds:.3f}s")
             decode_seconds = 0.0

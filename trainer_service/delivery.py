@@ -194,7 +194,7 @@ class Delivery:
         if kept is None or not self._chooser.wants_bases(target.address):
             payload = Payload.of(carried)
         else:
-            encoded = self._chooser.encode(target.model, target.address, carried, kept)
+            encoded = self._chooser.encode(target.address, carried, kept)
             payload = Payload.of(carried, encoded=encoded.tensors)
             logger.debug(
                 "model %s v%d -> %s (delta on %d): %s; encoded in %.3fs",

@@ -185,7 +185,6 @@ class EncodingChooser:
 
     def encode(
         self,
-        model: str,
         address: str,
         tensors: Sequence[tuple[str, torch.Tensor]],
         base: Mapping[str, torch.Tensor],
@@ -211,11 +210,11 @@ class EncodingChooser:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes == 0:
             return WHOLE, None
-        speeds = self._calibrated()
         link = self._links.get(address)
-        if self.mode == AUTO:
-            if link is None:
-                return WHOLE, None  # nothing measured yet: the first pushes measure it
+        if self.mode == AUTO and link is None:
+            return WHOLE, None  # nothing measured yet: the first pushes measure it
+        speeds = self._calibrated()
+        if self.mode == AUTO and link is not None:
             cheapest = min(nbytes / speeds.encode[e] + nbytes / speeds.decode[e] for e in ENCODINGS)
             if cheapest >= MARGIN * nbytes / link:
                 return WHOLE, None  # no encoding can pay, however small (loopback-fast links)

@@ -61,37 +61,36 @@ def decode_inputs(
     elements they span must fit in a message of `max_message_bytes` (so no size, nor product
     of sizes, can overflow what numpy and torch compute from it, even with a size of 0)."""
     expected = {spec.name: spec for spec in specs}
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    raw = request.raw_input_contents
+    inputs = request.inputs
+    if raw and len(raw) != len(inputs):
         raise InvalidInputError(
-            f"{len(raw)} raw_input_contents entries for {len(request.inputs)} inputs; "
+            f"{len(raw)} raw_input_contents entries for {len(inputs)} inputs; "
             "send one per input, in the order of `inputs`"
         )
+    is_raw = bool(raw)
     found: dict[str, Tensor] = {}
-    for index, tensor in enumerate(request.inputs):
-        spec = expected.get(tensor.name)
+    for index, tensor in enumerate(inputs):
+        name = tensor.name
+        spec = expected.get(name)
         if spec is None:
             raise InvalidInputError(
-                f"unknown input {tensor.name!r}; the model takes {', '.join(expected)}"
+                f"unknown input {name!r}; the model takes {', '.join(expected)}"
             )
-        if tensor.name in found:
-            raise InvalidInputError(f"input {tensor.name!r} is given twice")
-        shape = _check_header(tensor, spec, bool(raw), max_message_bytes)
-        if raw:
+        if name in found:
+            raise InvalidInputError(f"input {name!r} is given twice")
+        shape = _check_header(tensor, spec, is_raw, max_message_bytes)
+        if is_raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(
-                    f"input {tensor.name!r} has typed contents while the request uses "
+                    f"input {name!r} has typed contents while the request uses "
                     "raw_input_contents; use one form for all inputs"
                 )
-            found[tensor.name] = tensor_from_raw(
-                "input", tensor.name, raw[index], spec.datatype, shape
-            )
+            found[name] = tensor_from_raw("input", name, raw[index], spec.datatype, shape)
         else:
-            found[tensor.name] = tensor_from_typed(
-                "input", tensor.name, tensor.contents, spec.datatype, shape
-            )
-    missing = [name for name in expected if name not in found]
-    if missing:
+            found[name] = tensor_from_typed("input", name, tensor.contents, spec.datatype, shape)
+    if len(found) != len(expected):
+        missing = [name for name in expected if name not in found]
         raise InvalidInputError(f"missing input(s) {', '.join(missing)}")
     return [found[spec.name] for spec in specs]
 
@@ -205,8 +204,23 @@ def encode_outputs(
     requested: Sequence[str],
     raw: bool,
 ) -> tuple[list[pb.ModelInferResponse.InferOutputTensor], list[bytes]]:
-    """Response tensors for the requested outputs (all when none are named), from outputs in
-    host memory (`model_io.normalize_model_outputs` put them there)."""
+    """Response tensors for the requested outputs (all when none are named), and their raw
+    contents, as `encode_into` writes them."""
+    response = pb.ModelInferResponse()
+    encode_into(response, outputs, specs, requested, raw)
+    return list(response.outputs), list(response.raw_output_contents)
+
+
+def encode_into(
+    response: pb.ModelInferResponse,
+    outputs: Sequence[Tensor],
+    specs: Sequence[TensorSpec],
+    requested: Sequence[str],
+    raw: bool,
+) -> None:
+    """Add the requested outputs (all when none are named) to `response`, from outputs in host
+    memory (`model_io.normalize_model_outputs` put them there): written in place, since
+    building tensor messages apart and handing them to the response copies each one."""
     index = {spec.name: i for i, spec in enumerate(specs)}
     for name in requested:
         if name not in index:
@@ -215,38 +229,32 @@ def encode_outputs(
             )
     chosen = [index[name] for name in requested] if requested else list(range(len(specs)))
     raw = raw or any(BY_OIP[specs[i].datatype].field is None for i in chosen)
-    results = []
-    contents: list[bytes] = []
     for i in chosen:
-        out, data = _encode_output(specs[i], outputs[i], raw)
-        results.append(out)
+        spec = specs[i]
+        shape, data, values = _encode_output(spec, outputs[i], raw)
+        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
+        field = BY_OIP[spec.datatype].field
         if data is not None:
-            contents.append(data)
-    return results, contents
+            response.raw_output_contents.append(data)
+        elif field is not None:
+            getattr(out.contents, field.name).extend(values)
 
 
 def _encode_output(
     spec: TensorSpec, value: Tensor, raw: bool
-) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes | None]:
-    """One response tensor, and its raw contents (None: typed, in the tensor)."""
-    values: list[Any]
+) -> tuple[list[int], bytes | None, list[Any]]:
+    """One output's shape, and its raw contents (raw) or its values (typed)."""
     if spec.datatype == BYTES:
         shape, elements = _output_elements(spec.name, value)
         _check_rank(spec, shape)
-        data = pack_bytes(elements) if raw else None
-        values = elements
-    else:
-        tensor = _output_tensor(spec, value)
-        shape = list(tensor.shape)
-        data = _to_bytes(tensor) if raw else None
-        values = [] if raw else tensor.reshape(-1).tolist()
-    out = pb.ModelInferResponse.InferOutputTensor(
-        name=spec.name, datatype=spec.datatype, shape=shape
-    )
-    field = BY_OIP[spec.datatype].field
-    if data is None and field is not None:
-        getattr(out.contents, field.name).extend(values)
-    return out, data
+        if raw:
+            return shape, pack_bytes(elements), []
+        return shape, None, list(elements)
+    tensor = _output_tensor(spec, value)
+    shape = list(tensor.shape)
+    if raw:
+        return shape, _to_bytes(tensor), []
+    return shape, None, tensor.reshape(-1).tolist()
 
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:

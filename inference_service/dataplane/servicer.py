@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from inference_service import metrics
 from inference_service.dataplane import convert
-from inference_service.dataplane.codec import decode_inputs, encode_outputs
+from inference_service.dataplane.codec import decode_inputs, encode_into
 from inference_service.dataplane.extensions import TritonExtensions
 from inference_service.dataplane.service import DataPlane
 from shared.errors import ServiceError
@@ -203,17 +203,16 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         )
         if recording:  # queued for the recorder's thread: the answer does not wait
             self._data.recorder.record(recording, inputs, outputs)
-        tensors, raw = encode_outputs(
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=str(generation.version), id=request.id
+        )
+        for key, value in request.parameters.items():  # echoed, as they came
+            response.parameters[key].CopyFrom(value)
+        encode_into(
+            response,
             outputs,
             model.spec.outputs,
             [o.name for o in request.outputs],
             raw=bool(request.raw_input_contents),
         )
-        return pb.ModelInferResponse(
-            model_name=model.name,
-            model_version=str(generation.version),
-            id=request.id,
-            parameters=request.parameters,
-            outputs=tensors,
-            raw_output_contents=raw,
-        )
+        return response

@@ -229,6 +229,8 @@ class Forward:
 
     def _close(self) -> None:
         self._ended.set()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            # Closing a channel to a hop whose link went dark waits until TCP gives up on it
+            # (gRPC's keepalive timeout, 20 s): never on the push's path, which answers now.
+            threading.Thread(target=channel.close, name="forward-close", daemon=True).start()

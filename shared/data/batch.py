@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
     from shared.app import TensorSpec
 
-# Samples of at least this many bytes travel as views of their own memory, not stacked first.
-VIEW_SAMPLE_BYTES = 16 << 10
 # The most samples one batch may carry: a tensor of zero-sized samples costs no bytes, so the
 # byte limit alone would not bound the work a batch makes.
 MAX_BATCH_SAMPLES = 65536
@@ -88,49 +86,27 @@ def encode_batch(samples: Sequence[Sample]) -> bytes:
 
 
 def batch_pieces(samples: Sequence[Sample]) -> list[bytes | memoryview]:
-    """The payload of a batch of `samples` as pieces to join: its header, then each tensor's
-    samples one after another. Large samples are views of the samples' own memory (joining the
-    pieces is the one copy); small ones are stacked first (one torch call instead of a view per
-    sample, which costs more than their bytes).
+    """The payload of a batch of `samples` as pieces to join: its header, then views of each
+    tensor's samples stacked (the stacking is the one copy made here; torch makes it without
+    holding the GIL, so the agent's thread collects meanwhile).
 
     Raises:
         ValueError: There are no samples, or they differ in names, dtypes or shapes.
     """
     import torch
 
-    from shared.weights.digest import byte_view
-    from shared.weights.layout import TensorLayout, build_header
-
     if not samples:
         raise ValueError("a batch carries at least one sample")
-    first = samples[0]
-    names = list(first)
+    names = list(samples[0])
+    columns: dict[str, torch.Tensor] = {}
+    for name in names:
+        try:
+            columns[name] = torch.stack([s[name] for s in samples])
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError(f"the samples differ in tensor {name!r}: {exc}") from None
     if any(len(s) != len(names) for s in samples):
         raise ValueError(f"the samples do not all hold exactly the tensors {names}")
-    sample_bytes = sum(t.nelement() * t.element_size() for t in first.values())
-    if sample_bytes < VIEW_SAMPLE_BYTES:
-        columns: dict[str, torch.Tensor] = {}
-        for name in names:
-            try:
-                columns[name] = torch.stack([s[name] for s in samples])
-            except (KeyError, RuntimeError) as exc:
-                raise ValueError(f"the samples differ in tensor {name!r}: {exc}") from None
-        return column_pieces(columns)
-    layouts = []
-    for name in names:
-        t = first[name]
-        if any(
-            name not in s or s[name].dtype != t.dtype or s[name].shape != t.shape for s in samples
-        ):
-            raise ValueError(f"the samples differ in tensor {name!r}")
-        layouts.append((name, TensorLayout.of(t.new_empty((len(samples), *t.shape)))))
-    header, _ = build_header(layouts)
-    pieces: list[bytes | memoryview] = [header]
-    for name in names:
-        for s in samples:
-            t = s[name].detach().to("cpu")
-            pieces.append(byte_view(t if t.is_contiguous() else t.contiguous()))
-    return pieces
+    return column_pieces(columns)
 
 
 def encode_columns(columns: Mapping[str, torch.Tensor]) -> bytes:

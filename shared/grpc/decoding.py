@@ -101,12 +101,24 @@ def strict_async(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
             return each(argument, context)
         return await parsed(argument, context)
 
-    if inspect.iscoroutinefunction(inner):
+    if inspect.iscoroutinefunction(inner) and not handler.request_streaming:
 
         async def call(argument: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await inner(await argument_of(argument, context), context)
+            # parsed inline: each call of a unary method pays no coroutine of its own for it
+            try:
+                request = parse(argument)
+            except Exception:
+                logger.info("%s -> INVALID_ARGUMENT: %s", method, message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return await inner(request, context)
 
         behavior: Callable[..., Any] = call
+    elif inspect.iscoroutinefunction(inner):
+
+        async def call_streaming(argument: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(await argument_of(argument, context), context)
+
+        behavior = call_streaming
     elif inspect.isasyncgenfunction(inner):
 
         async def generate(argument: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -50,8 +50,16 @@ def test_a_model_trained_in_fp32_is_served_in_bf16_bit_exactly(
 ) -> None:
     inference = services.inference(APP)
     state_dir = tmp_path / "trainer"
-    trainer = services.trainer(APP, [inference], "--max-runs", "3", "--state-dir", str(state_dir))
+    trainer = services.trainer(
+        APP, [inference], "--max-runs", "3", "--state-dir", str(state_dir), "--log-level", "DEBUG"
+    )
     assert trainer.wait(timeout=120) == 0, services.log("trainer")
+    # On loopback the wire outruns any encoder: `auto` sends whole tensors, deltas included.
+    travelled = re.findall(
+        r"\((full|delta on \d+)\) committed on .*tensors: (.*)", services.log("trainer")
+    )
+    assert [kind for kind, _ in travelled] == ["full", "delta on 1", "delta on 2", "delta on 3"]
+    assert all(re.fullmatch(r"whole=\d+", tensors) for _, tensors in travelled), travelled
     assert_serves(inference, trained_bf16(state_dir), 4)  # the start's sync, then one per run
     client = triton.InferenceServerClient(url=inference.data)
     tensor = triton.InferInput("x", list(X.shape), "FP32")

@@ -4,7 +4,8 @@ Trainers that split an app's trainer groups between them each hold the buffers o
 group, and a standby that takes a group over holds them from then on, at its own address. So a
 collector may be given several addresses (`"a:8201,b:8201"`), or one name that resolves to
 several (a compose service's replicas): each time it connects it asks each trainer, in turn,
-which buffers it holds (experience.v1 ListBuffers), and streams to the first that holds its own.
+which buffers it holds (experience.v1 ListBuffers), the last one found first, and streams to
+the first that holds its own.
 """
 
 from __future__ import annotations
@@ -64,30 +65,33 @@ class Route:
         self._timeout_s = timeout_s
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.ExperienceStub]] = {}
         self._collects: dict[str, grpc.StreamStreamMultiCallable] = {}
+        self._last: str | None = None
 
     def find(self, buffer: str) -> Holder | str:
         """The first trainer that holds `buffer`, or why none could be found."""
         problems = []
-        for address in self.addresses:
-            for target, server_name in _targets(address, self._server_name, self._tls):
-                stub = self._stub(target, server_name)
-                try:
-                    answer = stub.ListBuffers(pb.ListBuffersRequest(), timeout=self._timeout_s)
-                except grpc.RpcError as exc:
-                    problems.append(f"the trainer at {target}: {status(exc)}")
-                    continue
-                names = [b.name for b in answer.buffers]
-                if buffer in names:
-                    return Holder(
-                        target,
-                        self._collects[target],
-                        int(answer.max_batch_bytes),
-                        int(answer.max_batch_samples or MAX_BATCH_SAMPLES),
-                    )
-                problems.append(
-                    f"the trainer at {target} holds no buffer {buffer!r} (it holds "
-                    f"{', '.join(names) or 'none'})"
+        targets = [t for a in self.addresses for t in _targets(a, self._server_name, self._tls)]
+        targets.sort(key=lambda t: t[0] != self._last)  # the last holder first: it likely still is
+        for target, server_name in targets:
+            stub = self._stub(target, server_name)
+            try:
+                answer = stub.ListBuffers(pb.ListBuffersRequest(), timeout=self._timeout_s)
+            except grpc.RpcError as exc:
+                problems.append(f"the trainer at {target}: {status(exc)}")
+                continue
+            names = [b.name for b in answer.buffers]
+            if buffer in names:
+                self._last = target
+                return Holder(
+                    target,
+                    self._collects[target],
+                    int(answer.max_batch_bytes),
+                    int(answer.max_batch_samples or MAX_BATCH_SAMPLES),
                 )
+            problems.append(
+                f"the trainer at {target} holds no buffer {buffer!r} (it holds "
+                f"{', '.join(names) or 'none'})"
+            )
         return "; ".join(problems)
 
     def _stub(self, target: str, server_name: str | None) -> pb_grpc.ExperienceStub:

@@ -44,14 +44,14 @@ def test_a_link_faster_than_any_encoder_gets_whole_bytes() -> None:
     chooser = EncodingChooser("auto")
     new, base = versions(0.03)
     chooser.record_push(REMOTE, 1 << 30, 0.01)  # 100 GB/s
-    encoded = chooser.encode("m", REMOTE, [("w", new)], {"w": base})
+    encoded = chooser.encode(REMOTE, [("w", new)], {"w": base})
     assert encoded.chosen == {"w": WHOLE}
     assert encoded.tensors == {}
 
 
 def test_nothing_measured_yet_means_whole_bytes() -> None:
     new, base = versions(0.03)
-    encoded = EncodingChooser("auto").encode("m", REMOTE, [("w", new)], {"w": base})
+    encoded = EncodingChooser("auto").encode(REMOTE, [("w", new)], {"w": base})
     assert encoded.chosen == {"w": WHOLE}
 
 
@@ -59,7 +59,7 @@ def test_a_slow_link_and_a_sparse_change_get_a_smaller_exact_encoding() -> None:
     chooser = EncodingChooser("auto")
     chooser.record_push(REMOTE, 1 << 20, 1.0)  # 1 MB/s
     new, base = versions(0.03)
-    encoded = chooser.encode("m", REMOTE, [("w", new)], {"w": base})
+    encoded = chooser.encode(REMOTE, [("w", new)], {"w": base})
     encoding, data = encoded.tensors["w"]
     assert encoding != WHOLE
     assert len(data) < new.numel() * 2 / 10
@@ -72,25 +72,24 @@ def test_a_dense_change_of_random_bits_stays_whole_even_on_a_slow_link() -> None
     g = torch.Generator().manual_seed(1)
     base = torch.randint(-(2**15), 2**15 - 1, (1 << 19,), generator=g, dtype=torch.int16)
     new = torch.randint(-(2**15), 2**15 - 1, (1 << 19,), generator=g, dtype=torch.int16)
-    encoded = chooser.encode("m", REMOTE, [("w", new)], {"w": base})
+    encoded = chooser.encode(REMOTE, [("w", new)], {"w": base})
     assert encoded.chosen == {"w": WHOLE}
 
 
 @pytest.mark.parametrize("forced", [SPARSE, XOR_ZSTD])
 def test_a_forced_encoding_is_used_wherever_it_is_smaller(forced: str) -> None:
     chooser = EncodingChooser(forced)
+    chooser.record_push(LOOPBACK, 1 << 30, 0.01)  # forced: even where whole bytes would win
     new, base = versions(0.03)
     tiny_new, tiny_base = torch.ones(2), torch.zeros(2)  # no encoding is smaller: whole
-    encoded = chooser.encode(
-        "m", LOOPBACK, [("w", new), ("t", tiny_new)], {"w": base, "t": tiny_base}
-    )
+    encoded = chooser.encode(LOOPBACK, [("w", new), ("t", tiny_new)], {"w": base, "t": tiny_base})
     assert encoded.chosen == {"w": forced, "t": WHOLE}
     assert decoded(encoded.tensors["w"][1], forced, base) == host_bytes(new).tobytes()
 
 
 def test_no_base_for_a_tensor_means_whole_bytes() -> None:
     new, _ = versions(0.03)
-    assert EncodingChooser(SPARSE).encode("m", REMOTE, [("w", new)], {}).chosen == {"w": WHOLE}
+    assert EncodingChooser(SPARSE).encode(REMOTE, [("w", new)], {}).chosen == {"w": WHOLE}
 
 
 def test_bases_share_unchanged_tensors_and_keep_the_newest_versions() -> None:
