@@ -230,9 +230,9 @@ def cut_scenario(
     restored = time.perf_counter()
     fill(state, value + 1)
     after, after_s = publish_timed(publisher, state)
-    caught = serves(clients[index], after.version, normal_s)
-    late = caught if caught is not None else serves(clients[index], after.version, 60.0)
-    if late is not None:
+    synced = time.perf_counter()
+    seen = serves(clients[index], after.version, 60.0)
+    if seen is not None:
         cross_check([clients[index]], after.version, value + 1)
     return {
         "kind": "cut",
@@ -243,8 +243,8 @@ def cut_scenario(
         "lagging": lagging,
         "committed": report.targets,
         "next_sync_s": after_s,
-        "caught_up": caught is not None,
-        "after_restore_s": None if late is None else late - restored,
+        "caught_up": seen is not None and seen - synced <= normal_s,
+        "after_restore_s": None if seen is None else seen - restored,
     }
 
 

@@ -16,6 +16,19 @@ from dataclasses import dataclass
 import torch
 
 KEEP = 2  # a target may still be at the previous version while the newest is stored
+DEVICE_SPARE = 0.1  # share of a device's memory a base copy on it must leave free
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` to encode against: on its CUDA device while memory allows, else on
+    the host."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(tensor.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        if free - 2 * nbytes > DEVICE_SPARE * total:
+            return tensor.clone()
+    return tensor.to("cpu", copy=True)
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ class Bases:
                 ):
                     copy[name] = previous.tensors[name]
                 else:
-                    copy[name] = tensor.detach().to("cpu", copy=True)
+                    copy[name] = _copy(tensor)
             kept[version] = Base(copy, dict(hashes))
             for old in sorted(kept)[:-KEEP]:
                 del kept[old]

@@ -194,7 +194,9 @@ class Delivery:
         if kept is None or not self._chooser.wants_bases(target.address):
             payload = Payload.of(carried)
         else:
-            encoded = self._chooser.encode(target.address, carried, kept)
+            # Targets taking the same version on the same base share each tensor's encoding.
+            push = (target.model, version.number, base_version)
+            encoded = self._chooser.encode(target.address, carried, kept, push)
             payload = Payload.of(carried, encoded=encoded.tensors)
             logger.debug(
                 "model %s v%d -> %s (delta on %d): %s; encoded in %.3fs",

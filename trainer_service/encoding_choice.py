@@ -11,14 +11,18 @@ measured per target from its recent pushes (payload bytes over the push's second
 average), the speeds on this host by a small calibration on first use (repeated every minute,
 so speeds measured at a busy moment do not rule the encodings out for good) and from every
 encode; the estimated bytes come from the fraction of changed elements in a sample of the
-tensor. On loopback the wire outruns every encoder, so `auto` never keeps a base copy for a
-loopback target and sends whole bytes. `--push-encoding` forces one encoding where a base
-exists (bench and tests).
+tensor. Tensors on a CUDA device are compared there (shared/weights/encoding.py
+`encode_tensor`): only the changed positions and values travel to the host. Several targets
+that take the same version on the same base share one encode of each tensor (the encoded
+bytes are kept for the newest version of each model until a newer one comes). On loopback the
+wire outruns every encoder, so `auto` never keeps a base copy for a loopback target and sends
+whole bytes. `--push-encoding` forces one encoding where a base exists (bench and tests).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +30,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shared.weights.encoding import ENCODINGS, SPARSE, WHOLE, decode, encode, words
+from shared.weights.encoding import (
+    ENCODINGS,
+    SPARSE,
+    WHOLE,
+    changed_share,
+    decode,
+    encode,
+    encode_tensor,
+    host_bytes,
+)
 from trainer_service import metrics
 from trainer_service.push import PushPlan
 from trainer_service.targets import is_loopback
@@ -44,10 +57,7 @@ _CALIBRATION_ELEMENTS = 1 << 21
 _CALIBRATION_CHANGED = 0.03
 
 
-def host_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes as a flat uint8 array on the host (a view for a contiguous CPU one)."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy()
+__all__ = ["AUTO", "CHOICES", "Encoded", "EncodingChooser", "Speeds", "host_bytes"]
 
 
 def _average(old: float | None, new: float) -> float:
@@ -96,17 +106,22 @@ class Speeds:
         return speeds
 
 
-def changed_fraction(new: np.ndarray, base: np.ndarray, itemsize: int) -> float:
+def changed_fraction(new: torch.Tensor, base: torch.Tensor) -> float:
     """The share of elements that differ in a sample of evenly spaced blocks."""
-    a, b = words(new, itemsize), words(base, itemsize)
-    if len(a) <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK:
-        return float(np.count_nonzero(a != b)) / max(len(a), 1)
-    step = len(a) // _SAMPLE_BLOCKS
-    differ = sum(
-        int(np.count_nonzero(a[s : s + _SAMPLE_BLOCK] != b[s : s + _SAMPLE_BLOCK]))
-        for s in range(0, step * _SAMPLE_BLOCKS, step)
-    )
-    return differ / (_SAMPLE_BLOCKS * _SAMPLE_BLOCK)
+    return changed_share(new, base, _SAMPLE_BLOCK)
+
+
+@dataclass
+class _Shared:
+    """One tensor's encoding, made once for every target that takes the same version on the
+    same base: the first to need it encodes, the others wait for it."""
+
+    ready: threading.Event = field(default_factory=threading.Event)
+    data: bytes | None = None
+
+
+# (model, version, base version): the push whose tensors may be shared between targets
+PushKey = tuple[str, int, int]
 
 
 @dataclass(frozen=True)
@@ -116,13 +131,15 @@ class Encoded:
     tensors: dict[str, tuple[str, bytes]]
     chosen: dict[str, str]  # every tensor considered -> its encoding (WHOLE included)
     seconds: float
+    reused: int = 0  # tensors whose encoding another target's push made
 
     def summary(self) -> str:
-        """How many tensors took each encoding, e.g. `sparse=12 whole=2`."""
+        """How many tensors took each encoding, e.g. `sparse=12 whole=2 (12 reused)`."""
         counts: dict[str, int] = {}
         for encoding in self.chosen.values():
             counts[encoding] = counts.get(encoding, 0) + 1
-        return " ".join(f"{e}={n}" for e, n in sorted(counts.items())) or "no tensors"
+        text = " ".join(f"{e}={n}" for e, n in sorted(counts.items())) or "no tensors"
+        return f"{text} ({self.reused} reused)" if self.reused else text
 
 
 class EncodingChooser:
@@ -136,6 +153,9 @@ class EncodingChooser:
         self._links: dict[str, float] = {}  # target address -> bytes/s
         self._loopback: dict[str, bool] = {}
         self._speeds: Speeds | None = None
+        self._shared_lock = threading.Lock()
+        # model -> (version, {(base version, tensor, encoding): its encoding})
+        self._shared: dict[str, tuple[int, dict[tuple[int, str, str], _Shared]]] = {}
 
     def wants_bases(self, address: str) -> bool:
         """Whether deltas to `address` may travel encoded, so a base copy is worth keeping."""
@@ -188,70 +208,124 @@ class EncodingChooser:
         address: str,
         tensors: Sequence[tuple[str, torch.Tensor]],
         base: Mapping[str, torch.Tensor],
+        push: PushKey | None = None,
     ) -> Encoded:
-        """Encode those of `tensors` that the cost model (or the forced mode) picks."""
+        """Encode those of `tensors` that the cost model (or the forced mode) picks. `push`
+        names the version and base: a tensor another target's push of it encoded already
+        (the same way) is not encoded again."""
         started = time.perf_counter()
         chosen: dict[str, str] = {}
         out: dict[str, tuple[str, bytes]] = {}
+        reused = 0
         for name, tensor in tensors:
-            encoding, data = self._one(address, tensor, base.get(name))
+            encoding, data, shared = self._one(address, name, tensor, base.get(name), push)
             chosen[name] = encoding
+            reused += shared
             if data is not None:
                 out[name] = (encoding, data)
-        return Encoded(out, chosen, time.perf_counter() - started)
+        return Encoded(out, chosen, time.perf_counter() - started, reused)
 
     def _one(
-        self, address: str, tensor: torch.Tensor, base: torch.Tensor | None
-    ) -> tuple[str, bytes | None]:
+        self,
+        address: str,
+        name: str,
+        tensor: torch.Tensor,
+        base: torch.Tensor | None,
+        push: PushKey | None,
+    ) -> tuple[str, bytes | None, bool]:
         if self.mode == WHOLE or base is None or base.shape != tensor.shape:
-            return WHOLE, None
+            return WHOLE, None, False
         if base.dtype != tensor.dtype or tensor.element_size() not in (1, 2, 4, 8):
-            return WHOLE, None
+            return WHOLE, None, False
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes == 0:
-            return WHOLE, None
+            return WHOLE, None, False
         link = self._links.get(address)
         if self.mode == AUTO and link is None:
-            return WHOLE, None  # nothing measured yet: the first pushes measure it
+            return WHOLE, None, False  # nothing measured yet: the first pushes measure it
         speeds = self._calibrated()
         if self.mode == AUTO and link is not None:
             cheapest = min(nbytes / speeds.encode[e] + nbytes / speeds.decode[e] for e in ENCODINGS)
             if cheapest >= MARGIN * nbytes / link:
-                return WHOLE, None  # no encoding can pay, however small (loopback-fast links)
-        new_bytes, base_bytes = host_bytes(tensor), host_bytes(base)
-        itemsize = tensor.element_size()
-        encoding = (
-            self.mode
-            if self.mode != AUTO
-            else self._cheapest(new_bytes, base_bytes, itemsize, speeds, link)
-        )
+                return WHOLE, None, False  # no encoding can pay, however small (fast links)
+        if base.device != tensor.device:  # a base kept on the host for a CUDA tensor
+            tensor = tensor.to(base.device)
+        fraction: float | None = None
+        if self.mode == AUTO:
+            fraction = changed_fraction(tensor, base)
+            encoding = self._cheapest(nbytes, fraction, tensor.element_size(), speeds, link)
+        else:
+            encoding = self.mode
         if encoding == WHOLE:
-            return WHOLE, None
-        began = time.perf_counter()
-        data = encode(encoding, new_bytes, base_bytes, itemsize)
+            return WHOLE, None, False
+        shared, mine = self._shared_slot(push, name, encoding)
+        if shared is not None and not mine:
+            shared.ready.wait()
+            return (WHOLE, None, False) if shared.data is None else (encoding, shared.data, True)
+        data = None
+        try:
+            data = self._encode(encoding, tensor, base, speeds, fraction)
+        finally:
+            if shared is not None:
+                shared.data = data
+                shared.ready.set()
+        return (WHOLE, None, False) if data is None else (encoding, data, False)
+
+    def _encode(
+        self,
+        encoding: str,
+        tensor: torch.Tensor,
+        base: torch.Tensor,
+        speeds: Speeds,
+        fraction: float | None,
+    ) -> bytes | None:
+        nbytes = tensor.numel() * tensor.element_size()
+        began, cpu = time.perf_counter(), time.thread_time()
+        data = encode_tensor(encoding, tensor, base)
         seconds = time.perf_counter() - began
+        metrics.ENCODE_CPU_SECONDS.labels(encoding).inc(time.thread_time() - cpu)
         speeds.encode[encoding] = _average(speeds.encode[encoding], nbytes / max(seconds, 1e-9))
         metrics.ENCODE_SECONDS.labels(encoding).inc(seconds)
-        if data is None:
-            return WHOLE, None
-        if encoding != SPARSE:
-            fraction = changed_fraction(new_bytes, base_bytes, itemsize)
+        metrics.ENCODED_BYTES.labels(encoding).inc(nbytes)
+        if data is not None and encoding != SPARSE:
+            if fraction is None:
+                fraction = changed_fraction(tensor, base)
             if fraction > 0:
                 ratio = len(data) / (fraction * nbytes)
                 speeds.xor_ratio[encoding] = _average(speeds.xor_ratio.get(encoding), ratio)
-        return encoding, data
+        return data
+
+    def _shared_slot(
+        self, push: PushKey | None, name: str, encoding: str
+    ) -> tuple[_Shared | None, bool]:
+        """The shared encoding of tensor `name` in `push`, and whether this caller makes it.
+        Only the newest version of each model is shared; older ones encode on their own."""
+        if push is None:
+            return None, True
+        model, version, base_version = push
+        with self._shared_lock:
+            current = self._shared.get(model)
+            if current is None or current[0] < version:
+                current = (version, {})
+                self._shared[model] = current
+            elif current[0] > version:
+                return None, True
+            key = (base_version, name, encoding)
+            slot = current[1].get(key)
+            if slot is not None:
+                return slot, False
+            slot = current[1][key] = _Shared()
+            return slot, True
 
     def _cheapest(
         self,
-        new: np.ndarray,
-        base: np.ndarray,
+        nbytes: int,
+        fraction: float,
         itemsize: int,
         speeds: Speeds,
         link: float | None,
     ) -> str:
         assert link is not None
-        nbytes = len(new)
-        fraction = changed_fraction(new, base, itemsize)
         changed = fraction * nbytes
         estimates = {
             SPARSE: changed + changed / itemsize * 1.1,  # values, and about a byte per gap

@@ -53,6 +53,17 @@ ENCODE_SECONDS = Counter(
     "Time spent encoding changed tensors against their base, by encoding",
     ["encoding"],
 )
+ENCODE_CPU_SECONDS = Counter(
+    "weightsync_trainer_encode_cpu_seconds_total",
+    "CPU time of the encoding threads spent encoding changed tensors (what one core does, "
+    "where the host is shared), by encoding",
+    ["encoding"],
+)
+ENCODED_BYTES = Counter(
+    "weightsync_trainer_encoded_tensor_bytes_total",
+    "Bytes of changed tensors put through an encoder (their dense size), by encoding",
+    ["encoding"],
+)
 LINK_RATE = Gauge(
     "weightsync_trainer_link_bytes_per_second",
     "The link rate to an inference service (an address), measured from recent pushes: "

@@ -133,6 +133,25 @@ def decode_batch(
         MalformedBatchError: The payload is not a safetensors file of the buffer's tensors.
         ResourceLimitError: It carries more than `max_samples` samples.
     """
+    stacked = decode_columns(payload, schema, max_samples)
+    # Each sample a copy of its own: a view would keep its whole batch alive for as long as
+    # the buffer keeps that one sample (a random-replacement buffer could keep a batch per
+    # sample it holds).
+    names = schema.names
+    count = len(next(iter(stacked.values())))
+    return [{n: stacked[n][i].clone() for n in names} for i in range(count)]
+
+
+def decode_columns(
+    payload: bytes | memoryview, schema: BatchSchema, max_samples: int = MAX_BATCH_SAMPLES
+) -> dict[str, torch.Tensor]:
+    """A batch for `schema`'s buffer, checked whole, as one tensor per name (the samples along
+    the first dimension, at least one), each a read-only view of `payload`.
+
+    Raises:
+        MalformedBatchError: The payload is not a safetensors file of the buffer's tensors.
+        ResourceLimitError: It carries more than `max_samples` samples.
+    """
     import torch
 
     from shared.dtypes import BY_SAFETENSORS
@@ -192,16 +211,12 @@ def decode_batch(
         if begin == end:
             stacked[name] = torch.empty(shape, dtype=dtype)
         else:
-            # A read-only view of the payload: only the per-sample copies below are kept.
+            # A read-only view of the payload: the caller copies what it keeps.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "The given buffer is not writable")
                 flat = torch.frombuffer(data[begin:end], dtype=dtype)
             stacked[name] = flat.reshape(shape)
-    # Each sample a copy of its own: a view would keep its whole batch alive for as long as
-    # the buffer keeps that one sample (a random-replacement buffer could keep a batch per
-    # sample it holds).
-    names = schema.names
-    return [{n: stacked[n][i].clone() for n in names} for i in range(count)]
+    return {name: stacked[name] for name in schema.names}
 
 
 def _header(body: bytes, where: str) -> dict[str, Any]:

@@ -12,7 +12,10 @@ serves, each exact:
       u64 count | u64 varint_bytes | varints | count * itemsize value bytes   (little-endian)
 
 "Changed" compares bits, not values (NaN and -0.0 included). Everything is vectorised numpy
-over the raw bytes viewed as unsigned words of the element size; nothing loops per element.
+over the raw bytes, nothing loops per element: changed elements are found comparing 8-byte
+words a block at a time, and only the words that differ are split into elements. For tensors
+off the CPU (a CUDA trainer's), `encode_tensor` compares them with torch where they live and
+copies only the changed positions and values (or the XOR) to the host.
 `encode` returns None when an encoding would not be smaller than the whole bytes, so one never
 travels larger; `decode` checks every length and position and raises EncodingError (a
 ValueError) naming what is wrong, before writing anything the caller would keep.
@@ -24,6 +27,7 @@ import os
 
 import lz4.block
 import numpy as np
+import torch
 import zstandard
 
 WHOLE = "whole"
@@ -33,7 +37,8 @@ SPARSE = "sparse"
 ENCODINGS = (XOR_ZSTD, XOR_LZ4, SPARSE)  # besides WHOLE, which is no encoding
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_BLOCK = 1 << 18  # elements compared per pass: the operands stay in cache
+_TORCH_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BLOCK = 1 << 16  # 8-byte words compared per pass: the operands stay in cache
 _SPARSE_HEADER = 16
 _MAX_VARINT = 10  # bytes of a LEB128 uint64
 _COMPRESS_THREADS = min(os.cpu_count() or 1, 8)
@@ -52,17 +57,39 @@ def words(data: np.ndarray, itemsize: int) -> np.ndarray:
 
 
 def changed_positions(new: np.ndarray, base: np.ndarray, itemsize: int) -> np.ndarray:
-    """The positions (int64, increasing) of the elements whose bits differ."""
-    a, b = words(new, itemsize), words(base, itemsize)
+    """The positions (int64, increasing) of the elements whose bits differ.
+
+    Compared 8 bytes at a time (a block at a time, so the operands stay in cache): most words
+    of a sparse change are equal, and only the words that differ are split into elements."""
+    size = len(new)
+    whole = size - size % 8
+    aw, bw = new[:whole].view(np.uint64), base[:whole].view(np.uint64)
+    lanes = 8 // itemsize
+    shift = lanes.bit_length() - 1
+    word = _WORDS[itemsize]
     parts = []
-    differs = np.empty(min(len(a), _BLOCK), np.bool_)
-    for start in range(0, len(a), _BLOCK):
-        block = a[start : start + _BLOCK]
-        mask = differs[: len(block)]
-        np.not_equal(block, b[start : start + len(block)], out=mask)
+    differs = np.empty(min(len(aw), _BLOCK), np.bool_)
+    for start in range(0, len(aw), _BLOCK):
+        a, b = aw[start : start + _BLOCK], bw[start : start + _BLOCK]
+        mask = differs[: len(a)]
+        np.not_equal(a, b, out=mask)
         found = np.flatnonzero(mask)
-        if len(found):
-            parts.append(found + start if start else found)
+        if not len(found):
+            continue
+        if lanes > 1:
+            xor = np.take(a, found)
+            xor ^= np.take(b, found)
+            lane = np.flatnonzero(xor.view(word) != 0)  # a bool mask: the fast path
+            found = np.take(found, lane >> shift)
+            found += start
+            found <<= shift
+            found += lane & (lanes - 1)
+        elif start:
+            found += start
+        parts.append(found)
+    if whole < size:  # the last few elements, past the last whole word
+        a, b = words(new[whole:], itemsize), words(base[whole:], itemsize)
+        parts.append(np.flatnonzero(a != b) + whole // itemsize)
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
@@ -72,13 +99,75 @@ def encode(encoding: str, new: np.ndarray, base: np.ndarray, itemsize: int) -> b
         raise ValueError(f"new and base differ in size: {new.shape} vs {base.shape}")
     if encoding == SPARSE:
         data = _sparse(new, base, itemsize)
-    elif encoding == XOR_ZSTD:
-        data = _compressor().compress(np.bitwise_xor(new, base))
-    elif encoding == XOR_LZ4:
-        data = lz4.block.compress(np.bitwise_xor(new, base), store_size=False)
     else:
-        raise ValueError(f"unknown encoding {encoding!r}")
+        data = _compress(encoding, np.bitwise_xor(new, base))
     return data if data is not None and len(data) < len(new) else None
+
+
+def _compress(encoding: str, xor: np.ndarray) -> bytes:
+    if encoding == XOR_ZSTD:
+        return _compressor().compress(xor.data)
+    if encoding == XOR_LZ4:
+        return bytes(lz4.block.compress(xor, store_size=False))
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
+def host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 array on the host (a view for a contiguous CPU one)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy()
+
+
+def _tensor_words(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's elements as integer words of its element size, flat, on its device."""
+    word = _TORCH_WORDS.get(tensor.element_size())
+    if word is None:
+        raise ValueError(f"no element-level encoding for {tensor.element_size()}-byte elements")
+    return tensor.detach().contiguous().reshape(-1).view(word)
+
+
+def encode_tensor(
+    encoding: str, new: torch.Tensor, base: torch.Tensor, *, on_device: bool | None = None
+) -> bytes | None:
+    """`encode` of two tensors of one dtype and shape. With `on_device` (the default for
+    tensors off the CPU, a CUDA trainer's) the tensors are compared with torch where they live
+    and only what the encoding needs comes to the host: for `sparse` the changed positions and
+    their values, for the XOR encodings the XOR. The bytes are the same either way."""
+    if new.shape != base.shape or new.dtype != base.dtype or new.device != base.device:
+        raise ValueError("new and base differ in shape, dtype or device")
+    if on_device is None:
+        on_device = new.device.type != "cpu"
+    itemsize, size = new.element_size(), new.numel() * new.element_size()
+    if not on_device:
+        return encode(encoding, host_bytes(new), host_bytes(base), itemsize)
+    a, b = _tensor_words(new), _tensor_words(base)
+    if encoding == SPARSE:
+        differs = torch.ne(a, b)
+        if int(torch.count_nonzero(differs)) * itemsize + _SPARSE_HEADER >= size:
+            return None  # counted where the tensors live: nothing is copied for a dense change
+        positions = torch.nonzero(differs).reshape(-1)
+        values = a[positions].cpu().numpy().view(_WORDS[itemsize])
+        return sparse_bytes(positions.cpu().numpy().astype(np.int64, copy=False), values, size)
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    xor = torch.bitwise_xor(a, b).cpu().view(torch.uint8).numpy()
+    data = _compress(encoding, xor)
+    return data if len(data) < size else None
+
+
+def changed_share(new: torch.Tensor, base: torch.Tensor, sample: int | None = None) -> float:
+    """The share of elements whose bits differ, with torch where the tensors live; on the
+    first `sample` elements of each of 16 evenly spaced blocks where `sample` is given."""
+    a, b = _tensor_words(new), _tensor_words(base)
+    count = len(a)
+    if not count:
+        return 0.0
+    if sample is None or count <= 16 * sample:
+        return int(torch.count_nonzero(torch.ne(a, b))) / count
+    step = count // 16
+    a = a[: step * 16].reshape(16, step)[:, :sample]
+    b = b[: step * 16].reshape(16, step)[:, :sample]
+    return int(torch.count_nonzero(torch.ne(a, b))) / (16 * sample)
 
 
 def decode(
@@ -131,15 +220,24 @@ def _sparse(new: np.ndarray, base: np.ndarray, itemsize: int) -> bytes | None:
     positions = changed_positions(new, base, itemsize)
     if len(positions) * itemsize + _SPARSE_HEADER >= len(new):
         return None  # the values alone would not be smaller
-    gaps = np.empty(len(positions), np.int64)
-    if len(positions):
+    return sparse_bytes(positions, np.take(words(new, itemsize), positions), len(new))
+
+
+def sparse_bytes(positions: np.ndarray, values: np.ndarray, size: int) -> bytes | None:
+    """The `sparse` encoding of a tensor of `size` bytes whose elements at `positions` (int64,
+    increasing) take `values` (unsigned words); None where it would not be smaller."""
+    count = len(positions)
+    if count * values.itemsize + _SPARSE_HEADER >= size:
+        return None
+    gaps = np.empty(count, np.int64)
+    if count:
         gaps[0] = positions[0]
         np.subtract(positions[1:], positions[:-1], out=gaps[1:])
         gaps[1:] -= 1
     varints = varint_encode(gaps.view(np.uint64))
-    values = words(new, itemsize)[positions]
-    head = np.array([len(positions), len(varints)], dtype="<u8").tobytes()
-    return b"".join([head, varints.tobytes(), values.tobytes()])
+    head = np.array([count, len(varints)], dtype="<u8").tobytes()
+    data = b"".join([head, varints.tobytes(), values.tobytes()])
+    return data if len(data) < size else None
 
 
 def _read_sparse(
@@ -170,23 +268,22 @@ def _read_sparse(
 
 
 def varint_encode(values: np.ndarray) -> np.ndarray:
-    """LEB128 bytes of each uint64 in `values`, back to back (vectorised by byte position)."""
+    """LEB128 bytes of each uint64 in `values`, back to back: every value's low 7 bits (with
+    its continuation bit), and after each value that needs more, the LEB128 bytes of the rest
+    of it (the same done again on those few, inserted in place)."""
     values = values.astype(np.uint64, copy=False)
-    most = int(values.max()).bit_length() if len(values) else 0
-    longest = max(1, -(-most // 7))
-    if longest == 1:  # every gap under 128: one byte each
-        return values.astype(np.uint8)
-    lengths = np.ones(len(values), np.uint8)
-    for j in range(1, longest):
-        lengths += values >= np.uint64(1 << (7 * j))
-    ends = np.cumsum(lengths, dtype=np.int64)
-    out = np.empty(int(ends[-1]), np.uint8)
-    starts = ends - lengths
-    for j in range(longest):
-        sel = np.flatnonzero(lengths > j) if j else slice(None)
-        byte = ((values[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
-        out[starts[sel] + j] = byte | ((lengths[sel] > j + 1).view(np.uint8) << 7)
-    return out
+    more = values >= np.uint64(0x80)
+    low = values.astype(np.uint8)
+    low &= np.uint8(0x7F)
+    low |= more.view(np.uint8) << np.uint8(7)
+    longer = np.flatnonzero(more)
+    if not len(longer):  # every value under 128: one byte each
+        return low
+    tail = varint_encode(values[longer] >> np.uint64(7))
+    if len(tail) == len(longer):  # each of them in two bytes
+        return np.insert(low, longer + 1, tail)
+    lengths = np.diff(np.flatnonzero(tail < 0x80), prepend=-1)
+    return np.insert(low, np.repeat(longer + 1, lengths), tail)
 
 
 def varint_decode(data: np.ndarray, count: int) -> np.ndarray:

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.limits import CallBudget
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_server
 from trainer_service.experience.service import ExperiencePlane
-from trainer_service.experience.servicer import ExperienceServicer
+from trainer_service.experience.servicer import ExperienceServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class ExperienceServer:
             budget=budget,
             name="experience",
         )
-        pb_grpc.add_ExperienceServicer_to_server(ExperienceServicer(plane), self._server)
+        add_to_server(ExperienceServicer(plane), self._server)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         for service in ("", SERVICE):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -1,4 +1,8 @@
-"""experience.v1.Experience: convert, delegate to the ExperiencePlane, convert back."""
+"""experience.v1.Experience: convert, delegate to the ExperiencePlane, convert back.
+
+Collect takes its Batch messages unparsed and reads them by hand (shared/data/remote/wire.py),
+the payload a view of the message: protobuf's parse would copy it (see shared/weights/wire.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 from typing_extensions import override
 
+from shared.data.remote.wire import parse_batch
 from shared.errors import ServiceError
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
@@ -20,11 +25,12 @@ class ExperienceServicer(pb_grpc.ExperienceServicer):  # type: ignore[misc]
 
     @override
     def Collect(
-        self, request_iterator: Iterator[pb.Batch], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[pb.BatchAck]:
         # A generator: the error table is applied inside it, where the errors are raised.
         try:
-            for batch in request_iterator:
+            for message in request_iterator:
+                batch = parse_batch(message)
                 stored = self._plane.store(
                     batch.buffer, batch.sequence, batch.payload, batch.collector_id
                 )
@@ -68,4 +74,23 @@ def buffer_state(info: BufferInfo) -> pb.BufferState:
         size=info.size,
         received=info.received,
         max_queue_size=info.max_queue_size,
+    )
+
+
+def add_to_server(servicer: ExperienceServicer, server: grpc.Server) -> None:
+    """Register the service; Collect takes its messages unparsed."""
+    handlers = {
+        "Collect": grpc.stream_stream_rpc_method_handler(
+            servicer.Collect,
+            request_deserializer=None,
+            response_serializer=pb.BatchAck.SerializeToString,
+        ),
+        "ListBuffers": grpc.unary_unary_rpc_method_handler(
+            servicer.ListBuffers,
+            request_deserializer=pb.ListBuffersRequest.FromString,
+            response_serializer=pb.ListBuffersResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("experience.v1.Experience", handlers),)
     )

@@ -1,20 +1,19 @@
 """The RemoteDataCollector: PAMIQ's `collect()` on the agent, batches streamed to a trainer.
 
-The agent calls `collect(sample)` as it calls PAMIQ's collector. A thread of the collector's own
-gathers samples into batches (up to `batch_size` samples, or what came within `max_delay_s`) and
-streams them to the experience plane (experience.v1 `Collect`) of the trainer that holds the
-buffer (route.py), keeping each batch until the trainer acknowledges that it stored it, and
-sending it again on a new call if the call broke first (the trainer stores a resent batch once:
-batches carry this collector's id and a sequence number).
+A thread of the collector's own gathers samples into batches (up to `batch_size` samples, or
+what came within `max_delay_s`) and streams them to the experience plane (experience.v1
+`Collect`) of the trainer that holds the buffer (route.py), keeping each batch until the trainer
+acknowledges it and sending it again on a new call if the call broke first (the trainer stores a
+resent batch once: batches carry this collector's id and a sequence number).
 
-`collect` never waits for the network or the trainer: it copies the sample and queues it under
-a lock that the sending thread holds only to move queued samples. While the trainer is away
-samples wait, at most `max_pending` of them; beyond that the oldest are dropped, logged and
-counted in `stats.dropped`, as are the samples of a batch the trainer refuses (it names why:
-`stats.last_error`). Memory is bounded by `max_pending` samples plus `max_in_flight` batches.
-`flush()` waits until every sample collected so far is acknowledged or dropped; `close()`
-flushes, then stops. Samples still waiting when the process ends without `close()` are lost;
-acknowledged ones are the trainer's.
+`collect` never waits for the network or the trainer: under a lock that the sending thread holds
+only to take rows, it copies the sample's tensors into the next row of a slab (pending.py), so a
+batch leaves already stacked. While the trainer is away samples wait, at most `max_pending` of
+them; beyond that the oldest are dropped, logged and counted in `stats.dropped`, as are the
+samples of a batch the trainer refuses (it names why: `stats.last_error`). Memory is bounded by
+`max_pending` samples plus `max_in_flight` batches. `flush()` waits until every sample collected
+so far is acknowledged or dropped; `close()` flushes, then stops. Samples still waiting when the
+process ends without `close()` are lost; acknowledged ones are the trainer's.
 """
 
 from __future__ import annotations
@@ -28,18 +27,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
+import torch
 
 from shared.data.batch import MAX_BATCH_SAMPLES
 from shared.data.remote.call import Call, refused, status
+from shared.data.remote.pending import Pending
 from shared.data.remote.route import Route, split_addresses
-from shared.data.remote.samples import (
-    CollectorStats,
-    Layout,
-    Sample,
-    copy_sample,
-    describe,
-    layout_of,
-)
+from shared.data.remote.samples import CollectorStats, describe, layout_of
 from shared.data.remote.wire import Framed, frame
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.grpc.auth import TlsFiles
@@ -114,10 +108,9 @@ class RemoteDataCollector:
         self.holder: str | None = None  # the address of the trainer last found holding it
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._pending: deque[tuple[float, Sample]] = deque()
+        self._pending: Pending | None = None  # the samples to send (from the first collected)
         self._unacked: deque[Framed] = deque()  # in sequence order; sent or to (re)send
         self._in_transit = 0  # samples taken from _pending, not yet in a batch of _unacked
-        self._layout: Layout | None = None
         self._sequence = 0
         self._collected = self._acknowledged_samples = self._dropped = 0
         self._last_error: str | None = None
@@ -144,26 +137,23 @@ class RemoteDataCollector:
             ValueError: The sample's names, dtypes or shapes differ from the first sample's.
             RuntimeError: The collector is closed.
         """
-        sample = copy_sample(data)
-        layout = layout_of(sample)
         with self._lock:
             if self._closing:
                 raise RuntimeError("this RemoteDataCollector is closed")
-            if self._layout is None:
-                self._layout = layout
-            elif layout != self._layout:
-                raise ValueError(
-                    f"sample {describe(layout)} differs from the first one collected, "
-                    f"{describe(self._layout)}: every sample of buffer {self.buffer!r} holds "
-                    "the same names, dtypes and shapes"
-                )
+            if self._pending is None:
+                self._pending = Pending(layout_of(data), self._batch_size)
+            try:
+                full = self._pending.put(data, time.monotonic())
+            except ValueError as exc:
+                first = describe(self._pending.layout)
+                why = f"sample differs from the first one collected, {first}: {exc}"
+                raise ValueError(why) from None
             self._collected += 1
-            self._pending.append((time.monotonic(), sample))
-            if len(self._pending) > self._max_pending:
-                self._pending.popleft()
+            if self._pending.count > self._max_pending:
+                self._pending.take(1)
                 self._drop(1, "the queue of samples waiting for the trainer is full")
-            if len(self._pending) == self._batch_size:  # a batch is full: wake the sender
-                self._changed.notify_all()  # (once: beyond, it has work until it waits for acks)
+            if full:  # a batch is full: wake the sender
+                self._changed.notify_all()
 
     @property
     def stats(self) -> CollectorStats:
@@ -181,7 +171,7 @@ class RemoteDataCollector:
             self._flushing += 1
             self._changed.notify_all()
             try:
-                while self._pending or self._unacked or self._in_transit:
+                while self._queued or self._unacked or self._in_transit:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
@@ -201,8 +191,8 @@ class RemoteDataCollector:
             self._closing = True
             if not flushed:
                 self._abandoned = True
-                left = len(self._pending) + sum(b.samples for b in self._unacked)
-                self._pending.clear()
+                left = sum(b.samples for b in self._unacked)
+                left += self._pending.clear() if self._pending else 0
                 self._unacked.clear()
                 if left:
                     self._drop(left, "the collector closed before the trainer acknowledged them")
@@ -244,14 +234,14 @@ class RemoteDataCollector:
         """Block until there is something to do: 'connect', 'send', or None to stop."""
         idle_since = time.monotonic()
         while True:
-            if self._closing and (self._abandoned or not (self._pending or self._unacked)):
+            if self._closing and (self._abandoned or not (self._queued or self._unacked)):
                 return None
             now = time.monotonic()
             call = self._call
             if call is not None and call.ended:
                 self._call = call = None
             wake = 1.0
-            if self._unacked or self._pending:
+            if self._unacked or self._queued:
                 idle_since = now
                 if call is None:
                     return "connect"
@@ -276,19 +266,20 @@ class RemoteDataCollector:
             self._changed.wait(max(0.001, wake))
 
     def _batch_due(self, now: float) -> bool:
-        if not self._pending or len(self._unacked) >= self._max_in_flight:
+        pending = self._pending
+        if not pending or not pending.count or len(self._unacked) >= self._max_in_flight:
             return False
         return (
-            len(self._pending) >= self._batch_size
-            or now - self._pending[0][0] >= self._max_delay_s
+            pending.count >= self._batch_size
+            or now - pending.oldest >= self._max_delay_s
             or self._flushing > 0
             or self._closing
         )
 
     def _next_wake(self, now: float) -> float:
         waits = [1.0]
-        if self._pending and len(self._unacked) < self._max_in_flight:
-            waits.append(self._max_delay_s - (now - self._pending[0][0]))
+        if self._pending and self._pending.count and len(self._unacked) < self._max_in_flight:
+            waits.append(self._max_delay_s - (now - self._pending.oldest))
         if self._unacked and self._unacked[0].sent_at is not None:
             waits.append(self._timeout_s - (now - self._unacked[0].sent_at))
         return max(0.001, min(waits))
@@ -315,18 +306,19 @@ class RemoteDataCollector:
             if call is None or call.ending:
                 return
             resend = [b for b in self._unacked if b.sent_at is None]
-            samples: list[Sample] = []
+            columns: dict[str, torch.Tensor] = {}
+            take = 0
             if not resend and self._batch_due(time.monotonic()):
                 _, max_samples = self._limits or (0, MAX_BATCH_SAMPLES)
-                take = min(self._batch_size, max_samples, len(self._pending))
-                samples = [self._pending.popleft()[1] for _ in range(take)]
+                assert self._pending is not None
+                columns, take = self._pending.take(min(self._batch_size, max_samples))
                 self._in_transit = take
-        batches = self._encode(samples)
+        batches = self._encode(columns, take)
         with self._lock:
             self._in_transit = 0
             if self._abandoned:
-                if samples:
-                    self._drop(len(samples), "the collector closed before they were sent")
+                if take:
+                    self._drop(take, "the collector closed before they were sent")
                 return
             self._unacked.extend(batches)  # kept whatever happens next: a later call resends
         for batch in [*resend, *batches]:
@@ -336,20 +328,20 @@ class RemoteDataCollector:
                 batch.sent_at = time.monotonic()
             call.requests.put(batch.message)
 
-    def _encode(self, samples: list[Sample]) -> list[Framed]:
+    @property
+    def _queued(self) -> int:
+        return self._pending.count if self._pending else 0
+
+    def _encode(self, columns: dict[str, torch.Tensor], count: int) -> list[Framed]:
         """Samples as batches within the trainer's byte limit."""
         max_bytes = self._limits[0] if self._limits else None
         batches = []
-        for item in frame(samples, max_bytes, self.buffer, self.collector_id, self._next):
+        for item in frame(columns, count, max_bytes, self.buffer, self.collector_id, self._next):
             if isinstance(item, Framed):
                 batches.append(item)
-                continue
-            with self._lock:
-                self._drop(
-                    1,
-                    f"a sample takes {item.size} bytes; the trainer takes batches of at most "
-                    f"{item.max_bytes}",
-                )
+            else:
+                with self._lock:
+                    self._drop(1, str(item))
         return batches
 
     def _next(self) -> int:
@@ -402,6 +394,6 @@ class RemoteDataCollector:
             self._collected,
             self._acknowledged_samples,
             self._dropped,
-            len(self._pending) + self._in_transit + in_flight,
+            self._queued + self._in_transit + in_flight,
             self._last_error,
         )

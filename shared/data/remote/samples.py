@@ -1,4 +1,4 @@
-"""What a RemoteDataCollector holds and reports: samples as CPU tensors, and its stats."""
+"""What a RemoteDataCollector reports (its stats), and the layout its samples must keep."""
 
 from __future__ import annotations
 
@@ -25,28 +25,23 @@ class CollectorStats:
     last_error: str | None
 
 
-def copy_sample(data: Mapping[str, Any]) -> Sample:
-    """A CPU copy of each of a sample's values: tensors and numpy arrays keep their dtype,
-    Python numbers take torch's (float32, int64, bool)."""
-    return {name: _copy(value) for name, value in data.items()}
-
-
-def _copy(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.is_cpu:  # clone: half the cost of .to("cpu", copy=True); detach only if needed
-            return value.detach().clone() if value.requires_grad else value.clone()
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, (np.ndarray, np.generic)):
-        return torch.from_numpy(np.array(value, copy=True))
-    return torch.tensor(value)
-
-
 Layout = dict[str, tuple[torch.dtype, torch.Size]]
 
 
-def layout_of(sample: Sample) -> Layout:
-    return {name: (t.dtype, t.shape) for name, t in sample.items()}
+def layout_of(data: Mapping[str, Any]) -> Layout:
+    """Each of a sample's names with its values' dtype and shape (as `collect` stores them:
+    numpy keeps its dtype, Python numbers take torch's: float32, int64, bool)."""
+    tensors = {name: as_tensor(value) for name, value in data.items()}
+    return {name: (t.dtype, t.shape) for name, t in tensors.items()}
 
 
 def describe(layout: Layout) -> str:
     return "{" + ", ".join(f"{n}: {d} {list(s)}" for n, (d, s) in layout.items()) + "}"
+
+
+def as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, np.generic)):
+        return torch.from_numpy(np.asarray(value))
+    return torch.tensor(value)

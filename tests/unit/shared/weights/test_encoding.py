@@ -19,13 +19,17 @@ from shared.weights.encoding import (
     XOR_ZSTD,
     EncodingError,
     changed_positions,
+    changed_share,
     decode,
     encode,
+    encode_tensor,
+    host_bytes,
     varint_decode,
     varint_encode,
 )
 from shared.weights.layout import ENCODINGS_KEY
 from shared.weights.writer import Payload
+from tests.devices import devices
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.int32, torch.int64]
 
@@ -172,3 +176,59 @@ def test_a_payload_with_encoded_tensors_is_still_a_safetensors_file(tmp_path: Pa
         assert torch.equal(f.get_tensor("b"), torch.ones(3))
         described = json.loads(f.metadata()[ENCODINGS_KEY])
     assert described == {"w": {"encoding": SPARSE, "dtype": "BF16", "shape": [4096]}}
+
+
+def reference_positions(new: np.ndarray, base: np.ndarray, itemsize: int) -> list[int]:
+    """Changed positions the plain way: every element compared on its own."""
+    word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
+    return np.flatnonzero(new.view(word) != base.view(word)).tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    size=st.integers(0, 3000),
+    fraction=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_changed_positions_compared_by_words_are_every_changed_element(
+    dtype: torch.dtype, size: int, fraction: float, seed: int
+) -> None:
+    new, base = pair(dtype, size, fraction, seed)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    assert changed_positions(new, base, itemsize).tolist() == reference_positions(
+        new, base, itemsize
+    )
+
+
+def test_changed_positions_across_blocks_and_in_the_tail() -> None:
+    base = np.zeros((1 << 19) + 3, np.uint16)  # two blocks of words, and 3 elements past them
+    new = base.copy()
+    moved = [0, 3, 4, 262_143, 262_144, 262_145, len(base) - 1]
+    new[moved] = 7
+    assert changed_positions(new.view(np.uint8), base.view(np.uint8), 2).tolist() == moved
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8, torch.int64])
+def test_tensors_compared_where_they_live_encode_to_the_same_bytes(
+    device: str, encoding: str, dtype: torch.dtype
+) -> None:
+    new_host, base_host = pair(dtype, 50_000, 0.03, 11)
+    new = torch.from_numpy(new_host.copy()).view(dtype).to(device)
+    base = torch.from_numpy(base_host.copy()).view(dtype).to(device)
+    itemsize = new.element_size()
+    expected = encode(encoding, new_host, base_host, itemsize)
+    assert expected is not None
+    assert encode_tensor(encoding, new, base, on_device=True) == expected
+    assert encode_tensor(encoding, new, base, on_device=False) == expected
+    assert host_bytes(new).tobytes() == new_host.tobytes()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_dense_change_compared_where_it_lives_is_not_encoded_sparse(device: str) -> None:
+    new = torch.arange(10_000, dtype=torch.int32, device=device)
+    assert encode_tensor(SPARSE, new, new + 1, on_device=True) is None
+    assert changed_share(new, new + 1) == 1.0
+    assert changed_share(new, new.clone(), sample=16) == 0.0

@@ -1,0 +1,115 @@
+"""The samples a RemoteDataCollector holds until they are sent: rows of per-batch slabs.
+
+`collect()` copies a sample's tensors straight into the next row of the newest slab (one
+preallocated tensor per name, `batch_size` rows): the one copy it promises, and the stacking
+the wire needs, at once. The sending thread takes the oldest rows as views, already a batch.
+Rows are written once, so views taken stay valid while later rows of the same slab fill.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from shared.data.remote.samples import Layout, as_tensor
+
+
+class Slab:
+    """Up to `capacity` samples of one layout, each tensor's samples stacked in one preallocated
+    tensor: `put` copies a sample's tensors straight into their rows (the one copy `collect()`
+    makes), and `take` hands the oldest rows on as views, already stacked for the wire. Rows are
+    written once, so views taken stay valid while later rows fill."""
+
+    def __init__(self, layout: Layout, capacity: int, created: float) -> None:
+        self.layout = layout
+        self.columns = {n: torch.empty((capacity, *s), dtype=d) for n, (d, s) in layout.items()}
+        self._rows = [(n, d, s, list(self.columns[n].unbind(0))) for n, (d, s) in layout.items()]
+        self.capacity = capacity
+        self.created = created  # when its first sample came: it waits max_delay_s at most
+        self.start = 0  # rows before it were taken or dropped
+        self.end = 0  # rows before it hold samples
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    @property
+    def full(self) -> bool:
+        return self.end == self.capacity
+
+    def put(self, data: Mapping[str, Any]) -> None:
+        """Copy one sample into the next row.
+
+        Raises:
+            ValueError: Its names, dtypes or shapes differ from the layout.
+        """
+        if data.keys() != self.layout.keys():
+            raise ValueError(f"sample names {sorted(data)} differ from {sorted(self.layout)}")
+        row = self.end
+        for name, dtype, shape, rows in self._rows:
+            value = as_tensor(data[name])
+            if value.dtype != dtype or value.shape != shape:
+                raise ValueError(
+                    f"tensor {name!r} is {value.dtype} {list(value.shape)}, not {dtype} "
+                    f"{list(shape)}"
+                )
+            rows[row].copy_(value.detach() if value.requires_grad else value)
+        self.end = row + 1
+
+    def take(self, count: int) -> dict[str, torch.Tensor]:
+        """The oldest `count` rows, each tensor's as one view."""
+        begin, self.start = self.start, self.start + count
+        return {name: column[begin : self.start] for name, column in self.columns.items()}
+
+
+class Pending:
+    """The samples waiting to be sent, oldest first, in slabs of `batch_size` rows."""
+
+    def __init__(self, layout: Layout, batch_size: int) -> None:
+        self.layout = layout
+        self._batch_size = batch_size
+        self._slabs: deque[Slab] = deque()
+        self.count = 0
+
+    def put(self, data: Mapping[str, Any], now: float) -> bool:
+        """Copy one sample in; whether it filled a batch.
+
+        Raises:
+            ValueError: Its names, dtypes or shapes differ from the layout.
+        """
+        slab = self._slabs[-1] if self._slabs else None
+        if slab is None or slab.full:
+            slab = Slab(self.layout, self._batch_size, now)
+            self._slabs.append(slab)
+        try:
+            slab.put(data)
+        except ValueError:
+            if not slab:
+                self._slabs.pop()
+            raise
+        self.count += 1
+        return slab.full
+
+    @property
+    def oldest(self) -> float:
+        """When the oldest waiting sample's slab took its first sample."""
+        return self._slabs[0].created
+
+    def take(self, most: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Up to `most` of the oldest samples (those of the oldest slab), stacked, as views;
+        and how many."""
+        slab = self._slabs[0]
+        count = min(most, len(slab))
+        columns = slab.take(count)
+        self.count -= count
+        if not slab:
+            self._slabs.popleft()  # a slab emptied is not filled again: its time is past
+        return columns, count
+
+    def clear(self) -> int:
+        """Forget every waiting sample; how many there were."""
+        count, self.count = self.count, 0
+        self._slabs.clear()
+        return count
