@@ -230,10 +230,15 @@ def _encoded_totals() -> tuple[float, float, float]:
 
 
 def _timed_sync(
-    publisher: Any, clients: Sequence[Any], model: str, state: Any
+    publisher: Any,
+    clients: Sequence[Any],
+    model: str,
+    state: dict[str, torch.Tensor],
+    served: torch.dtype | None = None,
 ) -> tuple[float, int]:
-    """Seconds from `publish` called to every replica serving the new version, and the bytes
-    the trainer sent (one payload down a chain)."""
+    """Seconds from sync() called (the trained `state` converted to the `served` dtype, then
+    published, as the trainer service does) to every replica serving the new version, and the
+    bytes the trainer sent (one payload down a chain)."""
     before = [int(client.metadata(model).versions[0]) for client in clients]
     seen: list[float | None] = [None] * len(clients)
     done = threading.Event()
@@ -250,7 +255,7 @@ def _timed_sync(
         watcher.start()
     started = time.perf_counter()
     try:
-        report = publisher.publish(model, state)
+        report = publisher.publish(model, served_state(state, served))
         synced = time.perf_counter()
         for watcher in watchers:
             watcher.join(timeout=120)
@@ -310,14 +315,16 @@ def lab_drive(spec: dict[str, Any]) -> int:
                         p.grad = torch.randn(p.shape, generator=g)
                     optimizer.step()
                     raw = {k: v.detach() for k, v in module.state_dict().items()}
-                    state = served_state(raw, case.served)
                     if step == 10:
                         dense0, enc0, cpu0 = _encoded_totals()
-                    seconds, sent = _timed_sync(publisher, clients, model, state)
+                    seconds, sent = _timed_sync(publisher, clients, model, raw, case.served)
                     if step >= 10:
                         measured.append(seconds)
                         wire += sent
-                        served_total += sum(t.numel() * t.element_size() for t in state.values())
+                        served_total += sum(
+                            t.numel() * t.element_size()
+                            for t in served_state(raw, case.served).values()
+                        )
                 dense1, enc1, cpu1 = _encoded_totals()
             finally:
                 publisher.close()

@@ -266,6 +266,11 @@ def main() -> int:
                 f"samples_per_s={args.samples / took:.0f} mb_per_s={payload_mb / took:.1f}"
             )
             print(
+                f"experience raw_ceiling samples_per_s={args.samples / took_raw:.0f} "
+                f"mb_per_s={payload_mb / took_raw:.1f} (the same Batch bytes, pre-built, over a "
+                "bare grpcio stream to a server that only acknowledges them)"
+            )
+            print(
                 f"experience collect_us_per_sample="
                 f"{statistics.median(COLLECT_S) / args.samples * 1e6:.1f} "
                 "(the agent's own cost: copying the sample and queueing it)"

@@ -62,6 +62,18 @@ def check_sync_access(settings: InferenceSettings) -> None:
         )
 
 
+def experience_tls(settings: InferenceSettings) -> TlsFiles | None:
+    """TLS to the trainers' experience planes, when asked for (None: plaintext)."""
+    files = TlsFiles(
+        settings.experience_tls_cert, settings.experience_tls_key, settings.experience_tls_ca
+    )
+    if (files.cert is None) != (files.key is None):
+        raise ConfigurationError("--experience-tls-cert and --experience-tls-key go together")
+    if settings.experience_tls_server_name and not (settings.experience_tls or files.enabled):
+        raise ConfigurationError("--experience-tls-server-name needs TLS: --experience-tls-ca")
+    return files if settings.experience_tls or files.enabled else None
+
+
 def peer_access(settings: InferenceSettings, limits: SyncLimits) -> PeerAccess:
     """How pushes are passed on to other replicas: with the sync plane's own token, over TLS
     when the sync plane serves TLS."""
@@ -179,6 +191,8 @@ def run(settings: InferenceSettings) -> None:
         app.buffers,
         settings.experience,
         token=settings.experience_token,
+        tls=experience_tls(settings),
+        server_name=settings.experience_tls_server_name,
         max_queue=settings.record_queue,
     )
     server = build_server(settings, models, open_store(settings, models), recorder)

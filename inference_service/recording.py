@@ -35,6 +35,7 @@ from shared.errors import (
     InvalidArgumentError,
     UnsupportedError,
 )
+from shared.grpc.auth import TlsFiles
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +113,14 @@ class Recorder:
         trainers: Sequence[str] | None,
         *,
         token: str | None = None,
+        tls: TlsFiles | None = None,
+        server_name: str | None = None,
         max_queue: int = DEFAULT_QUEUE,
         max_pending: int = 10_000,
     ) -> None:
         """Record requests of `models` into `buffers` of the trainers at `trainers` (their
-        experience planes; None: recording is off).
+        experience planes; None: recording is off), presenting `token`, over TLS with `tls`
+        (verifying the trainers as `server_name` where the addresses name them otherwise).
 
         Raises:
             ConfigurationError: A model declares recording into a buffer that the app does not
@@ -126,6 +130,8 @@ class Recorder:
         self._buffers = buffers
         self._trainers = list(trainers) if trainers else None
         self._token = token
+        self._tls = tls
+        self._server_name = server_name
         self._max_pending = max_pending
         self._declared: dict[str, tuple[Plan, ...]] = {}
         self._asked: dict[tuple[str, str], Plan] = {}
@@ -241,7 +247,12 @@ class Recorder:
         collector = self._collectors.get(p.buffer)
         if collector is None:
             collector = RemoteDataCollector(
-                self._trainers, p.buffer, token=self._token, max_pending=self._max_pending
+                self._trainers,
+                p.buffer,
+                token=self._token,
+                tls=self._tls,
+                server_name=self._server_name,
+                max_pending=self._max_pending,
             )
             self._collectors[p.buffer] = collector
             self._dropped_seen[p.buffer] = 0

@@ -311,6 +311,55 @@ class InferenceSettings:
             metavar="TOKEN",
         ),
     )
+    experience_tls: bool = field(
+        default=False,
+        metadata=option(
+            "--experience-tls",
+            "INFERENCE_EXPERIENCE_TLS",
+            "reach the trainers' experience planes over TLS, verifying them against the "
+            "system's CAs (implied by --experience-tls-ca and --experience-tls-cert)",
+            BOOLEAN,
+            switch=True,
+        ),
+    )
+    experience_tls_ca: Path | None = field(
+        default=None,
+        metadata=option(
+            "--experience-tls-ca",
+            "INFERENCE_EXPERIENCE_TLS_CA",
+            "PEM CA: reach the trainers' experience planes over TLS, verifying them against it",
+            PATH,
+        ),
+    )
+    experience_tls_cert: Path | None = field(
+        default=None,
+        metadata=option(
+            "--experience-tls-cert",
+            "INFERENCE_EXPERIENCE_TLS_CERT",
+            "PEM client certificate presented to the trainers' experience planes, where they "
+            "require mutual TLS",
+            PATH,
+        ),
+    )
+    experience_tls_key: Path | None = field(
+        default=None,
+        metadata=option(
+            "--experience-tls-key",
+            "INFERENCE_EXPERIENCE_TLS_KEY",
+            "PEM private key of --experience-tls-cert",
+            PATH,
+        ),
+    )
+    experience_tls_server_name: str | None = field(
+        default=None,
+        metadata=option(
+            "--experience-tls-server-name",
+            "INFERENCE_EXPERIENCE_TLS_SERVER_NAME",
+            "the host name the trainers' certificates carry, when --experience names them "
+            "otherwise (IP addresses)",
+            metavar="NAME",
+        ),
+    )
     record_queue: int = field(
         default=DEFAULT_QUEUE,
         metadata=option(

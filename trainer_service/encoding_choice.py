@@ -116,6 +116,7 @@ class _Shared:
     """One tensor's encoding, made once for every target that takes the same version on the
     same base: the first to need it encodes, the others wait for it."""
 
+    encoding: str
     ready: threading.Event = field(default_factory=threading.Event)
     data: bytes | None = None
 
@@ -154,8 +155,8 @@ class EncodingChooser:
         self._loopback: dict[str, bool] = {}
         self._speeds: Speeds | None = None
         self._shared_lock = threading.Lock()
-        # model -> (version, {(base version, tensor, encoding): its encoding})
-        self._shared: dict[str, tuple[int, dict[tuple[int, str, str], _Shared]]] = {}
+        # model -> (version, {(base version, tensor): its encoding})
+        self._shared: dict[str, tuple[int, dict[tuple[int, str], _Shared]]] = {}
 
     def wants_bases(self, address: str) -> bool:
         """Whether deltas to `address` may travel encoded, so a base copy is worth keeping."""
@@ -258,10 +259,14 @@ class EncodingChooser:
             encoding = self.mode
         if encoding == WHOLE:
             return WHOLE, None, False
+        # An encoding another target's push made already costs nothing more to make: it is
+        # taken whichever encoding this link would have chosen, as long as it is not whole.
         shared, mine = self._shared_slot(push, name, encoding)
         if shared is not None and not mine:
             shared.ready.wait()
-            return (WHOLE, None, False) if shared.data is None else (encoding, shared.data, True)
+            if shared.data is None:
+                return WHOLE, None, False
+            return shared.encoding, shared.data, True
         data = None
         try:
             data = self._encode(encoding, tensor, base, speeds, fraction)
@@ -298,8 +303,9 @@ class EncodingChooser:
     def _shared_slot(
         self, push: PushKey | None, name: str, encoding: str
     ) -> tuple[_Shared | None, bool]:
-        """The shared encoding of tensor `name` in `push`, and whether this caller makes it.
-        Only the newest version of each model is shared; older ones encode on their own."""
+        """The shared encoding of tensor `name` in `push`, and whether this caller makes it (in
+        `encoding`). Only the newest version of each model is shared; older ones encode on
+        their own."""
         if push is None:
             return None, True
         model, version, base_version = push
@@ -310,11 +316,10 @@ class EncodingChooser:
                 self._shared[model] = current
             elif current[0] > version:
                 return None, True
-            key = (base_version, name, encoding)
-            slot = current[1].get(key)
+            slot = current[1].get((base_version, name))
             if slot is not None:
                 return slot, False
-            slot = current[1][key] = _Shared()
+            slot = current[1][(base_version, name)] = _Shared(encoding)
             return slot, True
 
     def _cheapest(

@@ -13,8 +13,10 @@ for the hop in a small queue, so a slow hop slows the chain and memory does not 
 takes nothing for that long is cut and reported stalled (DEADLINE_EXCEEDED), as is one that has
 not answered that long per hop left on the route (each waits for the ones after it) after the
 local commit. A hop that refuses, cannot be reached or goes away is reported with
-its status; the local push goes on. A local push that fails cancels its forward: the hops after
-it commit nothing of it.
+its status; the local push goes on. The channel to a hop is closed off the push's path: closing
+one to a hop whose link went dark waits until TCP gives it up (about 20 s), which would hold up
+this replica's answer and so the whole chain. A local push that fails cancels its forward: the
+hops after it commit nothing of it.
 
 A replica dials its hop with its own sync plane's credentials: the sync token it requires (if
 any), and TLS when its sync plane serves TLS, verifying the name the route gives for the hop.

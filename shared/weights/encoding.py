@@ -300,7 +300,9 @@ def varint_decode(data: np.ndarray, count: int) -> np.ndarray:
     if int(lengths.max()) > _MAX_VARINT:
         raise EncodingError("a varint runs longer than 10 bytes")
     values = (data[starts] & 0x7F).astype(np.uint64)
+    longer = np.flatnonzero(lengths > 1)  # the few values of more than one byte, by index
     for j in range(1, int(lengths.max())):
-        sel = lengths > j
-        values[sel] |= (data[starts[sel] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        group = (data[starts[longer] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        values[longer] |= group
+        longer = longer[lengths[longer] > j + 1]
     return values

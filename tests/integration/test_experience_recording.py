@@ -2,7 +2,7 @@
 model serves (declared in the app, or asked for with the OIP parameter `record`) into the
 trainer's buffers over the experience plane, refuses to record into buffers the app does not
 declare or that the model cannot fill, and counts what it drops while the trainer is away,
-answering every request meanwhile."""
+answering every request meanwhile; and reaches a trainer that requires mutual TLS and a token."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,10 +18,15 @@ import torch
 
 from shared import protocol
 from shared.data.persist import load_samples
+from shared.gen.experience.v1 import experience_pb2 as pb
+from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.gen.inference import grpc_service_pb2 as oip
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from shared.grpc.auth import TlsFiles
+from shared.grpc.channel import open_channel
 from shared.grpc.errors import error_reason
 from tests.integration.conftest import Inference, Services, wait_until
+from tests.integration.pki import SERVER_NAME
 from tests.integration.test_experience import start_trainer
 
 APP = "tests.integration.experience_apps:recorded"
@@ -119,3 +125,53 @@ def test_requests_are_answered_and_drops_counted_while_the_trainer_is_away(
     dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
     wait_until(lambda: metric(inference, dropped) == rows - 10_000)
     assert metric(inference, 'weightsync_inference_recorded_samples_total{buffer="served"}') == rows
+
+
+def test_recording_reaches_a_trainer_that_requires_mutual_tls_and_a_token(
+    services: Services, pki: Path
+) -> None:
+    services.env.update(
+        INFERENCE_EXPERIENCE_TOKEN="recorders-only",
+        TRAINER_EXPERIENCE_TOKEN="recorders-only",
+        TRAINER_EXPERIENCE_TLS_CERT=str(pki / "server.pem"),
+        TRAINER_EXPERIENCE_TLS_KEY=str(pki / "server.key"),
+        TRAINER_EXPERIENCE_TLS_CLIENT_CA=str(pki / "ca.pem"),
+    )
+    port = free_port()
+    inference = services.inference(
+        APP,
+        "--experience",
+        f"127.0.0.1:{port}",
+        "--experience-tls-ca",
+        str(pki / "ca.pem"),
+        "--experience-tls-cert",
+        str(pki / "client.pem"),
+        "--experience-tls-key",
+        str(pki / "client.key"),
+        "--experience-tls-server-name",
+        SERVER_NAME,
+    )
+    trainer = start_trainer(
+        services, "--experience-listen", f"127.0.0.1:{port}", app=APP, targets=(inference.sync,)
+    )
+    x = torch.tensor([[1.0], [2.0], [3.0]])
+    answer = infer(inference, request(x))
+
+    tls = TlsFiles(pki / "client.pem", pki / "client.key", pki / "ca.pem")
+    with open_channel(
+        trainer.address, 1 << 20, token="recorders-only", tls=tls, server_name=SERVER_NAME
+    ) as channel:
+        stub = pb_grpc.ExperienceStub(channel)
+
+        def received() -> int:
+            answer = stub.ListBuffers(pb.ListBuffersRequest(), timeout=10)
+            return next(b.received for b in answer.buffers if b.name == "served")
+
+        wait_until(lambda: received() == 3)
+    trainer.process.send_signal(signal.SIGTERM)  # it checkpoints its buffers as it stops
+    assert trainer.process.wait(timeout=60) == 0
+    served = load_samples(trainer.state / "checkpoint" / "data" / "served" / "buffer.safetensors")
+    assert torch.equal(torch.stack([s["x"] for s in served]), x)
+    assert torch.equal(torch.stack([s["y"] for s in served]), answer)
+    dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
+    assert metric(inference, dropped) == 0

@@ -150,7 +150,7 @@ class RemoteDataCollector:
                 raise ValueError(why) from None
             self._collected += 1
             if self._pending.count > self._max_pending:
-                self._pending.take(1)
+                self._pending.drop_oldest()
                 self._drop(1, "the queue of samples waiting for the trainer is full")
             if full:  # a batch is full: wake the sender
                 self._changed.notify_all()
@@ -181,11 +181,8 @@ class RemoteDataCollector:
                 self._flushing -= 1
 
     def close(self, timeout: float | None = 10.0) -> CollectorStats:
-        """Flush for up to `timeout` seconds, then stop; what is still waiting is dropped.
-
-        Returns:
-            The final stats.
-        """
+        """Flush for up to `timeout` seconds, then stop (what still waits is dropped); return
+        the final stats."""
         flushed = self.flush(timeout)
         with self._lock:
             self._closing = True
@@ -307,15 +304,16 @@ class RemoteDataCollector:
                 return
             resend = [b for b in self._unacked if b.sent_at is None]
             columns: dict[str, torch.Tensor] = {}
-            take = 0
-            if not resend and self._batch_due(time.monotonic()):
-                _, max_samples = self._limits or (0, MAX_BATCH_SAMPLES)
-                assert self._pending is not None
-                columns, take = self._pending.take(min(self._batch_size, max_samples))
+            pending, take, emptied = self._pending, 0, None
+            if not resend and pending is not None and self._batch_due(time.monotonic()):
+                most = min(self._batch_size, (self._limits or (0, MAX_BATCH_SAMPLES))[1])
+                columns, take, emptied = pending.take(most)
                 self._in_transit = take
         batches = self._encode(columns, take)
         with self._lock:
             self._in_transit = 0
+            if pending is not None:
+                pending.reuse(emptied)  # the batch is framed: its rows may be filled again
             if self._abandoned:
                 if take:
                     self._drop(take, "the collector closed before they were sent")

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from shared.data.remote.samples import Layout, as_tensor
@@ -26,8 +27,12 @@ class Slab:
     def __init__(self, layout: Layout, capacity: int, created: float) -> None:
         self.layout = layout
         self.columns = {n: torch.empty((capacity, *s), dtype=d) for n, (d, s) in layout.items()}
-        self._rows = [(n, d, s, list(self.columns[n].unbind(0))) for n, (d, s) in layout.items()]
+        self._rows = [(n, d, s, _rows(self.columns[n])) for n, (d, s) in layout.items()]
         self.capacity = capacity
+        self.reset(created)
+
+    def reset(self, created: float) -> None:
+        """Start empty (again: a slab is reused once its rows are sent, its memory warm)."""
         self.created = created  # when its first sample came: it waits max_delay_s at most
         self.start = 0  # rows before it were taken or dropped
         self.end = 0  # rows before it hold samples
@@ -45,23 +50,46 @@ class Slab:
         Raises:
             ValueError: Its names, dtypes or shapes differ from the layout.
         """
-        if data.keys() != self.layout.keys():
+        if len(data) != len(self._rows):
             raise ValueError(f"sample names {sorted(data)} differ from {sorted(self.layout)}")
         row = self.end
-        for name, dtype, shape, rows in self._rows:
-            value = as_tensor(data[name])
-            if value.dtype != dtype or value.shape != shape:
+        for name, dtype, shape, rows in self._rows:  # the hot path: few calls per tensor
+            value = data.get(name)
+            if type(value) is not torch.Tensor:
+                if value is None:
+                    raise ValueError(
+                        f"sample names {sorted(data)} differ from {sorted(self.layout)}"
+                    )
+                value = as_tensor(value)
+            if value.dtype is not dtype or value.shape != shape:
                 raise ValueError(
                     f"tensor {name!r} is {value.dtype} {list(value.shape)}, not {dtype} "
                     f"{list(shape)}"
                 )
-            rows[row].copy_(value.detach() if value.requires_grad else value)
+            if type(rows) is np.ndarray:  # numpy's copy: the cheapest call per tensor
+                if value.requires_grad or not value.is_cpu:
+                    value = value.detach().cpu()
+                rows[row] = value.numpy()
+            else:
+                rows[row].copy_(value.detach())
         self.end = row + 1
 
     def take(self, count: int) -> dict[str, torch.Tensor]:
         """The oldest `count` rows, each tensor's as one view."""
         begin, self.start = self.start, self.start + count
         return {name: column[begin : self.start] for name, column in self.columns.items()}
+
+
+def _rows(column: torch.Tensor) -> np.ndarray | list[torch.Tensor]:
+    """What `put` writes a column's rows through: the column as a numpy array (indexing it
+    costs far less than a torch view), or its rows as tensors for a dtype numpy lacks."""
+    try:
+        return column.numpy()
+    except TypeError:  # bfloat16 and the like
+        return list(column.unbind(0))
+
+
+SPARE_SLABS = 2
 
 
 class Pending:
@@ -71,6 +99,7 @@ class Pending:
         self.layout = layout
         self._batch_size = batch_size
         self._slabs: deque[Slab] = deque()
+        self._spare: list[Slab] = []  # slabs whose rows were all sent, to fill again
         self.count = 0
 
     def put(self, data: Mapping[str, Any], now: float) -> bool:
@@ -81,7 +110,11 @@ class Pending:
         """
         slab = self._slabs[-1] if self._slabs else None
         if slab is None or slab.full:
-            slab = Slab(self.layout, self._batch_size, now)
+            if self._spare:
+                slab = self._spare.pop()
+                slab.reset(now)
+            else:
+                slab = Slab(self.layout, self._batch_size, now)
             self._slabs.append(slab)
         try:
             slab.put(data)
@@ -97,16 +130,27 @@ class Pending:
         """When the oldest waiting sample's slab took its first sample."""
         return self._slabs[0].created
 
-    def take(self, most: int) -> tuple[dict[str, torch.Tensor], int]:
+    def take(self, most: int) -> tuple[dict[str, torch.Tensor], int, Slab | None]:
         """Up to `most` of the oldest samples (those of the oldest slab), stacked, as views;
-        and how many."""
+        how many; and the slab this emptied, if any: `reuse` it once the views are unused."""
         slab = self._slabs[0]
         count = min(most, len(slab))
         columns = slab.take(count)
         self.count -= count
-        if not slab:
-            self._slabs.popleft()  # a slab emptied is not filled again: its time is past
-        return columns, count
+        if slab:
+            return columns, count, None
+        self._slabs.popleft()  # a slab emptied is not filled on: its time is past
+        return columns, count, slab
+
+    def reuse(self, slab: Slab | None) -> None:
+        """Fill `slab` again, its rows no longer used (fresh memory costs a page fault per
+        page it touches; reused, none)."""
+        if slab is not None and len(self._spare) < SPARE_SLABS:
+            self._spare.append(slab)
+
+    def drop_oldest(self) -> None:
+        """Forget the oldest waiting sample."""
+        self.reuse(self.take(1)[2])
 
     def clear(self) -> int:
         """Forget every waiting sample; how many there were."""

@@ -5,7 +5,9 @@ group, and a standby that takes a group over holds them from then on, at its own
 collector may be given several addresses (`"a:8201,b:8201"`), or one name that resolves to
 several (a compose service's replicas): each time it connects it asks each trainer, in turn,
 which buffers it holds (experience.v1 ListBuffers), the last one found first, and streams to
-the first that holds its own.
+the first that holds its own. It connects whenever its call ends (broken, refused, or idle), so
+names are resolved again then: replicas added later are found, and channels to addresses a
+name no longer resolves to are closed.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class Route:
         problems = []
         targets = [t for a in self.addresses for t in _targets(a, self._server_name, self._tls)]
         targets.sort(key=lambda t: t[0] != self._last)  # the last holder first: it likely still is
+        for gone in set(self._channels) - {target for target, _ in targets}:
+            self._channels.pop(gone)[0].close()  # a replica the name no longer resolves to
+            del self._collects[gone]
         for target, server_name in targets:
             stub = self._stub(target, server_name)
             try:

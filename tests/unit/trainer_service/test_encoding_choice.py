@@ -3,6 +3,8 @@ against."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,10 @@ from shared.app import App
 from shared.errors import ConfigurationError
 from shared.weights.encoding import SPARSE, WHOLE, XOR_ZSTD, decode
 from shared.weights.served import serve_module, served_state
+from tests.devices import devices
+from trainer_service import metrics
 from trainer_service.bases import KEEP, Bases
-from trainer_service.encoding_choice import EncodingChooser, host_bytes
+from trainer_service.encoding_choice import Encoded, EncodingChooser, host_bytes
 
 REMOTE = "10.1.2.3:50052"  # never dialled: only its address is looked at
 LOOPBACK = "127.0.0.1:50052"
@@ -125,3 +129,57 @@ def test_served_dtype_converts_floating_tensors_only_the_same_way_on_both_sides(
 def test_an_app_refuses_a_served_dtype_that_is_not_floating() -> None:
     with pytest.raises(ConfigurationError, match=r"served_dtype torch\.int8 is not a floating"):
         App().add_model("m", lambda: None, served_dtype=torch.int8)  # type: ignore[arg-type,return-value]
+
+
+def encoded_total() -> float:
+    return sum(
+        sample.value
+        for family in metrics.ENCODED_BYTES.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def test_targets_taking_the_same_version_on_the_same_base_share_one_encode() -> None:
+    chooser = EncodingChooser("auto")
+    other = "10.1.2.4:50052"
+    for address in (REMOTE, other):
+        chooser.record_push(address, 1 << 20, 1.0)  # 1 MB/s each
+    new, base = versions(0.03)
+    before = encoded_total()
+    results: list[Encoded] = []
+    threads = [
+        threading.Thread(
+            target=lambda a=address: results.append(
+                chooser.encode(a, [("w", new)], {"w": base}, ("m", 2, 1))
+            )
+        )
+        for address in (REMOTE, other)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert encoded_total() - before == new.numel() * 2  # encoded once, for both
+    assert sorted(r.reused for r in results) == [0, 1]
+    assert results[0].tensors == results[1].tensors
+    encoding, data = results[0].tensors["w"]
+    assert decoded(data, encoding, base) == host_bytes(new).tobytes()
+    # Another base, or a newer version, is encoded anew; an older version is not shared.
+    assert chooser.encode(REMOTE, [("w", new)], {"w": base}, ("m", 2, 0)).reused == 0
+    assert chooser.encode(REMOTE, [("w", new)], {"w": base}, ("m", 3, 1)).reused == 0
+    assert chooser.encode(other, [("w", new)], {"w": base}, ("m", 3, 1)).reused == 1
+    assert chooser.encode(other, [("w", new)], {"w": base}, ("m", 2, 1)).reused == 0
+    assert encoded_total() - before == 4 * new.numel() * 2
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_trainers_tensors_are_encoded_against_base_copies_on_its_device(device: str) -> None:
+    new, base = (t.to(device) for t in versions(0.03))
+    bases = Bases()
+    bases.keep("m", 1, {"w": base}, {"w": b"1"})
+    kept = bases.get("m", 1)
+    assert kept is not None and kept["w"].device == base.device
+    assert kept["w"].data_ptr() != base.data_ptr()  # a copy
+    encoded = EncodingChooser(SPARSE).encode(REMOTE, [("w", new)], kept)
+    assert decoded(encoded.tensors["w"][1], SPARSE, base.cpu()) == host_bytes(new).tobytes()
