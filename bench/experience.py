@@ -8,6 +8,8 @@ collected sample takes to become a trained version that is served.
         X:    that throughput over the same bytes (each batch, as the collector frames it, in an
               experience.v1 Batch) streamed over a raw grpcio bidirectional stream to a server
               process that only counts them and answers each with an ack, in the same run
+    experience raw_ceiling samples_per_s=R mb_per_s=S
+        that yardstick's own figures: the ceiling the collector is measured against
     experience collect_to_served_ms p50=A max=B
         from the collect() that completes a trainer's training condition (min_new_data_count)
         to the inference service serving the version that run pushed

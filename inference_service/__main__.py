@@ -80,7 +80,9 @@ def peer_access(settings: InferenceSettings, limits: SyncLimits) -> PeerAccess:
     tls = None
     if settings.tls_cert is not None:
         tls = TlsFiles(settings.tls_peer_cert, settings.tls_peer_key, settings.tls_peer_ca)
-    return PeerAccess(settings.sync_token, tls, limits.push_idle_timeout_s)
+    return PeerAccess(
+        settings.sync_token, tls, settings.forward_stall_timeout_s, limits.push_idle_timeout_s
+    )
 
 
 def build_server(

@@ -62,6 +62,7 @@ class PendingPush:
     payload_bytes: int
     bytes_received: int = 0
     writer_epoch: int = 0
+    superseded_by: int = 0  # a newer push from the same writer ends this one (its version)
 
 
 class ServedModel:

@@ -268,6 +268,17 @@ class InferenceSettings:
             duration("s", positive=True),
         ),
     )
+    forward_stall_timeout_s: float = field(
+        default=1.0,
+        metadata=option(
+            "--forward-stall-timeout-s",
+            "INFERENCE_FORWARD_STALL_TIMEOUT_S",
+            "how long a replica this service passes a push on to may take nothing before it is "
+            "cut off and reported stalled, so that the trainer routes around it (at 1 Gbit/s "
+            "and up a live replica never takes nothing for a second)",
+            duration("s", positive=True),
+        ),
+    )
     sync_nice: int = field(
         default=10,
         metadata=option(

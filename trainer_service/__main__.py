@@ -58,6 +58,7 @@ def run(settings: TrainerSettings) -> None:
         settings.writer_id,
         timeout_s=settings.push_timeout,
         connect_timeout_s=settings.connect_timeout,
+        push_stall_timeout_s=settings.push_stall_timeout,
         token=settings.sync_token,
         tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
         fanout=settings.fanout,

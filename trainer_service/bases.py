@@ -5,6 +5,7 @@ the version its target serves, so the trainer keeps those bytes: per model, the 
 versions it delivered to a target that may take encoded deltas. A version shares the tensors
 that did not change with the one before it, so each costs only the tensors it changed; stored
 tensors are never written to again, so an encoder may read one while a newer version is stored.
+A delta's copy is made while its push streams (trainer_service/delivery.py), not after it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Bases:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._models: dict[str, dict[int, Base]] = {}
+        self._copying: dict[tuple[str, int], threading.Event] = {}  # copies being made
 
     def get(self, model: str, version: int) -> Mapping[str, torch.Tensor] | None:
         """The tensors of `version` of `model`, if kept."""
@@ -57,13 +59,23 @@ class Bases:
         tensors: Mapping[str, torch.Tensor],
         hashes: Mapping[str, bytes],
     ) -> None:
-        """Keep a host copy of `version` (each tensor's `hashes` say which changed)."""
-        with self._lock:
-            kept = self._models.setdefault(model, {})
-            if version in kept:
-                return
-            older = [v for v in kept if v < version]
-            previous = kept[max(older)] if older else None
+        """Keep a copy of `version` (each tensor's `hashes` say which changed). The tensors are
+        copied outside the lock, so that encoders reading other versions are not held up; a
+        version another caller is copying is waited for, not copied twice."""
+        key = (model, version)
+        while True:
+            with self._lock:
+                kept = self._models.setdefault(model, {})
+                if version in kept:
+                    return
+                other = self._copying.get(key)
+                if other is None:
+                    done = self._copying[key] = threading.Event()
+                    older = [v for v in kept if v < version]
+                    previous = kept[max(older)] if older else None
+                    break
+            other.wait()  # it may have failed: then this caller copies
+        try:
             copy: dict[str, torch.Tensor] = {}
             for name, tensor in tensors.items():
                 digest = hashes.get(name)
@@ -76,6 +88,12 @@ class Bases:
                     copy[name] = previous.tensors[name]
                 else:
                     copy[name] = _copy(tensor)
-            kept[version] = Base(copy, dict(hashes))
-            for old in sorted(kept)[:-KEEP]:
-                del kept[old]
+            with self._lock:
+                kept = self._models.setdefault(model, {})
+                kept[version] = Base(copy, dict(hashes))
+                for old in sorted(kept)[:-KEEP]:
+                    del kept[old]
+        finally:
+            with self._lock:
+                del self._copying[key]
+            done.set()

@@ -8,10 +8,11 @@ hop (docs/sync.md, "How forwarding works"). So the trainer's link carries one co
 the number of replicas. Targets that cannot join (first contact, no base) are pushed alone.
 
 From the response each hop is committed (its state recorded as if pushed directly), failed
-or not reached (a hop before it failed). A fenced hop fails the sync as a direct push would. Any
-other failed hop is pushed directly at once, which takes the fallbacks, retries and deadlines a
-direct push takes (docs/sync.md, "When things fail"): one that is down, was cut or stalled then
-lags, and the catch-up brings it up later; one that refuses fails the sync where a direct push
+or not reached (a hop before it failed). A fenced hop fails the sync as a direct push would. A
+hop reported stalled or unreachable (DEADLINE_EXCEEDED, UNAVAILABLE: cut, dark or down) lags at
+once: the background catch-up brings it up later, and the sync does not wait for it. Any other
+failed hop is pushed directly at once, with the fallbacks, retries and deadlines a direct push
+takes (docs/sync.md, "When things fail"); one that refuses fails the sync where a direct push
 would. The hops not reached are pushed again at once, in a new chain of the remaining ones fed
 from the trainer.
 """
@@ -23,6 +24,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from shared import protocol
@@ -47,6 +49,9 @@ class Refused:
 
 # What became of the push on one target: committed, lagging (why), refused, or to push again.
 Outcome = Pushed | PushFailedError | Refused | Again
+
+# How the hop before it reports a hop that stalled or could not be reached: it lags at once.
+STALLED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 
 
 def plan(
@@ -116,6 +121,10 @@ def deliver_chain(
                 outcomes.append((target, Pushed(0)))
             elif hop.reason == protocol.FENCED:
                 outcomes.append((target, Refused(hop.error())))
+            elif hop.code in STALLED:  # cut or dark: the catch-up's, not the sync's
+                error = hop.error()
+                target.fall_behind(error)
+                outcomes.append((target, error))
             else:
                 outcomes.append((target, Again.DIRECT))
         return outcomes

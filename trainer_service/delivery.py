@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,6 +133,43 @@ class Delivery:
         if base is not None and (version.hashes is None or version.digest is None):
             hashes, digest = hashed(version.tensors)
             version = dataclasses.replace(version, hashes=hashes, digest=digest)
+        copying = self._keep_while_pushing(target, version)
+        try:
+            plan, hops = self._push_with_fallbacks(target, version, base, route)
+        finally:
+            if copying is not None:  # the trainer may change the tensors once this returns
+                copying.join()
+        acked = plan.streamed_hashes if plan.digest is None else version.hashes  # a digest comes
+        assert acked is not None  # with the hashes it was made of
+        target.acknowledged(version.number, acked)
+        if copying is None and self._chooser.wants_bases(target.address):  # a later delta
+            self._bases.keep(target.model, version.number, version.tensors, acked)  # encodes
+        return Pushed(plan.payload.nbytes, hops)  # against it
+
+    def _keep_while_pushing(self, target: Target, version: Version) -> threading.Thread | None:
+        """Where the version's hashes are known up front (a delta), the copy a later delta
+        encodes against is made while the push streams rather than after it; push() joins it
+        before returning. None where no copy is wanted or the hashes come from the push."""
+        if version.hashes is None or not self._chooser.wants_bases(target.address):
+            return None
+        thread = threading.Thread(
+            target=self._bases.keep,
+            args=(target.model, version.number, version.tensors, version.hashes),
+            name="base-copy",
+            daemon=True,
+        )
+        thread.start()
+        return thread
+
+    def _push_with_fallbacks(
+        self,
+        target: Target,
+        version: Version,
+        base: dict[str, bytes] | None,
+        route: tuple[Hop, ...],
+    ) -> tuple[PushPlan, tuple[HopResult, ...]]:
+        """Push until committed, acquiring the lease again or falling back to a full push as
+        the target's answers call for: the plan that committed and its hops' results."""
         acquired_again = False
         while True:
             plan = dataclasses.replace(self._plan(target, version, base), route=route)
@@ -139,7 +177,7 @@ class Delivery:
                 began = time.perf_counter()
                 hops = self._push_counted(target.client, plan)
                 self._chooser.pushed(plan, target.address, time.perf_counter() - began)
-                break
+                return plan, hops
             except PushFailedError as error:
                 if error.reason == protocol.UNKNOWN_EPOCH and not acquired_again:
                     logger.info(
@@ -162,12 +200,6 @@ class Delivery:
                     base = None
                 else:
                     raise
-        acked = plan.streamed_hashes if plan.digest is None else version.hashes  # a digest comes
-        assert acked is not None  # with the hashes it was made of
-        target.acknowledged(version.number, acked)
-        if self._chooser.wants_bases(target.address):  # a later delta may encode against it
-            self._bases.keep(target.model, version.number, version.tensors, acked)
-        return Pushed(plan.payload.nbytes, hops)
 
     @staticmethod
     def _push_counted(client: SyncClient, plan: PushPlan) -> tuple[HopResult, ...]:

@@ -8,10 +8,10 @@ For one tensor of n bytes, on a link that moves L bytes/s to its target:
 and the cheapest wins; an encoding must beat whole bytes by a margin (so a push is never slower
 than whole bytes on its link), and one that turns out no smaller travels whole after all. L is
 measured per target from its recent pushes (payload bytes over the push's seconds, a running
-average), the speeds on this host by a small calibration on first use (repeated every minute,
-so speeds measured at a busy moment do not rule the encodings out for good) and from every
-encode; the estimated bytes come from the fraction of changed elements in a sample of the
-tensor. Tensors on a CUDA device are compared there (shared/weights/encoding.py
+average), the speeds on this host by a small calibration on first use (repeated every minute
+in the background, so speeds measured at a busy moment do not rule the encodings out for good
+and no push waits for it) and from every encode; the estimated bytes come from the fraction
+of changed elements in a sample of the tensor. Tensors on a CUDA device are compared there (shared/weights/encoding.py
 `encode_tensor`): only the changed positions and values travel to the host. Several targets
 that take the same version on the same base share one encode of each tensor (the encoded
 bytes are kept for the newest version of each model until a newer one comes). On loopback the
@@ -154,6 +154,7 @@ class EncodingChooser:
         self._links: dict[str, float] = {}  # target address -> bytes/s
         self._loopback: dict[str, bool] = {}
         self._speeds: Speeds | None = None
+        self._recalibrating = False
         self._shared_lock = threading.Lock()
         # model -> (version, {(base version, tensor): its encoding})
         self._shared: dict[str, tuple[int, dict[tuple[int, str], _Shared]]] = {}
@@ -348,14 +349,26 @@ class EncodingChooser:
         return self._calibrated()
 
     def _calibrated(self) -> Speeds:
+        """The speeds on this host: calibrated on first use; once a minute old, calibrated
+        again in the background (a push never waits for it) and merged when done."""
         speeds = self._speeds
-        if speeds is None or time.monotonic() - speeds.at > RECALIBRATE_S:
+        if speeds is None:
+            self._speeds = speeds = Speeds.calibrated()
+        elif time.monotonic() - speeds.at > RECALIBRATE_S and not self._recalibrating:
+            self._recalibrating = True
+            threading.Thread(target=self._recalibrate, name="recalibrate", daemon=True).start()
+        return speeds
+
+    def _recalibrate(self) -> None:
+        try:
             fresh = Speeds.calibrated()
+            speeds = self._speeds
             if speeds is not None:  # what encodes measured stays in the running averages
                 for encoding in ENCODINGS:
                     fresh.encode[encoding] = _average(
                         speeds.encode[encoding], fresh.encode[encoding]
                     )
                 fresh.xor_ratio = speeds.xor_ratio
-            self._speeds = speeds = fresh
-        return speeds
+            self._speeds = fresh
+        finally:
+            self._recalibrating = False

@@ -8,10 +8,11 @@ answers that it lacks the base (it restarted, or someone else wrote) gets a full
 Targets are addresses or DNS names; a name is resolved on every push to all of its addresses, so
 new replicas behind one name are found and caught up with a full push.
 
-A target that does not answer within the connect deadline holds nobody back: it is marked
-lagging, the sync completes once every reachable target has committed, and the background
-catch-up (catchup.py) retries it with capped backoff and brings it up to the newest version,
-kept for it as a host copy, when it answers. A sync fails when no target could be reached, or
+A target that does not answer within the connect deadline, or whose push takes nothing for the
+push stall timeout (push.py), holds nobody back: it is marked lagging, the sync completes once
+every reachable target has committed, and the background catch-up (catchup.py) retries it with
+capped backoff and brings it up to the newest version, kept for it as a host copy, when it
+answers. A sync fails when no target could be reached, or
 when one that answered refused the version.
 """
 
@@ -33,6 +34,7 @@ from trainer_service import chain, metrics
 from trainer_service.catchup import CatchUp
 from trainer_service.delivery import Delivery, Version, hashed
 from trainer_service.push import (
+    DEFAULT_STALL_TIMEOUT_S,
     UNREACHABLE,
     Pushed,
     PushFailedError,
@@ -76,6 +78,7 @@ class Publisher:
         *,
         timeout_s: float = 600.0,
         connect_timeout_s: float = 3.0,
+        push_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         token: str | None = None,
         tls: TlsFiles | None = None,
@@ -92,6 +95,7 @@ class Publisher:
         self._targets = list(targets)
         self.writer_id = writer_id
         self._timeout_s = timeout_s
+        self._stall_timeout_s = push_stall_timeout_s
         self._chunk_bytes = chunk_bytes
         self._chained = fanout == "chain"
         self._clients: dict[str, SyncClient] = {}
@@ -349,6 +353,7 @@ class Publisher:
                     self._token,
                     self._tls,
                     endpoint.server_name,
+                    self._stall_timeout_s,
                 )
                 self._clients[endpoint.address] = client
             target = Target(client, model_name)

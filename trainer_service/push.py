@@ -1,7 +1,10 @@
-"""One push to one inference service's sync plane: header, payload chunks, commit."""
+"""One push to one inference service's sync plane: header, payload chunks, commit; a push whose
+stream takes nothing for the stall timeout is cancelled."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -111,6 +114,10 @@ UNREACHABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 CODES = {code.value[0]: code for code in grpc.StatusCode}
+# How long a push's stream may take nothing before the push is cancelled (the target lags), and
+# how often that is looked at.
+DEFAULT_STALL_TIMEOUT_S = 3.0
+WATCH_TICK_S = 0.1
 # A channel to a target that went away retries its connection with exponential backoff; cap it
 # well under a connect deadline, so that a probe of a target that came back finds it.
 RECONNECT_OPTIONS: list[tuple[str, int | str]] = [
@@ -166,10 +173,12 @@ class SyncClient:
         token: str | None = None,
         tls: TlsFiles | None = None,
         server_name: str | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ):
         self.target = target
         self.server_name = server_name or ""
         self._timeout_s = timeout_s
+        self._stall_timeout_s = stall_timeout_s
         self._chunk_bytes = chunk_bytes
         secure = tls is not None and tls.enabled
         self._channel = open_channel(
@@ -223,7 +232,8 @@ class SyncClient:
 
     def push(self, plan: PushPlan) -> tuple[HopResult, ...]:
         """Stream one push (the target committed it unless this raises); return what became of
-        it on each hop of its route."""
+        it on each hop of its route. A push whose stream takes nothing for the stall timeout
+        (the link went dark, the service is stuck) is cancelled: TargetUnreachableError."""
         try:
             progress = None
             if wants_progress(plan.payload.nbytes):
@@ -231,9 +241,13 @@ class SyncClient:
                 label = f"{plan.model_name} v{plan.version} ({kind}) -> {self.target}"
                 progress = Progress(label, plan.payload.nbytes)
             with prefetched(requests(plan, self._chunk_bytes, progress), "push-send") as messages:
-                response = self._push(messages, timeout=self._timeout_s)
+                response = self._watched(Watched(messages))
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
+        except grpc.FutureCancelledError:
+            raise PushFailedError(
+                self.target, grpc.StatusCode.CANCELLED, "the push was cancelled", None
+            ) from None
         return tuple(
             HopResult(
                 h.address,
@@ -244,3 +258,49 @@ class SyncClient:
             )
             for h in response.hops
         )
+
+    def _watched(self, messages: Watched) -> pb.PushResponse:
+        """The push's response, cancelling the push once its stream has taken nothing for the
+        stall timeout."""
+        call = self._push.future(messages, timeout=self._timeout_s)
+        while True:
+            try:
+                response: pb.PushResponse = call.result(timeout=WATCH_TICK_S)
+                return response
+            except grpc.FutureTimeoutError:
+                if messages.held_s() < self._stall_timeout_s:
+                    continue
+                call.cancel()
+                raise TargetUnreachableError(
+                    self.target,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the push took nothing for {self._stall_timeout_s:g}s (its link is cut, or "
+                    "the service is stuck); it was cancelled",
+                    None,
+                ) from None
+
+
+class Watched(Iterator[bytes]):
+    """A push's messages as the transport takes them, and how long it has held the last one
+    without asking for the next: gRPC asks once it has sent one, so a message held long is one
+    the stream does not take (flow control: the other end reads nothing). The time spent making
+    a message does not count."""
+
+    def __init__(self, messages: Iterator[bytes]) -> None:
+        self._messages = messages
+        self._held_since: float | None = None  # None: being asked for one, or all were taken
+        self._lock = threading.Lock()
+
+    def __next__(self) -> bytes:
+        with self._lock:
+            self._held_since = None
+        message = next(self._messages)
+        with self._lock:
+            self._held_since = time.monotonic()
+        return message
+
+    def held_s(self) -> float:
+        """How long the transport has held the last message without asking for the next."""
+        with self._lock:
+            held = self._held_since
+        return 0.0 if held is None else time.monotonic() - held

@@ -27,6 +27,7 @@ from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options
 from trainer_service.encoding_choice import AUTO, CHOICES
 from trainer_service.experience.server import DEFAULT_STREAMS
 from trainer_service.experience.service import DEFAULT_MAX_BATCH_BYTES
+from trainer_service.push import DEFAULT_STALL_TIMEOUT_S
 
 PROG = Scope.TRAINER.value
 DESCRIPTION = (
@@ -254,6 +255,17 @@ class TrainerSettings:
             "how long an inference service has to answer before a sync counts it unreachable: "
             "it then lags, the others are fed, and it is caught up in the background when it "
             "answers",
+            duration("s", positive=True),
+        ),
+    )
+    push_stall_timeout: float = field(
+        default=DEFAULT_STALL_TIMEOUT_S,
+        metadata=option(
+            "--push-stall-timeout-s",
+            "TRAINER_PUSH_STALL_TIMEOUT_S",
+            "how long a push's stream may take nothing (a link cut mid-push, a service stuck) "
+            "before it is cancelled: that inference service then lags and is caught up in the "
+            "background, and the sync returns with the others",
             duration("s", positive=True),
         ),
     )

@@ -27,7 +27,7 @@ from inference_service.syncplane.inbox import Inbox
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, Data, PushHeader
 from inference_service.syncplane.staging import BaseDecoder
-from shared.errors import MalformedPushError
+from shared.errors import ConflictError, MalformedPushError
 from shared.weights.reader import PayloadReader
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,18 @@ class PushApplier:
         lease = model.lease
         if inbox is not None:
             inbox.watch(
-                lambda: lease.check(header.writer_epoch, header.writer_id),
+                lambda: _still_wanted(model, header, pending),
                 f" of {model.name!r} version {header.version} from {header.writer_id!r}",
             )
-        other = model.pending  # a push being ended for a fenced writer lets go of the model soon
-        wait = ENDING_PUSH_WAIT_S if other and other.writer_epoch != lease.epoch else 0.0
+        # A push being ended lets go of the model soon: one from a fenced writer, or one its
+        # own writer has given up on (it pushes the same or a newer version under its lease).
+        other = model.pending
+        wait = 0.0
+        if other is not None and other.writer_epoch != lease.epoch:
+            wait = ENDING_PUSH_WAIT_S
+        elif other is not None and _supersedes(header, other, lease.epoch):
+            other.superseded_by = header.version
+            wait = ENDING_PUSH_WAIT_S
         with model.begin_push(pending, self._limits.drain_timeout_s, wait) as staging:
             check_versions(model, header)  # again: a push may have committed meanwhile
             # A delta's encoded tensors decode against the live copy: its base (checked above).
@@ -143,4 +150,27 @@ class PushApplier:
                     time.sleep(ahead)
         raise MalformedPushError(
             f"the push stream ended after {reader.received} payload bytes without a commit"
+        )
+
+
+def _supersedes(header: PushHeader, other: PendingPush, epoch: int) -> bool:
+    """Whether the push `header` opens ends `other`, in flight: both from the lease holder
+    under the current epoch, for a version at least as new (the writer gave the other up)."""
+    return (
+        header.writer_epoch == epoch
+        and other.writer_epoch == epoch
+        and header.writer_id == other.writer_id
+        and header.version >= other.version
+    )
+
+
+def _still_wanted(model: ServedModel, header: PushHeader, pending: PendingPush) -> None:
+    """Raise if the push must end now: its writer was fenced, or it gave the push up for a
+    newer one (superseded)."""
+    model.lease.check(header.writer_epoch, header.writer_id)
+    if pending.superseded_by:
+        raise ConflictError(
+            f"model {model.name!r}: this push of version {header.version} from "
+            f"{header.writer_id!r} was superseded by its push of version "
+            f"{pending.superseded_by}; it was ended and nothing was swapped"
         )

@@ -8,15 +8,17 @@ exactly as a direct one (handler.py). The payload bytes go on as they came, neve
 hop checks and commits on its own, and forwards further; its answer, and those of the hops after
 it, come back in its PushResponse and go upstream with this replica's own outcome.
 
-Forwarding holds the local push back by a bound at most (the push idle timeout): messages wait
-for the hop in a small queue, so a slow hop slows the chain and memory does not grow; a hop that
-takes nothing for that long is cut and reported stalled (DEADLINE_EXCEEDED), as is one that has
-not answered that long per hop left on the route (each waits for the ones after it) after the
-local commit. A hop that refuses, cannot be reached or goes away is reported with
-its status; the local push goes on. The channel to a hop is closed off the push's path: closing
-one to a hop whose link went dark waits until TCP gives it up (about 20 s), which would hold up
-this replica's answer and so the whole chain. A local push that fails cancels its forward: the
-hops after it commit nothing of it.
+Forwarding holds the local push back by a bound at most (the forward stall timeout, 1 s by
+default): messages wait for the hop in a small queue, so a slow hop slows the chain and memory
+does not grow; a hop that takes nothing for that long is cut and reported stalled
+(DEADLINE_EXCEEDED). At the link rates targeted (1 Gbit/s and up) a live hop takes the queue's
+few MiB in tens of milliseconds, so one that takes nothing for a second is dark or dead. A hop
+that has not answered the push idle timeout per hop left on the route (each waits for the ones
+after it) after the local commit is reported stalled too. A hop that refuses, cannot be
+reached or goes away is reported with its status; the local push goes on. The channel to a
+hop is closed off the push's path: closing one to a hop whose link went dark waits until TCP
+gives it up (about 20 s), which would hold up this replica's answer and so the whole chain.
+A local push that fails cancels its forward: the hops after it commit nothing of it.
 
 A replica dials its hop with its own sync plane's credentials: the sync token it requires (if
 any), and TLS when its sync plane serves TLS, verifying the name the route gives for the hop.
@@ -57,11 +59,14 @@ MAX_HOPS = 256  # the longest route a push may carry
 class PeerAccess:
     """How this replica dials the hops it forwards to: the sync token it requires itself (None:
     none), TLS files (None: plaintext; else verify hops against `tls.ca`, the system's CAs
-    without one, presenting `tls.cert` under mutual TLS), and the bound on waiting for a hop."""
+    without one, presenting `tls.cert` under mutual TLS), how long a hop may take nothing
+    (`stall_timeout_s`) and how long, per hop left on the route, it may take to answer after the
+    local commit (`answer_timeout_s`)."""
 
     token: str | None = None
     tls: TlsFiles | None = None
-    stall_timeout_s: float = 5.0
+    stall_timeout_s: float = 1.0
+    answer_timeout_s: float = 5.0
 
 
 def check_route(header: PushHeader) -> None:
@@ -118,7 +123,7 @@ class Forward:
             if self._call is None:
                 return (self._fail(grpc.StatusCode.UNAVAILABLE, "", "the push was not passed on"),)
             # The hop answers once the hops after it answered (each within the bound).
-            wait_s = self._access.stall_timeout_s * (1 + len(self._header.route))
+            wait_s = self._access.answer_timeout_s * (1 + len(self._header.route))
             try:
                 response: pb.PushResponse = self._call.result(timeout=wait_s)
             except grpc.FutureTimeoutError:

@@ -31,14 +31,14 @@ from shared.errors import MalformedPushError
 
 class PushHandler:
     """`peers`: how a push that names a route is passed on (forward.py); by default, with no
-    credentials, waiting for a hop up to `idle_timeout_s`."""
+    credentials, waiting for a hop's answer up to `idle_timeout_s` per hop."""
 
     def __init__(
         self, applier: PushApplier, idle_timeout_s: float, peers: PeerAccess | None = None
     ) -> None:
         self._applier = applier
         self._idle_timeout_s = idle_timeout_s
-        self._peers = peers or PeerAccess(stall_timeout_s=idle_timeout_s)
+        self._peers = peers or PeerAccess(answer_timeout_s=idle_timeout_s)
 
     def handle(self, parts: Iterator[Part | None]) -> PushOutcome:
         """Run one push from its parts (and ticks) to its commit, or raise why not. A push with

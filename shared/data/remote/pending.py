@@ -149,8 +149,9 @@ class Pending:
             self._spare.append(slab)
 
     def drop_oldest(self) -> None:
-        """Forget the oldest waiting sample."""
-        self.reuse(self.take(1)[2])
+        """Forget the oldest waiting sample (a slab this empties is not reused: the sending
+        thread may still be framing rows it took from it before)."""
+        self.take(1)
 
     def clear(self) -> int:
         """Forget every waiting sample; how many there were."""

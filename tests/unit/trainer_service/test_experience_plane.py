@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.app import App, TensorSpec
-from shared.data import DictSequentialBuffer, SequentialBuffer
+from shared.data import DictRandomReplacementBuffer, DictSequentialBuffer, SequentialBuffer
 from shared.data.batch import encode_batch
 from shared.errors import (
     BufferNotFoundError,
@@ -142,3 +142,23 @@ def test_a_trainer_waiting_on_an_undeclared_buffer_is_refused() -> None:
         ),
     ):
         Buffers.of(app()).attach(TrainersDict({"waits": Waits()}))
+
+
+def test_every_sample_has_memory_of_its_own_in_any_buffer() -> None:
+    built = App()
+    built.add_buffer("steps", lambda: DictSequentialBuffer(["x", "id"], 100), tensors=TENSORS)
+    built.add_buffer(
+        "random", lambda: DictRandomReplacementBuffer(["x", "id"], 100), tensors=TENSORS
+    )
+    buffers = Buffers.of(built)
+    experience = ExperiencePlane(buffers.users, buffers.schemas, 1 << 20)
+    payload = bytearray(batch(0, 3))
+    experience.store("steps", 1, payload)
+    experience.store("random", 1, payload)
+    payload[-1] ^= 0xFF  # the message's memory is not the samples'
+    for name in ("steps", "random"):
+        kept = buffers.users[name].get_data()["x"]
+        assert [t.tolist() for t in kept] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+        # Keeping one sample never keeps its whole batch alive.
+        assert len({t.untyped_storage().data_ptr() for t in kept}) == 3
+        assert all(t.untyped_storage().nbytes() == t.nbytes for t in kept)

@@ -1,0 +1,38 @@
+"""A replica whose link is cut mid-push on the host lab (bench/hostlab.py), with direct fan-out:
+the trainer cancels its push to it once the stream takes nothing for the push stall timeout,
+the sync returns with the others, and the cut one is caught up once its link is back. Skipped
+where the lab cannot run (see test_lab_forwarding.py)."""
+
+from __future__ import annotations
+
+from tests.integration.conftest import wait_until
+from tests.integration.test_lab_forwarding import REPLICAS, Lab, lab, sync_address
+
+__all__ = ["lab"]  # the fixture
+
+
+def test_a_link_cut_mid_direct_push_is_cancelled_and_the_cut_one_caught_up_once_restored(
+    lab: Lab,
+) -> None:
+    lab.replicas_in(REPLICAS)
+    trainer = lab.trainer(
+        REPLICAS,
+        *("--max-runs", "2", "--run-interval", "600", "--fanout", "direct"),
+        *("--connect-timeout", "1", "--push-stall-timeout-s", "2"),
+    )
+    wait_until(lambda: lab.receiving("replica2", 2), timeout=60)
+    lab.hostlab.cut("replica2")
+    wait_until(lambda: "version 2 committed on 2" in lab.services.log("trainer"), timeout=60)
+    for host in ("replica1", "replica3"):
+        assert lab.holds(host, 2, 1), (host, lab.state(host))
+    log = lab.services.log("trainer")
+    cut = sync_address(lab, "replica2")
+    assert f"lagging: {cut}" in log
+    # Cancelled by the trainer's stall bound, not given up on by TCP or the push deadline.
+    assert f"{cut}: DEADLINE_EXCEEDED: the push took nothing for 2s" in log
+    assert "error" in lab.state("replica2")  # its link is down
+
+    lab.hostlab.restore("replica2")
+    wait_until(lambda: lab.holds("replica2", 2, 1), timeout=30)
+    wait_until(lambda: f"{cut} caught up" in lab.services.log("trainer"), timeout=30)
+    assert trainer.poll() is None  # waiting out its run interval: the catch-up did it

@@ -1,0 +1,165 @@
+"""A replica that stops taking a push mid-stream never holds the others back: the trainer cancels
+its own push to it after the push stall timeout, a replica passing a push on cuts it after the
+forward stall timeout, and either way it lags at once and the catch-up brings it up once it
+takes pushes again. A push its writer gave up on is ended by that writer's next push."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.weights.digest import state_digest
+from shared.weights.writer import Payload
+from tests.integration.conftest import Inference, Services, wait_until
+from tests.integration.test_forwarding import STAMP, Sync, free_ports, stamp_state
+
+# Big enough that a stopped receiver's socket buffers and HTTP/2 windows cannot take it all;
+# taken at 8 MB/s, so that the test finds the push in flight.
+MB = 48
+SLOW = ("--sync-max-mb-per-s", "8", "--sync-relay", "off")
+
+
+@pytest.fixture(autouse=True)
+def big_stamp(services: Services) -> None:
+    services.env["TEST_STAMP_MB"] = str(MB)
+
+
+def receiving(replica: Inference, version: int) -> bool:
+    pending = replica.model_state("stamp").pending
+    return pending.version == version and pending.bytes_received > 0
+
+
+def stopped_while_receiving(replica: Inference, version: int) -> None:
+    """SIGSTOP `replica` once it receives `version`: its link looks dark (nothing taken)."""
+    wait_until(lambda: receiving(replica, version), timeout=60)
+    os.kill(replica.process.pid, signal.SIGSTOP)
+
+
+def test_a_replica_that_takes_nothing_is_cancelled_by_the_trainer_and_caught_up_later(
+    services: Services,
+) -> None:
+    ports = free_ports(2)
+    quick = services.inference(STAMP, "--sync-listen", f"127.0.0.1:{ports[0]}", name="quick")
+    stuck = services.inference(STAMP, "--sync-listen", f"127.0.0.1:{ports[1]}", *SLOW, name="stuck")
+    trainer = services.trainer(
+        STAMP, [quick, stuck], "--fanout", "direct", "--max-runs", "2", "--run-interval", "600"
+    )
+    stopped_while_receiving(stuck, 2)
+    try:
+        # Without a stall bound the sync waits for the push deadline (600 s) or TCP.
+        wait_until(lambda: "version 2 committed on 1" in services.log("trainer"), timeout=30)
+    finally:
+        os.kill(stuck.process.pid, signal.SIGCONT)
+    log = services.log("trainer")
+    assert f"lagging: {stuck.sync}" in log
+    assert "the push took nothing for 3s" in log
+    digest = state_digest(stamp_state(1, mb=MB))
+    state = quick.model_state("stamp")
+    assert (state.version, state.digest) == (2, digest)
+    wait_until(lambda: stuck.model_state("stamp").version == 2, timeout=60)
+    assert stuck.model_state("stamp").digest == digest
+    assert trainer.poll() is None  # waiting out its run interval: the catch-up did it
+
+
+def test_a_hop_that_takes_nothing_is_cut_lags_at_once_and_the_rest_are_fed(
+    services: Services,
+) -> None:
+    ports = free_ports(3)
+    first = services.inference(STAMP, "--sync-listen", f"127.0.0.1:{ports[0]}", name="first")
+    middle = services.inference(
+        STAMP, "--sync-listen", f"127.0.0.1:{ports[1]}", "--sync-relay", "off", name="middle"
+    )
+    last = services.inference(STAMP, "--sync-listen", f"127.0.0.1:{ports[2]}", name="last")
+    # Version 2 goes down the chain at once, version 3 after the interval, 4 after another.
+    trainer = services.trainer(
+        STAMP, [first, middle, last], "--max-runs", "3", "--run-interval", "15"
+    )
+    replicas = (first, middle, last)
+    wait_until(lambda: all(r.model_state("stamp").version == 2 for r in replicas), timeout=60)
+    os.kill(middle.process.pid, signal.SIGSTOP)  # dark before version 3 is passed on to it
+    try:
+        wait_until(lambda: "version 3 committed on 2" in services.log("trainer"), timeout=40)
+    finally:
+        os.kill(middle.process.pid, signal.SIGCONT)
+    log = services.log("trainer")
+    assert f"lagging: {middle.sync}" in log
+    # Reported by `first` (the forward stall bound), not found by a direct push of its own.
+    assert (
+        f"it lags at version 2; the others are fed and it is caught up in the background when "
+        f"it answers: {middle.sync}: DEADLINE_EXCEEDED: the hop took nothing for 1s; it was "
+        "cut off"
+    ) in log
+    digest = state_digest(stamp_state(2, mb=MB))
+    for replica in (first, last):
+        state = replica.model_state("stamp")
+        assert (state.version, state.digest) == (3, digest)
+    wait_until(lambda: middle.model_state("stamp").version == 3, timeout=30)
+    assert middle.model_state("stamp").digest == digest
+    assert "version 4 committed" not in services.log("trainer")  # the catch-up did it
+    assert trainer.poll() is None
+
+
+def stalled_push(version: int, epoch: int, go: threading.Event, mb: int) -> Iterator[bytes]:
+    """A full push of `version` that sends its header and one chunk, then waits for `go`."""
+    state = stamp_state(version, mb=mb)
+    payload = Payload.of(list(state.items()))
+    header = pb.PushHeader(
+        model_name="stamp",
+        version=version,
+        writer_id="tester",
+        payload_bytes=payload.nbytes,
+        writer_epoch=epoch,
+    )
+    yield pb.PushRequest(header=header).SerializeToString()
+    for pieces in payload.pieces(1 << 20, None):
+        yield pb.PushRequest(data=b"".join(bytes(p) for p in pieces)).SerializeToString()
+        go.wait(timeout=30)
+
+
+@pytest.mark.parametrize("relay", ["on", "off"])
+def test_a_newer_push_from_the_same_writer_ends_the_one_it_gave_up_on(
+    services: Services, relay: str
+) -> None:
+    services.env["TEST_STAMP_MB"] = "4"
+    # The stale push is not ended for sending nothing while the test runs.
+    replica = services.inference(
+        STAMP, "--sync-relay", relay, "--push-idle-timeout-s", "60", name="replica"
+    )
+    sync = Sync(replica.sync)
+    epoch = sync.acquire("tester")
+    before = sync.state()
+    go = threading.Event()
+    channel = grpc.insecure_channel(replica.sync)
+    push = channel.stream_unary("/weightsync.v1.WeightSync/Push", request_serializer=None)
+    try:
+        stale = push.future(stalled_push(3, epoch, go, mb=4), timeout=30)
+        wait_until(lambda: replica.model_state("stamp").pending.version == 3, timeout=30)
+
+        # An older version from the same writer: refused, as while any push is in flight.
+        with pytest.raises(grpc.RpcError) as older:
+            sync.push(stamp_state(2, mb=4), 2, epoch)
+        assert older.value.code() == grpc.StatusCode.ABORTED
+        assert "another push from 'tester' (version 3) is in progress" in (
+            older.value.details() or ""
+        )
+
+        # The same version again: the writer gave the first up; it ends and this one commits.
+        response = sync.push(stamp_state(4, mb=4), 3, epoch)
+        assert response.version == 3
+        state = sync.state()
+        assert (state.version, state.digest) == (3, state_digest(stamp_state(4, mb=4)))
+        go.set()
+        with pytest.raises(grpc.RpcError) as ended:
+            stale.result(timeout=30)
+        assert ended.value.code() == grpc.StatusCode.ABORTED
+        assert "was superseded by its push of version 3" in (ended.value.details() or "")
+        assert before.version < 3
+    finally:
+        go.set()
+        channel.close()
