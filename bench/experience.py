@@ -227,22 +227,14 @@ def main() -> int:
         launcher = launch.Launcher(Path(tmp), env, logs=False, grace=30)
         try:
             inference = launcher.start_inference("bench.experience:app", *launch.QUIET)
-            ready = Path(tmp) / "trainer.ready.json"
-            trainer = launcher.start_trainer(
+            experience = launcher.start_experience_trainer(
                 "bench.experience:app",
                 [inference.sync],
-                "--experience-listen",
-                "127.0.0.1:0",
                 "--experience-max-batch",
                 "64MiB",
-                "--ready-file",
-                str(ready),
                 *launch.QUIET,
+                timeout=120,
             )
-            ports = launch.wait_for(
-                trainer, lambda: launch.read_json(ready), what="the trainer", timeout=120
-            )
-            experience = f"127.0.0.1:{ports['experience_port']}"
             port_file = Path(tmp) / "raw.port"
             server = launcher.spawn(
                 [sys.executable, "-m", "bench.experience", "--serve-raw", str(port_file)], "raw"

@@ -5,8 +5,9 @@ from pytest): `inference_command` and `trainer_command` build the command lines,
 one in the repository root, its output in a log file, `wait_for` polls until a process is ready
 and fails with the end of its log if it exits first or takes too long, and `stop` ends it
 (SIGTERM, then SIGKILL after a grace period; `kill`: SIGKILL at once). `Launcher` does all of
-that for a set of processes: an inference service is ready once its `--ready-file` appears, and
-every process it started is stopped at the end.
+that for a set of processes: an inference service (and a trainer started with
+`start_experience_trainer`) is ready once its `--ready-file` appears, and every process it
+started is stopped at the end.
 
 It sits at the top of the repository, beside the three folders that use it: in `tests/` it would
 make the benches and the demo depend on the test suite, in `bench/` the tests on the benches;
@@ -240,16 +241,9 @@ class Launcher:
     ) -> Service:
         """An inference service (see `inference_command`), once its ready file is written;
         NotReadyError with the end of its log if it exits first or takes over `timeout`."""
-        ready = self.directory / f"{name}.ready.json"
-        ready.unlink(missing_ok=True)  # a service started before under the same name
+        ready = self._ready_file(name)
         process = self.spawn(inference_command(app, ready, *extra), name)
-        found = wait_for(
-            process,
-            lambda: read_json(ready),
-            what=f"inference service {name!r}",
-            timeout=timeout,
-            log=self.log_path(name),
-        )
+        found = self._wait_ready(process, ready, f"inference service {name!r}", name, timeout)
         return Service(process, found, self.log_path(name))
 
     def start_trainer(
@@ -257,6 +251,37 @@ class Launcher:
     ) -> subprocess.Popen[bytes]:
         """A trainer service (see `trainer_command`), started."""
         return self.spawn(trainer_command(app, targets, *extra), name)
+
+    def start_experience_trainer(
+        self,
+        app: str,
+        targets: Sequence[str],
+        *extra: str,
+        name: str = "trainer",
+        timeout: float = 60.0,
+    ) -> str:
+        """Start a trainer service with its experience plane on a free loopback port, and once
+        its ready file is written return that plane's address (the process is stopped with the
+        others). NotReadyError with the end of its log if it exits first or takes over
+        `timeout`."""
+        ready = self._ready_file(name)
+        listen = ("--experience-listen", f"{LOOPBACK}:0", "--ready-file", str(ready))
+        process = self.start_trainer(app, targets, *listen, *extra, name=name)
+        found = self._wait_ready(process, ready, f"trainer service {name!r}", name, timeout)
+        return f"{LOOPBACK}:{found['experience_port']}"
+
+    def _ready_file(self, name: str) -> Path:
+        ready = self.directory / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)  # a process started before under the same name
+        return ready
+
+    def _wait_ready(
+        self, process: subprocess.Popen[bytes], ready: Path, what: str, name: str, timeout: float
+    ) -> Any:
+        """The ready file's contents once `process` has written it (see `wait_for`)."""
+        return wait_for(
+            process, lambda: read_json(ready), what=what, timeout=timeout, log=self.log_path(name)
+        )
 
     def stop_all(self) -> None:
         for process in self.processes:

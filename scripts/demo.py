@@ -39,22 +39,13 @@ def main() -> int:
         launcher = launch.Launcher(Path(tmp), env, logs=False)
         try:
             inference = launcher.start_inference(APP, *launch.QUIET)
-            ready = Path(tmp) / "trainer.ready.json"
-            trainer = launcher.start_trainer(
+            experience = launcher.start_experience_trainer(
                 APP,
                 [inference.sync],
                 "--state-dir",
                 str(Path(tmp) / "trainer-state"),
-                "--experience-listen",
-                "127.0.0.1:0",
-                "--ready-file",
-                str(ready),
                 *launch.QUIET,
             )
-            found = launch.wait_for(
-                trainer, lambda: launch.read_json(ready), what="trainer-service", timeout=60
-            )
-            experience = f"127.0.0.1:{found['experience_port']}"
             print(f"inference-service: OIP on {inference.data}, sync plane on {inference.sync}")
             print(f"trainer-service: experience plane on {experience}; trains on 128 new samples")
             print(

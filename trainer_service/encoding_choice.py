@@ -11,10 +11,11 @@ measured per target from its recent pushes (payload bytes over the push's second
 average), the speeds on this host by a small calibration on first use (repeated every minute
 in the background, so speeds measured at a busy moment do not rule the encodings out for good
 and no push waits for it) and from every encode; the estimated bytes come from the fraction
-of changed elements in a sample of the tensor. Tensors on a CUDA device are compared there (shared/weights/encoding.py
-`encode_tensor`): only the changed positions and values travel to the host. Several targets
-that take the same version on the same base share one encode of each tensor (the encoded
-bytes are kept for the newest version of each model until a newer one comes). On loopback the
+of changed elements in a sample of the tensor. Tensors on a CUDA device are compared there
+(shared/weights/encoding.py `encode_tensor`): only the changed positions and values travel to
+the host. Several targets that take the same version on the same base share one encode of each
+tensor (the encoded bytes are kept for the newest version of each model until a newer one
+comes). On loopback the
 wire outruns every encoder, so `auto` never keeps a base copy for a loopback target and sends
 whole bytes. `--push-encoding` forces one encoding where a base exists (bench and tests).
 """

@@ -14,6 +14,7 @@ from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.errors import grpc_errors
+from shared.grpc.handlers import register, unary
 from shared.grpc.prefetch import Prefetcher
 
 
@@ -81,37 +82,15 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
 def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
     """Register the service; Push takes its messages unparsed (see shared/weights/wire.py)."""
     handlers = {
-        "Push": grpc.stream_unary_rpc_method_handler(
-            servicer.Push,
-            request_deserializer=None,
-            response_serializer=pb.PushResponse.SerializeToString,
+        "Push": grpc.stream_unary_rpc_method_handler(  # no request_deserializer: raw bytes
+            servicer.Push, response_serializer=pb.PushResponse.SerializeToString
         ),
-        "AcquireWriter": grpc.unary_unary_rpc_method_handler(
-            servicer.AcquireWriter,
-            request_deserializer=pb.AcquireWriterRequest.FromString,
-            response_serializer=pb.WriterLease.SerializeToString,
+        "AcquireWriter": unary(servicer.AcquireWriter, pb.AcquireWriterRequest, pb.WriterLease),
+        "GetModel": unary(servicer.GetModel, pb.GetModelRequest, pb.ModelState),
+        "ListModels": unary(servicer.ListModels, pb.ListModelsRequest, pb.ListModelsResponse),
+        "ListVersions": unary(
+            servicer.ListVersions, pb.ListVersionsRequest, pb.ListVersionsResponse
         ),
-        "GetModel": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModel,
-            request_deserializer=pb.GetModelRequest.FromString,
-            response_serializer=pb.ModelState.SerializeToString,
-        ),
-        "ListModels": grpc.unary_unary_rpc_method_handler(
-            servicer.ListModels,
-            request_deserializer=pb.ListModelsRequest.FromString,
-            response_serializer=pb.ListModelsResponse.SerializeToString,
-        ),
-        "ListVersions": grpc.unary_unary_rpc_method_handler(
-            servicer.ListVersions,
-            request_deserializer=pb.ListVersionsRequest.FromString,
-            response_serializer=pb.ListVersionsResponse.SerializeToString,
-        ),
-        "Rollback": grpc.unary_unary_rpc_method_handler(
-            servicer.Rollback,
-            request_deserializer=pb.RollbackRequest.FromString,
-            response_serializer=pb.ModelState.SerializeToString,
-        ),
+        "Rollback": unary(servicer.Rollback, pb.RollbackRequest, pb.ModelState),
     }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers),)
-    )
+    register(server, "weightsync.v1.WeightSync", handlers)

@@ -16,6 +16,7 @@ from shared.errors import ServiceError
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.errors import abort, failure, grpc_errors
+from shared.grpc.handlers import register, unary
 from trainer_service.experience.service import BufferInfo, ExperiencePlane, Stored
 
 
@@ -80,17 +81,9 @@ def buffer_state(info: BufferInfo) -> pb.BufferState:
 def add_to_server(servicer: ExperienceServicer, server: grpc.Server) -> None:
     """Register the service; Collect takes its messages unparsed."""
     handlers = {
-        "Collect": grpc.stream_stream_rpc_method_handler(
-            servicer.Collect,
-            request_deserializer=None,
-            response_serializer=pb.BatchAck.SerializeToString,
+        "Collect": grpc.stream_stream_rpc_method_handler(  # no request_deserializer: raw bytes
+            servicer.Collect, response_serializer=pb.BatchAck.SerializeToString
         ),
-        "ListBuffers": grpc.unary_unary_rpc_method_handler(
-            servicer.ListBuffers,
-            request_deserializer=pb.ListBuffersRequest.FromString,
-            response_serializer=pb.ListBuffersResponse.SerializeToString,
-        ),
+        "ListBuffers": unary(servicer.ListBuffers, pb.ListBuffersRequest, pb.ListBuffersResponse),
     }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("experience.v1.Experience", handlers),)
-    )
+    register(server, "experience.v1.Experience", handlers)
