@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from inference_service.syncplane.messages import encode_commit, encode_header, hop_results
+from inference_service.syncplane.messages import encode_commit, encode_header
 from inference_service.syncplane.parts import Commit, Data, HopResult, PushHeader
 from shared.errors import ConfigurationError, MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
@@ -70,13 +70,20 @@ class PeerAccess:
 
 
 def check_route(header: PushHeader) -> None:
-    """A route names at most MAX_HOPS hops, each with an address."""
+    """A route names at most MAX_HOPS hops, each with an address, none twice (a hop named
+    twice would be pushed the version twice: the second push would end or be refused against
+    the first, and its refusal would stand for that hop's outcome)."""
     if len(header.route) > MAX_HOPS:
         raise MalformedPushError(
             f"the push header's route names {len(header.route)} hops; at most {MAX_HOPS} may follow"
         )
     if any(not hop.address for hop in header.route):
         raise MalformedPushError("a hop of the push header's route has no address")
+    seen: set[str] = set()
+    for hop in header.route:
+        if hop.address in seen:
+            raise MalformedPushError(f"the push header's route names the hop {hop.address!r} twice")
+        seen.add(hop.address)
 
 
 def start(header: PushHeader, access: PeerAccess) -> Forward | None:
@@ -131,9 +138,25 @@ class Forward:
                 return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
             except grpc.RpcError as error:
                 return (self._failure(error),)
-            return (HopResult(self.address, int(response.version)), *hop_results(response))
+            return (HopResult(self.address, int(response.version)), *self._downstream(response))
         finally:
             self._close()
+
+    def _downstream(self, response: pb.PushResponse) -> tuple[HopResult, ...]:
+        """What the hop reports of the hops after it: only those on the route it was given,
+        each once, in the order reported (a hop speaks for no other address, and a long or
+        repeated list goes no further upstream)."""
+        wanted = {hop.address for hop in self._header.route}
+        kept: list[HopResult] = []
+        for result in response.hops:
+            if result.address in wanted:
+                wanted.discard(result.address)
+                kept.append(
+                    HopResult(
+                        result.address, result.version, result.code, result.reason, result.message
+                    )
+                )
+        return tuple(kept)
 
     def cancel(self) -> None:
         """The local push failed: end the forward, so that no hop commits it."""

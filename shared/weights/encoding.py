@@ -299,6 +299,9 @@ def varint_decode(data: np.ndarray, count: int) -> np.ndarray:
     lengths = ends - starts + 1
     if int(lengths.max()) > _MAX_VARINT:
         raise EncodingError("a varint runs longer than 10 bytes")
+    tenth = starts[lengths == _MAX_VARINT] + _MAX_VARINT - 1
+    if len(tenth) and int(data[tenth].max()) > 1:  # bits past the 64th: it would wrap
+        raise EncodingError("a varint holds a value past 2**64 - 1")
     values = (data[starts] & 0x7F).astype(np.uint64)
     longer = np.flatnonzero(lengths > 1)  # the few values of more than one byte, by index
     for j in range(1, int(lengths.max())):

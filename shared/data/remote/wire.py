@@ -137,10 +137,10 @@ def parse_batch(message: bytes) -> Received:
     if at != end:
         raise MalformedBatchError("a Batch message's last field runs past its end")
     return Received(
-        _text(fields.get(1)),
+        _text(fields.get(1), "buffer"),
         _number(fields.get(2)),
-        _text(fields.get(4)),
-        _bytes(fields.get(3)),
+        _text(fields.get(4), "collector_id"),
+        _bytes(fields.get(3), "payload"),
     )
 
 
@@ -155,17 +155,17 @@ def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
     raise MalformedBatchError("a Batch message holds a truncated or overlong varint")
 
 
-def _bytes(value: int | memoryview | None) -> memoryview:
+def _bytes(value: int | memoryview | None, field: str) -> memoryview:
     if isinstance(value, int):
-        raise MalformedBatchError("a Batch message's payload is not length-delimited")
+        raise MalformedBatchError(f"a Batch message's {field} is not length-delimited")
     return memoryview(b"") if value is None else value
 
 
-def _text(value: int | memoryview | None) -> str:
+def _text(value: int | memoryview | None, field: str) -> str:
     try:
-        return bytes(_bytes(value)).decode()
+        return bytes(_bytes(value, field)).decode()
     except UnicodeDecodeError:
-        raise MalformedBatchError("a Batch message's buffer or collector_id is not UTF-8") from None
+        raise MalformedBatchError(f"a Batch message's {field} is not UTF-8") from None
 
 
 def _number(value: int | memoryview | None) -> int:

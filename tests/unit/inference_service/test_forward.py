@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from inference_service.syncplane.relay.frames import (
     encode_header,
 )
 from shared.errors import MalformedPushError
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 
 ROUTE = (Hop("replica2:9001", "replica2", 4), Hop("[::1]:9001", "", 9))
 HEADER = PushHeader("m", 3, 2, "trainer-1", 4096, 5, ROUTE)
@@ -89,3 +91,40 @@ def test_the_route_and_the_hop_results_cross_both_transports() -> None:
     assert decode_answer(*encode_answer(outcome)) == outcome
     response = messages.push_response(outcome)
     assert messages.hop_results(response) == hops
+
+
+@pytest.fixture
+def lying_hop() -> Iterator[str]:
+    """A sync plane (a real gRPC server) that takes a push whole and claims, besides its own
+    commit, results for addresses off its route, for its route's hops twice, and many more."""
+
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
+        for _ in requests:
+            pass
+        spoofed = [pb.HopResult(address="elsewhere:1", version=3)]
+        spoofed += [pb.HopResult(address="next:9001", version=3)]
+        spoofed += [pb.HopResult(address="next:9001", version=0, code=10, reason="fenced")]
+        spoofed += [pb.HopResult(address=f"made-up-{i}:1", version=3) for i in range(10_000)]
+        return pb.PushResponse(model_name="m", version=3, hops=spoofed)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.stream_unary_rpc_method_handler(
+        push, request_deserializer=None, response_serializer=pb.PushResponse.SerializeToString
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", {"Push": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def test_a_hop_speaks_only_for_the_hops_on_its_route_each_once(lying_hop: str) -> None:
+    route = (Hop(lying_hop, "", 1), Hop("next:9001", "", 2))
+    onward = Forward(PushHeader("m", 3, 2, "t", 4096, 5, route), PeerAccess())
+    parts = body(4)
+    assert list(onward.passing_on(parts)) == parts
+    assert onward.results() == (HopResult(lying_hop, 3), HopResult("next:9001", 3))

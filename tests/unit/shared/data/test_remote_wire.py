@@ -118,6 +118,10 @@ def test_a_batch_reads_as_protobuf_reads_it() -> None:
         (b"\x18\x01", "payload is not length-delimited"),
         (b"\x12\x01a", "sequence is not a varint"),
         (b"\x0a\x01\xff", "not UTF-8"),
+        (b"\x08\x01", "buffer is not length-delimited"),
+        (b"\x20\x01", "collector_id is not length-delimited"),
+        (b"\x22\x01\xff", "collector_id is not UTF-8"),
+        (b"\x1a\xff\xff\xff\xff\xff\xff\xff\xff\x7f", "field runs past its end"),
         (b"\x31\x00", "last field runs past its end"),
     ],
 )

@@ -158,6 +158,20 @@ def test_sparse_positions_past_the_end_are_refused() -> None:
         decode(SPARSE, data, base, 4, np.zeros_like(base))
 
 
+def test_a_sparse_position_whose_varint_runs_past_64_bits_is_refused() -> None:
+    base = np.zeros(1024, np.uint8)
+    overlong = bytes([0x80] * 9 + [0x02])  # 2**64: would wrap to gap 0, position 0
+    data = np.array([1, len(overlong)], dtype="<u8").tobytes() + overlong + b"\x07"
+    out = np.zeros_like(base)
+    with pytest.raises(EncodingError, match=r"a varint holds a value past 2\*\*64 - 1"):
+        decode(SPARSE, data, base, 1, out)
+    assert not out.any()
+    largest = bytes([0xFF] * 9 + [0x01])  # 2**64 - 1: read whole, and past the tensor
+    data = np.array([1, len(largest)], dtype="<u8").tobytes() + largest + b"\x07"
+    with pytest.raises(EncodingError, match="past the tensor"):
+        decode(SPARSE, data, base, 1, out)
+
+
 def test_unknown_encoding_is_refused() -> None:
     base = np.zeros(8, np.uint8)
     with pytest.raises(EncodingError, match="unknown encoding"):
