@@ -97,11 +97,13 @@ def test_requests_in_flight_on_one_stream_run_batched_and_answer_in_order(
     (stats,) = client.get_inference_statistics("mlp").model_stats
     assert stats.inference_count == len(inputs)
     assert stats.execution_count < len(inputs)  # they ran together, not one after another
-    for i in (0, 77, 199):  # each answer is its own request's
+    # Each answer is its own request's. Batched and alone the matmul sums in another order
+    # (outputs near 100 differ in their last float32 bits); the inputs differ by whole units.
+    for i in (0, 77, 199):
         tensor = triton.InferInput("x", [1, 4], "FP32")
         tensor.set_data_from_numpy(inputs[i])
         alone = client.infer("mlp", [tensor], client_timeout=10).as_numpy("y")
-        assert np.allclose(got[i][0].as_numpy("y"), alone, atol=1e-6)  # type: ignore[attr-defined]
+        assert np.allclose(got[i][0].as_numpy("y"), alone, rtol=1e-5, atol=1e-4)  # type: ignore[attr-defined]
 
 
 def test_a_stream_cancelled_with_requests_in_flight_leaves_the_service_serving(
