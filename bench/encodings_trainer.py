@@ -1,0 +1,134 @@
+"""The trainer side of bench/encodings.py `--lab`, run inside the lab's trainer host
+(`python -m bench.encodings --lab-drive SPEC`): each case's steps pushed to the replicas, and
+whole fp32 pushes for the baseline; one JSON line per figure."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from bench.encodings_model import CASES, LAB_BF16, LAB_FP32, LabWeights
+from bench.labrun import DATA_PORT, SYNC_PORT, publish_watched
+from inference_service.client import InferenceClient
+from shared.weights.served import served_state
+from trainer_service import metrics
+from trainer_service.publisher import Publisher
+
+
+def _encoded_totals() -> tuple[float, float, float]:
+    """The trainer's dense bytes through the encoders, and its encode seconds (wall, and CPU
+    of the encoding threads), so far."""
+    totals = []
+    for metric in (metrics.ENCODED_BYTES, metrics.ENCODE_SECONDS, metrics.ENCODE_CPU_SECONDS):
+        totals.append(
+            sum(
+                sample.value
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            )
+        )
+    return totals[0], totals[1], totals[2]
+
+
+def _timed_sync(
+    publisher: Any,
+    clients: Sequence[Any],
+    model: str,
+    state: dict[str, torch.Tensor],
+    served: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Seconds from sync() called (the trained `state` converted to the `served` dtype, then
+    published, as the trainer service does) to every replica serving the new version, and the
+    bytes the trainer sent (one payload down a chain)."""
+    before = [int(client.metadata(model).versions[0]) for client in clients]
+    report, started, synced, seen = publish_watched(
+        clients,
+        model,
+        [version + 1 for version in before],
+        lambda: publisher.publish(model, served_state(state, served)),
+    )
+    if report.lagging or any(at is None for at in seen):
+        raise RuntimeError(
+            f"{model} version {report.version} did not reach every replica: {report}"
+        )
+    return max(synced, *(at for at in seen if at is not None)) - started, report.payload_bytes
+
+
+def lab_drive(spec: dict[str, Any]) -> int:
+    """The trainer side, inside the trainer host: per case, `steps` Adam steps, each pushed;
+    then whole fp32 pushes for the baseline. One JSON line per figure."""
+
+    targets = [f"{name}:{SYNC_PORT}" for name in spec["replicas"]]
+    clients = [InferenceClient(f"{name}:{DATA_PORT}", timeout_s=60) for name in spec["replicas"]]
+    mb, steps = spec["mb"], spec["steps"]
+    module = LabWeights(mb)
+    params = list(module.parameters())
+    try:
+        whole = Publisher(targets, "bench-whole", push_encoding="whole")
+        try:
+            g = torch.Generator().manual_seed(2)
+            times = []
+            for step in range(spec["baseline"] + 1):
+                with torch.no_grad():
+                    for p in params:
+                        p.add_(torch.randn(p.shape, generator=g), alpha=1e-3)
+                state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                seconds, _ = _timed_sync(whole, clients, LAB_FP32, state)
+                if step:  # the first is a full push on a fresh connection
+                    times.append(seconds)
+            fp32_bytes = sum(t.numel() * 4 for t in state.values())
+            print(json.dumps({"kind": "baseline", "seconds": statistics.mean(times)}), flush=True)
+        finally:
+            whole.close()
+        for case in CASES:
+            model = LAB_BF16 if case.served is not None else LAB_FP32
+            torch.manual_seed(0)
+            for p in params:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape) * 0.02)
+            optimizer = torch.optim.Adam(params, lr=case.lr)
+            # a writer of its own per case: each starts with a full push
+            publisher = Publisher(targets, f"bench-{case.name}", push_encoding=spec["encoding"])
+            g = torch.Generator().manual_seed(1)
+            measured: list[float] = []
+            wire = served_total = 0
+            dense0 = enc0 = cpu0 = 0.0
+            try:
+                for step in range(1, steps + 1):
+                    for p in params:
+                        p.grad = torch.randn(p.shape, generator=g)
+                    optimizer.step()
+                    raw = {k: v.detach() for k, v in module.state_dict().items()}
+                    if step == 10:
+                        dense0, enc0, cpu0 = _encoded_totals()
+                    seconds, sent = _timed_sync(publisher, clients, model, raw, case.served)
+                    if step >= 10:
+                        measured.append(seconds)
+                        wire += sent
+                        served_total += sum(
+                            t.numel() * t.element_size()
+                            for t in served_state(raw, case.served).values()
+                        )
+                dense1, enc1, cpu1 = _encoded_totals()
+            finally:
+                publisher.close()
+            line = {
+                "kind": "case",
+                "case": case.name,
+                "seconds": statistics.mean(measured),
+                "wire": wire,
+                "whole": fp32_bytes * len(measured) if case.versus_fp32 else served_total,
+                "encode_gbps": (dense1 - dense0) / max(enc1 - enc0, 1e-9) / 1e9,
+                "encode_cpu_gbps": (dense1 - dense0) / max(cpu1 - cpu0, 1e-9) / 1e9,
+                "encoded_bytes": dense1 - dense0,
+            }
+            print(json.dumps(line), flush=True)
+    finally:
+        for client in clients:
+            client.close()
+    return 0
