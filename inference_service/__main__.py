@@ -196,6 +196,7 @@ def run(settings: InferenceSettings) -> None:
         tls=experience_tls(settings),
         server_name=settings.experience_tls_server_name,
         max_queue=settings.record_queue,
+        max_queue_bytes=settings.record_queue_bytes,
     )
     server = build_server(settings, models, open_store(settings, models), recorder)
     ports = server.start()

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 PARAMETER = "record"  # the OIP request parameter naming a buffer to record the request into
 DEFAULT_QUEUE = 1024  # requests waiting to be recorded (--record-queue)
+DEFAULT_QUEUE_BYTES = 64 << 20  # their tensor bytes (--record-queue-bytes)
 
 RECORDED = Counter(
     "weightsync_inference_recorded_samples_total",
@@ -50,8 +51,8 @@ RECORDED = Counter(
 DROPPED = Counter(
     "weightsync_inference_recorded_dropped_total",
     "Samples recorded from served requests and dropped, by buffer and cause: 'queue' (the "
-    "recording queue was full), 'trainer' (the trainer was away or slow and the collector's "
-    "queue overflowed, or it refused them)",
+    "recording queue was full, by requests or by bytes), 'trainer' (the trainer was away or "
+    "slow and the collector's queue overflowed, or it refused them)",
     ["buffer", "cause"],
 )
 
@@ -116,6 +117,7 @@ class Recorder:
         tls: TlsFiles | None = None,
         server_name: str | None = None,
         max_queue: int = DEFAULT_QUEUE,
+        max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
         max_pending: int = 10_000,
     ) -> None:
         """Record requests of `models` into `buffers` of the trainers at `trainers` (their
@@ -156,6 +158,10 @@ class Recorder:
             self._declared.clear()
         self._queue: queue.Queue[tuple[tuple[Plan, ...], list[Any], list[Any]] | None]
         self._queue = queue.Queue(max_queue)
+        # The queue holds requests' tensors: bounded by their bytes too, not only their number.
+        self._max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._collectors: dict[str, RemoteDataCollector] = {}
         self._dropped_seen: dict[str, int] = {}
         self._thread: threading.Thread | None = None
@@ -206,11 +212,18 @@ class Recorder:
         return (*declared, self._asked[key])
 
     def record(self, plans: tuple[Plan, ...], inputs: list[Any], outputs: list[Any]) -> None:
-        """Queue a served request's tensors for its plans; returns at once (a full queue drops
-        the request's samples, counted)."""
-        try:
-            self._queue.put_nowait((plans, inputs, outputs))
-        except queue.Full:
+        """Queue a served request's tensors for its plans; returns at once (a full queue, by
+        requests or by bytes, drops the request's samples, counted)."""
+        size = _nbytes(inputs) + _nbytes(outputs)
+        with self._bytes_lock:
+            fits = self._queued_bytes + size <= self._max_queue_bytes
+            if fits:
+                try:
+                    self._queue.put_nowait((plans, inputs, outputs))
+                    self._queued_bytes += size
+                except queue.Full:
+                    fits = False
+        if not fits:
             for p in plans:
                 DROPPED.labels(p.buffer, "queue").inc(_samples(p, inputs))
 
@@ -235,6 +248,8 @@ class Recorder:
             if item is None:
                 return
             plans, inputs, outputs = item
+            with self._bytes_lock:
+                self._queued_bytes -= _nbytes(inputs) + _nbytes(outputs)
             for p in plans:
                 try:
                     self._collect(p, inputs, outputs)
@@ -282,3 +297,7 @@ def _samples(p: Plan, inputs: list[Any]) -> int:
         return 1
     first = inputs[0] if inputs else None
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def _nbytes(tensors: list[Any]) -> int:
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))

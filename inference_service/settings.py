@@ -15,7 +15,7 @@ from inference_service.dataplane.admission import RequestLimits
 from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import WORKERS
 from inference_service.persistence import HISTORY
-from inference_service.recording import DEFAULT_QUEUE
+from inference_service.recording import DEFAULT_QUEUE, DEFAULT_QUEUE_BYTES
 from inference_service.syncplane.limits import SyncLimits
 from shared.cli import (
     ADDRESSES,
@@ -378,6 +378,16 @@ class InferenceSettings:
             "INFERENCE_RECORD_QUEUE",
             "served requests waiting to be recorded; beyond, their samples are dropped and "
             "counted (the answers never wait)",
+            integer(1),
+        ),
+    )
+    record_queue_bytes: int = field(
+        default=DEFAULT_QUEUE_BYTES,
+        metadata=option(
+            "--record-queue-bytes",
+            "INFERENCE_RECORD_QUEUE_BYTES",
+            "tensor bytes of the served requests waiting to be recorded; beyond, their samples "
+            "are dropped and counted",
             integer(1),
         ),
     )

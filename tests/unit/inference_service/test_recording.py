@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from inference_service.recording import Plan, Recorder, plan
+from inference_service.recording import DROPPED, Plan, Recorder, plan
 from shared.app import App, TensorSpec
 from shared.data import DictSequentialBuffer
 from shared.errors import (
@@ -103,3 +103,16 @@ def test_without_trainers_recording_is_off_and_requests_for_it_refused() -> None
     with pytest.raises(UnsupportedError, match="records no requests"):
         recorder.plans("m", parameters(record="steps"))
     recorder.record((), [torch.zeros(1, 2)], [torch.zeros(1, 1)])  # nothing to do
+
+
+def test_a_request_beyond_the_queues_bytes_is_dropped_and_counted() -> None:
+    made = app("steps", steps=[TensorSpec("x", "FP32", (2,)), TensorSpec("y", "FP32", (1,))])
+    recorder = Recorder(made.models, made.buffers, ["127.0.0.1:1"], max_queue_bytes=1000)
+    try:
+        (steps,) = recorder.plans("m", {})
+        before = DROPPED.labels("steps", "queue")._value.get()
+        # 100 rows: 800 bytes of inputs and 400 of outputs, past 1000 bytes whatever is queued
+        recorder.record((steps,), [torch.zeros(100, 2)], [torch.zeros(100, 1)])
+        assert DROPPED.labels("steps", "queue")._value.get() - before == 100
+    finally:
+        recorder.close(0)
