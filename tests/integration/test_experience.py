@@ -371,25 +371,3 @@ def test_the_online_example_learns_from_what_its_agent_streams(services: Service
     assert re.search(r"trainer online: run \d+", services.log("trainer"))
     trainer.process.send_signal(signal.SIGTERM)  # before the inference service it pushes to
     assert trainer.process.wait(timeout=60) == 0
-
-
-def test_a_message_that_is_no_batch_is_refused_with_invalid_argument(services: Services) -> None:
-    trainer = start_trainer(services)
-    with grpc.insecure_channel(trainer.address) as channel:
-        collect = channel.stream_stream(
-            "/experience.v1.Experience/Collect",
-            request_serializer=None,
-            response_deserializer=pb.BatchAck.FromString,
-        )
-        first = pb.Batch(buffer="steps", sequence=1, payload=good(0, 2)).SerializeToString()
-        cut = pb.Batch(buffer="steps", sequence=2, payload=good(2, 2)).SerializeToString()[:-9]
-        acks = []
-        with pytest.raises(grpc.RpcError) as refused:
-            for ack in collect(iter([first, cut]), timeout=30):
-                acks.append(ack)
-    error = refused.value
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-    assert error_reason(error) == protocol.MALFORMED_BATCH
-    assert "a Batch message's field runs past its end" in error.details()
-    assert [(a.sequence, a.samples) for a in acks] == [(1, 2)]
-    assert trainer.stop() == [0, 1]  # the whole batch before it alone

@@ -6,7 +6,8 @@ where the lab cannot run (see test_lab_forwarding.py)."""
 from __future__ import annotations
 
 from tests.integration.conftest import wait_until
-from tests.integration.test_lab_forwarding import REPLICAS, Lab, lab, sync_address
+from tests.integration.lab import Lab
+from tests.integration.test_lab_forwarding import REPLICAS, holds, lab, receiving, sync_address
 
 __all__ = ["lab"]  # the fixture
 
@@ -20,11 +21,11 @@ def test_a_link_cut_mid_direct_push_is_cancelled_and_the_cut_one_caught_up_once_
         *("--max-runs", "2", "--run-interval", "600", "--fanout", "direct"),
         *("--connect-timeout", "1", "--push-stall-timeout-s", "2"),
     )
-    wait_until(lambda: lab.receiving("replica2", 2), timeout=60)
+    wait_until(lambda: receiving(lab, "replica2", 2), timeout=60)
     lab.hostlab.cut("replica2")
     wait_until(lambda: "version 2 committed on 2" in lab.services.log("trainer"), timeout=60)
     for host in ("replica1", "replica3"):
-        assert lab.holds(host, 2, 1), (host, lab.state(host))
+        assert holds(lab, host, 2, 1), (host, lab.state(host))
     log = lab.services.log("trainer")
     cut = sync_address(lab, "replica2")
     assert f"lagging: {cut}" in log
@@ -33,6 +34,6 @@ def test_a_link_cut_mid_direct_push_is_cancelled_and_the_cut_one_caught_up_once_
     assert "error" in lab.state("replica2")  # its link is down
 
     lab.hostlab.restore("replica2")
-    wait_until(lambda: lab.holds("replica2", 2, 1), timeout=30)
+    wait_until(lambda: holds(lab, "replica2", 2, 1), timeout=30)
     wait_until(lambda: f"{cut} caught up" in lab.services.log("trainer"), timeout=30)
     assert trainer.poll() is None  # waiting out its run interval: the catch-up did it

@@ -21,8 +21,13 @@ from tests.integration.test_experience import good, start_trainer
         (b"\x20\x05", "a Batch message's collector_id is not length-delimited"),
         # A payload whose length (2**63 - 1) runs far past the message.
         (b"\x1a\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x00", "a Batch message's field runs past"),
+        # A whole batch cut short: its payload ends 9 bytes early.
+        (
+            pb.Batch(buffer="steps", sequence=2, payload=good(2, 2)).SerializeToString()[:-9],
+            "a Batch message's field runs past its end",
+        ),
     ],
-    ids=["buffer-as-varint", "collector-as-varint", "payload-length-lies"],
+    ids=["buffer-as-varint", "collector-as-varint", "payload-length-lies", "batch-cut-short"],
 )
 def test_a_batch_with_a_lying_field_is_refused_naming_the_field_and_stores_nothing(
     services: Services, message: bytes, why: str
