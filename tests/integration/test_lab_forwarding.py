@@ -18,7 +18,7 @@ from shared.weights.digest import state_digest
 from tests.integration.conftest import Services, wait_until
 from tests.integration.lab import Lab, Setup, open_lab
 from tests.integration.pki import make_ca, make_cert
-from tests.integration.test_forwarding import stamp_state
+from tests.integration.test_forwarding import forwarded_to, stamp_state
 
 STAMP = "tests.integration.apps:stamp"
 TOKEN = "lab-sync-secret"
@@ -59,16 +59,6 @@ def lab(services: Services, tmp_path: Path) -> Iterator[Lab]:
     )
     with open_lab(services, hosts, RATE, setup) as opened:
         yield opened
-
-
-def forwarded_to(services: Services, name: str) -> list[str]:
-    """The hops the replica `name` passed pushes on to, as its log says."""
-    marker = "passing the push on to "
-    return [
-        line.split(marker, 1)[1].split(" ", 1)[0]
-        for line in services.log(name).splitlines()
-        if marker in line and "more hop(s) after it" in line
-    ]
 
 
 def sync_address(lab: Lab, host: str) -> str:
