@@ -5,6 +5,7 @@ exactly where it would refuse a direct one."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -107,24 +108,30 @@ class Sync:
         server_name: str = SERVER_NAME,
     ) -> pb.PushResponse:
         """A full push of `state` as `version` under `epoch`, passed on down `route`."""
-        payload = Payload.of(list(state.items()))
-        header = pb.PushHeader(
-            model_name="stamp",
-            version=version,
-            writer_id="tester",
-            payload_bytes=payload.nbytes,
-            writer_epoch=epoch,
-            route=route or [],
-        )
-        messages = [pb.PushRequest(header=header)]
-        messages += [
-            pb.PushRequest(data=b"".join(bytes(p) for p in pieces))
-            for pieces in payload.pieces(1 << 20, None)
-        ]
-        messages.append(pb.PushRequest(commit=pb.PushCommit(digest=state_digest(state))))
+        messages = push_requests(state, version, epoch, route)
         push = self.stub(server_name).Push
-        response: pb.PushResponse = push(iter(messages), timeout=30, metadata=self.metadata)
+        response: pb.PushResponse = push(messages, timeout=30, metadata=self.metadata)
         return response
+
+
+def push_requests(
+    state: dict[str, torch.Tensor], version: int, epoch: int, route: list[pb.Hop] | None = None
+) -> Iterator[pb.PushRequest]:
+    """The messages of a full push of the stamp model's `state` by the writer `tester`: its
+    header, its payload in 1 MiB chunks, its commit."""
+    payload = Payload.of(list(state.items()))
+    header = pb.PushHeader(
+        model_name="stamp",
+        version=version,
+        writer_id="tester",
+        payload_bytes=payload.nbytes,
+        writer_epoch=epoch,
+        route=route or [],
+    )
+    yield pb.PushRequest(header=header)
+    for pieces in payload.pieces(1 << 20, None):
+        yield pb.PushRequest(data=b"".join(bytes(p) for p in pieces))
+    yield pb.PushRequest(commit=pb.PushCommit(digest=state_digest(state)))
 
 
 def refusal(call: Sync, *args: object, **kwargs: object) -> tuple[int, str, str]:

@@ -13,11 +13,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights.digest import state_digest
-from shared.weights.writer import Payload
 from tests.integration.conftest import Inference, Services, wait_until
-from tests.integration.test_forwarding import STAMP, Sync, free_ports, stamp_state
+from tests.integration.test_forwarding import STAMP, Sync, free_ports, push_requests, stamp_state
 
 # Big enough that a stopped receiver's socket buffers and HTTP/2 windows cannot take it all;
 # taken at 8 MB/s, so that the test finds the push in flight.
@@ -107,19 +105,12 @@ def test_a_hop_that_takes_nothing_is_cut_lags_at_once_and_the_rest_are_fed(
 
 def stalled_push(version: int, epoch: int, go: threading.Event, mb: int) -> Iterator[bytes]:
     """A full push of `version` that sends its header and one chunk, then waits for `go`."""
-    state = stamp_state(version, mb=mb)
-    payload = Payload.of(list(state.items()))
-    header = pb.PushHeader(
-        model_name="stamp",
-        version=version,
-        writer_id="tester",
-        payload_bytes=payload.nbytes,
-        writer_epoch=epoch,
-    )
-    yield pb.PushRequest(header=header).SerializeToString()
-    for pieces in payload.pieces(1 << 20, None):
-        yield pb.PushRequest(data=b"".join(bytes(p) for p in pieces)).SerializeToString()
-        go.wait(timeout=30)
+    for request in push_requests(stamp_state(version, mb=mb), version, epoch):
+        if request.HasField("commit"):
+            return
+        yield request.SerializeToString()
+        if request.HasField("data"):
+            go.wait(timeout=30)
 
 
 @pytest.mark.parametrize("relay", ["on", "off"])
