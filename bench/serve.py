@@ -24,6 +24,8 @@ trainer at normal priority pushing the 100 MB model every second, against no tra
     swap load=50% p99_ratio=C    our p99 with pushes over without, open loop at 50% of capacity
     swap load=80% p99_ratio=D    the same at 80%
     swap load=saturation p99_ratio=E failed=N
+    swap-forwarding load=50% p99_ratio=F not_forwarding=C difference=F-C   (with --forwarding)
+        the same service passing every push on to a second replica (a chain), against not
 
 MLServer runs from its own virtual environment (its dependencies differ from ours), created on
 first use under .bench/mlserver-venv unless --mlserver points at an `mlserver` executable.
@@ -54,7 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load, servers
 from bench.load import Drive
-from bench.swap import SATURATION, swap_cost, swap_pauses
+from bench.swap import SATURATION, Tail, swap_cost, swap_pauses
 
 OURS, CEILING = "ours", "ceiling"
 MLSERVER = {"mlserver_pw0": 0, "mlserver_default": None}  # parallel_workers (None: default)
@@ -106,6 +108,11 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="our service's device (cpu, cuda)")
     parser.add_argument("--only-ours", action="store_true", help="skip MLServer")
     parser.add_argument("--no-swap", action="store_true", help="skip the swap figures")
+    parser.add_argument(
+        "--forwarding",
+        action="store_true",
+        help="swap figures also with every push passed on to a second replica (chain)",
+    )
     parser.add_argument(
         "--load",
         choices=load.GENERATORS,
@@ -168,6 +175,13 @@ def main() -> int:
         # the capacity the open loop takes shares of: the most its own generator (Python
         # asyncio, about half a core here) gets served, not h2load's
         capacity = load.drive_aio(server.address, piece * 2, args.concurrency)
+        forward_to = None
+        if args.forwarding:  # on 127.0.0.2, so that the service under load heads the chain
+            on = ("--sync-listen", "127.0.0.2:0", "--sync-relay", "off")
+            tail = stack.enter_context(servers.ours(tmp, env, *on))
+            forward_to = Tail(
+                f"127.0.0.2:{tail.ports['sync_port']}", tail.process.pid, tail.metrics_url
+            )
         print(
             f"# swap: capacity with the open loop's generator (grpc.aio client, closed loop, "
             f"concurrency {args.concurrency}): {figure(capacity)}"
@@ -184,6 +198,7 @@ def main() -> int:
             concurrency=args.concurrency,
             seconds=args.swap_seconds,
             rounds=max(1, args.rounds // 2),
+            forward_to=forward_to,
         )
         print(f"# swap: after, {loadavg()}")
         failed = failed_on_server(server.metrics_url) + sum(
@@ -197,7 +212,10 @@ def main() -> int:
         )
         for share, seen in swaps.items():
             name = "saturation" if share == SATURATION else f"{share:.0%}"
-            for what, got in (("without pushes", seen.quiet), ("with pushes", seen.syncing)):
+            drives = [("without pushes", seen.quiet), ("with pushes", seen.syncing)]
+            if forward_to is not None:
+                drives.append(("with pushes passed on", seen.forwarding))
+            for what, got in drives:
                 asked = (
                     f", asked {got.asked_rps:,.0f} req/s, most late {got.late * 1e3:.1f} ms"
                     if got.asked
@@ -205,10 +223,21 @@ def main() -> int:
                 )
                 print(f"# swap load={name} {what}: {figure(got)}{asked}")
             print(f"# swap load={name}: {seen.commits} commits in {seen.seconds:.0f}s with pushes")
+            if forward_to is not None:
+                print(
+                    f"# swap load={name}: {seen.passed_on} versions passed on to the second "
+                    f"replica in {seen.forwarding_seconds:.0f}s"
+                )
         for share, seen in swaps.items():
             name = "saturation" if share == SATURATION else f"{share:.0%}"
             extra = f" failed={failed}" if share == SATURATION else ""
             print(f"swap load={name} p99_ratio={seen.p99_ratio:.2f}{extra}")
+            if forward_to is not None:
+                print(
+                    f"swap-forwarding load={name} p99_ratio={seen.forwarding_p99_ratio:.2f} "
+                    f"not_forwarding={seen.p99_ratio:.2f} "
+                    f"difference={seen.forwarding_p99_ratio - seen.p99_ratio:+.2f}"
+                )
     return 0
 
 

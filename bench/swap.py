@@ -5,15 +5,24 @@ at normal priority pushes the 100 MB model every second, over its p99 with no tr
 Slices with pushes and slices without alternate, so drift on a noisy host hits both alike. A
 slice with pushes runs while a trainer process pushes (`--run-interval 1`), from its second
 commit on; a slice without has no trainer process, so no push in flight at all (the trainer is
-never frozen mid-push). Each round starts and stops one trainer."""
+never frozen mid-push). Each round starts and stops one trainer.
+
+With a second replica (`forward_to`, its sync address), each round also runs a slice in which
+the trainer pushes to both, so that the service under load passes every push on to that one as
+it arrives (the chain, trainer_service/chain.py): its p99 ratio forwarding against not. The
+second replica stands in for another machine: it runs at the lowest CPU priority, so what its
+own receiving costs the two shared cores shows as little as it can."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,12 +38,29 @@ class Swapping:
 
     quiet: Drive = field(default_factory=Drive)
     syncing: Drive = field(default_factory=Drive)
-    commits: int = 0  # versions committed during the slices with pushes
-    seconds: float = 0.0  # the slices with pushes, in all
+    forwarding: Drive = field(default_factory=Drive)  # pushes passed on to a second replica
+    commits: int = 0  # versions committed during the slices with pushes (not forwarding)
+    seconds: float = 0.0  # the slices with pushes (not forwarding), in all
+    passed_on: int = 0  # versions the second replica committed during the forwarding slices
+    forwarding_seconds: float = 0.0
 
     @property
     def p99_ratio(self) -> float:
         return self.syncing.p99 / self.quiet.p99
+
+    @property
+    def forwarding_p99_ratio(self) -> float:
+        return self.forwarding.p99 / self.quiet.p99
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The second replica a chain's pushes are passed on to: its sync address, process id and
+    metrics."""
+
+    sync: str
+    pid: int
+    metrics_url: str
 
 
 def swap_cost(
@@ -50,40 +76,44 @@ def swap_cost(
     concurrency: int,
     seconds: float,
     rounds: int,
+    forward_to: Tail | None = None,
 ) -> dict[float, Swapping]:
     """Per load share of `capacity` (SATURATION: the closed loop of `concurrency` clients), our
-    p99 with pushes and without, `seconds` of each in all, over `rounds` alternating rounds."""
+    p99 with pushes and without, `seconds` of each in all, over `rounds` alternating rounds;
+    with `forward_to` (a second replica), also with every push passed on to it."""
     seen = {share: Swapping() for share in shares}
     piece = seconds / rounds
 
-    def run_all(syncing: bool) -> None:
+    def run_all(kind: str) -> None:
         for share, swapping in seen.items():
             before = served_version(metrics_url, "blob")
+            tail_before = served_version(forward_to.metrics_url, "blob") if forward_to else 0
             started = time.monotonic()
             if share == SATURATION:
                 got = drive(data, piece, concurrency)
             else:
                 got = rate_drive(data, piece, share * capacity)
-            if syncing:
-                swapping.syncing.add(got)
+            getattr(swapping, kind).add(got)
+            if kind == "syncing":
                 swapping.commits += served_version(metrics_url, "blob") - before
                 swapping.seconds += time.monotonic() - started
-            else:
-                swapping.quiet.add(got)
+            elif kind == "forwarding" and forward_to is not None:
+                tail_after = served_version(forward_to.metrics_url, "blob")
+                swapping.passed_on += tail_after - tail_before
+                swapping.forwarding_seconds += time.monotonic() - started
 
-    for round_ in range(rounds):
-        if round_ % 2:
-            run_all(syncing=False)
+    def pushing(targets: list[str], kind: str) -> None:
         trainer = launch.spawn(
             # warnings only: commits are counted from the service's metrics
             launch.trainer_command(
-                "bench.serve_app:app", [sync], "--run-interval", "1", *launch.QUIET
+                "bench.serve_app:app", targets, "--run-interval", "1", *launch.QUIET
             ),
             env,
         )
         try:
             first = served_version(metrics_url, "blob")
-            # from its second commit on: the trainer's start and first full copy are past
+            # from its second commit on: the trainer's start and first full copy are past (and
+            # with two targets, the chain formed: its first push to each goes alone)
             launch.wait_for(
                 trainer,
                 functools.partial(committed_twice, metrics_url, first),
@@ -91,12 +121,32 @@ def swap_cost(
                 timeout=180,
                 interval=0.1,
             )
-            run_all(syncing=True)
+            if forward_to is not None:
+                lowest_priority(forward_to.pid)  # threads it started since
+            run_all(kind)
         finally:
             launch.stop(trainer, 60)
+
+    if forward_to is not None:
+        lowest_priority(forward_to.pid)
+    for round_ in range(rounds):
+        if round_ % 2:
+            run_all("quiet")
+        pushing([sync], "syncing")
+        if forward_to is not None:
+            # the service under load sorts first, so it heads the chain
+            assert sync < forward_to.sync
+            pushing([sync, forward_to.sync], "forwarding")
         if not round_ % 2:
-            run_all(syncing=False)
+            run_all("quiet")
     return seen
+
+
+def lowest_priority(pid: int) -> None:
+    """Every thread of process `pid` at nice 19 (a nice value is per thread on Linux)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(task.name), 19)
 
 
 def committed_twice(metrics_url: str, first: int) -> bool:
