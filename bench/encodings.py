@@ -30,9 +30,12 @@ this module's `lab_app` (the model as `lab_bf16`, served in bf16, and `lab_fp32`
 trainer host a Publisher (`--push-encoding auto`, chain fan-out) pushes each step's state,
 converted to the served dtype, and a client polls every replica's ModelMetadata; freshness is
 measured, from `sync()` called to every replica serving the version, averaged over steps 10 to
-the last, and compared with pushes of whole fp32 tensors (`--push-encoding whole`) in the same
-run. encode_gbps is the trainer's own (dense bytes through the encoder over its seconds, from
-its metrics).
+the last, and compared with pushes of whole fp32 tensors (`--push-encoding whole`) of the same
+steps: after each measured step (before it, every other step) another writer pushes the same
+trained weights whole in fp32 to a third model, `lab_whole`, so a load that drifts during the
+run weighs on both alike (`--baseline` whole pushes warm that model up first). encode_gbps is
+the trainer's own (dense bytes through the encoder over its seconds, from its metrics).
+`--cases` picks cases; `--logs DIR` keeps the replicas' logs (INFO) and the trainer's (DEBUG).
 
     python -m bench.encodings --lab [--mb 256] [--steps 20] [--replicas 3] [--rate 1gbit]
 """
@@ -44,7 +47,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.encodings_model import CASES, lab_app
+from bench.encodings_model import CASES, lab_app, selected
 from bench.encodings_offline import encoder_speeds, measure
 
 __all__ = ["lab_app", "main"]  # lab_app: what the replica hosts serve in --lab
@@ -63,7 +66,12 @@ def main() -> int:
     parser.add_argument(
         "--push-encoding", default="auto", help="--lab: the trainer's --push-encoding"
     )
-    parser.add_argument("--logs", type=Path, help="--lab: keep the replicas' logs here")
+    parser.add_argument(
+        "--logs", type=Path, help="--lab: keep the replicas' logs (INFO) and the trainer's (DEBUG)"
+    )
+    parser.add_argument(
+        "--cases", help=f"only these cases, comma-separated (of {', '.join(c.name for c in CASES)})"
+    )
     parser.add_argument("--lab-drive", help=argparse.SUPPRESS)  # the trainer side, in the lab
     args = parser.parse_args()
     if args.lab_drive:
@@ -77,7 +85,7 @@ def main() -> int:
     link = args.link_gbit * 1e9 / 8
     encoder_speeds()
     print(f"model: {args.mb} MiB of fp32 weights; steps 10 to {args.steps} measured")
-    for case in CASES:
+    for case in selected(args.cases):
         print(measure(case, args.mb, max(args.steps, 11), link, args.verbose), flush=True)
     return 0
 

@@ -44,6 +44,7 @@ def lab_run(args: argparse.Namespace) -> int:
             "baseline": args.baseline,
             "encoding": args.push_encoding,
             "logs": str(args.logs.resolve()) if args.logs else None,
+            "cases": args.cases,
         }
         returncode, results = run_trainer(lab, "bench.encodings", "--lab-drive", spec, env)
         if returncode != 0:
@@ -52,16 +53,17 @@ def lab_run(args: argparse.Namespace) -> int:
     baseline = next(r["seconds"] for r in results if r["kind"] == "baseline")
     fp32_bytes = args.mb * (1 << 20)
     print(
-        f"# whole fp32 pushes: {baseline:.3f}s from sync() to all serving "
+        f"# whole fp32 pushes (warm-up): {baseline:.3f}s from sync() to all serving "
         f"({fp32_bytes / link:.3f}s of wire)",
         flush=True,
     )
     for r in (r for r in results if r["kind"] == "case"):
         print(
             f"wire step={r['case']} link={args.rate} bytes_ratio={r['wire'] / r['whole']:.4f} "
-            f"freshness_ratio={r['seconds'] / baseline:.4f} encode_gbps={r['encode_gbps']:.2f}"
-            f" encode_cpu_gbps={r['encode_cpu_gbps']:.2f}"
-            f"  # measured: {r['seconds']:.3f}s per push, {args.replicas} replica(s); "
+            f"freshness_ratio={r['seconds'] / r['whole_seconds']:.4f} "
+            f"encode_gbps={r['encode_gbps']:.2f} encode_cpu_gbps={r['encode_cpu_gbps']:.2f}"
+            f"  # measured: {r['seconds']:.3f}s per push, whole fp32 pushes of the same steps "
+            f"{r['whole_seconds']:.3f}s, {args.replicas} replica(s); "
             f"{r['encoded_bytes'] / 1e6:.0f} MB through the encoders",
             flush=True,
         )

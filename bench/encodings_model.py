@@ -1,5 +1,6 @@
 """The model bench/encodings.py measures and its cases, and `lab_app`: what every replica host
-serves in `--lab` (the model as `lab_bf16`, served in bf16, and `lab_fp32`)."""
+serves in `--lab` (the model as `lab_bf16`, served in bf16, `lab_fp32`, and `lab_whole`, fp32,
+which the yardstick's whole pushes go to)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from shared import App, TensorSpec, TorchTrainingModel
 
 TENSOR_MB = 16  # the model is cut into tensors of this size
 LAB_BF16, LAB_FP32 = "lab_bf16", "lab_fp32"
+LAB_WHOLE = "lab_whole"  # fp32, pushed whole: the yardstick, interleaved with each case's steps
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,17 @@ CASES = (
     Case("fp32_adam_lr1e-3", 1e-3, None, False),
     Case("fp32_served_bf16", 1e-4, torch.bfloat16, True),
 )
+
+
+def selected(names: str | None) -> tuple[Case, ...]:
+    """The cases named (comma-separated), in CASES order; every one for None."""
+    if not names:
+        return CASES
+    wanted = set(names.split(","))
+    unknown = wanted - {case.name for case in CASES}
+    if unknown:
+        raise ValueError(f"no such case: {', '.join(sorted(unknown))}")
+    return tuple(case for case in CASES if case.name in wanted)
 
 
 class LabWeights(nn.Module):
@@ -53,7 +66,7 @@ def _serve(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 lab_app = App()
-for _name, _dtype in ((LAB_BF16, torch.bfloat16), (LAB_FP32, None)):
+for _name, _dtype in ((LAB_BF16, torch.bfloat16), (LAB_FP32, None), (LAB_WHOLE, None)):
     lab_app.add_model(
         _name,
         lambda: TorchTrainingModel(LabWeights(), inference_procedure=_serve),

@@ -6,8 +6,9 @@ collected sample takes to become a trained version that is served.
               acknowledged by a trainer service (its experience plane, real process) per second,
               from the first collect() to the end of flush()
         X:    that throughput over the same bytes (each batch, as the collector frames it, in an
-              experience.v1 Batch) streamed over a raw grpcio bidirectional stream to a server
-              process that only counts them and answers each with an ack, in the same run
+              experience.v1 Batch: the same messages, of the same sizes, with the same gRPC
+              options) streamed over a raw grpcio bidirectional stream to a server process that
+              only counts their bytes and answers each with an ack, in the same run
     experience raw_ceiling samples_per_s=R mb_per_s=S
         that yardstick's own figures: the ceiling the collector is measured against
     experience collect_to_served_ms p50=A max=B
@@ -112,7 +113,7 @@ app.add_trainer("steps", StepsTrainer)
 
 
 def serve_raw(port_file: Path) -> None:
-    """The raw yardstick: read each message, answer it with a small ack, nothing else."""
+    """The raw yardstick: read each message, count its bytes, answer it with a small ack."""
 
     def collect(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         for sequence, message in enumerate(requests):
@@ -141,8 +142,9 @@ def samples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
 
 
 def ours(address: str, items: list[dict[str, torch.Tensor]]) -> float:
-    with RemoteDataCollector(
-        address, "bulk", batch_size=BATCH, max_pending=len(items) + 1
+    total = sum(t.nbytes for item in items for t in item.values())
+    with RemoteDataCollector(  # room for every sample: the run measures speed, not drops
+        address, "bulk", batch_size=BATCH, max_pending=len(items) + 1, max_pending_bytes=total + 1
     ) as collector:
         started = time.perf_counter()
         for item in items:
@@ -262,7 +264,7 @@ def main() -> int:
             print(
                 f"experience raw_ceiling samples_per_s={args.samples / took_raw:.0f} "
                 f"mb_per_s={payload_mb / took_raw:.1f} (the same Batch bytes, pre-built, over a "
-                "bare grpcio stream to a server that only acknowledges them)"
+                "bare grpcio stream to a server that only counts their bytes and acknowledges them)"
             )
             print(
                 f"experience collect_us_per_sample="

@@ -26,14 +26,18 @@ push, which is direct) per fan-out and replica count:
     Y: T over T at one replica, same link rate and fan-out
 
 Then, per fan-out at `--cut-replicas` replicas (1 Gbit/s), the cut scenario: the second
-replica's link is cut (hostlab `cut`) once it has received part of a push, and
+replica's link is cut (hostlab `cut`) once it has received the fraction `--cut-at` (0.5) of a
+push (its GetModel's `pending` says how much; the cut lands within one poll of it), and
 
-    freshness-cut link=1gbit fanout=F replicas=M cut=replica2 ... others_seconds=T
+    freshness-cut link=1gbit fanout=F replicas=M cut=replica2 cut_at=0.5 ... others_seconds=T
         normal_seconds=N ratio_vs_normal=T/N cut_serves_newest_within_one_sync=yes|no
 
     T: until `sync()` returns, every replica but the cut one committed (it lags)
     then the link is restored and one more sync runs: `yes` when the cut one serves that
     sync's version by the time the sync returned plus one normal freshness N
+
+`--repeat` times (one more sync after each, so that the cut one rejoins the chain): T is the
+median, each run's T and how many runs caught the cut one up in time follow the line.
 
 The 10 Gbit/s figures are CPU-bound on a two-core machine (the trainer, the replicas and the
 client share it) and say so; so are chains of many replicas at 1 Gbit/s there, where every
@@ -46,7 +50,8 @@ Defaults, sized to finish within about ten minutes on a 2-core machine: a 128 Mi
 pushes per figure.
 
     python -m bench.freshness [--mib 128] [--replicas 1,2,4,8] [--fast-replicas 1,8]
-                              [--cut-replicas 4] [--repeat 3] [--picture docs/freshness.png]
+                              [--cut-replicas 4] [--cut-at 0.5] [--repeat 3]
+                              [--picture docs/freshness.png]
 
 Needs root (the host lab); prints why and exits 2 where the lab cannot run.
 """
@@ -132,6 +137,12 @@ def main() -> int:
         default=4,
         help="replicas in the cut scenario at 1 Gbit/s, one of --replicas (0: none)",
     )
+    parser.add_argument(
+        "--cut-at",
+        type=float,
+        default=0.5,
+        help="the fraction of a push the cut replica has received when its link is cut",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timed pushes per figure")
     parser.add_argument("--picture", type=Path, default=ROOT / "docs" / "freshness.png")
     parser.add_argument(
@@ -170,6 +181,7 @@ def main() -> int:
             "name": victim.name,
             "switch": lab.switch,
             "port": victim.port,
+            "at": args.cut_at,
         }
     with (
         tempfile.TemporaryDirectory() as tmp,

@@ -37,11 +37,15 @@ def report(rate: str, results: list[dict[str, Any]], model_bytes: int, mib: int)
             continue
         after = r["after_restore_s"]
         print(
-            f"{head} cut={r['cut']} model_mib={mib} others_seconds={r['others_s']:.3f} "
+            f"{head} cut={r['cut']} cut_at={r.get('cut_at', 0):g} model_mib={mib} "
+            f"others_seconds={r['others_s']:.3f} "
             f"normal_seconds={r['normal_s']:.3f} "
             f"ratio_vs_normal={r['others_s'] / r['normal_s']:.2f} "
             f"cut_serves_newest_within_one_sync={'yes' if r['caught_up'] else 'no'}"
-            f"  # committed on {r['committed']}, lagging {','.join(r['lagging']) or 'none'}; "
+            f"  # median of {len(r.get('others_all', [0]))} cut(s): "
+            f"{', '.join(f'{s:.3f}' for s in r.get('others_all', [r['others_s']]))}s; "
+            f"caught up within one sync in {r.get('caught_up_runs', int(r['caught_up']))}; "
+            f"committed on {r['committed']}, lagging {','.join(r['lagging']) or 'none'}; "
             f"next sync {r['next_sync_s']:.3f}s; cut one serving the newest "
             + (f"{after:.3f}s after restore" if after is not None else "not within 60s"),
             flush=True,

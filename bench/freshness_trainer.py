@@ -84,15 +84,20 @@ def link(command: str, cut: dict[str, str]) -> None:
 
 
 def cut_mid_push(cut: dict[str, Any], version: int, normal_s: float) -> None:
-    """Cut the replica's link once it has received part of `version` (its sync plane's
-    GetModel says so), or after a normal push's time at the latest."""
+    """Cut the replica's link once it has received the fraction `cut["at"]` of `version`'s
+    payload (its sync plane's GetModel says so), or after a normal push's time at the latest."""
     channel = grpc.insecure_channel(f"{cut['name']}:{SYNC_PORT}")
     stub = pb_grpc.WeightSyncStub(channel)
     deadline = time.perf_counter() + normal_s
     try:
         while time.perf_counter() < deadline:
             state = stub.GetModel(pb.GetModelRequest(model_name=MODEL), timeout=5)
-            if state.pending.version == version and state.pending.bytes_received > 0:
+            pending = state.pending
+            if (
+                pending.version == version
+                and pending.bytes_received > 0
+                and (pending.bytes_received >= float(cut["at"]) * pending.payload_bytes)
+            ):
                 break
             time.sleep(POLL_S)
     finally:
@@ -149,6 +154,7 @@ def cut_scenario(
         "kind": "cut",
         "replicas": len(clients),
         "cut": cut["name"],
+        "cut_at": float(cut["at"]),
         "others_s": others_s,
         "normal_s": normal_s,
         "lagging": lagging,
@@ -156,6 +162,23 @@ def cut_scenario(
         "next_sync_s": after_s,
         "caught_up": seen is not None and seen - synced <= normal_s,
         "after_restore_s": None if seen is None else seen - restored,
+    }
+
+
+def combined(cuts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cut scenario's runs as one figure: the medians of the times, each run's own time
+    (`others_all`), and in how many runs the cut one caught up within one sync."""
+    if "error" in cuts[0]:
+        return cuts[0]
+    return {
+        **cuts[0],
+        "others_s": statistics.median(c["others_s"] for c in cuts),
+        "next_sync_s": statistics.median(c["next_sync_s"] for c in cuts),
+        "others_all": [c["others_s"] for c in cuts],
+        "caught_up": all(c["caught_up"] for c in cuts),
+        "caught_up_runs": sum(bool(c["caught_up"]) for c in cuts),
+        "lagging": sorted({lag for c in cuts for lag in c["lagging"]}),
+        "committed": min(c["committed"] for c in cuts),
     }
 
 
@@ -193,16 +216,23 @@ def drive(spec: dict[str, Any]) -> int:
                 line = {"kind": "freshness", "fanout": fanout, "replicas": count, **figures}
                 print(json.dumps(line), flush=True)
                 if cut and count == cut["replicas"]:
-                    value += 1
-                    try:
-                        result = cut_scenario(
-                            publisher, clients, state, value, figures["seconds"], cut
-                        )
-                    except Exception as error:  # reported: the figure says what went wrong
-                        result = {"kind": "cut", "replicas": count, "error": repr(error)}
-                        link("up", cut)
-                    value += 1
-                    print(json.dumps({**result, "fanout": fanout}), flush=True)
+                    cuts = []
+                    for _ in range(spec["repeat"]):
+                        value += 1
+                        try:
+                            cuts.append(
+                                cut_scenario(
+                                    publisher, clients, state, value, figures["seconds"], cut
+                                )
+                            )
+                        except Exception as error:  # reported: the figure says what went wrong
+                            cuts = [{"kind": "cut", "replicas": count, "error": repr(error)}]
+                            link("up", cut)
+                            break
+                        value += 2  # the cut push, the sync after the restore; then one
+                        fill(state, value)  # more, so that the cut one rejoins the chain
+                        publisher.publish(MODEL, state)
+                    print(json.dumps({**combined(cuts), "fanout": fanout}), flush=True)
             finally:
                 publisher.close()
                 for client in clients:

@@ -81,7 +81,11 @@ def peer_access(settings: InferenceSettings, limits: SyncLimits) -> PeerAccess:
     if settings.tls_cert is not None:
         tls = TlsFiles(settings.tls_peer_cert, settings.tls_peer_key, settings.tls_peer_ca)
     return PeerAccess(
-        settings.sync_token, tls, settings.forward_stall_timeout_s, limits.push_idle_timeout_s
+        settings.sync_token,
+        tls,
+        settings.forward_stall_timeout_s,
+        limits.push_idle_timeout_s,
+        settings.forward_replay_bytes,
     )
 
 
@@ -104,6 +108,7 @@ def build_server(
         max_concurrent=settings.max_concurrent_pushes,
         max_bytes_per_s=settings.sync_max_bytes_per_s,
         push_idle_timeout_s=settings.push_idle_timeout_s,
+        push_resume_window_s=settings.push_resume_window_s,
     )
     persister = Persister(store, models) if store is not None else None
     sync_plane = SyncPlane(

@@ -181,6 +181,7 @@ class InferenceServer:
             self._sync_server.start()
             sync_port = self._relay.start()
         ports = Ports(data_port, sync_port)
+        self.sync_plane.serving_at(self._sync.listen, sync_port)
         self.data_plane.set_ready(True)
         self._on_loop(self._set_data_health(SERVING))
         for service in SERVICES:

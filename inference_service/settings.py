@@ -16,6 +16,7 @@ from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import WORKERS
 from inference_service.persistence import HISTORY
 from inference_service.recording import DEFAULT_QUEUE, DEFAULT_QUEUE_BYTES
+from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.limits import SyncLimits
 from shared.cli import (
     ADDRESSES,
@@ -23,10 +24,13 @@ from shared.cli import (
     HOST_PORT,
     PATH,
     SIZE,
+    Converter,
     choice,
     duration,
     integer,
+    nbytes,
     scaled,
+    show_size,
 )
 from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options, parse_service
 
@@ -269,14 +273,34 @@ class InferenceSettings:
         ),
     )
     forward_stall_timeout_s: float = field(
-        default=1.0,
+        default=PeerAccess.stall_timeout_s,
         metadata=option(
             "--forward-stall-timeout-s",
             "INFERENCE_FORWARD_STALL_TIMEOUT_S",
             "how long a replica this service passes a push on to may take nothing before it is "
-            "cut off and reported stalled, so that the trainer routes around it (at 1 Gbit/s "
-            "and up a live replica never takes nothing for a second)",
+            "cut off and reported stalled, and the replicas after it are fed past it (at 1 "
+            "Gbit/s and up a live replica takes the few MiB queued for it in tens of ms)",
             duration("s", positive=True),
+        ),
+    )
+    forward_replay_bytes: int = field(
+        default=PeerAccess.replay_bytes,
+        metadata=option(
+            "--forward-replay-bytes",
+            "INFERENCE_FORWARD_REPLAY_BYTES",
+            "payload bytes of the push being passed on kept to resume the replica after a cut "
+            "one, routing past it (0: none kept; the trainer pushes those replicas again)",
+            Converter(lambda text: nbytes(text, 0), "SIZE", show_size),
+        ),
+    )
+    push_resume_window_s: float = field(
+        default=SyncLimits.push_resume_window_s,
+        metadata=option(
+            "--push-resume-window-s",
+            "INFERENCE_PUSH_RESUME_WINDOW_S",
+            "how long a weight push whose stream broke off before its commit is kept for a push "
+            "resuming it from the bytes applied (0: not kept; any other push drops it)",
+            duration("s"),
         ),
     )
     sync_nice: int = field(

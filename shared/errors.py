@@ -29,6 +29,10 @@ class MalformedBatchError(InvalidArgumentError):
     counts or the safetensors framing."""
 
 
+class PushBrokenError(MalformedPushError):
+    """A push's sender went away (cancelled, or its connection broke) before the commit."""
+
+
 class OutOfRangeError(InvalidArgumentError):
     """A version or writer epoch at or past 2^63, the bound the sync plane keeps them under."""
 
@@ -64,6 +68,17 @@ class InferenceOnlyModelError(PushRejectedError):
 
 class BaseVersionMismatchError(PushRejectedError):
     """A delta names a base version the receiver does not serve; the sender should push in full."""
+
+
+class SeedVersionMismatchError(PushRejectedError):
+    """A seed names a version other than the one the replica serves: it would push another
+    (possibly stale) version than the caller meant, so it pushes none."""
+
+
+class ResumeMismatchError(PushRejectedError):
+    """A push that resumes a broken one (`resume_from`) names no push kept here: another
+    identity (model, version, base, writer, epoch, size), an offset past the bytes applied, or
+    nothing kept (the resume window passed); nothing of it was applied."""
 
 
 class ConflictError(ServiceError):

@@ -16,6 +16,7 @@ REASON_KEY = "error-reason"
 INVALID_ARGUMENT = "invalid-argument"
 INVALID_INPUT = "invalid-input"
 MALFORMED_PUSH = "malformed-push"
+PUSH_BROKEN = "push-broken"  # the sender went away mid-push (nobody is left to read it)
 MALFORMED_BATCH = "malformed-batch"  # an experience batch its buffer cannot take: drop it
 OUT_OF_RANGE = "out-of-range"
 # NOT_FOUND
@@ -28,6 +29,8 @@ BUFFER_NOT_FOUND = "buffer-not-found"
 PUSH_REJECTED = "push-rejected"
 INFERENCE_ONLY_MODEL = "inference-only-model"
 BASE_VERSION_MISMATCH = "base-version-mismatch"  # the delta's base is not served: push in full
+SEED_VERSION_MISMATCH = "seed-version-mismatch"  # the replica serves another version than named
+RESUME_MISMATCH = "resume-mismatch"  # nothing matching to resume at that offset: push it whole
 # ABORTED
 CONFLICT = "conflict"
 FENCED = "fenced"  # another writer acquired the model since: this one must stop

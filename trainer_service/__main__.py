@@ -62,6 +62,7 @@ def run(settings: TrainerSettings) -> None:
         token=settings.sync_token,
         tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
         fanout=settings.fanout,
+        catch_up_from_peers=settings.catch_up_from_peers,
         push_encoding=settings.push_encoding,
     )
     experience: ExperienceServer | None = None

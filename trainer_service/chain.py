@@ -10,11 +10,14 @@ the number of replicas. Targets that cannot join (first contact, no base) are pu
 From the response each hop is committed (its state recorded as if pushed directly), failed
 or not reached (a hop before it failed). A fenced hop fails the sync as a direct push would. A
 hop reported stalled or unreachable (DEADLINE_EXCEEDED, UNAVAILABLE: cut, dark or down) lags at
-once: the background catch-up brings it up later, and the sync does not wait for it. Any other
-failed hop is pushed directly at once, with the fallbacks, retries and deadlines a direct push
-takes (docs/sync.md, "When things fail"); one that refuses fails the sync where a direct push
-would. The hops not reached are pushed again at once, in a new chain of the remaining ones fed
-from the trainer.
+once: the background catch-up brings it up later, and the sync does not wait for it. The
+replica before such a hop routes the push past it (inference_service/syncplane/forward.py),
+resuming the hops after it from what they hold, so they come back committed like any hop. Any
+other failed hop is pushed directly at once, with the fallbacks, retries and deadlines a direct
+push takes (docs/sync.md, "When things fail"); one that refuses fails the sync where a direct
+push would. The hops not reached (after a hop that refused, or past a cut one whose offset the
+replica's replay window no longer held) are pushed again at once, in a new chain of the
+remaining ones fed from the trainer.
 """
 
 from __future__ import annotations

@@ -53,12 +53,14 @@ def hashed(tensors: Tensors) -> tuple[dict[str, bytes], bytes]:
 @dataclass(frozen=True)
 class Version:
     """One version of a model's state, to deliver: `hashes` (each tensor's) and `digest` (of the
-    whole state) where already known, else None."""
+    whole state) where already known, else None; `owned`: tensors nobody writes again, kept as
+    they are for later deltas (no copy)."""
 
     number: int
     tensors: Tensors
     hashes: dict[str, bytes] | None = None
     digest: bytes | None = None
+    owned: frozenset[str] = frozenset()
 
 
 class Delivery:
@@ -114,6 +116,47 @@ class Delivery:
                     return sent
         raise AssertionError("unreachable")
 
+    def seed(self, target: Target, donor: Target, version: Version) -> bool:
+        """Have `donor`, which acknowledged `version`, push it to `target` (a Seed), once this
+        trainer holds the writer lease there: whether `target` committed it. The caller holds
+        `target.lock`; a donor that refuses or fails is logged, and the caller pushes directly.
+        TargetUnreachableError when `target` does not answer."""
+        assert version.hashes is not None
+        remote = target.client.get_model(target.model, self.connect_timeout_s)
+        if remote.version >= version.number:  # a direct push sorts out what it holds
+            return False
+        if target.epoch is None:  # first contact: become the writer (fences earlier ones)
+            target.epoch = target.client.acquire_writer(target.model, self.writer_id)
+        result = self._seeded(target, donor, version.number)
+        if result.reason == protocol.UNKNOWN_EPOCH:  # it restarted without its state
+            target.epoch = None
+            target.epoch = target.client.acquire_writer(target.model, self.writer_id)
+            result = self._seeded(target, donor, version.number)
+        if result.version != version.number:
+            logger.info(
+                "model %s: %s could not catch %s up to version %d (%s: %s); pushing it directly",
+                target.model,
+                donor.address,
+                target.address,
+                version.number,
+                result.code.name,
+                result.message,
+            )
+            return False
+        target.acknowledged(version.number, version.hashes)
+        return True
+
+    @staticmethod
+    def _seeded(target: Target, donor: Target, version: int) -> HopResult:
+        """What became of `donor`'s seed of `version` on `target` (its own refusal, if any, as
+        the result)."""
+        assert target.epoch is not None
+        hop = Hop(target.address, target.client.server_name, target.epoch)
+        try:
+            return donor.client.seed(target.model, version, hop)
+        except PushFailedError as error:
+            return HopResult(target.address, 0, error.code, error.reason or "", str(error))
+
     def push(self, target: Target, version: Version, route: tuple[Hop, ...] = ()) -> Pushed:
         """One try, with the fallbacks the target's answers call for; the caller holds
         `target.lock`."""
@@ -143,18 +186,30 @@ class Delivery:
         assert acked is not None  # with the hashes it was made of
         target.acknowledged(version.number, acked)
         if copying is None and self._chooser.wants_bases(target.address):  # a later delta
-            self._bases.keep(target.model, version.number, version.tensors, acked)  # encodes
-        return Pushed(plan.payload.nbytes, hops)  # against it
+            dense = self._chooser.dense(target.model)  # encodes against it
+            self._bases.keep(
+                target.model, version.number, version.tensors, acked, dense, version.owned
+            )
+        return Pushed(plan.payload.nbytes, hops)
 
     def _keep_while_pushing(self, target: Target, version: Version) -> threading.Thread | None:
         """Where the version's hashes are known up front (a delta), the copy a later delta
         encodes against is made while the push streams rather than after it; push() joins it
-        before returning. None where no copy is wanted or the hashes come from the push."""
+        before returning (tensors whose last change was too dense for any encoding are kept as
+        probes: bases.py). None where no copy is wanted or the hashes come from the push."""
         if version.hashes is None or not self._chooser.wants_bases(target.address):
             return None
+        dense = self._chooser.dense(target.model)
         thread = threading.Thread(
             target=self._bases.keep,
-            args=(target.model, version.number, version.tensors, version.hashes),
+            args=(
+                target.model,
+                version.number,
+                version.tensors,
+                version.hashes,
+                dense,
+                version.owned,
+            ),
             name="base-copy",
             daemon=True,
         )
@@ -228,7 +283,8 @@ class Delivery:
         else:
             # Targets taking the same version on the same base share each tensor's encoding.
             push = (target.model, version.number, base_version)
-            encoded = self._chooser.encode(target.address, carried, kept, push)
+            probes = self._bases.probes(target.model, base_version)
+            encoded = self._chooser.encode(target.address, carried, kept, push, probes)
             payload = Payload.of(carried, encoded=encoded.tensors)
             logger.debug(
                 "model %s v%d -> %s (delta on %d): %s; encoded in %.3fs",

@@ -18,21 +18,30 @@ tensor (the encoded bytes are kept for the newest version of each model until a 
 comes). On loopback the
 wire outruns every encoder, so `auto` never keeps a base copy for a loopback target and sends
 whole bytes. `--push-encoding` forces one encoding where a base exists (bench and tests).
+
+A push's tensors are chosen and encoded on up to ENCODE_THREADS threads. A tensor whose change
+was measured so dense that no encoding's estimated bytes come under MARGIN of its whole bytes
+is named `dense`: on no link would an encoding be chosen for it, so the next version keeps only
+a probe of it (bases.py), on which the change after is measured in turn.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from shared.weights.encoding import (
     ENCODINGS,
+    SAMPLE_ELEMENTS,
     SPARSE,
     WHOLE,
     changed_share,
@@ -40,6 +49,8 @@ from shared.weights.encoding import (
     encode,
     encode_tensor,
     host_bytes,
+    sampled,
+    sampled_share,
 )
 from trainer_service import metrics
 from trainer_service.push import PushPlan
@@ -52,8 +63,9 @@ CHOICES = (AUTO, WHOLE, *ENCODINGS)
 MARGIN = 0.8  # an encoding is chosen when it costs under this share of whole bytes
 SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 RECALIBRATE_S = 60.0  # speeds measured at a busy moment must not rule encodings out for good
-_SAMPLE_BLOCKS = 16
-_SAMPLE_BLOCK = 4096  # elements
+# A push's tensors are encoded on this many threads (numpy and the compressors let go of the
+# GIL while they work), so an encode takes the host's spare cores rather than one.
+ENCODE_THREADS = min(os.cpu_count() or 1, 4)
 _CALIBRATION_ELEMENTS = 1 << 21
 _CALIBRATION_CHANGED = 0.03
 
@@ -109,7 +121,21 @@ class Speeds:
 
 def changed_fraction(new: torch.Tensor, base: torch.Tensor) -> float:
     """The share of elements that differ in a sample of evenly spaced blocks."""
-    return changed_share(new, base, _SAMPLE_BLOCK)
+    return changed_share(new, base, SAMPLE_ELEMENTS)
+
+
+class _Choice(NamedTuple):
+    """How one tensor travels: its encoding, the encoded bytes (None: whole), whether another
+    target's push made them, and whether its change was measured too dense for any encoding
+    to be smaller (None: not measured)."""
+
+    encoding: str
+    data: bytes | None
+    reused: bool
+    dense: bool | None
+
+
+_WHOLE = _Choice(WHOLE, None, False, None)
 
 
 @dataclass
@@ -134,6 +160,9 @@ class Encoded:
     chosen: dict[str, str]  # every tensor considered -> its encoding (WHOLE included)
     seconds: float
     reused: int = 0  # tensors whose encoding another target's push made
+    # tensors whose change was measured so dense that no encoding would be smaller than their
+    # whole bytes, on any link: a probe of them is base enough (bases.py)
+    dense: frozenset[str] = frozenset()
 
     def summary(self) -> str:
         """How many tensors took each encoding, e.g. `sparse=12 whole=2 (12 reused)`."""
@@ -156,9 +185,17 @@ class EncodingChooser:
         self._loopback: dict[str, bool] = {}
         self._speeds: Speeds | None = None
         self._recalibrating = False
+        self._calibration_lock = threading.Lock()
         self._shared_lock = threading.Lock()
         # model -> (version, {(base version, tensor): its encoding})
         self._shared: dict[str, tuple[int, dict[tuple[int, str], _Shared]]] = {}
+        # model -> the tensors whose last measured change was dense (kept as probes)
+        self._dense: dict[str, frozenset[str]] = {}
+
+    def dense(self, model: str) -> frozenset[str]:
+        """The tensors of `model` whose last measured change was too dense for any encoding:
+        the next version keeps only a probe of them (bases.py)."""
+        return self._dense.get(model, frozenset())
 
     def wants_bases(self, address: str) -> bool:
         """Whether deltas to `address` may travel encoded, so a base copy is worth keeping."""
@@ -212,21 +249,44 @@ class EncodingChooser:
         tensors: Sequence[tuple[str, torch.Tensor]],
         base: Mapping[str, torch.Tensor],
         push: PushKey | None = None,
+        probes: Mapping[str, torch.Tensor] | None = None,
     ) -> Encoded:
-        """Encode those of `tensors` that the cost model (or the forced mode) picks. `push`
-        names the version and base: a tensor another target's push of it encoded already
-        (the same way) is not encoded again."""
+        """Encode those of `tensors` that the cost model (or the forced mode) picks, against
+        `base` (a tensor kept as a probe only, in `probes`, has its change measured and
+        travels whole), on up to ENCODE_THREADS threads. `push` names the model, version and
+        base: a tensor another target's push of it encoded already (the same way) is not
+        encoded again."""
         started = time.perf_counter()
+        probes = probes or {}
+
+        def choose(item: tuple[str, torch.Tensor]) -> _Choice:
+            name, tensor = item
+            return self._one(address, name, tensor, base.get(name), probes.get(name), push)
+
+        if ENCODE_THREADS > 1 and len(tensors) > 1:
+            with ThreadPoolExecutor(
+                min(ENCODE_THREADS, len(tensors)), thread_name_prefix="encode"
+            ) as pool:
+                choices = list(pool.map(choose, tensors))
+        else:
+            choices = [choose(item) for item in tensors]
         chosen: dict[str, str] = {}
         out: dict[str, tuple[str, bytes]] = {}
         reused = 0
-        for name, tensor in tensors:
-            encoding, data, shared = self._one(address, name, tensor, base.get(name), push)
-            chosen[name] = encoding
-            reused += shared
-            if data is not None:
-                out[name] = (encoding, data)
-        return Encoded(out, chosen, time.perf_counter() - started, reused)
+        dense: set[str] = set()
+        measured: set[str] = set()
+        for (name, _), choice in zip(tensors, choices, strict=True):
+            chosen[name] = choice.encoding
+            reused += choice.reused
+            if choice.data is not None:
+                out[name] = (choice.encoding, choice.data)
+            if choice.dense is not None:
+                measured.add(name)
+                if choice.dense:
+                    dense.add(name)
+        if push is not None:  # what the next version keeps of each tensor (bases.py)
+            self._dense[push[0]] = (self.dense(push[0]) - measured) | dense
+        return Encoded(out, chosen, time.perf_counter() - started, reused, frozenset(dense))
 
     def _one(
         self,
@@ -234,41 +294,47 @@ class EncodingChooser:
         name: str,
         tensor: torch.Tensor,
         base: torch.Tensor | None,
+        probe: torch.Tensor | None,
         push: PushKey | None,
-    ) -> tuple[str, bytes | None, bool]:
-        if self.mode == WHOLE or base is None or base.shape != tensor.shape:
-            return WHOLE, None, False
-        if base.dtype != tensor.dtype or tensor.element_size() not in (1, 2, 4, 8):
-            return WHOLE, None, False
+    ) -> _Choice:
+        if self.mode == WHOLE or tensor.element_size() not in (1, 2, 4, 8):
+            return _WHOLE
+        if base is None and probe is not None:
+            return self._probed(address, tensor, probe)
+        if base is None or base.shape != tensor.shape or base.dtype != tensor.dtype:
+            return _WHOLE
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes == 0:
-            return WHOLE, None, False
+            return _WHOLE
         link = self._links.get(address)
         if self.mode == AUTO and link is None:
-            return WHOLE, None, False  # nothing measured yet: the first pushes measure it
+            return _WHOLE  # nothing measured yet: the first pushes measure it
         speeds = self._calibrated()
         if self.mode == AUTO and link is not None:
             cheapest = min(nbytes / speeds.encode[e] + nbytes / speeds.decode[e] for e in ENCODINGS)
             if cheapest >= MARGIN * nbytes / link:
-                return WHOLE, None, False  # no encoding can pay, however small (fast links)
+                return _WHOLE  # no encoding can pay, however small (fast links)
         if base.device != tensor.device:  # a base kept on the host for a CUDA tensor
             tensor = tensor.to(base.device)
         fraction: float | None = None
+        dense: bool | None = None
         if self.mode == AUTO:
             fraction = changed_fraction(tensor, base)
-            encoding = self._cheapest(nbytes, fraction, tensor.element_size(), speeds, link)
+            estimates = self._estimates(nbytes, fraction, tensor.element_size(), speeds)
+            dense = min(estimates.values()) >= MARGIN * nbytes
+            encoding = self._cheapest(nbytes, estimates, speeds, link)
         else:
             encoding = self.mode
         if encoding == WHOLE:
-            return WHOLE, None, False
+            return _Choice(WHOLE, None, False, dense)
         # An encoding another target's push made already costs nothing more to make: it is
         # taken whichever encoding this link would have chosen, as long as it is not whole.
         shared, mine = self._shared_slot(push, name, encoding)
         if shared is not None and not mine:
             shared.ready.wait()
             if shared.data is None:
-                return WHOLE, None, False
-            return shared.encoding, shared.data, True
+                return _Choice(WHOLE, None, False, dense)
+            return _Choice(shared.encoding, shared.data, True, dense)
         data = None
         try:
             data = self._encode(encoding, tensor, base, speeds, fraction)
@@ -276,7 +342,23 @@ class EncodingChooser:
             if shared is not None:
                 shared.data = data
                 shared.ready.set()
-        return (WHOLE, None, False) if data is None else (encoding, data, False)
+        return _Choice(WHOLE if data is None else encoding, data, False, dense)
+
+    def _probed(self, address: str, tensor: torch.Tensor, probe: torch.Tensor) -> _Choice:
+        """A tensor whose base is a probe travels whole; in `auto` its change is measured on
+        the probe, so that a change no longer dense has the next version kept whole."""
+        if self.mode != AUTO or self._links.get(address) is None:
+            return _Choice(WHOLE, None, False, None)
+        sample = sampled(tensor.detach(), SAMPLE_ELEMENTS)
+        if sample.shape != probe.shape or sample.dtype != probe.dtype:
+            return _Choice(WHOLE, None, False, None)
+        if sample.device != probe.device:
+            sample = sample.to(probe.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        estimates = self._estimates(
+            nbytes, sampled_share(sample, probe), tensor.element_size(), self._calibrated()
+        )
+        return _Choice(WHOLE, None, False, min(estimates.values()) >= MARGIN * nbytes)
 
     def _encode(
         self,
@@ -324,20 +406,20 @@ class EncodingChooser:
             slot = current[1][(base_version, name)] = _Shared(encoding)
             return slot, True
 
-    def _cheapest(
-        self,
-        nbytes: int,
-        fraction: float,
-        itemsize: int,
-        speeds: Speeds,
-        link: float | None,
-    ) -> str:
-        assert link is not None
+    @staticmethod
+    def _estimates(nbytes: int, fraction: float, itemsize: int, speeds: Speeds) -> dict[str, float]:
+        """Each encoding's bytes, estimated from the share of elements that changed."""
         changed = fraction * nbytes
-        estimates = {
+        return {
             SPARSE: changed + changed / itemsize * 1.1,  # values, and about a byte per gap
             **{e: changed * speeds.xor_ratio.get(e, 1.0) for e in ENCODINGS if e != SPARSE},
         }
+
+    @staticmethod
+    def _cheapest(
+        nbytes: int, estimates: Mapping[str, float], speeds: Speeds, link: float | None
+    ) -> str:
+        assert link is not None
         costs = {
             e: nbytes / speeds.encode[e] + estimates[e] / link + nbytes / speeds.decode[e]
             for e in ENCODINGS
@@ -354,9 +436,15 @@ class EncodingChooser:
         again in the background (a push never waits for it) and merged when done."""
         speeds = self._speeds
         if speeds is None:
-            self._speeds = speeds = Speeds.calibrated()
+            with self._calibration_lock:  # the encoding threads of a push calibrate once
+                speeds = self._speeds
+                if speeds is None:
+                    self._speeds = speeds = Speeds.calibrated()
         elif time.monotonic() - speeds.at > RECALIBRATE_S and not self._recalibrating:
-            self._recalibrating = True
+            with self._calibration_lock:
+                if self._recalibrating:
+                    return speeds
+                self._recalibrating = True
             threading.Thread(target=self._recalibrate, name="recalibrate", daemon=True).start()
         return speeds
 

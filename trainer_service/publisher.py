@@ -11,9 +11,10 @@ new replicas behind one name are found and caught up with a full push.
 A target that does not answer within the connect deadline, or whose push takes nothing for the
 push stall timeout (push.py), holds nobody back: it is marked lagging, the sync completes once
 every reachable target has committed, and the background catch-up (catchup.py) retries it with
-capped backoff and brings it up to the newest version, kept for it as a host copy, when it
-answers. A sync fails when no target could be reached, or
-when one that answered refused the version.
+capped backoff and brings it up to the newest version when it answers: seeded by another target
+that holds that version (a Seed: the trainer's link carries nothing), else pushed from the host
+copy kept for it. A sync fails when no target could be reached, or when one that answered
+refused the version.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -86,6 +87,7 @@ class Publisher:
         retry_delay_s: float = 0.2,
         fanout: str = "chain",
         push_encoding: str = "auto",
+        catch_up_from_peers: bool = True,
     ) -> None:
         self._delivery = Delivery(
             writer_id, connect_timeout_s, retries, retry_delay_s, push_encoding
@@ -98,6 +100,8 @@ class Publisher:
         self._stall_timeout_s = push_stall_timeout_s
         self._chunk_bytes = chunk_bytes
         self._chained = fanout == "chain"
+        self._from_peers = catch_up_from_peers
+        self._donor_turns: dict[str, int] = {}  # per model: the next donor, round-robin
         self._clients: dict[str, SyncClient] = {}
         # Guards the set of targets, their lagging state as the sync and the catch-up see it,
         # the versions and the snapshots. Never held while waiting for a target's lock.
@@ -129,20 +133,31 @@ class Publisher:
         """The last version of `model_name` this publisher pushed (0: none yet)."""
         return self._versions.get(model_name, 0)
 
-    def publish(self, model_name: str, state: Tensors, *, full: bool = False) -> SyncReport:
+    def publish(
+        self,
+        model_name: str,
+        state: Tensors,
+        *,
+        full: bool = False,
+        owned: Collection[str] = (),
+    ) -> SyncReport:
         """Push `state` as the next version of `model_name` to every target.
 
         Each target gets a delta on the last version it committed from this publisher when it
         can take one; `full` sends every tensor regardless (to re-seed targets whose weights
-        are in doubt)."""
+        are in doubt). `owned` names tensors the caller hands over and never writes again (made
+        for this push, as a conversion to the served dtype is): a later delta is encoded
+        against them as they are, with no copy kept of them (bases.py)."""
         if self._fenced is not None:
             raise self._fenced
         try:
-            return self._publish(model_name, state, full)
+            return self._publish(model_name, state, full, frozenset(owned))
         finally:
             self._catch_up.wake()  # targets may lag now, or have a newer version to catch up to
 
-    def _publish(self, model_name: str, state: Tensors, full: bool) -> SyncReport:
+    def _publish(
+        self, model_name: str, state: Tensors, full: bool, owned: frozenset[str]
+    ) -> SyncReport:
         started = time.perf_counter()
         tensors = {name: t.detach() for name, t in state.items()}
         targets = self._targets_of(model_name)
@@ -162,7 +177,7 @@ class Publisher:
         digest: bytes | None = None
         if any(t.delta_base(tensors) is not None for t in inline):
             hashes, digest = hashed(tensors)
-        delivered = Version(version, tensors, hashes, digest)
+        delivered = Version(version, tensors, hashes, digest, owned)
         sent, committed, errors = 0, [], []
         missed = [str(e) for e in unreachable.values()]
         for target, outcome in self._deliver(inline, delivered):
@@ -286,19 +301,23 @@ class Publisher:
         return max(served) + 1, unreachable
 
     def _catch_up_one(self, target: Target) -> None:
-        """Bring one lagging target up to the newest version, or put it off again."""
+        """Bring one lagging target up to the newest version, from another target that holds
+        it (a Seed) where one can, else directly; or put it off again."""
         with target.lock:
             with self._lock:
                 if not target.lagging:
                     return
                 snapshot = self._snapshots.get(target.model)
+                donor = self._donor(target, snapshot)
             try:
                 if snapshot is None or target.version >= snapshot.version:
                     target.client.get_model(target.model, self._delivery.connect_timeout_s)
+                    donor = None
                 else:
-                    self._delivery.push(
-                        target, Version(snapshot.version, snapshot.tensors, snapshot.hashes)
-                    )
+                    version = Version(snapshot.version, snapshot.tensors, snapshot.hashes)
+                    if donor is None or not self._delivery.seed(target, donor, version):
+                        donor = None
+                        self._delivery.push(target, version)
             except PushFailedError as error:
                 if error.reason == protocol.FENCED:
                     self._fenced = WriterFencedError(
@@ -314,9 +333,33 @@ class Publisher:
                 if snapshot is not None and self._versions.get(target.model) != snapshot.version:
                     target.retry_at = 0.0  # a newer version came meanwhile: again, now
                     return
-                target.caught_up()
+                target.caught_up(None if donor is None else donor.address)
                 if not any(t.lagging for t in self._states.values() if t.model == target.model):
                     self._snapshots.pop(target.model, None)
+
+    def _donor(self, target: Target, snapshot: Snapshot | None) -> Target | None:
+        """Another target that acknowledged the snapshot's version and is not lagging, to
+        catch `target` up from (round-robin among them); None: push it directly. Called under
+        the publisher's lock."""
+        if not self._from_peers or snapshot is None or snapshot.hashes is None:
+            return None
+        holders = sorted(
+            (
+                t
+                for t in self._states.values()
+                if t.model == target.model
+                and t is not target
+                and not t.lagging
+                and t.version == snapshot.version
+                and t.hashes == snapshot.hashes
+            ),
+            key=lambda t: t.address,
+        )
+        if not holders:
+            return None
+        turn = self._donor_turns.get(target.model, 0)
+        self._donor_turns[target.model] = turn + 1
+        return holders[turn % len(holders)]
 
     def _lagging(self) -> list[Target]:
         with self._lock:

@@ -230,6 +230,29 @@ class SyncClient:
             raise PushFailedError.from_rpc(self.target, error) from None
         return int(lease.epoch)
 
+    def seed(self, name: str, version: int, hop: Hop) -> HopResult:
+        """Ask this service to push `version` of `name`, which it must serve, to the replica
+        `hop` (a Seed): what became of it there. PushFailedError when this service refuses or
+        cannot be reached."""
+        request = pb.SeedRequest(
+            model_name=name,
+            version=version,
+            hop=pb.Hop(
+                address=hop.address, server_name=hop.server_name, writer_epoch=hop.writer_epoch
+            ),
+        )
+        try:
+            result = self._stub.Seed(request, timeout=self._timeout_s)
+        except grpc.RpcError as error:
+            raise PushFailedError.from_rpc(self.target, error) from None
+        return HopResult(
+            result.address,
+            result.version,
+            CODES.get(result.code, grpc.StatusCode.UNKNOWN),
+            result.reason,
+            result.message,
+        )
+
     def push(self, plan: PushPlan) -> tuple[HopResult, ...]:
         """Stream one push (the target committed it unless this raises); return what became of
         it on each hop of its route. A push whose stream takes nothing for the stall timeout

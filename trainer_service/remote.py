@@ -30,7 +30,10 @@ class PublishedInferenceModel(RemoteInferenceModel):
 
     @override
     def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self._publisher.publish(self.name, served_state(weights, self._served_dtype))
+        served = served_state(weights, self._served_dtype)
+        # The converted tensors are this push's own: kept as they are for later deltas.
+        owned = [name for name, tensor in served.items() if tensor is not weights[name]]
+        self._publisher.publish(self.name, served, owned=owned)
 
 
 class PublishedByRankZero(RemoteInferenceModel):

@@ -280,6 +280,17 @@ class TrainerSettings:
             choice("chain", "direct"),
         ),
     )
+    catch_up_from_peers: bool = field(
+        default=True,
+        metadata=option(
+            "--catch-up-from-peers",
+            "TRAINER_CATCH_UP_FROM_PEERS",
+            "catch a new or lagging inference service up from another that already serves the "
+            "newest version (it pushes its copy, a Seed), so the trainer's link does not carry "
+            "one more; the trainer pushes directly when none can (false: always directly)",
+            BOOLEAN,
+        ),
+    )
     push_encoding: str = field(
         default=AUTO,
         metadata=option(

@@ -167,12 +167,14 @@ class Target:
                 error,
             )
 
-    def caught_up(self) -> None:
+    def caught_up(self, donor: str | None = None) -> None:
+        """It holds the newest version (pushed by the trainer, or by `donor`, another target)."""
         if self.lagging_since is not None:
             logger.info(
-                "model %s: inference service %s caught up at version %d after %.1fs behind",
+                "model %s: inference service %s caught up%s at version %d after %.1fs behind",
                 self.model,
                 self.address,
+                f" from {donor}" if donor else "",
                 self.version,
                 time.monotonic() - self.lagging_since,
             )

@@ -3,9 +3,12 @@
 The checks (checks.py) pass first; then the push takes the model's staging transaction
 (syncplane/transaction.py), streams its payload into it, has the tensors it did not carry
 brought up to date, verifies the digest of the resulting state, and commits under the writer
-lease's lock (a grant lands wholly before that check or after the swap). Any failure on the
-way, a sender that dies or stalls mid-stream or a writer fenced while it streams among them,
-aborts the transaction: the served weights stay exactly as they were.
+lease's lock (a grant lands wholly before that check or after the swap). The push's partial
+state is a session (session.py), fed by one stream at a time. Any failure on the way, a writer
+fenced while it streams among them, aborts the transaction: the served weights stay exactly as
+they were. A stream that breaks off (its sender dies or goes quiet) suspends the session
+instead, for the resume window: a push naming `resume_from` continues it; any other push, or
+the window's end, drops it as a failed push is dropped.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from inference_service.syncplane.checks import (
     check_versions,
     model_named,
 )
+from inference_service.syncplane.forward import Forward
 from inference_service.syncplane.inbox import Inbox
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, Data, PushHeader
+from inference_service.syncplane.session import Session, Sessions
 from inference_service.syncplane.staging import BaseDecoder
 from shared.errors import ConflictError, MalformedPushError
 from shared.weights.reader import PayloadReader
@@ -35,6 +40,9 @@ logger = logging.getLogger(__name__)
 # How long a push waits for the model's push slot when the push holding it has been fenced
 # (it notices within a tick, or at its next part, and lets go).
 ENDING_PUSH_WAIT_S = 2.0
+
+
+Onward = Callable[[PushHeader], Forward | None]
 
 
 class PushApplier:
@@ -49,6 +57,7 @@ class PushApplier:
         self._models = models
         self._limits = limits
         self._on_commit = on_commit
+        self._sessions = Sessions()
 
     def apply(
         self,
@@ -58,16 +67,27 @@ class PushApplier:
     ) -> Generation:
         """Apply one push: `body`, its payload then its commit, follows `header`. While it
         waits, `inbox`, the stream `body` comes from, is watched for the writer being fenced."""
+        return self.apply_push(header, body, inbox)[0]
+
+    def apply_push(
+        self,
+        header: PushHeader,
+        body: Iterable[Data | Commit],
+        inbox: Inbox[object] | None = None,
+        onward: Onward | None = None,
+    ) -> tuple[Generation, Forward | None]:
+        """`apply`, passing the push on as `onward` makes its forward (forward.py; None: not
+        passed on); the generation committed and the push's forward, to read its results."""
         model = model_named(self._models, header.model_name)
         try:
-            generation = self._apply(model, header, body, inbox)
+            generation, forward = self._apply(model, header, body, inbox, onward)
         except Exception:
             metrics.PUSHES.labels(model.name, "rejected").inc()
             raise
         metrics.PUSHES.labels(model.name, "committed").inc()
         metrics.PUSH_BYTES.labels(model.name).inc(header.payload_bytes)
         metrics.MODEL_VERSION.labels(model.name).set(generation.version)
-        return generation
+        return generation, forward
 
     def _apply(
         self,
@@ -75,9 +95,55 @@ class PushApplier:
         header: PushHeader,
         body: Iterable[Data | Commit],
         inbox: Inbox[object] | None,
-    ) -> Generation:
+        onward: Onward | None,
+    ) -> tuple[Generation, Forward | None]:
         check_admissible(model, header, self._limits)
         started = time.perf_counter()
+        owner = object()  # this stream, as the session's feeder
+        if header.resume_from:
+            window_s = self._limits.push_resume_window_s
+            session = self._sessions.take_over(header, owner, window_s)
+        else:
+            session = self._begin(model, header, owner, onward)
+        if inbox is not None:
+            inbox.watch(
+                lambda: _still_wanted(model, header, session, owner),
+                f" of {model.name!r} version {header.version} from {header.writer_id!r}",
+            )
+        try:
+            digest = self._stream_into(session, owner, body, header.resume_from)
+            received = session.reader.finish()
+            check_complete(model, header, received)
+            hashes = session.transaction.complete(received)
+            check_digest(model, header, digest, hashes)
+            # Under the lease's lock: a grant lands wholly before this check or after the swap.
+            with model.lease.fenced(header.writer_epoch, header.writer_id):
+                generation = session.transaction.commit(header.version, header.writer_id, hashes)
+            session.committed()
+        except BaseException as error:
+            session.end(owner, error, self._limits.push_resume_window_s)
+            raise
+        metrics.PUSH_SECONDS.labels(model.name).observe(time.perf_counter() - started)
+        if self._on_commit is not None:
+            self._on_commit(model.name)
+        logger.info(
+            "model %s: committed version %d from %s (%s, %d tensors, %d bytes%s, %.3fs)",
+            model.name,
+            header.version,
+            header.writer_id,
+            "full" if header.base_version == 0 else f"delta on {header.base_version}",
+            len(received),
+            header.payload_bytes,
+            f", resumed from byte {header.resume_from}" if header.resume_from else "",
+            time.perf_counter() - started,
+        )
+        return generation, session.forward
+
+    def _begin(
+        self, model: ServedModel, header: PushHeader, owner: object, onward: Onward | None
+    ) -> Session:
+        """A new push's session: the model's push slot and standby copy, its reader."""
+        self._sessions.drop_suspended(model.name)  # another push starts: drop a broken one
         pending = PendingPush(
             header.writer_id,
             header.version,
@@ -86,11 +152,6 @@ class PushApplier:
             writer_epoch=header.writer_epoch,
         )
         lease = model.lease
-        if inbox is not None:
-            inbox.watch(
-                lambda: _still_wanted(model, header, pending),
-                f" of {model.name!r} version {header.version} from {header.writer_id!r}",
-            )
         # A push being ended lets go of the model soon: one from a fenced writer, or one its
         # own writer has given up on (it pushes the same or a newer version under its lease).
         other = model.pending
@@ -100,7 +161,11 @@ class PushApplier:
         elif other is not None and _supersedes(header, other, lease.epoch):
             other.superseded_by = header.version
             wait = ENDING_PUSH_WAIT_S
-        with model.begin_push(pending, self._limits.drain_timeout_s, wait) as staging:
+        ending = self._sessions.get(model.name)
+        if wait and ending is not None and ending.pending is other:
+            ending.abandon()  # its forward must not hold it up
+        staging = model.begin_push(pending, self._limits.drain_timeout_s, wait)
+        try:
             check_versions(model, header)  # again: a push may have committed meanwhile
             # A delta's encoded tensors decode against the live copy: its base (checked above).
             decoder = (
@@ -111,45 +176,35 @@ class PushApplier:
             reader = PayloadReader(
                 header.payload_bytes, model.layout, staging, self._limits.max_header_bytes, decoder
             )
-            digest = self._stream_into(reader, body, pending)
-            received = reader.finish()
-            check_complete(model, header, received)
-            hashes = staging.complete(received)
-            check_digest(model, header, digest, hashes)
-            # Under the lease's lock: a grant lands wholly before this check or after the swap.
-            with lease.fenced(header.writer_epoch, header.writer_id):
-                generation = staging.commit(header.version, header.writer_id, hashes)
-        metrics.PUSH_SECONDS.labels(model.name).observe(time.perf_counter() - started)
-        if self._on_commit is not None:
-            self._on_commit(model.name)
-        logger.info(
-            "model %s: committed version %d from %s (%s, %d tensors, %d bytes, %.3fs)",
-            model.name,
-            header.version,
-            header.writer_id,
-            "full" if header.base_version == 0 else f"delta on {header.base_version}",
-            len(received),
-            header.payload_bytes,
-            time.perf_counter() - started,
+            forward = onward(header) if onward is not None else None
+        except BaseException:
+            staging.abort()
+            raise
+        session = Session(
+            model, header, staging, reader, pending, forward, owner, self._sessions.remove
         )
-        return generation
+        self._sessions.add(session)
+        return session
 
     def _stream_into(
-        self, reader: PayloadReader, body: Iterable[Data | Commit], pending: PendingPush
+        self, session: Session, owner: object, body: Iterable[Data | Commit], offset: int
     ) -> bytes:
+        """Feed `body`, the payload from `offset` on, into `session`; the commit's digest."""
         rate = self._limits.max_bytes_per_s
         started = time.monotonic()
+        sent = 0
         for part in body:
             if isinstance(part, Commit):
+                session.seal(owner, part.digest)
                 return part.digest
-            reader.feed(part)
-            pending.bytes_received = reader.received
+            session.feed(owner, offset + sent, part)
+            sent += len(part)
             if rate:  # ahead of the allowed rate: wait (HTTP/2 flow control slows the sender)
-                ahead = reader.received / rate - (time.monotonic() - started)
+                ahead = sent / rate - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
         raise MalformedPushError(
-            f"the push stream ended after {reader.received} payload bytes without a commit"
+            f"the push stream ended after {offset + sent} payload bytes without a commit"
         )
 
 
@@ -164,10 +219,12 @@ def _supersedes(header: PushHeader, other: PendingPush, epoch: int) -> bool:
     )
 
 
-def _still_wanted(model: ServedModel, header: PushHeader, pending: PendingPush) -> None:
-    """Raise if the push must end now: its writer was fenced, or it gave the push up for a
-    newer one (superseded)."""
+def _still_wanted(model: ServedModel, header: PushHeader, session: Session, owner: object) -> None:
+    """Raise if the push must end now: its writer was fenced, it gave the push up for a newer
+    one (superseded), or a push resuming it took it over from this stream."""
     model.lease.check(header.writer_epoch, header.writer_id)
+    session.check_owner(owner)
+    pending = session.pending
     if pending.superseded_by:
         raise ConflictError(
             f"model {model.name!r}: this push of version {header.version} from "

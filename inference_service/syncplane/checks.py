@@ -34,6 +34,7 @@ def check_header(header: PushHeader) -> None:
     check_counter("the push header's version", header.version)
     check_counter("the push header's base_version", header.base_version)
     check_counter("the push header's writer_epoch", header.writer_epoch)
+    check_counter("the push header's resume_from", header.resume_from)
     if not header.model_name:
         raise MalformedPushError("the push header names no model")
     if header.version == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from inference_service.persistence import StoredVersion
 from inference_service.served_model import ServedModel
+from inference_service.syncplane.parts import Hop
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 
 
@@ -56,3 +57,7 @@ def versions(name: str, model: ServedModel, stored: list[StoredVersion]) -> pb.L
             for v in stored
         ],
     )
+
+
+def hop(message: pb.Hop) -> Hop:
+    return Hop(message.address, message.server_name, message.writer_epoch)

@@ -4,21 +4,35 @@ A push whose header carries a route is passed on by the replica that receives it
 push to the route's first hop, whose header carries the rest of the route and the writer epoch
 the trainer holds on that hop (version, base version, writer and payload size unchanged), and
 hands it each payload chunk as it arrives, then the commit, while it applies the push itself
-exactly as a direct one (handler.py). The payload bytes go on as they came, never decoded. The
+exactly as a direct one (session.py). The payload bytes go on as they came, never decoded. The
 hop checks and commits on its own, and forwards further; its answer, and those of the hops after
 it, come back in its PushResponse and go upstream with this replica's own outcome.
 
-Forwarding holds the local push back by a bound at most (the forward stall timeout, 1 s by
+Forwarding holds the local push back by a bound at most (the forward stall timeout, 0.5 s by
 default): messages wait for the hop in a small queue, so a slow hop slows the chain and memory
 does not grow; a hop that takes nothing for that long is cut and reported stalled
 (DEADLINE_EXCEEDED). At the link rates targeted (1 Gbit/s and up) a live hop takes the queue's
-few MiB in tens of milliseconds, so one that takes nothing for a second is dark or dead. A hop
+few MiB in tens of milliseconds, so one that takes nothing for half a second is dark or dead.
+The bound is what a cut costs the hops after it (routed past at once, they get only the rest),
+so it is kept well under a push's time at those rates (about 1.1 s for 128 MiB at 1 Gbit/s). A hop
 that has not answered the push idle timeout per hop left on the route (each waits for the ones
-after it) after the local commit is reported stalled too. A hop that refuses, cannot be
-reached or goes away is reported with its status; the local push goes on. The channel to a
-hop is closed off the push's path: closing one to a hop whose link went dark waits until TCP
-gives it up (about 20 s), which would hold up this replica's answer and so the whole chain.
+after it) after the local commit is reported stalled too. A hop that refuses is reported with
+its status, and the hops after it are not reached; the local push goes on. The channel to a hop
+is closed off the push's path: closing one to a hop whose link went dark waits until TCP gives
+it up (about 20 s), which would hold up this replica's answer and so the whole chain.
 A local push that fails cancels its forward: the hops after it commit nothing of it.
+
+Routing past a cut hop. A hop cut off (stalled, DEADLINE_EXCEEDED) or unreachable (UNAVAILABLE:
+it cannot be dialled, or its connection broke) with hops after it on the route is reported so,
+and this replica goes on with the next hop itself: it asks that hop's GetModel what it holds of
+the push (the hop was fed through the cut one: `pending` names the version and the payload
+bytes it applied), and resumes the push there (`resume_from`, session.py), replaying from a
+window of the data messages it passed on last (`replay_bytes`, the forward replay window; only
+the window is kept). A hop that holds nothing of it gets the push from its start, if the window
+still holds the start. A hop that already serves the version with the commit's digest is
+reported committed and routed past in turn. A hop that fails too is routed past the same way,
+at most once per hop of the route. A hop whose offset the window no longer holds is left out
+of the results (not reached, as are the hops after it): the trainer pushes them again.
 
 A replica dials its hop with its own sync plane's credentials: the sync token it requires (if
 any), and TLS when its sync plane serves TLS, verifying the name the route gives for the hop.
@@ -31,6 +45,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +53,7 @@ from typing import Any
 import grpc
 
 from inference_service.syncplane.messages import encode_commit, encode_header
-from inference_service.syncplane.parts import Commit, Data, HopResult, PushHeader
+from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
 from shared.errors import ConfigurationError, MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles
@@ -50,9 +65,12 @@ from shared.weights import wire
 logger = logging.getLogger(__name__)
 
 PUSH = "/weightsync.v1.WeightSync/Push"
+GET_MODEL = "/weightsync.v1.WeightSync/GetModel"
 QUEUED = 8  # messages waiting for a hop (a few MiB): beyond them, the push waits for the hop
 TICK_S = 0.05  # how often a wait on the queue looks whether the forward has ended
 MAX_HOPS = 256  # the longest route a push may carry
+# How a hop that is routed past failed: cut off (stalled), or unreachable.
+CUT = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
 
 
 @dataclass(frozen=True)
@@ -60,13 +78,16 @@ class PeerAccess:
     """How this replica dials the hops it forwards to: the sync token it requires itself (None:
     none), TLS files (None: plaintext; else verify hops against `tls.ca`, the system's CAs
     without one, presenting `tls.cert` under mutual TLS), how long a hop may take nothing
-    (`stall_timeout_s`) and how long, per hop left on the route, it may take to answer after the
-    local commit (`answer_timeout_s`)."""
+    (`stall_timeout_s`), how long, per hop left on the route, it may take to answer after the
+    local commit (`answer_timeout_s`), and how many bytes of data messages passed on are kept to
+    resume the hop after a cut one (`replay_bytes`; 0: none, a cut hop's successors are left to
+    the trainer)."""
 
     token: str | None = None
     tls: TlsFiles | None = None
-    stall_timeout_s: float = 1.0
+    stall_timeout_s: float = 0.5
     answer_timeout_s: float = 5.0
+    replay_bytes: int = 64 << 20
 
 
 def check_route(header: PushHeader) -> None:
@@ -91,62 +112,386 @@ def start(header: PushHeader, access: PeerAccess) -> Forward | None:
     return Forward(header, access) if header.route else None
 
 
+class ReplayWindow:
+    """The data messages last passed on, by payload offset, up to `limit` bytes in all (the
+    newest one is always kept), and the commit once it was passed on."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._messages: deque[tuple[int, bytes]] = deque()  # (payload offset, message)
+        self._bytes = 0
+        self.end = 0  # payload bytes passed on
+        self.commit: bytes | None = None
+
+    def add(self, size: int, message: bytes) -> None:
+        """A data message carrying the next `size` payload bytes."""
+        if self._limit > 0:
+            self._messages.append((self.end, message))
+            self._bytes += len(message)
+            while self._bytes > self._limit and len(self._messages) > 1:
+                self._bytes -= len(self._messages.popleft()[1])
+        self.end += size
+
+    def since(self, offset: int) -> list[bytes] | None:
+        """The data messages carrying the payload from byte `offset` on (the first one cut to
+        start there); None when the window no longer holds `offset`."""
+        if offset == self.end:
+            return []
+        if offset > self.end or not self._messages or offset < self._messages[0][0]:
+            return None
+        kept = list(self._messages)
+        first = max(i for i, (at, _) in enumerate(kept) if at <= offset)
+        at, message = kept[first]
+        payload = wire.data_payload(message)
+        assert payload is not None  # encoded here, by wire.encode_data
+        head = [wire.encode_data([payload[offset - at :]])] if offset > at else [message]
+        return [*head, *(m for _, m in kept[first + 1 :])]
+
+
 class Forward:
-    """One push passed on to the first hop of its route."""
+    """One push passed on down its route: to its first hop, and past each hop that is cut."""
 
     def __init__(self, header: PushHeader, access: PeerAccess) -> None:
         assert header.route
-        self._hop = header.route[0]
+        self._header = header
+        self._route = header.route
         self._access = access
-        self._header = dataclasses.replace(
-            header, writer_epoch=self._hop.writer_epoch, route=header.route[1:]
-        )
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED)
-        self._ended = threading.Event()
-        self._channel: grpc.Channel | None = None
-        self._call: Any = None
-        self._failed: HopResult | None = None
+        self._window = ReplayWindow(access.replay_bytes)
+        self._index = 0  # the hop the push goes to now
+        self._leg: _Leg | None = None
+        self._started = False
+        self._passed: list[HopResult] = []  # hops routed past, in route order
+        self._failed: HopResult | None = None  # a hop not routed past: the ones after not reached
+        self._abandoned = threading.Event()  # the push is being ended: pass nothing more on
 
     @property
     def address(self) -> str:
-        return self._hop.address
+        return self._route[0].address
 
     def passing_on(self, body: Iterable[Data | Commit]) -> Iterator[Data | Commit]:
         """`body` as it comes, each part handed to the hop first."""
         for part in body:
             if isinstance(part, Commit):
-                self._put(encode_commit(part.digest))
-                self._put(None)
+                self.send_commit(part.digest)
             else:
-                self._put(wire.encode_data([part]))
+                self.send_data(part)
             yield part
+
+    def send_data(self, data: Data) -> None:
+        """Hand the hop the next payload bytes."""
+        message = wire.encode_data([data])
+        self._window.add(len(data), message)
+        self._send(message)
+
+    def send_commit(self, digest: bytes) -> None:
+        """Hand the hop the commit: the push is whole."""
+        message = encode_commit(digest)
+        self._window.commit = message
+        self._send(message)
+        self._send(None)
+
+    def _send(self, message: bytes | None) -> None:
+        if not self._started:
+            self._started = True
+            self._open(self._route[0])
+        if self._leg is None:
+            return
+        failure = self._leg.put(message)
+        if failure is not None:
+            self._route_past(failure)
 
     def results(self) -> tuple[HopResult, ...]:
         """After the local commit: what became of the push on every hop down the route (the
-        hops after one that failed are left out: they were not reached)."""
+        hops after one that failed and was not routed past are left out: not reached)."""
         try:
-            if self._failed is not None:
-                return (self._failed,)
-            if self._call is None:
-                return (self._fail(grpc.StatusCode.UNAVAILABLE, "", "the push was not passed on"),)
-            # The hop answers once the hops after it answered (each within the bound).
-            wait_s = self._access.answer_timeout_s * (1 + len(self._header.route))
-            try:
-                response: pb.PushResponse = self._call.result(timeout=wait_s)
-            except grpc.FutureTimeoutError:
-                self._call.cancel()
-                return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
-            except grpc.RpcError as error:
-                return (self._failure(error),)
-            return (HopResult(self.address, int(response.version)), *self._downstream(response))
+            while True:
+                leg = self._leg
+                if leg is None:
+                    if not self._started:
+                        failure = HopResult(
+                            self.address,
+                            0,
+                            grpc.StatusCode.UNAVAILABLE.value[0],
+                            "",
+                            "the push was not passed on",
+                        )
+                        return (failure,)
+                    failed = (self._failed,) if self._failed is not None else ()
+                    return (*self._passed, *failed)
+                # The hop answers once the hops after it answered (each within the bound).
+                outcome = leg.result(self._access.answer_timeout_s * (1 + len(leg.header.route)))
+                if outcome[0].committed:
+                    return (*self._passed, *outcome)
+                self._route_past(outcome[0])
         finally:
-            self._close()
+            self.cancel()
+
+    def abandon(self) -> None:
+        """From any thread: the push is being ended (another push for the model supersedes
+        it): stop passing it on and routing past hops at once, so that the thread feeding it
+        lets the model go (it then cancels the forward)."""
+        self._abandoned.set()
+        leg = self._leg
+        if leg is not None:
+            leg.abort()
+
+    def cancel(self) -> None:
+        """End the forward (the local push failed: no hop commits it)."""
+        if self._leg is not None:
+            self._leg.cancel()
+        self._leg = None
+        self._started = True
+
+    def _open(self, hop: Hop) -> None:
+        """The push to the route's first hop, from the start (routed past if it cannot be
+        dialled)."""
+        header = dataclasses.replace(
+            self._header, writer_epoch=hop.writer_epoch, route=self._route[1:]
+        )
+        leg = _Leg(hop, header, self._access, self._abandoned)
+        failure = leg.dial()
+        if failure is not None:
+            self._route_past(failure)
+            return
+        leg.start()
+        self._leg = leg
+
+    def _route_past(self, failure: HopResult) -> None:
+        """The hop the push went to failed with `failure`: go on with the hops after it if it
+        was cut and the window lets, else stop there."""
+        while True:
+            if self._leg is not None:
+                self._leg.cancel()
+                self._leg = None
+            last = self._index + 1 >= len(self._route)
+            if failure.code not in CUT or last or self._abandoned.is_set():
+                self._failed = failure
+                return
+            self._passed.append(failure)
+            self._index += 1
+            next_failure = self._resume(failure.address, self._route[self._index])
+            if next_failure is None:
+                return
+            failure = next_failure
+
+    def _resume(self, cut: str, hop: Hop) -> HopResult | None:
+        """Go on with `hop` past the `cut` one, from what it holds of the push; the failure
+        that ends it (None: it is fed, left to the trainer, or committed and passed)."""
+        header = self._header
+        while True:
+            leg = _Leg(hop, header, self._access, self._abandoned)
+            failure = leg.dial()
+            if failure is not None:
+                return failure
+            try:
+                state = leg.held()
+            except grpc.RpcError as error:
+                leg.cancel()
+                return leg.failure(error)
+            except grpc.FutureCancelledError:
+                leg.cancel()
+                return leg.fail(grpc.StatusCode.CANCELLED, "", "the forward was abandoned")
+            if self._committed(state):
+                leg.cancel()
+                self._passed.append(HopResult(hop.address, header.version))
+                logger.info(
+                    "model %s version %d: routing past %s: %s already committed it",
+                    header.model_name,
+                    header.version,
+                    cut,
+                    hop.address,
+                )
+                if self._index + 1 >= len(self._route):
+                    return None
+                cut, self._index = hop.address, self._index + 1
+                hop = self._route[self._index]
+                continue
+            held = self._held_bytes(state)
+            messages = self._window.since(held)
+            if messages is None:
+                leg.cancel()
+                logger.warning(
+                    "model %s version %d: routing past %s: %s holds %d payload bytes, no longer "
+                    "in the replay window (%d bytes passed on): left to the trainer",
+                    header.model_name,
+                    header.version,
+                    cut,
+                    hop.address,
+                    held,
+                    self._window.end,
+                )
+                return None
+            leg.header = dataclasses.replace(
+                header,
+                writer_epoch=hop.writer_epoch,
+                route=self._route[self._index + 1 :],
+                resume_from=held,
+            )
+            leg.start(f"routing past {cut}: ")
+            self._leg = leg
+            if self._window.commit is not None:
+                messages = [*messages, self._window.commit]
+            for message in messages:
+                failure = leg.put(message)
+                if failure is not None:
+                    return failure
+            if self._window.commit is not None:
+                return leg.put(None)
+            return None
+
+    def _committed(self, state: pb.ModelState) -> bool:
+        """Whether `state` serves this push's version, as its commit says (the whole push left
+        this replica: its commit was passed on)."""
+        commit = self._window.commit
+        if commit is None or state.version != self._header.version:
+            return False
+        digest: bytes = pb.PushRequest.FromString(commit).commit.digest
+        return bool(state.digest == digest)
+
+    def _held_bytes(self, state: pb.ModelState) -> int:
+        """The payload bytes `state`'s pending push applied of this push (0: none of it)."""
+        pending, h = state.pending, self._header
+        same = (
+            state.HasField("pending")
+            and pending.version == h.version
+            and pending.writer_id == h.writer_id
+            and pending.base_version == h.base_version
+            and pending.payload_bytes == h.payload_bytes
+        )
+        return int(pending.bytes_received) if same else 0
+
+
+class _Leg:
+    """The push to one hop: its header, the messages waiting for it, the call."""
+
+    def __init__(
+        self, hop: Hop, header: PushHeader, access: PeerAccess, abandoned: threading.Event
+    ) -> None:
+        self.hop = hop
+        self.header = header
+        self._access = access
+        self._abandoned = abandoned
+        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED)
+        self._ended = threading.Event()
+        self._channel: grpc.Channel | None = None
+        self._call: Any = None
+        self._input_done = False
+
+    @property
+    def address(self) -> str:
+        return self.hop.address
+
+    def dial(self) -> HopResult | None:
+        """Open the channel to the hop; the failure if it cannot be (e.g. a TLS file)."""
+        access = self._access
+        try:
+            self._channel = open_channel(
+                self.hop.address,
+                SYNC_MAX_MESSAGE_BYTES,
+                token=access.token,
+                tls=access.tls,
+                server_name=(self.hop.server_name or None) if access.tls is not None else None,
+            )
+        except (ConfigurationError, OSError, ValueError) as error:
+            return self.fail(grpc.StatusCode.UNAVAILABLE, "", f"cannot dial: {error}")
+        return None
+
+    def held(self) -> pb.ModelState:
+        """The hop's GetModel of the push's model, within the stall bound."""
+        assert self._channel is not None
+        get = self._channel.unary_unary(
+            GET_MODEL,
+            request_serializer=pb.GetModelRequest.SerializeToString,
+            response_deserializer=pb.ModelState.FromString,
+        )
+        request = pb.GetModelRequest(model_name=self.header.model_name)
+        call: Any = get.future(request, timeout=self._access.stall_timeout_s)
+        while not call.done() and not self._abandoned.wait(TICK_S):
+            pass
+        if not call.done():
+            call.cancel()  # the push is being ended: its result raises CANCELLED
+        state: pb.ModelState = call.result()
+        return state
+
+    def start(self, past: str = "") -> None:
+        """Open the push; `past` says which hop it routes past, for the log."""
+        assert self._channel is not None
+        h = self.header
+        if past:
+            logger.info(
+                "model %s version %d: %sresuming the push on %s from byte %d (%d more hop(s) "
+                "after it)",
+                h.model_name,
+                h.version,
+                past,
+                self.address,
+                h.resume_from,
+                len(h.route),
+            )
+        else:
+            logger.info(
+                "model %s version %d: passing the push on to %s (%d more hop(s) after it)",
+                h.model_name,
+                h.version,
+                self.address,
+                len(h.route),
+            )
+        push = self._channel.stream_unary(
+            PUSH, request_serializer=None, response_deserializer=pb.PushResponse.FromString
+        )
+        self._call = push.future(self._messages())
+
+    def _messages(self) -> Iterator[bytes]:
+        yield encode_header(self.header)
+        while not self._ended.is_set():
+            try:
+                message = self._queue.get(timeout=TICK_S)
+            except queue.Empty:
+                continue
+            if message is None:
+                return
+            yield message
+
+    def put(self, message: bytes | None) -> HopResult | None:
+        """Queue `message` for the hop (None: the end), waiting for room up to the bound; the
+        failure that ended the push to it, if it did."""
+        if self._input_done:
+            return None
+        deadline = time.monotonic() + self._access.stall_timeout_s
+        while True:
+            if self._abandoned.is_set() and not self._call.done():
+                self._call.cancel()
+            if self._call.done():
+                self._ended.set()
+                return self._outcome_of_ended()
+            try:
+                self._queue.put(message, timeout=TICK_S)
+                self._input_done = message is None
+                return None
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    self._call.cancel()
+                    bound = self._access.stall_timeout_s
+                    return self._stalled(f"took nothing for {bound:g}s;")
+
+    def result(self, wait_s: float) -> tuple[HopResult, ...]:
+        """The hop's answer, and its hops' (committed), or its failure alone."""
+        try:
+            response: pb.PushResponse = self._call.result(timeout=wait_s)
+        except grpc.FutureTimeoutError:
+            self._call.cancel()
+            return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
+        except grpc.FutureCancelledError:
+            return (self.fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled"),)
+        except grpc.RpcError as error:
+            return (self.failure(error),)
+        return (HopResult(self.address, int(response.version)), *self._downstream(response))
 
     def _downstream(self, response: pb.PushResponse) -> tuple[HopResult, ...]:
         """What the hop reports of the hops after it: only those on the route it was given,
         each once, in the order reported (a hop speaks for no other address, and a long or
         repeated list goes no further upstream)."""
-        wanted = {hop.address for hop in self._header.route}
+        wanted = {hop.address for hop in self.header.route}
         kept: list[HopResult] = []
         for result in response.hops:
             if result.address in wanted:
@@ -158,109 +503,53 @@ class Forward:
                 )
         return tuple(kept)
 
-    def cancel(self) -> None:
-        """The local push failed: end the forward, so that no hop commits it."""
-        if self._call is not None:
-            self._call.cancel()
-        self._close()
-
-    def _open(self) -> None:
-        access = self._access
-        logger.info(
-            "model %s version %d: passing the push on to %s (%d more hop(s) after it)",
-            self._header.model_name,
-            self._header.version,
-            self.address,
-            len(self._header.route),
-        )
-        self._channel = open_channel(
-            self._hop.address,
-            SYNC_MAX_MESSAGE_BYTES,
-            token=access.token,
-            tls=access.tls,
-            server_name=(self._hop.server_name or None) if access.tls is not None else None,
-        )
-        push = self._channel.stream_unary(
-            PUSH, request_serializer=None, response_deserializer=pb.PushResponse.FromString
-        )
-        self._call = push.future(self._messages())
-
-    def _messages(self) -> Iterator[bytes]:
-        yield encode_header(self._header)
-        while not self._ended.is_set():
-            try:
-                message = self._queue.get(timeout=TICK_S)
-            except queue.Empty:
-                continue
-            if message is None:
-                return
-            yield message
-
-    def _put(self, message: bytes | None) -> None:
-        """Queue `message` for the hop, waiting for room up to the bound."""
-        if self._failed is not None:
-            return
-        if self._call is None:
-            try:
-                self._open()
-            except (ConfigurationError, OSError, ValueError) as error:  # e.g. a TLS file
-                self._failed = self._fail(grpc.StatusCode.UNAVAILABLE, "", f"cannot dial: {error}")
-                return
-        deadline = time.monotonic() + self._access.stall_timeout_s
-        while True:
-            if self._call.done():
-                self._ended.set()
-                if self._failed is None:
-                    self._failed = self._outcome_of_ended()
-                return
-            try:
-                self._queue.put(message, timeout=TICK_S)
-                return
-            except queue.Full:
-                if time.monotonic() >= deadline:
-                    self._call.cancel()
-                    bound = self._access.stall_timeout_s
-                    self._failed = self._stalled(f"took nothing for {bound:g}s;")
-                    return
-
     def _outcome_of_ended(self) -> HopResult:
         """Why a hop's push ended before this replica finished sending it."""
         try:
             response = self._call.result(timeout=0)
         except grpc.RpcError as error:
-            return self._failure(error)
+            return self.failure(error)
         except grpc.FutureCancelledError:
-            return self._fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled")
-        return self._fail(
+            return self.fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled")
+        return self.fail(
             grpc.StatusCode.INTERNAL,
             "",
             f"answered version {response.version} before the push was sent whole",
         )
 
-    def _failure(self, error: grpc.RpcError) -> HopResult:
+    def failure(self, error: grpc.RpcError) -> HopResult:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = (error.details() if hasattr(error, "details") else str(error)) or ""
-        return self._fail(code, error_reason(error) or "", details)
+        return self.fail(code, error_reason(error) or "", details)
 
     def _stalled(self, what: str) -> HopResult:
-        return self._fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", f"the hop {what} it was cut off")
+        return self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", f"the hop {what} it was cut off")
 
-    def _fail(self, code: grpc.StatusCode, reason: str, message: str) -> HopResult:
+    def fail(self, code: grpc.StatusCode, reason: str, message: str) -> HopResult:
         self._ended.set()
         logger.warning(
             "model %s version %d: passing the push on to %s failed: %s: %s",
-            self._header.model_name,
-            self._header.version,
+            self.header.model_name,
+            self.header.version,
             self.address,
             code.name,
             message,
         )
         return HopResult(self.address, 0, code.value[0], reason, message)
 
-    def _close(self) -> None:
+    def abort(self) -> None:
+        """From any thread: end the push to the hop (its channel stays, for its owner)."""
         self._ended.set()
+        if self._call is not None:
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """End the push to the hop (if it is still going) and close its channel, off the
+        push's path: closing a channel to a hop whose link went dark waits until TCP gives up
+        on it (gRPC's keepalive timeout, 20 s)."""
+        self._ended.set()
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
-            # Closing a channel to a hop whose link went dark waits until TCP gives up on it
-            # (gRPC's keepalive timeout, 20 s): never on the push's path, which answers now.
             threading.Thread(target=channel.close, name="forward-close", daemon=True).start()

@@ -26,7 +26,7 @@ from inference_service.syncplane.parts import (
     SenderGone,
     kind,
 )
-from shared.errors import MalformedPushError
+from shared.errors import MalformedPushError, PushBrokenError
 
 
 class PushHandler:
@@ -49,14 +49,10 @@ class PushHandler:
         check_header(header)
         forward.check_route(header)
         # Passed on from its first body part on: by then the local checks of the header passed.
-        onward = forward.start(header, self._peers)
-        body = _body(inbox) if onward is None else onward.passing_on(_body(inbox))
-        try:
-            generation = self._applier.apply(header, body, inbox)
-        except BaseException:
-            if onward is not None:
-                onward.cancel()
-            raise
+        # A resumed push goes on down the route of the push it resumes (its session's forward).
+        generation, onward = self._applier.apply_push(
+            header, _body(inbox), inbox, lambda h: forward.start(h, self._peers)
+        )
         return PushOutcome(
             header.model_name,
             generation.version,
@@ -95,7 +91,7 @@ def _body(inbox: Inbox[Part]) -> Iterator[Data | Commit]:
             else:
                 raise MalformedPushError(f"unexpected {kind(part)} message inside a push")
     except SenderGone:
-        raise MalformedPushError(
+        raise PushBrokenError(
             f"the sender cancelled the push after {received} payload bytes"
         ) from None
 

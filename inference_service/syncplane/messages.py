@@ -9,7 +9,8 @@ Its imports stay light for the relay's sake. A data message encoded as the sende
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,6 +28,9 @@ from inference_service.syncplane.parts import (
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights import wire
+
+# How long a stream that ended before its commit is watched for its call being cancelled.
+CANCEL_GRACE_S = 0.25
 
 
 def decode(message: bytes | memoryview) -> Part:
@@ -57,18 +61,39 @@ def decode(message: bytes | memoryview) -> Part:
             h.payload_bytes,
             h.writer_epoch,
             route,
+            h.resume_from,
         )
     return Empty()
 
 
-def parts(messages: Iterable[bytes | memoryview | None]) -> Iterator[Part | None]:
+def parts(
+    messages: Iterable[bytes | memoryview | None], active: Callable[[], bool] | None = None
+) -> Iterator[Part | None]:
     """A gRPC request stream's messages as parts, ticks (None) passed on; a stream that breaks
-    off (the sender cancelled or went away) raises SenderGone."""
+    off (the sender cancelled or went away) raises SenderGone. `active`: whether the call is
+    still on (its context's is_active): a cancelled stream may first end as if its sender had
+    closed it, so one that ends before a commit is SenderGone if the call goes off within
+    CANCEL_GRACE_S."""
+    last: Part | None = None
     try:
         for message in messages:
-            yield None if message is None else decode(message)
+            part = None if message is None else decode(message)
+            last = part if part is not None else last
+            yield part
     except grpc.RpcError:
         raise SenderGone() from None
+    if active is not None and not isinstance(last, Commit) and _goes_off(active):
+        raise SenderGone()
+
+
+def _goes_off(active: Callable[[], bool]) -> bool:
+    """Whether the call is off, or goes off within CANCEL_GRACE_S."""
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while active():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def encode_header(header: PushHeader) -> bytes:
@@ -100,14 +125,15 @@ def push_response(outcome: PushOutcome) -> pb.PushResponse:
         version=outcome.version,
         digest=outcome.digest,
         payload_bytes=outcome.payload_bytes,
-        hops=[
-            pb.HopResult(
-                address=h.address,
-                version=h.version,
-                code=h.code,
-                reason=h.reason,
-                message=h.message,
-            )
-            for h in outcome.hops
-        ],
+        hops=[hop_result(h) for h in outcome.hops],
+    )
+
+
+def hop_result(result: HopResult) -> pb.HopResult:
+    return pb.HopResult(
+        address=result.address,
+        version=result.version,
+        code=result.code,
+        reason=result.reason,
+        message=result.message,
     )

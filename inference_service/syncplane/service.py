@@ -1,5 +1,5 @@
 """The sync plane's use-case layer: the models by name, their writers, history and rollback,
-and pushes through the one push handler (handler.py)."""
+pushes through the one push handler (handler.py), and seeds of other replicas (seed.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from inference_service.syncplane.checks import model_named
 from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.handler import PushHandler
 from inference_service.syncplane.limits import SyncLimits
-from inference_service.syncplane.parts import Commit, PushHeader
+from inference_service.syncplane.parts import Commit, Hop, HopResult, PushHeader
+from inference_service.syncplane.seed import Seeder
 from shared.errors import InferenceOnlyModelError, OutOfRangeError, PushRejectedError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class SyncPlane:
         self.store = store
         self.applier = PushApplier(models, limits, on_commit)
         self.push = PushHandler(self.applier, limits.push_idle_timeout_s, peers)
+        self._seeder = Seeder(peers or PeerAccess(answer_timeout_s=limits.push_idle_timeout_s))
 
     def model(self, name: str) -> ServedModel:
         return model_named(self._models, name)
@@ -85,6 +87,16 @@ class SyncPlane:
             model.lease.epoch,
         )
         return self.applier.apply(header, itertools.chain(stored.chunks(), [Commit(stored.digest)]))
+
+    def serving_at(self, listen: str, port: int) -> None:
+        """Where this sync plane is reached (its listen address and bound port): a seed to it
+        is refused."""
+        self._seeder.serving_at(listen, port)
+
+    def seed(self, name: str, version: int, hop: Hop) -> HopResult:
+        """Push `name`'s served version, which must be `version`, to the replica `hop` (see
+        seed.py): what became of it there."""
+        return self._seeder.seed(self.model(name), version, hop)
 
     def _history(self) -> WeightStore:
         if self.store is None:

@@ -30,7 +30,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
         # Read on a thread of its own, so that waiting for a silent sender can time out (and see
         # its writer fenced): grpcio's request iterator blocks until the next message comes.
         with Prefetcher(request_iterator, name="push-receive") as ahead:
-            outcome = self._plane.push.handle(messages.parts(ahead.waiting(TICK_S)))
+            parts = messages.parts(ahead.waiting(TICK_S), context.is_active)
+            outcome = self._plane.push.handle(parts)
         return messages.push_response(outcome)
 
     @override
@@ -78,6 +79,12 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
         self._plane.rollback(request.model_name, request.to_version)
         return convert.model_state(self._plane.model(request.model_name))
 
+    @override
+    @grpc_errors
+    def Seed(self, request: pb.SeedRequest, context: grpc.ServicerContext) -> pb.HopResult:
+        result = self._plane.seed(request.model_name, request.version, convert.hop(request.hop))
+        return messages.hop_result(result)
+
 
 def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
     """Register the service; Push takes its messages unparsed (see shared/weights/wire.py)."""
@@ -92,5 +99,6 @@ def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
             servicer.ListVersions, pb.ListVersionsRequest, pb.ListVersionsResponse
         ),
         "Rollback": unary(servicer.Rollback, pb.RollbackRequest, pb.ModelState),
+        "Seed": unary(servicer.Seed, pb.SeedRequest, pb.HopResult),
     }
     register(server, "weightsync.v1.WeightSync", handlers)

@@ -1,7 +1,8 @@
 """PAMIQ-Core's DataBuffer: where a trainer's experience is kept, with the policy for a full one.
 
 A buffer is fed through its `DataUser` (shared/data/interface.py): collectors queue samples,
-`DataUser.update()` adds them to the buffer one by one. `max_queue_size` bounds that queue: a
+`DataUser.update()` adds them to the buffer one by one (`add`), or a block of them at once
+(`add_batch`, how the experience plane's batches arrive). `max_queue_size` bounds that queue: a
 collector holds at most that many samples between two updates, dropping its oldest beyond it,
 so a trainer that does not keep up never grows memory without bound.
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from shared.state import PersistentStateMixin
+
+if TYPE_CHECKING:
+    from shared.data.block import SampleBlock
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,6 +63,19 @@ class DataBuffer(ABC, PersistentStateMixin, Generic[T, R]):
         Args:
             data: The sample.
         """
+
+    def add_batch(self, block: SampleBlock) -> None:
+        """Add the samples of `block` (mappings of names to tensors), in order.
+
+        By default one by one through `add`, each tensor a copy of its own: a buffer that may
+        keep any of them must not keep the whole block alive for one. Buffers whose policy
+        allows it take the block whole (SequentialBuffer).
+
+        Args:
+            block: The samples, as columns.
+        """
+        for index in range(block.count):
+            self.add(block.sample(index))  # type: ignore[arg-type]
 
     @abstractmethod
     def get_data(self) -> R:

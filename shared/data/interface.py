@@ -2,22 +2,25 @@
 
 A collector is the writing end: any thread (the agent's, a gRPC thread of the experience plane)
 calls `collect(sample)`, which stamps the sample with the time and queues it, at most
-`max_queue_size` of them (the oldest dropped beyond). The user is the reading end, on the
-training thread: `update()` moves what was queued into the buffer, sample by sample, and keeps
-each one's stamp, so that a trainer can ask how many arrived since its last run
-(`count_data_added_since`). The two threads share only the queue, swapped under a lock.
+`max_queue_size` of them (the oldest dropped beyond); `collect_batch(block)` queues a block of
+samples at once (the experience plane's batches). The user is the reading end, on the training
+thread: `update()` moves what was queued into the buffer (a block through the buffer's
+`add_batch`) and keeps each one's stamp, so that a trainer can ask how many arrived since its
+last run (`count_data_added_since`). The two threads share only the queue, swapped under a lock.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
+from itertools import repeat
 from pathlib import Path
 from threading import RLock
 from typing import Any, Generic, TypeVar
 
 from typing_extensions import override
 
+from shared.data.block import SampleBlock, is_block
 from shared.data.buffer import DataBuffer
 from shared.data.clock import now
 from shared.state import PersistentStateMixin
@@ -29,32 +32,68 @@ TIMESTAMPS_FILE = "timestamps.json"
 
 
 class TimestampingQueue(Generic[T]):
-    """A queue of samples, each with the time it was appended."""
+    """A queue of samples, each with the time it was appended; a block of samples (appended
+    with `append_block`) is one entry, its samples sharing its time."""
 
     def __init__(self, max_len: int | None = None) -> None:
         """Initialize the queue.
 
         Args:
-            max_len: The most samples held; appending beyond drops the oldest. None: no limit.
+            max_len: The most samples held; appending beyond drops the oldest (a block's
+                oldest samples first). None: no limit.
         """
-        self._queue: deque[T] = deque(maxlen=max_len)
-        self._timestamps: deque[float] = deque(maxlen=max_len)
+        self._max_len = max_len
+        self._queue: deque[Any] = deque()  # samples, and blocks of them
+        self._timestamps: deque[float] = deque()
+        self._count = 0
 
     def append(self, data: T) -> None:
         """Append a sample stamped with the current time."""
         self._queue.append(data)
         self._timestamps.append(now())
+        self._count += 1
+        self._trim()
 
-    def popleft(self) -> tuple[T, float]:
-        """Remove and return the oldest sample and its time.
+    def append_block(self, block: SampleBlock) -> None:
+        """Append a block of samples, all stamped with the current time."""
+        if block.count:
+            self._queue.append(block)
+            self._timestamps.append(now())
+            self._count += block.count
+            self._trim()
+
+    def _trim(self) -> None:
+        if self._max_len is None:
+            return
+        while self._count > self._max_len:
+            first = self._queue[0]
+            over = self._count - self._max_len
+            if is_block(first) and first.count > over:
+                self._queue[0] = first.tail(over)
+                self._count -= over
+            else:
+                self._queue.popleft()
+                self._timestamps.popleft()
+                self._count -= first.count if is_block(first) else 1
+
+    def popleft(self) -> tuple[T | SampleBlock, float]:
+        """Remove and return the oldest entry (a sample, or a block of them) and its time.
 
         Raises:
             IndexError: The queue is empty.
         """
-        return self._queue.popleft(), self._timestamps.popleft()
+        data = self._queue.popleft()
+        self._count -= data.count if is_block(data) else 1
+        return data, self._timestamps.popleft()
+
+    @property
+    def entries(self) -> int:
+        """How many entries (samples and blocks) it holds."""
+        return len(self._timestamps)
 
     def __len__(self) -> int:
-        return len(self._timestamps)
+        """How many samples it holds."""
+        return self._count
 
 
 class DataCollector(Generic[T]):
@@ -79,6 +118,17 @@ class DataCollector(Generic[T]):
         """
         with self._lock:
             self._queue.append(data)
+
+    def collect_batch(self, block: SampleBlock) -> None:
+        """Queue the samples of `block` for the buffer, as `collect` would one by one but at
+        the cost of one (thread-safe); the user's update hands the block to the buffer's
+        `add_batch`.
+
+        Args:
+            block: The samples, as columns (the block's own memory).
+        """
+        with self._lock:
+            self._queue.append_block(block)
 
     def _move_data(self) -> TimestampingQueue[T]:
         """Hand over everything queued and start a new queue (for the DataUser only)."""
@@ -109,10 +159,14 @@ class DataUser(PersistentStateMixin, Generic[R]):
     def update(self) -> None:
         """Move every sample the collector queued into the buffer, keeping their times."""
         queue = self._collector._move_data()
-        for _ in range(len(queue)):
+        for _ in range(queue.entries):
             data, t = queue.popleft()
-            self._buffer.add(data)
-            self._timestamps.append(t)
+            if is_block(data):
+                self._buffer.add_batch(data)
+                self._timestamps.extend(repeat(t, data.count))
+            else:
+                self._buffer.add(data)
+                self._timestamps.append(t)
 
     def get_data(self) -> R:
         """Update, then return the buffer's data (`DataBuffer.get_data`)."""

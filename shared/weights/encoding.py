@@ -155,19 +155,42 @@ def encode_tensor(
     return data if len(data) < size else None
 
 
+SAMPLE_BLOCKS = 16  # evenly spaced blocks a tensor's change is sampled in
+SAMPLE_ELEMENTS = 4096  # elements at the start of each block the cost model samples
+
+
+def sampled(tensor: torch.Tensor, sample: int) -> torch.Tensor:
+    """The first `sample` elements of each of SAMPLE_BLOCKS evenly spaced blocks of `tensor`,
+    as integer words where it lives (a view, no copy); all of its elements where it has no
+    more than that."""
+    a = _tensor_words(tensor)
+    count = len(a)
+    if count <= SAMPLE_BLOCKS * sample:
+        return a
+    step = count // SAMPLE_BLOCKS
+    return a[: step * SAMPLE_BLOCKS].reshape(SAMPLE_BLOCKS, step)[:, :sample]
+
+
 def changed_share(new: torch.Tensor, base: torch.Tensor, sample: int | None = None) -> float:
     """The share of elements whose bits differ, with torch where the tensors live; on the
-    first `sample` elements of each of 16 evenly spaced blocks where `sample` is given."""
-    a, b = _tensor_words(new), _tensor_words(base)
-    count = len(a)
+    first `sample` elements of each of SAMPLE_BLOCKS evenly spaced blocks where `sample` is
+    given (`sampled`)."""
+    if sample is None:
+        a, b = _tensor_words(new), _tensor_words(base)
+    else:
+        a, b = sampled(new, sample), sampled(base, sample)
+    return sampled_share(a, b)
+
+
+def sampled_share(new: torch.Tensor, base: torch.Tensor) -> float:
+    """The share of differing words between two samples of one shape (`sampled`)."""
+    count = new.numel()
     if not count:
         return 0.0
-    if sample is None or count <= 16 * sample:
-        return int(torch.count_nonzero(torch.ne(a, b))) / count
-    step = count // 16
-    a = a[: step * 16].reshape(16, step)[:, :sample]
-    b = b[: step * 16].reshape(16, step)[:, :sample]
-    return int(torch.count_nonzero(torch.ne(a, b))) / (16 * sample)
+    if new.device.type == "cpu":  # numpy: no intra-op threads to wake for a small sample
+        differs = np.count_nonzero(new.numpy() != base.numpy())
+        return int(differs) / count
+    return int(torch.count_nonzero(torch.ne(new, base))) / count
 
 
 def decode(
@@ -177,8 +200,8 @@ def decode(
     size = len(base)
     if encoding == SPARSE:
         positions, values = _read_sparse(data, size // itemsize, itemsize)
-        out[:] = base
-        words(out, itemsize)[positions] = values
+        np.copyto(out, base)
+        np.put(words(out, itemsize), positions, values)
         return
     if encoding == XOR_ZSTD:
         raw = _decompress_zstd(data, size)
@@ -258,7 +281,9 @@ def _read_sparse(
     gaps = varint_decode(raw[_SPARSE_HEADER:stop], count)
     if count and (int(gaps.max()) >= elements or float(gaps.sum(dtype=np.float64)) >= elements):
         raise EncodingError(f"its positions run past the tensor's {elements} elements")
-    positions = np.cumsum(gaps + np.uint64(1), dtype=np.uint64).astype(np.int64) - 1
+    gaps += np.uint64(1)  # position i is the sum of the first i + 1 (gap + 1), minus one
+    positions = np.cumsum(gaps, out=gaps).view(np.int64)  # in place: no copies
+    positions -= 1
     if count and positions[-1] >= elements:
         raise EncodingError(
             f"its last position {int(positions[-1])} is past the tensor's {elements} elements"

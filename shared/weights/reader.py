@@ -18,6 +18,8 @@ import xxhash
 from shared.errors import MalformedPushError, ResourceLimitError
 from shared.weights.layout import MAX_HEADER_BYTES, TensorEntry, TensorLayout, parse_header
 
+_PIECE = 1 << 20  # a decoded tensor is written and hashed a piece at a time
+
 # An encoded tensor's bytes -> its decoded bytes (flat uint8); MalformedPushError if they do not
 # decode.
 Decoder = Callable[[TensorEntry, bytes], np.ndarray]
@@ -152,8 +154,10 @@ class PayloadReader:
             decoded = self._decoder(entry, bytes(self._encoded))
             self._encoded.clear()
             view = memoryview(decoded).cast("B")  # type: ignore[arg-type]
-            self._sink.write(entry, 0, view)
-            self._hasher.update(view)
+            for start in range(0, len(view), _PIECE):  # hashed while in cache from the write
+                piece = view[start : start + _PIECE]
+                self._sink.write(entry, start, piece)
+                self._hasher.update(piece)
         self._hashes[entry.name] = self._hasher.digest()
         self._hasher.reset()
         self._index += 1

@@ -1,7 +1,8 @@
 """A model trained in fp32 and served in bf16, for the encoding and served-dtype tests.
 
 Both services import this module (`tests.integration.encoding_apps:served_bf16`). TEST_LR sets
-the trainer's Adam learning rate (default 1e-6: a few percent of the bf16 elements move per run).
+the trainer's Adam learning rate (default 1e-6: a few percent of the bf16 elements move per run);
+TEST_LR_LATER=`RUN:LR` changes it to LR from run RUN on.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class AdamTrainer(TorchTrainer):
     @override
     def train(self) -> None:
         self.runs += 1
+        later = os.environ.get("TEST_LR_LATER")
+        if later and self.runs == int(later.split(":")[0]):
+            for group in self.optimizers["adam"].param_groups:
+                group["lr"] = float(later.split(":")[1])
         g = torch.Generator().manual_seed(self.runs)
         for _ in range(3):
             x = torch.randn(16, WIDTH, generator=g)

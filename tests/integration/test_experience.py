@@ -256,6 +256,38 @@ BAD = [
 ]
 
 
+def test_an_agent_holds_max_pending_bytes_while_its_trainer_is_away_then_sends_the_newest(
+    services: Services,
+) -> None:
+    trainer = start_trainer(services)
+    # A sample is x and y (FP32 [1]) and id (INT64): 16 bytes, so 160 bytes hold 10 of them.
+    trainer.process.send_signal(signal.SIGSTOP)  # away: it answers nothing until SIGCONT
+    try:
+        collector = RemoteDataCollector(
+            trainer.address, "steps", max_pending=1000, max_pending_bytes=160, timeout_s=60
+        )
+        for i in range(50):
+            x = torch.tensor([i / 3])
+            collector.collect({"x": x, "y": -x, "id": torch.tensor(i)})  # never waits
+        stats = collector.stats
+    finally:
+        trainer.process.send_signal(signal.SIGCONT)
+    assert (stats.collected, stats.acknowledged, stats.dropped, stats.pending) == (50, 0, 40, 10)
+    assert stats.last_error is not None
+    assert stats.last_error.startswith(
+        "dropped 1 sample(s): the queue of samples waiting for the trainer is full: 10 samples "
+        "of 16 bytes (max_pending 1000, max_pending_bytes 160)"
+    )
+    assert collector.flush(timeout=60)
+    final = collector.close()
+    assert (final.acknowledged, final.dropped, final.pending) == (10, 40, 0)
+    assert trainer.stop() == list(range(40, 50))  # the newest, once each
+    saved = load_samples(trainer.state / "checkpoint" / "data" / "steps" / "buffer.safetensors")
+    for i, stored in zip(range(40, 50), saved, strict=True):
+        x = torch.tensor([i / 3])
+        assert torch.equal(stored["x"], x) and torch.equal(stored["y"], -x)  # bit-exact
+
+
 def test_bad_batches_are_refused_and_nothing_of_them_is_stored(services: Services) -> None:
     trainer = start_trainer(services, "--experience-max-batch", "16KiB")
     stored = 0

@@ -164,7 +164,7 @@ def test_three_replicas_fed_through_one_chain_serve_the_version_bit_exact(
     assert "version 3 committed on 3 inference service(s)" in services.log("trainer")
 
 
-def test_a_middle_replica_killed_mid_push_is_routed_around_and_caught_up_after_restart(
+def test_a_middle_replica_killed_mid_push_is_routed_past_and_caught_up_after_restart(
     services: Services,
 ) -> None:
     services.env["TEST_STAMP_MB"] = "2"
@@ -194,12 +194,13 @@ def test_a_middle_replica_killed_mid_push_is_routed_around_and_caught_up_after_r
         "1",
     )
 
-    # Version 2 is the first to go down the chain: kill the middle while its bytes flow in.
-    def receiving_version_2() -> bool:
-        pending = middle.model_state("stamp").pending
+    # Version 2 is the first to go down the chain: kill the middle while its bytes flow in,
+    # once it has passed some on to the last.
+    def receiving_version_2(replica: Inference) -> bool:
+        pending = replica.model_state("stamp").pending
         return pending.version == 2 and pending.bytes_received > 0
 
-    wait_until(receiving_version_2, timeout=60)
+    wait_until(lambda: receiving_version_2(middle) and receiving_version_2(last), timeout=60)
     middle.process.kill()
     middle.process.wait(timeout=10)
     wait_until(lambda: "version 2 committed on 2" in services.log("trainer"), timeout=30)
@@ -209,6 +210,14 @@ def test_a_middle_replica_killed_mid_push_is_routed_around_and_caught_up_after_r
         assert (state.version, state.digest) == (2, digest)
     assert forwarded_to(services, "first") == [middle.sync]
     assert f"lagging: {middle.sync}" in services.log("trainer")
+    # The first went on with the last itself, from the bytes the last held: the trainer did not
+    # push it again (its one commit of version 2 is the resumed push).
+    routed = f"routing past {middle.sync}: resuming the push on {last.sync} from byte "
+    assert routed in services.log("first")
+    [committed] = [
+        line for line in services.log("last").splitlines() if "committed version 2" in line
+    ]
+    assert "resumed from byte " in committed
 
     back = services.inference(STAMP, "--sync-listen", middle.sync, name="back")
     wait_until(lambda: back.model_state("stamp").version == 2, timeout=30)

@@ -85,3 +85,40 @@ def test_sparse_deltas_chosen_by_auto_are_forwarded_encoded_and_a_restarted_repl
     expected = state_digest(trained_bf16(state_dir)).hex()
     for host in REPLICAS:
         assert lab.state(host) == {"version": 31, "digest": expected}, host
+
+
+def test_dense_changes_keep_probes_not_copies_and_sparse_ones_travel_encoded_again(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """A change so dense that no encoding is smaller travels whole, and the trainer keeps only
+    a probe of it for the next version's measurement (no copy of the whole tensors); once the
+    changes turn sparse, a whole copy is kept again and the deltas after it travel encoded."""
+    lab.replicas_in(["replica1"])
+    lab.services.env["TEST_LR"] = "1e-2"  # every bf16 element moves: dense
+    lab.services.env["TEST_LR_LATER"] = "8:1e-6"  # a few percent move: sparse
+    state_dir = tmp_path / "trainer"
+    trainer = lab.trainer(
+        ["replica1"],
+        *("--max-runs", "14", "--run-interval", "0.1", "--state-dir", str(state_dir)),
+    )
+    assert trainer.wait(timeout=120) == 0, lab.services.log("trainer")
+    log = lab.services.log("trainer")
+    head = travelled(log, lab.sync_address("replica1"))
+    assert len(head) == 15 and head[0] == ("full", "whole=4"), head
+    # Runs 1 to 7 (versions 2 to 8): dense, whole tensors; from the second delta on, the
+    # version is kept as probes only.
+    assert all(tensors == "whole=4" for _, tensors in head[1:8]), head
+    kept = {  # version -> (tensors copied or kept as they are, tensors kept as probes)
+        int(v): (int(copied) + int(same), int(probes))
+        for v, copied, same, probes in re.findall(
+            r"wide v(\d+) kept to encode later deltas against: (\d+) tensor\(s\) copied "
+            r"\(\d+ bytes\), (\d+) kept as they are .*, (\d+) as probes",
+            log,
+        )
+    }
+    assert all(kept.get(v) == (0, 4) for v in range(3, 9)), kept
+    # Runs 8 on: sparse; measured on the probes, then whole tensors kept, then encoded deltas.
+    assert any(kept.get(v, (0, 0))[0] >= 1 for v in range(9, 15)), kept
+    assert any("sparse=" in tensors for _, tensors in head[10:]), head
+    expected = state_digest(trained_bf16(state_dir)).hex()
+    assert lab.state("replica1") == {"version": 15, "digest": expected}

@@ -111,7 +111,8 @@ def test_a_link_cut_mid_push_is_routed_around_and_the_cut_one_caught_up_once_res
         *("--max-runs", "2", "--run-interval", "600"),
         *("--connect-timeout", "1", "--push-timeout", "15"),
     )
-    wait_until(lambda: receiving(lab, "replica2", 2), timeout=60)
+    # Cut while replica2 passes the push on to replica3: both hold part of it.
+    wait_until(lambda: receiving(lab, "replica3", 2), timeout=60)
     lab.hostlab.cut("replica2")
     wait_until(lambda: "version 2 committed on 2" in lab.services.log("trainer"), timeout=30)
     for host in ("replica1", "replica3"):
@@ -121,10 +122,20 @@ def test_a_link_cut_mid_push_is_routed_around_and_the_cut_one_caught_up_once_res
     log = lab.services.log("trainer")
     gave_up = f"{sync_address(lab, 'replica1')}: DEADLINE_EXCEEDED: Deadline Exceeded"
     assert gave_up not in log, log
-    stalled = f"passing the push on to {sync_address(lab, 'replica2')} failed: DEADLINE_EXCEEDED"
+    second, third = sync_address(lab, "replica2"), sync_address(lab, "replica3")
+    stalled = f"passing the push on to {second} failed: DEADLINE_EXCEEDED"
     assert stalled in lab.services.log("replica1")
-    assert f"lagging: {sync_address(lab, 'replica2')}" in log
+    assert f"lagging: {second}" in log
     assert "error" in lab.state("replica2")  # its link is down
+    # replica1 went on with replica3 past the cut replica2, from the bytes replica3 held of
+    # the push replica2 had been feeding it: the trainer did not push replica3 again, and its
+    # one commit of version 2 is that resumed push.
+    assert f"routing past {second}: resuming the push on {third} from byte " in (
+        lab.services.log("replica1")
+    )
+    replica3 = lab.services.log("replica3").splitlines()
+    [committed] = [line for line in replica3 if "committed version 2" in line]
+    assert "resumed from byte " in committed
 
     lab.hostlab.restore("replica2")
     wait_until(lambda: holds(lab, "replica2", 2, 1), timeout=30)
@@ -148,3 +159,12 @@ def test_a_replica_added_while_training_is_caught_up(lab: Lab) -> None:
     lab.replicas_in(["replica4"])
     wait_until(lambda: holds(lab, "replica4", 2, 1), timeout=30)
     assert trainer.poll() is None  # training goes on: the catch-up brought it up
+    # A neighbour pushed it its copy (dialling it by host name, with TLS and the token), not
+    # the trainer.
+    added = sync_address(lab, "replica4")
+    marker = f"{added} caught up from "
+    wait_until(lambda: marker in lab.services.log("trainer"), timeout=10)
+    [line] = [line for line in lab.services.log("trainer").splitlines() if marker in line]
+    donor = line.split(marker, 1)[1].split(" ", 1)[0]
+    [donor_host] = [host for host in REPLICAS if sync_address(lab, host) == donor]
+    assert f"seeded {added} with version 2" in lab.services.log(donor_host)

@@ -1,19 +1,19 @@
 """Store experience batches into the trainer's buffers: the use-case behind experience.v1.
 
 A batch is checked whole against its buffer before any of it is stored (shared/data/batch.py),
-then its samples are copied out of the message and handed, in order, to the buffer's collector:
-the writing end PAMIQ's agent would call, whose bounded queue the training thread empties into
-the buffer (DataUser.update).
+then copied out of the message, one copy per tensor, and handed as one block of samples to the
+buffer's collector (`collect_batch`): the writing end PAMIQ's agent would call, whose bounded
+queue the training thread empties into the buffer (DataUser.update, through the buffer's
+`add_batch`).
 So what a full buffer keeps is the buffer's own policy, and memory stays bounded whatever the
 agents send. A batch resent after a broken call (same collector id, a sequence already stored)
 is acknowledged without being stored twice.
 
-Each sample's tensors are copies of their own, made straight from the message: a view would keep
-its whole batch alive for as long as the buffer keeps that one sample (a random-replacement
-buffer could keep a batch per sample it holds). Views of one copy per batch, which a sequential
-buffer would allow, measured slower on these machines: each batch copy is fresh memory (a page
-fault per page) that returns only when its last sample goes, while small per-sample copies
-reuse the memory of the samples the buffer dropped.
+Storing a batch costs a few Python calls whatever its sample count. A sequential buffer keeps
+the block and indexes into it (it drops samples oldest first: a block lives until its last
+sample goes); any other buffer takes the samples one by one, each a copy of its own: a view
+would keep its whole batch alive for as long as the buffer keeps that one sample (a
+random-replacement buffer could keep a batch per sample it holds).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
-
 from shared.data.batch import MAX_BATCH_SAMPLES, BatchSchema, Column, decode_columns
+from shared.data.block import block_of
 from shared.data.container import DataUsersDict
 from shared.errors import BufferNotFoundError, ResourceLimitError
 
@@ -99,20 +98,19 @@ class ExperiencePlane:
             )
         if self._stored_before(collector_id, sequence):
             return Stored(buffer, sequence, 0, size, duplicate=True)
-        samples = split(decode_columns(payload, schema, self.max_batch_samples))
+        block = block_of(decode_columns(payload, schema, self.max_batch_samples))
         collector = self._users.data_collectors_dict[buffer]
         with self._lock:
             if self._stored_before(collector_id, sequence):  # a resend on another call won
                 return Stored(buffer, sequence, 0, size, duplicate=True)
-            for sample in samples:
-                collector.collect(sample)
-            self._received[buffer] += len(samples)
+            collector.collect_batch(block)
+            self._received[buffer] += block.count
             if collector_id:
                 self._last_sequence[collector_id] = sequence
                 self._last_sequence.move_to_end(collector_id)
                 while len(self._last_sequence) > MAX_COLLECTORS:
                     self._last_sequence.popitem(last=False)
-        return Stored(buffer, sequence, len(samples), size)
+        return Stored(buffer, sequence, block.count, size)
 
     def _stored_before(self, collector_id: str, sequence: int) -> bool:
         if not collector_id:
@@ -138,11 +136,3 @@ class ExperiencePlane:
                 )
             )
         return found
-
-
-def split(columns: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """A batch's samples out of its columns (read-only views of the message), each tensor a
-    copy of its own."""
-    rows = [[row.clone() for row in column.unbind(0)] for column in columns.values()]
-    names = list(columns)
-    return [dict(zip(names, sample, strict=True)) for sample in zip(*rows, strict=True)]

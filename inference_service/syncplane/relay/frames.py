@@ -30,8 +30,9 @@ HELLO, BEGIN, HEADER, SLOT, DATA, COMMIT, EMPTY, END, ABORT, BAD, FREE, RESULT =
 INLINE = frozenset({HEADER, DATA, COMMIT, BAD, RESULT})  # frames followed by `c` bytes
 ENDS = frozenset({END, ABORT, BAD})  # frames that end a push's stream
 
-# version, base_version, payload_bytes, writer_epoch, name size, writer size; then the route
-_HEADER = struct.Struct("<QQQQII")
+# version, base_version, payload_bytes, writer_epoch, resume_from, name size, writer size; then
+# the route
+_HEADER = struct.Struct("<QQQQQII")
 _OUTCOME = struct.Struct("<QQII")  # version, payload_bytes, digest size, name size; then hops
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 Answer = PushOutcome | Status
@@ -39,20 +40,28 @@ Answer = PushOutcome | Status
 
 def encode_header(header: PushHeader) -> bytes:
     name, writer = header.model_name.encode(), header.writer_id.encode()
-    numbers = (header.version, header.base_version, header.payload_bytes, header.writer_epoch)
+    numbers = (
+        header.version,
+        header.base_version,
+        header.payload_bytes,
+        header.writer_epoch,
+        header.resume_from,
+    )
     route = json.dumps([[h.address, h.server_name, h.writer_epoch] for h in header.route])
     return _HEADER.pack(*numbers, len(name), len(writer)) + name + writer + route.encode()
 
 
 def decode_header(data: bytes) -> PushHeader:
-    version, base_version, payload_bytes, writer_epoch, size, writer_size = _HEADER.unpack_from(
-        data
+    version, base_version, payload_bytes, writer_epoch, resume_from, size, writer_size = (
+        _HEADER.unpack_from(data)
     )
     start = _HEADER.size
     name = data[start : start + size].decode()
     writer_id = data[start + size : start + size + writer_size].decode()
     route = tuple(Hop(*hop) for hop in json.loads(data[start + size + writer_size :]))
-    return PushHeader(name, version, base_version, writer_id, payload_bytes, writer_epoch, route)
+    return PushHeader(
+        name, version, base_version, writer_id, payload_bytes, writer_epoch, route, resume_from
+    )
 
 
 def encode_answer(answer: Answer) -> tuple[int, bytes]:

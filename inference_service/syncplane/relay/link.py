@@ -154,6 +154,9 @@ class RelayLink:
             ):
                 return answer  # a refusal part-way is noticed this soon
             if part is None:
+                # The sender paused: what it sent so far is applied (and counted in GetModel's
+                # `pending`, the offset a push resuming it starts from), not held here.
+                self._flush()
                 continue
             if isinstance(part, bytes | memoryview):
                 if len(part) > self._slot_bytes:

@@ -11,9 +11,9 @@ plane's address at a lower CPU priority, authenticates callers, and:
 - decodes each Push's messages into push parts (syncplane/messages.py) and relays the parts
   over a push link (relay/link.py): the payload goes through shared memory, and the service
   answers with the push's outcome or status;
-- forwards every other call (GetModel, AcquireWriter, Rollback, health, reflection, ...) as
-  raw bytes to the service's own sync server on a Unix socket, status and trailers included,
-  with the caller's deadline capped at FORWARD_DEADLINE_S.
+- forwards every other call (GetModel, AcquireWriter, Rollback, Seed, health, reflection,
+  ...) as raw bytes to the service's own sync server on a Unix socket, status and trailers
+  included, with the caller's deadline capped at FORWARD_DEADLINE_S.
 
 Calls run within the sync plane's budget (shared/grpc/limits.py), counted after authentication.
 
@@ -121,7 +121,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             # cannot end a call from outside the handler's thread, which would otherwise be
             # blocked waiting for the sender's next message.
             with Prefetcher(requests, name="relay-push") as ahead:
-                answer = link.push(parts(ahead.waiting(STALL_S)))
+                answer = link.push(parts(ahead.waiting(STALL_S), context.is_active))
         except OSError as exc:
             logger.error("the inference service went away during a push: %s", exc)
             link.close()

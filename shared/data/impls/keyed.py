@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 
 from typing_extensions import override
 
+from shared.data.block import SampleBlock
 from shared.data.buffer import DataBuffer
 
 T = TypeVar("T")
@@ -43,6 +44,20 @@ class KeyedBuffer(DataBuffer[Mapping[str, T], dict[str, list[T]]], Generic[T]):
                 f"Data keys {set(data.keys())} do not match expected keys {self._keys}"
             )
         self._buffer.add(dict(data))
+
+    @override
+    def add_batch(self, block: SampleBlock) -> None:
+        """Add the samples of `block` through the inner buffer, which decides whether it keeps
+        the block whole.
+
+        Raises:
+            ValueError: The block's names are not the buffer's keys.
+        """
+        if set(block.columns) != self._keys:
+            raise ValueError(
+                f"Data keys {set(block.columns)} do not match expected keys {self._keys}"
+            )
+        self._buffer.add_batch(block)
 
     @override
     def get_data(self) -> dict[str, list[T]]:

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 
 from typing_extensions import override
 
+from shared.data.block import SampleBlock
 from shared.data.buffer import DataBuffer
 from shared.data.impls.keyed import KeyedBuffer
 from shared.data.persist import load_samples, save_samples, state_file
@@ -109,6 +110,19 @@ class RandomReplacementBuffer(DataBuffer[T, list[T]], Generic[T]):
             self._data_list[random.randint(0, self._max_size - 1)] = data
         else:
             self._data_list.append(data)
+
+    @override
+    def add_batch(self, block: SampleBlock) -> None:
+        """Add the samples of `block` as `add` would one by one; each one kept is a copy of its
+        own (a view would keep the whole block alive for as long as that one sample)."""
+        for index in range(block.count):
+            if self.is_full:
+                if random.random() > self._replace_probability:
+                    continue
+                slot = random.randint(0, self._max_size - 1)
+                self._data_list[slot] = block.sample(index)  # type: ignore[assignment]
+            else:
+                self._data_list.append(block.sample(index))  # type: ignore[arg-type]
 
     @override
     def get_data(self) -> list[T]:

@@ -9,9 +9,11 @@ resent batch once: batches carry this collector's id and a sequence number).
 `collect` never waits for the network or the trainer: under a lock that the sending thread holds
 only to take rows, it copies the sample's tensors into the next row of a slab (pending.py), so a
 batch leaves already stacked. While the trainer is away samples wait, at most `max_pending` of
-them; beyond that the oldest are dropped, logged and counted in `stats.dropped`, as are the
-samples of a batch the trainer refuses (it names why: `stats.last_error`). Memory is bounded by
-`max_pending` samples plus `max_in_flight` batches. `flush()` waits until every sample collected
+them taking at most `max_pending_bytes`; beyond that the oldest are dropped, logged and counted
+in `stats.dropped`, as are the samples of a batch the trainer refuses (it names why:
+`stats.last_error`), and a sample larger than `max_pending_bytes` alone. Memory is bounded by
+those samples (in slabs of whole batches) plus `max_in_flight` batches, each within the
+trainer's limit on batches. `flush()` waits until every sample collected
 so far is acknowledged or dropped; `close()` flushes, then stops. Samples still waiting when the
 process ends without `close()` are lost; acknowledged ones are the trainer's.
 """
@@ -33,7 +35,7 @@ from shared.data.batch import MAX_BATCH_SAMPLES
 from shared.data.remote.call import Call, refused, status
 from shared.data.remote.pending import Pending
 from shared.data.remote.route import Route, split_addresses
-from shared.data.remote.samples import CollectorStats, describe, layout_of
+from shared.data.remote.samples import CollectorStats, Layout, describe, layout_of, sample_bytes
 from shared.data.remote.wire import Framed, frame
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.grpc.auth import TlsFiles
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # The largest message the channel sends: a batch is split to fit the trainer's own limit.
 MAX_MESSAGE_BYTES = 256 << 20
+# The most bytes of samples waiting for the trainer, by default (a trainer away for a while).
+MAX_PENDING_BYTES = 64 << 20
 DROP_LOG_INTERVAL_S = 10.0
 
 
@@ -57,6 +61,7 @@ class RemoteDataCollector:
         batch_size: int = 64,
         max_delay_s: float = 0.05,
         max_pending: int = 10_000,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         max_in_flight: int = 4,
         timeout_s: float = 10.0,
         retry_max_s: float = 5.0,
@@ -77,6 +82,8 @@ class RemoteDataCollector:
             batch_size: The most samples per batch.
             max_delay_s: How long a sample waits for a batch to fill before it goes anyway.
             max_pending: The most samples waiting to be sent; the oldest go beyond.
+            max_pending_bytes: The most bytes the samples waiting to be sent take; the oldest
+                go beyond (a sample larger than this is dropped when collected).
             max_in_flight: The most batches sent and not yet acknowledged.
             timeout_s: How long the trainer has to acknowledge a batch, or to answer at all,
                 before the call counts as broken and is made again.
@@ -84,8 +91,10 @@ class RemoteDataCollector:
             idle_close_s: A call with nothing to send for this long is ended (it holds one of
                 the trainer's stream slots).
         """
-        if batch_size < 1 or max_pending < 1 or max_in_flight < 1:
-            raise ValueError("batch_size, max_pending and max_in_flight must be at least 1")
+        if min(batch_size, max_pending, max_pending_bytes, max_in_flight) < 1:
+            raise ValueError(
+                "batch_size, max_pending, max_pending_bytes and max_in_flight must be at least 1"
+            )
         self.addresses = split_addresses(address)
         self.address = ",".join(self.addresses)
         self.buffer = buffer
@@ -93,6 +102,8 @@ class RemoteDataCollector:
         self._batch_size = batch_size
         self._max_delay_s = max_delay_s
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
+        self._pending_limit = max_pending  # in samples, both bounds (set by the first sample)
         self._max_in_flight = max_in_flight
         self._timeout_s = timeout_s
         self._retry_max_s = retry_max_s
@@ -121,6 +132,7 @@ class RemoteDataCollector:
         self._abandoned = False  # closed before the trainer took everything: drop what is left
         self._flushing = 0
         self._last_drop_log = float("-inf")
+        self._full = ""
         self._thread = threading.Thread(target=self._run, name="experience-send", daemon=True)
         self._thread.start()
 
@@ -140,20 +152,48 @@ class RemoteDataCollector:
         with self._lock:
             if self._closing:
                 raise RuntimeError("this RemoteDataCollector is closed")
-            if self._pending is None:
-                self._pending = Pending(layout_of(data), self._batch_size)
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = self._start(layout_of(data))
+            if not self._pending_limit:
+                self._too_large(data, pending)
+                return
             try:
-                full = self._pending.put(data, time.monotonic())
+                full = pending.put(data)
             except ValueError as exc:
-                first = describe(self._pending.layout)
+                first = describe(pending.layout)
                 why = f"sample differs from the first one collected, {first}: {exc}"
                 raise ValueError(why) from None
             self._collected += 1
-            if self._pending.count > self._max_pending:
-                self._pending.drop_oldest()
-                self._drop(1, "the queue of samples waiting for the trainer is full")
+            if pending.count > self._pending_limit:
+                pending.drop_oldest()
+                self._drop(1, self._full)
             if full:  # a batch is full: wake the sender
                 self._changed.notify_all()
+
+    def _start(self, layout: Layout) -> Pending:
+        """The queue of samples laid out as the first one collected, within both bounds."""
+        size = sample_bytes(layout)
+        by_bytes = self._max_pending_bytes // size if size else self._max_pending
+        self._pending_limit = min(self._max_pending, by_bytes)
+        self._full = (
+            f"the queue of samples waiting for the trainer is full: {self._pending_limit} "
+            f"samples of {size} bytes (max_pending {self._max_pending}, max_pending_bytes "
+            f"{self._max_pending_bytes})"
+        )
+        return Pending(layout, min(self._batch_size, max(1, self._pending_limit)))
+
+    def _too_large(self, data: Mapping[str, Any], pending: Pending) -> None:
+        """Drop a sample larger than max_pending_bytes (after checking it as `put` would)."""
+        if layout_of(data) != pending.layout:
+            first = describe(pending.layout)
+            raise ValueError(f"sample differs from the first one collected, {first}")
+        self._collected += 1
+        self._drop(
+            1,
+            f"a sample takes {sample_bytes(pending.layout)} bytes; the collector holds at most "
+            f"max_pending_bytes {self._max_pending_bytes} of samples waiting",
+        )
 
     @property
     def stats(self) -> CollectorStats:

@@ -8,6 +8,7 @@ Rows are written once, so views taken stay valid while later rows of the same sl
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +28,10 @@ class Slab:
     def __init__(self, layout: Layout, capacity: int, created: float) -> None:
         self.layout = layout
         self.columns = {n: torch.empty((capacity, *s), dtype=d) for n, (d, s) in layout.items()}
-        self._rows = [(n, d, s, _rows(self.columns[n])) for n, (d, s) in layout.items()]
+        self._rows = []  # each name: dtype, shape, rows to write, whether one element
+        for n, (d, s) in layout.items():
+            rows = _rows(self.columns[n])
+            self._rows.append((n, d, s, rows, rows is not None and s.numel() == 1))
         self.capacity = capacity
         self.reset(created)
 
@@ -53,7 +57,7 @@ class Slab:
         if len(data) != len(self._rows):
             raise ValueError(f"sample names {sorted(data)} differ from {sorted(self.layout)}")
         row = self.end
-        for name, dtype, shape, rows in self._rows:  # the hot path: few calls per tensor
+        for name, dtype, shape, rows, scalar in self._rows:  # the hot path: few calls a tensor
             value = data.get(name)
             if type(value) is not torch.Tensor:
                 if value is None:
@@ -66,12 +70,15 @@ class Slab:
                     f"tensor {name!r} is {value.dtype} {list(value.shape)}, not {dtype} "
                     f"{list(shape)}"
                 )
-            if type(rows) is np.ndarray:  # numpy's copy: the cheapest call per tensor
-                if value.requires_grad or not value.is_cpu:
-                    value = value.detach().cpu()
-                rows[row] = value.numpy()
-            else:
-                rows[row].copy_(value.detach())
+            if rows is None:  # a dtype numpy lacks
+                self.columns[name][row].copy_(value.detach())
+            elif scalar:  # one element: a Python number converts back exactly, and costs less
+                rows[row] = value.item()
+            else:  # numpy's copy: the cheapest call per tensor
+                try:
+                    rows[row] = value.numpy()
+                except (RuntimeError, TypeError):  # needs grad, not on the CPU, a lazy view
+                    rows[row] = value.detach().cpu().resolve_conj().resolve_neg().numpy()
         self.end = row + 1
 
     def take(self, count: int) -> dict[str, torch.Tensor]:
@@ -80,13 +87,13 @@ class Slab:
         return {name: column[begin : self.start] for name, column in self.columns.items()}
 
 
-def _rows(column: torch.Tensor) -> np.ndarray | list[torch.Tensor]:
+def _rows(column: torch.Tensor) -> np.ndarray | None:
     """What `put` writes a column's rows through: the column as a numpy array (indexing it
-    costs far less than a torch view), or its rows as tensors for a dtype numpy lacks."""
+    costs far less than a torch view); None for a dtype numpy lacks (bfloat16 and the like)."""
     try:
         return column.numpy()
-    except TypeError:  # bfloat16 and the like
-        return list(column.unbind(0))
+    except TypeError:
+        return None
 
 
 SPARE_SLABS = 2
@@ -102,14 +109,16 @@ class Pending:
         self._spare: list[Slab] = []  # slabs whose rows were all sent, to fill again
         self.count = 0
 
-    def put(self, data: Mapping[str, Any], now: float) -> bool:
-        """Copy one sample in; whether it filled a batch.
+    def put(self, data: Mapping[str, Any], now: float | None = None) -> bool:
+        """Copy one sample in (at `now`, time.monotonic() by default); whether it filled a
+        batch.
 
         Raises:
             ValueError: Its names, dtypes or shapes differ from the layout.
         """
         slab = self._slabs[-1] if self._slabs else None
         if slab is None or slab.full:
+            now = time.monotonic() if now is None else now
             if self._spare:
                 slab = self._spare.pop()
                 slab.reset(now)

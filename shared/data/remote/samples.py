@@ -35,6 +35,11 @@ def layout_of(data: Mapping[str, Any]) -> Layout:
     return {name: (t.dtype, t.shape) for name, t in tensors.items()}
 
 
+def sample_bytes(layout: Layout) -> int:
+    """The bytes one sample of `layout` takes."""
+    return sum(shape.numel() * dtype.itemsize for dtype, shape in layout.values())
+
+
 def describe(layout: Layout) -> str:
     return "{" + ", ".join(f"{n}: {d} {list(s)}" for n, (d, s) in layout.items()) + "}"
 

@@ -133,7 +133,11 @@ BAD: list[tuple[str, Callable[[list[bytes]], Iterator[bytes]], Answer]] = [
     (
         "cut off after 20 bytes",
         lambda good: cut_off(good[:3]),
-        refused("the sender cancelled the push after 20 payload bytes"),
+        Status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "push-broken",
+            "the sender cancelled the push after 20 payload bytes",
+        ),
     ),
     (
         "version 0",

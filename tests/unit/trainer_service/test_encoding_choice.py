@@ -183,3 +183,84 @@ def test_a_trainers_tensors_are_encoded_against_base_copies_on_its_device(device
     assert kept["w"].data_ptr() != base.data_ptr()  # a copy
     encoded = EncodingChooser(SPARSE).encode(REMOTE, [("w", new)], kept)
     assert decoded(encoded.tensors["w"][1], SPARSE, base.cpu()) == host_bytes(new).tobytes()
+
+
+def dense_versions(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 tensor of 1 MiB and the next version, every element moved."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1 << 19, generator=g).bfloat16()
+    return base * 1.5 + 0.01, base
+
+
+def test_a_dense_change_is_named_so_and_a_sparse_one_is_not() -> None:
+    chooser = EncodingChooser("auto")
+    chooser.record_push(REMOTE, 1 << 20, 1.0)
+    dense_new, dense_base = dense_versions()
+    new, base = versions(0.03)
+    encoded = chooser.encode(
+        REMOTE, [("d", dense_new), ("s", new)], {"d": dense_base, "s": base}, ("m", 2, 1)
+    )
+    assert encoded.chosen["d"] == WHOLE and encoded.chosen["s"] != WHOLE
+    assert encoded.dense == {"d"}
+    assert chooser.dense("m") == {"d"} and chooser.dense("other") == set()
+    # Not measured (no link rate yet, a forced encoding): never named dense.
+    assert (
+        EncodingChooser("auto").encode(REMOTE, [("d", dense_new)], {"d": dense_base}).dense == set()
+    )
+    forced = EncodingChooser(SPARSE).encode(REMOTE, [("d", dense_new)], {"d": dense_base})
+    assert forced.dense == set()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_tensor_kept_as_a_probe_travels_whole_and_its_change_is_measured_on_the_probe(
+    device: str,
+) -> None:
+    chooser = EncodingChooser("auto")
+    chooser.record_push(REMOTE, 1 << 20, 1.0)
+    dense_new, dense_base = (t.to(device) for t in dense_versions())
+    bases = Bases()
+    bases.keep("m", 1, {"w": dense_base}, {"w": b"1"}, probed={"w"})
+    assert bases.get("m", 1) == {}  # no copy of it: a probe only
+    probes = bases.probes("m", 1)
+    assert probes["w"].numel() == 16 * 4096  # 16 blocks of 4096 elements, of 512 Ki
+    assert probes["w"].device == dense_base.device
+    encoded = chooser.encode(REMOTE, [("w", dense_new)], {}, ("m", 2, 1), probes)
+    assert encoded.chosen == {"w": WHOLE} and encoded.dense == {"w"}
+    # The change turns sparse: measured on the probe, it is no longer dense, so the next
+    # version is kept whole and the delta after it travels encoded.
+    moved = torch.rand(dense_base.shape).to(device) < 0.03
+    sparse_new = torch.where(moved, dense_base * 2, dense_base)
+    encoded = chooser.encode(REMOTE, [("w", sparse_new)], {}, ("m", 3, 1), probes)
+    assert encoded.chosen == {"w": WHOLE} and encoded.dense == set()
+    assert chooser.dense("m") == set()
+    bases.keep("m", 3, {"w": sparse_new}, {"w": b"3"}, probed=chooser.dense("m"))
+    kept = bases.get("m", 3)
+    assert kept is not None and torch.equal(kept["w"], sparse_new)
+    moved = torch.rand(sparse_new.shape).to(device) < 0.03
+    later = torch.where(moved, sparse_new * 2, sparse_new)
+    encoded = chooser.encode(REMOTE, [("w", later)], kept, ("m", 4, 3), bases.probes("m", 3))
+    encoding, data = encoded.tensors["w"]
+    assert decoded(data, encoding, sparse_new.cpu()) == host_bytes(later).tobytes()
+
+
+def test_an_unchanged_probe_is_shared_and_a_probe_is_a_copy() -> None:
+    bases = Bases()
+    w = torch.arange(1 << 18, dtype=torch.int32)
+    bases.keep("m", 1, {"w": w}, {"w": b"1"}, probed={"w"})
+    bases.keep("m", 2, {"w": w}, {"w": b"1"}, probed={"w"})
+    assert bases.probes("m", 2)["w"] is bases.probes("m", 1)["w"]
+    before = bases.probes("m", 1)["w"].clone()
+    w.fill_(-1)  # the trainer's tensors move on; the probe does not
+    assert torch.equal(bases.probes("m", 1)["w"], before)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_an_owned_tensor_is_kept_as_it_is_and_the_others_are_copied(device: str) -> None:
+    bases = Bases()
+    owned = torch.zeros(4, dtype=torch.bfloat16, device=device)
+    trained = torch.ones(4, device=device)
+    bases.keep("m", 1, {"o": owned, "t": trained}, {"o": b"1", "t": b"1"}, owned={"o"})
+    kept = bases.get("m", 1)
+    assert kept is not None
+    assert kept["o"].data_ptr() == owned.data_ptr()  # handed over: no copy
+    assert kept["t"].data_ptr() != trained.data_ptr()  # the trainer's own: a copy

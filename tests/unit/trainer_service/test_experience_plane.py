@@ -144,7 +144,7 @@ def test_a_trainer_waiting_on_an_undeclared_buffer_is_refused() -> None:
         Buffers.of(app()).attach(TrainersDict({"waits": Waits()}))
 
 
-def test_every_sample_has_memory_of_its_own_in_any_buffer() -> None:
+def test_a_random_replacement_buffer_keeps_each_sample_in_memory_of_its_own() -> None:
     built = App()
     built.add_buffer("steps", lambda: DictSequentialBuffer(["x", "id"], 100), tensors=TENSORS)
     built.add_buffer(
@@ -159,6 +159,12 @@ def test_every_sample_has_memory_of_its_own_in_any_buffer() -> None:
     for name in ("steps", "random"):
         kept = buffers.users[name].get_data()["x"]
         assert [t.tolist() for t in kept] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
-        # Keeping one sample never keeps its whole batch alive.
-        assert len({t.untyped_storage().data_ptr() for t in kept}) == 3
-        assert all(t.untyped_storage().nbytes() == t.nbytes for t in kept)
+    # Keeping one sample never keeps its whole batch alive in a buffer that may keep any.
+    kept = buffers.users["random"].get_data()["x"]
+    assert len({t.untyped_storage().data_ptr() for t in kept}) == 3
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in kept)
+    # A sequential buffer keeps the batch as one block (one copy per tensor) and indexes into
+    # it: it drops samples oldest first, so the block goes with its last sample.
+    steps = buffers.users["steps"].get_data()["x"]
+    assert len({t.untyped_storage().data_ptr() for t in steps}) == 1
+    assert steps[0].untyped_storage().nbytes() == 3 * steps[0].nbytes

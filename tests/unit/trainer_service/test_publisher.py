@@ -120,8 +120,9 @@ def test_full_resends_every_tensor_where_a_delta_would_do(targets: list[Target])
 
 
 def test_a_dead_target_lags_while_the_others_commit_and_is_caught_up_in_the_background(
-    targets: list[Target],
+    targets: list[Target], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="trainer_service")
     publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=0.5)
     state = trained()
     publisher.publish("m", state)
@@ -135,11 +136,48 @@ def test_a_dead_target_lags_while_the_others_commit_and_is_caught_up_in_the_back
     restart(targets, 1)  # it comes back empty; no sync happens, yet it is caught up
     wait_until(lambda: targets[1].model.live.version == 2)
     targets[1].assert_serves(published, 2)
+    # It commits before the trainer hears so: a sync in between would still find it lagging.
+    wait_until(lambda: any(f"{targets[1].address} caught up" in m for m in caplog.messages))
     report = publisher.publish("m", state)
     assert (report.version, report.targets, report.lagging) == (3, 2, ())
     for target in targets:
         target.assert_serves(state, 3)
     publisher.close()
+
+
+def test_a_lagging_target_is_caught_up_from_a_holder_else_directly(
+    targets: list[Target], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="trainer_service")
+    targets.append(Target())
+    publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=0.5)
+    state = trained()
+    publisher.publish("m", state)
+    targets[1].stop()
+    state[next(iter(state))] += 1
+    assert publisher.publish("m", state).lagging == (targets[1].address,)
+    restart(targets, 1)  # back empty: a holder of version 2 seeds it
+    wait_until(lambda: targets[1].model.live.version == 2)
+    targets[1].assert_serves(state, 2)
+    donors = {targets[0].address, targets[2].address}
+    wait_until(lambda: any(f"{targets[1].address} caught up from " in m for m in caplog.messages))
+    [line] = [m for m in caplog.messages if f"{targets[1].address} caught up from " in m]
+    assert line.split(" caught up from ", 1)[1].split(" ", 1)[0] in donors
+
+    # Every holder gone: the seed fails, and the trainer pushes the lagging one itself.
+    targets[2].stop()
+    state[next(iter(state))] += 1
+    assert publisher.publish("m", state).lagging == (targets[2].address,)
+    targets[0].stop()
+    targets[1].stop()
+    restart(targets, 2)
+    wait_until(lambda: targets[2].model.live.version == 3)
+    targets[2].assert_serves(state, 3)
+    assert any("pushing it directly" in m for m in caplog.messages)
+    wait_until(lambda: any(f"{targets[2].address} caught up at" in m for m in caplog.messages))
+    publisher.close()
+    for target in targets:
+        target.stop()
 
 
 def test_a_sync_that_reaches_no_target_fails(targets: list[Target]) -> None:

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushHeader(_message.Message):
-    __slots__ = ("model_name", "version", "base_version", "writer_id", "payload_bytes", "writer_epoch", "route")
+    __slots__ = ("model_name", "version", "base_version", "writer_id", "payload_bytes", "writer_epoch", "route", "resume_from")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class PushHeader(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     WRITER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     base_version: int
@@ -22,7 +23,8 @@ class PushHeader(_message.Message):
     payload_bytes: int
     writer_epoch: int
     route: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., writer_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., writer_epoch: _Optional[int] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    resume_from: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., writer_id: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., writer_epoch: _Optional[int] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., resume_from: _Optional[int] = ...) -> None: ...
 
 class Hop(_message.Message):
     __slots__ = ("address", "server_name", "writer_epoch")
@@ -197,3 +199,13 @@ class RollbackRequest(_message.Message):
     model_name: str
     to_version: int
     def __init__(self, model_name: _Optional[str] = ..., to_version: _Optional[int] = ...) -> None: ...
+
+class SeedRequest(_message.Message):
+    __slots__ = ("model_name", "version", "hop")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOP_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    hop: Hop
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ...) -> None: ...

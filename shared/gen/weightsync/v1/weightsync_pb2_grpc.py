@@ -64,6 +64,11 @@ class WeightSyncStub(object):
                 request_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ModelState.FromString,
                 _registered_method=True)
+        self.Seed = channel.unary_unary(
+                '/weightsync.v1.WeightSync/Seed',
+                request_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.SeedRequest.SerializeToString,
+                response_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.HopResult.FromString,
+                _registered_method=True)
 
 
 class WeightSyncServicer(object):
@@ -109,6 +114,17 @@ class WeightSyncServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Seed(self, request, context):
+        """Push the version this replica serves of a model, in full, to another replica (the hop), as
+        its writer would: a new or lagging replica is caught up from a neighbour instead of from the
+        trainer. The push carries the served version, the writer recorded with it and the epoch the
+        request gives for the hop; the hop checks and commits it as any push. The answer says what
+        became of it there; a seed this replica cannot start fails with a status of its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightSyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +157,11 @@ def add_WeightSyncServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.RollbackRequest.FromString,
                     response_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ModelState.SerializeToString,
+            ),
+            'Seed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Seed,
+                    request_deserializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.SeedRequest.FromString,
+                    response_serializer=shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.HopResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +326,33 @@ class WeightSync(object):
             '/weightsync.v1.WeightSync/Rollback',
             shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.RollbackRequest.SerializeToString,
             shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.ModelState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Seed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsync.v1.WeightSync/Seed',
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.SeedRequest.SerializeToString,
+            shared_dot_gen_dot_weightsync_dot_v1_dot_weightsync__pb2.HopResult.FromString,
             options,
             channel_credentials,
             insecure,

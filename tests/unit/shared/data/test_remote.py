@@ -24,12 +24,14 @@ TENSORS = [TensorSpec("x", "FP32", (2,)), TensorSpec("id", "INT64", ())]
 class Trainer:
     """The experience plane of a trainer holding the buffer 'steps', on a free port."""
 
-    def __init__(self, max_batch_bytes: int = 1 << 20) -> None:
+    def __init__(self, max_batch_bytes: int = 1 << 20, port: int = 0) -> None:
         app = App()
         app.add_buffer("steps", lambda: DictSequentialBuffer(["x", "id"], 10_000), tensors=TENSORS)
         self.buffers = Buffers.of(app)
         plane = ExperiencePlane(self.buffers.users, self.buffers.schemas, max_batch_bytes)
-        self.server = ExperienceServer(plane, ExperienceEndpoint("127.0.0.1:0", None, None, 4))
+        self.server = ExperienceServer(
+            plane, ExperienceEndpoint(f"127.0.0.1:{port}", None, None, 4)
+        )
         self.address = f"127.0.0.1:{self.server.start()}"
 
     def ids(self) -> list[int]:
@@ -142,6 +144,52 @@ def test_while_the_trainer_is_away_the_oldest_samples_go_and_are_counted() -> No
     assert not collector.flush(timeout=0.3)
     final = collector.close(timeout=0)
     assert (final.dropped, final.pending) == (25, 0)
+
+
+def test_the_samples_waiting_are_bounded_by_bytes_too_and_the_newest_are_sent() -> None:
+    # A sample is 2 float32 and one int64: 16 bytes; 100 bytes hold 6 of them.
+    held = Trainer()
+    port = held.address
+    held.server.stop(0)  # away while the agent collects
+    collector = RemoteDataCollector(
+        port, "steps", max_pending=1000, max_pending_bytes=100, timeout_s=1, retry_max_s=0.2
+    )
+    for i in range(20):
+        collector.collect(sample(i))  # never waits for the trainer
+    stats = collector.stats
+    assert (stats.collected, stats.acknowledged, stats.dropped, stats.pending) == (20, 0, 14, 6)
+    assert stats.last_error is not None
+    assert stats.last_error.startswith(
+        "dropped 1 sample(s): the queue of samples waiting for the trainer is full: 6 samples "
+        "of 16 bytes (max_pending 1000, max_pending_bytes 100)"
+    )
+    back = Trainer(port=int(port.rsplit(":", 1)[1]))  # the trainer returns on the same port
+    try:
+        assert collector.flush(timeout=30)
+        final = collector.close()
+        assert (final.acknowledged, final.dropped, final.pending) == (6, 14, 0)
+        assert back.ids() == list(range(14, 20))
+    finally:
+        back.server.stop(0)
+
+
+def test_a_sample_larger_than_max_pending_bytes_is_dropped_when_collected(
+    trainer: Trainer,
+) -> None:
+    collector = RemoteDataCollector(trainer.address, "steps", max_pending_bytes=15)
+    for i in range(3):
+        collector.collect(sample(i))
+    with pytest.raises(ValueError, match="differs from the first one collected"):
+        collector.collect({"x": torch.zeros(3), "id": torch.tensor(1)})
+    stats = collector.close()
+    assert (stats.collected, stats.acknowledged, stats.dropped, stats.pending) == (3, 0, 3, 0)
+    assert stats.last_error == (
+        "dropped 1 sample(s): a sample takes 16 bytes; the collector holds at most "
+        "max_pending_bytes 15 of samples waiting"
+    )
+    assert trainer.ids() == []
+    with pytest.raises(ValueError, match="max_pending_bytes"):
+        RemoteDataCollector(trainer.address, "steps", max_pending_bytes=0)
 
 
 def test_collect_refuses_a_sample_unlike_the_first_and_after_close(trainer: Trainer) -> None:

@@ -24,6 +24,8 @@ from shared.weights.encoding import (
     encode,
     encode_tensor,
     host_bytes,
+    sampled,
+    sampled_share,
     varint_decode,
     varint_encode,
 )
@@ -246,3 +248,18 @@ def test_a_dense_change_compared_where_it_lives_is_not_encoded_sparse(device: st
     assert encode_tensor(SPARSE, new, new + 1, on_device=True) is None
     assert changed_share(new, new + 1) == 1.0
     assert changed_share(new, new.clone(), sample=16) == 0.0
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_sample_kept_apart_measures_the_same_share_as_the_tensors_it_was_taken_from(
+    device: str,
+) -> None:
+    base = torch.arange(1 << 20, dtype=torch.int16, device=device)  # 64 blocks' worth
+    new = base.clone()
+    new[::4] += 1  # a quarter of every block moves
+    probe = sampled(base, 256).clone()
+    assert probe.shape == (16, 256)
+    assert sampled_share(sampled(new, 256), probe) == changed_share(new, base, 256) == 0.25
+    small = torch.zeros(100, dtype=torch.int16, device=device)  # no larger than a sample: all
+    assert sampled(small, 256).shape == (100,)
+    assert sampled_share(sampled(small + 1, 256), sampled(small, 256)) == 1.0

@@ -1,0 +1,166 @@
+"""Seeding: a replica pushes the version it serves to another replica (the hop), in full.
+
+A trainer catching a new or lagging replica up asks a replica that already serves the newest
+version to seed it, so the trainer's link does not carry one more whole copy. The seeding
+replica opens a full push to the hop as forwarding does (forward.py: its sync plane's token,
+TLS verifying the name given for the hop): the header carries the served version, the writer
+recorded with it and the writer epoch the caller holds on the hop; the payload is the served
+tensors in the served dtype, a safetensors file cut into chunks straight from the live weights;
+the commit carries the served digest. The hop checks and commits it as any push, so a seeded
+push is refused exactly where a direct one would be, and what became of it comes back as the
+hop's result.
+
+The live weights are not pinned while they stream: each chunk is copied while no push can start
+overwriting them (`ServedModel.unchanged`, as the history writer does). A push that takes them
+over meanwhile ends the seed (a newer version is served: the caller's expectation no longer
+holds) before the hop commits anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterator
+
+from inference_service.served_model import Generation, ServedModel
+from inference_service.syncplane.forward import Forward, PeerAccess
+from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
+from shared.errors import (
+    InferenceOnlyModelError,
+    InvalidArgumentError,
+    SeedVersionMismatchError,
+)
+from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
+
+logger = logging.getLogger(__name__)
+
+WILDCARD = frozenset({"", "0.0.0.0", "::"})  # listen hosts that take every local address
+
+
+def split(address: str) -> tuple[str, int | None]:
+    """`HOST:PORT` (or `[V6]:PORT`) -> (host, port); port None when there is none."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return address.strip("[]"), None
+    return host.strip("[]"), int(port)
+
+
+def _ips(host: str) -> set[str]:
+    """Every address `host` resolves to (none when it does not)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {str(info[4][0]).split("%")[0] for info in infos}
+
+
+def _local(ip: str) -> bool:
+    """Whether `ip` is an address of this host (one a socket here can bind)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
+def is_own(address: str, listen: str, port: int) -> bool:
+    """Whether `address` reaches this sync plane: its port, on a host name or address that is
+    this host's (the very address listened on, where that is not a wildcard)."""
+    host, hop_port = split(address)
+    if hop_port != port:
+        return False
+    ips = _ips(host)
+    listen_host, _ = split(listen)
+    if listen_host not in WILDCARD:
+        return bool(ips & _ips(listen_host))
+    return any(_local(ip) for ip in ips)
+
+
+class Seeder:
+    """Seeds hops from the models served here, dialling them with `access`."""
+
+    def __init__(self, access: PeerAccess) -> None:
+        self._access = access
+        self._listen = ""
+        self._port: int | None = None
+
+    def serving_at(self, listen: str, port: int) -> None:
+        """The sync plane's own address (its listen host and bound port): never seeded."""
+        self._listen, self._port = listen, port
+
+    def seed(self, model: ServedModel, version: int, hop: Hop) -> HopResult:
+        """Push `model`'s served version, which must be `version`, to `hop`: what became of it
+        there. Raises when the seed cannot start (the hop is this replica, the model takes no
+        pushes, it serves another version) or a push replaced the version while it streamed."""
+        if not hop.address:
+            raise InvalidArgumentError("Seed needs the hop's address (HOST:PORT) to push to")
+        if version <= 0:
+            raise InvalidArgumentError(
+                "Seed needs the version the replica is expected to serve (1 or more)"
+            )
+        if not model.accepts_pushes:
+            raise InferenceOnlyModelError(
+                f"model {model.name!r} is inference-only: it has no pushed versions to seed"
+            )
+        if self._port is not None and is_own(hop.address, self._listen, self._port):
+            raise InvalidArgumentError(
+                f"the hop {hop.address!r} is this replica's own sync plane: seed another replica"
+            )
+        generation, count = model.snapshot()
+        if generation.version != version:
+            raise SeedVersionMismatchError(
+                f"model {model.name!r} serves version {generation.version}, not {version}: "
+                "nothing was seeded"
+            )
+        payload = Payload.of(list(generation.module.state_dict().items()))
+        header = PushHeader(
+            model.name,
+            generation.version,
+            0,
+            generation.writer_id,
+            payload.nbytes,
+            hop.writer_epoch,
+            (hop,),
+        )
+        logger.info(
+            "model %s: seeding %s with version %d (%d bytes)",
+            model.name,
+            hop.address,
+            version,
+            payload.nbytes,
+        )
+        onward = Forward(header, self._access)
+        try:
+            for _ in onward.passing_on(_body(model, generation, count, payload)):
+                pass
+        except BaseException:
+            onward.cancel()
+            raise
+        [result, *_] = onward.results()
+        if result.committed:
+            logger.info("model %s: seeded %s with version %d", model.name, hop.address, version)
+        return result
+
+
+def _body(
+    model: ServedModel, generation: Generation, count: int, payload: Payload
+) -> Iterator[Data | Commit]:
+    """The payload of `generation`, each chunk copied while no push can start overwriting it,
+    then the commit with its digest; SeedVersionMismatchError once a push has taken it over."""
+    chunks = payload.pieces(DEFAULT_CHUNK_BYTES)
+    left = payload.nbytes
+    while left:
+        with model.unchanged(generation, count) as unchanged:
+            if not unchanged:
+                raise SeedVersionMismatchError(
+                    f"model {model.name!r}: a push started overwriting version "
+                    f"{generation.version} while it was being seeded (a newer one is served); "
+                    "the hop committed nothing of it"
+                )
+            chunk = b"".join(next(chunks))
+        left -= len(chunk)
+        yield chunk
+    yield Commit(generation.digest)
