@@ -17,6 +17,7 @@ from inference_service.syncplane.apply import PushApplier
 from inference_service.syncplane.checks import check_header
 from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.inbox import Inbox
+from inference_service.syncplane.own import OwnAddress
 from inference_service.syncplane.parts import (
     Commit,
     Data,
@@ -31,14 +32,20 @@ from shared.errors import MalformedPushError, PushBrokenError
 
 class PushHandler:
     """`peers`: how a push that names a route is passed on (forward.py); by default, with no
-    credentials, waiting for a hop's answer up to `idle_timeout_s` per hop."""
+    credentials, waiting for a hop's answer up to `idle_timeout_s` per hop. `own`: this
+    replica's address, which a route must not name."""
 
     def __init__(
-        self, applier: PushApplier, idle_timeout_s: float, peers: PeerAccess | None = None
+        self,
+        applier: PushApplier,
+        idle_timeout_s: float,
+        peers: PeerAccess | None = None,
+        own: OwnAddress | None = None,
     ) -> None:
         self._applier = applier
         self._idle_timeout_s = idle_timeout_s
         self._peers = peers or PeerAccess(answer_timeout_s=idle_timeout_s)
+        self._own = own or OwnAddress()
 
     def handle(self, parts: Iterator[Part | None]) -> PushOutcome:
         """Run one push from its parts (and ticks) to its commit, or raise why not. A push with
@@ -48,6 +55,12 @@ class PushHandler:
         header = _header(inbox)
         check_header(header)
         forward.check_route(header)
+        for hop in header.route:
+            if self._own.names(hop.address):
+                raise MalformedPushError(
+                    f"the push header's route names this replica itself ({hop.address!r}): "
+                    "it would push to itself"
+                )
         # Passed on from its first body part on: by then the local checks of the header passed.
         # A resumed push goes on down the route of the push it resumes (its session's forward).
         generation, onward = self._applier.apply_push(

@@ -18,13 +18,12 @@ holds) before the hop commits anything.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 from collections.abc import Iterator
 
 from inference_service.served_model import Generation, ServedModel
 from inference_service.syncplane.forward import Forward, PeerAccess
+from inference_service.syncplane.own import OwnAddress
 from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
 from shared.errors import (
     InferenceOnlyModelError,
@@ -35,61 +34,13 @@ from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 
 logger = logging.getLogger(__name__)
 
-WILDCARD = frozenset({"", "0.0.0.0", "::"})  # listen hosts that take every local address
-
-
-def split(address: str) -> tuple[str, int | None]:
-    """`HOST:PORT` (or `[V6]:PORT`) -> (host, port); port None when there is none."""
-    host, colon, port = address.rpartition(":")
-    if not colon or not port.isdigit():
-        return address.strip("[]"), None
-    return host.strip("[]"), int(port)
-
-
-def _ips(host: str) -> set[str]:
-    """Every address `host` resolves to (none when it does not)."""
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return set()
-    return {str(info[4][0]).split("%")[0] for info in infos}
-
-
-def _local(ip: str) -> bool:
-    """Whether `ip` is an address of this host (one a socket here can bind)."""
-    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((ip, 0))
-        except OSError:
-            return False
-    return True
-
-
-def is_own(address: str, listen: str, port: int) -> bool:
-    """Whether `address` reaches this sync plane: its port, on a host name or address that is
-    this host's (the very address listened on, where that is not a wildcard)."""
-    host, hop_port = split(address)
-    if hop_port != port:
-        return False
-    ips = _ips(host)
-    listen_host, _ = split(listen)
-    if listen_host not in WILDCARD:
-        return bool(ips & _ips(listen_host))
-    return any(_local(ip) for ip in ips)
-
 
 class Seeder:
     """Seeds hops from the models served here, dialling them with `access`."""
 
-    def __init__(self, access: PeerAccess) -> None:
+    def __init__(self, access: PeerAccess, own: OwnAddress) -> None:
         self._access = access
-        self._listen = ""
-        self._port: int | None = None
-
-    def serving_at(self, listen: str, port: int) -> None:
-        """The sync plane's own address (its listen host and bound port): never seeded."""
-        self._listen, self._port = listen, port
+        self._own = own
 
     def seed(self, model: ServedModel, version: int, hop: Hop) -> HopResult:
         """Push `model`'s served version, which must be `version`, to `hop`: what became of it
@@ -105,7 +56,7 @@ class Seeder:
             raise InferenceOnlyModelError(
                 f"model {model.name!r} is inference-only: it has no pushed versions to seed"
             )
-        if self._port is not None and is_own(hop.address, self._listen, self._port):
+        if self._own.names(hop.address):
             raise InvalidArgumentError(
                 f"the hop {hop.address!r} is this replica's own sync plane: seed another replica"
             )

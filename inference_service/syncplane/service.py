@@ -15,6 +15,7 @@ from inference_service.syncplane.checks import model_named
 from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.handler import PushHandler
 from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.own import OwnAddress
 from inference_service.syncplane.parts import Commit, Hop, HopResult, PushHeader
 from inference_service.syncplane.seed import Seeder
 from shared.errors import InferenceOnlyModelError, OutOfRangeError, PushRejectedError
@@ -40,8 +41,11 @@ class SyncPlane:
         self._models = models
         self.store = store
         self.applier = PushApplier(models, limits, on_commit)
-        self.push = PushHandler(self.applier, limits.push_idle_timeout_s, peers)
-        self._seeder = Seeder(peers or PeerAccess(answer_timeout_s=limits.push_idle_timeout_s))
+        self._own = OwnAddress()
+        self.push = PushHandler(self.applier, limits.push_idle_timeout_s, peers, self._own)
+        self._seeder = Seeder(
+            peers or PeerAccess(answer_timeout_s=limits.push_idle_timeout_s), self._own
+        )
 
     def model(self, name: str) -> ServedModel:
         return model_named(self._models, name)
@@ -89,9 +93,9 @@ class SyncPlane:
         return self.applier.apply(header, itertools.chain(stored.chunks(), [Commit(stored.digest)]))
 
     def serving_at(self, listen: str, port: int) -> None:
-        """Where this sync plane is reached (its listen address and bound port): a seed to it
-        is refused."""
-        self._seeder.serving_at(listen, port)
+        """Where this sync plane is reached (its listen address and bound port): a seed to it,
+        or a route that names it, is refused."""
+        self._own.serving_at(listen, port)
 
     def seed(self, name: str, version: int, hop: Hop) -> HopResult:
         """Push `name`'s served version, which must be `version`, to the replica `hop` (see

@@ -1,10 +1,11 @@
-"""Which hop addresses a seed refuses as the replica's own sync plane (syncplane/seed.py)."""
+"""Which hop addresses a seed or a route is refused for as the replica's own sync plane
+(syncplane/own.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from inference_service.syncplane.seed import is_own, split
+from inference_service.syncplane.own import is_own, split
 
 
 def test_split_takes_the_port_off_the_last_colon() -> None:
