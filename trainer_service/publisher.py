@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from trainer_service.push import (
     TargetUnreachableError,
 )
 from trainer_service.targets import Endpoint, Snapshot, Target, resolve, warn_plaintext_token
+
+CATCH_UP_WAIT_S = 30.0  # the longest a catch-up waits for a sync of its model in flight
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,9 @@ class Publisher:
         self._versions: dict[str, int] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._fenced: WriterFencedError | None = None
+        # Per model, the syncs in flight; notified as each ends (a catch-up waits for them).
+        self._publishing: Counter[str] = Counter()
+        self._published = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="push")
         warn_plaintext_token(self._targets, token, tls)
         self._catch_up = CatchUp(self._lagging, self._catch_up_one)
@@ -150,9 +156,14 @@ class Publisher:
         against them as they are, with no copy kept of them (bases.py)."""
         if self._fenced is not None:
             raise self._fenced
+        with self._published:
+            self._publishing[model_name] += 1
         try:
             return self._publish(model_name, state, full, frozenset(owned))
         finally:
+            with self._published:
+                self._publishing[model_name] -= 1
+                self._published.notify_all()
             self._catch_up.wake()  # targets may lag now, or have a newer version to catch up to
 
     def _publish(
@@ -302,7 +313,14 @@ class Publisher:
 
     def _catch_up_one(self, target: Target) -> None:
         """Bring one lagging target up to the newest version, from another target that holds
-        it (a Seed) where one can, else directly; or put it off again."""
+        it (a Seed) where one can, else directly; or put it off again. A sync of the model in
+        flight is waited for first (up to CATCH_UP_WAIT_S): its version is the one to bring the
+        target to, and the targets it reaches can seed it, where starting now would bring the
+        target to the version before it and then again to that one."""
+        with self._published:
+            self._published.wait_for(
+                lambda: not self._publishing[target.model], timeout=CATCH_UP_WAIT_S
+            )
         with target.lock:
             with self._lock:
                 if not target.lagging:
