@@ -4,7 +4,7 @@ The checks (checks.py) pass first; then the push takes the model's staging trans
 (syncplane/transaction.py), streams its payload into it, has the tensors it did not carry
 brought up to date, verifies the digest of the resulting state, and commits under the writer
 lease's lock (a grant lands wholly before that check or after the swap). The push's partial
-state is a session (session.py), fed by one stream at a time. Any failure on the way, a writer
+state is a session (resume.py), fed by one stream at a time. Any failure on the way, a writer
 fenced while it streams among them, aborts the transaction: the served weights stay exactly as
 they were. A stream that breaks off (its sender dies or goes quiet) suspends the session
 instead, for the resume window: a push naming `resume_from` continues it; any other push, or
@@ -30,7 +30,7 @@ from inference_service.syncplane.forward import Forward
 from inference_service.syncplane.inbox import Inbox
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, Data, PushHeader
-from inference_service.syncplane.session import Session, Sessions
+from inference_service.syncplane.resume import Session, Sessions
 from inference_service.syncplane.staging import BaseDecoder
 from shared.errors import ConflictError, MalformedPushError
 from shared.weights.reader import PayloadReader

@@ -4,7 +4,7 @@ A push whose header carries a route is passed on by the replica that receives it
 push to the route's first hop, whose header carries the rest of the route and the writer epoch
 the trainer holds on that hop (version, base version, writer and payload size unchanged), and
 hands it each payload chunk as it arrives, then the commit, while it applies the push itself
-exactly as a direct one (session.py). The payload bytes go on as they came, never decoded. The
+exactly as a direct one (resume.py). The payload bytes go on as they came, never decoded. The
 hop checks and commits on its own, and forwards further; its answer, and those of the hops after
 it, come back in its PushResponse and go upstream with this replica's own outcome.
 
@@ -26,7 +26,7 @@ Routing past a cut hop. A hop cut off (stalled, DEADLINE_EXCEEDED) or unreachabl
 it cannot be dialled, or its connection broke) with hops after it on the route is reported so,
 and this replica goes on with the next hop itself: it asks that hop's GetModel what it holds of
 the push (the hop was fed through the cut one: `pending` names the version and the payload
-bytes it applied), and resumes the push there (`resume_from`, session.py), replaying from a
+bytes it applied), and resumes the push there (`resume_from`, resume.py), replaying from a
 window of the data messages it passed on last (`replay_bytes`, the forward replay window; only
 the window is kept). A hop that holds nothing of it gets the push from its start, if the window
 still holds the start. A hop that already serves the version with the commit's digest is
@@ -42,32 +42,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
-from inference_service.syncplane.messages import encode_commit, encode_header
+from inference_service.syncplane.leg import Leg
+from inference_service.syncplane.messages import encode_commit
 from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
-from shared.errors import ConfigurationError, MalformedPushError
+from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles
-from shared.grpc.channel import open_channel
-from shared.grpc.errors import error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
 from shared.weights import wire
 
 logger = logging.getLogger(__name__)
 
-PUSH = "/weightsync.v1.WeightSync/Push"
-GET_MODEL = "/weightsync.v1.WeightSync/GetModel"
-QUEUED = 8  # messages waiting for a hop (a few MiB): beyond them, the push waits for the hop
-TICK_S = 0.05  # how often a wait on the queue looks whether the forward has ended
 MAX_HOPS = 256  # the longest route a push may carry
 # How a hop that is routed past failed: cut off (stalled), or unreachable.
 CUT = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
@@ -158,7 +149,7 @@ class Forward:
         self._access = access
         self._window = ReplayWindow(access.replay_bytes)
         self._index = 0  # the hop the push goes to now
-        self._leg: _Leg | None = None
+        self._leg: Leg | None = None
         self._started = False
         self._passed: list[HopResult] = []  # hops routed past, in route order
         self._failed: HopResult | None = None  # a hop not routed past: the ones after not reached
@@ -248,7 +239,7 @@ class Forward:
         header = dataclasses.replace(
             self._header, writer_epoch=hop.writer_epoch, route=self._route[1:]
         )
-        leg = _Leg(hop, header, self._access, self._abandoned)
+        leg = Leg(hop, header, self._access, self._abandoned)
         failure = leg.dial()
         if failure is not None:
             self._route_past(failure)
@@ -279,7 +270,7 @@ class Forward:
         that ends it (None: it is fed, left to the trainer, or committed and passed)."""
         header = self._header
         while True:
-            leg = _Leg(hop, header, self._access, self._abandoned)
+            leg = Leg(hop, header, self._access, self._abandoned)
             failure = leg.dial()
             if failure is not None:
                 return failure
@@ -359,197 +350,3 @@ class Forward:
             and pending.payload_bytes == h.payload_bytes
         )
         return int(pending.bytes_received) if same else 0
-
-
-class _Leg:
-    """The push to one hop: its header, the messages waiting for it, the call."""
-
-    def __init__(
-        self, hop: Hop, header: PushHeader, access: PeerAccess, abandoned: threading.Event
-    ) -> None:
-        self.hop = hop
-        self.header = header
-        self._access = access
-        self._abandoned = abandoned
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED)
-        self._ended = threading.Event()
-        self._channel: grpc.Channel | None = None
-        self._call: Any = None
-        self._input_done = False
-
-    @property
-    def address(self) -> str:
-        return self.hop.address
-
-    def dial(self) -> HopResult | None:
-        """Open the channel to the hop; the failure if it cannot be (e.g. a TLS file)."""
-        access = self._access
-        try:
-            self._channel = open_channel(
-                self.hop.address,
-                SYNC_MAX_MESSAGE_BYTES,
-                token=access.token,
-                tls=access.tls,
-                server_name=(self.hop.server_name or None) if access.tls is not None else None,
-            )
-        except (ConfigurationError, OSError, ValueError) as error:
-            return self.fail(grpc.StatusCode.UNAVAILABLE, "", f"cannot dial: {error}")
-        return None
-
-    def held(self) -> pb.ModelState:
-        """The hop's GetModel of the push's model, within the stall bound."""
-        assert self._channel is not None
-        get = self._channel.unary_unary(
-            GET_MODEL,
-            request_serializer=pb.GetModelRequest.SerializeToString,
-            response_deserializer=pb.ModelState.FromString,
-        )
-        request = pb.GetModelRequest(model_name=self.header.model_name)
-        call: Any = get.future(request, timeout=self._access.stall_timeout_s)
-        while not call.done() and not self._abandoned.wait(TICK_S):
-            pass
-        if not call.done():
-            call.cancel()  # the push is being ended: its result raises CANCELLED
-        state: pb.ModelState = call.result()
-        return state
-
-    def start(self, past: str = "") -> None:
-        """Open the push; `past` says which hop it routes past, for the log."""
-        assert self._channel is not None
-        h = self.header
-        if past:
-            logger.info(
-                "model %s version %d: %sresuming the push on %s from byte %d (%d more hop(s) "
-                "after it)",
-                h.model_name,
-                h.version,
-                past,
-                self.address,
-                h.resume_from,
-                len(h.route),
-            )
-        else:
-            logger.info(
-                "model %s version %d: passing the push on to %s (%d more hop(s) after it)",
-                h.model_name,
-                h.version,
-                self.address,
-                len(h.route),
-            )
-        push = self._channel.stream_unary(
-            PUSH, request_serializer=None, response_deserializer=pb.PushResponse.FromString
-        )
-        self._call = push.future(self._messages())
-
-    def _messages(self) -> Iterator[bytes]:
-        yield encode_header(self.header)
-        while not self._ended.is_set():
-            try:
-                message = self._queue.get(timeout=TICK_S)
-            except queue.Empty:
-                continue
-            if message is None:
-                return
-            yield message
-
-    def put(self, message: bytes | None) -> HopResult | None:
-        """Queue `message` for the hop (None: the end), waiting for room up to the bound; the
-        failure that ended the push to it, if it did."""
-        if self._input_done:
-            return None
-        deadline = time.monotonic() + self._access.stall_timeout_s
-        while True:
-            if self._abandoned.is_set() and not self._call.done():
-                self._call.cancel()
-            if self._call.done():
-                self._ended.set()
-                return self._outcome_of_ended()
-            try:
-                self._queue.put(message, timeout=TICK_S)
-                self._input_done = message is None
-                return None
-            except queue.Full:
-                if time.monotonic() >= deadline:
-                    self._call.cancel()
-                    bound = self._access.stall_timeout_s
-                    return self._stalled(f"took nothing for {bound:g}s;")
-
-    def result(self, wait_s: float) -> tuple[HopResult, ...]:
-        """The hop's answer, and its hops' (committed), or its failure alone."""
-        try:
-            response: pb.PushResponse = self._call.result(timeout=wait_s)
-        except grpc.FutureTimeoutError:
-            self._call.cancel()
-            return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
-        except grpc.FutureCancelledError:
-            return (self.fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled"),)
-        except grpc.RpcError as error:
-            return (self.failure(error),)
-        return (HopResult(self.address, int(response.version)), *self._downstream(response))
-
-    def _downstream(self, response: pb.PushResponse) -> tuple[HopResult, ...]:
-        """What the hop reports of the hops after it: only those on the route it was given,
-        each once, in the order reported (a hop speaks for no other address, and a long or
-        repeated list goes no further upstream)."""
-        wanted = {hop.address for hop in self.header.route}
-        kept: list[HopResult] = []
-        for result in response.hops:
-            if result.address in wanted:
-                wanted.discard(result.address)
-                kept.append(
-                    HopResult(
-                        result.address, result.version, result.code, result.reason, result.message
-                    )
-                )
-        return tuple(kept)
-
-    def _outcome_of_ended(self) -> HopResult:
-        """Why a hop's push ended before this replica finished sending it."""
-        try:
-            response = self._call.result(timeout=0)
-        except grpc.RpcError as error:
-            return self.failure(error)
-        except grpc.FutureCancelledError:
-            return self.fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled")
-        return self.fail(
-            grpc.StatusCode.INTERNAL,
-            "",
-            f"answered version {response.version} before the push was sent whole",
-        )
-
-    def failure(self, error: grpc.RpcError) -> HopResult:
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = (error.details() if hasattr(error, "details") else str(error)) or ""
-        return self.fail(code, error_reason(error) or "", details)
-
-    def _stalled(self, what: str) -> HopResult:
-        return self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", f"the hop {what} it was cut off")
-
-    def fail(self, code: grpc.StatusCode, reason: str, message: str) -> HopResult:
-        self._ended.set()
-        logger.warning(
-            "model %s version %d: passing the push on to %s failed: %s: %s",
-            self.header.model_name,
-            self.header.version,
-            self.address,
-            code.name,
-            message,
-        )
-        return HopResult(self.address, 0, code.value[0], reason, message)
-
-    def abort(self) -> None:
-        """From any thread: end the push to the hop (its channel stays, for its owner)."""
-        self._ended.set()
-        if self._call is not None:
-            self._call.cancel()
-
-    def cancel(self) -> None:
-        """End the push to the hop (if it is still going) and close its channel, off the
-        push's path: closing a channel to a hop whose link went dark waits until TCP gives up
-        on it (gRPC's keepalive timeout, 20 s)."""
-        self._ended.set()
-        if self._call is not None and not self._call.done():
-            self._call.cancel()
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            threading.Thread(target=channel.close, name="forward-close", daemon=True).start()

@@ -17,5 +17,5 @@ class SyncLimits:
     # A push that sends nothing for this long is ended (DEADLINE_EXCEEDED), freeing the model.
     push_idle_timeout_s: float = 5.0
     # A push whose stream broke off before its commit is kept this long for a push resuming it
-    # (resume_from; session.py); 0: not kept.
+    # (resume_from; resume.py); 0: not kept.
     push_resume_window_s: float = 5.0

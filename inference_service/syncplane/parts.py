@@ -50,7 +50,7 @@ class PushHeader:
     payload_bytes: int
     writer_epoch: int = 0
     route: tuple[Hop, ...] = ()  # replicas to pass the push on to (forward.py)
-    resume_from: int = 0  # the payload offset a push resuming a broken one starts at (session.py)
+    resume_from: int = 0  # the payload offset a push resuming a broken one starts at (resume.py)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,225 @@
+"""The push to one hop of a forward (forward.py): its header, the messages waiting for the hop in
+a small queue (QUEUED), the call, and what became of it."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from inference_service.syncplane.messages import encode_header
+from inference_service.syncplane.parts import Hop, HopResult, PushHeader
+from shared.errors import ConfigurationError
+from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.grpc.channel import open_channel
+from shared.grpc.errors import error_reason
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from inference_service.syncplane.forward import PeerAccess
+
+logger = logging.getLogger("inference_service.syncplane.forward")  # its lines are the forward's
+
+PUSH = "/weightsync.v1.WeightSync/Push"
+GET_MODEL = "/weightsync.v1.WeightSync/GetModel"
+QUEUED = 8  # messages waiting for a hop (a few MiB): beyond them, the push waits for the hop
+TICK_S = 0.05  # how often a wait on the queue looks whether the forward has ended
+
+
+class Leg:
+    """The push to one hop: its header, the messages waiting for it, the call."""
+
+    def __init__(
+        self, hop: Hop, header: PushHeader, access: PeerAccess, abandoned: threading.Event
+    ) -> None:
+        self.hop = hop
+        self.header = header
+        self._access = access
+        self._abandoned = abandoned
+        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED)
+        self._ended = threading.Event()
+        self._channel: grpc.Channel | None = None
+        self._call: Any = None
+        self._input_done = False
+
+    @property
+    def address(self) -> str:
+        return self.hop.address
+
+    def dial(self) -> HopResult | None:
+        """Open the channel to the hop; the failure if it cannot be (e.g. a TLS file)."""
+        access = self._access
+        try:
+            self._channel = open_channel(
+                self.hop.address,
+                SYNC_MAX_MESSAGE_BYTES,
+                token=access.token,
+                tls=access.tls,
+                server_name=(self.hop.server_name or None) if access.tls is not None else None,
+            )
+        except (ConfigurationError, OSError, ValueError) as error:
+            return self.fail(grpc.StatusCode.UNAVAILABLE, "", f"cannot dial: {error}")
+        return None
+
+    def held(self) -> pb.ModelState:
+        """The hop's GetModel of the push's model, within the stall bound."""
+        assert self._channel is not None
+        get = self._channel.unary_unary(
+            GET_MODEL,
+            request_serializer=pb.GetModelRequest.SerializeToString,
+            response_deserializer=pb.ModelState.FromString,
+        )
+        request = pb.GetModelRequest(model_name=self.header.model_name)
+        call: Any = get.future(request, timeout=self._access.stall_timeout_s)
+        while not call.done() and not self._abandoned.wait(TICK_S):
+            pass
+        if not call.done():
+            call.cancel()  # the push is being ended: its result raises CANCELLED
+        state: pb.ModelState = call.result()
+        return state
+
+    def start(self, past: str = "") -> None:
+        """Open the push; `past` says which hop it routes past, for the log."""
+        assert self._channel is not None
+        h = self.header
+        if past:
+            logger.info(
+                "model %s version %d: %sresuming the push on %s from byte %d (%d more hop(s) "
+                "after it)",
+                h.model_name,
+                h.version,
+                past,
+                self.address,
+                h.resume_from,
+                len(h.route),
+            )
+        else:
+            logger.info(
+                "model %s version %d: passing the push on to %s (%d more hop(s) after it)",
+                h.model_name,
+                h.version,
+                self.address,
+                len(h.route),
+            )
+        push = self._channel.stream_unary(
+            PUSH, request_serializer=None, response_deserializer=pb.PushResponse.FromString
+        )
+        self._call = push.future(self._messages())
+
+    def _messages(self) -> Iterator[bytes]:
+        yield encode_header(self.header)
+        while not self._ended.is_set():
+            try:
+                message = self._queue.get(timeout=TICK_S)
+            except queue.Empty:
+                continue
+            if message is None:
+                return
+            yield message
+
+    def put(self, message: bytes | None) -> HopResult | None:
+        """Queue `message` for the hop (None: the end), waiting for room up to the bound; the
+        failure that ended the push to it, if it did."""
+        if self._input_done:
+            return None
+        deadline = time.monotonic() + self._access.stall_timeout_s
+        while True:
+            if self._abandoned.is_set() and not self._call.done():
+                self._call.cancel()
+            if self._call.done():
+                self._ended.set()
+                return self._outcome_of_ended()
+            try:
+                self._queue.put(message, timeout=TICK_S)
+                self._input_done = message is None
+                return None
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    self._call.cancel()
+                    bound = self._access.stall_timeout_s
+                    return self._stalled(f"took nothing for {bound:g}s;")
+
+    def result(self, wait_s: float) -> tuple[HopResult, ...]:
+        """The hop's answer, and its hops' (committed), or its failure alone."""
+        try:
+            response: pb.PushResponse = self._call.result(timeout=wait_s)
+        except grpc.FutureTimeoutError:
+            self._call.cancel()
+            return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
+        except grpc.FutureCancelledError:
+            return (self.fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled"),)
+        except grpc.RpcError as error:
+            return (self.failure(error),)
+        return (HopResult(self.address, int(response.version)), *self._downstream(response))
+
+    def _downstream(self, response: pb.PushResponse) -> tuple[HopResult, ...]:
+        """What the hop reports of the hops after it: only those on the route it was given,
+        each once, in the order reported (a hop speaks for no other address, and a long or
+        repeated list goes no further upstream)."""
+        wanted = {hop.address for hop in self.header.route}
+        kept: list[HopResult] = []
+        for result in response.hops:
+            if result.address in wanted:
+                wanted.discard(result.address)
+                kept.append(
+                    HopResult(
+                        result.address, result.version, result.code, result.reason, result.message
+                    )
+                )
+        return tuple(kept)
+
+    def _outcome_of_ended(self) -> HopResult:
+        """Why a hop's push ended before this replica finished sending it."""
+        try:
+            response = self._call.result(timeout=0)
+        except grpc.RpcError as error:
+            return self.failure(error)
+        except grpc.FutureCancelledError:
+            return self.fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled")
+        return self.fail(
+            grpc.StatusCode.INTERNAL,
+            "",
+            f"answered version {response.version} before the push was sent whole",
+        )
+
+    def failure(self, error: grpc.RpcError) -> HopResult:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = (error.details() if hasattr(error, "details") else str(error)) or ""
+        return self.fail(code, error_reason(error) or "", details)
+
+    def _stalled(self, what: str) -> HopResult:
+        return self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", f"the hop {what} it was cut off")
+
+    def fail(self, code: grpc.StatusCode, reason: str, message: str) -> HopResult:
+        self._ended.set()
+        logger.warning(
+            "model %s version %d: passing the push on to %s failed: %s: %s",
+            self.header.model_name,
+            self.header.version,
+            self.address,
+            code.name,
+            message,
+        )
+        return HopResult(self.address, 0, code.value[0], reason, message)
+
+    def abort(self) -> None:
+        """From any thread: end the push to the hop (its channel stays, for its owner)."""
+        self._ended.set()
+        if self._call is not None:
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """End the push to the hop (if it is still going) and close its channel, off the
+        push's path: closing a channel to a hop whose link went dark waits until TCP gives up
+        on it (gRPC's keepalive timeout, 20 s)."""
+        self._ended.set()
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            threading.Thread(target=channel.close, name="forward-close", daemon=True).start()
