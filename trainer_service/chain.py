@@ -5,17 +5,22 @@ the writer lease held, none lagging) form a chain, in address order: the trainer
 push to the first, whose header names the others as its route; each replica forwards it as it
 arrives, checks and commits it on its own, and the response says what became of it on every
 hop (docs/sync.md, "How forwarding works"). So the trainer's link carries one copy, whatever
-the number of replicas. Targets that cannot join (first contact, no base) are pushed alone.
+the number of replicas. A target that cannot join (first contact, or it lost its state: no
+base; a hop that answers so too) is seeded once the push is committed: a target that
+committed it pushes it the whole version (a Seed), so the trainer's link carries nothing for it
+and the chain is not slowed by a full push beside it. Where no target can seed it (none
+committed, none takes a delta, or catching up from peers is off), it is pushed alone.
 
 From the response each hop is committed (its state recorded as if pushed directly), failed
-or not reached (a hop before it failed). A fenced hop fails the sync as a direct push would. A
+or not reached. The replica before a failed hop routes the push past it
+(inference_service/syncplane/forward.py), resuming the hops after it from what they hold, so
+they come back committed like any hop. A fenced hop fails the sync as a direct push would. A
 hop reported stalled or unreachable (DEADLINE_EXCEEDED, UNAVAILABLE: cut, dark or down) lags at
-once: the background catch-up brings it up later, and the sync does not wait for it. The
-replica before such a hop routes the push past it (inference_service/syncplane/forward.py),
-resuming the hops after it from what they hold, so they come back committed like any hop. Any
-other failed hop is pushed directly at once, with the fallbacks, retries and deadlines a direct
-push takes (docs/sync.md, "When things fail"); one that refuses fails the sync where a direct
-push would. The hops not reached (after a hop that refused, or past a cut one whose offset the
+once: the background catch-up brings it up later, and the sync does not wait for it. A hop
+that lost its state (it no longer knows the lease, or lacks the base) gets the whole version,
+seeded as above. Any other failed hop is pushed directly at once, with the fallbacks, retries
+and deadlines a direct push takes (docs/sync.md, "When things fail"); one that refuses fails
+the sync where a direct push would. The hops not reached (past a failed one whose offset the
 replica's replay window no longer held) are pushed again at once, in a new chain of the
 remaining ones fed from the trainer.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,8 +38,10 @@ import torch
 
 from shared import protocol
 from trainer_service.delivery import Delivery, Version
-from trainer_service.push import Hop, Pushed, PushFailedError
+from trainer_service.push import Hop, Pushed, PushFailedError, TargetUnreachableError
 from trainer_service.targets import Target
+
+logger = logging.getLogger(__name__)
 
 
 class Again(enum.Enum):
@@ -41,6 +49,7 @@ class Again(enum.Enum):
 
     CHAINED = "chained"
     DIRECT = "direct"
+    WHOLE = "whole"  # it has no base for a delta (it lost its state): the whole version
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ Outcome = Pushed | PushFailedError | Refused | Again
 
 # How the hop before it reports a hop that stalled or could not be reached: it lags at once.
 STALLED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
+# How a hop that restarted without its state refuses: it holds no base for a delta, nor the lease.
+LOST_STATE = frozenset({protocol.BASE_VERSION_MISMATCH, protocol.UNKNOWN_EPOCH})
 
 
 def plan(
@@ -128,6 +139,37 @@ def deliver_chain(
                 error = hop.error()
                 target.fall_behind(error)
                 outcomes.append((target, error))
+            elif hop.reason in LOST_STATE:
+                target.hashes = None
+                if hop.reason == protocol.UNKNOWN_EPOCH:
+                    target.epoch = None
+                outcomes.append((target, Again.WHOLE))
             else:
                 outcomes.append((target, Again.DIRECT))
         return outcomes
+
+
+def seed_one(
+    delivery: Delivery, target: Target, donor: Target, version: Version
+) -> list[tuple[Target, Outcome]]:
+    """`target`, which has no base for a delta, seeded with `version` by `donor`, a target
+    that committed it; pushed directly by the trainer where the seed does not take."""
+    try:
+        with target.lock:
+            seeded = delivery.seed(target, donor, version)
+    except TargetUnreachableError as error:
+        target.fall_behind(error)
+        return [(target, error)]
+    except PushFailedError:
+        seeded = False  # the direct push meets the same refusal and reports it
+    if not seeded:
+        return deliver_one(delivery, target, version)
+    logger.info(
+        "model %s: %s seeded with version %d by %s",
+        target.model,
+        target.address,
+        version.number,
+        donor.address,
+    )
+    target.caught_up(donor.address)
+    return [(target, Pushed(0))]

@@ -237,9 +237,14 @@ class Publisher:
         self, targets: Sequence[Target], version: Version
     ) -> list[tuple[Target, chain.Outcome]]:
         """Push `version` to `targets`: the ones that share a delta base in chains (see
-        chain.py), the others alone; the ones a failed hop kept it from, again at once."""
+        chain.py), the others alone; the ones a failed hop kept it from, again at once. Where
+        some target takes a delta (the version's hashes are known up front), the ones without
+        a base are seeded afterwards by the targets that committed it."""
         done: list[tuple[Target, chain.Outcome]] = []
-        chained, direct = list(targets), list[Target]()
+        chained, direct, whole = list(targets), list[Target](), list[Target]()
+        if self._from_peers and version.hashes is not None:
+            whole = [t for t in targets if t.delta_base(version.tensors) is None]
+            chained = [t for t in targets if t not in whole]
         while chained or direct:
             chains, alone = chain.plan(chained, version.tensors, self._chained)
             futures = [
@@ -256,9 +261,29 @@ class Publisher:
                         chained.append(target)
                     elif outcome is chain.Again.DIRECT:
                         direct.append(target)
+                    elif outcome is chain.Again.WHOLE:
+                        (whole if self._from_peers else direct).append(target)
                     else:
                         done.append((target, outcome))
-        return done
+        return done + self._seed(whole, [t for t, o in done if isinstance(o, Pushed)], version)
+
+    def _seed(
+        self, targets: Sequence[Target], donors: Sequence[Target], version: Version
+    ) -> list[tuple[Target, chain.Outcome]]:
+        """`targets` seeded with `version` by `donors` (round-robin), or pushed directly where
+        there are none."""
+        if donors:
+            futures = [
+                self._pool.submit(
+                    chain.seed_one, self._delivery, t, donors[i % len(donors)], version
+                )
+                for i, t in enumerate(targets)
+            ]
+        else:
+            futures = [
+                self._pool.submit(chain.deliver_one, self._delivery, t, version) for t in targets
+            ]
+        return [outcome for future in futures for outcome in future.result()]
 
     def _spend(
         self,

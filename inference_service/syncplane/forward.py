@@ -17,18 +17,19 @@ The bound is what a cut costs the hops after it (routed past at once, they get o
 so it is kept well under a push's time at those rates (about 1.1 s for 128 MiB at 1 Gbit/s). A hop
 that has not answered the push idle timeout per hop left on the route (each waits for the ones
 after it) after the local commit is reported stalled too. A hop that refuses is reported with
-its status, and the hops after it are not reached; the local push goes on. The channel to a hop
+its status and routed past like a cut one; the local push goes on. The channel to a hop
 is closed off the push's path: closing one to a hop whose link went dark waits until TCP gives
 it up (about 20 s), which would hold up this replica's answer and so the whole chain.
 A local push that fails cancels its forward: the hops after it commit nothing of it.
 
-Routing past a cut hop. A hop cut off (stalled, DEADLINE_EXCEEDED) or unreachable (UNAVAILABLE:
-it cannot be dialled, or its connection broke) with hops after it on the route is reported so,
-and this replica goes on with the next hop itself: it asks that hop's GetModel what it holds of
-the push (the hop was fed through the cut one: `pending` names the version and the payload
-bytes it applied), and resumes the push there (`resume_from`, resume.py), replaying from a
-window of the data messages it passed on last (`replay_bytes`, the forward replay window; only
-the window is kept). A hop that holds nothing of it gets the push from its start, if the window
+Routing past a failed hop. A hop cut off (stalled, DEADLINE_EXCEEDED), unreachable (UNAVAILABLE:
+it cannot be dialled, or its connection broke) or refusing (it restarted without its state, or
+it is fenced, say) with hops after it on the route is reported so, and this replica goes on
+with the next hop itself (each hop's outcome is its own): it asks that hop's GetModel what it
+holds of the push (the hop was fed through the failed one: `pending` names the version and the
+payload bytes it applied), and resumes the push there (`resume_from`, resume.py), replaying
+from a window of the data messages it passed on last (`replay_bytes`, the forward replay window;
+only the window is kept). A hop that holds nothing of it gets the push from its start, if the window
 still holds the start. A hop that already serves the version with the commit's digest is
 reported committed and routed past in turn. A hop that fails too is routed past the same way,
 at most once per hop of the route. A hop whose offset the window no longer holds is left out
@@ -60,8 +61,6 @@ from shared.weights import wire
 logger = logging.getLogger(__name__)
 
 MAX_HOPS = 256  # the longest route a push may carry
-# How a hop that is routed past failed: cut off (stalled), or unreachable.
-CUT = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class ReplayWindow:
 
 
 class Forward:
-    """One push passed on down its route: to its first hop, and past each hop that is cut."""
+    """One push passed on down its route: to its first hop, and past each hop that fails."""
 
     def __init__(self, header: PushHeader, access: PeerAccess) -> None:
         assert header.route
@@ -248,14 +247,14 @@ class Forward:
         self._leg = leg
 
     def _route_past(self, failure: HopResult) -> None:
-        """The hop the push went to failed with `failure`: go on with the hops after it if it
-        was cut and the window lets, else stop there."""
+        """The hop the push went to failed with `failure`: go on with the hops after it
+        where the window lets, else stop there."""
         while True:
             if self._leg is not None:
                 self._leg.cancel()
                 self._leg = None
             last = self._index + 1 >= len(self._route)
-            if failure.code not in CUT or last or self._abandoned.is_set():
+            if last or self._abandoned.is_set():
                 self._failed = failure
                 return
             self._passed.append(failure)

@@ -19,7 +19,15 @@ from shared.grpc.errors import error_reason
 from shared.weights.digest import state_digest
 from tests.integration.apps import MLP
 from tests.integration.conftest import Inference, Services, wait_until
-from tests.integration.test_forwarding import Sync, free_ports, refusal, served_version, stamp_state
+from tests.integration.test_forwarding import (
+    Sync,
+    forwarded_to,
+    free_ports,
+    refusal,
+    served_version,
+    stamp_state,
+)
+from trainer_service.publisher import Publisher
 
 STAMP = "tests.integration.apps:stamp"
 CATALOGUE = "tests.integration.apps:catalogue"  # stamp, and "frozen", an inference-only model
@@ -89,6 +97,47 @@ def test_a_replica_started_after_the_first_sync_is_caught_up_from_a_neighbour(
     assert trainer_metric(services, "trainer", pushes % "full") == 1.0
     assert trainer_metric(services, "trainer", pushes % "delta") == 1.0
     assert trainer.poll() is None  # still waiting out its run interval: no sync did this
+
+
+def test_a_replica_restarted_without_its_state_is_routed_past_and_seeded_within_the_sync(
+    services: Services,
+) -> None:
+    ports = free_ports(3)  # in chain order
+    replicas = [
+        services.inference(STAMP, "--sync-listen", f"127.0.0.1:{port}", name=f"replica{i}")
+        for i, port in enumerate(ports)
+    ]
+    publisher = Publisher([r.sync for r in replicas], "seed-sync", connect_timeout_s=5)
+    try:
+        assert publisher.publish("stamp", stamp_state(1)).targets == 3  # first contact: each
+        chained = publisher.publish("stamp", stamp_state(2))  # one push down the chain
+        assert (chained.version, chained.targets) == (2, 3)
+        assert forwarded_to(services, "replica0") == [replicas[1].sync]
+
+        # The middle one restarts without its state: it no longer knows the trainer's lease
+        # and holds no base for the next delta.
+        replicas[1].process.kill()
+        replicas[1].process.wait(timeout=10)
+        back = services.inference(STAMP, "--sync-listen", replicas[1].sync, name="back")
+        report = publisher.publish("stamp", stamp_state(3))
+    finally:
+        publisher.close()
+
+    # Everyone commits version 3 within the sync, and the trainer's link carried one push: the
+    # first routed past the refusing middle one to the last, and a neighbour that committed
+    # the version seeded the middle one.
+    assert (report.version, report.targets, report.lagging) == (3, 3, ())
+    assert report.payload_bytes == chained.payload_bytes
+    assert f"routing past {replicas[1].sync}: resuming the push on {replicas[2].sync}" in (
+        services.log("replica0")
+    )
+    seeded = f"seeded {back.sync} with version 3"
+    assert seeded in services.log("replica0") + services.log("replica2")
+    digest = state_digest(stamp_state(3))
+    for replica in (replicas[0], back, replicas[2]):
+        state = replica.model_state("stamp")
+        assert (state.version, state.digest, state.writer_id) == (3, digest, "seed-sync")
+    assert served_version(back) == "3"
 
 
 def started_pair(services: Services, relay: str) -> tuple[Inference, Inference, Sync, Sync]:
