@@ -133,6 +133,7 @@ class InferenceServer:
             budget=sync.budget,
             name="sync",
             nice=sync.nice,
+            frequent_pings=True,  # hops passing a push on watch their link (leg.py)
         )
         add_sync_servicer(WeightSyncServicer(sync_plane), self._sync_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)

@@ -11,7 +11,9 @@ it, come back in its PushResponse and go upstream with this replica's own outcom
 Forwarding holds the local push back by a bound at most (the forward stall timeout, 0.5 s by
 default): messages wait for the hop in a small queue, so a slow hop slows the chain and memory
 does not grow; a hop that takes nothing for that long is cut and reported stalled
-(DEADLINE_EXCEEDED). At the link rates targeted (1 Gbit/s and up) a live hop takes the queue's
+(DEADLINE_EXCEEDED). The connection to the hop is watched by its transport too (leg.py): a hop
+whose link went dark, answering no ping and acknowledging no byte for half the bound, is cut
+sooner (UNAVAILABLE). At the link rates targeted (1 Gbit/s and up) a live hop takes the queue's
 few MiB in tens of milliseconds, so one that takes nothing for half a second is dark or dead.
 The bound is what a cut costs the hops after it (routed past at once, they get only the rest),
 so it is kept well under a push's time at those rates (about 1.1 s for 128 MiB at 1 Gbit/s). A hop

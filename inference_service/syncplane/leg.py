@@ -18,7 +18,7 @@ from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.channel import open_channel
 from shared.grpc.errors import error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 
 if TYPE_CHECKING:
     from inference_service.syncplane.forward import PeerAccess
@@ -52,7 +52,9 @@ class Leg:
         return self.hop.address
 
     def dial(self) -> HopResult | None:
-        """Open the channel to the hop; the failure if it cannot be (e.g. a TLS file)."""
+        """Open the channel to the hop, watched by its transport within the stall bound (a
+        link gone dark fails the call UNAVAILABLE); the failure if it cannot be (e.g. a TLS
+        file)."""
         access = self._access
         try:
             self._channel = open_channel(
@@ -61,6 +63,7 @@ class Leg:
                 token=access.token,
                 tls=access.tls,
                 server_name=(self.hop.server_name or None) if access.tls is not None else None,
+                options=watched_link(access.stall_timeout_s),
             )
         except (ConfigurationError, OSError, ValueError) as error:
             return self.fail(grpc.StatusCode.UNAVAILABLE, "", f"cannot dial: {error}")

@@ -1,7 +1,9 @@
 """A replica whose link is cut mid-push on the host lab (bench/hostlab.py), with direct fan-out:
 the trainer cancels its push to it once the stream takes nothing for the push stall timeout,
-the sync returns with the others, and the cut one is caught up once its link is back. Skipped
-where the lab cannot run (see test_lab_forwarding.py)."""
+the sync returns with the others, and the cut one is caught up once its link is back; with the
+chain, the replica before a hop whose link goes dark cuts it off as soon as its transport
+notices (no ping answered, no byte acknowledged). Skipped where the lab cannot run (see
+test_lab_forwarding.py)."""
 
 from __future__ import annotations
 
@@ -37,3 +39,27 @@ def test_a_link_cut_mid_direct_push_is_cancelled_and_the_cut_one_caught_up_once_
     wait_until(lambda: holds(lab, "replica2", 2, 1), timeout=30)
     wait_until(lambda: f"{cut} caught up" in lab.services.log("trainer"), timeout=30)
     assert trainer.poll() is None  # waiting out its run interval: the catch-up did it
+
+
+def test_a_hop_whose_link_goes_dark_is_cut_by_its_transport_well_within_the_stall_bound(
+    lab: Lab,
+) -> None:
+    # A forward stall bound of 20 s, and a trainer that would wait for minutes: only the watch
+    # on the link (a ping every 5 s, the connection dropped once nothing was acknowledged for
+    # 10 s) cuts the dark hop off before the sync below gives up waiting.
+    lab.replicas_in(REPLICAS, "--forward-stall-timeout-s", "20")
+    lab.trainer(
+        REPLICAS,
+        *("--max-runs", "2", "--run-interval", "600", "--connect-timeout", "1"),
+        *("--push-stall-timeout-s", "300", "--push-timeout", "300"),
+    )
+    wait_until(lambda: receiving(lab, "replica3", 2), timeout=60)
+    lab.hostlab.cut("replica2")
+    wait_until(lambda: "version 2 committed on 2" in lab.services.log("trainer"), timeout=17)
+    for host in ("replica1", "replica3"):
+        assert holds(lab, host, 2, 1), (host, lab.state(host))
+    cut = sync_address(lab, "replica2")
+    log = lab.services.log("replica1")
+    assert f"passing the push on to {cut} failed: UNAVAILABLE" in log, log
+    assert f"routing past {cut}: resuming the push on {sync_address(lab, 'replica3')}" in log
+    assert f"lagging: {cut}" in lab.services.log("trainer")

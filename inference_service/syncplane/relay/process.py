@@ -189,7 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     links = LinkPool(args.links)
     budget = CallBudget(args.max_concurrent, "sync plane")
     server = new_server(
-        budget.threads, SYNC_MAX_MESSAGE_BYTES, interceptors, budget=budget, name="relay"
+        budget.threads,
+        SYNC_MAX_MESSAGE_BYTES,
+        interceptors,
+        budget=budget,
+        name="relay",
+        frequent_pings=True,  # hops passing a push on watch their link (leg.py)
     )
     server.add_generic_rpc_handlers((Relay(upstream, links),))
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
