@@ -43,7 +43,7 @@ from trainer_service.push import (
     SyncClient,
     TargetUnreachableError,
 )
-from trainer_service.targets import Endpoint, Snapshot, Target, resolve, warn_plaintext_token
+from trainer_service.targets import Snapshot, Target, Targets, warn_plaintext_token
 
 CATCH_UP_WAIT_S = 30.0  # the longest a catch-up waits for a sync of its model in flight
 
@@ -95,21 +95,25 @@ class Publisher:
         self._delivery = Delivery(
             writer_id, connect_timeout_s, retries, retry_delay_s, push_encoding
         )
-        self._token = token
-        self._tls = tls
-        self._targets = list(targets)
+        self._targets = Targets(
+            targets,
+            lambda endpoint: SyncClient(
+                endpoint.address,
+                timeout_s,
+                chunk_bytes,
+                token,
+                tls,
+                endpoint.server_name,
+                push_stall_timeout_s,
+            ),
+        )
         self.writer_id = writer_id
-        self._timeout_s = timeout_s
-        self._stall_timeout_s = push_stall_timeout_s
-        self._chunk_bytes = chunk_bytes
         self._chained = fanout == "chain"
         self._from_peers = catch_up_from_peers
         self._donor_turns: dict[str, int] = {}  # per model: the next donor, round-robin
-        self._clients: dict[str, SyncClient] = {}
-        # Guards the set of targets, their lagging state as the sync and the catch-up see it,
-        # the versions and the snapshots. Never held while waiting for a target's lock.
+        # Guards the targets' lagging state as the sync and the catch-up see it, the versions
+        # and the snapshots. Never held while waiting for a target's lock.
         self._lock = threading.Lock()
-        self._states: dict[tuple[str, str], Target] = {}
         self._versions: dict[str, int] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._fenced: WriterFencedError | None = None
@@ -117,13 +121,12 @@ class Publisher:
         self._publishing: Counter[str] = Counter()
         self._published = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="push")
-        warn_plaintext_token(self._targets, token, tls)
+        warn_plaintext_token(targets, token, tls)
         self._catch_up = CatchUp(self._lagging, self._catch_up_one)
 
     def close(self) -> None:
         self._catch_up.stop()
-        for client in self._clients.values():
-            client.close()  # cancels catch-ups in flight
+        self._targets.close()  # cancels catch-ups in flight
         self._catch_up.join()
         self._pool.shutdown(wait=True)
         for target in self._lagging():
@@ -171,9 +174,9 @@ class Publisher:
     ) -> SyncReport:
         started = time.perf_counter()
         tensors = {name: t.detach() for name, t in state.items()}
-        targets = self._targets_of(model_name)
+        targets = self._targets.resolved(model_name)
         if not targets:
-            raise SyncFailedError(f"no inference service found at {', '.join(self._targets)}")
+            raise SyncFailedError(f"no inference service found at {', '.join(self._targets.names)}")
         with self._lock:  # lagging targets are the catch-up's, unless every one lags
             inline = [t for t in targets if not t.lagging] or targets
             skipped = [t for t in targets if t not in inline]
@@ -377,7 +380,7 @@ class Publisher:
                     target.retry_at = 0.0  # a newer version came meanwhile: again, now
                     return
                 target.caught_up(None if donor is None else donor.address)
-                if not any(t.lagging for t in self._states.values() if t.model == target.model):
+                if not any(t.lagging for t in self._targets.known(target.model)):
                     self._snapshots.pop(target.model, None)
 
     def _donor(self, target: Target, snapshot: Snapshot | None) -> Target | None:
@@ -389,9 +392,8 @@ class Publisher:
         holders = sorted(
             (
                 t
-                for t in self._states.values()
-                if t.model == target.model
-                and t is not target
+                for t in self._targets.known(target.model)
+                if t is not target
                 and not t.lagging
                 and t.version == snapshot.version
                 and t.hashes == snapshot.hashes
@@ -406,43 +408,4 @@ class Publisher:
 
     def _lagging(self) -> list[Target]:
         with self._lock:
-            return [t for t in self._states.values() if t.lagging]
-
-    def _targets_of(self, model_name: str) -> list[Target]:
-        """The model at every address the targets resolve to now. Lagging targets whose
-        address no longer resolves (a replica scaled away) are no longer caught up."""
-        endpoints = resolve(self._targets)
-        with self._lock:
-            found = [self._target(endpoint, model_name) for endpoint in endpoints]
-            addresses = {endpoint.address for endpoint in endpoints}
-            for (address, model), target in list(self._states.items()):
-                if model == model_name and address not in addresses and target.lagging:
-                    logger.info(
-                        "model %s: %s no longer resolves from %s; it is no longer caught up",
-                        model,
-                        address,
-                        ", ".join(self._targets),
-                    )
-                    target.forget()
-                    del self._states[(address, model)]
-        return found
-
-    def _target(self, endpoint: Endpoint, model_name: str) -> Target:
-        target = self._states.get((endpoint.address, model_name))
-        if target is None:
-            client = self._clients.get(endpoint.address)
-            if client is None:
-                client = SyncClient(
-                    endpoint.address,
-                    self._timeout_s,
-                    self._chunk_bytes,
-                    self._token,
-                    self._tls,
-                    endpoint.server_name,
-                    self._stall_timeout_s,
-                )
-                self._clients[endpoint.address] = client
-            target = Target(client, model_name)
-            self._states[(endpoint.address, model_name)] = target
-            metrics.TARGET_LAGGING.labels(model_name, endpoint.address).set(0)
-        return target
+            return [t for t in self._targets.known() if t.lagging]

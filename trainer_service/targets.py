@@ -15,7 +15,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -186,3 +186,56 @@ class Target:
         for gauge in (metrics.TARGET_LAGGING, metrics.TARGET_VERSION):
             with contextlib.suppress(KeyError):  # never set
                 gauge.remove(self.model, self.address)
+
+
+class Targets:
+    """Every target a publisher feeds: the model at each address its target names resolve to,
+    with one client (channel) per address, made by `connect`."""
+
+    def __init__(self, names: Sequence[str], connect: Callable[[Endpoint], SyncClient]) -> None:
+        self.names = list(names)
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._clients: dict[str, SyncClient] = {}
+        self._targets: dict[tuple[str, str], Target] = {}
+
+    def resolved(self, model: str) -> list[Target]:
+        """The model at every address the names resolve to now. Lagging targets whose address
+        no longer resolves (a replica scaled away) are forgotten: no longer caught up."""
+        endpoints = resolve(self.names)
+        with self._lock:
+            found = [self._target(endpoint, model) for endpoint in endpoints]
+            addresses = {endpoint.address for endpoint in endpoints}
+            for (address, held), target in list(self._targets.items()):
+                if held == model and address not in addresses and target.lagging:
+                    logger.info(
+                        "model %s: %s no longer resolves from %s; it is no longer caught up",
+                        model,
+                        address,
+                        ", ".join(self.names),
+                    )
+                    target.forget()
+                    del self._targets[(address, model)]
+        return found
+
+    def known(self, model: str | None = None) -> list[Target]:
+        """The targets known (of `model`; None: of every model)."""
+        with self._lock:
+            return [t for t in self._targets.values() if model is None or t.model == model]
+
+    def close(self) -> None:
+        """Close every client (cancelling the calls in flight on them)."""
+        with self._lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            client.close()
+
+    def _target(self, endpoint: Endpoint, model: str) -> Target:
+        target = self._targets.get((endpoint.address, model))
+        if target is None:
+            client = self._clients.get(endpoint.address)
+            if client is None:
+                client = self._clients[endpoint.address] = self._connect(endpoint)
+            target = self._targets[(endpoint.address, model)] = Target(client, model)
+            metrics.TARGET_LAGGING.labels(model, endpoint.address).set(0)
+        return target

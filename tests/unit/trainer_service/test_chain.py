@@ -90,7 +90,7 @@ def test_one_push_from_the_trainer_feeds_the_whole_chain(fanout: str) -> None:
         copies = 1 if fanout == "chain" else 3
         # The payload (safetensors: tensor bytes and a small header) left the trainer once.
         assert copies * one_copy < report.payload_bytes < copies * (one_copy + 4096)
-        versions = [t.version for t in publisher._states.values()]
+        versions = [t.version for t in publisher._targets.known()]
         assert versions == [2, 2, 2]
     finally:
         publisher.close()
