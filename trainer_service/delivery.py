@@ -84,7 +84,7 @@ class Delivery:
     def probe(self, target: Target) -> int:
         """The version `target` serves; TargetUnreachableError if it does not answer in time."""
         with target.lock:
-            return target.client.get_model(target.model, self.connect_timeout_s).version
+            return target.contact(self.connect_timeout_s).version
 
     def deliver(
         self, target: Target, version: Version, route: tuple[Hop, ...] = ()
@@ -122,7 +122,7 @@ class Delivery:
         `target.lock`; a donor that refuses or fails is logged, and the caller pushes directly.
         TargetUnreachableError when `target` does not answer."""
         assert version.hashes is not None
-        remote = target.client.get_model(target.model, self.connect_timeout_s)
+        remote = target.contact(self.connect_timeout_s)
         if remote.version >= version.number:  # a direct push sorts out what it holds
             return False
         if target.epoch is None:  # first contact: become the writer (fences earlier ones)
@@ -160,7 +160,7 @@ class Delivery:
     def push(self, target: Target, version: Version, route: tuple[Hop, ...] = ()) -> Pushed:
         """One try, with the fallbacks the target's answers call for; the caller holds
         `target.lock`."""
-        remote = target.client.get_model(target.model, self.connect_timeout_s)
+        remote = target.contact(self.connect_timeout_s)
         if (  # committed already: passed on to it by a replica whose own push then failed
             remote.version == version.number
             and remote.writer_id == self.writer_id

@@ -184,7 +184,7 @@ class Publisher:
             for target in inline:
                 target.hashes = None
         version, unreachable = self._next_version(model_name, inline)
-        inline = [t for t in inline if t not in unreachable]
+        inline = [t for t in inline if t not in unreachable and self._targets.distinct(t)]
         # Hash up front only when some target can take a delta (it needs the changed set);
         # a full push hashes each tensor while streaming it.
         hashes: dict[str, bytes] | None = None
@@ -315,11 +315,16 @@ class Publisher:
     def _next_version(
         self, model_name: str, targets: Sequence[Target]
     ) -> tuple[int, dict[Target, TargetUnreachableError]]:
-        """The version to push next, and the targets found unreachable while learning it (the
-        first push of a model continues the numbering the reachable targets serve)."""
-        if model_name in self._versions:
-            return self._versions[model_name] + 1, {}
-        probes = [(t, self._pool.submit(self._delivery.probe, t)) for t in targets]
+        """The version to push next, and the targets found unreachable on first contact. The
+        targets not contacted yet are asked what they serve, which says which service each is
+        (targets.Targets.distinct); the first push of a model asks every target, and continues
+        the numbering the reachable ones serve."""
+        first = model_name not in self._versions
+        probes = [
+            (t, self._pool.submit(self._delivery.probe, t))
+            for t in targets
+            if first or t.instance is None
+        ]
         served, unreachable = [], {}
         for target, probe in probes:
             try:
@@ -331,6 +336,8 @@ class Publisher:
                 raise SyncFailedError(
                     f"model {model_name!r}: cannot read the served version: {error}"
                 ) from None
+        if not first:
+            return self._versions[model_name] + 1, unreachable
         if not served:
             metrics.SYNC_FAILURES.labels(model_name).inc()
             raise SyncFailedError(
@@ -356,8 +363,10 @@ class Publisher:
                 snapshot = self._snapshots.get(target.model)
                 donor = self._donor(target, snapshot)
             try:
+                target.contact(self._delivery.connect_timeout_s)
+                if not self._targets.distinct(target):
+                    return  # another target feeds its service
                 if snapshot is None or target.version >= snapshot.version:
-                    target.client.get_model(target.model, self._delivery.connect_timeout_s)
                     donor = None
                 else:
                     version = Version(snapshot.version, snapshot.tensors, snapshot.hashes)

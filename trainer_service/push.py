@@ -85,6 +85,7 @@ class RemoteModel:
     digest: bytes
     writer_id: str
     accepts_pushes: bool
+    instance_id: str = ""  # the service's instance (the same at every address it is reached by)
 
 
 class PushFailedError(Exception):
@@ -216,7 +217,9 @@ class SyncClient:
                     self.target, failed.code, failed.details, failed.reason
                 ) from None
             raise failed from None
-        return RemoteModel(state.version, state.digest, state.writer_id, state.accepts_pushes)
+        return RemoteModel(
+            state.version, state.digest, state.writer_id, state.accepts_pushes, state.instance_id
+        )
 
     def acquire_writer(self, name: str, writer_id: str) -> int:
         """Become the model's only writer on this target; return the epoch to push under."""

@@ -22,7 +22,7 @@ import torch
 
 from shared.grpc.auth import TlsFiles
 from trainer_service import metrics
-from trainer_service.push import PushFailedError, SyncClient
+from trainer_service.push import PushFailedError, RemoteModel, SyncClient
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class Target:
     retry_at: float = 0.0
     retry_delay_s: float = 0.0
     catching_up: bool = False  # a catch-up task holds it or is queued for it
+    instance: str | None = None  # the service's instance id, once it answered
+    alias_of: str | None = None  # the address this service is fed through instead, if another
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -181,6 +183,30 @@ class Target:
         self.lagging_since, self.retry_delay_s = None, 0.0
         metrics.TARGET_LAGGING.labels(self.model, self.address).set(0)
 
+    def contact(self, connect_timeout_s: float) -> RemoteModel:
+        """What it serves of the model, and which service instance answers;
+        TargetUnreachableError when it does not answer within `connect_timeout_s`."""
+        remote = self.client.get_model(self.model, connect_timeout_s)
+        self.instance = remote.instance_id or None
+        return remote
+
+    def same_service_as(self, primary: Target) -> None:
+        """It is `primary`'s service, reached by another address: from now on that service is
+        fed through `primary` alone (two writers' leases from one trainer would fence each
+        other)."""
+        self.alias_of = primary.address
+        self.lagging_since = None
+        self.forget()
+        logger.warning(
+            "model %s: %s and %s reach the same inference service (instance %s): it is fed "
+            "once, through %s. List each service once in the inference targets",
+            self.model,
+            primary.address,
+            self.address,
+            self.instance,
+            primary.address,
+        )
+
     def forget(self) -> None:
         """Stop tracking it (its address no longer resolves)."""
         for gauge in (metrics.TARGET_LAGGING, metrics.TARGET_VERSION):
@@ -205,6 +231,7 @@ class Targets:
         endpoints = resolve(self.names)
         with self._lock:
             found = [self._target(endpoint, model) for endpoint in endpoints]
+            found = [t for t in found if t.alias_of is None]
             addresses = {endpoint.address for endpoint in endpoints}
             for (address, held), target in list(self._targets.items()):
                 if held == model and address not in addresses and target.lagging:
@@ -219,9 +246,36 @@ class Targets:
         return found
 
     def known(self, model: str | None = None) -> list[Target]:
-        """The targets known (of `model`; None: of every model)."""
+        """The targets known (of `model`; None: of every model), less the ones that reach a
+        service another one feeds (`distinct`)."""
         with self._lock:
-            return [t for t in self._targets.values() if model is None or t.model == model]
+            return [
+                t
+                for t in self._targets.values()
+                if (model is None or t.model == model) and t.alias_of is None
+            ]
+
+    def distinct(self, target: Target) -> bool:
+        """Whether `target` is a service of its own: False (and from now on left out) when
+        another known target of its model answered with the same instance id, i.e. one service
+        is listed under two addresses. That service is fed through the one holding the writer
+        lease there, else through the lowest address."""
+        if target.instance is None or target.alias_of is not None:
+            return target.alias_of is None
+        with self._lock:
+            same = [
+                t
+                for t in self._targets.values()
+                if t.model == target.model and t.alias_of is None and t.instance == target.instance
+            ]
+        if len(same) == 1:
+            return True
+        leased = [t for t in same if t.epoch is not None]
+        primary = min(leased or same, key=lambda t: t.address)
+        for other in same:
+            if other is not primary:
+                other.same_service_as(primary)
+        return primary is target
 
     def close(self) -> None:
         """Close every client (cancelling the calls in flight on them)."""

@@ -12,7 +12,7 @@ from inference_service.syncplane.parts import Hop
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 
 
-def model_state(model: ServedModel) -> pb.ModelState:
+def model_state(model: ServedModel, instance_id: str) -> pb.ModelState:
     live = model.live
     epoch, holder = model.lease.snapshot()
     state = pb.ModelState(
@@ -23,6 +23,7 @@ def model_state(model: ServedModel) -> pb.ModelState:
         accepts_pushes=model.accepts_pushes,
         lease_holder=holder,
         writer_epoch=epoch,
+        instance_id=instance_id,
         tensors=[
             pb.TensorState(name=name, dtype=layout.dtype, shape=layout.shape)
             for name, layout in model.layout.items()

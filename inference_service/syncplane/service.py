@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 
 from inference_service.lease import COUNTER_LIMIT, check_counter
@@ -28,7 +29,9 @@ class SyncPlane:
 
     `on_commit(name)` hears of each commit (the history writer); `store`, the history on disk,
     is what versions are listed from and rolled back to (None: no history kept); `peers`, how
-    pushes are passed on down their routes (syncplane/forward.py)."""
+    pushes are passed on down their routes (syncplane/forward.py). `instance_id`, drawn at
+    random, names this service in GetModel's answers: a trainer that reaches it through several
+    addresses learns that they are one service, and feeds it once."""
 
     def __init__(
         self,
@@ -39,6 +42,7 @@ class SyncPlane:
         peers: PeerAccess | None = None,
     ) -> None:
         self._models = models
+        self.instance_id = uuid.uuid4().hex
         self.store = store
         self.applier = PushApplier(models, limits, on_commit)
         self._own = OwnAddress()

@@ -53,7 +53,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     @override
     @grpc_errors
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
-        return convert.model_state(self._plane.model(request.model_name))
+        return convert.model_state(self._plane.model(request.model_name), self._plane.instance_id)
 
     @override
     @grpc_errors
@@ -62,7 +62,10 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     ) -> pb.ListModelsResponse:
         models = self._plane.models
         return pb.ListModelsResponse(
-            models=[convert.model_state(models[name]) for name in sorted(models)]
+            models=[
+                convert.model_state(models[name], self._plane.instance_id)
+                for name in sorted(models)
+            ]
         )
 
     @override
@@ -77,7 +80,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     @grpc_errors
     def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.ModelState:
         self._plane.rollback(request.model_name, request.to_version)
-        return convert.model_state(self._plane.model(request.model_name))
+        return convert.model_state(self._plane.model(request.model_name), self._plane.instance_id)
 
     @override
     @grpc_errors

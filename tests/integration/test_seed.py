@@ -140,6 +140,41 @@ def test_a_replica_restarted_without_its_state_is_routed_past_and_seeded_within_
     assert served_version(back) == "3"
 
 
+def test_a_replica_back_while_a_sync_is_in_flight_is_brought_to_that_version_alone(
+    services: Services,
+) -> None:
+    services.env["TEST_STAMP_MB"] = "4"
+    [late_port] = free_ports(1)
+    late_address = f"127.0.0.1:{late_port}"  # nothing listens there yet
+    # The live one takes pushes at 0.5 MB/s: version 2's push lasts about 8 s.
+    live = services.inference(
+        STAMP, "--sync-max-mb-per-s", "0.5", "--sync-relay", "off", name="live"
+    )
+    services.start_trainer(
+        STAMP,
+        [live.sync, late_address],
+        *("--trainer-id", "trainer", "--max-runs", "2", "--run-interval", "600"),
+        *("--connect-timeout", "1"),
+        name="trainer",
+    )
+    wait_until(lambda: f"lagging: {late_address}" in services.log("trainer"), timeout=60)
+
+    def receiving_version_2() -> bool:
+        pending = live.model_state("stamp").pending
+        return pending.version == 2 and pending.bytes_received > 0
+
+    wait_until(receiving_version_2, timeout=30)
+    late = services.inference(STAMP, "--sync-listen", late_address, name="late")
+    # Its catch-up falls due while version 2 is in flight: it waits for that sync and brings
+    # the late one to version 2 at once (seeded by the live one), never to version 1 first.
+    wait_until(lambda: late.model_state("stamp").version == 2, timeout=60)
+    assert late.model_state("stamp").digest == state_digest(stamp_state(1, mb=4))
+    assert live.model_state("stamp").version == 2
+    commits = [line for line in services.log("late").splitlines() if "committed version" in line]
+    assert len(commits) == 1 and "committed version 2" in commits[0], commits
+    assert f"{late_address} caught up from {live.sync} at version 2" in services.log("trainer")
+
+
 def started_pair(services: Services, relay: str) -> tuple[Inference, Inference, Sync, Sync]:
     """A donor serving version 3 of the stamp model (pushed by "tester") and a hop at version
     0, both requiring the sync token; the donor's sync plane in-process or behind its relay."""

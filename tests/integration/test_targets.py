@@ -18,6 +18,7 @@ from shared.weights.digest import state_digest
 from tests.integration.apps import Stamp
 from tests.integration.conftest import Inference, Services, wait_until
 from tests.integration.pki import make_ca, make_cert
+from tests.integration.test_forwarding import free_ports
 
 STAMP = "tests.integration.apps:stamp"
 # Nothing listens there and nothing routes to it (TEST-NET-1, RFC 5737): a dead, non-loopback
@@ -165,3 +166,31 @@ def test_a_token_sent_in_plaintext_beyond_loopback_is_warned_of_once_per_target(
     ]
     assert len(warnings) == 1, services.log("trainer")
     assert UNROUTABLE in warnings[0] and "--tls-ca" in warnings[0]
+
+
+def test_one_service_listed_under_two_addresses_is_fed_once_and_training_goes_on(
+    services: Services,
+) -> None:
+    # The sync plane listens on every local address: 127.0.0.1 and 127.0.0.2 reach the same
+    # service. Both are listed, as a user who names a service and its address might.
+    [port] = free_ports(1)
+    inference = services.inference(
+        STAMP, "--sync-listen", f"0.0.0.0:{port}", "--allow-open-sync", name="inference"
+    )
+    first, second = f"127.0.0.1:{port}", f"127.0.0.2:{port}"
+    trainer = services.start_trainer(
+        STAMP,
+        [second, first],
+        *("--trainer-id", "trainer", "--max-runs", "2", "--run-interval", "0"),
+        name="trainer",
+    )
+    assert trainer.wait(timeout=60) == 0, services.log("trainer")
+    log = services.log("trainer")
+    # Its two writer leases would have fenced each other: the trainer took the second for
+    # another trainer and stopped.
+    assert "another trainer has taken it over" not in log
+    assert f"{first} and {second} reach the same inference service" in log
+    assert "version 3 committed on 1 inference service(s)" in log
+    state = inference.model_state("stamp")
+    assert (state.version, state.digest, state.writer_id) == (3, stamp_digest(2), "trainer")
+    assert state.instance_id

@@ -131,7 +131,7 @@ class PendingPush(_message.Message):
     def __init__(self, writer_id: _Optional[str] = ..., version: _Optional[int] = ..., base_version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("model_name", "version", "digest", "writer_id", "accepts_pushes", "tensors", "pending", "lease_holder", "writer_epoch")
+    __slots__ = ("model_name", "version", "digest", "writer_id", "accepts_pushes", "tensors", "pending", "lease_holder", "writer_epoch", "instance_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class ModelState(_message.Message):
     PENDING_FIELD_NUMBER: _ClassVar[int]
     LEASE_HOLDER_FIELD_NUMBER: _ClassVar[int]
     WRITER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     digest: bytes
@@ -150,7 +151,8 @@ class ModelState(_message.Message):
     pending: PendingPush
     lease_holder: str
     writer_epoch: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., writer_id: _Optional[str] = ..., accepts_pushes: bool = ..., tensors: _Optional[_Iterable[_Union[TensorState, _Mapping]]] = ..., pending: _Optional[_Union[PendingPush, _Mapping]] = ..., lease_holder: _Optional[str] = ..., writer_epoch: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., writer_id: _Optional[str] = ..., accepts_pushes: bool = ..., tensors: _Optional[_Iterable[_Union[TensorState, _Mapping]]] = ..., pending: _Optional[_Union[PendingPush, _Mapping]] = ..., lease_holder: _Optional[str] = ..., writer_epoch: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
