@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from shared.weights.encoding import (
@@ -45,14 +44,21 @@ from shared.weights.encoding import (
     SPARSE,
     WHOLE,
     changed_share,
-    decode,
-    encode,
     encode_tensor,
     host_bytes,
     sampled,
     sampled_share,
 )
 from trainer_service import metrics
+from trainer_service.encoding_costs import (
+    MARGIN,
+    Calibration,
+    Links,
+    Speeds,
+    average,
+    cheapest_encoding,
+    estimated_bytes,
+)
 from trainer_service.push import PushPlan
 from trainer_service.targets import is_loopback
 
@@ -60,63 +66,12 @@ logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 CHOICES = (AUTO, WHOLE, *ENCODINGS)
-MARGIN = 0.8  # an encoding is chosen when it costs under this share of whole bytes
-SMOOTHING = 0.3  # weight of the newest measurement in the running averages
-RECALIBRATE_S = 60.0  # speeds measured at a busy moment must not rule encodings out for good
 # A push's tensors are encoded on this many threads (numpy and the compressors let go of the
 # GIL while they work), so an encode takes the host's spare cores rather than one.
 ENCODE_THREADS = min(os.cpu_count() or 1, 4)
-_CALIBRATION_ELEMENTS = 1 << 21
-_CALIBRATION_CHANGED = 0.03
 
 
 __all__ = ["AUTO", "CHOICES", "Encoded", "EncodingChooser", "Speeds", "host_bytes"]
-
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
-
-
-@dataclass
-class Speeds:
-    """Bytes of tensor per second each encoding encodes and decodes on this host."""
-
-    encode: dict[str, float] = field(default_factory=dict)
-    decode: dict[str, float] = field(default_factory=dict)
-    # encoded bytes of XOR encodings per changed byte, as measured (1.0 until then)
-    xor_ratio: dict[str, float] = field(default_factory=dict)
-    at: float = field(default_factory=time.monotonic)  # when calibrated
-
-    @classmethod
-    def calibrated(cls) -> Speeds:
-        """Each encoding timed on a bf16 tensor with a few percent of elements changed."""
-        rng = np.random.default_rng(0)
-        base = rng.integers(0, 1 << 16, _CALIBRATION_ELEMENTS, dtype=np.uint16)
-        new = base.copy()
-        changed = rng.random(_CALIBRATION_ELEMENTS) < _CALIBRATION_CHANGED
-        new[changed] ^= np.uint16(1)
-        new_bytes, base_bytes = new.view(np.uint8), base.view(np.uint8)
-        speeds = cls()
-        out = np.empty_like(new_bytes)
-        for encoding in ENCODINGS:
-            encoded = decoded = float("inf")
-            for _ in range(2):  # the faster of two: the first pays for warming up
-                started = time.perf_counter()
-                data = encode(encoding, new_bytes, base_bytes, 2)
-                encoded = min(encoded, time.perf_counter() - started)
-                assert data is not None
-                started = time.perf_counter()
-                decode(encoding, data, base_bytes, 2, out)
-                decoded = min(decoded, time.perf_counter() - started)
-            speeds.encode[encoding] = new_bytes.nbytes / max(encoded, 1e-9)
-            speeds.decode[encoding] = new_bytes.nbytes / max(decoded, 1e-9)
-        logger.debug(
-            "encoding speeds on this host (MB/s, encode/decode): %s",
-            ", ".join(
-                f"{e} {speeds.encode[e] / 1e6:.0f}/{speeds.decode[e] / 1e6:.0f}" for e in ENCODINGS
-            ),
-        )
-        return speeds
 
 
 def changed_fraction(new: torch.Tensor, base: torch.Tensor) -> float:
@@ -181,11 +136,9 @@ class EncodingChooser:
         if mode not in CHOICES:
             raise ValueError(f"push encoding {mode!r} is not one of {', '.join(CHOICES)}")
         self.mode = mode
-        self._links: dict[str, float] = {}  # target address -> bytes/s
+        self._links = Links()
         self._loopback: dict[str, bool] = {}
-        self._speeds: Speeds | None = None
-        self._recalibrating = False
-        self._calibration_lock = threading.Lock()
+        self._calibration = Calibration()
         self._shared_lock = threading.Lock()
         # model -> (version, {(base version, tensor): its encoding})
         self._shared: dict[str, tuple[int, dict[tuple[int, str], _Shared]]] = {}
@@ -208,18 +161,14 @@ class EncodingChooser:
         return not self._loopback[address]
 
     def link_rate(self, address: str) -> float | None:
-        return self._links.get(address)
+        return self._links.rate(address)
 
     def describe_link(self, address: str) -> str:
-        rate = self._links.get(address)
-        return "not measured yet" if rate is None else f"{rate / 1e6:.1f} MB/s"
+        return self._links.describe(address)
 
     def record_push(self, address: str, nbytes: int, seconds: float) -> None:
         """A push of `nbytes` payload bytes to `address` took `seconds` end to end."""
-        if nbytes >= 1 << 16 and seconds > 0:  # small pushes measure latency, not the link
-            rate = _average(self._links.get(address), nbytes / seconds)
-            self._links[address] = rate
-            metrics.LINK_RATE.labels(address).set(rate)
+        self._links.record(address, nbytes, seconds)
 
     def pushed(self, plan: PushPlan, address: str, seconds: float) -> None:
         """`plan` was pushed to `address` and committed in `seconds`: measure the link, count
@@ -306,10 +255,10 @@ class EncodingChooser:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes == 0:
             return _WHOLE
-        link = self._links.get(address)
+        link = self._links.rate(address)
         if self.mode == AUTO and link is None:
             return _WHOLE  # nothing measured yet: the first pushes measure it
-        speeds = self._calibrated()
+        speeds = self._calibration.speeds()
         if self.mode == AUTO and link is not None:
             cheapest = min(nbytes / speeds.encode[e] + nbytes / speeds.decode[e] for e in ENCODINGS)
             if cheapest >= MARGIN * nbytes / link:
@@ -320,9 +269,9 @@ class EncodingChooser:
         dense: bool | None = None
         if self.mode == AUTO:
             fraction = changed_fraction(tensor, base)
-            estimates = self._estimates(nbytes, fraction, tensor.element_size(), speeds)
+            estimates = estimated_bytes(nbytes, fraction, tensor.element_size(), speeds)
             dense = min(estimates.values()) >= MARGIN * nbytes
-            encoding = self._cheapest(nbytes, estimates, speeds, link)
+            encoding = cheapest_encoding(nbytes, estimates, speeds, link)
         else:
             encoding = self.mode
         if encoding == WHOLE:
@@ -347,7 +296,7 @@ class EncodingChooser:
     def _probed(self, address: str, tensor: torch.Tensor, probe: torch.Tensor) -> _Choice:
         """A tensor whose base is a probe travels whole; in `auto` its change is measured on
         the probe, so that a change no longer dense has the next version kept whole."""
-        if self.mode != AUTO or self._links.get(address) is None:
+        if self.mode != AUTO or self._links.rate(address) is None:
             return _Choice(WHOLE, None, False, None)
         sample = sampled(tensor.detach(), SAMPLE_ELEMENTS)
         if sample.shape != probe.shape or sample.dtype != probe.dtype:
@@ -355,8 +304,8 @@ class EncodingChooser:
         if sample.device != probe.device:
             sample = sample.to(probe.device)
         nbytes = tensor.numel() * tensor.element_size()
-        estimates = self._estimates(
-            nbytes, sampled_share(sample, probe), tensor.element_size(), self._calibrated()
+        estimates = estimated_bytes(
+            nbytes, sampled_share(sample, probe), tensor.element_size(), self._calibration.speeds()
         )
         return _Choice(WHOLE, None, False, min(estimates.values()) >= MARGIN * nbytes)
 
@@ -373,7 +322,7 @@ class EncodingChooser:
         data = encode_tensor(encoding, tensor, base)
         seconds = time.perf_counter() - began
         metrics.ENCODE_CPU_SECONDS.labels(encoding).inc(time.thread_time() - cpu)
-        speeds.encode[encoding] = _average(speeds.encode[encoding], nbytes / max(seconds, 1e-9))
+        speeds.encode[encoding] = average(speeds.encode[encoding], nbytes / max(seconds, 1e-9))
         metrics.ENCODE_SECONDS.labels(encoding).inc(seconds)
         metrics.ENCODED_BYTES.labels(encoding).inc(nbytes)
         if data is not None and encoding != SPARSE:
@@ -381,7 +330,7 @@ class EncodingChooser:
                 fraction = changed_fraction(tensor, base)
             if fraction > 0:
                 ratio = len(data) / (fraction * nbytes)
-                speeds.xor_ratio[encoding] = _average(speeds.xor_ratio.get(encoding), ratio)
+                speeds.xor_ratio[encoding] = average(speeds.xor_ratio.get(encoding), ratio)
         return data
 
     def _shared_slot(
@@ -406,58 +355,6 @@ class EncodingChooser:
             slot = current[1][(base_version, name)] = _Shared(encoding)
             return slot, True
 
-    @staticmethod
-    def _estimates(nbytes: int, fraction: float, itemsize: int, speeds: Speeds) -> dict[str, float]:
-        """Each encoding's bytes, estimated from the share of elements that changed."""
-        changed = fraction * nbytes
-        return {
-            SPARSE: changed + changed / itemsize * 1.1,  # values, and about a byte per gap
-            **{e: changed * speeds.xor_ratio.get(e, 1.0) for e in ENCODINGS if e != SPARSE},
-        }
-
-    @staticmethod
-    def _cheapest(
-        nbytes: int, estimates: Mapping[str, float], speeds: Speeds, link: float | None
-    ) -> str:
-        assert link is not None
-        costs = {
-            e: nbytes / speeds.encode[e] + estimates[e] / link + nbytes / speeds.decode[e]
-            for e in ENCODINGS
-        }
-        best = min(costs, key=lambda e: costs[e])
-        return best if costs[best] < MARGIN * nbytes / link else WHOLE
-
     def calibrate(self) -> Speeds:
         """Time the encoders on this host now (else on the first tensor that may take one)."""
-        return self._calibrated()
-
-    def _calibrated(self) -> Speeds:
-        """The speeds on this host: calibrated on first use; once a minute old, calibrated
-        again in the background (a push never waits for it) and merged when done."""
-        speeds = self._speeds
-        if speeds is None:
-            with self._calibration_lock:  # the encoding threads of a push calibrate once
-                speeds = self._speeds
-                if speeds is None:
-                    self._speeds = speeds = Speeds.calibrated()
-        elif time.monotonic() - speeds.at > RECALIBRATE_S and not self._recalibrating:
-            with self._calibration_lock:
-                if self._recalibrating:
-                    return speeds
-                self._recalibrating = True
-            threading.Thread(target=self._recalibrate, name="recalibrate", daemon=True).start()
-        return speeds
-
-    def _recalibrate(self) -> None:
-        try:
-            fresh = Speeds.calibrated()
-            speeds = self._speeds
-            if speeds is not None:  # what encodes measured stays in the running averages
-                for encoding in ENCODINGS:
-                    fresh.encode[encoding] = _average(
-                        speeds.encode[encoding], fresh.encode[encoding]
-                    )
-                fresh.xor_ratio = speeds.xor_ratio
-            self._speeds = fresh
-        finally:
-            self._recalibrating = False
+        return self._calibration.speeds()
