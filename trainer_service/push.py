@@ -15,7 +15,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
 from shared.grpc.errors import error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
 from shared.weights.digest import model_digest
@@ -191,6 +191,18 @@ class SyncClient:
             options=RECONNECT_OPTIONS,
         )
         self._stub = pb_grpc.WeightSyncStub(self._channel)
+        # A Seed's answer comes only once the whole seeded push is done: nothing flows on its
+        # call meanwhile, so the link under it is watched (a ping every quarter of the stall
+        # timeout), and a service that went dark or stopped mid-seed fails it UNAVAILABLE
+        # instead of holding the sync up to the push deadline.
+        self._seeds = open_channel(
+            target,
+            SYNC_MAX_MESSAGE_BYTES,
+            token=token,
+            tls=tls if secure else None,
+            server_name=server_name if secure else None,
+            options=[*RECONNECT_OPTIONS, *watched_link(stall_timeout_s)],
+        )
         # Push sends messages we serialize ourselves (shared/weights/wire.py).
         self._push = self._channel.stream_unary(
             "/weightsync.v1.WeightSync/Push",
@@ -200,6 +212,7 @@ class SyncClient:
 
     def close(self) -> None:
         self._channel.close()
+        self._seeds.close()
 
     def get_model(self, name: str, connect_timeout_s: float = 3.0) -> RemoteModel:
         """What the target serves; waits up to `connect_timeout_s` for the channel (it may be
@@ -245,7 +258,7 @@ class SyncClient:
             ),
         )
         try:
-            result = self._stub.Seed(request, timeout=self._timeout_s)
+            result = pb_grpc.WeightSyncStub(self._seeds).Seed(request, timeout=self._timeout_s)
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
         return HopResult(

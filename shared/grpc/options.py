@@ -38,14 +38,18 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def watched_link(bound_s: float) -> list[tuple[str, int]]:
     """Channel arguments that drop the connection (the call fails UNAVAILABLE) once the peer has
     acknowledged nothing for about `bound_s` / 2: a ping every `bound_s` / 4 while a call is
-    open, answered by the peer's transport even while its handlers are busy, and TCP giving up
-    on bytes unacknowledged for that long (gRPC sets TCP_USER_TIMEOUT to the ping timeout). A
-    link gone dark is noticed that soon; the server must take frequent pings
+    open (gRPC spaces pings a second apart at least), answered by the peer's transport even
+    while its handlers are busy, dropped when unanswered for `bound_s` / 2 (the ping timeout:
+    gRPC's keepalive timeout alone does not bound it), and TCP giving up on bytes
+    unacknowledged for as long (gRPC sets TCP_USER_TIMEOUT to the keepalive timeout). A link
+    gone dark, or a peer whose process stopped, is noticed that soon, even on a call where
+    nothing flows (a Seed waiting for its answer); the server must take frequent pings
     (`server_options(frequent_pings=True)`)."""
     timeout_ms = max(int(bound_s * 500), 20)
     return [
         ("grpc.keepalive_time_ms", max(timeout_ms // 2, 10)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),  # what bounds the wait for an ack
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.max_pings_without_data", 0),
     ]

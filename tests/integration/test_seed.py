@@ -5,8 +5,11 @@ seed the replica cannot start gets a status of its own, and nothing served chang
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -138,6 +141,59 @@ def test_a_replica_restarted_without_its_state_is_routed_past_and_seeded_within_
         state = replica.model_state("stamp")
         assert (state.version, state.digest, state.writer_id) == (3, digest, "seed-sync")
     assert served_version(back) == "3"
+
+
+def test_a_donor_that_stops_mid_seed_is_given_up_and_the_trainer_pushes_the_replica_itself(
+    services: Services,
+) -> None:
+    services.env["TEST_STAMP_MB"] = "4"
+    ports = free_ports(3)  # in chain order: the first is the donor
+    replicas = [
+        services.inference(STAMP, "--sync-listen", f"127.0.0.1:{port}", name=f"replica{i}")
+        for i, port in enumerate(ports[:2])
+    ]
+    last = ports[2]
+    replicas.append(services.inference(STAMP, "--sync-listen", f"127.0.0.1:{last}", name="r2"))
+    publisher = Publisher([r.sync for r in replicas], "seed-sync", connect_timeout_s=5)
+    donor = replicas[0]
+    try:
+        publisher.publish("stamp", stamp_state(1, mb=4))
+        publisher.publish("stamp", stamp_state(2, mb=4))
+        # The last one restarts empty and takes pushes at 0.5 MB/s: its seed lasts about 8 s.
+        replicas[2].process.kill()
+        replicas[2].process.wait(timeout=10)
+        back = services.inference(
+            STAMP,
+            *("--sync-listen", f"127.0.0.1:{last}", "--sync-max-mb-per-s", "0.5"),
+            *("--sync-relay", "off"),
+            name="back",
+        )
+        with ThreadPoolExecutor(1) as pool:
+            sync = pool.submit(publisher.publish, "stamp", stamp_state(3, mb=4))
+
+            def seeded_in_flight() -> bool:
+                pending = back.model_state("stamp").pending
+                return pending.version == 3 and pending.bytes_received > 0
+
+            wait_until(seeded_in_flight, timeout=60)
+            # The donor's host goes dark mid-seed: the service and its sync relay stop.
+            stopped = [donor.process.pid, donor.relay_pid]
+            assert stopped[1] is not None
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                report = sync.result(timeout=60)
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+    finally:
+        publisher.close()
+    # The seed failed once its link stayed silent, and the trainer pushed the replica itself
+    # within the same sync, instead of waiting for the Seed call's deadline.
+    assert (report.version, report.targets, report.lagging) == (3, 3, ())
+    state = back.model_state("stamp")
+    assert (state.version, state.digest) == (3, state_digest(stamp_state(3, mb=4)))
+    assert f"seeding {back.sync} with version 3" in services.log("replica0")
 
 
 def test_a_replica_back_while_a_sync_is_in_flight_is_brought_to_that_version_alone(
