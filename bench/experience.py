@@ -5,17 +5,19 @@ collected sample takes to become a trained version that is served.
         N, M: samples (and their payload MB) a RemoteDataCollector in this process gets
               acknowledged by a trainer service (its experience plane, real process) per second,
               from the first collect() to the end of flush()
-        X:    that throughput over the same bytes (each batch, as the collector frames it, in an
-              experience.v1 Batch: the same messages, of the same sizes, with the same gRPC
-              options) streamed over a raw grpcio bidirectional stream to a server process that
-              only counts their bytes and answers each with an ack, in the same run
+        X:    that throughput over the same bytes (each batch of samples in an experience.v1
+              Batch, within a few bytes of the collector's own framing: as many messages, of
+              the same sizes, with the same gRPC options) streamed over a raw grpcio
+              bidirectional stream to a server process that only counts their bytes and answers
+              each with an ack, in the same run
     experience raw_ceiling samples_per_s=R mb_per_s=S
         that yardstick's own figures: the ceiling the collector is measured against
     experience collect_to_served_ms p50=A max=B
         from the collect() that completes a trainer's training condition (min_new_data_count)
         to the inference service serving the version that run pushed
 
-    python -m bench.experience [--samples 20000] [--dim 1024] [--repeat 3] [--rounds 5]
+    python -m bench.experience [--samples 20000] [--dim 1024] [--batch 64] [--repeat 3]
+        [--rounds 5]
 
 Throughput runs are interleaved (ours, raw, ours, ...) and reported as medians. The trainer
 service runs `bench.experience:app`: a buffer `bulk` that no trainer reads (throughput), and a
@@ -141,10 +143,10 @@ def samples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"obs": obs[i], "target": obs[i, :1].clone()} for i in range(count)]
 
 
-def ours(address: str, items: list[dict[str, torch.Tensor]]) -> float:
+def ours(address: str, items: list[dict[str, torch.Tensor]], batch: int = BATCH) -> float:
     total = sum(t.nbytes for item in items for t in item.values())
     with RemoteDataCollector(  # room for every sample: the run measures speed, not drops
-        address, "bulk", batch_size=BATCH, max_pending=len(items) + 1, max_pending_bytes=total + 1
+        address, "bulk", batch_size=batch, max_pending=len(items) + 1, max_pending_bytes=total + 1
     ) as collector:
         started = time.perf_counter()
         for item in items:
@@ -203,6 +205,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20_000, help="samples per throughput run")
     parser.add_argument("--dim", type=int, default=DIM, help="floats per observation")
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help="samples per batch (message), ours and raw alike"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs each (median)")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
     parser.add_argument("--serve-raw", type=Path, help=argparse.SUPPRESS)
@@ -219,10 +224,10 @@ def main() -> int:
         pb.Batch(
             buffer="bulk",
             sequence=n + 1,
-            payload=encode_batch(items[i : i + BATCH]),
+            payload=encode_batch(items[i : i + args.batch]),
             collector_id="raw",
         ).SerializeToString()
-        for n, i in enumerate(range(0, len(items), BATCH))
+        for n, i in enumerate(range(0, len(items), args.batch))
     ]
     payload_mb = sum(len(m) for m in messages) / 1e6
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +258,7 @@ def main() -> int:
             ours_s: list[float] = []
             raw_s: list[float] = []
             for _ in range(args.repeat):
-                ours_s.append(ours(experience, items))
+                ours_s.append(ours(experience, items, args.batch))
                 raw_s.append(raw(channel, messages))
             channel.close()
             took, took_raw = statistics.median(ours_s), statistics.median(raw_s)

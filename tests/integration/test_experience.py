@@ -288,6 +288,29 @@ def test_an_agent_holds_max_pending_bytes_while_its_trainer_is_away_then_sends_t
         assert torch.equal(stored["x"], x) and torch.equal(stored["y"], -x)  # bit-exact
 
 
+def test_a_sample_of_a_dtype_no_batch_carries_is_refused_by_collect_and_the_agent_goes_on(
+    services: Services,
+) -> None:
+    trainer = start_trainer(services)
+    collector = RemoteDataCollector(trainer.address, "steps")
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"tensor 'x': dtype torch\.complex128 cannot travel in a batch \(safetensors",
+        ):
+            collector.collect(
+                {"x": torch.zeros(1, dtype=torch.complex128), "y": torch.zeros(1), "id": 0}
+            )
+        for i in range(3):  # the collector goes on with the samples it can send
+            x = torch.tensor([i / 3])
+            collector.collect({"x": x, "y": -x, "id": torch.tensor(i)})
+        assert collector.flush(timeout=30)
+    finally:
+        stats = collector.close()
+    assert (stats.collected, stats.acknowledged, stats.dropped, stats.pending) == (3, 3, 0, 0)
+    assert trainer.stop() == [0, 1, 2]
+
+
 def test_bad_batches_are_refused_and_nothing_of_them_is_stored(services: Services) -> None:
     trainer = start_trainer(services, "--experience-max-batch", "16KiB")
     stored = 0

@@ -181,7 +181,8 @@ class RemoteDataCollector:
             f"samples of {size} bytes (max_pending {self._max_pending}, max_pending_bytes "
             f"{self._max_pending_bytes})"
         )
-        return Pending(layout, min(self._batch_size, max(1, self._pending_limit)))
+        capacity = min(self._batch_size, max(1, self._pending_limit))
+        return Pending(layout, capacity, self.buffer, self.collector_id)
 
     def _too_large(self, data: Mapping[str, Any], pending: Pending) -> None:
         """Drop a sample larger than max_pending_bytes (after checking it as `put` would)."""
@@ -346,9 +347,19 @@ class RemoteDataCollector:
             columns: dict[str, torch.Tensor] = {}
             pending, take, emptied = self._pending, 0, None
             if not resend and pending is not None and self._batch_due(time.monotonic()):
-                most = min(self._batch_size, (self._limits or (0, MAX_BATCH_SAMPLES))[1])
-                columns, take, emptied = pending.take(most)
-                self._in_transit = take
+                limits = self._limits or (None, MAX_BATCH_SAMPLES)
+                most = min(self._batch_size, limits[1])
+                whole = pending.take_whole(most, limits[0])
+                if whole is not None:  # the slab is the message: nothing to join
+                    self._sequence += 1
+                    batch = Framed(
+                        self._sequence, whole.capacity, whole.seal(self._sequence), slab=whole
+                    )
+                    self._unacked.append(batch)
+                    resend = [batch]
+                else:
+                    columns, take, emptied = pending.take(most)
+                    self._in_transit = take
         batches = self._encode(columns, take)
         with self._lock:
             self._in_transit = 0
@@ -364,7 +375,8 @@ class RemoteDataCollector:
                 if self._call is not call or call.ending or batch not in self._unacked:
                     return  # the call ended meanwhile: the next one sends the rest
                 batch.sent_at = time.monotonic()
-            call.requests.put(batch.message)
+                # Queued under the lock: once acknowledged, a batch's slab may be filled again.
+                call.requests.put(batch.message)
 
     @property
     def _queued(self) -> int:
@@ -395,13 +407,20 @@ class RemoteDataCollector:
                 batch = self._unacked.popleft()
                 self._acknowledged_samples += batch.samples
                 self._problem = None
+                self._release(batch)
                 self._changed.notify_all()
+
+    def _release(self, batch: Framed) -> None:
+        """A batch acknowledged or dropped: its slab, if it is one, may be filled again."""
+        if batch.slab is not None and self._pending is not None:
+            self._pending.reuse(batch.slab)
 
     def _ended(self, call: Call, error: grpc.RpcError | None) -> None:
         with self._lock:
             call.ended = True
             if error is not None and self._unacked and refused(error):
                 batch = self._unacked.popleft()  # the trainer refused it: it never will take it
+                self._release(batch)
                 self._drop(batch.samples, f"the trainer refused a batch: {status(error)}")
             elif error is not None and self._unacked:
                 self._trouble(f"the trainer at {self.holder}: {status(error)}")

@@ -1,9 +1,14 @@
-"""The samples a RemoteDataCollector holds until they are sent: rows of per-batch slabs.
+"""The samples a RemoteDataCollector holds until they are sent: rows of per-batch slabs, each
+slab the message its batch leaves in.
 
-`collect()` copies a sample's tensors straight into the next row of the newest slab (one
-preallocated tensor per name, `batch_size` rows): the one copy it promises, and the stacking
-the wire needs, at once. The sending thread takes the oldest rows as views, already a batch.
-Rows are written once, so views taken stay valid while later rows of the same slab fill.
+A slab is the experience.v1 Batch message of `batch_size` samples, laid out once per sample
+layout (`Form`, wire.Layout): `collect()` copies a sample's tensors straight into their rows of
+the newest slab (one memmove per tensor, the one copy it promises, and the stacking the wire
+needs, at once). A full slab leaves as it is (`take_whole`): its sequence number written in, the
+message is the slab's own bytes, so nothing is joined at send time; it is filled again once the
+trainer acknowledged it. Fewer rows (a batch sent after `max_delay_s`, or split to the trainer's
+limit) are taken as views (`take`) and joined into a message of their own. Rows are written
+once, so views taken stay valid while later rows of the same slab fill.
 """
 
 from __future__ import annotations
@@ -13,26 +18,66 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
+from shared.data.remote.memory import Filled, copier
 from shared.data.remote.samples import Layout, as_tensor
+from shared.data.remote.wire import batch_layout, padded_varint
+from shared.dtypes import BY_TORCH
+
+
+class Form:
+    """A sample layout's slabs: `capacity` rows, and where each tensor's rows lie in the
+    message (wire.Layout); computed once per collector."""
+
+    def __init__(self, layout: Layout, capacity: int, buffer: str, collector_id: str) -> None:
+        self.layout = layout
+        self.capacity = capacity
+        tensors = []
+        for name, (dtype, shape) in layout.items():
+            entry = BY_TORCH.get(dtype)
+            if entry is None or entry.safetensors is None:
+                raise ValueError(
+                    f"tensor {name!r}: dtype {dtype} cannot travel in a batch (safetensors has "
+                    "no such dtype)"
+                )
+            tensors.append((name, entry.safetensors, tuple(shape), shape.numel() * dtype.itemsize))
+        self.message = batch_layout(buffer, collector_id, tensors, capacity)
+        # Each tensor: name, dtype, shape, bytes per sample, offset of its rows, and whether
+        # its dtype is complex (a lazily conjugated tensor must be resolved before its copy).
+        self.tensors = [
+            (name, dtype, shape, nbytes, self.message.offsets[name], dtype.is_complex)
+            for (name, (dtype, shape)), (_, _, _, nbytes) in zip(
+                layout.items(), tensors, strict=True
+            )
+        ]
+        self.names = sorted(layout)
 
 
 class Slab:
-    """Up to `capacity` samples of one layout, each tensor's samples stacked in one preallocated
-    tensor: `put` copies a sample's tensors straight into their rows (the one copy `collect()`
-    makes), and `take` hands the oldest rows on as views, already stacked for the wire. Rows are
-    written once, so views taken stay valid while later rows fill."""
+    """Up to `capacity` samples of one layout, written in place into their batch's message:
+    `put` copies a sample's tensors straight into their rows, `take` hands the oldest rows on as
+    views (already stacked for the wire), `seal` hands the whole message on."""
 
-    def __init__(self, layout: Layout, capacity: int, created: float) -> None:
-        self.layout = layout
-        self.columns = {n: torch.empty((capacity, *s), dtype=d) for n, (d, s) in layout.items()}
-        self._rows = []  # each name: dtype, shape, rows to write, whether one element
-        for n, (d, s) in layout.items():
-            rows = _rows(self.columns[n])
-            self._rows.append((n, d, s, rows, rows is not None and s.numel() == 1))
-        self.capacity = capacity
+    def __init__(self, form: Form, created: float) -> None:
+        self.form = form
+        self.capacity = form.capacity
+        self.memory = Filled(form.message.size)
+        self.memory.write(0, form.message.head)
+        self.columns: dict[str, torch.Tensor] = {}
+        self._rows = []  # each tensor: name, dtype, shape, bytes per sample, where its first
+        # row lies, whether it is complex, and the memmove to copy a row with
+        for name, dtype, shape, nbytes, offset, is_complex in form.tensors:
+            rows = (self.capacity, *shape)
+            if nbytes:  # a view of the message (it keeps the message's memory alive)
+                column = torch.frombuffer(
+                    self.memory.buffer, dtype=dtype, count=rows[0] * shape.numel(), offset=offset
+                ).view(rows)
+            else:
+                column = torch.empty(rows, dtype=dtype)
+            self.columns[name] = column
+            first = self.memory.address + offset
+            self._rows.append((name, dtype, shape, nbytes, first, is_complex, copier(nbytes)))
         self.reset(created)
 
     def reset(self, created: float) -> None:
@@ -48,6 +93,11 @@ class Slab:
     def full(self) -> bool:
         return self.end == self.capacity
 
+    @property
+    def whole(self) -> bool:
+        """Whether every row holds a sample and none was taken or dropped."""
+        return self.end == self.capacity and not self.start
+
     def put(self, data: Mapping[str, Any]) -> None:
         """Copy one sample into the next row.
 
@@ -55,59 +105,77 @@ class Slab:
             ValueError: Its names, dtypes or shapes differ from the layout.
         """
         if len(data) != len(self._rows):
-            raise ValueError(f"sample names {sorted(data)} differ from {sorted(self.layout)}")
+            raise ValueError(f"sample names {sorted(data)} differ from {self.form.names}")
         row = self.end
-        for name, dtype, shape, rows, scalar in self._rows:  # the hot path: few calls a tensor
+        for name, dtype, shape, nbytes, first, is_complex, copy in self._rows:  # the hot path
             value = data.get(name)
-            if type(value) is not torch.Tensor:
-                if value is None:
-                    raise ValueError(
-                        f"sample names {sorted(data)} differ from {sorted(self.layout)}"
-                    )
-                value = as_tensor(value)
-            if value.dtype is not dtype or value.shape != shape:
-                raise ValueError(
-                    f"tensor {name!r} is {value.dtype} {list(value.shape)}, not {dtype} "
-                    f"{list(shape)}"
-                )
-            if rows is None:  # a dtype numpy lacks
-                self.columns[name][row].copy_(value.detach())
-            elif scalar:  # one element: a Python number converts back exactly, and costs less
-                rows[row] = value.item()
-            else:  # numpy's copy: the cheapest call per tensor
-                try:
-                    rows[row] = value.numpy()
-                except (RuntimeError, TypeError):  # needs grad, not on the CPU, a lazy view
-                    rows[row] = value.detach().cpu().resolve_conj().resolve_neg().numpy()
+            if (
+                type(value) is torch.Tensor
+                and value.dtype is dtype
+                and value.shape == shape
+                and value.is_contiguous()
+                and value.is_cpu
+                and not value.is_neg()
+                and not (is_complex and value.is_conj())
+            ):
+                copy(first + row * nbytes, value.data_ptr(), nbytes)
+            else:
+                self._put(data, name, value, row)
         self.end = row + 1
+
+    def _put(self, data: Mapping[str, Any], name: str, value: Any, row: int) -> None:
+        """Copy a value that is not a plain tensor of the layout (numpy, a number, a view, on
+        another device, ...) into its row, or say why it does not fit."""
+        if value is None:
+            raise ValueError(f"sample names {sorted(data)} differ from {self.form.names}")
+        dtype, shape = self.form.layout[name]
+        tensor = as_tensor(value)
+        if tensor.dtype is not dtype or tensor.shape != shape:
+            raise ValueError(
+                f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, not {dtype} {list(shape)}"
+            )
+        try:
+            self.columns[name][row].copy_(tensor.detach())
+        except RuntimeError as exc:  # a layout torch cannot copy from (sparse and the like)
+            raise ValueError(f"tensor {name!r} cannot be copied: {exc}") from None
 
     def take(self, count: int) -> dict[str, torch.Tensor]:
         """The oldest `count` rows, each tensor's as one view."""
         begin, self.start = self.start, self.start + count
         return {name: column[begin : self.start] for name, column in self.columns.items()}
 
+    def seal(self, sequence: int) -> bytes:
+        """The whole slab as the message of batch `sequence` (its rows all taken)."""
+        self.memory.write(self.form.message.sequence_at, padded_varint(sequence))
+        self.start = self.end
+        return self.memory.data
 
-def _rows(column: torch.Tensor) -> np.ndarray | None:
-    """What `put` writes a column's rows through: the column as a numpy array (indexing it
-    costs far less than a torch view); None for a dtype numpy lacks (bfloat16 and the like)."""
-    try:
-        return column.numpy()
-    except TypeError:
-        return None
+    @property
+    def unshared(self) -> bool:
+        """Whether nothing refers to its message but the slab (it may be filled again)."""
+        return self.memory.unshared
 
 
 SPARE_SLABS = 2
 
 
 class Pending:
-    """The samples waiting to be sent, oldest first, in slabs of `batch_size` rows."""
+    """The samples waiting to be sent, oldest first, in slabs of `batch_size` rows, each slab
+    the message of batch `buffer` from `collector_id`."""
 
-    def __init__(self, layout: Layout, batch_size: int) -> None:
+    def __init__(
+        self, layout: Layout, batch_size: int, buffer: str = "", collector_id: str = ""
+    ) -> None:
         self.layout = layout
-        self._batch_size = batch_size
+        self._form = Form(layout, batch_size, buffer, collector_id)
         self._slabs: deque[Slab] = deque()
         self._spare: list[Slab] = []  # slabs whose rows were all sent, to fill again
         self.count = 0
+
+    @property
+    def payload_bytes(self) -> int:
+        """The payload of a whole slab's batch."""
+        return self._form.message.payload_bytes
 
     def put(self, data: Mapping[str, Any], now: float | None = None) -> bool:
         """Copy one sample in (at `now`, time.monotonic() by default); whether it filled a
@@ -118,26 +186,43 @@ class Pending:
         """
         slab = self._slabs[-1] if self._slabs else None
         if slab is None or slab.full:
-            now = time.monotonic() if now is None else now
-            if self._spare:
-                slab = self._spare.pop()
-                slab.reset(now)
-            else:
-                slab = Slab(self.layout, self._batch_size, now)
+            slab = self._fresh(time.monotonic() if now is None else now)
             self._slabs.append(slab)
         try:
             slab.put(data)
         except ValueError:
             if not slab:
                 self._slabs.pop()
+                self.reuse(slab)
             raise
         self.count += 1
         return slab.full
+
+    def _fresh(self, now: float) -> Slab:
+        """A slab to fill: one given back whose message nothing refers to, or a new one."""
+        while self._spare:
+            slab = self._spare.pop()
+            if slab.unshared:
+                slab.reset(now)
+                return slab
+        return Slab(self._form, now)
 
     @property
     def oldest(self) -> float:
         """When the oldest waiting sample's slab took its first sample."""
         return self._slabs[0].created
+
+    def take_whole(self, most: int, max_bytes: int | None) -> Slab | None:
+        """The oldest slab, if it is whole and may go as one batch of at most `most` samples
+        and `max_bytes` payload bytes: `seal` it, and `reuse` it once acknowledged."""
+        slab = self._slabs[0] if self._slabs else None
+        if slab is None or not slab.whole or most < slab.capacity:
+            return None
+        if max_bytes is not None and self.payload_bytes > max_bytes:
+            return None
+        self._slabs.popleft()
+        self.count -= slab.capacity
+        return slab
 
     def take(self, most: int) -> tuple[dict[str, torch.Tensor], int, Slab | None]:
         """Up to `most` of the oldest samples (those of the oldest slab), stacked, as views;

@@ -1,18 +1,25 @@
-"""The experience.v1 `Batch` messages a RemoteDataCollector sends: framed, and encoded by hand.
+"""The experience.v1 `Batch` messages a RemoteDataCollector sends: encoded by hand.
 
-Protobuf's own `SerializeToString` would copy the payload once more after the batch's tensors
-were stacked into it: on these machines that copy costs about what the gRPC stream itself does.
-So the collector serializes the small fields with protobuf and appends the payload field (tag,
-varint length, bytes) itself, joining the payload's pieces (the header and views of the slab the
-samples were collected into, already stacked) straight into the message: the one copy between
-`collect()` and the socket. Fields
-may come in any order on the wire; the trainer parses it as any other Batch.
+A batch of `batch_size` samples is collected straight into its message (`Layout`, pending.py):
+the message's Batch fields, its payload's safetensors header and, for each tensor, room for its
+samples stacked, laid out once per sample layout, so `collect()`'s copy of a sample into its rows
+is the only copy between the agent's tensors and gRPC (which copies each message it sends, as it
+does any other). The sequence number, known only when the batch leaves, is a varint padded to
+ten bytes (protobuf reads a varint with redundant continuation bytes as its value) written in
+place; the header is padded with spaces so each tensor's data starts 8-byte aligned.
+
+A batch of fewer samples (one `max_delay_s` sent early, or split to the trainer's limit) is
+joined from views of its rows into a message of its own (`frame`): one more copy, for batches
+that are not full. Protobuf's own `SerializeToString` would copy the payload yet again. Fields
+may come in any order on the wire; the trainer parses every Batch by hand (`parse_batch`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,7 +27,12 @@ from shared.data.batch import column_pieces
 from shared.errors import MalformedBatchError
 from shared.gen.experience.v1 import experience_pb2 as pb
 
+if TYPE_CHECKING:
+    from shared.data.remote.pending import Slab
+
 PAYLOAD_TAG = b"\x1a"  # field 3 (`payload`), wire type 2 (length-delimited)
+SEQUENCE_TAG = b"\x10"  # field 2 (`sequence`), wire type 0 (varint)
+SEQUENCE_BYTES = 10  # the longest varint: room for any sequence number
 
 
 @dataclass(eq=False)  # batches are told apart by identity
@@ -31,6 +43,66 @@ class Framed:
     samples: int
     message: bytes  # the serialized Batch
     sent_at: float | None = None
+    slab: Slab | None = None  # the slab whose memory `message` is, to fill again once acknowledged
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lies in the message of a batch of `capacity` samples, collected in
+    place: `head` (its Batch fields and the payload's safetensors header) at 0, the sequence
+    number's ten bytes at `sequence_at`, and each tensor's samples, stacked, at `offsets`."""
+
+    size: int
+    head: bytes
+    sequence_at: int
+    offsets: dict[str, int]
+    payload_bytes: int
+
+
+def batch_layout(
+    buffer: str,
+    collector_id: str,
+    tensors: Sequence[tuple[str, str, tuple[int, ...], int]],
+    capacity: int,
+) -> Layout:
+    """The message of a batch of `capacity` samples of `tensors` (each: name, safetensors dtype,
+    shape of one sample, bytes of one sample), in that order."""
+    fields = pb.Batch(buffer=buffer, collector_id=collector_id).SerializeToString()
+    fields += SEQUENCE_TAG
+    sequence_at = len(fields)
+    fields += padded_varint(0)
+    table: dict[str, object] = {}
+    offsets: dict[str, int] = {}
+    data = 0
+    for name, dtype, shape, nbytes in tensors:
+        end = data + capacity * nbytes
+        table[name] = {"dtype": dtype, "shape": [capacity, *shape], "data_offsets": [data, end]}
+        offsets[name] = data
+        data = end
+    body = json.dumps(table, separators=(",", ":")).encode()
+    # The payload's length varint takes the size the longest padding would need (padded out
+    # when shorter), so the padding below does not move what follows it.
+    width = len(_varint(8 + len(body) + 7 + data))
+    start = len(fields) + len(PAYLOAD_TAG) + width + 8 + len(body)
+    body += b" " * (-start % 8)  # each tensor's data 8-byte aligned within the message
+    start += -start % 8
+    payload_bytes = 8 + len(body) + data
+    header = (
+        fields
+        + PAYLOAD_TAG
+        + _varint(payload_bytes, width)
+        + len(body).to_bytes(8, "little")
+        + body
+    )
+    assert len(header) == start
+    return Layout(
+        start + data, header, sequence_at, {n: start + o for n, o in offsets.items()}, payload_bytes
+    )
+
+
+def padded_varint(value: int) -> bytes:
+    """`value` as a varint of exactly SEQUENCE_BYTES bytes."""
+    return _varint(value, SEQUENCE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -85,12 +157,13 @@ def batch_message(
     return b"".join([head.SerializeToString(), PAYLOAD_TAG, _varint(size), *payload])
 
 
-def _varint(value: int) -> bytes:
+def _varint(value: int, width: int = 0) -> bytes:
+    """`value` as a varint, padded with redundant continuation bytes to `width` bytes."""
     out = bytearray()
     while True:
         byte = value & 0x7F
         value >>= 7
-        if not value:
+        if not value and len(out) + 1 >= width:
             out.append(byte)
             return bytes(out)
         out.append(byte | 0x80)

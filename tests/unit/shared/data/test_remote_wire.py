@@ -1,15 +1,18 @@
 """The RemoteDataCollector's pieces without a network: samples copied into slabs (one copy, the
-caller's memory free at once, slabs reused once framed), and Batch messages read by hand on the
-trainer exactly as protobuf reads them."""
+caller's memory free at once, slabs reused once framed or acknowledged), a whole slab sent as its
+own message, and Batch messages read by hand on the trainer exactly as protobuf reads them."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from shared.data.batch import BatchSchema, Column, decode_columns
 from shared.data.remote.pending import Pending
 from shared.data.remote.samples import layout_of
-from shared.data.remote.wire import PAYLOAD_TAG, batch_message, parse_batch
+from shared.data.remote.wire import PAYLOAD_TAG, batch_message, padded_varint, parse_batch
+from shared.dtypes import BY_OIP
 from shared.errors import MalformedBatchError
 from shared.gen.experience.v1 import experience_pb2 as pb
 
@@ -128,3 +131,109 @@ def test_a_batch_reads_as_protobuf_reads_it() -> None:
 def test_a_message_that_is_no_batch_is_refused(message: bytes, why: str) -> None:
     with pytest.raises(MalformedBatchError, match=why):
         parse_batch(message)
+
+
+def schema_of(layout: dict[str, tuple[torch.dtype, torch.Size]]) -> BatchSchema:
+    return BatchSchema(
+        "steps",
+        tuple(
+            Column(name, datatype(dtype), tuple(shape)) for name, (dtype, shape) in layout.items()
+        ),
+    )
+
+
+def datatype(dtype: torch.dtype) -> str:
+    return next(oip for oip, d in BY_OIP.items() if d.torch_dtype == dtype)
+
+
+def test_a_whole_slab_is_its_batch_message_read_bit_exact_by_the_trainer() -> None:
+    generator = torch.Generator().manual_seed(3)
+    obs = torch.randn(4, 5, generator=generator)
+    obs[0, 0] = float("nan")  # compared as bits
+    sent = [
+        {"obs": obs[i], "id": torch.tensor(i), "flag": torch.tensor([i % 2 == 0])} for i in range(4)
+    ]
+    pending = Pending(layout_of(sent[0]), 4, "steps", "abc")
+    reused = obs[0].clone()
+    pending.put({"obs": reused, "id": sent[0]["id"], "flag": sent[0]["flag"]}, 0.0)
+    reused.fill_(9.0)  # the caller reuses its tensor at once: the slab holds its own copy
+    for data in sent[1:]:
+        pending.put(data, 0.0)
+    assert pending.take_whole(3, None) is None  # the trainer takes fewer samples a batch
+    assert pending.take_whole(4, pending.payload_bytes - 1) is None  # or fewer bytes
+    slab = pending.take_whole(4, pending.payload_bytes)
+    assert slab is not None and pending.count == 0
+    message = slab.seal(2**40 + 3)
+
+    parsed = pb.Batch.FromString(message)  # protobuf reads it as any Batch
+    assert (parsed.buffer, parsed.sequence, parsed.collector_id) == ("steps", 2**40 + 3, "abc")
+    read = parse_batch(message)  # and so does the trainer, by hand
+    assert (read.buffer, read.sequence, read.collector_id) == ("steps", 2**40 + 3, "abc")
+    assert bytes(read.payload) == parsed.payload and len(read.payload) == pending.payload_bytes
+    columns = decode_columns(read.payload, schema_of(pending.layout))
+    expected = {name: torch.stack([s[name] for s in sent]) for name in sent[0]}
+    for name, column in columns.items():
+        assert column.dtype == expected[name].dtype
+        assert column.numpy().tobytes() == expected[name].numpy().tobytes(), name
+        # Each tensor's data lies 8-byte aligned within the message.
+        assert (column.data_ptr() - np.frombuffer(message, np.uint8).ctypes.data) % 8 == 0
+
+
+def test_a_sealed_slab_is_filled_again_only_once_nothing_refers_to_its_message() -> None:
+    pending = Pending(layout_of(sample(0)), 2, "steps", "abc")
+    for i in range(2):
+        pending.put(sample(i), 0.0)
+    slab = pending.take_whole(2, None)
+    assert slab is not None
+    message = slab.seal(1)
+    before = bytearray(message)  # a copy (bytes() of bytes is the same object)
+    pending.reuse(slab)  # acknowledged, but the message is still referred to (queued, say)
+    for i in range(2, 4):
+        pending.put(sample(i), 1.0)
+    unchanged = message == before  # a new slab took those samples
+    assert unchanged
+    other = pending.take_whole(2, None)
+    assert other is not None and other is not slab
+    del message
+    pending.reuse(slab)  # given back again, nothing referring to its message now
+    pending.put(sample(4), 2.0)
+    assert slab.columns["id"][0].item() == 4  # filled again
+    assert pending.take(1)[0]["id"].tolist() == [4]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        torch.tensor([0.0, 9.0, -1.0, 9.0, -2.0, 9.0])[::2],  # not contiguous
+        torch._neg_view(torch.tensor([0.0, 1.0, 2.0])),  # lazily negated
+        np.array([0.0, -1.0, -2.0], dtype=np.float32),
+        torch.tensor([0.0, -1.0, -2.0], requires_grad=True),
+        torch.nn.Parameter(torch.tensor([0.0, -1.0, -2.0])),
+    ],
+)
+def test_any_tensor_like_value_is_copied_as_its_values(value: object) -> None:
+    pending = Pending({"x": (torch.float32, torch.Size([3]))}, 2)
+    pending.put({"x": value}, 0.0)
+    pending.put({"x": torch.tensor([7.0, 8.0, 9.0])}, 0.0)
+    assert pending.take(2)[0]["x"].tolist() == [[0.0, -1.0, -2.0], [7.0, 8.0, 9.0]]
+
+
+def test_a_lazily_conjugated_complex_tensor_is_copied_as_its_values() -> None:
+    value = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj()
+    assert value.is_conj()
+    pending = Pending(layout_of({"z": value}), 1)
+    pending.put({"z": value}, 0.0)
+    assert pending.take(1)[0]["z"][0].tolist() == [1 - 2j, 3 + 4j]
+
+
+def test_a_dtype_no_batch_can_carry_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="cannot travel in a batch"):
+        Pending(layout_of({"z": torch.zeros(2, dtype=torch.complex128)}), 4)
+
+
+def test_padded_varints_read_as_their_value() -> None:
+    for value in (0, 1, 300, 2**63 - 1, 2**64 - 1):
+        message = b"\x10" + padded_varint(value)
+        assert len(padded_varint(value)) == 10
+        assert pb.Batch.FromString(message).sequence == value
+        assert parse_batch(message).sequence == value
