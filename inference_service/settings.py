@@ -279,7 +279,9 @@ class InferenceSettings:
             "INFERENCE_FORWARD_STALL_TIMEOUT_S",
             "how long a replica this service passes a push on to may take nothing before it is "
             "cut off and reported stalled, and the replicas after it are fed past it (at 1 "
-            "Gbit/s and up a live replica takes the few MiB queued for it in tens of ms)",
+            "Gbit/s and up a live replica takes the few MiB queued for it in tens of ms); its "
+            "link is pinged every quarter of this and dropped when nothing is acknowledged for "
+            "half of it",
             duration("s", positive=True),
         ),
     )
