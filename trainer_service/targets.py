@@ -129,7 +129,7 @@ class Target:
     retry_at: float = 0.0
     retry_delay_s: float = 0.0
     catching_up: bool = False  # a catch-up task holds it or is queued for it
-    instance: str | None = None  # the service's instance id, once it answered
+    instance: str | None = None  # the service's instance id, once it answered (None: not yet)
     alias_of: str | None = None  # the address this service is fed through instead, if another
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -187,7 +187,7 @@ class Target:
         """What it serves of the model, and which service instance answers;
         TargetUnreachableError when it does not answer within `connect_timeout_s`."""
         remote = self.client.get_model(self.model, connect_timeout_s)
-        self.instance = remote.instance_id or None
+        self.instance = remote.instance_id  # "" from a service that does not name it
         return remote
 
     def same_service_as(self, primary: Target) -> None:
@@ -260,7 +260,7 @@ class Targets:
         another known target of its model answered with the same instance id, i.e. one service
         is listed under two addresses. That service is fed through the one holding the writer
         lease there, else through the lowest address."""
-        if target.instance is None or target.alias_of is not None:
+        if not target.instance or target.alias_of is not None:
             return target.alias_of is None
         with self._lock:
             same = [
