@@ -224,6 +224,8 @@ class Targets:
         self._lock = threading.Lock()
         self._clients: dict[str, SyncClient] = {}
         self._targets: dict[tuple[str, str], Target] = {}
+        # (model, instance id) -> the target its service is fed through
+        self._instances: dict[tuple[str, str], Target] = {}
 
     def resolved(self, model: str) -> list[Target]:
         """The model at every address the names resolve to now. Lagging targets whose address
@@ -243,6 +245,8 @@ class Targets:
                     )
                     target.forget()
                     del self._targets[(address, model)]
+                    if self._instances.get((model, target.instance or "")) is target:
+                        del self._instances[(model, target.instance or "")]
         return found
 
     def known(self, model: str | None = None) -> list[Target]:
@@ -257,25 +261,17 @@ class Targets:
 
     def distinct(self, target: Target) -> bool:
         """Whether `target` is a service of its own: False (and from now on left out) when
-        another known target of its model answered with the same instance id, i.e. one service
-        is listed under two addresses. That service is fed through the one holding the writer
-        lease there, else through the lowest address."""
+        another target of its model answered with the same instance id first, i.e. one service
+        is listed under two addresses; it is fed through that one. The first to answer is
+        kept, so that one service is never written through two addresses at once."""
         if not target.instance or target.alias_of is not None:
             return target.alias_of is None
         with self._lock:
-            same = [
-                t
-                for t in self._targets.values()
-                if t.model == target.model and t.alias_of is None and t.instance == target.instance
-            ]
-        if len(same) == 1:
+            first = self._instances.setdefault((target.model, target.instance), target)
+        if first is target:
             return True
-        leased = [t for t in same if t.epoch is not None]
-        primary = min(leased or same, key=lambda t: t.address)
-        for other in same:
-            if other is not primary:
-                other.same_service_as(primary)
-        return primary is target
+        target.same_service_as(first)
+        return False
 
     def close(self) -> None:
         """Close every client (cancelling the calls in flight on them)."""

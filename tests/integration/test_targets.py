@@ -180,7 +180,7 @@ def test_one_service_listed_under_two_addresses_is_fed_once_and_training_goes_on
     first, second = f"127.0.0.1:{port}", f"127.0.0.2:{port}"
     trainer = services.start_trainer(
         STAMP,
-        [second, first],
+        [first, second],
         *("--trainer-id", "trainer", "--max-runs", "2", "--run-interval", "0"),
         name="trainer",
     )
@@ -190,6 +190,7 @@ def test_one_service_listed_under_two_addresses_is_fed_once_and_training_goes_on
     # another trainer and stopped.
     assert "another trainer has taken it over" not in log
     assert f"{first} and {second} reach the same inference service" in log
+    assert f"it is fed once, through {first}" in log  # the first listed
     assert "version 3 committed on 1 inference service(s)" in log
     state = inference.model_state("stamp")
     assert (state.version, state.digest, state.writer_id) == (3, stamp_digest(2), "trainer")
