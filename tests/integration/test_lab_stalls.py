@@ -44,10 +44,12 @@ def test_a_link_cut_mid_direct_push_is_cancelled_and_the_cut_one_caught_up_once_
 def test_a_hop_whose_link_goes_dark_is_cut_by_its_transport_well_within_the_stall_bound(
     lab: Lab,
 ) -> None:
-    # A forward stall bound of 20 s, and a trainer that would wait for minutes: only the watch
-    # on the link (a ping every 5 s, the connection dropped once nothing was acknowledged for
-    # 10 s) cuts the dark hop off before the sync below gives up waiting.
-    lab.replicas_in(REPLICAS, "--forward-stall-timeout-s", "20")
+    # A forward stall bound of 8 s, an answer timeout of a minute after the commit (30 s a hop
+    # left) and a trainer that would wait for minutes: the watch on the link (a ping every 2 s,
+    # the connection dropped once nothing was acknowledged for 4 s) cuts the dark hop off
+    # before the bound would (DEADLINE_EXCEEDED), and well before TCP gives up on its own
+    # (about 20 s).
+    lab.replicas_in(REPLICAS, "--forward-stall-timeout-s", "8", "--push-idle-timeout-s", "30")
     lab.trainer(
         REPLICAS,
         *("--max-runs", "2", "--run-interval", "600", "--connect-timeout", "1"),
@@ -55,7 +57,7 @@ def test_a_hop_whose_link_goes_dark_is_cut_by_its_transport_well_within_the_stal
     )
     wait_until(lambda: receiving(lab, "replica3", 2), timeout=60)
     lab.hostlab.cut("replica2")
-    wait_until(lambda: "version 2 committed on 2" in lab.services.log("trainer"), timeout=17)
+    wait_until(lambda: "version 2 committed on 2" in lab.services.log("trainer"), timeout=15)
     for host in ("replica1", "replica3"):
         assert holds(lab, host, 2, 1), (host, lab.state(host))
     cut = sync_address(lab, "replica2")
