@@ -12,6 +12,13 @@ collected sample takes to become a trained version that is served.
               each with an ack, in the same run
     experience raw_ceiling samples_per_s=R mb_per_s=S
         that yardstick's own figures: the ceiling the collector is measured against
+    experience trainer_cpu_us_per_sample=T raw_server_cpu_us_per_sample=U
+        CPU time (user and system, every thread) the trainer process spent per sample during
+        the throughput runs of ours, and the raw server process during the raw runs
+    experience replay ratio_vs_raw=Y trainer_cpu_us_per_sample=V
+        the trainer alone: the same samples, laid out as a RemoteDataCollector lays out full
+        batches (built beforehand), sent by the raw client to the trainer's experience plane;
+        Y its throughput over the raw yardstick's, V the trainer's CPU time per sample
     experience collect_to_served_ms p50=A max=B
         from the collect() that completes a trainer's training condition (min_new_data_count)
         to the inference service serving the version that run pushed
@@ -137,6 +144,14 @@ def serve_raw(port_file: Path) -> None:
     server.wait_for_termination()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user and system, every thread) process `pid` has spent so far."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def samples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     obs = torch.randn(count, dim(), generator=generator)
@@ -160,9 +175,30 @@ def ours(address: str, items: list[dict[str, torch.Tensor]], batch: int = BATCH)
     return took
 
 
-def raw(channel: grpc.Channel, messages: list[bytes]) -> float:
+def laid_out(items: list[dict[str, torch.Tensor]], batch: int, collector_id: str) -> list[bytes]:
+    """`items` as the messages a RemoteDataCollector sends for full batches of `batch`
+    samples (shared/data/remote/wire.py), the last batch short of samples left out."""
+    from shared.data.remote.wire import batch_layout, padded_varint
+    from shared.weights.digest import byte_view
+
+    first = items[0]
+    tensors = [(n, "F32", tuple(t.shape), t.nbytes) for n, t in first.items()]
+    layout = batch_layout("bulk", collector_id, tensors, batch)
+    out = []
+    for n, i in enumerate(range(0, len(items) - batch + 1, batch)):
+        message = bytearray(layout.size)
+        message[: len(layout.head)] = layout.head
+        message[layout.sequence_at : layout.sequence_at + 10] = padded_varint(n + 1)
+        for name in first:
+            data = byte_view(torch.stack([item[name] for item in items[i : i + batch]]))
+            message[layout.offsets[name] : layout.offsets[name] + len(data)] = data
+        out.append(bytes(message))
+    return out
+
+
+def raw(channel: grpc.Channel, messages: list[bytes], method: str = RAW_METHOD) -> float:
     call = channel.stream_stream(
-        RAW_METHOD, request_serializer=None, response_deserializer=pb.BatchAck.FromString
+        method, request_serializer=None, response_deserializer=pb.BatchAck.FromString
     )
     started = time.perf_counter()
     acks = sum(1 for _ in call(iter(messages), timeout=600))
@@ -242,6 +278,7 @@ def main() -> int:
                 *launch.QUIET,
                 timeout=120,
             )
+            trainer_pid = launcher.processes[-1].pid
             port_file = Path(tmp) / "raw.port"
             server = launcher.spawn(
                 [sys.executable, "-m", "bench.experience", "--serve-raw", str(port_file)], "raw"
@@ -257,10 +294,26 @@ def main() -> int:
             )
             ours_s: list[float] = []
             raw_s: list[float] = []
-            for _ in range(args.repeat):
+            trainer_cpu = raw_cpu = replay_cpu = 0.0
+            replay_s: list[float] = []
+            replayed = 0
+            trainer_channel = grpc.insecure_channel(
+                experience, options=channel_options(MAX_MESSAGE)
+            )
+            for run in range(args.repeat):
+                replay = laid_out(items, args.batch, f"replay-{run}")
+                before = cpu_s(trainer_pid)
+                replay_s.append(raw(trainer_channel, replay, "/experience.v1.Experience/Collect"))
+                replay_cpu += cpu_s(trainer_pid) - before
+                replayed = len(replay) * args.batch
+                before = cpu_s(trainer_pid)
                 ours_s.append(ours(experience, items, args.batch))
+                trainer_cpu += cpu_s(trainer_pid) - before
+                before = cpu_s(server.pid)
                 raw_s.append(raw(channel, messages))
+                raw_cpu += cpu_s(server.pid) - before
             channel.close()
+            trainer_channel.close()
             took, took_raw = statistics.median(ours_s), statistics.median(raw_s)
             print(
                 f"experience ratio_vs_raw={took_raw / took:.2f} "
@@ -270,6 +323,18 @@ def main() -> int:
                 f"experience raw_ceiling samples_per_s={args.samples / took_raw:.0f} "
                 f"mb_per_s={payload_mb / took_raw:.1f} (the same Batch bytes, pre-built, over a "
                 "bare grpcio stream to a server that only counts their bytes and acknowledges them)"
+            )
+            per_sample = 1e6 / (args.samples * args.repeat)
+            print(
+                f"experience trainer_cpu_us_per_sample={trainer_cpu * per_sample:.1f} "
+                f"raw_server_cpu_us_per_sample={raw_cpu * per_sample:.1f} (CPU time of the "
+                "trainer process during our runs, of the raw server during the raw runs)"
+            )
+            took_replay = statistics.median(replay_s) / replayed * args.samples
+            print(
+                f"experience replay ratio_vs_raw={took_raw / took_replay:.2f} "
+                f"trainer_cpu_us_per_sample={replay_cpu * 1e6 / (replayed * args.repeat):.1f} "
+                "(the agent's full batches, pre-built, sent by the raw client to the trainer)"
             )
             print(
                 f"experience collect_us_per_sample="

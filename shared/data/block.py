@@ -12,10 +12,12 @@ torch is imported on first use: the data API itself does not need it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -85,6 +87,31 @@ def copy(tensor: torch.Tensor) -> torch.Tensor:
     except TypeError:  # a dtype numpy lacks (bfloat16 and the like)
         return tensor.clone()
     return torch.from_numpy(np.array(array))
+
+
+def copy_bytes(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of `dtype` and `shape` (as many bytes as `data` holds) with memory of its own,
+    holding a copy of `data` made by one memcpy on this thread, as `copy` makes it."""
+    import numpy as np
+    import torch
+
+    kind = _numpy_dtype(dtype)
+    if kind is None or not len(data):  # a dtype numpy lacks (bfloat16 and the like)
+        out = torch.empty(shape, dtype=dtype)
+        if len(data):
+            out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+        return out
+    return torch.from_numpy(np.frombuffer(data, dtype=kind).copy()).reshape(shape)
+
+
+@functools.cache
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any] | None:
+    import torch
+
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        return None
 
 
 def is_block(value: object) -> bool:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from shared.data.batch import MAX_BATCH_SAMPLES, BatchSchema, Column, decode_columns
-from shared.data.block import block_of
+from shared.data.block import SampleBlock, block_of
 from shared.data.container import DataUsersDict
 from shared.errors import BufferNotFoundError, ResourceLimitError
 
@@ -82,14 +82,32 @@ class ExperiencePlane:
             ResourceLimitError: The payload or its sample count is over the limit.
             MalformedBatchError: The payload does not match the buffer.
         """
-        schema = self._schemas.get(buffer)
-        if schema is None:
-            known = ", ".join(sorted(self._schemas)) or "none"
-            raise BufferNotFoundError(
-                f"batch {sequence}: this trainer holds no buffer named {buffer!r}; it holds: "
-                f"{known}"
-            )
-        size = len(payload)
+        schema = self.schema(buffer, sequence)
+        return self.store_block(
+            buffer,
+            sequence,
+            len(payload),
+            collector_id,
+            lambda: block_of(decode_columns(payload, schema, self.max_batch_samples)),
+        )
+
+    def store_block(
+        self,
+        buffer: str,
+        sequence: int,
+        size: int,
+        collector_id: str,
+        block: Callable[[], SampleBlock],
+    ) -> Stored:
+        """Hand the samples of a batch of `size` payload bytes to the buffer's collector, as
+        `block()` makes them (checked against the buffer, the block's own memory), unless the
+        batch was stored before.
+
+        Raises:
+            BufferNotFoundError: There is no buffer `buffer`.
+            ResourceLimitError: The payload is over the limit; or what `block()` raises.
+        """
+        self.schema(buffer, sequence)  # raises if there is no such buffer
         if size > self.max_batch_bytes:
             raise ResourceLimitError(
                 f"batch {sequence} for buffer {buffer!r} carries {size} bytes; this trainer "
@@ -98,19 +116,34 @@ class ExperiencePlane:
             )
         if self._stored_before(collector_id, sequence):
             return Stored(buffer, sequence, 0, size, duplicate=True)
-        block = block_of(decode_columns(payload, schema, self.max_batch_samples))
+        samples = block()
         collector = self._users.data_collectors_dict[buffer]
         with self._lock:
             if self._stored_before(collector_id, sequence):  # a resend on another call won
                 return Stored(buffer, sequence, 0, size, duplicate=True)
-            collector.collect_batch(block)
-            self._received[buffer] += block.count
+            collector.collect_batch(samples)
+            self._received[buffer] += samples.count
             if collector_id:
                 self._last_sequence[collector_id] = sequence
                 self._last_sequence.move_to_end(collector_id)
                 while len(self._last_sequence) > MAX_COLLECTORS:
                     self._last_sequence.popitem(last=False)
-        return Stored(buffer, sequence, block.count, size)
+        return Stored(buffer, sequence, samples.count, size)
+
+    def schema(self, buffer: str, sequence: int = 0) -> BatchSchema:
+        """What the samples of `buffer` hold.
+
+        Raises:
+            BufferNotFoundError: There is no buffer `buffer` (`sequence`: the batch that asked).
+        """
+        schema = self._schemas.get(buffer)
+        if schema is None:
+            known = ", ".join(sorted(self._schemas)) or "none"
+            raise BufferNotFoundError(
+                f"batch {sequence}: this trainer holds no buffer named {buffer!r}; it holds: "
+                f"{known}"
+            )
+        return schema
 
     def _stored_before(self, collector_id: str, sequence: int) -> bool:
         if not collector_id:

@@ -2,11 +2,14 @@
 
 Collect takes its Batch messages unparsed and reads them by hand (shared/data/remote/wire.py),
 the payload a view of the message: protobuf's parse would copy it (see shared/weights/wire.py).
+A stream's batches that repeat the layout of one checked before skip the parsing and checks
+(layouts.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import grpc
 from typing_extensions import override
@@ -17,6 +20,7 @@ from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.errors import abort, failure, grpc_errors
 from shared.grpc.handlers import register, unary
+from trainer_service.experience.layouts import Known, learn
 from trainer_service.experience.service import BufferInfo, ExperiencePlane, Stored
 
 
@@ -29,12 +33,27 @@ class ExperienceServicer(pb_grpc.ExperienceServicer):  # type: ignore[misc]
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[pb.BatchAck]:
         # A generator: the error table is applied inside it, where the errors are raised.
+        known: Known | None = None  # the layout of this stream's full batches, once checked
         try:
             for message in request_iterator:
-                batch = parse_batch(message)
-                stored = self._plane.store(
-                    batch.buffer, batch.sequence, batch.payload, batch.collector_id
-                )
+                sequence = None if known is None else known.sequence(message)
+                if known is not None and sequence is not None:
+                    stored = self._plane.store_block(
+                        known.buffer,
+                        sequence,
+                        known.payload_bytes,
+                        known.collector_id,
+                        partial(known.block, message),
+                    )
+                else:
+                    batch = parse_batch(message)
+                    stored = self._plane.store(
+                        batch.buffer, batch.sequence, batch.payload, batch.collector_id
+                    )
+                    if not stored.duplicate:
+                        schema = self._plane.schema(batch.buffer)
+                        found = learn(message, batch, schema, self._plane.max_batch_samples)
+                        known = known if found is None else found
                 yield ack(stored)
         except grpc.RpcError:
             return  # the agent went away mid-call: what it was acknowledged is stored
