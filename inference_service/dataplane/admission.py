@@ -12,8 +12,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
-
 from inference_service import metrics
 from shared.errors import ResourceLimitError
 
@@ -46,7 +44,9 @@ class Admission:
         self._lock = threading.Lock()
         self._requests: dict[str, int] = {}
         self._bytes = 0
-        self._gauges: dict[str, Gauge] = {}  # each model's child of REQUESTS_IN_FLIGHT
+        # The gauges read the counts when scraped: a request sets nothing on them.
+        self._gauged: set[str] = set()  # models whose REQUESTS_IN_FLIGHT child reads this
+        metrics.REQUEST_BYTES_IN_FLIGHT.set_function(lambda: self._bytes)
 
     def admit(self, model: str, nbytes: int) -> Ticket:
         """A place for one request of `model` whose tensors hold `nbytes`; ResourceLimitError
@@ -74,8 +74,8 @@ class Admission:
                 )
             self._requests[model] = held + 1
             self._bytes += nbytes
-            self._gauge(model).set(held + 1)
-            metrics.REQUEST_BYTES_IN_FLIGHT.set(self._bytes)
+        if model not in self._gauged:
+            self._gauge(model)
         return Ticket(self, model, nbytes)
 
     def release(self, ticket: Ticket) -> None:
@@ -86,15 +86,12 @@ class Admission:
             held = self._requests[ticket.model] - 1
             self._requests[ticket.model] = held
             self._bytes -= ticket.nbytes
-            self._gauge(ticket.model).set(held)
-            metrics.REQUEST_BYTES_IN_FLIGHT.set(self._bytes)
 
-    def _gauge(self, model: str) -> Gauge:
-        """`model`'s in-flight gauge, looked up once; called holding the lock."""
-        gauge = self._gauges.get(model)
-        if gauge is None:
-            gauge = self._gauges[model] = metrics.REQUESTS_IN_FLIGHT.labels(model)
-        return gauge
+    def _gauge(self, model: str) -> None:
+        """Make `model`'s in-flight gauge read its count here (once per model)."""
+        requests = self._requests
+        metrics.REQUESTS_IN_FLIGHT.labels(model).set_function(lambda: requests.get(model, 0))
+        self._gauged.add(model)
 
     def in_flight(self, model: str) -> int:
         with self._lock:

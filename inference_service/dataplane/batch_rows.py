@@ -19,6 +19,8 @@ ShapeKey = tuple[tuple[int, ...], ...]
 def common_rows(specs: Sequence[TensorSpec], inputs: Sequence[Tensor]) -> int:
     """The number of rows (size of the first dimension) every input of one request has;
     InvalidInputError if they differ, since a batch is split back by rows."""
+    if len(inputs) == 1:
+        return int(inputs[0].shape[0])
     rows = {spec.name: int(t.shape[0]) for spec, t in zip(specs, inputs, strict=True)}
     if len(set(rows.values())) > 1:
         listed = ", ".join(f"{name!r} {count}" for name, count in rows.items())
@@ -31,7 +33,9 @@ def common_rows(specs: Sequence[TensorSpec], inputs: Sequence[Tensor]) -> int:
 
 def shape_key(inputs: Sequence[Tensor]) -> ShapeKey:
     """Each input's sizes beyond the first dimension: requests join a batch only if equal."""
-    return tuple(tuple(int(d) for d in t.shape[1:]) for t in inputs)
+    if len(inputs) == 1:
+        return (tuple(inputs[0].shape[1:]),)
+    return tuple(tuple(t.shape[1:]) for t in inputs)
 
 
 def join_rows(parts: Sequence[Tensor]) -> Tensor:

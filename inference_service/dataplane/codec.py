@@ -60,7 +60,7 @@ def decode_inputs(
     Every shape is checked before any tensor is built: its sizes must fit the spec, and the
     elements they span must fit in a message of `max_message_bytes` (so no size, nor product
     of sizes, can overflow what numpy and torch compute from it, even with a size of 0)."""
-    expected = {spec.name: spec for spec in specs}
+    expected = _by_name(specs)
     raw = request.raw_input_contents
     inputs = request.inputs
     if raw and len(raw) != len(inputs):
@@ -104,11 +104,16 @@ def _check_header(
             f"{spec.datatype}"
         )
     shape = list(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(f"input {tensor.name!r}: shape {shape} has a negative size")
-    if len(shape) != len(spec.shape) or any(
-        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
-    ):
+    for got in shape:
+        if got < 0:
+            raise InvalidInputError(f"input {tensor.name!r}: shape {shape} has a negative size")
+    fits = len(shape) == len(spec.shape)
+    if fits:
+        for want, got in zip(spec.shape, shape, strict=True):
+            if want != got and want != -1:
+                fits = False
+                break
+    if not fits:
         raise InvalidInputError(
             f"input {tensor.name!r}: shape {shape} does not fit the model's {list(spec.shape)} "
             "(-1: any size)"
@@ -221,7 +226,7 @@ def encode_into(
     """Add the requested outputs (all when none are named) to `response`, from outputs in host
     memory (`model_io.normalize_model_outputs` put them there): written in place, since
     building tensor messages apart and handing them to the response copies each one."""
-    index = {spec.name: i for i, spec in enumerate(specs)}
+    index = _index_of(specs)
     for name in requested:
         if name not in index:
             raise InvalidInputError(
@@ -238,6 +243,36 @@ def encode_into(
             response.raw_output_contents.append(data)
         elif field is not None:
             getattr(out.contents, field.name).extend(values)
+
+
+# Per spec sequence (a served model's inputs or outputs, which live as long as the service),
+# what decoding and encoding would otherwise rebuild on every request; keyed by identity, the
+# sequence kept alongside so that its id cannot be reused.
+_NAMED: dict[int, tuple[Sequence[TensorSpec], dict[str, TensorSpec]]] = {}
+_INDEXED: dict[int, tuple[Sequence[TensorSpec], dict[str, int]]] = {}
+_CACHED_MOST = 1024  # a bound, for callers that pass specs built per call
+
+
+def _by_name(specs: Sequence[TensorSpec]) -> dict[str, TensorSpec]:
+    """`specs` by name (a dict that must not be changed)."""
+    entry = _NAMED.get(id(specs))
+    if entry is not None and entry[0] is specs:
+        return entry[1]
+    named = {spec.name: spec for spec in specs}
+    if len(_NAMED) < _CACHED_MOST:
+        _NAMED[id(specs)] = (specs, named)
+    return named
+
+
+def _index_of(specs: Sequence[TensorSpec]) -> dict[str, int]:
+    """Each spec's position by name (a dict that must not be changed)."""
+    entry = _INDEXED.get(id(specs))
+    if entry is not None and entry[0] is specs:
+        return entry[1]
+    index = {spec.name: i for i, spec in enumerate(specs)}
+    if len(_INDEXED) < _CACHED_MOST:
+        _INDEXED[id(specs)] = (specs, index)
+    return index
 
 
 def _encode_output(

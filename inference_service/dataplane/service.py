@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter
 
 from prometheus_client import Histogram
 
@@ -103,17 +104,19 @@ class DataPlane:
 
         The request holds a place in `admission` from here until its model has run (or it
         was dropped unrun), whether or not its caller still waits."""
-        if not self.ready:
+        if not self._ready.is_set():
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
-        pinned = self._version(model, version)
-        batcher = self._batchers.get(model.name)
-        joins = self._batchable.get(model.name)
+        pinned = self._version(model, version) if version else None
+        name = model.name
+        batcher = self._batchers.get(name)
+        joins = self._batchable.get(name)
         if joins if joins is not None else batchable(model):
             rows = common_rows(model.spec.inputs, inputs)
         else:
             rows = int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else 1
-        ticket = self.admission.admit(model.name, sum(tensor_bytes(t) for t in inputs))
-        started = time.perf_counter()
+        nbytes = tensor_bytes(inputs[0]) if len(inputs) == 1 else sum(map(tensor_bytes, inputs))
+        ticket = self.admission.admit(name, nbytes)
+        started = perf_counter()
         try:
             if batcher is not None:
                 # one hop to the batcher's thread and one back per batch (batcher.py)
@@ -128,11 +131,14 @@ class DataPlane:
         try:
             outputs, generation = await waiter
         except Exception:
-            self.stats.request(model.name, time.perf_counter() - started, rows, ok=False)
+            self.stats.request(name, perf_counter() - started, rows, ok=False)
             raise
-        took = time.perf_counter() - started
-        self.stats.request(model.name, took, rows, ok=True)
-        self._request_seconds(model.name).observe(took)
+        took = perf_counter() - started
+        self.stats.request(name, took, rows, ok=True)
+        seconds = self._seconds.get(name)
+        if seconds is None:
+            seconds = self._request_seconds(name)
+        seconds.observe(took)
         return outputs, generation
 
     def _request_seconds(self, model: str) -> Histogram:

@@ -168,11 +168,33 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, timeout_s: float | None
     ) -> pb.ModelInferResponse:
+        data = self._data
+        name = request.model_name
         # Only served names become label values: a client's garbage must not grow the series.
-        label = request.model_name if request.model_name in self._data.models else ""
+        label = name if name in data.models else ""
         code = "INTERNAL"
         try:
-            response = await self._infer_checked(request, timeout_s)
+            version = request.model_version
+            model = data.model(name, version)
+            parameters = request.parameters
+            inputs = decode_inputs(request, model.spec.inputs)
+            recording = data.recorder.plans(model.name, parameters)
+            outputs, generation = await data.infer(model, inputs, timeout_s, version)
+            if recording:  # queued for the recorder's thread: the answer does not wait
+                data.recorder.record(recording, inputs, outputs)
+            response = pb.ModelInferResponse(
+                model_name=model.name, model_version=str(generation.version), id=request.id
+            )
+            if parameters:
+                for key, value in parameters.items():  # echoed, as they came
+                    response.parameters[key].CopyFrom(value)
+            encode_into(
+                response,
+                outputs,
+                model.spec.outputs,
+                [o.name for o in request.outputs] if request.outputs else (),
+                raw=bool(request.raw_input_contents),
+            )
             code = "OK"
             return response
         except ServiceError as error:
@@ -182,7 +204,10 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             code = "CANCELLED"
             raise
         finally:
-            self._counter(label, code).inc()
+            counter = self._counted.get((label, code))
+            if counter is None:
+                counter = self._counter(label, code)
+            counter.inc()
 
     def _counter(self, model: str, code: str) -> Counter:
         """REQUESTS' child for `model` and `code`, looked up once (labels() takes a lock and
@@ -191,28 +216,3 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         if counter is None:
             counter = self._counted.setdefault((model, code), metrics.REQUESTS.labels(model, code))
         return counter
-
-    async def _infer_checked(
-        self, request: pb.ModelInferRequest, timeout_s: float | None
-    ) -> pb.ModelInferResponse:
-        model = self._data.model(request.model_name, request.model_version)
-        inputs = decode_inputs(request, model.spec.inputs)
-        recording = self._data.recorder.plans(model.name, request.parameters)
-        outputs, generation = await self._data.infer(
-            model, inputs, timeout_s, request.model_version
-        )
-        if recording:  # queued for the recorder's thread: the answer does not wait
-            self._data.recorder.record(recording, inputs, outputs)
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=str(generation.version), id=request.id
-        )
-        for key, value in request.parameters.items():  # echoed, as they came
-            response.parameters[key].CopyFrom(value)
-        encode_into(
-            response,
-            outputs,
-            model.spec.outputs,
-            [o.name for o in request.outputs],
-            raw=bool(request.raw_input_contents),
-        )
-        return response

@@ -3,16 +3,17 @@
 grpcio parses each request before the handler runs and answers one that does not parse with
 UNKNOWN ("Unexpected <class '...DecodeError'>", grpc.aio) or INTERNAL ("Exception deserializing
 request!", the thread-pool server), logging a traceback each time. A request that is not the
-message it claims to be is bad input like any other, so `new_server` and `new_aio_server` install
-these interceptors last: they take the parsing into the handler, where a failure aborts with
-INVALID_ARGUMENT. Handlers that take raw bytes (no deserializer) are left as they are.
+message it claims to be is bad input like any other, so `new_server` installs the StrictDecoding
+interceptor last and `new_aio_server` wraps each handler as it is registered (StrictAioServer):
+both take the parsing into the handler, where a failure aborts with INVALID_ARGUMENT. Handlers
+that take raw bytes (no deserializer) are left as they are.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -164,15 +165,55 @@ class StrictDecoding(grpc.ServerInterceptor):  # type: ignore[misc]
         return self._strict(continuation(details), details.method)
 
 
-class AsyncStrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Installs `strict_async` on every handler of a grpc.aio server."""
+class _StrictHandlers(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose method handlers parse their requests as `strict_async` does."""
 
-    def __init__(self) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: _Once) -> None:
+        self._inner = inner
+        self._wrap = wrap
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._wrap(self._inner.service(details), details.method)
+
+
+class StrictAioServer(grpc.aio.Server):  # type: ignore[misc]
+    """A grpc.aio server whose handlers get `strict_async` as they are registered.
+
+    Not an interceptor: grpc.aio runs a server's interceptors as a chain of coroutines on every
+    call, which the data plane's event loop would pay for each request; here a call finds its
+    wrapped handler with one dictionary lookup more."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
         self._strict = _Once(strict_async)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        return self._strict(await continuation(details), details.method)
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[Any]) -> None:
+        self._server.add_generic_rpc_handlers(
+            [_StrictHandlers(handler, self._strict) for handler in generic_rpc_handlers]
+        )
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service_name,
+            {
+                name: strict_async(handler, f"/{service_name}/{name}")
+                for name, handler in method_handlers.items()
+            },
+        )
+
+    def add_insecure_port(self, address: str) -> int:
+        return int(self._server.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return int(self._server.add_secure_port(address, server_credentials))
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(await self._server.wait_for_termination(timeout))

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from shared.grpc.auth import TlsFiles
-from shared.grpc.decoding import AsyncStrictDecoding, StrictDecoding
+from shared.grpc.decoding import StrictAioServer, StrictDecoding
 from shared.grpc.limits import CallBudget, CallLimiter
 from shared.grpc.options import server_options
 
@@ -59,9 +59,8 @@ def new_aio_server(
 ) -> grpc.aio.Server:
     """A grpc.aio server, requests that do not parse getting INVALID_ARGUMENT; create it on
     the event loop that will run it."""
-    return grpc.aio.server(
-        options=server_options(max_message_bytes),
-        interceptors=[*interceptors, AsyncStrictDecoding()],
+    return StrictAioServer(
+        grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
     )
 
 
