@@ -120,6 +120,8 @@ def main() -> int:
         help="load generator (default: h2load where installed, from Debian's nghttp2-client)",
     )
     args = parser.parse_args()
+    if args.swap_seconds <= 0:
+        parser.error("--swap-seconds must be positive (--no-swap skips the swap figures)")
     drive = functools.partial(load.drive_with, args.load)
     piece = args.seconds / args.rounds
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
