@@ -16,7 +16,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
 from tests.integration.apps import MLP, Stamp
-from tests.integration.conftest import Inference, Services
+from tests.integration.conftest import Inference, Services, wait_until
 from trainer_service.publisher import Publisher
 
 MB = 1
@@ -92,10 +92,14 @@ class Bench:
 
 
 def assert_untouched(bench: Bench) -> None:
-    """The served stamp model is still the version and digest the bench last recorded."""
+    """The served stamp model is still the version and digest the bench last recorded, and the
+    refused push is dropped (the service may see its stream end a moment after the client got
+    the refusal: gRPC itself refuses an oversized message)."""
     now = bench.inference.model_state("stamp")
     assert (now.version, now.digest) == (bench.served.version, bench.served.digest)
-    assert not now.HasField("pending")
+    wait_until(lambda: not bench.inference.model_state("stamp").HasField("pending"), timeout=10)
+    now = bench.inference.model_state("stamp")
+    assert (now.version, now.digest) == (bench.served.version, bench.served.digest)
 
 
 def serving_bench(tmp: Path) -> Iterator[Bench]:

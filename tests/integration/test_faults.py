@@ -17,6 +17,7 @@ from shared import TorchTrainingModel, TrainingModelsDict
 from shared.weights.digest import state_digest
 from tests.integration.apps import MLP, SgdTrainer
 from tests.integration.conftest import Inference, Services, wait_until
+from trainer_service.checkpoint import Checkpoints
 
 STAMP = "tests.integration.apps:stamp"
 
@@ -149,12 +150,14 @@ def test_a_trainer_killed_mid_training_resumes_from_its_last_checkpoint(
     wait_until(lambda: inference.model_state("mlp").version >= 5)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
-    shutil.copytree(checkpoint, tmp_path / "at-kill")  # the second trainer will overwrite it
+    # What the second trainer resumes from: the newest complete checkpoint (a kill between
+    # writing one and swapping it in leaves it beside the older `checkpoint`).
+    newest = Checkpoints(state).current()
+    assert newest is not None
+    shutil.copytree(newest, tmp_path / "at-kill")  # the second trainer will overwrite it
     at_kill = tmp_path / "at-kill"
     saved = safetensors.torch.load_file(at_kill / "models" / "mlp.safetensors")
-    optimizer = safetensors.torch.load_file(
-        checkpoint / "trainers" / "sgd" / "sgd.optim.safetensors"
-    )
+    optimizer = safetensors.torch.load_file(at_kill / "trainers" / "sgd" / "sgd.optim.safetensors")
     assert any("momentum_buffer" in key for key in optimizer)  # SGD momentum state, no pickle
     served_before = inference.model_state("mlp").version
     second = services.trainer(
