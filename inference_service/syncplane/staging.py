@@ -5,8 +5,9 @@ through a small ring of reused pinned host buffers and are copied to the device 
 so a push never holds a second host copy of the model and the request path's stream is not
 stalled; `finish()` waits for the copies before the swap. `copy()` brings a tensor the push did
 not carry up to date from the live copy, on the same stream. A tensor that arrives encoded is
-decoded against the live copy (the push's base) by a `BaseDecoder` first, then written the same
-way.
+decoded against the live copy (the push's base) by a `BaseDecoder`: on the CPU straight into the
+standby tensor's memory (`host_bytes`), on CUDA into a host buffer written the same way as
+received bytes.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class CpuSink:
     def copy(self, name: str, source: torch.Tensor) -> None:
         self._flat[name].copy_(_flat_bytes(source))
 
+    def host_bytes(self, entry: TensorEntry) -> np.ndarray:
+        """The standby tensor's memory (flat uint8), to decode an encoded tensor into in place:
+        no buffer of the tensor's size and no second copy of it."""
+        self._first_write(entry.name)
+        return self._flat[entry.name].numpy()
+
     def finish(self) -> None:
         """Nothing is in flight on the CPU."""
 
@@ -120,6 +127,10 @@ class CudaSink:
         with torch.cuda.stream(self._stream):
             self._flat[name].copy_(_flat_bytes(source), non_blocking=True)
 
+    def host_bytes(self, entry: TensorEntry) -> None:
+        """None: the tensor lives on the device; decoded bytes travel as received ones do."""
+        return None
+
     def finish(self) -> None:
         self._stream.synchronize()
 
@@ -137,16 +148,25 @@ def make_sink(
 
 class BaseDecoder:
     """Decodes a delta push's encoded tensors against the live copy, the version it is based on
-    (a shared/weights/reader.Decoder). On CUDA the base is copied to the host first."""
+    (a shared/weights/reader.Decoder), into the standby tensor's memory where `into` gives it
+    (on the host), else into a buffer of its own. On CUDA the base is copied to the host
+    first."""
 
-    def __init__(self, model: str, live: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: str,
+        live: Mapping[str, torch.Tensor],
+        into: Callable[[TensorEntry], np.ndarray | None],
+    ) -> None:
         self._model = model
         self._live = live
+        self._into = into
 
-    def __call__(self, entry: TensorEntry, data: bytes) -> np.ndarray:
+    def __call__(self, entry: TensorEntry, data: bytes) -> tuple[np.ndarray, bool]:
         assert entry.encoding is not None
         base = _flat_bytes(self._live[entry.name].detach().to("cpu").contiguous()).numpy()
-        out = np.empty(len(base), np.uint8)
+        target = self._into(entry)
+        out = np.empty(len(base), np.uint8) if target is None else target
         started = time.perf_counter()
         try:
             decode(entry.encoding, data, base, BY_SAFETENSORS[entry.layout.dtype].itemsize, out)
@@ -157,4 +177,4 @@ class BaseDecoder:
             ) from None
         seconds = time.perf_counter() - started
         metrics.DECODE_SECONDS.labels(self._model, entry.encoding).inc(seconds)
-        return out
+        return out, target is not None

@@ -23,6 +23,8 @@ from inference_service.syncplane.staging import make_sink
 from shared.weights.layout import TensorEntry
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from inference_service.served_model import Generation
 
 # (the staged module, version, writer, hashes) -> (the generation it replaced, the new one)
@@ -104,6 +106,11 @@ class StagingTransaction:
     def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
         """Write received tensor bytes into the standby copy (a TensorSink)."""
         self._sink.write(entry, offset, data)
+
+    def host_bytes(self, entry: TensorEntry) -> np.ndarray | None:
+        """The standby tensor's memory to decode an encoded tensor into, where it is on the
+        host (see staging.CpuSink.host_bytes); None on a device."""
+        return self._sink.host_bytes(entry)
 
     def complete(self, received: Mapping[str, bytes]) -> dict[str, bytes]:
         """Bring every tensor the push did not carry up to date from the live copy, and wait

@@ -312,25 +312,36 @@ def varint_encode(values: np.ndarray) -> np.ndarray:
 
 
 def varint_decode(data: np.ndarray, count: int) -> np.ndarray:
-    """`count` uint64 values from LEB128 bytes that hold exactly them; EncodingError else."""
-    ends = np.flatnonzero(data < 0x80)
-    if len(ends) != count or (count and ends[-1] != len(data) - 1) or (not count and len(data)):
+    """`count` uint64 values from LEB128 bytes that hold exactly them; EncodingError else.
+
+    Every value's first byte gives its low 7 bits; only the few bytes that continue a value
+    (gaps of 128 elements or more) are then folded in, each at its place in its value."""
+    ends = data < 0x80
+    whole = int(np.count_nonzero(ends)) == count and (ends[-1] if count else not len(data))
+    if not whole:
         raise EncodingError(f"its varints do not hold exactly {count} positions")
     if not count:
         return np.empty(0, np.uint64)
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lengths = ends - starts + 1
-    if int(lengths.max()) > _MAX_VARINT:
+    if count == len(data):  # every value in one byte
+        return data.astype(np.uint64)
+    starts = np.empty(len(data), np.bool_)
+    starts[0] = True
+    starts[1:] = ends[:-1]
+    values = data[starts].astype(np.uint64)
+    values &= np.uint64(0x7F)
+    more = np.flatnonzero(~ends)  # the bytes another of the same value follows
+    ranks = np.arange(len(more))
+    index = more - ranks  # the value each belongs to: the values ended before it
+    first = np.empty(len(more), np.bool_)  # the first byte of its value
+    first[0] = True
+    np.not_equal(more[1:], more[:-1] + 1, out=first[1:])
+    place = ranks - np.maximum.accumulate(np.where(first, ranks, 0))  # 0: its value's first
+    if int(place.max()) >= _MAX_VARINT - 1:
         raise EncodingError("a varint runs longer than 10 bytes")
-    tenth = starts[lengths == _MAX_VARINT] + _MAX_VARINT - 1
-    if len(tenth) and int(data[tenth].max()) > 1:  # bits past the 64th: it would wrap
+    following = data[more + 1]
+    tenth = place == _MAX_VARINT - 2  # `following` is its value's tenth byte
+    if tenth.any() and int(following[tenth].max()) > 1:  # bits past the 64th: it would wrap
         raise EncodingError("a varint holds a value past 2**64 - 1")
-    values = (data[starts] & 0x7F).astype(np.uint64)
-    longer = np.flatnonzero(lengths > 1)  # the few values of more than one byte, by index
-    for j in range(1, int(lengths.max())):
-        group = (data[starts[longer] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
-        values[longer] |= group
-        longer = longer[lengths[longer] > j + 1]
+    shifts = (place.astype(np.uint64) + np.uint64(1)) * np.uint64(7)
+    np.bitwise_or.at(values, index, (following & 0x7F).astype(np.uint64) << shifts)
     return values

@@ -3,13 +3,14 @@
 The reader never buffers the payload: it reads the 8-byte length and the JSON header, checks the
 header against the model's tensors, then hands each slice of tensor bytes to the sink (which
 writes them into the staging copy) while hashing them for the digest check. An encoded tensor
-(shared/weights/encoding.py) is gathered whole (it is shorter than the tensor), decoded against
-the base by the `decoder`, and its decoded bytes go to the sink and the hash.
+(shared/weights/encoding.py) is gathered whole (it is shorter than the tensor) and decoded
+against the base by the `decoder`: straight into the sink's memory where the sink holds the
+tensor on the host (then only hashed), else into a buffer whose bytes go to the sink and the hash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
@@ -20,9 +21,12 @@ from shared.weights.layout import MAX_HEADER_BYTES, TensorEntry, TensorLayout, p
 
 _PIECE = 1 << 20  # a decoded tensor is written and hashed a piece at a time
 
-# An encoded tensor's bytes -> its decoded bytes (flat uint8); MalformedPushError if they do not
-# decode.
-Decoder = Callable[[TensorEntry, bytes], np.ndarray]
+
+class Decoder(Protocol):
+    def __call__(self, entry: TensorEntry, data: bytes) -> tuple[np.ndarray, bool]:
+        """Decode an encoded tensor's bytes: its decoded bytes (flat uint8), and whether they
+        were decoded in place, into the sink's memory for the tensor (so they need no write).
+        MalformedPushError if they do not decode."""
 
 
 class TensorSink(Protocol):
@@ -151,12 +155,13 @@ class PayloadReader:
                     f"tensor {entry.name!r} is encoded ({entry.encoding}) but a full push has "
                     "no base to decode it against"
                 )
-            decoded = self._decoder(entry, bytes(self._encoded))
+            decoded, in_place = self._decoder(entry, bytes(self._encoded))
             self._encoded.clear()
             view = memoryview(decoded).cast("B")  # type: ignore[arg-type]
             for start in range(0, len(view), _PIECE):  # hashed while in cache from the write
                 piece = view[start : start + _PIECE]
-                self._sink.write(entry, start, piece)
+                if not in_place:
+                    self._sink.write(entry, start, piece)
                 self._hasher.update(piece)
         self._hashes[entry.name] = self._hasher.digest()
         self._hasher.reset()

@@ -117,6 +117,33 @@ def test_varints_roundtrip(values: list[int]) -> None:
     assert varint_decode(varint_encode(array), len(values)).tolist() == values
 
 
+@given(
+    st.lists(
+        st.one_of(st.integers(0, 127), st.integers(128, 2**21), st.integers(0, 2**64 - 1)),
+        max_size=200,
+    )
+)
+def test_varints_of_every_length_mixed_roundtrip(values: list[int]) -> None:
+    array = np.array(values, dtype=np.uint64)
+    assert varint_decode(varint_encode(array), len(values)).tolist() == values
+
+
+@pytest.mark.parametrize(
+    ("data", "count", "message"),
+    [
+        (bytes([0x80] * 10 + [0x01]), 1, "runs longer than 10 bytes"),
+        (bytes([0x05, 0x80]), 2, "do not hold exactly 2"),  # the last one never ends
+        (bytes([0x05, 0x81, 0x01]), 3, "do not hold exactly 3"),
+        (bytes([0x05]), 0, "do not hold exactly 0"),
+    ],
+)
+def test_varints_that_do_not_hold_their_count_are_refused(
+    data: bytes, count: int, message: str
+) -> None:
+    with pytest.raises(EncodingError, match=message):
+        varint_decode(np.frombuffer(data, np.uint8), count)
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_truncated_bytes_are_refused(encoding: str) -> None:
     new, base = pair(torch.float32, 4000, 0.03, 3)
