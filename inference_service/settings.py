@@ -280,8 +280,8 @@ class InferenceSettings:
             "how long a replica this service passes a push on to may take nothing before it is "
             "cut off and reported stalled, and the replicas after it are fed past it (at 1 "
             "Gbit/s and up a live replica takes the few MiB queued for it in tens of ms); its "
-            "link is pinged every quarter of this and dropped when nothing is acknowledged for "
-            "half of it",
+            "link is pinged every quarter of this (a second apart at the closest: gRPC's "
+            "spacing) and dropped when nothing is acknowledged for half of it",
             duration("s", positive=True),
         ),
     )

@@ -34,6 +34,7 @@ from trainer_service.push import (
     Pushed,
     PushFailedError,
     PushPlan,
+    RemoteModel,
     SyncClient,
     TargetUnreachableError,
 )
@@ -116,13 +117,17 @@ class Delivery:
                     return sent
         raise AssertionError("unreachable")
 
-    def seed(self, target: Target, donor: Target, version: Version) -> bool:
+    def seed(
+        self, target: Target, donor: Target, version: Version, remote: RemoteModel | None = None
+    ) -> bool:
         """Have `donor`, which acknowledged `version`, push it to `target` (a Seed), once this
         trainer holds the writer lease there: whether `target` committed it. The caller holds
         `target.lock`; a donor that refuses or fails is logged, and the caller pushes directly.
-        TargetUnreachableError when `target` does not answer."""
+        TargetUnreachableError when `target` does not answer. `remote`: what `target` answered
+        the caller under the same hold of its lock (None: it is asked)."""
         assert version.hashes is not None
-        remote = target.contact(self.connect_timeout_s)
+        if remote is None:
+            remote = target.contact(self.connect_timeout_s)
         if remote.version >= version.number:  # a direct push sorts out what it holds
             return False
         if target.epoch is None:  # first contact: become the writer (fences earlier ones)
@@ -157,10 +162,17 @@ class Delivery:
         except PushFailedError as error:
             return HopResult(target.address, 0, error.code, error.reason or "", str(error))
 
-    def push(self, target: Target, version: Version, route: tuple[Hop, ...] = ()) -> Pushed:
+    def push(
+        self,
+        target: Target,
+        version: Version,
+        route: tuple[Hop, ...] = (),
+        remote: RemoteModel | None = None,
+    ) -> Pushed:
         """One try, with the fallbacks the target's answers call for; the caller holds
-        `target.lock`."""
-        remote = target.contact(self.connect_timeout_s)
+        `target.lock`. `remote`: as for `seed`."""
+        if remote is None:
+            remote = target.contact(self.connect_timeout_s)
         if (  # committed already: passed on to it by a replica whose own push then failed
             remote.version == version.number
             and remote.writer_id == self.writer_id

@@ -13,16 +13,14 @@ push stall timeout (push.py), holds nobody back: it is marked lagging, the sync 
 every reachable target has committed, and the background catch-up (catchup.py) retries it with
 capped backoff and brings it up to the newest version when it answers: seeded by another target
 that holds that version (a Seed: the trainer's link carries nothing), else pushed from the host
-copy kept for it. A sync fails when no target could be reached, or when one that answered
-refused the version.
+copy kept for it (the state both share: published.py). A sync fails when no target could be
+reached, or when one that answered refused the version.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,17 +33,15 @@ from shared.weights.writer import DEFAULT_CHUNK_BYTES
 from trainer_service import chain, metrics
 from trainer_service.catchup import CatchUp
 from trainer_service.delivery import Delivery, Version, hashed
+from trainer_service.published import Published
 from trainer_service.push import (
     DEFAULT_STALL_TIMEOUT_S,
-    UNREACHABLE,
     Pushed,
     PushFailedError,
     SyncClient,
     TargetUnreachableError,
 )
 from trainer_service.targets import Snapshot, Target, Targets, warn_plaintext_token
-
-CATCH_UP_WAIT_S = 30.0  # the longest a catch-up waits for a sync of its model in flight
 
 logger = logging.getLogger(__name__)
 
@@ -110,37 +106,28 @@ class Publisher:
         self.writer_id = writer_id
         self._chained = fanout == "chain"
         self._from_peers = catch_up_from_peers
-        self._donor_turns: dict[str, int] = {}  # per model: the next donor, round-robin
-        # Guards the targets' lagging state as the sync and the catch-up see it, the versions
-        # and the snapshots. Never held while waiting for a target's lock.
-        self._lock = threading.Lock()
-        self._versions: dict[str, int] = {}
-        self._snapshots: dict[str, Snapshot] = {}
-        self._fenced: WriterFencedError | None = None
-        # Per model, the syncs in flight; notified as each ends (a catch-up waits for them).
-        self._publishing: Counter[str] = Counter()
-        self._published = threading.Condition()
+        self._published = Published(self._targets)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="push")
         warn_plaintext_token(targets, token, tls)
-        self._catch_up = CatchUp(self._lagging, self._catch_up_one)
+        self._catch_up = CatchUp(self._published, self._delivery, catch_up_from_peers)
 
     def close(self) -> None:
         self._catch_up.stop()
         self._targets.close()  # cancels catch-ups in flight
         self._catch_up.join()
         self._pool.shutdown(wait=True)
-        for target in self._lagging():
+        for target in self._published.lagging():
             logger.warning(
                 "model %s: exiting with %s behind, at version %d of %d",
                 target.model,
                 target.address,
                 target.version,
-                self._versions.get(target.model, 0),
+                self._published.versions.get(target.model, 0),
             )
 
     def version(self, model_name: str) -> int:
         """The last version of `model_name` this publisher pushed (0: none yet)."""
-        return self._versions.get(model_name, 0)
+        return self._published.versions.get(model_name, 0)
 
     def publish(
         self,
@@ -157,16 +144,12 @@ class Publisher:
         are in doubt). `owned` names tensors the caller hands over and never writes again (made
         for this push, as a conversion to the served dtype is): a later delta is encoded
         against them as they are, with no copy kept of them (bases.py)."""
-        if self._fenced is not None:
-            raise self._fenced
-        with self._published:
-            self._publishing[model_name] += 1
+        if self._published.fenced is not None:
+            raise WriterFencedError(self._published.fenced)
         try:
-            return self._publish(model_name, state, full, frozenset(owned))
+            with self._published.syncing(model_name):
+                return self._publish(model_name, state, full, frozenset(owned))
         finally:
-            with self._published:
-                self._publishing[model_name] -= 1
-                self._published.notify_all()
             self._catch_up.wake()  # targets may lag now, or have a newer version to catch up to
 
     def _publish(
@@ -177,7 +160,7 @@ class Publisher:
         targets = self._targets.resolved(model_name)
         if not targets:
             raise SyncFailedError(f"no inference service found at {', '.join(self._targets.names)}")
-        with self._lock:  # lagging targets are the catch-up's, unless every one lags
+        with self._published.lock:  # lagging targets are the catch-up's, unless all lag
             inline = [t for t in targets if not t.lagging] or targets
             skipped = [t for t in targets if t not in inline]
         if full:
@@ -203,11 +186,7 @@ class Publisher:
                 sent += outcome.nbytes
                 committed.append(target)
         if any(isinstance(e, PushFailedError) and e.reason == protocol.FENCED for e in errors):
-            self._fenced = WriterFencedError(
-                f"model {model_name!r}: another trainer has taken it over: "
-                + "; ".join(map(str, errors))
-            )
-            raise self._fenced
+            raise WriterFencedError(self._published.fence(model_name, "; ".join(map(str, errors))))
         if hashes is None and committed:
             hashes = committed[0].hashes
         # The version is spent even if some target missed it: the ones that committed it must
@@ -299,17 +278,18 @@ class Publisher:
     ) -> list[str]:
         """Record `version` as the newest; while a target lags, keep a host copy of it for the
         catch-up. Returns the addresses that lag."""
-        with self._lock:
-            self._versions[model_name] = version
+        published = self._published
+        with published.lock:
+            published.versions[model_name] = version
             for target in skipped:  # a catch-up may have finished with an older version meanwhile
                 if not target.lagging and target.version < version:
                     target.fall_behind(f"it missed version {version} while being caught up")
             lagging = [t.address for t in targets if t.lagging]
             if lagging:
                 copy = {name: t.to("cpu", copy=True) for name, t in tensors.items()}
-                self._snapshots[model_name] = Snapshot(version, copy, hashes)
+                published.snapshots[model_name] = Snapshot(version, copy, hashes)
             else:
-                self._snapshots.pop(model_name, None)
+                published.snapshots.pop(model_name, None)
         return lagging
 
     def _next_version(
@@ -319,7 +299,7 @@ class Publisher:
         targets not contacted yet are asked what they serve, which says which service each is
         (targets.Targets.distinct); the first push of a model asks every target, and continues
         the numbering the reachable ones serve."""
-        first = model_name not in self._versions
+        first = model_name not in self._published.versions
         probes = [
             (t, self._pool.submit(self._delivery.probe, t))
             for t in targets
@@ -337,7 +317,7 @@ class Publisher:
                     f"model {model_name!r}: cannot read the served version: {error}"
                 ) from None
         if not first:
-            return self._versions[model_name] + 1, unreachable
+            return self._published.versions[model_name] + 1, unreachable
         if not served:
             metrics.SYNC_FAILURES.labels(model_name).inc()
             raise SyncFailedError(
@@ -345,76 +325,3 @@ class Publisher:
                 + "; ".join(map(str, unreachable.values()))
             )
         return max(served) + 1, unreachable
-
-    def _catch_up_one(self, target: Target) -> None:
-        """Bring one lagging target up to the newest version, from another target that holds
-        it (a Seed) where one can, else directly; or put it off again. A sync of the model in
-        flight is waited for first (up to CATCH_UP_WAIT_S): its version is the one to bring the
-        target to, and the targets it reaches can seed it, where starting now would bring the
-        target to the version before it and then again to that one."""
-        with self._published:
-            self._published.wait_for(
-                lambda: not self._publishing[target.model], timeout=CATCH_UP_WAIT_S
-            )
-        with target.lock:
-            with self._lock:
-                if not target.lagging:
-                    return
-                snapshot = self._snapshots.get(target.model)
-                donor = self._donor(target, snapshot)
-            try:
-                target.contact(self._delivery.connect_timeout_s)
-                if not self._targets.distinct(target):
-                    return  # another target feeds its service
-                if snapshot is None or target.version >= snapshot.version:
-                    donor = None
-                else:
-                    version = Version(snapshot.version, snapshot.tensors, snapshot.hashes)
-                    if donor is None or not self._delivery.seed(target, donor, version):
-                        donor = None
-                        self._delivery.push(target, version)
-            except PushFailedError as error:
-                if error.reason == protocol.FENCED:
-                    self._fenced = WriterFencedError(
-                        f"model {target.model!r}: another trainer has taken it over: {error}"
-                    )
-                if error.code not in UNREACHABLE:
-                    logger.error(
-                        "model %s: catching %s up failed: %s", target.model, target.address, error
-                    )
-                target.fall_behind(error)
-                return
-            with self._lock:
-                if snapshot is not None and self._versions.get(target.model) != snapshot.version:
-                    target.retry_at = 0.0  # a newer version came meanwhile: again, now
-                    return
-                target.caught_up(None if donor is None else donor.address)
-                if not any(t.lagging for t in self._targets.known(target.model)):
-                    self._snapshots.pop(target.model, None)
-
-    def _donor(self, target: Target, snapshot: Snapshot | None) -> Target | None:
-        """Another target that acknowledged the snapshot's version and is not lagging, to
-        catch `target` up from (round-robin among them); None: push it directly. Called under
-        the publisher's lock."""
-        if not self._from_peers or snapshot is None or snapshot.hashes is None:
-            return None
-        holders = sorted(
-            (
-                t
-                for t in self._targets.known(target.model)
-                if t is not target
-                and not t.lagging
-                and t.version == snapshot.version
-                and t.hashes == snapshot.hashes
-            ),
-            key=lambda t: t.address,
-        )
-        if not holders:
-            return None
-        turn = self._donor_turns.get(target.model, 0)
-        self._donor_turns[target.model] = turn + 1
-        return holders[turn % len(holders)]
-
-    def _lagging(self) -> list[Target]:
-        with self._lock:
-            return [t for t in self._targets.known() if t.lagging]

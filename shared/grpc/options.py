@@ -8,11 +8,26 @@ MiB = 1 << 20
 SYNC_MAX_MESSAGE_BYTES = 16 * MiB
 DATA_MAX_MESSAGE_BYTES = 64 * MiB
 
+# How soon after its previous ping a gRPC client sends the next while a call is open: a second
+# at the soonest, whatever its keepalive time (chttp2's ping rate policy). The wait starts over
+# when data arrives from the server, and a gRPC server forgets the pings it has counted when it
+# sends data, so a ping sooner than this only follows data the server sent.
+GRPC_PING_SPACING_MS = 1_000
+
+# How many pings sooner than the floor a gRPC server takes, between two sends of its own data,
+# before it sends GOAWAY (ENHANCE_YOUR_CALM, "too_many_pings") and closes the connection
+# (gRPC's default, set here so that nothing else changes it).
+PING_STRIKES = 2
+
 
 def server_options(max_message_bytes: int, frequent_pings: bool = False) -> list[tuple[str, int]]:
-    """`frequent_pings`: clients may ping as often as they like (the sync plane: a replica
-    passing a push on pings its hop every fraction of a second, see `watched_link`)."""
-    strikes = [("grpc.http2.max_ping_strikes", 0)] if frequent_pings else []
+    """`frequent_pings`: the sync plane, where clients watching their link (`watched_link`: a
+    replica passing a push on, a trainer's Seed) ping about once a second while a call is open,
+    and the server may send nothing for the whole call (a client-streaming push answers only
+    at its end). Such a server takes pings down to `sync_ping_floor_ms()` apart; a client
+    pinging faster (a flood, before any authentication) is sent GOAWAY after `PING_STRIKES`
+    such pings. Other servers take one ping per 10 s."""
+    floor_ms = sync_ping_floor_ms() if frequent_pings else 10_000
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -20,9 +35,11 @@ def server_options(max_message_bytes: int, frequent_pings: bool = False) -> list
         # silently and steal traffic. Fail the bind instead.
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # gRPC's name for its minimum interval between received pings (a misspelt argument is
+        # ignored silently, leaving gRPC's default of 5 minutes).
+        ("grpc.http2.min_ping_interval_without_data_ms", floor_ms),
+        ("grpc.http2.max_ping_strikes", PING_STRIKES),
         ("grpc.keepalive_permit_without_calls", 1),
-        *strikes,
     ]
 
 
@@ -38,18 +55,40 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def watched_link(bound_s: float) -> list[tuple[str, int]]:
     """Channel arguments that drop the connection (the call fails UNAVAILABLE) once the peer has
     acknowledged nothing for about `bound_s` / 2: a ping every `bound_s` / 4 while a call is
-    open (gRPC spaces pings a second apart at least), answered by the peer's transport even
-    while its handlers are busy, dropped when unanswered for `bound_s` / 2 (the ping timeout:
-    gRPC's keepalive timeout alone does not bound it), and TCP giving up on bytes
-    unacknowledged for as long (gRPC sets TCP_USER_TIMEOUT to the keepalive timeout). A link
-    gone dark, or a peer whose process stopped, is noticed that soon, even on a call where
-    nothing flows (a Seed waiting for its answer); the server must take frequent pings
+    open (but never sooner than `GRPC_PING_SPACING_MS` after the previous one, see
+    `watched_ping_interval_ms`), answered by the peer's transport even while its handlers are
+    busy, dropped when unanswered for `bound_s` / 2 (the ping timeout: gRPC's keepalive
+    timeout alone does not bound it), and TCP giving up on bytes unacknowledged for as long
+    (gRPC sets TCP_USER_TIMEOUT to the keepalive timeout). A link gone dark, or a peer whose
+    process stopped, is noticed that soon, even on a call where nothing flows (a Seed waiting
+    for its answer); the server must take frequent pings
     (`server_options(frequent_pings=True)`)."""
-    timeout_ms = max(int(bound_s * 500), 20)
+    keepalive_ms, timeout_ms = _watch_times_ms(bound_s)
     return [
-        ("grpc.keepalive_time_ms", max(timeout_ms // 2, 10)),
+        ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),  # what bounds the wait for an ack
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def watched_ping_interval_ms(bound_s: float) -> int:
+    """How far apart `watched_link(bound_s)` sends its pings at the closest: its keepalive
+    time, or gRPC's spacing when that is longer (it is for every bound under 4 s)."""
+    return max(_watch_times_ms(bound_s)[0], GRPC_PING_SPACING_MS)
+
+
+def sync_ping_floor_ms() -> int:
+    """The closest two pings may come to a sync-plane server without counting against the
+    client: a quarter of the closest spacing any `watched_link` sends them at (its bound near
+    zero), which leaves a ping three quarters of that spacing to be delayed on the link behind
+    the bytes ahead of it before the next, sent on time, arrives too soon. A flood (thousands
+    of pings a second) is far below it."""
+    return watched_ping_interval_ms(0.0) // 4
+
+
+def _watch_times_ms(bound_s: float) -> tuple[int, int]:
+    """`watched_link`'s keepalive time and ping timeout for `bound_s`, in ms."""
+    timeout_ms = max(int(bound_s * 500), 20)
+    return max(timeout_ms // 2, 10), timeout_ms
