@@ -9,17 +9,23 @@ Open loop (`drive_rate`): requests leave at a fixed rate whatever the answers do
 asyncio with grpc.aio's client (h2load's --rate paces connections, not requests, and its
 --timing-script-file fell ~25% behind its schedule here). Each latency counts from the time the
 request was due, so a generator that falls behind shows it in the latencies too, and the rate
-it reached is reported beside the rate asked.
+it reached is reported beside the rate asked. It runs in a process of its own (`Generator`), as
+a client on another machine would, at a raised CPU priority where the bench may set one (root):
+on a small host it shares the cores with the service and the trainer, and a generator late by
+tens of milliseconds measures the host, not the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +149,39 @@ def drive_rate(address: str, seconds: float, rate: float) -> Drive:
     the answers do (an open loop); `rps` is the rate reached, `asked_rps` the rate asked, both
     over the time until the last answer."""
     return asyncio.run(_open_loop(address, seconds, rate))
+
+
+def default_nice() -> int:
+    """The open loop's CPU priority by default: raised where the bench may raise it (root)."""
+    return -10 if os.geteuid() == 0 else 0
+
+
+def _set_priority(nice: int) -> None:
+    os.setpriority(os.PRIO_PROCESS, 0, nice)  # this thread, and the threads it starts
+
+
+class Generator:
+    """The open loop's generator (`drive_rate`, and `drive_aio` for the capacity it takes shares
+    of) in one process of its own at CPU priority `nice`, started fresh (spawn: the bench's own
+    gRPC state does not cross a fork). What it saw comes back whole."""
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice
+        self._pool = ProcessPoolExecutor(
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_set_priority,
+            initargs=(nice,),
+        )
+
+    def rate(self, address: str, seconds: float, rate: float) -> Drive:
+        return self._pool.submit(drive_rate, address, seconds, rate).result()
+
+    def closed(self, address: str, seconds: float, concurrency: int) -> Drive:
+        return self._pool.submit(drive_aio, address, seconds, concurrency).result()
+
+    def close(self) -> None:
+        self._pool.shutdown()
 
 
 def drive_threads(address: str, seconds: float, concurrency: int) -> Drive:

@@ -119,6 +119,12 @@ def main() -> int:
         default=load.DEFAULT,
         help="load generator (default: h2load where installed, from Debian's nghttp2-client)",
     )
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=load.default_nice(),
+        help="CPU priority of the open loop's generator process (default: -10 as root, else 0)",
+    )
     args = parser.parse_args()
     if args.swap_seconds <= 0:
         parser.error("--swap-seconds must be positive (--no-swap skips the swap figures)")
@@ -176,7 +182,9 @@ def main() -> int:
         print(f"# swap: before, {loadavg()}")
         # the capacity the open loop takes shares of: the most its own generator (Python
         # asyncio, about half a core here) gets served, not h2load's
-        capacity = load.drive_aio(server.address, piece * 2, args.concurrency)
+        generator = load.Generator(args.generator_nice)
+        stack.callback(generator.close)
+        capacity = generator.closed(server.address, piece * 2, args.concurrency)
         forward_to = None
         if args.forwarding:  # on 127.0.0.2, so that the service under load heads the chain
             on = ("--sync-listen", "127.0.0.2:0", "--sync-relay", "off")
@@ -186,11 +194,12 @@ def main() -> int:
             )
         print(
             f"# swap: capacity with the open loop's generator (grpc.aio client, closed loop, "
-            f"concurrency {args.concurrency}): {figure(capacity)}"
+            f"concurrency {args.concurrency}, its own process at nice {generator.nice}): "
+            f"{figure(capacity)}"
         )
         swaps = swap_cost(
             drive,
-            load.drive_rate,
+            generator.rate,
             server.address,
             f"127.0.0.1:{server.ports['sync_port']}",
             env,
