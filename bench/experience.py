@@ -19,6 +19,10 @@ collected sample takes to become a trained version that is served.
         the trainer alone: the same samples, laid out as a RemoteDataCollector lays out full
         batches (built beforehand), sent by the raw client to the trainer's experience plane;
         Y its throughput over the raw yardstick's, V the trainer's CPU time per sample
+    experience collect_us_per_sample=C agent_cpu_us_per_sample=D
+        C: the time the agent's collect() calls took (median run); D: the CPU time (user and
+        system, every thread) the agent's process spent from its first collect() to the end
+        of flush(): collect() and the sending threads
     experience collect_to_served_ms p50=A max=B
         from the collect() that completes a trainer's training condition (min_new_data_count)
         to the inference service serving the version that run pushed
@@ -62,6 +66,7 @@ BATCH = 64  # samples per batch, ours and raw alike
 MAX_MESSAGE = 64 << 20
 RAW_METHOD = "/bench.RawExperience/Collect"
 COLLECT_S: list[float] = []  # how long each throughput run's collect() calls took together
+AGENT_CPU_S: list[float] = []  # the CPU time this process (the agent) spent in each of them
 
 
 def dim() -> int:
@@ -163,12 +168,14 @@ def ours(address: str, items: list[dict[str, torch.Tensor]], batch: int = BATCH)
     with RemoteDataCollector(  # room for every sample: the run measures speed, not drops
         address, "bulk", batch_size=batch, max_pending=len(items) + 1, max_pending_bytes=total + 1
     ) as collector:
+        cpu = time.process_time()
         started = time.perf_counter()
         for item in items:
             collector.collect(item)
         collected = time.perf_counter() - started
         assert collector.flush(timeout=600)
         took = time.perf_counter() - started
+        AGENT_CPU_S.append(time.process_time() - cpu)
         COLLECT_S.append(collected)
         stats = collector.stats
     assert (stats.acknowledged, stats.dropped) == (len(items), 0), stats
@@ -336,10 +343,13 @@ def main() -> int:
                 f"trainer_cpu_us_per_sample={replay_cpu * 1e6 / (replayed * args.repeat):.1f} "
                 "(the agent's full batches, pre-built, sent by the raw client to the trainer)"
             )
+            agent_cpu = statistics.median(AGENT_CPU_S) / args.samples
             print(
                 f"experience collect_us_per_sample="
                 f"{statistics.median(COLLECT_S) / args.samples * 1e6:.1f} "
-                "(the agent's own cost: copying the sample and queueing it)"
+                f"agent_cpu_us_per_sample={agent_cpu * 1e6:.1f} "
+                "(the time the agent's collect() calls took, and the CPU time, every thread, the "
+                "agent's process spent from the first collect() to the end of flush())"
             )
             waits = latency(experience, inference.data, args.rounds)
             print(

@@ -42,6 +42,9 @@ class Call:
     def _outgoing(self) -> Iterator[bytes]:
         while (item := self.requests.get()) is not None:
             yield item
+            # Not held while waiting for the next one: once acknowledged, the collector fills
+            # a message's memory again only when nothing else refers to it.
+            del item
 
     def _receive(self) -> None:
         error: grpc.RpcError | None = None

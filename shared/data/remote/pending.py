@@ -13,9 +13,10 @@ once, so views taken stay valid while later rows of the same slab fill.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -43,42 +44,74 @@ class Form:
                 )
             tensors.append((name, entry.safetensors, tuple(shape), shape.numel() * dtype.itemsize))
         self.message = batch_layout(buffer, collector_id, tensors, capacity)
-        # Each tensor: name, dtype, shape, bytes per sample, offset of its rows, and whether
-        # its dtype is complex (a lazily conjugated tensor must be resolved before its copy).
+        # Each tensor: name, dtype, shape, bytes per sample, offset of its rows.
         self.tensors = [
-            (name, dtype, shape, nbytes, self.message.offsets[name], dtype.is_complex)
+            (name, dtype, shape, nbytes, self.message.offsets[name])
             for (name, (dtype, shape)), (_, _, _, nbytes) in zip(
                 layout.items(), tensors, strict=True
             )
         ]
         self.names = sorted(layout)
+        self.plain = plain_keys()
+
+
+def plain_keys() -> list[object]:
+    """What `KEYS` reads of a tensor whose memory holds its values, in CPU memory: a plain
+    CPU tensor's dispatch keys, made with autograd and without (in inference mode). A tensor
+    lazily negated or conjugated, sparse, on another device or otherwise unlike them differs.
+
+    The dispatch keys are one call that keeps the GIL: `is_neg()` and `is_conj()` release it
+    (as most of torch's methods do), which at every sample hands it to any thread waiting for
+    it, the collector's own sending threads first (a context switch each way)."""
+    with torch.inference_mode(False):
+        autograd = torch.empty(0, device="cpu")
+    with torch.inference_mode():
+        inference = torch.empty(0, device="cpu")
+    return [KEYS(autograd), KEYS(inference)]
+
+
+def _flags(tensor: torch.Tensor) -> object:
+    return (tensor.is_cpu, tensor.layout, tensor.is_neg(), tensor.is_conj())
+
+
+# A tensor's dispatch keys (a private torch function, there since torch 1.11); where a torch
+# lacks it, what they would tell, read attribute by attribute.
+KEYS: Callable[[torch.Tensor], object] = getattr(torch._C, "_dispatch_keys", _flags)
 
 
 class Slab:
     """Up to `capacity` samples of one layout, written in place into their batch's message:
-    `put` copies a sample's tensors straight into their rows, `take` hands the oldest rows on as
-    views (already stacked for the wire), `seal` hands the whole message on."""
+    `Pending.put` copies a sample's tensors straight into their rows (`rows`: where each lies),
+    `take` hands the oldest rows on as views (already stacked for the wire), `seal` hands the
+    whole message on."""
 
     def __init__(self, form: Form, created: float) -> None:
         self.form = form
         self.capacity = form.capacity
         self.memory = Filled(form.message.size)
         self.memory.write(0, form.message.head)
-        self.columns: dict[str, torch.Tensor] = {}
-        self._rows = []  # each tensor: name, dtype, shape, bytes per sample, where its first
-        # row lies, whether it is complex, and the memmove to copy a row with
-        for name, dtype, shape, nbytes, offset, is_complex in form.tensors:
+        self.rows = [  # each tensor: name, dtype, shape, bytes per sample, where its first
+            # row lies, and the memmove to copy a row with (Pending.put)
+            (name, dtype, shape, nbytes, self.memory.address + offset, copier(nbytes))
+            for name, dtype, shape, nbytes, offset in form.tensors
+        ]
+        self.width = len(self.rows)
+        self.reset(created)
+
+    @functools.cached_property
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Each tensor's rows as one tensor, a view of the message (made when first needed:
+        a full slab leaves without them)."""
+        columns = {}
+        for name, dtype, shape, nbytes, offset in self.form.tensors:
             rows = (self.capacity, *shape)
             if nbytes:  # a view of the message (it keeps the message's memory alive)
-                column = torch.frombuffer(
+                columns[name] = torch.frombuffer(
                     self.memory.buffer, dtype=dtype, count=rows[0] * shape.numel(), offset=offset
                 ).view(rows)
             else:
-                column = torch.empty(rows, dtype=dtype)
-            self.columns[name] = column
-            first = self.memory.address + offset
-            self._rows.append((name, dtype, shape, nbytes, first, is_complex, copier(nbytes)))
-        self.reset(created)
+                columns[name] = torch.empty(rows, dtype=dtype)
+        return columns
 
     def reset(self, created: float) -> None:
         """Start empty (again: a slab is reused once its rows are sent, its memory warm)."""
@@ -90,40 +123,11 @@ class Slab:
         return self.end - self.start
 
     @property
-    def full(self) -> bool:
-        return self.end == self.capacity
-
-    @property
     def whole(self) -> bool:
         """Whether every row holds a sample and none was taken or dropped."""
         return self.end == self.capacity and not self.start
 
-    def put(self, data: Mapping[str, Any]) -> None:
-        """Copy one sample into the next row.
-
-        Raises:
-            ValueError: Its names, dtypes or shapes differ from the layout.
-        """
-        if len(data) != len(self._rows):
-            raise ValueError(f"sample names {sorted(data)} differ from {self.form.names}")
-        row = self.end
-        for name, dtype, shape, nbytes, first, is_complex, copy in self._rows:  # the hot path
-            value = data.get(name)
-            if (
-                type(value) is torch.Tensor
-                and value.dtype is dtype
-                and value.shape == shape
-                and value.is_contiguous()
-                and value.is_cpu
-                and not value.is_neg()
-                and not (is_complex and value.is_conj())
-            ):
-                copy(first + row * nbytes, value.data_ptr(), nbytes)
-            else:
-                self._put(data, name, value, row)
-        self.end = row + 1
-
-    def _put(self, data: Mapping[str, Any], name: str, value: Any, row: int) -> None:
+    def put_other(self, data: Mapping[str, Any], name: str, value: Any, row: int) -> None:
         """Copy a value that is not a plain tensor of the layout (numpy, a number, a view, on
         another device, ...) into its row, or say why it does not fit."""
         if value is None:
@@ -170,6 +174,7 @@ class Pending:
         self._form = Form(layout, batch_size, buffer, collector_id)
         self._slabs: deque[Slab] = deque()
         self._spare: list[Slab] = []  # slabs whose rows were all sent, to fill again
+        self._open: Slab | None = None  # the newest slab, while it has rows to fill
         self.count = 0
 
     @property
@@ -178,31 +183,59 @@ class Pending:
         return self._form.message.payload_bytes
 
     def put(self, data: Mapping[str, Any], now: float | None = None) -> bool:
-        """Copy one sample in (at `now`, time.monotonic() by default); whether it filled a
-        batch.
+        """Copy one sample into the next row (at `now`, time.monotonic() by default); whether
+        it filled a batch.
+
+        The hot path: one call for the whole sample, and not one that releases the GIL. A
+        plain tensor of the layout (of the layout's dtype and shape, its dispatch keys a plain
+        CPU tensor's, contiguous) is copied with one memmove; anything else goes through
+        `put_other`, which converts it or says why it does not fit. Every sample is checked
+        so, the first as every later one.
 
         Raises:
             ValueError: Its names, dtypes or shapes differ from the layout.
         """
-        slab = self._slabs[-1] if self._slabs else None
-        if slab is None or slab.full:
-            slab = self._fresh(time.monotonic() if now is None else now)
+        slab = self._open
+        if slab is None:
+            slab = self._open = self._fresh(time.monotonic() if now is None else now)
             self._slabs.append(slab)
+        row = slab.end
         try:
-            slab.put(data)
+            if len(data) != slab.width:
+                raise ValueError(f"sample names {sorted(data)} differ from {self._form.names}")
+            plain = self._form.plain
+            for name, dtype, shape, nbytes, first, copy in slab.rows:
+                value = data.get(name)
+                if (
+                    type(value) is torch.Tensor
+                    and value.dtype is dtype
+                    and value.shape == shape
+                    and KEYS(value) in plain
+                    and value.is_contiguous()
+                ):
+                    copy(first + row * nbytes, value.data_ptr(), nbytes)
+                else:
+                    slab.put_other(data, name, value, row)
         except ValueError:
-            if not slab:
+            if not len(slab):  # it took no sample: give it back
                 self._slabs.pop()
+                self._open = None
                 self.reuse(slab)
             raise
+        row += 1
+        slab.end = row
         self.count += 1
-        return slab.full
+        if row == slab.capacity:
+            self._open = None  # full: the next sample starts another
+            return True
+        return False
 
     def _fresh(self, now: float) -> Slab:
-        """A slab to fill: one given back whose message nothing refers to, or a new one."""
-        while self._spare:
-            slab = self._spare.pop()
+        """A slab to fill: one given back whose message nothing refers to (one still referred
+        to stays for later), or a new one."""
+        for index, slab in enumerate(self._spare):
             if slab.unshared:
+                del self._spare[index]
                 slab.reset(now)
                 return slab
         return Slab(self._form, now)
@@ -234,12 +267,14 @@ class Pending:
         if slab:
             return columns, count, None
         self._slabs.popleft()  # a slab emptied is not filled on: its time is past
+        if slab is self._open:
+            self._open = None
         return columns, count, slab
 
     def reuse(self, slab: Slab | None) -> None:
         """Fill `slab` again, its rows no longer used (fresh memory costs a page fault per
-        page it touches; reused, none)."""
-        if slab is not None and len(self._spare) < SPARE_SLABS:
+        page it touches; reused, none), once nothing else refers to its message."""
+        if slab is not None and len(self._spare) < SPARE_SLABS and slab not in self._spare:
             self._spare.append(slab)
 
     def drop_oldest(self) -> None:
@@ -251,4 +286,5 @@ class Pending:
         """Forget every waiting sample; how many there were."""
         count, self.count = self.count, 0
         self._slabs.clear()
+        self._open = None
         return count

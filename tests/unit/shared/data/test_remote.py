@@ -203,3 +203,35 @@ def test_collect_refuses_a_sample_unlike_the_first_and_after_close(trainer: Trai
     with pytest.raises(RuntimeError, match="this RemoteDataCollector is closed"):
         collector.collect(sample(1))
     assert trainer.ids() == [0]
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (
+            {"x": torch.zeros(2, dtype=torch.float64), "id": torch.tensor(1)},
+            "tensor 'x' is torch.float64",
+        ),
+        ({"x": torch.zeros(2), "id": torch.tensor(1.0)}, "tensor 'id' is torch.float32"),
+        ({"x": torch.zeros(1, 2), "id": torch.tensor(1)}, r"tensor 'x' is torch.float32 \[1, 2\]"),
+        ({"x": torch.zeros(2)}, r"sample names \['x'\] differ"),
+        ({"x": torch.zeros(2), "ids": torch.tensor(1)}, r"sample names \['ids', 'x'\] differ"),
+        (
+            {"x": torch.zeros(2), "id": torch.tensor(1), "more": torch.tensor(1)},
+            r"sample names \['id', 'more', 'x'\] differ",
+        ),
+    ],
+)
+def test_collect_refuses_a_sample_unlike_the_first_after_many_good_ones(
+    trainer: Trainer, data: dict[str, object], why: str
+) -> None:
+    with RemoteDataCollector(trainer.address, "steps", batch_size=4) as collector:
+        for i in range(10):  # full batches and one begun: the layout's fast path in use
+            collector.collect(sample(i))
+        with pytest.raises(ValueError, match=f"differs from the first one collected, .*{why}"):
+            collector.collect(data)
+        collector.collect(sample(10))
+        assert collector.flush(timeout=30)
+        stats = collector.stats
+    assert (stats.collected, stats.acknowledged, stats.dropped) == (11, 11, 0)
+    assert trainer.ids() == list(range(11))  # the refused sample took no row

@@ -82,6 +82,105 @@ def test_a_sample_unlike_the_layout_is_refused_and_stores_nothing(
     assert pending.take(2)[0]["id"].tolist() == [1]
 
 
+def filled(pending: Pending, count: int) -> None:
+    """`count` good samples in, ids 0 .. count - 1: the layout's fast path in use, a slab full
+    and the next one open."""
+    for i in range(count):
+        pending.put(sample(i), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (
+            {"x": torch.zeros(3, dtype=torch.float64), "id": torch.tensor(0)},
+            "tensor 'x' is torch.float64 [3], not torch.float32 [3]",
+        ),
+        (
+            {"x": torch.zeros(3), "id": torch.tensor(0, dtype=torch.int32)},
+            "tensor 'id' is torch.int32 [], not torch.int64 []",
+        ),
+        ({"x": torch.zeros(4), "id": torch.tensor(0)}, "tensor 'x' is torch.float32 [4]"),
+        ({"x": torch.zeros(1, 3), "id": torch.tensor(0)}, "tensor 'x' is torch.float32 [1, 3]"),
+        ({"x": torch.zeros(3), "id": torch.tensor([0])}, "tensor 'id' is torch.int64 [1]"),
+        ({"x": torch.zeros(3)}, "sample names ['x'] differ from ['id', 'x']"),
+        ({"x": torch.zeros(3), "idx": torch.tensor(0)}, "sample names ['idx', 'x'] differ"),
+        (
+            {"x": torch.zeros(3), "id": torch.tensor(0), "more": torch.tensor(0)},
+            "sample names ['id', 'more', 'x'] differ",
+        ),
+        (
+            {"x": torch.zeros(3, device="meta"), "id": torch.tensor(0)},
+            "tensor 'x' cannot be copied",
+        ),
+    ],
+)
+def test_after_good_samples_one_unlike_the_layout_is_still_refused_and_stores_nothing(
+    data: dict[str, object], why: str
+) -> None:
+    pending = Pending(layout_of(sample(0)), 4)
+    filled(pending, 6)
+    with pytest.raises(ValueError, match=why.replace("[", r"\[").replace("]", r"\]")):
+        pending.put(data, 0.0)
+    assert pending.count == 6
+    pending.put(sample(6), 0.0)
+    first, _, _ = pending.take(4)
+    rest, _, _ = pending.take(4)
+    assert first["id"].tolist() == [0, 1, 2, 3] and rest["id"].tolist() == [4, 5, 6]
+    assert rest["x"][:, 0].tolist() == [4.0, 5.0, 6.0]  # no row of the refused one in between
+
+
+def test_a_default_device_does_not_change_what_the_fast_path_takes() -> None:
+    with torch.device("meta"):  # the process's default device while the collector starts
+        pending = Pending(layout_of(sample(0)), 4)
+    filled(pending, 2)
+    with pytest.raises(ValueError, match="tensor 'x' cannot be copied"):
+        pending.put({"x": torch.zeros(3, device="meta"), "id": torch.tensor(2)}, 0.0)
+    assert pending.take(4)[0]["id"].tolist() == [0, 1]
+
+
+def lazily_negated_detached() -> torch.Tensor:
+    value = torch._neg_view(torch.tensor([0.0, 1.0, 2.0])).detach()
+    assert value.is_neg() and not value._is_view()  # the bit is kept by detach, not a view
+    return value
+
+
+def made_in_inference_mode() -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.tensor([0.0, -1.0, -2.0])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        torch.tensor([0.0, 9.0, -1.0, 9.0, -2.0, 9.0])[::2],  # not contiguous
+        torch._neg_view(torch.tensor([0.0, 1.0, 2.0])),  # lazily negated
+        lazily_negated_detached(),
+        torch.tensor([-0.0, 1.0, 2.0]).neg(),  # negated for real
+        made_in_inference_mode(),
+        np.array([0.0, -1.0, -2.0], dtype=np.float32),
+        torch.tensor([[0.0, -1.0, -2.0]])[0],  # a view, contiguous
+    ],
+)
+def test_after_good_samples_a_tensor_is_still_copied_as_its_values(value: object) -> None:
+    pending = Pending({"x": (torch.float32, torch.Size([3]))}, 2)
+    for i in range(3):
+        pending.put({"x": torch.full((3,), float(i))}, 0.0)
+    pending.put({"x": value}, 0.0)
+    pending.take(2)
+    assert pending.take(2)[0]["x"].tolist() == [[2.0, 2.0, 2.0], [0.0, -1.0, -2.0]]
+
+
+def test_after_good_samples_a_lazily_conjugated_tensor_is_still_copied_as_its_values() -> None:
+    plain = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    pending = Pending(layout_of({"z": plain}), 2)
+    pending.put({"z": plain}, 0.0)
+    pending.put({"z": plain.conj()}, 0.0)
+    pending.put({"z": plain.conj().detach()}, 0.0)
+    assert pending.take(2)[0]["z"].tolist() == [[1 + 2j, 3 - 4j], [1 - 2j, 3 + 4j]]
+    assert pending.take(2)[0]["z"].tolist() == [[1 - 2j, 3 + 4j]]
+
+
 def test_a_dtype_numpy_lacks_is_copied_by_torch() -> None:
     data = {"x": torch.ones(2, dtype=torch.bfloat16)}
     pending = Pending(layout_of(data), 2)
@@ -199,6 +298,21 @@ def test_a_sealed_slab_is_filled_again_only_once_nothing_refers_to_its_message()
     pending.put(sample(4), 2.0)
     assert slab.columns["id"][0].item() == 4  # filled again
     assert pending.take(1)[0]["id"].tolist() == [4]
+
+
+def test_a_slab_given_back_while_its_message_is_referred_to_waits_spare_until_it_is_not() -> None:
+    pending = Pending(layout_of(sample(0)), 2, "steps", "abc")
+    filled(pending, 2)
+    slab = pending.take_whole(2, None)
+    assert slab is not None
+    message = slab.seal(1)  # still referred to (gRPC's last request, say) when acknowledged
+    pending.reuse(slab)
+    filled(pending, 2)  # a slab of its own: the message must not change
+    other = pending.take_whole(2, None)
+    assert other is not None and other is not slab
+    del message  # now nothing refers to it: the next slab filled is that one, no new memory
+    pending.put(sample(7), 0.0)
+    assert slab.columns["id"][0].item() == 7
 
 
 @pytest.mark.parametrize(
