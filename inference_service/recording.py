@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from prometheus_client import Counter
 
 from shared.app import BufferSpec, ModelSpec, TensorSpec
@@ -66,6 +65,28 @@ class Plan:
     buffer: str
     columns: tuple[tuple[str, bool, int], ...]
     rows: bool
+
+    def tensors(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> Recorded:
+        """What a served request gives this plan: the buffer's tensors alone (the request's
+        other inputs and outputs, a BYTES input say, are not kept), and its sample count."""
+        tensors = {name: (outputs if out else inputs)[i] for name, out, i in self.columns}
+        first = next(iter(tensors.values()))
+        ndim = int(getattr(first, "ndim", 0))
+        count = int(first.shape[0]) if self.rows and ndim else 1
+        return Recorded(self, tensors, count)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A served request's tensors for one plan, waiting to be recorded, and its samples."""
+
+    plan: Plan
+    tensors: dict[str, Any]
+    samples: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(getattr(t, "nbytes", 0)) for t in self.tensors.values())
 
 
 def plan(model: ModelSpec, buffer: BufferSpec) -> Plan:
@@ -156,8 +177,7 @@ class Recorder:
                 ", ".join(sorted(self._declared)),
             )
             self._declared.clear()
-        self._queue: queue.Queue[tuple[tuple[Plan, ...], list[Any], list[Any]] | None]
-        self._queue = queue.Queue(max_queue)
+        self._queue: queue.Queue[tuple[list[Recorded], int] | None] = queue.Queue(max_queue)
         # The queue holds requests' tensors: bounded by their bytes too, not only their number.
         self._max_queue_bytes = max_queue_bytes
         self._queued_bytes = 0
@@ -212,20 +232,22 @@ class Recorder:
         return (*declared, self._asked[key])
 
     def record(self, plans: tuple[Plan, ...], inputs: list[Any], outputs: list[Any]) -> None:
-        """Queue a served request's tensors for its plans; returns at once (a full queue, by
-        requests or by bytes, drops the request's samples, counted)."""
-        size = _nbytes(inputs) + _nbytes(outputs)
+        """Queue the tensors a served request gives its plans (only those: what the queue
+        holds is what its bytes bound counts); returns at once (a full queue, by requests or by
+        bytes, drops the request's samples, counted)."""
+        recorded = [p.tensors(inputs, outputs) for p in plans]
+        size = sum(r.nbytes for r in recorded)
         with self._bytes_lock:
             fits = self._queued_bytes + size <= self._max_queue_bytes
             if fits:
                 try:
-                    self._queue.put_nowait((plans, inputs, outputs))
+                    self._queue.put_nowait((recorded, size))
                     self._queued_bytes += size
                 except queue.Full:
                     fits = False
         if not fits:
-            for p in plans:
-                DROPPED.labels(p.buffer, "queue").inc(_samples(p, inputs))
+            for r in recorded:
+                DROPPED.labels(r.plan.buffer, "queue").inc(r.samples)
 
     def close(self, timeout: float = 5.0) -> None:
         """Record what is queued, give the collectors up to `timeout` seconds to deliver it,
@@ -247,18 +269,21 @@ class Recorder:
                 continue
             if item is None:
                 return
-            plans, inputs, outputs = item
+            recorded, size = item
             with self._bytes_lock:
-                self._queued_bytes -= _nbytes(inputs) + _nbytes(outputs)
-            for p in plans:
+                self._queued_bytes -= size
+            for r in recorded:
                 try:
-                    self._collect(p, inputs, outputs)
+                    self._collect(r)
                 except Exception:  # one bad request must not stop recording
-                    logger.exception("recording a request of %s into %s", p.model, p.buffer)
+                    logger.exception(
+                        "recording a request of %s into %s", r.plan.model, r.plan.buffer
+                    )
             self._count_trainer_drops()
 
-    def _collect(self, p: Plan, inputs: list[Any], outputs: list[Any]) -> None:
+    def _collect(self, r: Recorded) -> None:
         assert self._trainers is not None
+        p = r.plan
         collector = self._collectors.get(p.buffer)
         if collector is None:
             collector = RemoteDataCollector(
@@ -271,8 +296,7 @@ class Recorder:
             )
             self._collectors[p.buffer] = collector
             self._dropped_seen[p.buffer] = 0
-        tensors = {name: (outputs if out else inputs)[i] for name, out, i in p.columns}
-        count = _samples(p, inputs)
+        tensors, count = r.tensors, r.samples
         for row in range(count):
             sample = {n: t[row] for n, t in tensors.items()} if p.rows else tensors
             try:
@@ -289,15 +313,3 @@ class Recorder:
             if dropped > self._dropped_seen[name]:
                 DROPPED.labels(name, "trainer").inc(dropped - self._dropped_seen[name])
                 self._dropped_seen[name] = dropped
-
-
-def _samples(p: Plan, inputs: list[Any]) -> int:
-    """The samples a request gives a plan: its rows, or one."""
-    if not p.rows:
-        return 1
-    first = inputs[0] if inputs else None
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-
-
-def _nbytes(tensors: list[Any]) -> int:
-    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,8 +46,8 @@ def run(settings: TrainerSettings) -> None:
     group = join(device)  # data-parallel ranks under torchrun; None when run alone
     writes = group is None or group.is_writer
     metrics_port = None
-    if settings.metrics_listen and writes:
-        metrics_port = serve_metrics(settings.metrics_listen)
+    if (metrics := settings.metrics_listen) and writes:
+        metrics_port = listening("--metrics-listen", lambda: serve_metrics(metrics))
         logger.info("metrics on port %d", metrics_port)
     claimed = claim_state(settings, writes, stop)
     if claimed is None:
@@ -76,7 +76,9 @@ def run(settings: TrainerSettings) -> None:
             group,
         )
         experience = experience_server(settings, loop.buffers, group)
-        experience_port = experience.start() if experience is not None else None
+        experience_port = None
+        if experience is not None:
+            experience_port = listening("--experience-listen", experience.start)
         if settings.ready_file is not None:
             info = {"pid": os.getpid(), "experience_port": experience_port}
             write_ready_file(settings.ready_file, {**info, "metrics_port": metrics_port})
@@ -102,6 +104,18 @@ def run(settings: TrainerSettings) -> None:
         publisher.close()
         if group is not None:
             group.close()
+
+
+def listening(flag: str, start: Callable[[], int]) -> int:
+    """Start a server on the address `flag` gives; return its port.
+
+    Raises:
+        ConfigurationError: It cannot listen there (the address is in use, or not this host's).
+    """
+    try:
+        return start()
+    except OSError as exc:
+        raise ConfigurationError(f"{flag}: {exc}") from None
 
 
 def experience_server(
@@ -144,7 +158,11 @@ def experience_server(
         )
     plane = ExperiencePlane(buffers.users, buffers.schemas, settings.experience_max_batch)
     endpoint = ExperienceEndpoint(
-        listen, tls if tls.enabled else None, settings.experience_token, settings.experience_streams
+        listen,
+        tls if tls.enabled else None,
+        settings.experience_token,
+        settings.experience_streams,
+        settings.experience_idle_timeout_s,
     )
     return ExperienceServer(plane, endpoint)
 

@@ -14,7 +14,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
-from shared.grpc.errors import error_reason
+from shared.grpc.errors import error_details, error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
@@ -101,8 +101,8 @@ class PushFailedError(Exception):
     @classmethod
     def from_rpc(cls, target: str, error: grpc.RpcError) -> PushFailedError:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = error.details() if hasattr(error, "details") else str(error)
-        return cls(target, code, details or "", error_reason(error))
+        details = error_details(error, pb.DESCRIPTOR.services_by_name["WeightSync"].full_name)
+        return cls(target, code, details, error_reason(error))
 
 
 class TargetUnreachableError(PushFailedError):

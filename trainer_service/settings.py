@@ -25,6 +25,7 @@ from shared.cli import (
 )
 from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options, parse_service
 from trainer_service.encoding_choice import AUTO, CHOICES
+from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S
 from trainer_service.experience.server import DEFAULT_STREAMS
 from trainer_service.experience.service import DEFAULT_MAX_BATCH_BYTES
 from trainer_service.push import DEFAULT_STALL_TIMEOUT_S
@@ -178,6 +179,17 @@ class TrainerSettings:
             "agents' streams served at once (each holds a thread); one beyond gets "
             "RESOURCE_EXHAUSTED and retries",
             integer(1),
+        ),
+    )
+    experience_idle_timeout_s: float = field(
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        metadata=option(
+            "--experience-idle-timeout-s",
+            "TRAINER_EXPERIENCE_IDLE_TIMEOUT_S",
+            "how long an agent's stream may send no batch and take no acknowledgement before "
+            "it is ended with DEADLINE_EXCEEDED, freeing its slot (agents end their own idle "
+            "streams sooner); what it was acknowledged stays stored",
+            duration("s", positive=True),
         ),
     )
     device: str = COMMON.device()

@@ -54,6 +54,7 @@ import grpc
 
 from inference_service.syncplane.leg import Leg
 from inference_service.syncplane.messages import encode_commit
+from inference_service.syncplane.own import address_problem
 from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
@@ -83,15 +84,19 @@ class PeerAccess:
 
 
 def check_route(header: PushHeader) -> None:
-    """A route names at most MAX_HOPS hops, each with an address, none twice (a hop named
-    twice would be pushed the version twice: the second push would end or be refused against
-    the first, and its refusal would stand for that hop's outcome)."""
+    """A route names at most MAX_HOPS hops, each with an address that can be dialled
+    (`address_problem`), none twice (a hop named twice would be pushed the version twice: the
+    second push would end or be refused against the first, and its refusal would stand for that
+    hop's outcome)."""
     if len(header.route) > MAX_HOPS:
         raise MalformedPushError(
             f"the push header's route names {len(header.route)} hops; at most {MAX_HOPS} may follow"
         )
     if any(not hop.address for hop in header.route):
         raise MalformedPushError("a hop of the push header's route has no address")
+    for hop in header.route:
+        if problem := address_problem(hop.address):
+            raise MalformedPushError(f"a hop of the push header's route: {problem}")
     seen: set[str] = set()
     for hop in header.route:
         if hop.address in seen:

@@ -17,7 +17,7 @@ from inference_service.syncplane.parts import Hop, HopResult, PushHeader
 from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.channel import open_channel
-from shared.grpc.errors import error_reason
+from shared.grpc.errors import error_details, error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class Leg:
 
     def failure(self, error: grpc.RpcError) -> HopResult:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = (error.details() if hasattr(error, "details") else str(error)) or ""
+        details = error_details(error, pb.DESCRIPTOR.services_by_name["WeightSync"].full_name)
         return self.fail(code, error_reason(error) or "", details)
 
     def _stalled(self, what: str) -> HopResult:

@@ -17,9 +17,22 @@ WILDCARD = frozenset({"", "0.0.0.0", "::"})  # listen hosts that take every loca
 def split(address: str) -> tuple[str, int | None]:
     """`HOST:PORT` (or `[V6]:PORT`) -> (host, port); port None when there is none."""
     host, colon, port = address.rpartition(":")
-    if not colon or not port.isdigit():
+    if not colon or not (port.isascii() and port.isdigit()):
         return address.strip("[]"), None
     return host.strip("[]"), int(port)
+
+
+def address_problem(address: str) -> str | None:
+    """Why a replica cannot be dialled at `address` (None: it can): it must be HOST:PORT with a
+    port of 1 to 65535. gRPC dials a larger port modulo 65536, so an address such as
+    `127.0.0.1:75536` would reach another replica (or this one) past every check that compares
+    addresses."""
+    host, port = split(address)
+    if not host or port is None:
+        return f"{address!r} is not HOST:PORT"
+    if not 1 <= port <= 65535:
+        return f"{address!r} names port {port}, outside 1 to 65535"
+    return None
 
 
 def _ips(host: str) -> set[str]:

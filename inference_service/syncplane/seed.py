@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from inference_service.served_model import Generation, ServedModel
 from inference_service.syncplane.forward import Forward, PeerAccess
-from inference_service.syncplane.own import OwnAddress
+from inference_service.syncplane.own import OwnAddress, address_problem
 from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
 from shared.errors import (
     InferenceOnlyModelError,
@@ -48,6 +48,8 @@ class Seeder:
         pushes, it serves another version) or a push replaced the version while it streamed."""
         if not hop.address:
             raise InvalidArgumentError("Seed needs the hop's address (HOST:PORT) to push to")
+        if problem := address_problem(hop.address):
+            raise InvalidArgumentError(f"Seed's hop: {problem}")
         if version <= 0:
             raise InvalidArgumentError(
                 "Seed needs the version the replica is expected to serve (1 or more)"

@@ -91,15 +91,30 @@ class Status:
 
 
 INTERNAL = Status(Code.INTERNAL, "", "internal server error; see the server log")
+# The most UTF-8 bytes of a status message. It travels as the grpc-message trailer,
+# percent-encoded (up to 3x longer), and clients refuse trailers past 16 KiB (past 8 KiB at
+# random): a longer message would turn the refusal into RESOURCE_EXHAUSTED with no message.
+# Messages echo what the client sent (a model, buffer or parameter name), so they are cut.
+MAX_MESSAGE_BYTES = 2048
 
 
 def status_of(error: ServiceError) -> Status:
-    """The table's status for `error`, found along its class hierarchy, with its message."""
+    """The table's status for `error`, found along its class hierarchy, with its message (cut
+    to MAX_MESSAGE_BYTES)."""
     for cls in type(error).__mro__:
         entry = ERRORS.get(cls)
         if entry is not None:
-            return Status(*entry, str(error))
+            return Status(*entry, bounded(str(error)))
     raise AssertionError("unreachable: ServiceError itself is in the table")  # pragma: no cover
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message`, cut to at most `limit` UTF-8 bytes, saying how much was cut."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    kept = data[: limit - 40].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} bytes cut)"
 
 
 def status_for(error: ServiceError) -> grpc.StatusCode:
@@ -112,7 +127,7 @@ def failure(error: Exception, where: str) -> Status:
     its message, anything else (a bug) with its traceback, answered INTERNAL."""
     if isinstance(error, ServiceError):
         status = status_of(error)
-        logger.info("%s -> %s: %s", where, status.code.name, error)
+        logger.info("%s -> %s: %s", bounded(where), status.code.name, status.message)
         return status
     logger.error("unhandled error in %s", where, exc_info=error)
     return INTERNAL
@@ -181,3 +196,19 @@ def error_reason(error: grpc.RpcError) -> str | None:
         if key == protocol.REASON_KEY:
             return str(value)
     return None
+
+
+def error_details(error: grpc.RpcError, service: str) -> str:
+    """The message of a failed call to `service`, saying so where the peer serves no such
+    service: grpcio answers a method it has no handler for with UNIMPLEMENTED and no
+    `error-reason` (every UNIMPLEMENTED of this project's own carries one), which is what a
+    client dialling the wrong port of a service (the data plane's for the sync plane's, say)
+    gets back."""
+    details = (error.details() if hasattr(error, "details") else str(error)) or ""
+    code = error.code() if hasattr(error, "code") else None
+    if code == Code.UNIMPLEMENTED and error_reason(error) is None:
+        return (
+            f"{details} (the address serves no {service}: is it another port of the service, "
+            "its data plane's say, or another server's?)"
+        )
+    return details

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from shared import App, DictSequentialBuffer, TensorSpec, TorchTrainer, TorchTrainingModel
 from shared.torch.trainer import OptimizersSetup
+from tests.integration.apps import Words
 
 STEPS_TENSORS = [
     TensorSpec("x", "FP32", (1,)),
@@ -142,3 +143,44 @@ for side in ("left", "right"):
         side, lambda: DictSequentialBuffer(["x", "y", "id"], CAPACITY), tensors=STEPS_TENSORS
     )
     grouped.add_trainer(side, side_trainer(side))
+
+
+# `spoken`: the BYTES model `words` (tests/integration/apps.py: text in, each string upper-cased
+# and its length out), its first input BYTES, recording each row's length into `lengths`.
+class LengthsTrainer(TorchTrainer):
+    """Reads `lengths` (so its process holds it) and never trains."""
+
+    def __init__(self) -> None:
+        super().__init__("lengths", min_buffer_size=CAPACITY + 1)
+
+    @override
+    def on_training_models_attached(self) -> None:
+        self.words = self.get_torch_training_model("words", Words)
+
+    @override
+    def on_data_users_attached(self) -> None:
+        self.lengths = self.get_data_user("lengths")
+
+    @override
+    def create_optimizers(self) -> OptimizersSetup:
+        return {"sgd": torch.optim.SGD(self.words.model.parameters(), lr=0.1)}
+
+    @override
+    def train(self) -> None:
+        raise AssertionError("never trainable")
+
+
+spoken = App()
+spoken.add_model(
+    "words",
+    lambda: TorchTrainingModel(Words()),
+    inputs=[TensorSpec("text", "BYTES", (-1,))],
+    outputs=[TensorSpec("upper", "BYTES", (-1,)), TensorSpec("length", "FP32", (-1,))],
+    record="lengths",
+)
+spoken.add_buffer(
+    "lengths",
+    lambda: DictSequentialBuffer(["length"], CAPACITY),
+    tensors=[TensorSpec("length", "FP32", ())],
+)
+spoken.add_trainer("lengths", LengthsTrainer)

@@ -3,7 +3,8 @@
 It is a thread-pool server, as the sync plane is: few long streams, each batch decoded and
 stored on the stream's thread. Memory stays bounded: a call's batches are read one at a time
 (HTTP/2 flow control holds the sender back meanwhile), a batch is at most the size limit, the
-calls at once are at most `streams`, and what is stored goes to bounded queues. It carries the
+calls at once are at most `streams`, a call that waits on its agent for `idle_timeout_s` is
+ended (idle.py), and what is stored goes to bounded queues. It carries the
 sync plane's authentication (a bearer token) and TLS (mutual with a client CA), grpc.health.v1
 (open to all) and server reflection.
 """
@@ -19,6 +20,7 @@ from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.limits import CallBudget
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_server
+from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S, IdleCalls
 from trainer_service.experience.service import ExperiencePlane
 from trainer_service.experience.servicer import ExperienceServicer, add_to_server
 
@@ -41,6 +43,7 @@ class ExperienceEndpoint:
     tls: TlsFiles | None
     token: str | None  # agents must present it; None: mTLS or the network alone guard it
     streams: int  # calls at once (each holds a thread)
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # a call waiting on its agent this long ends
 
 
 class ExperienceServer:
@@ -55,7 +58,8 @@ class ExperienceServer:
             budget=budget,
             name="experience",
         )
-        add_to_server(ExperienceServicer(plane), self._server)
+        idle = IdleCalls(endpoint.idle_timeout_s)
+        add_to_server(ExperienceServicer(plane, idle), self._server)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         for service in ("", SERVICE):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

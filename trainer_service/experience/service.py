@@ -6,8 +6,8 @@ buffer's collector (`collect_batch`): the writing end PAMIQ's agent would call, 
 queue the training thread empties into the buffer (DataUser.update, through the buffer's
 `add_batch`).
 So what a full buffer keeps is the buffer's own policy, and memory stays bounded whatever the
-agents send. A batch resent after a broken call (same collector id, a sequence already stored)
-is acknowledged without being stored twice.
+agents send. A batch resent after a broken call (same collector id and buffer, a sequence
+already stored for them) is acknowledged without being stored twice.
 
 Storing a batch costs a few Python calls whatever its sample count. A sequential buffer keeps
 the block and indexes into it (it drops samples oldest first: a block lives until its last
@@ -26,11 +26,15 @@ from dataclasses import dataclass
 from shared.data.batch import MAX_BATCH_SAMPLES, BatchSchema, Column, decode_columns
 from shared.data.block import SampleBlock, block_of
 from shared.data.container import DataUsersDict
-from shared.errors import BufferNotFoundError, ResourceLimitError
+from shared.errors import BufferNotFoundError, MalformedBatchError, ResourceLimitError
 
 DEFAULT_MAX_BATCH_BYTES = 16 << 20
-# Senders remembered for resends; the least recently heard from is forgotten first.
+# Senders (collector id and buffer) remembered for resends; the least recently heard from is
+# forgotten first.
 MAX_COLLECTORS = 4096
+# The longest collector id: each sender remembered keeps its id, and a batch message could
+# otherwise carry one of megabytes (a RemoteDataCollector's is 32 characters).
+MAX_COLLECTOR_ID = 256
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class ExperiencePlane:
         self.max_batch_samples = max_batch_samples
         self._lock = threading.Lock()
         self._received = dict.fromkeys(self._schemas, 0)
-        self._last_sequence: OrderedDict[str, int] = OrderedDict()
+        # The last sequence stored per (collector id, buffer).
+        self._last_sequence: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     def store(
         self, buffer: str, sequence: int, payload: bytes | memoryview, collector_id: str = ""
@@ -105,27 +110,34 @@ class ExperiencePlane:
 
         Raises:
             BufferNotFoundError: There is no buffer `buffer`.
+            MalformedBatchError: The collector id is over MAX_COLLECTOR_ID characters.
             ResourceLimitError: The payload is over the limit; or what `block()` raises.
         """
         self.schema(buffer, sequence)  # raises if there is no such buffer
+        if len(collector_id) > MAX_COLLECTOR_ID:
+            raise MalformedBatchError(
+                f"batch {sequence} for buffer {buffer!r}: its collector_id has "
+                f"{len(collector_id)} characters; at most {MAX_COLLECTOR_ID}"
+            )
         if size > self.max_batch_bytes:
             raise ResourceLimitError(
                 f"batch {sequence} for buffer {buffer!r} carries {size} bytes; this trainer "
                 f"takes batches of at most {self.max_batch_bytes} (--experience-max-batch): "
                 "send fewer samples per batch"
             )
-        if self._stored_before(collector_id, sequence):
+        sender = (collector_id, buffer)
+        if self._stored_before(sender, sequence):
             return Stored(buffer, sequence, 0, size, duplicate=True)
         samples = block()
         collector = self._users.data_collectors_dict[buffer]
         with self._lock:
-            if self._stored_before(collector_id, sequence):  # a resend on another call won
+            if self._stored_before(sender, sequence):  # a resend on another call won
                 return Stored(buffer, sequence, 0, size, duplicate=True)
             collector.collect_batch(samples)
             self._received[buffer] += samples.count
             if collector_id:
-                self._last_sequence[collector_id] = sequence
-                self._last_sequence.move_to_end(collector_id)
+                self._last_sequence[sender] = sequence
+                self._last_sequence.move_to_end(sender)
                 while len(self._last_sequence) > MAX_COLLECTORS:
                     self._last_sequence.popitem(last=False)
         return Stored(buffer, sequence, samples.count, size)
@@ -145,10 +157,12 @@ class ExperiencePlane:
             )
         return schema
 
-    def _stored_before(self, collector_id: str, sequence: int) -> bool:
-        if not collector_id:
+    def _stored_before(self, sender: tuple[str, str], sequence: int) -> bool:
+        """Whether the sender (collector id, buffer) had batch `sequence` stored: its numbers
+        count per buffer, so one id feeding two buffers, each numbered from 1, loses none."""
+        if not sender[0]:
             return False
-        last = self._last_sequence.get(collector_id)
+        last = self._last_sequence.get(sender)
         return last is not None and sequence <= last
 
     def buffers(self) -> list[BufferInfo]:

@@ -3,7 +3,7 @@
 Collect takes its Batch messages unparsed and reads them by hand (shared/data/remote/wire.py),
 the payload a view of the message: protobuf's parse would copy it (see shared/weights/wire.py).
 A stream's batches that repeat the layout of one checked before skip the parsing and checks
-(layouts.py).
+(layouts.py). A call that waits on its agent too long is ended (idle.py).
 """
 
 from __future__ import annotations
@@ -20,47 +20,55 @@ from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.errors import abort, failure, grpc_errors
 from shared.grpc.handlers import register, unary
+from trainer_service.experience.idle import IdleCalls, WatchedCall
 from trainer_service.experience.layouts import Known, learn
 from trainer_service.experience.service import BufferInfo, ExperiencePlane, Stored
 
 
 class ExperienceServicer(pb_grpc.ExperienceServicer):  # type: ignore[misc]
-    def __init__(self, plane: ExperiencePlane) -> None:
+    def __init__(self, plane: ExperiencePlane, idle: IdleCalls) -> None:
         self._plane = plane
+        self._idle = idle  # ends the calls that wait on their agent too long
 
     @override
     def Collect(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[pb.BatchAck]:
         # A generator: the error table is applied inside it, where the errors are raised.
-        known: Known | None = None  # the layout of this stream's full batches, once checked
         try:
-            for message in request_iterator:
-                sequence = None if known is None else known.sequence(message)
-                if known is not None and sequence is not None:
-                    stored = self._plane.store_block(
-                        known.buffer,
-                        sequence,
-                        known.payload_bytes,
-                        known.collector_id,
-                        partial(known.block, message),
-                    )
-                else:
-                    batch = parse_batch(message)
-                    stored = self._plane.store(
-                        batch.buffer, batch.sequence, batch.payload, batch.collector_id
-                    )
-                    if not stored.duplicate:
-                        schema = self._plane.schema(batch.buffer)
-                        found = learn(message, batch, schema, self._plane.max_batch_samples)
-                        known = known if found is None else found
-                yield ack(stored)
+            with self._idle.watch(context) as call:
+                yield from self._collect(call, request_iterator)
         except grpc.RpcError:
-            return  # the agent went away mid-call: what it was acknowledged is stored
+            return  # the agent went away or idled mid-call: what it was acknowledged is stored
         except Exception as error:
             if not isinstance(error, ServiceError) and context.code() is not None:
                 raise  # aborted on purpose
             abort(context, failure(error, "Experience.Collect"))
+
+    def _collect(self, call: WatchedCall, requests: Iterator[bytes]) -> Iterator[pb.BatchAck]:
+        """Store each batch of the call and acknowledge it."""
+        known: Known | None = None  # the layout of this stream's full batches, once checked
+        for message in call.reading(requests):
+            sequence = None if known is None else known.sequence(message)
+            if known is not None and sequence is not None:
+                stored = self._plane.store_block(
+                    known.buffer,
+                    sequence,
+                    known.payload_bytes,
+                    known.collector_id,
+                    partial(known.block, message),
+                )
+            else:
+                batch = parse_batch(message)
+                stored = self._plane.store(
+                    batch.buffer, batch.sequence, batch.payload, batch.collector_id
+                )
+                if not stored.duplicate:
+                    schema = self._plane.schema(batch.buffer)
+                    found = learn(message, batch, schema, self._plane.max_batch_samples)
+                    known = known if found is None else found
+            with call.sending():
+                yield ack(stored)
 
     @override
     @grpc_errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference_service.syncplane.own import is_own, split
+from inference_service.syncplane.own import address_problem, is_own, split
 
 
 def test_split_takes_the_port_off_the_last_colon() -> None:
@@ -14,6 +14,27 @@ def test_split_takes_the_port_off_the_last_colon() -> None:
     assert split("replica4:9001") == ("replica4", 9001)
     assert split("replica4") == ("replica4", None)
     assert split("replica4:http") == ("replica4:http", None)
+    assert split("replica4:\uff19\uff10") == ("replica4:\uff19\uff10", None)  # not ASCII digits
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("127.0.0.1:9001", None),
+        ("[::1]:65535", None),
+        ("replica4:1", None),
+        ("127.0.0.1:75537", "'127.0.0.1:75537' names port 75537, outside 1 to 65535"),
+        ("127.0.0.1:0", "'127.0.0.1:0' names port 0, outside 1 to 65535"),
+        ("replica4", "'replica4' is not HOST:PORT"),
+        (":9001", "':9001' is not HOST:PORT"),
+        ("not an address", "'not an address' is not HOST:PORT"),
+    ],
+)
+def test_a_hop_address_is_a_host_and_a_port_grpc_dials_as_given(
+    address: str, problem: str | None
+) -> None:
+    # gRPC dials a port past 65535 modulo 65536: another service's, past every address check.
+    assert address_problem(address) == problem
 
 
 @pytest.mark.parametrize(
