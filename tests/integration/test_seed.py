@@ -322,3 +322,76 @@ def test_a_seed_the_replica_cannot_start_gets_a_clear_status_and_changes_nothing
         assert not now.HasField("pending")
     for name in ("donor", "hop"):
         assert "Traceback" not in services.log(name)
+
+
+def test_a_donor_whose_service_stops_behind_its_live_relay_is_given_up_within_the_sync(
+    services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    services.env["TEST_STAMP_MB"] = "2"
+    ports = free_ports(2)  # in chain order: the first is the donor, behind its sync relay
+    donor = services.inference(STAMP, "--sync-listen", f"127.0.0.1:{ports[0]}", name="donor")
+    other = services.inference(STAMP, "--sync-listen", f"127.0.0.1:{ports[1]}", name="other")
+    assert donor.relay_pid is not None
+    publisher = Publisher([donor.sync, other.sync], "seed-sync", connect_timeout_s=5)
+    try:
+        publisher.publish("stamp", stamp_state(1, mb=2))
+        publisher.publish("stamp", stamp_state(2, mb=2))
+        # The other one restarts empty and takes pushes at 0.5 MB/s: its seed lasts about 4 s.
+        other.process.kill()
+        other.process.wait(timeout=10)
+        back = services.inference(
+            STAMP,
+            *("--sync-listen", other.sync, "--sync-max-mb-per-s", "0.5"),
+            *("--sync-relay", "off"),
+            name="back",
+        )
+        with ThreadPoolExecutor(1) as pool, caplog.at_level("INFO", "trainer_service"):
+            sync = pool.submit(publisher.publish, "stamp", stamp_state(3, mb=2))
+
+            def seeded_in_flight() -> bool:
+                pending = back.model_state("stamp").pending
+                return pending.version == 3 and pending.bytes_received > 0
+
+            wait_until(seeded_in_flight, timeout=60)
+            # The donor's service stops mid-seed; its relay lives on and answers the trainer's
+            # pings, so only the relay can tell that the Seed it passed on will never end.
+            os.kill(donor.process.pid, signal.SIGSTOP)
+            try:
+                report = sync.result(timeout=60)  # the push deadline is 600 s
+            finally:
+                os.kill(donor.process.pid, signal.SIGCONT)
+    finally:
+        publisher.close()
+    # The Seed failed UNAVAILABLE once the service behind the relay stopped answering it, and
+    # the trainer pushed the replica itself within the same sync.
+    assert (report.version, report.targets, report.lagging) == (3, 2, ())
+    digest = state_digest(stamp_state(3, mb=2))
+    state = back.model_state("stamp")
+    assert (state.version, state.digest, state.writer_id) == (3, digest, "seed-sync")
+    assert served_version(back) == "3"
+    assert f"seeding {back.sync} with version 3" in services.log("donor")
+    assert f"could not catch {back.sync} up to version 3 (UNAVAILABLE" in caplog.text
+    assert "the inference service stopped answering the sync relay" in services.log("donor")
+    # The donor serves on, unchanged, once it runs again: its relay reaches it anew.
+    now = donor.model_state("stamp")
+    assert (now.version, now.digest) == (3, digest)
+
+
+def test_a_call_the_relay_passes_to_a_stopped_service_fails_unavailable_not_at_its_deadline(
+    services: Services,
+) -> None:
+    donor, _, to_donor, _ = started_pair(services, "on")
+    served = to_donor.state()
+    os.kill(donor.process.pid, signal.SIGSTOP)  # its relay lives on
+    try:
+        request = pb.GetModelRequest(model_name="stamp")
+        with pytest.raises(grpc.RpcError) as refused:
+            to_donor.stub().GetModel(request, timeout=30, metadata=to_donor.metadata)
+    finally:
+        os.kill(donor.process.pid, signal.SIGCONT)
+    error = refused.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stopped answering the sync relay" in (error.details() or "")
+    # Running again, it answers through the same relay, unchanged.
+    now = to_donor.state()
+    assert (now.version, now.digest, now.writer_id) == (served.version, served.digest, "tester")

@@ -13,7 +13,9 @@ plane's address at a lower CPU priority, authenticates callers, and:
   answers with the push's outcome or status;
 - forwards every other call (GetModel, AcquireWriter, Rollback, Seed, health, reflection,
   ...) as raw bytes to the service's own sync server on a Unix socket, status and trailers
-  included, with the caller's deadline capped at FORWARD_DEADLINE_S.
+  included, with the caller's deadline capped at FORWARD_DEADLINE_S. That connection is
+  watched as a hop's is (`watched_link`, UPSTREAM_WATCH_S): a service that stops answering
+  (its process stopped or stuck) fails the calls passed on to it UNAVAILABLE within seconds.
 
 Calls run within the sync plane's budget (shared/grpc/limits.py), counted after authentication.
 
@@ -47,9 +49,9 @@ from shared.cli import configure_logging
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.channel import open_channel
-from shared.grpc.errors import abort
+from shared.grpc.errors import abort, error_reason
 from shared.grpc.limits import CallBudget
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 from shared.grpc.prefetch import Prefetcher
 from shared.grpc.server import bind, lower_thread_priority, new_server
 from shared.settings import ProcessSettings
@@ -63,6 +65,18 @@ WEAKER_TOKEN_ENV = "WEIGHTSYNC_RELAY_WEAKER_TOKEN"  # the data plane's, refused 
 # none or a later one: no forwarded call holds a relay thread for ever. Rollback, the slowest,
 # reads a whole model's stored weights and swaps them in.
 FORWARD_DEADLINE_S = 600.0
+# The connection to the service's sync server is watched while a call forwarded over it is
+# open: a ping every quarter of this bound (every 1.5 s), the connection dropped once one goes
+# unanswered for half of it (3 s). The caller's own watch of its link ends at the relay, which
+# answers its pings whatever the service does; without this one, a call to a service whose
+# process is stopped (SIGSTOP, a host paging itself to death) would wait for its deadline: for
+# a Seed, whose answer comes only once the whole seeded push is done, the trainer's push
+# deadline (600 s by default), and the sync or catch-up that needs the seed with it. The
+# service's gRPC transport answers pings while its handlers are busy (a long Seed or Rollback
+# keeps its connection), so only a process that does not run at all is cut off. Over a Unix
+# socket nothing else delays an answer: the bound is far above a scheduling hiccup, and far
+# below any deadline a caller waits on.
+UPSTREAM_WATCH_S = 6.0
 
 
 class LinkPool:
@@ -151,9 +165,27 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         try:
             yield from call
         except grpc.RpcError as error:
+            if _service_silent(error):
+                logger.error(
+                    "the inference service stopped answering the sync relay (%s): %s",
+                    method.rsplit("/", 1)[-1],
+                    error.details(),
+                )
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the inference service stopped answering the sync relay (its process is "
+                    f"stopped, stuck or gone): {error.details() or 'connection lost'}",
+                )
             context.set_trailing_metadata(error.trailing_metadata() or ())
             context.abort(error.code(), error.details() or "")
         context.set_trailing_metadata(call.trailing_metadata() or ())
+
+
+def _service_silent(error: grpc.RpcError) -> bool:
+    """Whether a forwarded call failed because the service did not answer at all (its
+    connection dropped by the watch, or refused): UNAVAILABLE made by the relay's own transport.
+    The service's own UNAVAILABLE statuses carry an `error-reason` and pass on unchanged."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and not error_reason(error)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -185,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = os.environ.pop(TOKEN_ENV, None)
     weaker = os.environ.pop(WEAKER_TOKEN_ENV, None)
     interceptors = [TokenAuthInterceptor(token, "sync plane", weaker=weaker)] if token else []
-    upstream = open_channel(f"unix:{args.upstream}", SYNC_MAX_MESSAGE_BYTES)
+    upstream = open_channel(
+        f"unix:{args.upstream}", SYNC_MAX_MESSAGE_BYTES, options=watched_link(UPSTREAM_WATCH_S)
+    )
     links = LinkPool(args.links)
     budget = CallBudget(args.max_concurrent, "sync plane")
     server = new_server(
