@@ -7,11 +7,15 @@ input or output of the same name; a model whose tensors all lead with a batch di
 gives one sample per row, any other one sample per request.
 
 The data plane hands a served request's tensors over after its answer is computed (`record`):
-they go into a bounded queue and the answer leaves at once. A thread of the recorder's own cuts
-them into samples and collects them with a RemoteDataCollector per buffer, which streams them
+they go into a bounded queue and the answer leaves at once. A thread of the recorder's own
+collects them with a RemoteDataCollector per buffer, a request's rows in one call
+(`collect_rows`: one copy per tensor per batch of rows, not a Python call per row, so a request
+of a million rows does not hold the GIL from the data plane's thread; where the collector's
+queue is full it waits for a trainer that keeps taking samples, ROOM_WAIT_S), which streams them
 to the trainer holding the buffer (`--experience`; the one that holds the buffer's trainer
-group). Nothing here waits for a trainer: when the queue is full, or the trainer is away long
-enough that the collector's own queue overflows, samples are dropped and counted in
+group). The data plane never waits for a trainer: when the queue is full, or the trainer is
+away (or acknowledges nothing for ROOM_WAIT_S) while the collector's own queue overflows, samples
+are dropped and counted in
 `weightsync_inference_recorded_dropped_total`.
 """
 
@@ -41,6 +45,10 @@ logger = logging.getLogger(__name__)
 PARAMETER = "record"  # the OIP request parameter naming a buffer to record the request into
 DEFAULT_QUEUE = 1024  # requests waiting to be recorded (--record-queue)
 DEFAULT_QUEUE_BYTES = 64 << 20  # their tensor bytes (--record-queue-bytes)
+# Recording a request of more rows than its collector's queue holds waits for the trainer to take
+# them, as long as it acknowledges a batch at least this often (the requests behind it wait in the
+# recording queue meanwhile); a trainer away is not waited for.
+ROOM_WAIT_S = 5.0
 
 RECORDED = Counter(
     "weightsync_inference_recorded_samples_total",
@@ -296,16 +304,16 @@ class Recorder:
             )
             self._collectors[p.buffer] = collector
             self._dropped_seen[p.buffer] = 0
-        tensors, count = r.tensors, r.samples
-        for row in range(count):
-            sample = {n: t[row] for n, t in tensors.items()} if p.rows else tensors
-            try:
-                collector.collect(sample)
-            except ValueError as exc:  # a shape that differs from the buffer's first sample
-                DROPPED.labels(p.buffer, "trainer").inc(count - row)
-                logger.warning("not recorded into %s: %s", p.buffer, exc)
-                return
-        RECORDED.labels(p.buffer).inc(count)
+        try:
+            if p.rows:  # every row at once: one copy per tensor per batch of rows
+                collector.collect_rows(r.tensors, wait_s=ROOM_WAIT_S)
+            else:
+                collector.collect(r.tensors)
+        except ValueError as exc:  # a shape that differs from the buffer's first sample
+            DROPPED.labels(p.buffer, "trainer").inc(r.samples)
+            logger.warning("not recorded into %s: %s", p.buffer, exc)
+            return
+        RECORDED.labels(p.buffer).inc(r.samples)
 
     def _count_trainer_drops(self) -> None:
         for name, collector in self._collectors.items():

@@ -2,7 +2,9 @@
 model serves (declared in the app, or asked for with the OIP parameter `record`) into the
 trainer's buffers over the experience plane, refuses to record into buffers the app does not
 declare or that the model cannot fill, and counts what it drops while the trainer is away,
-answering every request meanwhile; and reaches a trainer that requires mutual TLS and a token."""
+answering every request meanwhile; records a request of thousands of rows bit-exact; says so
+when `--experience` names a port that serves no experience plane; and reaches a trainer that
+requires mutual TLS and a token."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from shared import protocol
 from shared.data.persist import load_samples
+from shared.data.remote import RemoteDataCollector
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.gen.inference import grpc_service_pb2 as oip
@@ -175,3 +178,62 @@ def test_recording_reaches_a_trainer_that_requires_mutual_tls_and_a_token(
     assert torch.equal(torch.stack([s["y"] for s in served]), answer)
     dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
     assert metric(inference, dropped) == 0
+
+
+def test_every_row_of_a_large_request_arrives_bit_exact_with_the_trainer_up(
+    services: Services,
+) -> None:
+    port = free_port()
+    inference = services.inference(APP, "--experience", f"127.0.0.1:{port}")
+    trainer = start_trainer(
+        services, "--experience-listen", f"127.0.0.1:{port}", app=APP, targets=(inference.sync,)
+    )
+    wait_until(lambda: inference.model_state("scale").version == 1)  # the trainer's weights
+    rows = 30_000  # over the 10,000 samples a collector keeps: recording waits for the trainer
+    x = torch.randn(rows, 1, generator=torch.Generator().manual_seed(7))
+    answer = infer(inference, request(x))
+
+    def received() -> int:
+        return int(next(b.received for b in trainer.buffers().buffers if b.name == "served"))
+
+    wait_until(lambda: received() == rows)
+    trainer.process.send_signal(signal.SIGTERM)  # it checkpoints its buffers as it stops
+    assert trainer.process.wait(timeout=60) == 0
+    served = load_samples(trainer.state / "checkpoint" / "data" / "served" / "buffer.safetensors")
+    assert torch.equal(torch.stack([s["x"] for s in served]), x)
+    assert torch.equal(torch.stack([s["y"] for s in served]), answer)
+    assert metric(inference, 'weightsync_inference_recorded_samples_total{buffer="served"}') == rows
+    dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
+    assert metric(inference, dropped) == 0
+
+
+WRONG_PORT = (
+    "UNIMPLEMENTED: Method not found! (the address serves no experience.v1.Experience: is it "
+    "another port of the service, its data plane's say, or another server's?)"
+)
+
+
+def test_an_experience_address_that_serves_no_experience_plane_is_reported(
+    services: Services,
+) -> None:
+    other = services.inference(APP, name="other")  # its data plane is no trainer's
+    inference = services.inference(APP, "--experience", other.data)
+    x = torch.tensor([[1.0], [2.0]])
+    assert infer(inference, request(x)).shape == (2, 1)  # answered all the same
+    wait_until(lambda: WRONG_PORT in inference.log.read_text())
+    assert f"buffer served at {other.data}: the trainer at {other.data}: {WRONG_PORT}" in (
+        inference.log.read_text()
+    )
+
+    collector = RemoteDataCollector(other.data, "served", timeout_s=5)
+    try:
+        collector.collect({"x": torch.zeros(1), "y": torch.zeros(1)})
+
+        def reported() -> bool:
+            return WRONG_PORT in (collector.stats.last_error or "")
+
+        wait_until(reported)
+        assert collector.stats.last_error == f"the trainer at {other.data}: {WRONG_PORT}"
+    finally:
+        stats = collector.close(timeout=0)
+    assert (stats.collected, stats.acknowledged, stats.dropped) == (1, 0, 1)

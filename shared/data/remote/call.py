@@ -1,6 +1,8 @@
 """One experience.v1 Collect call of a RemoteDataCollector, and how the end of a call reads.
 
-Its requests are Batch messages the collector serialized itself (wire.py)."""
+Its requests are Batch messages the collector serialized itself (wire.py). A call that fails
+because the address serves no experience.v1.Experience (grpcio's bare UNIMPLEMENTED "Method not
+found!") reads as such (`status`), so a collector pointed at the wrong port says so."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import grpc
 
 from shared import protocol
 from shared.gen.experience.v1 import experience_pb2 as pb
-from shared.grpc.errors import error_reason
+from shared.grpc.errors import error_details, error_reason
 
 # Refusals of one batch: drop that batch (sending it again cannot succeed) and go on.
 REFUSED_REASONS = (protocol.MALFORMED_BATCH, protocol.RESOURCE_LIMIT, protocol.INVALID_ARGUMENT)
@@ -68,11 +70,16 @@ class Call:
         self._receiver.join(timeout)
 
 
+# The service a collector calls: where an address serves none (another port of a service, an
+# inference service's data plane say), grpcio's bare "Method not found!" is said as much.
+SERVICE = pb.DESCRIPTOR.services_by_name["Experience"].full_name
+
+
 def status(error: grpc.RpcError) -> str:
-    """`CODE: details` of a failed call."""
+    """`CODE: details` of a failed call to the experience plane (naming the service where the
+    address serves none)."""
     code = error.code() if hasattr(error, "code") else None
-    details = error.details() if hasattr(error, "details") else str(error)
-    return f"{code.name if code else 'error'}: {details}"
+    return f"{code.name if code else 'error'}: {error_details(error, SERVICE)}"
 
 
 def refused(error: grpc.RpcError) -> bool:

@@ -2,7 +2,8 @@
 
 `collect` never waits for the network or the trainer: under a lock that the sending thread
 (sender.py) holds only to take rows, it copies the sample's tensors into the next row of a slab
-(pending.py), so a batch leaves already stacked. While the trainer is away samples wait, at most
+(pending.py), so a batch leaves already stacked; `collect_rows` does the same for many samples
+at once, one copy per tensor per slab of rows. While the trainer is away samples wait, at most
 `max_pending` of them taking at most `max_pending_bytes`; beyond that the oldest are dropped,
 logged and counted in `stats.dropped`, as are the samples of a batch the trainer refuses (it
 names why: `stats.last_error`), and a sample larger than `max_pending_bytes` alone. Memory is
@@ -19,7 +20,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shared.data.remote.pending import Pending
-from shared.data.remote.samples import CollectorStats, Layout, describe, layout_of, sample_bytes
+from shared.data.remote.samples import (
+    CollectorStats,
+    Layout,
+    describe,
+    layout_of,
+    rows_layout,
+    sample_bytes,
+)
 from shared.data.remote.sender import Sender
 from shared.grpc.auth import TlsFiles
 
@@ -126,6 +134,91 @@ class RemoteDataCollector(Sender):
             if full:  # a batch is full: wake the sender
                 self._changed.notify_all()
 
+    def collect_rows(self, data: Mapping[str, Any], *, wait_s: float = 0.0) -> None:
+        """Queue the samples `data` holds, one per row (each tensor's first dimension indexes
+        the samples). What `collect` does for each row in turn, in one call: the same checks
+        (a row must be laid out as the first sample collected), the same bounds and the same
+        drops, oldest first (rows that the bounds would drop before this call ends, the
+        trainer taking none meanwhile, are counted and never copied), but one copy per tensor
+        for each slab of rows, not one per sample, and the lock given up between slabs (the
+        sending thread sends the full ones meanwhile).
+
+        Args:
+            data: Each of the buffer's tensor names to its rows (tensors, numpy arrays).
+            wait_s: Where the bounds would drop samples, how long the call may wait for the
+                trainer to acknowledge some, each time (0: it never waits, as `collect`). It
+                waits only while the trainer is not known to be away: once a call to it
+                failed, and until it acknowledges a batch again, or after `wait_s` without an
+                acknowledgement, the oldest go as above.
+
+        Raises:
+            ValueError: The rows' names, dtypes or shapes differ from the first sample's, or
+                the tensors' row counts differ; nothing of `data` is collected then.
+            RuntimeError: The collector is closed.
+        """
+        layout, count = rows_layout(data)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("this RemoteDataCollector is closed")
+            pending = self._pending
+            if pending is None:
+                if not count:
+                    return
+                pending = self._pending = self._start(layout)
+            try:
+                columns = pending.columns_of(data, count)
+            except ValueError as exc:
+                first = describe(pending.layout)
+                why = f"sample differs from the first one collected, {first}: {exc}"
+                raise ValueError(why) from None
+            limit = self._pending_limit
+            if not limit:
+                self._collected += count
+                self._drop(count, self._too_large_why(pending))
+                return
+        done = 0
+        while done < count:
+            with self._lock:
+                room = wait_s > 0 and self._wait_for_room(pending, count - done, wait_s)
+                if self._closing:  # close() gave up on what waits: so on the rest
+                    self._collected += count - done
+                    self._drop(count - done, "the collector closed while they were collected")
+                    return
+                if not room and count - done > limit:  # dropped by the newer rows
+                    skip = count - done - limit
+                    done += skip
+                    self._collected += skip
+                    self._drop(skip, self._full)
+                put, full = pending.put_rows(columns, done, count - done)
+                done += put
+                self._collected += put
+                over = pending.count - limit
+                if over > 0:
+                    pending.drop_oldest(over)
+                    self._drop(over, self._full)
+                if full:  # a batch is full: wake the sender
+                    self._changed.notify_all()
+
+    def _wait_for_room(self, pending: Pending, rows: int, wait_s: float) -> bool:
+        """Wait (the lock held, released while waiting) until the queue has room for the next
+        slab's worth of `rows`, while the trainer is not known to be away and acknowledged a
+        batch within the last `wait_s`; whether it has room."""
+        limit = self._pending_limit
+        acknowledged = self._acknowledged_samples
+        deadline = time.monotonic() + wait_s
+        while True:
+            need = min(rows, pending.room or pending.capacity)
+            if pending.count + need <= limit:
+                return True
+            if self._acknowledged_samples != acknowledged:  # the trainer takes them: wait on
+                acknowledged = self._acknowledged_samples
+                deadline = time.monotonic() + wait_s
+            left = deadline - time.monotonic()
+            if left <= 0 or self._problem is not None or self._closing:
+                return False
+            self._changed.notify_all()  # the sender: a batch is due
+            self._changed.wait(left)
+
     def _start(self, layout: Layout) -> Pending:
         """The queue of samples laid out as the first one collected, within both bounds."""
         size = sample_bytes(layout)
@@ -145,10 +238,12 @@ class RemoteDataCollector(Sender):
             first = describe(pending.layout)
             raise ValueError(f"sample differs from the first one collected, {first}")
         self._collected += 1
-        self._drop(
-            1,
+        self._drop(1, self._too_large_why(pending))
+
+    def _too_large_why(self, pending: Pending) -> str:
+        return (
             f"a sample takes {sample_bytes(pending.layout)} bytes; the collector holds at most "
-            f"max_pending_bytes {self._max_pending_bytes} of samples waiting",
+            f"max_pending_bytes {self._max_pending_bytes} of samples waiting"
         )
 
     @property

@@ -8,7 +8,8 @@ needs, at once). A full slab leaves as it is (`take_whole`): its sequence number
 message is the slab's own bytes, so nothing is joined at send time; it is filled again once the
 trainer acknowledged it. Fewer rows (a batch sent after `max_delay_s`, or split to the trainer's
 limit) are taken as views (`take`) and joined into a message of their own. Rows are written
-once, so views taken stay valid while later rows of the same slab fill.
+once, so views taken stay valid while later rows of the same slab fill. `collect_rows()` copies
+many samples at once (`put_rows`): each tensor's rows for one slab in one memmove.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -230,6 +231,67 @@ class Pending:
             return True
         return False
 
+    def columns_of(self, data: Mapping[str, Any], count: int) -> list[torch.Tensor]:
+        """`data`'s tensors as `put_rows` copies them, in the layout's order: each one's
+        `count` rows, each row of the layout's dtype and shape, as a contiguous CPU tensor
+        (the value itself when it is one; anything else converted, one copy more).
+
+        Raises:
+            ValueError: Its names, dtypes or per-row shapes differ from the layout, or a
+                tensor cannot be copied (sparse and the like).
+        """
+        if len(data) != len(self.layout) or any(name not in data for name in self.layout):
+            raise ValueError(f"sample names {sorted(data)} differ from {self._form.names}")
+        columns = []
+        for name, (dtype, shape) in self.layout.items():
+            tensor = as_tensor(data[name])
+            if tensor.dtype is not dtype or tensor.shape[1:] != shape or tensor.ndim < 1:
+                raise ValueError(
+                    f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)[1:]} a row, not "
+                    f"{dtype} {list(shape)}"
+                )
+            if len(tensor) != count:
+                raise ValueError(f"tensor {name!r} holds {len(tensor)} rows, not {count}")
+            if tensor.layout is not torch.strided:
+                raise ValueError(f"tensor {name!r} cannot be copied: layout {tensor.layout}")
+            if tensor.device.type != "cpu" or tensor.is_neg() or tensor.is_conj():
+                tensor = tensor.detach().resolve_neg().resolve_conj().cpu()
+            columns.append(tensor if tensor.is_contiguous() else tensor.contiguous())
+        return columns
+
+    def put_rows(
+        self, columns: Sequence[torch.Tensor], first: int, count: int, now: float | None = None
+    ) -> tuple[int, bool]:
+        """Copy rows `first` to `first + count` of `columns` (`columns_of`) into the newest
+        slab, as many as it has room for, with one copy per tensor (releasing the GIL when
+        large, memory.copier); how many it took and whether that filled a batch."""
+        slab = self._open
+        if slab is None:
+            slab = self._open = self._fresh(time.monotonic() if now is None else now)
+            self._slabs.append(slab)
+        row = slab.end
+        put = min(count, slab.capacity - row)
+        for (_, _, _, nbytes, start, _), column in zip(slab.rows, columns, strict=True):
+            if nbytes:
+                size = put * nbytes
+                copier(size)(start + row * nbytes, column.data_ptr() + first * nbytes, size)
+        slab.end = row + put
+        self.count += put
+        if slab.end == slab.capacity:
+            self._open = None  # full: the next sample starts another
+            return put, True
+        return put, False
+
+    @property
+    def capacity(self) -> int:
+        """The samples a slab holds."""
+        return self._form.capacity
+
+    @property
+    def room(self) -> int:
+        """The rows the newest slab has left to fill (0: the next sample starts another)."""
+        return self._open.capacity - self._open.end if self._open is not None else 0
+
     def _fresh(self, now: float) -> Slab:
         """A slab to fill: one given back whose message nothing refers to (one still referred
         to stays for later), or a new one."""
@@ -277,10 +339,19 @@ class Pending:
         if slab is not None and len(self._spare) < SPARE_SLABS and slab not in self._spare:
             self._spare.append(slab)
 
-    def drop_oldest(self) -> None:
-        """Forget the oldest waiting sample (a slab this empties is not reused: the sending
-        thread may still be framing rows it took from it before)."""
-        self.take(1)
+    def drop_oldest(self, count: int = 1) -> None:
+        """Forget the `count` oldest waiting samples (a slab this empties is not reused: the
+        sending thread may still be framing rows it took from it before)."""
+        while count > 0 and self._slabs:
+            slab = self._slabs[0]
+            gone = min(count, len(slab))
+            slab.start += gone
+            self.count -= gone
+            count -= gone
+            if not slab:
+                self._slabs.popleft()  # a slab emptied is not filled on: its time is past
+                if slab is self._open:
+                    self._open = None
 
     def clear(self) -> int:
         """Forget every waiting sample; how many there were."""

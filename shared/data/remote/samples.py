@@ -35,6 +35,26 @@ def layout_of(data: Mapping[str, Any]) -> Layout:
     return {name: (t.dtype, t.shape) for name, t in tensors.items()}
 
 
+def rows_layout(data: Mapping[str, Any]) -> tuple[Layout, int]:
+    """The layout of each row of `data` (each tensor's first dimension indexes the samples),
+    and how many rows there are.
+
+    Raises:
+        ValueError: A tensor has no first dimension, or the tensors' row counts differ.
+    """
+    tensors = {name: as_tensor(value) for name, value in data.items()}
+    counts = {name: len(t) if t.ndim else None for name, t in tensors.items()}
+    if None in counts.values() or len(set(counts.values())) > 1:
+        raise ValueError(
+            "each tensor must hold the same number of samples along its first dimension: "
+            + ", ".join(
+                f"{n}: {'no dimension' if c is None else f'{c} rows'}" for n, c in counts.items()
+            )
+        )
+    layout = {name: (t.dtype, t.shape[1:]) for name, t in tensors.items()}
+    return layout, next(iter(counts.values()), None) or 0
+
+
 def sample_bytes(layout: Layout) -> int:
     """The bytes one sample of `layout` takes."""
     return sum(shape.numel() * dtype.itemsize for dtype, shape in layout.values())

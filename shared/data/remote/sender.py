@@ -95,7 +95,7 @@ class Sender:
         self._closing = False
         self._abandoned = False  # closed before the trainer took everything: drop what is left
         self._flushing = 0
-        self._last_drop_log = float("-inf")
+        self._last_drop_log = self._last_trouble_log = float("-inf")
         self._thread = threading.Thread(target=self._run, name="experience-send", daemon=True)
         self._thread.start()  # last: it reads all of the above
 
@@ -281,7 +281,20 @@ class Sender:
             self._changed.notify_all()
 
     def _trouble(self, problem: str) -> None:
+        """Why the trainer cannot be reached (logged, at most once every DROP_LOG_INTERVAL_S:
+        a collector retries every few seconds)."""
         self._problem = self._last_error = problem
+        self._changed.notify_all()  # collect_rows() waits for room only while there is none
+        now = time.monotonic()
+        if now - self._last_trouble_log >= DROP_LOG_INTERVAL_S:
+            self._last_trouble_log = now
+            logger.warning(
+                "buffer %s at %s: %s; %d sample(s) waiting",
+                self.buffer,
+                self.address,
+                problem,
+                self._queued + sum(b.samples for b in self._unacked),
+            )
 
     def _drop(self, count: int, why: str) -> None:
         self._dropped += count
