@@ -1,15 +1,19 @@
 """The sync relay process: it dies and comes back, it goes when its service goes, and it can be
-left out (--sync-relay off)."""
+left out (--sync-relay off); a push it relays to a stopped service is given up."""
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import grpc
 import numpy as np
+import safetensors.torch
 import tritonclient.grpc as triton
 
+from tests.integration.apps import MLP
+from tests.integration.catalogue import MB, Bench, assert_untouched
 from tests.integration.conftest import Inference, Services, wait_until
 
 STAMP = "tests.integration.apps:stamp"
@@ -75,3 +79,58 @@ def test_pushes_still_work_in_process(services: Services) -> None:
     assert trainer.wait(timeout=120) == 0, services.log("trainer")
     assert inference.model_state("stamp").version == 3  # the first full push, then two runs
     assert stamp_means(inference) == {2.0}
+
+
+def test_pushes_relayed_to_a_stopped_service_fail_unavailable_free_their_slots_and_apply_nothing(
+    services: Services, tmp_path: Path
+) -> None:
+    pretrained = tmp_path / "frozen.safetensors"
+    safetensors.torch.save_file(MLP().state_dict(), pretrained)
+    services.env.update(TEST_PRETRAINED=str(pretrained), TEST_STAMP_MB=str(MB))
+    inference = services.inference(
+        "tests.integration.apps:catalogue",
+        *("--sync-relay", "on", "--max-concurrent-pushes", "2"),
+    )
+    assert inference.relay_pid is not None
+    bench = Bench(inference)  # version 1 served: tensor i filled with i
+    assert means(inference) == [float(i) for i in range(8)]
+
+    def push() -> list[bytes]:
+        return [
+            bench.header(version=2),
+            bench.data_msg(bench.payload()),
+            bench.commit(bench.good_digest()),
+        ]
+
+    os.kill(inference.process.pid, signal.SIGSTOP)  # its relay lives on
+    try:
+        # As many pushes as the relay takes at once, then one more: each is given up, and its
+        # call slot freed, rather than held until the service runs again.
+        first = [bench.push_raw.future(iter(push()), timeout=30) for _ in range(2)]
+        errors = [future.exception() for future in first]
+        errors.append(bench.push_raw.future(iter(push()), timeout=30).exception())
+    finally:
+        os.kill(inference.process.pid, signal.SIGCONT)
+    for error in errors:
+        assert isinstance(error, grpc.RpcError)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        details = error.details() or ""
+        assert "stopped answering the sync relay during the push" in details, details
+        assert f"pid {inference.process.pid}" in details and "stopped for" in details, details
+    # Running again, it applies nothing of the pushes given up: version 1, bit-exact.
+    assert_untouched(bench)
+    assert means(inference) == [float(i) for i in range(8)]
+    # and a new push through the same relay commits.
+    assert bench.push_raw(iter(push()), timeout=30).version == 2
+    assert means(inference) == [100.0 + i for i in range(8)]
+    assert "Traceback" not in inference.log.read_text()
+
+
+def means(inference: Inference) -> list[float]:
+    """The served stamp model's output: the mean of each of its tensors."""
+    client = triton.InferenceServerClient(inference.data)
+    x = triton.InferInput("x", [1, 8], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 8), dtype=np.float32))
+    out = client.infer("stamp", [x]).as_numpy("means")
+    assert out is not None
+    return [float(v) for v in out.ravel()]

@@ -9,16 +9,20 @@ A frame is a kind and three numbers (FRAME), some followed by `c` bytes inline:
 SLOT says that ring slot `a` holds `c` payload bytes; DATA carries payload too large for a slot
 inline. A push ends with END (the stream ended), ABORT (the sender went away, or the service
 answered before the end) or BAD (the relay could not decode a message: the inline text says
-why). A RESULT is the PushOutcome or the Status the push is answered with.
+why). An END the relay closed the link after counts as ABORT: the relay gave up on the push
+(its watch found the service stopped) and its sender has a failure. A RESULT is the PushOutcome
+or the Status the push is answered with.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -36,6 +40,50 @@ _HEADER = struct.Struct("<QQQQQII")
 _OUTCOME = struct.Struct("<QQII")  # version, payload_bytes, digest size, name size; then hops
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 Answer = PushOutcome | Status
+
+
+class ServiceStopped(ConnectionError):
+    """The service's process no longer runs (stopped, or gone) while the relay waits on it."""
+
+
+class ServiceWatch:
+    """Whether the service's process runs, asked while the relay waits on its push link.
+
+    The link carries no pings: the service's end is the push handler's own thread, busy for as
+    long as a part takes to apply, a commit to check or a swap to wait for requests. So the
+    relay asks the kernel instead: a service whose process has been stopped (SIGSTOP, a
+    debugger) for `silent_s`, or that is gone, raises ServiceStopped; one that runs, however
+    slowly, is waited for."""
+
+    def __init__(self, pid: int, silent_s: float) -> None:
+        self.pid = pid
+        self.silent_s = silent_s
+        self._since: float | None = None  # when it was first seen stopped, this time
+
+    def __call__(self) -> None:
+        state = _process_state(self.pid)
+        if state is None or os.getppid() != self.pid:
+            raise ServiceStopped(f"its process (pid {self.pid}) is gone")
+        if state not in "Tt":
+            self._since = None
+            return
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since >= self.silent_s:
+            raise ServiceStopped(
+                f"its process (pid {self.pid}) has been stopped for {now - self._since:.1f} s"
+            )
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter /proc gives process `pid` (R, S, D, T, t, Z, ...); None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if state in "ZX" else state
 
 
 def encode_header(header: PushHeader) -> bytes:
@@ -92,25 +140,55 @@ def decode_answer(code: int, data: bytes) -> Answer:
 
 class Frames:
     """Frames over one connected Unix stream socket, read through a buffer (a few frames often
-    arrive together, and each saved read is a system call saved per megabyte pushed)."""
+    arrive together, and each saved read is a system call saved per megabyte pushed).
 
-    def __init__(self, sock: socket.socket) -> None:
+    With a `watch`, no read or write waits on the peer for longer than `every_s` without
+    calling it: it raises (ServiceStopped) where the peer will not be waited for any longer."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        watch: Callable[[], None] | None = None,
+        every_s: float = 1.0,
+    ) -> None:
         self.sock = sock
         self._buffer = bytearray()
+        self._watch = watch
+        self._every_s = every_s
 
     def send(
         self, kind: int, a: int = 0, b: int = 0, c: int = 0, data: bytes | memoryview = b""
     ) -> None:
-        self.sock.sendall(FRAME.pack(kind, a, b, c))
+        self._sendall(FRAME.pack(kind, a, b, c))
         if data:
+            self._sendall(data)
+
+    def _sendall(self, data: bytes | memoryview) -> None:
+        if self._watch is None:
             self.sock.sendall(data)
+            return
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                sent = self.sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._wait(writing=True)
+                continue
+            view = view[sent:]
+
+    def _wait(self, writing: bool) -> None:
+        """Wait until the socket can be written (or read), asking the watch every `every_s`."""
+        assert self._watch is not None
+        reading, writable = ([], [self.sock]) if writing else ([self.sock], [])
+        while not any(select.select(reading, writable, [], self._every_s)[:2]):
+            self._watch()
 
     def send_inline(self, kind: int, data: bytes | memoryview, a: int = 0) -> None:
         """A frame followed by `data`."""
         self.send(kind, a, c=len(data), data=data)
 
     def send_many(self, frames: Iterable[tuple[int, int, int, int]]) -> None:
-        self.sock.sendall(b"".join(FRAME.pack(*frame) for frame in frames))
+        self._sendall(b"".join(FRAME.pack(*frame) for frame in frames))
 
     def recv(self) -> tuple[int, int, int, int]:
         """The next frame's kind and fields; ConnectionError when the peer has gone."""
@@ -119,6 +197,8 @@ class Frames:
 
     def recv_bytes(self, size: int) -> bytes:
         while len(self._buffer) < size:
+            if self._watch is not None:
+                self._wait(writing=False)
             data = self.sock.recv(max(1 << 16, size - len(self._buffer)))
             if not data:
                 raise ConnectionError("the push link closed")
@@ -135,6 +215,17 @@ class Frames:
         """Whether a frame (or the peer's close) is waiting to be read, or comes within
         `timeout_s`."""
         return self.buffered or bool(select.select([self.sock], [], [], timeout_s)[0])
+
+    def peer_closed(self) -> bool:
+        """Whether nothing is left to read and the peer has closed its end (without waiting)."""
+        if self._buffer:
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def close(self) -> None:
         self.sock.close()

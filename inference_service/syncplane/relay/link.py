@@ -25,7 +25,7 @@ import mmap
 import os
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from inference_service.syncplane.parts import Commit, Part, PushHeader, SenderGone
 from inference_service.syncplane.relay.frames import (
@@ -97,7 +97,14 @@ def copy_to(address: int, data: bytes | memoryview) -> None:
 class RelayLink:
     """The relay's end of one link: hands pushes to the service, one at a time."""
 
-    def __init__(self, path: str, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES) -> None:
+    def __init__(
+        self,
+        path: str,
+        slots: int = SLOTS,
+        slot_bytes: int = SLOT_BYTES,
+        watch: Callable[[], None] | None = None,
+        watch_every_s: float = 1.0,
+    ) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
         fd = os.memfd_create("weightsync-push-ring", os.MFD_CLOEXEC)
@@ -107,7 +114,7 @@ class RelayLink:
             socket.send_fds(sock, [FRAME.pack(HELLO, slots, 0, slot_bytes)], [fd])
         finally:
             os.close(fd)
-        self._frames = Frames(sock)
+        self._frames = Frames(sock, watch, watch_every_s)
         self._slots = slots
         self._slot_bytes = slot_bytes
         self._pin = ctypes.c_char.from_buffer(self._ring)  # released by close()
@@ -120,8 +127,9 @@ class RelayLink:
         A None among the parts says none has come for a while: the relay then looks for an
         early answer, so a sender that stalls after a refusal still gets it at once. `parts`
         raises SenderGone when the sender went away, MalformedPushError for a message that is
-        no part: the service is told, and answers. ConnectionError when the service went away;
-        the link is then unusable."""
+        no part: the service is told, and answers. ConnectionError when the service went away
+        (ServiceStopped when the link's watch gave up on it); the link is then unusable, and
+        closing it makes the service drop the push when it runs again (service_end.py)."""
         self.healthy = False  # until the exchange completes
         self._free: deque[int] = deque(range(self._slots))
         self._joining: int | None = None  # the slot that data parts are being joined in

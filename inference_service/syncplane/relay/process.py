@@ -43,6 +43,7 @@ import grpc
 
 from inference_service.syncplane.messages import parts, push_response
 from inference_service.syncplane.parts import PushOutcome
+from inference_service.syncplane.relay.frames import ServiceStopped, ServiceWatch
 from inference_service.syncplane.relay.link import STALL_S, RelayLink
 from shared.allocator import tune_for_streaming
 from shared.cli import configure_logging
@@ -77,13 +78,20 @@ FORWARD_DEADLINE_S = 600.0
 # socket nothing else delays an answer: the bound is far above a scheduling hiccup, and far
 # below any deadline a caller waits on.
 UPSTREAM_WATCH_S = 6.0
+# A push goes over a push link, not that connection, and its service end cannot answer pings
+# (it is the thread applying the push). While the relay waits on a link (for a free slot, the
+# answer, room to write), it asks every quarter of the same bound whether the service's process
+# runs: one stopped for half of it is given up, as an unanswered ping is (link.py, frames.py).
+PUSH_WATCH_EVERY_S = UPSTREAM_WATCH_S / 4
+PUSH_STOPPED_S = UPSTREAM_WATCH_S / 2
 
 
 class LinkPool:
     """Idle push links to the service, reused from push to push."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, service_pid: int) -> None:
         self._path = path
+        self._service_pid = service_pid
         self._idle: list[RelayLink] = []
         self._lock = threading.Lock()
 
@@ -91,7 +99,8 @@ class LinkPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return RelayLink(self._path)
+        watch = ServiceWatch(self._service_pid, PUSH_STOPPED_S)
+        return RelayLink(self._path, watch=watch, watch_every_s=PUSH_WATCH_EVERY_S)
 
     def release(self, link: RelayLink) -> None:
         if not link.healthy:
@@ -136,6 +145,15 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             # blocked waiting for the sender's next message.
             with Prefetcher(requests, name="relay-push") as ahead:
                 answer = link.push(parts(ahead.waiting(STALL_S), context.is_active))
+        except ServiceStopped as exc:
+            # The link is left mid-push: closed, it makes the service drop the push (and
+            # anything it still finds on it) when it runs again, so nothing of it is applied.
+            logger.error("the inference service stopped answering the sync relay (Push): %s", exc)
+            link.close()
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the inference service stopped answering the sync relay during the push: {exc}",
+            )
         except OSError as exc:
             logger.error("the inference service went away during a push: %s", exc)
             link.close()
@@ -220,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     upstream = open_channel(
         f"unix:{args.upstream}", SYNC_MAX_MESSAGE_BYTES, options=watched_link(UPSTREAM_WATCH_S)
     )
-    links = LinkPool(args.links)
+    links = LinkPool(args.links, os.getppid())  # the service started this process
     budget = CallBudget(args.max_concurrent, "sync plane")
     server = new_server(
         budget.threads,

@@ -126,6 +126,10 @@ class PushStream:
             return self._part(kind, c)
         self.ended = True
         if kind == END:
+            if self._frames.peer_closed():
+                # The relay gave up on this push (this process was stopped meanwhile: relay
+                # /link.py) and closed the link; its sender has a failure, so nothing commits.
+                raise SenderGone()
             raise StopIteration
         if kind == ABORT:
             raise SenderGone()
