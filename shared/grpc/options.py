@@ -54,10 +54,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 def watched_link(bound_s: float) -> list[tuple[str, int]]:
     """Channel arguments that drop the connection (the call fails UNAVAILABLE) once the peer has
-    acknowledged nothing for about `bound_s` / 2: a ping every `bound_s` / 4 while a call is
-    open (but never sooner than `GRPC_PING_SPACING_MS` after the previous one, see
-    `watched_ping_interval_ms`), answered by the peer's transport even while its handlers are
-    busy, dropped when unanswered for `bound_s` / 2 (the ping timeout: gRPC's keepalive
+    acknowledged nothing for about `bound_s` / 2, or `WATCH_TIMEOUT_FLOOR_MS` when that is
+    longer: a ping every half of that while a call is open (but never sooner than
+    `GRPC_PING_SPACING_MS` after the previous one, see `watched_ping_interval_ms`), answered
+    by the peer's transport even while its handlers are busy, dropped when unanswered for as
+    long (the ping timeout: gRPC's keepalive
     timeout alone does not bound it), and TCP giving up on bytes unacknowledged for as long
     (gRPC sets TCP_USER_TIMEOUT to the keepalive timeout). A link gone dark, or a peer whose
     process stopped, is noticed that soon, even on a call where nothing flows (a Seed waiting
@@ -88,7 +89,14 @@ def sync_ping_floor_ms() -> int:
     return watched_ping_interval_ms(0.0) // 4
 
 
+# The shortest wait for a ping's acknowledgement (and for TCP to have bytes acknowledged): a
+# peer on a loaded host, or behind a link's queue of bytes, may take a few hundred ms to answer
+# while it is alive and taking data. A stopped peer or a dark link is noticed after this; a
+# stalled push sooner, by the bounds on data taken (which are not pings).
+WATCH_TIMEOUT_FLOOR_MS = 1_000
+
+
 def _watch_times_ms(bound_s: float) -> tuple[int, int]:
     """`watched_link`'s keepalive time and ping timeout for `bound_s`, in ms."""
-    timeout_ms = max(int(bound_s * 500), 20)
+    timeout_ms = max(int(bound_s * 500), WATCH_TIMEOUT_FLOOR_MS)
     return max(timeout_ms // 2, 10), timeout_ms

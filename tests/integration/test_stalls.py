@@ -40,6 +40,12 @@ def stopped_while_receiving(replica: Inference, version: int) -> None:
     os.kill(replica.process.pid, signal.SIGSTOP)
 
 
+def trainer_sees_all_at_2(log: str) -> bool:
+    return "version 2 committed on 3 " in log or bool(
+        re.search(r"caught up.* at version 2 after", log.split("version 2 committed", 1)[-1])
+    )
+
+
 def test_a_replica_that_takes_nothing_is_cancelled_by_the_trainer_and_caught_up_later(
     services: Services,
 ) -> None:
@@ -79,8 +85,9 @@ def test_a_hop_that_takes_nothing_is_cut_lags_at_once_and_the_rest_are_fed(
     trainer = services.trainer(
         STAMP, [first, middle, last], "--max-runs", "3", "--run-interval", "15"
     )
-    replicas = (first, middle, last)
-    wait_until(lambda: all(r.model_state("stamp").version == 2 for r in replicas), timeout=60)
+    # Every hop's answer reached the trainer (a replica may hold version 2 while the trainer
+    # counts it lagging, when the answer was lost: then version 3 would not be routed to it).
+    wait_until(lambda: trainer_sees_all_at_2(services.log("trainer")), timeout=60)
     os.kill(middle.process.pid, signal.SIGSTOP)  # dark before version 3 is passed on to it
     try:
         wait_until(lambda: "version 3 committed on 2" in services.log("trainer"), timeout=40)
