@@ -21,7 +21,7 @@ from inference_service.served_model import ServedModel
 from inference_service.server import DataEndpoint, InferenceServer, SyncEndpoint
 from inference_service.settings import PROG, InferenceSettings
 from inference_service.syncplane.forward import PeerAccess
-from inference_service.syncplane.limits import SyncLimits
+from inference_service.syncplane.limits import SyncLimits, sync_budget
 from inference_service.syncplane.relay.supervisor import RelayConfig, RelaySupervisor, relay_wanted
 from inference_service.syncplane.service import SyncPlane
 from shared.app import load_app
@@ -29,7 +29,6 @@ from shared.cli import is_loopback
 from shared.devices import resolve_device, size_torch_threads
 from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
-from shared.grpc.limits import CallBudget
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
 from shared.process import prepare_process
@@ -133,7 +132,7 @@ def build_server(
         sync_tls if sync_tls.enabled else None,
         settings.sync_token,
         settings.data_token,
-        CallBudget(limits.max_concurrent, "sync plane"),
+        sync_budget(limits.max_concurrent),
         settings.sync_nice,
     )
     relay = None

@@ -191,7 +191,8 @@ class InferenceSettings:
         metadata=option(
             "--max-concurrent-pushes",
             "INFERENCE_MAX_CONCURRENT_PUSHES",
-            "sync-plane calls handled at once; more get RESOURCE_EXHAUSTED",
+            "sync-plane calls handled at once (pushes, seeds, rollbacks; lookups such as "
+            "GetModel have 4 slots of their own); more get RESOURCE_EXHAUSTED",
             integer(1),
         ),
     )

@@ -177,7 +177,7 @@ class TrainerSettings:
             "--experience-streams",
             "TRAINER_EXPERIENCE_STREAMS",
             "agents' streams served at once (each holds a thread); one beyond gets "
-            "RESOURCE_EXHAUSTED and retries",
+            "RESOURCE_EXHAUSTED and retries (ListBuffers has 4 slots of its own)",
             integer(1),
         ),
     )

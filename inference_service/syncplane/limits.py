@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.grpc.limits import CallBudget
+
+# The methods that answer at once from what the replica holds: they take slots of their own
+# (shared/grpc/limits.py), so that a replica taking pushes at its limit still tells a trainer
+# what it serves.
+LOOKUPS = frozenset(
+    f"/weightsync.v1.WeightSync/{method}" for method in ("GetModel", "ListModels", "ListVersions")
+)
+
+
+def sync_budget(max_concurrent: int) -> CallBudget:
+    """The sync plane's calls at once: `max_concurrent` pushes, seeds and writes, and lookups."""
+    return CallBudget(max_concurrent, "sync plane", lookups=LOOKUPS)
+
 
 @dataclass(frozen=True)
 class SyncLimits:

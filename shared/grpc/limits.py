@@ -4,8 +4,10 @@ grpcio's own `maximum_concurrent_rpcs` counts every call before any interceptor 
 without a token (health probes, anyone who can reach the port) could fill the one budget and
 leave none for the writers who hold it. Here the budget is split, and applied after the
 authentication interceptor: a call that it refused is answered at once and counts against
-nothing; a health call, open to everyone, takes one of a few slots of its own; every other
-call one of the writers' slots. A call beyond its budget gets RESOURCE_EXHAUSTED.
+nothing; a health call, open to everyone, takes one of a few slots of its own; a lookup (a
+method the server names as answering at once from what it holds: GetModel, ListBuffers) one
+of a few others, so that a plane whose long calls fill their slots still says what it holds;
+every other call one of the writers' slots. A call beyond its budget gets RESOURCE_EXHAUSTED.
 
 Each call admitted holds a pool thread until it ends, and long-lived health Watch streams do too,
 so the pool has a thread for every slot and a few spare ones to answer refusals. Handlers are
@@ -26,22 +28,29 @@ import grpc
 from shared.grpc.auth import OPEN_METHODS
 
 HEALTH_CALLS = 4  # health calls at once, Watch streams included; probes need few
+LOOKUP_CALLS = 4  # lookups at once, where a server names some
 SPARE_THREADS = 2  # pool threads beyond the slots, to answer the calls refused
 
 
 @dataclass(frozen=True)
 class CallBudget:
-    """Calls a server runs at once: `calls` of its own methods (after authentication) and
-    `health` health calls; `plane` names the server in refusals."""
+    """Calls a server runs at once: `calls` of its own methods (after authentication),
+    `health` health calls, and LOOKUP_CALLS of the `lookups` (full method names) where there
+    are any; `plane` names the server in refusals."""
 
     calls: int
     plane: str
     health: int = HEALTH_CALLS
+    lookups: frozenset[str] = frozenset()
+
+    @property
+    def lookup_calls(self) -> int:
+        return LOOKUP_CALLS if self.lookups else 0
 
     @property
     def threads(self) -> int:
         """Pool threads the budget needs: one per slot, and spare ones."""
-        return self.calls + self.health + SPARE_THREADS
+        return self.calls + self.health + self.lookup_calls + SPARE_THREADS
 
 
 class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -50,9 +59,14 @@ class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, budget: CallBudget) -> None:
         self._calls = threading.BoundedSemaphore(budget.calls)
         self._health = threading.BoundedSemaphore(budget.health)
+        self._lookups = threading.BoundedSemaphore(max(budget.lookup_calls, 1))
+        self._lookup_methods = budget.lookups
         self._calls_full = f"the {budget.plane} is at its limit of {budget.calls} calls at once"
         self._health_full = (
             f"the {budget.plane} is at its limit of {budget.health} health calls at once"
+        )
+        self._lookups_full = (
+            f"the {budget.plane} is at its limit of {budget.lookup_calls} lookups at once"
         )
 
     def intercept_service(
@@ -65,6 +79,8 @@ class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
             return None
         if details.method.startswith(OPEN_METHODS):
             return _admitted(handler, self._health, self._health_full)
+        if details.method in self._lookup_methods:
+            return _admitted(handler, self._lookups, self._lookups_full)
         return _admitted(handler, self._calls, self._calls_full)
 
 

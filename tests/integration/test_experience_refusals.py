@@ -5,6 +5,8 @@ and mutual TLS, and for an explicit flag to listen open beyond loopback."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,7 @@ from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.errors import error_reason
-from tests.integration.conftest import Services
+from tests.integration.conftest import Services, wait_until
 from tests.integration.pki import SERVER_NAME
 from tests.integration.test_experience import APP, good, start_trainer
 
@@ -205,3 +207,35 @@ def test_an_open_experience_plane_beyond_loopback_needs_an_explicit_flag(
         "the experience plane would listen on 0.0.0.0:0 with no authentication: set "
         "TRAINER_EXPERIENCE_TOKEN" in services.log("open")
     )
+
+
+def test_list_buffers_answers_while_agents_streams_fill_every_slot(services: Services) -> None:
+    trainer = start_trainer(services, "--experience-streams", "2")
+    release = threading.Event()
+
+    def quiet() -> Iterator[pb.Batch]:
+        release.wait(120)
+        return
+        yield
+
+    with grpc.insecure_channel(trainer.address) as channel:
+        stub = pb_grpc.ExperienceStub(channel)
+        streams = [stub.Collect(quiet(), timeout=120) for _ in range(2)]
+        try:
+
+            def full() -> bool:
+                try:
+                    list(stub.Collect(iter([]), timeout=10))
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "at its limit of 2 calls at once" in error.details()
+                    return True
+                return False  # admitted: the held streams have not reached the trainer yet
+
+            wait_until(full, timeout=30)
+            listed = stub.ListBuffers(pb.ListBuffersRequest(), timeout=10)
+            assert [b.name for b in listed.buffers] == ["steps"]
+        finally:
+            release.set()
+        for stream in streams:
+            assert list(stream) == []  # ended cleanly once their agents closed them

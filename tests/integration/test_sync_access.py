@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,7 +22,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
-from shared.grpc.limits import HEALTH_CALLS
+from shared.grpc.limits import HEALTH_CALLS, LOOKUP_CALLS
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from tests.integration.conftest import ROOT, Inference, Services, wait_until
 from tests.integration.pki import make_ca, make_cert, make_server_cert
@@ -32,6 +33,8 @@ MB = 1
 TOKEN = "sync-secret"
 WRITERS = 8  # --max-concurrent-pushes' default
 GET_MODEL = "/weightsync.v1.WeightSync/GetModel"
+ROLLBACK = "/weightsync.v1.WeightSync/Rollback"
+GET_STAMP = pb.GetModelRequest(model_name="stamp")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -112,50 +115,86 @@ def test_callers_without_the_token_take_none_of_the_writers_calls(
     wait_until(lambda: health_check(anonymous) == SERVING, timeout=30)
 
 
-def test_the_writers_budget_counts_the_calls_past_authentication(
+def test_the_writers_budget_counts_the_calls_past_authentication_and_lookups_have_their_own(
     services: Services, relay: str
 ) -> None:
     inference = start(services, relay, "--max-concurrent-pushes", "1")
     channel = open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=TOKEN)
     stub = pb_grpc.WeightSyncStub(channel)
-    request = pb.GetModelRequest(model_name="stamp")
+    rollback = pb.RollbackRequest(model_name="stamp", to_version=99)  # never committed
     release = threading.Event()
-    slow_get_model = channel.stream_unary(
-        GET_MODEL, request_serializer=None, response_deserializer=pb.ModelState.FromString
-    )
-    held = [slow_get_model.future(stalled(release, request.SerializeToString()), timeout=120)]
+    held = [hold(channel, ROLLBACK, release, rollback)]
     try:
 
         def refused() -> bool:
             if held[-1].done():  # a probe below took the one call first: hold it again
                 assert held[-1].code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                held.append(
-                    slow_get_model.future(
-                        stalled(release, request.SerializeToString()), timeout=120
-                    )
-                )
+                held.append(hold(channel, ROLLBACK, release, rollback))
                 return False
             try:
-                stub.GetModel(request, timeout=10)
+                stub.Rollback(rollback, timeout=10)
             except grpc.RpcError as error:
-                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    return False  # admitted: the held call has not reached the server yet
                 assert error.details() == (
                     "the sync plane is at its limit of 1 calls at once; retry later"
                 )
                 return not held[-1].done()
-            return False  # the held call has not reached the server yet
+            raise AssertionError("a rollback to a version never committed succeeded")
 
         wait_until(refused, timeout=30)
+        # A lookup takes a slot of its own: the replica still says what it serves.
+        assert stub.GetModel(GET_STAMP, timeout=10).version == 0
+        assert [
+            m.model_name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        ] == ["stamp"]
         # Health and callers without the token are still answered: they wait for no writer.
         anonymous = grpc.insecure_channel(inference.sync)
         assert health_check(anonymous) == SERVING
         with pytest.raises(grpc.RpcError) as caught:
-            pb_grpc.WeightSyncStub(anonymous).GetModel(request, timeout=10)
+            pb_grpc.WeightSyncStub(anonymous).GetModel(GET_STAMP, timeout=10)
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
         release.set()
-    assert held[-1].result(timeout=30).version == 0
-    assert stub.GetModel(request, timeout=10).version == 0  # its call was given back
+    with pytest.raises(grpc.RpcError) as caught:
+        held[-1].result(timeout=30)
+    assert caught.value.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED  # admitted, answered
+
+    # Lookups are bounded too, and filling theirs leaves the writers' slot alone.
+    release = threading.Event()
+    lookups = [hold(channel, GET_MODEL, release, GET_STAMP) for _ in range(LOOKUP_CALLS)]
+    try:
+
+        def lookups_full() -> bool:
+            try:
+                stub.GetModel(GET_STAMP, timeout=10)
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error.details() == (
+                    f"the sync plane is at its limit of {LOOKUP_CALLS} lookups at once; retry later"
+                )
+                return True
+            return False
+
+        wait_until(lookups_full, timeout=30)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Rollback(rollback, timeout=10)
+        assert caught.value.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        release.set()
+    # The held lookups were admitted (a probe may have taken a slot first: that one is refused).
+    answered = [call for call in lookups if call.exception(timeout=30) is None]
+    assert answered and all(call.result().version == 0 for call in answered)
+    assert stub.GetModel(GET_STAMP, timeout=10).version == 0  # their calls were given back
+
+
+def hold(channel: grpc.Channel, method: str, release: threading.Event, request: Any) -> grpc.Future:
+    """A call to `method` that sends `request` once `release` is set: it holds its slot."""
+    # Both answer a ModelState.
+    call = channel.stream_unary(
+        method, request_serializer=None, response_deserializer=pb.ModelState.FromString
+    )
+    return call.future(stalled(release, request.SerializeToString()), timeout=120)
 
 
 def run_inference(services: Services, *args: str) -> subprocess.CompletedProcess[str]:

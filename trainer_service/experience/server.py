@@ -22,14 +22,18 @@ from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_server
 from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S, IdleCalls
 from trainer_service.experience.service import ExperiencePlane
-from trainer_service.experience.servicer import ExperienceServicer, add_to_server
+from trainer_service.experience.servicer import (
+    LOOKUPS,
+    SERVICE,
+    ExperienceServicer,
+    add_to_server,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STREAMS = 32
 # How long agents' calls in flight get to finish when the trainer stops.
 STOP_GRACE_S = 5.0
-SERVICE = "experience.v1.Experience"
 PLANE = "experience plane"
 # Room in a message beyond its payload: the buffer name, ids, protobuf framing.
 ENVELOPE_BYTES = 1 << 16
@@ -50,7 +54,7 @@ class ExperienceServer:
     def __init__(self, plane: ExperiencePlane, endpoint: ExperienceEndpoint) -> None:
         self._endpoint = endpoint
         auth = [TokenAuthInterceptor(endpoint.token, PLANE)] if endpoint.token else []
-        budget = CallBudget(endpoint.streams, PLANE)
+        budget = CallBudget(endpoint.streams, PLANE, lookups=LOOKUPS)
         self._server = new_server(
             budget.threads,
             plane.max_batch_bytes + ENVELOPE_BYTES,

@@ -105,6 +105,12 @@ def buffer_state(info: BufferInfo) -> pb.BufferState:
     )
 
 
+SERVICE = "experience.v1.Experience"
+# Answers at once, from slots of its own (shared/grpc/limits.py): the plane lists its buffers
+# while agents' streams fill every slot of theirs.
+LOOKUPS = frozenset({f"/{SERVICE}/ListBuffers"})
+
+
 def add_to_server(servicer: ExperienceServicer, server: grpc.Server) -> None:
     """Register the service; Collect takes its messages unparsed."""
     handlers = {
@@ -113,4 +119,4 @@ def add_to_server(servicer: ExperienceServicer, server: grpc.Server) -> None:
         ),
         "ListBuffers": unary(servicer.ListBuffers, pb.ListBuffersRequest, pb.ListBuffersResponse),
     }
-    register(server, "experience.v1.Experience", handlers)
+    register(server, SERVICE, handlers)

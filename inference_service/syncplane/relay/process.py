@@ -41,6 +41,7 @@ from typing import Any
 
 import grpc
 
+from inference_service.syncplane.limits import sync_budget
 from inference_service.syncplane.messages import parts, push_response
 from inference_service.syncplane.parts import PushOutcome
 from inference_service.syncplane.relay.frames import ServiceStopped, ServiceWatch
@@ -51,7 +52,6 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.channel import open_channel
 from shared.grpc.errors import abort, error_reason
-from shared.grpc.limits import CallBudget
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 from shared.grpc.prefetch import Prefetcher
 from shared.grpc.server import bind, lower_thread_priority, new_server
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"unix:{args.upstream}", SYNC_MAX_MESSAGE_BYTES, options=watched_link(UPSTREAM_WATCH_S)
     )
     links = LinkPool(args.links, os.getppid())  # the service started this process
-    budget = CallBudget(args.max_concurrent, "sync plane")
+    budget = sync_budget(args.max_concurrent)
     server = new_server(
         budget.threads,
         SYNC_MAX_MESSAGE_BYTES,
