@@ -54,7 +54,7 @@ import grpc
 
 from inference_service.syncplane.leg import Leg
 from inference_service.syncplane.messages import encode_commit
-from inference_service.syncplane.own import address_problem
+from inference_service.syncplane.own import address_problem, endpoints
 from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
@@ -85,9 +85,10 @@ class PeerAccess:
 
 def check_route(header: PushHeader) -> None:
     """A route names at most MAX_HOPS hops, each with an address that can be dialled
-    (`address_problem`), none twice (a hop named twice would be pushed the version twice: the
-    second push would end or be refused against the first, and its refusal would stand for that
-    hop's outcome)."""
+    (`address_problem`), none twice, under any spelling (own.endpoints: `localhost:P` and
+    `127.0.0.1:P` are one hop; a hop named twice would be pushed the version twice: the second
+    push would end or be refused against the first, and its refusal would stand for that hop's
+    outcome)."""
     if len(header.route) > MAX_HOPS:
         raise MalformedPushError(
             f"the push header's route names {len(header.route)} hops; at most {MAX_HOPS} may follow"
@@ -97,11 +98,16 @@ def check_route(header: PushHeader) -> None:
     for hop in header.route:
         if problem := address_problem(hop.address):
             raise MalformedPushError(f"a hop of the push header's route: {problem}")
-    seen: set[str] = set()
+    seen: dict[tuple[str, int], str] = {}  # where each hop reaches -> the hop's address
+    resolved: dict[str, set[str]] = {}
     for hop in header.route:
-        if hop.address in seen:
-            raise MalformedPushError(f"the push header's route names the hop {hop.address!r} twice")
-        seen.add(hop.address)
+        reaches = endpoints(hop.address, resolved)
+        if named := next((seen[point] for point in reaches if point in seen), None):
+            spelled = "" if named == hop.address else f" (as {named!r} before it)"
+            raise MalformedPushError(
+                f"the push header's route names the hop {hop.address!r} twice{spelled}"
+            )
+        seen.update(dict.fromkeys(reaches, hop.address))
 
 
 def start(header: PushHeader, access: PeerAccess) -> Forward | None:
@@ -176,7 +182,7 @@ class Forward:
 
     def send_data(self, data: Data) -> None:
         """Hand the hop the next payload bytes."""
-        message = wire.encode_data([data])
+        message = wire.data_message(data)
         self._window.add(len(data), message)
         self._send(message)
 

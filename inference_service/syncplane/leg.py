@@ -43,6 +43,7 @@ class Leg:
         self._abandoned = abandoned
         self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED)
         self._ended = threading.Event()
+        self._call_done = threading.Event()  # set by the call's done callback: no lock to ask
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._input_done = False
@@ -113,6 +114,7 @@ class Leg:
             PUSH, request_serializer=None, response_deserializer=pb.PushResponse.FromString
         )
         self._call = push.future(self._messages())
+        self._call.add_done_callback(lambda _: self._call_done.set())
 
     def _messages(self) -> Iterator[bytes]:
         yield encode_header(self.header)
@@ -132,9 +134,9 @@ class Leg:
             return None
         deadline = time.monotonic() + self._access.stall_timeout_s
         while True:
-            if self._abandoned.is_set() and not self._call.done():
+            if self._abandoned.is_set() and not self._call_done.is_set():
                 self._call.cancel()
-            if self._call.done():
+            if self._call_done.is_set():
                 self._ended.set()
                 return self._outcome_of_ended()
             try:

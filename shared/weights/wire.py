@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 
 DATA_TAG = 0x12  # field 2 (`data`), wire type 2 (length-delimited)
@@ -33,6 +35,27 @@ def _varint(value: int) -> bytes:
 def encode_data(pieces: Sequence[bytes | memoryview]) -> bytes:
     """The serialized `PushRequest{data: concat(pieces)}`."""
     return b"".join([data_header(sum(len(p) for p in pieces)), *pieces])
+
+
+def data_message(data: bytes | memoryview) -> bytes:
+    """The serialized `PushRequest{data}`: the message `data` is a view of the payload of, when
+    it is one (as `data_payload` made it; a push passed on sends each message on as it came,
+    no copy), else `encode_data([data])`."""
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes):
+        message = data.obj
+        payload = data_payload(message)
+        if (
+            payload is not None
+            and len(payload) == len(data)
+            and _address(payload) == _address(data)
+        ):
+            return message
+    return encode_data([data])
+
+
+def _address(view: memoryview) -> int:
+    """Where a view's bytes start in memory."""
+    return int(np.frombuffer(view, np.uint8).ctypes.data) if len(view) else -1
 
 
 def data_header(size: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.weights import wire
 from shared.weights.wire import decode, encode_data
 
 
@@ -36,3 +37,16 @@ def test_a_data_field_followed_by_more_fields_is_parsed_by_protobuf() -> None:
     )
     decoded = decode(message)
     assert isinstance(decoded, pb.PushRequest) and decoded.WhichOneof("kind") == "header"
+
+
+def test_a_payload_passed_on_is_sent_in_the_message_it_came_in() -> None:
+    message = wire.encode_data([bytes(range(256)) * 64])
+    payload = wire.data_payload(message)
+    assert payload is not None
+    assert wire.data_message(payload) is message  # no copy
+    # Anything else is encoded: other views of that message, other bytes.
+    for other in (payload[1:], payload[:-1], payload[:0], memoryview(bytes(payload))):
+        encoded = wire.data_message(other)
+        assert encoded is not message
+        assert pb.PushRequest.FromString(encoded).data == bytes(other)
+    assert wire.data_message(bytes(payload)) == message
