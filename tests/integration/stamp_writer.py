@@ -8,11 +8,15 @@ import torch
 
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from shared.grpc.channel import open_channel
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
 from tests.integration.apps import Stamp
+from tests.integration.conftest import Inference, Services
 
 PUSH = "/weightsync.v1.WeightSync/Push"
+STAMP = "tests.integration.apps:stamp"
 
 
 def stamp_state(megabytes: int, value: float) -> dict[str, torch.Tensor]:
@@ -70,3 +74,18 @@ class StampWriter:
         ]
         response: pb.PushResponse = self._push(iter(messages), timeout=60)
         return response
+
+
+def pushed_once(
+    services: Services, relay: str, token: str, megabytes: int
+) -> tuple[Inference, StampWriter, pb.ModelState]:
+    """An inference service serving the stamp model of `megabytes` (`--sync-relay relay`, sync
+    token `token`), a writer holding its lease, and the state served once it pushed version 1."""
+    services.env.update(INFERENCE_SYNC_TOKEN=token, TEST_STAMP_MB=str(megabytes))
+    inference = services.inference(STAMP, "--sync-relay", relay)
+    writer = StampWriter(
+        open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=token), megabytes
+    )
+    writer.acquire()
+    writer.push(3.0, 1)
+    return inference, writer, inference.model_state("stamp", token=token)

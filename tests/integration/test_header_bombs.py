@@ -8,12 +8,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from shared.grpc.channel import open_channel
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
 from tests.integration.conftest import Services
-from tests.integration.stamp_writer import StampWriter
+from tests.integration.stamp_writer import pushed_once
 
-STAMP = "tests.integration.apps:stamp"
 MB = 1
 TOKEN = "sync-secret"
 
@@ -37,12 +34,7 @@ HEADERS = {
 def test_headers_that_break_a_json_parser_are_refused_as_invalid(
     services: Services, relay: str
 ) -> None:
-    services.env.update(INFERENCE_SYNC_TOKEN=TOKEN, TEST_STAMP_MB=str(MB))
-    inference = services.inference(STAMP, "--sync-relay", relay)
-    writer = StampWriter(open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=TOKEN), MB)
-    writer.acquire()
-    writer.push(3.0, 1)
-    served = inference.model_state("stamp", token=TOKEN)
+    inference, writer, served = pushed_once(services, relay, TOKEN, MB)
     for name, (body, fragment) in HEADERS.items():
         blob = len(body).to_bytes(8, "little") + body + bytes(64)
         with pytest.raises(grpc.RpcError) as caught:

@@ -20,9 +20,8 @@ from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
 from tests.integration.conftest import Services, wait_until
-from tests.integration.stamp_writer import PUSH, StampWriter, stamp_state
+from tests.integration.stamp_writer import PUSH, STAMP, StampWriter, pushed_once, stamp_state
 
-STAMP = "tests.integration.apps:stamp"
 MB = 1
 TOKEN = "sync-secret"
 
@@ -157,12 +156,7 @@ def counter() -> Iterator[list[PingCounter]]:
 def test_a_ping_flood_gets_goaway_and_the_service_carries_on(
     services: Services, relay: str
 ) -> None:
-    services.env.update(INFERENCE_SYNC_TOKEN=TOKEN, TEST_STAMP_MB=str(MB))
-    inference = services.inference(STAMP, "--sync-relay", relay)
-    writer = StampWriter(open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=TOKEN), MB)
-    writer.acquire()
-    writer.push(3.0, 1)
-    served = inference.model_state("stamp", token=TOKEN)
+    inference, writer, served = pushed_once(services, relay, TOKEN, MB)
 
     acked, goaway, closed = flood(inference.sync)
 
