@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from bench.encodings_model import LAB_BF16, LAB_FP32, LAB_WHOLE, LabWeights, selected
 from bench.labrun import DATA_PORT, SYNC_PORT, publish_watched
 from inference_service.client import InferenceClient
+from shared.allocator import tune_for_streaming
+from shared.settings import ProcessSettings
 from shared.weights.served import served_state
 from trainer_service import metrics
 from trainer_service.publisher import Publisher
@@ -77,6 +80,8 @@ def lab_drive(spec: dict[str, Any]) -> int:
             level=logging.DEBUG,
             format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
         )
+    # malloc tuned as the trainer service tunes it (shared/process.py)
+    tune_for_streaming(ProcessSettings.from_environ(os.environ, "bench").malloc)
     targets = [f"{name}:{SYNC_PORT}" for name in spec["replicas"]]
     clients = [InferenceClient(f"{name}:{DATA_PORT}", timeout_s=60) for name in spec["replicas"]]
     mb, steps = spec["mb"], spec["steps"]

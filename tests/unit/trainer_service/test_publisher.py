@@ -231,8 +231,14 @@ def test_a_target_that_comes_back_within_the_retries_still_gets_the_version(
     import threading
 
     # Direct pushes: a hop of a chain reported unreachable lags at once (trainer_service/chain.py).
+    # The push waits up to the connect timeout for the target to answer: 10 s, so that it is back
+    # within it even on a loaded host, where starting it again may take a few seconds.
     publisher = Publisher(
-        [t.address for t in targets], "trainer-x", retry_delay_s=0.5, fanout="direct"
+        [t.address for t in targets],
+        "trainer-x",
+        connect_timeout_s=10,
+        retry_delay_s=0.5,
+        fanout="direct",
     )
     state = trained()
     publisher.publish("m", state)
@@ -242,7 +248,7 @@ def test_a_target_that_comes_back_within_the_retries_still_gets_the_version(
     timer = threading.Timer(0.3, lambda: revived.append(Target(port)))
     timer.start()
     state[next(iter(state))] += 1
-    report = publisher.publish("m", state)  # the first attempt fails; a retry finds it back
+    report = publisher.publish("m", state)  # waits for the target to answer again
     timer.join()
     targets[1] = revived[0]
     assert report.version == 2
