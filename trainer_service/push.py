@@ -182,19 +182,20 @@ class SyncClient:
         self._stall_timeout_s = stall_timeout_s
         self._chunk_bytes = chunk_bytes
         secure = tls is not None and tls.enabled
+        # A push's answer comes only once the service committed it, and a Seed's once the whole
+        # seeded push is done: nothing flows on such a call once its messages have left, so the
+        # link under it is watched (a ping every quarter of the stall timeout), and a service
+        # that went dark or stopped (its host, with its sync relay) fails it UNAVAILABLE instead
+        # of holding the sync up to the push deadline.
         self._channel = open_channel(
             target,
             SYNC_MAX_MESSAGE_BYTES,
             token=token,
             tls=tls if secure else None,
             server_name=server_name if secure else None,  # plaintext: nothing to verify
-            options=RECONNECT_OPTIONS,
+            options=[*RECONNECT_OPTIONS, *watched_link(stall_timeout_s)],
         )
         self._stub = pb_grpc.WeightSyncStub(self._channel)
-        # A Seed's answer comes only once the whole seeded push is done: nothing flows on its
-        # call meanwhile, so the link under it is watched (a ping every quarter of the stall
-        # timeout), and a service that went dark or stopped mid-seed fails it UNAVAILABLE
-        # instead of holding the sync up to the push deadline.
         self._seeds = open_channel(
             target,
             SYNC_MAX_MESSAGE_BYTES,

@@ -27,7 +27,7 @@ from inference_service.syncplane.checks import (
     model_named,
 )
 from inference_service.syncplane.forward import Forward
-from inference_service.syncplane.inbox import Inbox
+from inference_service.syncplane.inbox import TICK_S, Inbox
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, Data, PushHeader
 from inference_service.syncplane.resume import Session, Sessions
@@ -105,13 +105,17 @@ class PushApplier:
             session = self._sessions.take_over(header, owner, window_s)
         else:
             session = self._begin(model, header, owner, onward)
+
+        def still_wanted() -> None:
+            _still_wanted(model, header, session, owner)
+
         if inbox is not None:
             inbox.watch(
-                lambda: _still_wanted(model, header, session, owner),
+                still_wanted,
                 f" of {model.name!r} version {header.version} from {header.writer_id!r}",
             )
         try:
-            digest = self._stream_into(session, owner, body, header.resume_from)
+            digest = self._stream_into(session, owner, body, header.resume_from, still_wanted)
             received = session.reader.finish()
             check_complete(model, header, received)
             hashes = session.transaction.complete(received)
@@ -187,9 +191,17 @@ class PushApplier:
         return session
 
     def _stream_into(
-        self, session: Session, owner: object, body: Iterable[Data | Commit], offset: int
+        self,
+        session: Session,
+        owner: object,
+        body: Iterable[Data | Commit],
+        offset: int,
+        still_wanted: Callable[[], None],
     ) -> bytes:
-        """Feed `body`, the payload from `offset` on, into `session`; the commit's digest."""
+        """Feed `body`, the payload from `offset` on, into `session`; the commit's digest.
+        Held back to the rate limit, the push checks `still_wanted` each TICK_S as it waits: one
+        superseded, fenced or taken over meanwhile ends at once and lets the model go (a push
+        waits ENDING_PUSH_WAIT_S at most for that), however long its wait was to be."""
         rate = self._limits.max_bytes_per_s
         started = time.monotonic()
         sent = 0
@@ -200,9 +212,10 @@ class PushApplier:
             session.feed(owner, offset + sent, part)
             sent += len(part)
             if rate:  # ahead of the allowed rate: wait (HTTP/2 flow control slows the sender)
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+                until = started + sent / rate
+                while (ahead := until - time.monotonic()) > 0:
+                    still_wanted()
+                    time.sleep(min(ahead, TICK_S))
         raise MalformedPushError(
             f"the push stream ended after {offset + sent} payload bytes without a commit"
         )

@@ -3,7 +3,10 @@
 A route that names the replica it reaches, or a seed aimed at the replica asked, would have it
 push to itself: the second push would supersede its own in flight. Both are refused up front.
 An address is this replica's when it has the sync plane's port on a host name or address of
-this host (the very address listened on, where that is not a wildcard).
+this host (the very address listened on, where that is not a wildcard). Addresses are compared
+by what they reach, not how they are spelled: a host name by the addresses it resolves to, an
+IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) as its IPv4 address, a port by its number
+(leading zeros aside).
 """
 
 from __future__ import annotations
@@ -35,13 +38,32 @@ def address_problem(address: str) -> str | None:
     return None
 
 
+def _canonical(ip: str) -> str:
+    """`ip` as one spelling: an IPv4-mapped IPv6 address as its IPv4 address."""
+    parsed = ipaddress.ip_address(ip)
+    mapped = parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None
+    return str(mapped or parsed)
+
+
 def _ips(host: str) -> set[str]:
     """Every address `host` resolves to (none when it does not)."""
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return set()
-    return {str(info[4][0]).split("%")[0] for info in infos}
+    return {_canonical(str(info[4][0]).split("%")[0]) for info in infos}
+
+
+def endpoints(address: str, resolved: dict[str, set[str]] | None = None) -> set[tuple[str, int]]:
+    """The (address, port) pairs a valid `HOST:PORT` reaches: its host's addresses, or, where
+    the host resolves to none, its name (case aside). Two addresses that share one reach the
+    same listening socket. `resolved` caches host lookups across calls."""
+    host, port = split(address)
+    assert port is not None, address
+    cache = {} if resolved is None else resolved
+    if host not in cache:
+        cache[host] = _ips(host)
+    return {(ip, port) for ip in cache[host] or {host.lower()}}
 
 
 def _local(ip: str) -> bool:

@@ -63,7 +63,9 @@ def test_a_replica_that_takes_nothing_is_cancelled_by_the_trainer_and_caught_up_
         os.kill(stuck.process.pid, signal.SIGCONT)
     log = services.log("trainer")
     assert f"lagging: {stuck.sync}" in log
-    assert "the push took nothing for 3s" in log
+    # Cancelled by the stall bound, or sooner by the watch on the link (a stopped process
+    # answers no ping).
+    assert "the push took nothing for 3s" in log or f"{stuck.sync}: UNAVAILABLE" in log, log
     digest = state_digest(stamp_state(1, mb=MB))
     state = quick.model_state("stamp")
     assert (state.version, state.digest) == (2, digest)
