@@ -13,7 +13,9 @@ Each call admitted holds a pool thread until it ends, and long-lived health Watc
 so the pool has a thread for every slot and a few spare ones to answer refusals. Handlers are
 run request-streaming (a unary handler gets the one request from the stream): grpcio would
 otherwise hold a thread waiting for a unary request before any handler ran, uncounted, for as
-long as the caller chooses to send nothing.
+long as the caller chooses to send nothing. Counted, such a call would still hold its slot that
+long, so a call that sends no request within REQUEST_WAIT_S is ended (DEADLINE_EXCEEDED,
+shared/grpc/idle.py); a request arrives with the call's headers from any client that means it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from typing import Any
 import grpc
 
 from shared.grpc.auth import OPEN_METHODS
+from shared.grpc.idle import IdleCalls
 
 HEALTH_CALLS = 4  # health calls at once, Watch streams included; probes need few
 LOOKUP_CALLS = 4  # lookups at once, where a server names some
 SPARE_THREADS = 2  # pool threads beyond the slots, to answer the calls refused
+REQUEST_WAIT_S = 10.0  # how long a unary call may hold its slot before its request arrives
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,12 @@ class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
         self._health = threading.BoundedSemaphore(budget.health)
         self._lookups = threading.BoundedSemaphore(max(budget.lookup_calls, 1))
         self._lookup_methods = budget.lookups
+        self._quiet = IdleCalls(
+            REQUEST_WAIT_S,
+            f"the call sent no request within {REQUEST_WAIT_S:g}s: the {budget.plane} ended it "
+            "to free its slot",
+            budget.plane,
+        )
         self._calls_full = f"the {budget.plane} is at its limit of {budget.calls} calls at once"
         self._health_full = (
             f"the {budget.plane} is at its limit of {budget.health} health calls at once"
@@ -78,16 +88,17 @@ class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         if details.method.startswith(OPEN_METHODS):
-            return _admitted(handler, self._health, self._health_full)
+            return _admitted(handler, self._health, self._health_full, self._quiet)
         if details.method in self._lookup_methods:
-            return _admitted(handler, self._lookups, self._lookups_full)
-        return _admitted(handler, self._calls, self._calls_full)
+            return _admitted(handler, self._lookups, self._lookups_full, self._quiet)
+        return _admitted(handler, self._calls, self._calls_full, self._quiet)
 
 
 def _admitted(
-    handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore, full: str
+    handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore, full: str, quiet: IdleCalls
 ) -> grpc.RpcMethodHandler:
-    """`handler` made request-streaming, run only while it holds one of `slots`."""
+    """`handler` made request-streaming, run only while it holds one of `slots`; a unary
+    request is waited for only as long as `quiet` allows."""
     kind = ("stream" if handler.request_streaming else "unary") + "_"
     kind += "stream" if handler.response_streaming else "unary"
     inner = getattr(handler, kind)
@@ -95,8 +106,12 @@ def _admitted(
     def argument(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         if handler.request_streaming:
             return requests
-        for request in requests:
-            return request
+        try:
+            with quiet.watch(context) as call:
+                for request in call.reading(requests):
+                    return request
+        except grpc.RpcError:  # ended by `quiet`, or the caller went away
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request")
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request")
 
     def take(context: grpc.ServicerContext) -> None:

@@ -22,7 +22,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
-from shared.grpc.limits import HEALTH_CALLS, LOOKUP_CALLS
+from shared.grpc.limits import HEALTH_CALLS, LOOKUP_CALLS, REQUEST_WAIT_S
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from tests.integration.conftest import ROOT, Inference, Services, wait_until
 from tests.integration.pki import make_ca, make_cert, make_server_cert
@@ -271,3 +271,44 @@ def test_the_same_token_for_both_planes_is_refused_at_start(services: Services) 
     assert refused.returncode == 2, refused.stderr
     assert "INFERENCE_SYNC_TOKEN and INFERENCE_DATA_TOKEN are the same" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_unary_calls_that_never_send_their_request_are_ended_and_free_their_slots(
+    services: Services, relay: str
+) -> None:
+    inference = start(services, relay)
+    never = threading.Event()
+    anonymous = grpc.insecure_channel(inference.sync)
+    channel = open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=TOKEN)
+    # Every slot: the writers' (AcquireWriter), the lookups' (GetModel), and health's.
+    quiet = [
+        hold(channel, "/weightsync.v1.WeightSync/AcquireWriter", never, GET_STAMP)
+        for _ in range(WRITERS)
+    ]
+    quiet += [hold(channel, GET_MODEL, never, GET_STAMP) for _ in range(LOOKUP_CALLS)]
+    quiet += [
+        anonymous.stream_unary("/grpc.health.v1.Health/Check", None, None).future(
+            stalled(never), timeout=120
+        )
+        for _ in range(HEALTH_CALLS)
+    ]
+    try:
+        # Each quiet call is ended by the service, well before its own deadline.
+        wait_until(lambda: all(call.done() for call in quiet), timeout=60)
+        for call in quiet:
+            assert call.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert call.details() == (
+                f"the call sent no request within {REQUEST_WAIT_S:g}s: the sync plane ended it "
+                "to free its slot"
+            )
+        stub = pb_grpc.WeightSyncStub(channel)
+        assert stub.GetModel(GET_STAMP, timeout=10).version == 0
+        lease = stub.AcquireWriter(
+            pb.AcquireWriterRequest(model_name="stamp", writer_id="tester"), timeout=10
+        )
+        assert lease.epoch == 1
+        assert health_check(anonymous) == SERVING
+    finally:
+        never.set()
+        channel.close()
+        anonymous.close()

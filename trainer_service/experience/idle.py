@@ -1,133 +1,26 @@
 """The idle bound on Collect calls: a call that waits on its agent too long is ended.
 
-Each Collect call holds one of the plane's call slots and a pool thread until it ends. A call
-whose agent sends nothing (a hung process, a half-open connection that still answers pings, a
-client that opened a stream and forgot it) or never reads its acknowledgements (the trainer's
-send then waits on HTTP/2 flow control) would hold them for ever, and enough of them would lock
-every agent out. So a call that waits on its agent, for its next batch or for room to send an
-acknowledgement, for `timeout_s` is ended with DEADLINE_EXCEEDED and a message saying why; the
-batches acknowledged before stay stored. A RemoteDataCollector ends its own idle calls sooner
-(`idle_close_s`) and connects again when it has samples to send.
-
-The call's thread is blocked inside grpcio then (its request iterator or its send), so the
-call is ended from a watcher thread, by cancelling it with that status (`end_call`): grpcio's
-synchronous API cannot end a call from outside its handler otherwise, and reading every
-message through a thread of its own, as the sync plane does, would hold a second message per
-call and add a hand-off to every batch. Nothing is done per message but noting the time.
+Each Collect call holds one of the plane's call slots and a pool thread until it ends, so a call
+that waits on its agent, for its next batch or for room to send an acknowledgement (an agent
+that never reads them), for `--experience-idle-timeout-s` is ended with DEADLINE_EXCEEDED and a
+message saying why (shared/grpc/idle.py); the batches acknowledged before stay stored. A
+RemoteDataCollector ends its own idle calls sooner (`idle_close_s`) and connects again when it
+has samples to send.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-
-import grpc
-
-logger = logging.getLogger(__name__)
+from shared.grpc.idle import IdleCalls
 
 DEFAULT_IDLE_TIMEOUT_S = 60.0
-# The watcher looks at the calls this often at most (and four times per bound at least).
-MAX_LOOK_S = 1.0
 
 
-class WatchedCall:
-    """One Collect call as the watcher sees it: since when it waits on its agent (None while
-    the trainer works on a batch)."""
-
-    def __init__(self, context: grpc.ServicerContext) -> None:
-        self.context = context
-        self.waiting_since: float | None = None
-        self.ended = False
-
-    def reading(self, requests: Iterable[bytes]) -> Iterator[bytes]:
-        """The call's messages, each wait for one watched."""
-        messages = iter(requests)
-        while True:
-            self.waiting_since = time.monotonic()
-            try:
-                message = next(messages)
-            except StopIteration:
-                return
-            finally:
-                self.waiting_since = None
-            yield message
-
-    @contextmanager
-    def sending(self) -> Iterator[None]:
-        """Watch the wait for room to send an acknowledgement (the agent reads them)."""
-        self.waiting_since = time.monotonic()
-        try:
-            yield
-        finally:
-            self.waiting_since = None
-
-
-class IdleCalls:
-    """Ends the Collect calls that wait on their agent for `timeout_s` (a thread of its own,
-    started with the first call)."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._calls: set[WatchedCall] = set()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @contextmanager
-    def watch(self, context: grpc.ServicerContext) -> Iterator[WatchedCall]:
-        """Watch one call for as long as its handler runs."""
-        call = WatchedCall(context)
-        with self._lock:
-            self._calls.add(call)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="experience-idle", daemon=True
-                )
-                self._thread.start()
-        try:
-            yield call
-        finally:
-            with self._lock:
-                self._calls.discard(call)
-
-    def _run(self) -> None:
-        look = min(MAX_LOOK_S, self.timeout_s / 4)
-        while True:
-            time.sleep(look)
-            now = time.monotonic()
-            with self._lock:
-                idle = [
-                    c
-                    for c in self._calls
-                    if not c.ended
-                    and c.waiting_since is not None
-                    and now - c.waiting_since >= self.timeout_s
-                ]
-            for call in idle:
-                call.ended = True
-                message = (
-                    f"the Collect call sent no batch and took no acknowledgement for "
-                    f"{self.timeout_s:g}s (--experience-idle-timeout-s): the trainer ended it to "
-                    "free its slot; the batches acknowledged before are stored"
-                )
-                logger.warning("experience plane: a call from %s: %s", call.context.peer(), message)
-                end_call(call.context, grpc.StatusCode.DEADLINE_EXCEEDED, message)
-
-
-def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    """End a call from outside its handler, the client getting `code` and `message`; the
-    handler's wait raises grpc.RpcError (a read) or ends (a send).
-
-    grpcio's context only cancels a call (CANCELLED, no message); its call object takes the
-    status to cancel with. Where a grpcio release lacks it, the call is cancelled plainly."""
-    call = getattr(getattr(context, "_rpc_event", None), "call", None)
-    cancel = getattr(call, "cancel", None)
-    try:
-        if cancel is not None:
-            cancel(code.value[0], message.encode())
-            return
-    except TypeError:  # a release whose call takes no status
-        pass
-    context.cancel()
+def idle_collect_calls(timeout_s: float) -> IdleCalls:
+    """The watch that ends Collect calls idle for `timeout_s`."""
+    return IdleCalls(
+        timeout_s,
+        f"the Collect call sent no batch and took no acknowledgement for {timeout_s:g}s "
+        "(--experience-idle-timeout-s): the trainer ended it to free its slot; the batches "
+        "acknowledged before are stored",
+        "experience plane",
+    )

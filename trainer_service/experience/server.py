@@ -20,7 +20,7 @@ from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.limits import CallBudget
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_server
-from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S, IdleCalls
+from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S, idle_collect_calls
 from trainer_service.experience.service import ExperiencePlane
 from trainer_service.experience.servicer import (
     LOOKUPS,
@@ -62,7 +62,7 @@ class ExperienceServer:
             budget=budget,
             name="experience",
         )
-        idle = IdleCalls(endpoint.idle_timeout_s)
+        idle = idle_collect_calls(endpoint.idle_timeout_s)
         add_to_server(ExperienceServicer(plane, idle), self._server)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         for service in ("", SERVICE):

@@ -20,7 +20,7 @@ from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.errors import abort, failure, grpc_errors
 from shared.grpc.handlers import register, unary
-from trainer_service.experience.idle import IdleCalls, WatchedCall
+from shared.grpc.idle import IdleCalls, WatchedCall
 from trainer_service.experience.layouts import Known, learn
 from trainer_service.experience.service import BufferInfo, ExperiencePlane, Stored
 
