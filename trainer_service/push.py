@@ -15,7 +15,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
 from shared.grpc.errors import error_details, error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watch_timeout_s, watched_link
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
 from shared.weights.digest import model_digest
@@ -301,12 +301,27 @@ class SyncClient:
 
     def _watched(self, messages: Watched) -> pb.PushResponse:
         """The push's response, cancelling the push once its stream has taken nothing for the
-        stall timeout."""
+        stall timeout. A push whose link the channel's watch dropped while its stream took
+        nothing (the link went dark mid-push) fails as a stalled one does, TargetUnreachableError:
+        it lags at once, where a retry would first wait out the connect timeout on that link. A
+        connection that broke while the stream flowed is retried (and resumed) by the caller."""
         call = self._push.future(messages, timeout=self._timeout_s)
+        dark_s = watch_timeout_s(self._stall_timeout_s) / 2
         while True:
             try:
                 response: pb.PushResponse = call.result(timeout=WATCH_TICK_S)
                 return response
+            except grpc.RpcError as error:
+                if error.code() is not grpc.StatusCode.UNAVAILABLE or messages.held_s() < dark_s:
+                    raise
+                raise TargetUnreachableError(
+                    self.target,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the push's link answered nothing while its stream took nothing for "
+                    f"{messages.held_s():.1f}s (its link went dark, or its host stopped): "
+                    f"{error.details()}",
+                    None,
+                ) from None
             except grpc.FutureTimeoutError:
                 if messages.held_s() < self._stall_timeout_s:
                     continue

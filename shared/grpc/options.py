@@ -80,6 +80,11 @@ def watched_ping_interval_ms(bound_s: float) -> int:
     return max(_watch_times_ms(bound_s)[0], GRPC_PING_SPACING_MS)
 
 
+def watch_timeout_s(bound_s: float) -> float:
+    """How long `watched_link(bound_s)` waits for a ping's answer before it drops the link."""
+    return _watch_times_ms(bound_s)[1] / 1000
+
+
 def sync_ping_floor_ms() -> int:
     """The closest two pings may come to a sync-plane server without counting against the
     client: a quarter of the closest spacing any `watched_link` sends them at (its bound near
