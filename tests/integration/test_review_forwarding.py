@@ -19,33 +19,6 @@ def small_stamp(services: Services) -> None:
     services.env["TEST_STAMP_MB"] = "1"
 
 
-def test_a_route_naming_a_hop_twice_is_refused_before_anything_is_passed_on(
-    services: Services,
-) -> None:
-    first = services.inference(STAMP, "--sync-relay", "off", name="first")
-    hop = services.inference(STAMP, "--sync-relay", "off", name="hop")
-    to_first, to_hop = Sync(first.sync), Sync(hop.sync)
-    before = [to_first.state(), to_hop.state()]
-    epoch = to_hop.acquire("tester")
-    twice = [pb.Hop(address=hop.sync, writer_epoch=epoch)] * 2
-
-    with pytest.raises(grpc.RpcError) as refused:
-        to_first.push(stamp_state(3), 2, to_first.acquire("tester"), twice)
-
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error_reason(refused.value) == protocol.MALFORMED_PUSH
-    assert f"names the hop {hop.sync!r} twice" in (refused.value.details() or "")
-    assert forwarded_to(services, "first") == []
-    for sync, was in zip((to_first, to_hop), before, strict=True):
-        now = sync.state()
-        assert (now.version, now.digest) == (was.version, was.digest)
-    # The same push with the hop named once goes through on both.
-    once = twice[:1]
-    response = to_first.push(stamp_state(3), 2, to_first.acquire("tester"), once)
-    assert [(h.address, h.version) for h in response.hops] == [(hop.sync, 2)]
-    assert to_hop.state().digest == state_digest(stamp_state(3))
-
-
 @pytest.mark.parametrize("relay", ["on", "off"])
 @pytest.mark.parametrize("where", ["next", "after-another"])
 def test_a_route_back_to_the_replica_itself_is_refused_and_its_push_left_alone(
