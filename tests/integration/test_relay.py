@@ -38,12 +38,7 @@ def version(inference: Inference) -> int:
 
 def stamp_means(inference: Inference) -> set[float]:
     """The served stamp model's output: one mean per tensor, all equal for one version."""
-    client = triton.InferenceServerClient(inference.data)
-    x = triton.InferInput("x", [1, 8], "FP32")
-    x.set_data_from_numpy(np.zeros((1, 8), dtype=np.float32))
-    out = client.infer("stamp", [x]).as_numpy("means")
-    assert out is not None
-    return set(out.ravel().tolist())
+    return set(means(inference))
 
 
 def test_a_killed_relay_comes_back_on_its_port_and_the_push_it_carried_changes_nothing(
