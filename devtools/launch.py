@@ -208,6 +208,7 @@ class Launcher:
         self, directory: Path, env: Mapping[str, str], *, logs: bool = True, grace: float = 20.0
     ) -> None:
         self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
         self.env = dict(env)
         self.logs = logs
         self.grace = grace

@@ -33,6 +33,7 @@ from shared.weights.writer import DEFAULT_CHUNK_BYTES
 from trainer_service import chain, metrics
 from trainer_service.catchup import CatchUp
 from trainer_service.delivery import Delivery, Version, hashed
+from trainer_service.hostcopy import HostCopy, UsualSyncs
 from trainer_service.published import Published
 from trainer_service.push import (
     DEFAULT_STALL_TIMEOUT_S,
@@ -107,6 +108,7 @@ class Publisher:
         self._chained = fanout == "chain"
         self._from_peers = catch_up_from_peers
         self._published = Published(self._targets)
+        self._usual = UsualSyncs()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="push")
         warn_plaintext_token(targets, token, tls)
         self._catch_up = CatchUp(self._published, self._delivery, catch_up_from_peers)
@@ -147,13 +149,16 @@ class Publisher:
         if self._published.fenced is not None:
             raise WriterFencedError(self._published.fenced)
         try:
-            with self._published.syncing(model_name):
-                return self._publish(model_name, state, full, frozenset(owned))
+            with (
+                self._published.syncing(model_name),
+                HostCopy(self._pool, state, owned) as copy,  # what a target left behind needs
+            ):
+                return self._publish(model_name, state, full, frozenset(owned), copy)
         finally:
             self._catch_up.wake()  # targets may lag now, or have a newer version to catch up to
 
     def _publish(
-        self, model_name: str, state: Tensors, full: bool, owned: frozenset[str]
+        self, model_name: str, state: Tensors, full: bool, owned: frozenset[str], copy: HostCopy
     ) -> SyncReport:
         started = time.perf_counter()
         tensors = {name: t.detach() for name, t in state.items()}
@@ -168,6 +173,11 @@ class Publisher:
                 target.hashes = None
         version, unreachable = self._next_version(model_name, inline)
         inline = [t for t in inline if t not in unreachable and self._targets.distinct(t)]
+        pushing = time.perf_counter()
+        if skipped or unreachable:
+            copy.start()  # the sync leaves a target behind: its copy is made while pushing
+        elif (late_s := self._usual.late_after(model_name)) is not None:
+            copy.start_after(late_s)  # a late push may leave one behind (one cut mid-push)
         # Hash up front only when some target can take a delta (it needs the changed set);
         # a full push hashes each tensor while streaming it.
         hashes: dict[str, bytes] | None = None
@@ -191,7 +201,9 @@ class Publisher:
             hashes = committed[0].hashes
         # The version is spent even if some target missed it: the ones that committed it must
         # never be offered the same number again.
-        lagging = self._spend(model_name, version, tensors, hashes, targets, skipped)
+        if len(committed) == len(targets):
+            self._usual.record(model_name, time.perf_counter() - pushing)
+        lagging = self._spend(model_name, version, hashes, targets, skipped, copy)
         if errors or not committed:
             metrics.SYNC_FAILURES.labels(model_name).inc()
             if errors:
@@ -271,14 +283,17 @@ class Publisher:
         self,
         model_name: str,
         version: int,
-        tensors: Tensors,
         hashes: dict[str, bytes] | None,
         targets: Sequence[Target],
         skipped: Sequence[Target],
+        copy: HostCopy,
     ) -> list[str]:
         """Record `version` as the newest; while a target lags, keep a host copy of it for the
         catch-up. Returns the addresses that lag."""
         published = self._published
+        copied = None
+        if any(t.lagging for t in targets):  # copied outside the lock
+            copied = copy.result()
         with published.lock:
             published.versions[model_name] = version
             for target in skipped:  # a catch-up may have finished with an older version meanwhile
@@ -286,8 +301,9 @@ class Publisher:
                     target.fall_behind(f"it missed version {version} while being caught up")
             lagging = [t.address for t in targets if t.lagging]
             if lagging:
-                copy = {name: t.to("cpu", copy=True) for name, t in tensors.items()}
-                published.snapshots[model_name] = Snapshot(version, copy, hashes)
+                if copied is None:  # one fell behind since the look above
+                    copied = copy.result()
+                published.snapshots[model_name] = Snapshot(version, copied, hashes)
             else:
                 published.snapshots.pop(model_name, None)
         return lagging
