@@ -165,6 +165,8 @@ class Publisher:
         targets = self._targets.resolved(model_name)
         if not targets:
             raise SyncFailedError(f"no inference service found at {', '.join(self._targets.names)}")
+        for alias in self._targets.aliases(model_name):  # off the sync's path
+            self._pool.submit(self._recheck, alias)
         with self._published.lock:  # lagging targets are the catch-up's, unless all lag
             inline = [t for t in targets if not t.lagging] or targets
             skipped = [t for t in targets if t not in inline]
@@ -307,6 +309,24 @@ class Publisher:
             else:
                 published.snapshots.pop(model_name, None)
         return lagging
+
+    def _recheck(self, alias: Target) -> None:
+        """Ask `alias` and its primary which service each reaches now: an alias that no longer
+        reaches its primary's (its address taken over by another replica, the primary's by
+        another, or the primary gone) is fed on its own from the next sync on. Skipped while
+        another look at it runs; while either does not answer, it stays an alias."""
+        if not alias.lock.acquire(blocking=False):
+            return
+        try:
+            primary = self._targets.primary_of(alias)
+            timeout_s = self._delivery.connect_timeout_s
+            reaches = None if primary is None else primary.client.get_model(alias.model, timeout_s)
+            alias.contact(timeout_s)
+        except PushFailedError:
+            return
+        finally:
+            alias.lock.release()
+        self._targets.recheck(alias, None if reaches is None else reaches.instance_id)
 
     def _next_version(
         self, model_name: str, targets: Sequence[Target]

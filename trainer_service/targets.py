@@ -249,6 +249,38 @@ class Targets:
                         del self._instances[(model, target.instance or "")]
         return found
 
+    def aliases(self, model: str) -> list[Target]:
+        """The targets of `model` that reach a service another one feeds (`distinct`)."""
+        with self._lock:
+            return [t for t in self._targets.values() if t.model == model and t.alias_of]
+
+    def primary_of(self, alias: Target) -> Target | None:
+        """The target `alias`'s service is fed through (None: forgotten, or not an alias)."""
+        with self._lock:
+            return self._targets.get((alias.alias_of or "", alias.model))
+
+    def recheck(self, alias: Target, primary_instance: str | None) -> None:
+        """`alias` answered again (`Target.contact`), and its primary as `primary_instance`
+        (None: its primary is gone): if they no longer reach one service (an address taken
+        over by another replica), the alias becomes a target of its own, fed from the next
+        sync on (unless another target feeds the service it reaches now: `distinct`)."""
+        if alias.alias_of is None or (alias.instance and alias.instance == primary_instance):
+            return
+        with self._lock:
+            was, alias.alias_of = alias.alias_of, None
+        # Another service than any it answered as before: nothing it held is known.
+        alias.epoch, alias.version, alias.hashes = None, 0, None
+        metrics.TARGET_LAGGING.labels(alias.model, alias.address).set(0)
+        logger.warning(
+            "model %s: %s no longer reaches the inference service %s feeds (it answers as "
+            "instance %s): it is fed on its own from now on",
+            alias.model,
+            alias.address,
+            was,
+            alias.instance or "unnamed",
+        )
+        self.distinct(alias)
+
     def known(self, model: str | None = None) -> list[Target]:
         """The targets known (of `model`; None: of every model), less the ones that reach a
         service another one feeds (`distinct`)."""
@@ -266,8 +298,11 @@ class Targets:
         kept, so that one service is never written through two addresses at once."""
         if not target.instance or target.alias_of is not None:
             return target.alias_of is None
+        key = (target.model, target.instance)
         with self._lock:
-            first = self._instances.setdefault((target.model, target.instance), target)
+            first = self._instances.get(key)
+            if first is None or first.instance != target.instance or first.alias_of is not None:
+                first = self._instances[key] = target  # the one found before answers as another
         if first is target:
             return True
         target.same_service_as(first)

@@ -195,3 +195,45 @@ def test_one_service_listed_under_two_addresses_is_fed_once_and_training_goes_on
     state = inference.model_state("stamp")
     assert (state.version, state.digest, state.writer_id) == (3, stamp_digest(2), "trainer")
     assert state.instance_id
+
+
+def test_an_address_once_reaching_a_listed_service_is_fed_when_another_replica_takes_it(
+    services: Services,
+) -> None:
+    # 127.0.0.1 and 127.0.0.2 first reach one service (it listens on every local address):
+    # the second is fed through the first. Then that service goes, and two replicas take the
+    # two addresses: the second address must be fed on its own, not skipped for good.
+    [port] = free_ports(1)
+    first, second = f"127.0.0.1:{port}", f"127.0.0.2:{port}"
+    both = services.inference(
+        STAMP, "--sync-listen", f"0.0.0.0:{port}", "--allow-open-sync", name="both"
+    )
+    trainer = services.start_trainer(
+        STAMP,
+        [first, second],
+        *("--trainer-id", "trainer", "--run-interval", "0.3", "--connect-timeout", "1"),
+        name="trainer",
+    )
+    wait_until(lambda: "reach the same inference service" in services.log("trainer"))
+    both.process.send_signal(signal.SIGTERM)
+    assert both.process.wait(timeout=30) == 0
+    for name, address in (("one", first), ("two", second)):
+        services.inference(STAMP, "--sync-listen", address, "--allow-open-sync", name=name)
+
+    def state(address: str) -> pb.ModelState:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.WeightSyncStub(channel)
+            found: pb.ModelState = stub.GetModel(pb.GetModelRequest(model_name="stamp"), timeout=10)
+            return found
+
+    assert state(first).instance_id != state(second).instance_id
+    wait_until(lambda: state(second).version > 0, timeout=60)
+    wait_until(lambda: state(first).version > 0, timeout=60)
+    log = services.log("trainer")
+    assert f"{second} no longer reaches the inference service {first} feeds" in log, log
+    assert "another trainer has taken it over" not in log
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=60) == 0, services.log("trainer")
+    for address in (first, second):  # each holds a whole version the trainer made
+        served = state(address)
+        assert served.digest == stamp_digest(served.version - 1), served
