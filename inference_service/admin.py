@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from inference_service.lease import COUNTER_LIMIT
 from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -36,6 +37,17 @@ TLS_ENV = "TRAINER"
 
 def _when(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds).isoformat(sep=" ", timespec="seconds")
+
+
+def _version(value: str) -> int:
+    """A version number a rollback can name: 1 to 2^63 - 1."""
+    try:
+        version = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a version number") from None
+    if not 1 <= version < COUNTER_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1 to {COUNTER_LIMIT - 1}")
+    return version
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions.add_argument("model")
     rollback = commands.add_parser("rollback", help="serve an earlier version again")
     rollback.add_argument("model")
-    rollback.add_argument("--to", type=int, required=True, help="the version to serve again")
+    rollback.add_argument("--to", type=_version, required=True, help="the version to serve again")
     args = parser.parse_args(argv)
 
     try:

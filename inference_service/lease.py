@@ -89,8 +89,13 @@ class WriterLease:
             self._folder = folder
             self._granted = granted
         if text is not None:
+            epoch, holder = granted
             logger.info(
-                "model %s: writer %r (epoch %d) restored from %s", self.model_name, *granted, path
+                "model %s: writer %r (epoch %d) restored from %s",
+                self.model_name,
+                holder,
+                epoch,
+                path,
             )
 
     def grant(self, writer_id: str) -> int:

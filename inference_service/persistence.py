@@ -5,7 +5,9 @@ After every commit a background thread writes the live generation to
 directory), with its version, writer, digest and commit time in the safetensors metadata, and
 keeps the newest `history` files. Commits that land while a write runs are coalesced: the newest
 version is written next. At start, the newest file whose tensors match the model and whose digest
-checks out is loaded, with its version, before the service reports ready. The files are the
+checks out is loaded, with its version, before the service reports ready; newer files that fail
+are renamed `*.corrupt`. Files none of which checks out stop the start (ConfigurationError), as
+the initial weights would then be served under version numbers already used. The files are the
 history an operator lists and rolls back to.
 
 Writing history never holds up a push. The writer does not pin the generation it writes: it
@@ -30,7 +32,7 @@ from safetensors import safe_open
 
 from inference_service.served_model import Generation, ServedModel
 from shared.durable import fsync_path
-from shared.errors import ModelNotFoundError
+from shared.errors import ConfigurationError, ModelNotFoundError
 from shared.weights.digest import tensor_hash
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import Payload
@@ -238,39 +240,70 @@ class WeightStore:
         raise ModelNotFoundError(f"model {name!r} version {version} is not on disk (kept: {kept})")
 
     def restore(self, model: ServedModel) -> bool:
-        """Load the newest stored version that fits the model and checks out, and its writer."""
+        """Load the newest stored version that fits the model and checks out, and its writer.
+
+        Newer files that do not check out are set aside once an older one is restored (renamed
+        `*.corrupt`: their version numbers are written again). When there are files and none
+        checks out, ConfigurationError: serving the app's initial weights would number new
+        versions as ones already served."""
         model.lease.attach(self._dir(model.name))  # its writer.json (ConfigurationError if bad)
-        for stored in self.versions(model.name):
-            if self._load(model, stored):
+        rejected: list[tuple[Path, str]] = []
+        for path in sorted(self._dir(model.name).glob("*.safetensors"), reverse=True):
+            problem = self._load(model, path)
+            if problem is None:
+                for bad, _ in rejected:
+                    self._set_aside(model.name, bad)
                 logger.info(
-                    "model %s: restored version %d from %s", model.name, stored.version, stored.path
+                    "model %s: restored version %d from %s", model.name, int(path.stem), path
                 )
                 return True
+            logger.error("model %s: %s %s; not restoring it", model.name, path, problem)
+            rejected.append((path, problem))
+        if rejected:
+            raise ConfigurationError(
+                f"model {model.name!r}: no weights file in {self._dir(model.name)} can be "
+                f"restored ({'; '.join(f'{p.name} {why}' for p, why in rejected)}); starting "
+                "from the app's initial weights would serve new versions under numbers already "
+                "served. Restore the files from a backup, or move them away to start afresh"
+            )
         return False
 
     @staticmethod
-    def _load(model: ServedModel, stored: StoredVersion) -> bool:
-        with safe_open(str(stored.path), framework="pt") as file:
-            layout = {}
-            for key in file.keys():  # noqa: SIM118 - safe_open is not a mapping
-                piece = file.get_slice(key)
-                layout[key] = TensorLayout(piece.get_dtype(), tuple(piece.get_shape()))
-            if layout != model.layout:
-                logger.warning(
-                    "model %s: %s does not match the model's tensors; ignoring it",
-                    model.name,
-                    stored.path,
-                )
-                return False
-            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    def _set_aside(name: str, path: Path) -> None:
+        aside = path.with_name(f"{path.name}.corrupt")
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            logger.error("model %s: cannot set %s aside: %s", name, path, exc)
+            return
+        logger.warning("model %s: set %s aside as %s", name, path, aside.name)
+
+    @staticmethod
+    def _load(model: ServedModel, path: Path) -> str | None:
+        """Load `path` into the model; None if it did, else what is wrong with it."""
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                meta = file.metadata() or {}
+                version = int(meta["version"])
+                if f"{version:012d}" != path.stem:
+                    return f"names version {version} in its metadata"
+                layout = {}
+                for key in file.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    piece = file.get_slice(key)
+                    layout[key] = TensorLayout(piece.get_dtype(), tuple(piece.get_shape()))
+                if layout != model.layout:
+                    return "does not match the model's tensors"
+                tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+            digest = bytes.fromhex(meta["digest"])
+            writer_id = meta.get("writer_id", "")
+            committed_at = float(meta.get("committed_at", "0"))
+        except Exception as exc:  # a damaged file fails in safetensors' own ways too
+            return f"cannot be read ({exc})"
         hashes = {k: tensor_hash(t) for k, t in tensors.items()}
-        if model.digest_of(hashes) != stored.digest:
-            logger.warning(
-                "model %s: %s fails its digest check; ignoring it", model.name, stored.path
-            )
-            return False
-        model.restore(tensors, stored.version, stored.writer_id, hashes, stored.committed_at)
-        return True
+        if model.digest_of(hashes) != digest:
+            return "fails its digest check"
+        model.restore(tensors, version, writer_id, hashes, committed_at)
+        return None
 
 
 class Persister:

@@ -116,3 +116,8 @@ class UnsupportedError(ServiceError):
 
 class ConfigurationError(Exception):
     """The user's model definition or the service settings are wrong; raised at start-up."""
+
+
+class StateWriteError(Exception):
+    """State could not be written to disk (a full disk, a read-only mount); what was on disk
+    before is kept whole."""

@@ -100,16 +100,32 @@ def claim_first(
 
 
 def _try_lock(path: Path) -> StateDir | None:
-    path.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    """The claim on `path`; None when another process holds it. ConfigurationError, naming the
+    directory, when it cannot be created or written (a full disk, a file in its place)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _unusable(path, exc) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(handle)
         return None
-    os.ftruncate(handle, 0)
-    os.write(handle, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+    except OSError as exc:
+        os.close(handle)
+        raise _unusable(path, exc) from None
     return StateDir(path, handle)
+
+
+def _unusable(path: Path, exc: OSError) -> ConfigurationError:
+    return ConfigurationError(
+        f"state directory {path} cannot be used: {exc.strerror or exc} "
+        f"({exc.filename or path / LOCK_FILE})"
+    )
 
 
 def _holder(path: Path) -> str:

@@ -15,7 +15,7 @@ import torch
 from shared.app import load_app
 from shared.cli import is_loopback
 from shared.devices import resolve_device, torch_thread_count
-from shared.errors import ConfigurationError
+from shared.errors import ConfigurationError, StateWriteError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
@@ -209,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WriterFencedError as exc:
         logger.error("stopping: %s", exc)
         return 3
+    except StateWriteError as exc:  # the checkpoint at exit
+        logger.error("stopping: %s", exc)
+        return 4
     return 0
 
 

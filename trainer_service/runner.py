@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shared.app import App
-from shared.errors import ConfigurationError
+from shared.errors import ConfigurationError, StateWriteError
 from shared.model.container import TrainingModelsDict
 from shared.torch.model import TorchTrainingModel, build_torch_model
 from shared.trainer.base import Trainer, TrainersDict
@@ -95,14 +95,14 @@ class TrainingLoop:
     def start(self, stop: threading.Event) -> None:
         """Resume from the last checkpoint if any, then push every model this process writes."""
         saved = self.checkpoints.current() if self.checkpoints else None
-        if saved is not None:
-            for name, model in self.models.data.items():
-                if (saved / "models" / f"{name}.safetensors").exists():
-                    model.load_state(saved / "models" / name)
-            self.trainers.load_state(saved / "trainers")
-            for name, user in self.buffers.users.items():
-                if (saved / "data" / name).is_dir():
-                    user.load_state(saved / "data" / name)
+        if self.checkpoints is not None and saved is not None:
+            self.checkpoints.verify(saved)  # ConfigurationError, naming the file, if damaged
+            try:
+                self._load(saved)
+            except Exception as exc:  # a checkpoint from before manifests, or another app
+                raise ConfigurationError(
+                    f"cannot resume from the checkpoint {saved}: {type(exc).__name__}: {exc}"
+                ) from exc
             logger.info("resumed from %s", saved)
         if self.group is not None:
             self.group.replicate(m.model for m in self._torch_models().values())
@@ -110,6 +110,15 @@ class TrainingLoop:
             model = self.models.data[name]
             assert isinstance(model, TorchTrainingModel)
             self._sync_until_done(name, model, stop)
+
+    def _load(self, saved: Path) -> None:
+        for name, model in self.models.data.items():
+            if (saved / "models" / f"{name}.safetensors").exists():
+                model.load_state(saved / "models" / name)
+        self.trainers.load_state(saved / "trainers")
+        for name, user in self.buffers.users.items():
+            if (saved / "data" / name).is_dir():
+                user.load_state(saved / "data" / name)
 
     def run(
         self,
@@ -135,7 +144,10 @@ class TrainingLoop:
                     "trainer %s: run %d in %.2fs", name, self.runs, time.perf_counter() - started
                 )
                 if checkpoint_every and self.runs % checkpoint_every == 0:
-                    self.save()
+                    try:
+                        self.save()
+                    except StateWriteError as exc:
+                        logger.error("%s; training goes on, the next checkpoint tries again", exc)
                 if max_runs and self.runs >= max_runs:
                     stop.set()
                     return
@@ -148,7 +160,8 @@ class TrainingLoop:
         """Checkpoint models, trainer state and buffers (safetensors and JSON, no pickle),
         atomically as a whole; the samples queued for the buffers are moved in and saved too.
 
-        Data-parallel ranks first check that they hold the same weights; rank 0 writes."""
+        Data-parallel ranks first check that they hold the same weights; rank 0 writes.
+        StateWriteError when the disk refuses it: the last complete checkpoint is kept."""
         if self.group is not None:
             states = {n: m.model.state_dict() for n, m in self._torch_models().items()}
             self.group.check_in_sync(states)

@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from shared.errors import ConfigurationError
+
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
 
@@ -116,9 +118,9 @@ class TlsFiles:
         """TLS with this cert; with a CA, clients must present a certificate it signed (mTLS)."""
         if self.cert is None or self.key is None:
             raise ValueError("a TLS server needs both a certificate and a key")
-        ca = self.ca.read_bytes() if self.ca else None
+        ca = _pem(self.ca, CERTIFICATE) if self.ca else None
         return grpc.ssl_server_credentials(
-            [(self.key.read_bytes(), self.cert.read_bytes())],
+            [(_pem(self.key, PRIVATE_KEY), _pem(self.cert, CERTIFICATE))],
             root_certificates=ca,
             require_client_auth=ca is not None,
         )
@@ -126,10 +128,24 @@ class TlsFiles:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Verify the server against the CA; present this cert when given (mTLS)."""
         return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes() if self.ca else None,
-            private_key=self.key.read_bytes() if self.key else None,
-            certificate_chain=self.cert.read_bytes() if self.cert else None,
+            root_certificates=_pem(self.ca, CERTIFICATE) if self.ca else None,
+            private_key=_pem(self.key, PRIVATE_KEY) if self.key else None,
+            certificate_chain=_pem(self.cert, CERTIFICATE) if self.cert else None,
         )
+
+
+CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+PRIVATE_KEY = b"PRIVATE KEY-----"  # BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY, BEGIN EC ...
+
+
+def _pem(path: Path, marker: bytes) -> bytes:
+    """The PEM file at `path`. ConfigurationError, naming it, when it holds no `marker` line:
+    gRPC would only fail later, as a port it cannot bind or a connection that fails."""
+    data = path.read_bytes()
+    if marker not in data:
+        what = "certificate" if marker == CERTIFICATE else "private key"
+        raise ConfigurationError(f"{path} holds no PEM {what}")
+    return data
 
 
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:

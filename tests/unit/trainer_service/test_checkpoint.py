@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import ConfigurationError, StateWriteError
 from trainer_service.checkpoint import CURRENT, NEXT, OLD, Checkpoints
 
 STEPS = ("recovered", "written", "set aside", "swapped", "cleaned")
@@ -101,9 +102,9 @@ def test_a_write_whose_fill_fails_is_never_loaded(tmp_path: Path) -> None:
         (directory / "models" / "m.safetensors").write_text("weights B")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StateWriteError, match=r"No space left.*the last complete one"):
         checkpoints.write(half)
-    assert (tmp_path / NEXT).is_dir()  # left as a crash would leave it: incomplete
+    assert not (tmp_path / NEXT).exists()  # what it wrote is removed (space given back)
     assert load(tmp_path) == "A"
     checkpoints.write(filler("C"))
     assert load(tmp_path) == "C"
@@ -119,3 +120,16 @@ def test_a_checkpoint_swapped_in_by_an_older_trainer_still_loads(tmp_path: Path)
     assert load(tmp_path) == "A"
     Checkpoints(tmp_path).write(filler("C"))
     assert load(tmp_path) == "C"
+
+
+def test_a_checkpoint_damaged_on_disk_fails_verification_naming_the_file(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path)
+    written = checkpoints.write(filler("A"))
+    checkpoints.verify(written)  # as written: whole
+    weights = written / "models" / "m.safetensors"
+    weights.write_text("weights B")  # same size, other bytes
+    with pytest.raises(ConfigurationError, match=f"{weights} does not match its hash"):
+        checkpoints.verify(written)
+    weights.unlink()
+    with pytest.raises(ConfigurationError, match=f"{weights} is missing or not a file"):
+        checkpoints.verify(written)
