@@ -116,6 +116,17 @@ class CatchUp:
                 remote = target.contact(self._delivery.connect_timeout_s)
                 if not published.targets.distinct(target):
                     return  # another target feeds its service
+                if snapshot is not None and remote.version > snapshot.version:
+                    # It serves a version newer than any this trainer has: one a trainer before
+                    # it pushed (this one restarted from an older checkpoint while the target
+                    # was away). Nothing numbered below that is taken: the next sync is
+                    # numbered above it, and brings it up to date.
+                    published.numbered_above(target.model, remote.version)
+                    target.left_to_next_sync(
+                        f"it serves version {remote.version}, newer than this trainer's newest "
+                        f"({snapshot.version}): the next sync is numbered above it, and feeds it"
+                    )
+                    return
                 if snapshot is None or target.version >= snapshot.version:
                     donor = None
                 else:

@@ -52,6 +52,15 @@ class Published:
         self.fenced = f"model {model!r}: another trainer has taken it over: {why}"
         return self.fenced
 
+    def numbered_above(self, model: str, version: int) -> int:
+        """Record that a target serves `version` of `model`: the next version pushed is
+        numbered above it (a target refuses a version not newer than its own). Returns the
+        number the newest version now counts as."""
+        with self.lock:
+            newest = max(self.versions.get(model, 0), version)
+            self.versions[model] = newest
+        return newest
+
     def lagging(self) -> list[Target]:
         with self.lock:
             return [t for t in self.targets.known() if t.lagging]

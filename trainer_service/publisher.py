@@ -333,8 +333,10 @@ class Publisher:
     ) -> tuple[int, dict[Target, TargetUnreachableError]]:
         """The version to push next, and the targets found unreachable on first contact. The
         targets not contacted yet are asked what they serve, which says which service each is
-        (targets.Targets.distinct); the first push of a model asks every target, and continues
-        the numbering the reachable ones serve."""
+        (targets.Targets.distinct); the first push of a model asks every target. The numbering
+        continues above every version a target answers it serves (a replica that joins, or
+        returns, serving a version a trainer before this one pushed) and above the ones the
+        catch-up found (published.py `numbered_above`): versions only increase everywhere."""
         first = model_name not in self._published.versions
         probes = [
             (t, self._pool.submit(self._delivery.probe, t))
@@ -353,7 +355,8 @@ class Publisher:
                     f"model {model_name!r}: cannot read the served version: {error}"
                 ) from None
         if not first:
-            return self._published.versions[model_name] + 1, unreachable
+            newest = max([self._published.versions[model_name], *served])
+            return self._published.numbered_above(model_name, newest) + 1, unreachable
         if not served:
             metrics.SYNC_FAILURES.labels(model_name).inc()
             raise SyncFailedError(

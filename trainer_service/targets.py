@@ -183,6 +183,13 @@ class Target:
         self.lagging_since, self.retry_delay_s = None, 0.0
         metrics.TARGET_LAGGING.labels(self.model, self.address).set(0)
 
+    def left_to_next_sync(self, why: str) -> None:
+        """It answers, but the catch-up has nothing it would take (`why`): it is no longer
+        lagging, so the next sync pushes to it with the others."""
+        logger.warning("model %s: inference service %s: %s", self.model, self.address, why)
+        self.lagging_since, self.retry_delay_s = None, 0.0
+        metrics.TARGET_LAGGING.labels(self.model, self.address).set(0)
+
     def contact(self, connect_timeout_s: float) -> RemoteModel:
         """What it serves of the model, and which service instance answers;
         TargetUnreachableError when it does not answer within `connect_timeout_s`."""

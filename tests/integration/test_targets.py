@@ -237,3 +237,37 @@ def test_an_address_once_reaching_a_listed_service_is_fed_when_another_replica_t
     for address in (first, second):  # each holds a whole version the trainer made
         served = state(address)
         assert served.digest == stamp_digest(served.version - 1), served
+
+
+def test_a_replica_back_with_a_newer_version_than_a_restarted_trainer_has_is_fed_above_it(
+    services: Services,
+) -> None:
+    # A first trainer takes one replica to version 13 (its state on disk). While that replica
+    # is away, a second trainer starts fresh against a new replica (numbering from 1) and the
+    # first one's address: when it returns serving 13, a version numbered 13 or below would be
+    # refused there, so the second trainer's next sync must be numbered above 13.
+    state_dir = services.directory / "returning-state"
+    away = services.inference(STAMP, "--state-dir", str(state_dir), name="away")
+    first = services.trainer(STAMP, [away], "--max-runs", "12", "--run-interval", "0", name="first")
+    assert first.wait(timeout=60) == 0, services.log("first")
+    assert away.model_state("stamp").version == 13
+    away.process.send_signal(signal.SIGTERM)
+    assert away.process.wait(timeout=30) == 0
+    fresh = services.inference(STAMP, name="fresh")
+    second = services.trainer(
+        STAMP,
+        [fresh, away],
+        *("--max-runs", "10", "--run-interval", "1.5", "--connect-timeout", "1"),
+        name="second",
+    )
+    wait_until(lambda: fresh.model_state("stamp").version >= 2, timeout=30)
+    back = services.inference(
+        STAMP, "--state-dir", str(state_dir), "--sync-listen", away.sync, name="back"
+    )
+    assert back.model_state("stamp").version == 13  # restored: the first trainer's
+    wait_until(lambda: back.model_state("stamp").writer_id == "second", timeout=60)
+    assert second.wait(timeout=60) == 0, services.log("second")
+    served = [back.model_state("stamp"), fresh.model_state("stamp")]
+    assert served[0].version > 13
+    assert (served[0].version, served[0].digest) == (served[1].version, served[1].digest)
+    assert f"{away.sync}: it serves version 13, newer than this trainer's" in services.log("second")
