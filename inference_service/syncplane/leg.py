@@ -80,10 +80,12 @@ class Leg:
         )
         request = pb.GetModelRequest(model_name=self.header.model_name)
         call: Any = get.future(request, timeout=self._access.stall_timeout_s)
-        while not call.done() and not self._abandoned.wait(TICK_S):
-            pass
-        if not call.done():
-            call.cancel()  # the push is being ended: its result raises CANCELLED
+        answered = threading.Event()  # waited on, not polled: the hops after wait on this
+        call.add_done_callback(lambda _: answered.set())
+        while not answered.wait(TICK_S):
+            if self._abandoned.is_set():
+                call.cancel()  # the push is being ended: its result raises CANCELLED
+                break
         state: pb.ModelState = call.result()
         return state
 
