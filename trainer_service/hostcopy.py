@@ -4,10 +4,10 @@ for the copy after its push (128 MiB took 50 to 200 ms on a busy two-core host).
 
 The copy must be finished before the sync returns: the caller writes its tensors again right
 after (the next training step). It is started early when a target lags before the push starts
-(the sync will leave it behind for the catch-up), or once the push runs past LATE times the
-quickest of the model's recent syncs (a target cut mid-push makes a push late: the hops after
-it are fed past it). A copy started and not needed is dropped; one needed and not started is
-made when asked for.
+(the sync will leave it behind for the catch-up), or once the push runs late: past LATE times
+the quickest of the model's recent syncs, and LATE_BY_S past it (a target cut mid-push makes a
+push late: the hops after it are fed past it). A copy started and not needed is dropped; one
+needed and not started is made when asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ import torch
 
 Tensors = Mapping[str, torch.Tensor]
 
-LATE = 1.25  # a push running past this times the model's usual sync is late
+# A push is late past LATE times the model's usual sync and at least LATE_BY_S past it: a hop
+# cut mid-push costs the chain the replicas' forward stall bound (0.5 s by default), while a
+# short push that merely runs slow on a busy host should not pay for a copy it never needs.
+LATE = 1.25
+LATE_BY_S = 0.25
 RECENT = 8  # syncs of a model whose quickest is its usual time
 
 
@@ -99,7 +103,10 @@ class UsualSyncs:
     def late_after(self, model: str) -> float | None:
         """When a sync of `model` is late (None: no sync of it measured yet)."""
         recent = self._seconds.get(model)
-        return LATE * min(recent) if recent else None
+        if not recent:
+            return None
+        usual = min(recent)
+        return max(LATE * usual, usual + LATE_BY_S)
 
     def record(self, model: str, seconds: float) -> None:
         self._seconds.setdefault(model, deque(maxlen=RECENT)).append(seconds)

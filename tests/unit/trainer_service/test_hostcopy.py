@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from trainer_service.hostcopy import LATE, RECENT, HostCopy, UsualSyncs
+from trainer_service.hostcopy import LATE, LATE_BY_S, RECENT, HostCopy, UsualSyncs
 
 
 @pytest.fixture
@@ -71,10 +71,16 @@ def test_a_sync_is_late_past_a_multiple_of_the_quickest_recent_one() -> None:
     assert usual.late_after("m") is None  # nothing measured: never late
     usual.record("m", 5.0)  # the first sync: connections opened, everything whole
     assert usual.late_after("m") == pytest.approx(LATE * 5.0)
-    usual.record("m", 1.0)
-    usual.record("m", 1.5)
-    assert usual.late_after("m") == pytest.approx(LATE * 1.0)
-    for _ in range(RECENT):
-        usual.record("m", 2.0)  # the host got slower: the quick ones are forgotten
+    usual.record("m", 2.0)
+    usual.record("m", 3.0)
     assert usual.late_after("m") == pytest.approx(LATE * 2.0)
+    for _ in range(RECENT):
+        usual.record("m", 4.0)  # the host got slower: the quick ones are forgotten
+    assert usual.late_after("m") == pytest.approx(LATE * 4.0)
     assert usual.late_after("other") is None
+
+
+def test_a_short_sync_is_late_only_a_fixed_time_past_its_usual_one() -> None:
+    usual = UsualSyncs()
+    usual.record("m", 0.2)  # pushes on a fast link: a slow one is not yet a late one
+    assert usual.late_after("m") == pytest.approx(0.2 + LATE_BY_S)
