@@ -6,8 +6,10 @@ The copy must be finished before the sync returns: the caller writes its tensors
 after (the next training step). It is started early when a target lags before the push starts
 (the sync will leave it behind for the catch-up), or once the push runs late: past LATE times
 the quickest of the model's recent syncs, and LATE_BY_S past it (a target cut mid-push makes a
-push late: the hops after it are fed past it). A copy started and not needed is dropped; one
-needed and not started is made when asked for.
+push late: the hops after it are fed past it), where the push has more than one target (with
+one, a sync that leaves it behind has failed anyway). A copy started and not needed is dropped
+(while it lives, the host holds one more copy of the model); one needed and not started is
+made when asked for.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ class Publisher:
         pushing = time.perf_counter()
         if skipped or unreachable:
             copy.start()  # the sync leaves a target behind: its copy is made while pushing
-        elif (late_s := self._usual.late_after(model_name)) is not None:
+        elif len(inline) > 1 and (late_s := self._usual.late_after(model_name)) is not None:
             copy.start_after(late_s)  # a late push may leave one behind (one cut mid-push)
         # Hash up front only when some target can take a delta (it needs the changed set);
         # a full push hashes each tensor while streaming it.
