@@ -98,9 +98,9 @@ def refused_start(services: Services, state_dir: Path, name: str) -> str:
     return log
 
 
-def test_weights_files_none_of_which_checks_out_stop_the_start_naming_them(
-    services: Services, tmp_path: Path
-) -> None:
+def two_versions_on_disk(services: Services, tmp_path: Path) -> tuple[Path, Path]:
+    """A stopped inference service's state directory holding versions 1 and 2 of the stamp
+    model from writer `state-test`, and the model's folder in it."""
     services.env["TEST_STAMP_MB"] = "1"
     state_dir = tmp_path / "state"
     inference = services.inference(STAMP, "--state-dir", str(state_dir), name="first")
@@ -112,7 +112,13 @@ def test_weights_files_none_of_which_checks_out_stop_the_start_naming_them(
         publisher.close()
     wait_until(lambda: [v for v, _ in listed(inference)] == [2, 1], 30)
     stop(inference)
-    directory = state_dir / "models" / "stamp"
+    return state_dir, state_dir / "models" / "stamp"
+
+
+def test_weights_files_none_of_which_checks_out_stop_the_start_naming_them(
+    services: Services, tmp_path: Path
+) -> None:
+    state_dir, directory = two_versions_on_disk(services, tmp_path)
     first, second = (directory / f"00000000000{v}.safetensors" for v in (1, 2))
     # Swapped: each file holds the other's version (the older one would be served as newest).
     first.rename(tmp_path / "held")
@@ -136,18 +142,7 @@ def test_weights_files_none_of_which_checks_out_stop_the_start_naming_them(
 def test_a_damaged_newest_version_falls_back_to_the_older_one_and_its_number_is_written_again(
     services: Services, tmp_path: Path
 ) -> None:
-    services.env["TEST_STAMP_MB"] = "1"
-    state_dir = tmp_path / "state"
-    inference = services.inference(STAMP, "--state-dir", str(state_dir), name="first")
-    publisher = Publisher([inference.sync], "state-test", retries=0)
-    try:
-        for version in (1, 2):
-            assert publisher.publish("stamp", stamp_state(1, version)).version == version
-    finally:
-        publisher.close()
-    wait_until(lambda: [v for v, _ in listed(inference)] == [2, 1], 30)
-    stop(inference)
-    directory = state_dir / "models" / "stamp"
+    state_dir, directory = two_versions_on_disk(services, tmp_path)
     flip_last_byte(directory / "000000000002.safetensors")
 
     second = services.inference(STAMP, "--state-dir", str(state_dir), name="second")
