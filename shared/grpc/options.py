@@ -19,6 +19,9 @@ GRPC_PING_SPACING_MS = 1_000
 # (gRPC's default, set here so that nothing else changes it).
 PING_STRIKES = 2
 
+# gRPC's set of compression algorithms a server takes, as a bit per algorithm: identity alone.
+IDENTITY_ONLY = 1
+
 
 def server_options(max_message_bytes: int, frequent_pings: bool = False) -> list[tuple[str, int]]:
     """`frequent_pings`: the sync plane, where clients watching their link (`watched_link`: a
@@ -40,6 +43,10 @@ def server_options(max_message_bytes: int, frequent_pings: bool = False) -> list
         ("grpc.http2.min_ping_interval_without_data_ms", floor_ms),
         ("grpc.http2.max_ping_strikes", PING_STRIKES),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Take uncompressed messages only: gRPC inflates a compressed message whole before it
+        # compares its size with the limit, so a few MB of gzip would take GBs of memory. A
+        # call sent compressed is refused (UNIMPLEMENTED) before any of it is inflated.
+        ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
     ]
 
 
