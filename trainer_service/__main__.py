@@ -75,6 +75,7 @@ def run(settings: TrainerSettings) -> None:
             state_dir,
             group,
         )
+        loop.resume()  # before the experience plane stores anything in the buffers
         experience = experience_server(settings, loop.buffers, group)
         experience_port = None
         if experience is not None:

@@ -92,8 +92,10 @@ class TrainingLoop:
         used = {n for t in self.trainers.values() for n in t.retrieved_model_names}
         return [n for n in sorted(used) if self.models.data[n].has_inference_model]
 
-    def start(self, stop: threading.Event) -> None:
-        """Resume from the last checkpoint if any, then push every model this process writes."""
+    def resume(self) -> None:
+        """Load the last checkpoint, if any: models, trainer state and buffers. Called before
+        the experience plane takes any batch: one stored before would be replaced by the
+        checkpoint's buffer, after it was acknowledged."""
         saved = self.checkpoints.current() if self.checkpoints else None
         if self.checkpoints is not None and saved is not None:
             self.checkpoints.verify(saved)  # ConfigurationError, naming the file, if damaged
@@ -104,6 +106,9 @@ class TrainingLoop:
                     f"cannot resume from the checkpoint {saved}: {type(exc).__name__}: {exc}"
                 ) from exc
             logger.info("resumed from %s", saved)
+
+    def start(self, stop: threading.Event) -> None:
+        """Push every model this process writes (after `resume`)."""
         if self.group is not None:
             self.group.replicate(m.model for m in self._torch_models().values())
         for name in self.synced_models():
