@@ -65,10 +65,29 @@ class StoredVersion:
     def size_bytes(self) -> int:
         return self.path.stat().st_size
 
+    @classmethod
+    def from_file(cls, path: Path) -> StoredVersion:
+        """The version a weights file holds, from its metadata; raises what reading a damaged
+        file raises (safetensors' own errors among them)."""
+        with safe_open(str(path), framework="pt") as stored:
+            meta = stored.metadata() or {}
+        return cls(
+            int(meta["version"]),
+            meta.get("writer_id", ""),
+            bytes.fromhex(meta["digest"]),
+            float(meta.get("committed_at", "0")),
+            path,
+        )
+
     def chunks(self, size: int = 4 << 20) -> Iterator[bytes]:
         with self.path.open("rb") as file:
             while chunk := file.read(size):
                 yield chunk
+
+
+def file_name(version: int) -> str:
+    """The name of the file that holds `version`."""
+    return f"{version:012d}.safetensors"
 
 
 class WeightStore:
@@ -119,7 +138,7 @@ class WeightStore:
     def _save(self, model: ServedModel, generation: Generation, count: int) -> int | None:
         directory = self._dir(model.name)
         directory.mkdir(exist_ok=True)
-        path = directory / f"{generation.version:012d}.safetensors"
+        path = directory / file_name(generation.version)
         if path.exists():
             return generation.version
         try:
@@ -217,18 +236,8 @@ class WeightStore:
         found = []
         for path in sorted(self._dir(name).glob("*.safetensors"), reverse=True):
             try:
-                with safe_open(str(path), framework="pt") as stored:
-                    meta = stored.metadata() or {}
-                found.append(
-                    StoredVersion(
-                        int(meta["version"]),
-                        meta.get("writer_id", ""),
-                        bytes.fromhex(meta["digest"]),
-                        float(meta.get("committed_at", "0")),
-                        path,
-                    )
-                )
-            except (OSError, KeyError, ValueError, Exception) as exc:
+                found.append(StoredVersion.from_file(path))
+            except Exception as exc:  # a damaged file fails in safetensors' own ways too
                 logger.warning("skipping unreadable weights file %s: %s", path, exc)
         return found
 
@@ -282,11 +291,10 @@ class WeightStore:
     def _load(model: ServedModel, path: Path) -> str | None:
         """Load `path` into the model; None if it did, else what is wrong with it."""
         try:
+            stored = StoredVersion.from_file(path)
+            if file_name(stored.version) != path.name:
+                return f"names version {stored.version} in its metadata"
             with safe_open(str(path), framework="pt") as file:
-                meta = file.metadata() or {}
-                version = int(meta["version"])
-                if f"{version:012d}" != path.stem:
-                    return f"names version {version} in its metadata"
                 layout = {}
                 for key in file.keys():  # noqa: SIM118 - safe_open is not a mapping
                     piece = file.get_slice(key)
@@ -294,15 +302,12 @@ class WeightStore:
                 if layout != model.layout:
                     return "does not match the model's tensors"
                 tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
-            digest = bytes.fromhex(meta["digest"])
-            writer_id = meta.get("writer_id", "")
-            committed_at = float(meta.get("committed_at", "0"))
         except Exception as exc:  # a damaged file fails in safetensors' own ways too
             return f"cannot be read ({exc})"
         hashes = {k: tensor_hash(t) for k, t in tensors.items()}
-        if model.digest_of(hashes) != digest:
+        if model.digest_of(hashes) != stored.digest:
             return "fails its digest check"
-        model.restore(tensors, version, writer_id, hashes, committed_at)
+        model.restore(tensors, stored.version, stored.writer_id, hashes, stored.committed_at)
         return None
 
 

@@ -35,11 +35,10 @@ RECENT = 8  # syncs of a model whose quickest is its usual time
 def host_copy(tensors: Tensors, owned: Collection[str]) -> dict[str, torch.Tensor]:
     """A copy of `tensors` on the host that the caller's later writes leave alone; the tensors
     it `owned` (made for the push, never written again) are kept as they are."""
+    detached = ((name, t.detach()) for name, t in tensors.items())
     return {
-        name: t.detach()
-        if name in owned and t.device.type == "cpu"
-        else t.detach().to("cpu", copy=True)
-        for name, t in tensors.items()
+        name: t if name in owned and t.device.type == "cpu" else t.to("cpu", copy=True)
+        for name, t in detached
     }
 
 

@@ -355,8 +355,9 @@ class Publisher:
                     f"model {model_name!r}: cannot read the served version: {error}"
                 ) from None
         if not first:
-            newest = max([self._published.versions[model_name], *served])
-            return self._published.numbered_above(model_name, newest) + 1, unreachable
+            return self._published.numbered_above(
+                model_name, max(served, default=0)
+            ) + 1, unreachable
         if not served:
             metrics.SYNC_FAILURES.labels(model_name).inc()
             raise SyncFailedError(
