@@ -10,8 +10,8 @@ SLOT says that ring slot `a` holds `c` payload bytes; DATA carries payload too l
 inline. A push ends with END (the stream ended), ABORT (the sender went away, or the service
 answered before the end) or BAD (the relay could not decode a message: the inline text says
 why). An END the relay closed the link after counts as ABORT: the relay gave up on the push
-(its watch found the service stopped) and its sender has a failure. A RESULT is the PushOutcome
-or the Status the push is answered with.
+(its watch found the service stopped or stuck) and its sender has a failure. A RESULT is the
+PushOutcome or the Status the push is answered with.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 import grpc
 
 from inference_service.syncplane.parts import Hop, HopResult, PushHeader, PushOutcome
+from inference_service.syncplane.relay.pulse import Pulse
 from shared.grpc.errors import Status
 
 FRAME = struct.Struct("<BIIQ")  # kind, a, b, c
@@ -51,13 +52,15 @@ class ServiceWatch:
 
     The link carries no pings: the service's end is the push handler's own thread, busy for as
     long as a part takes to apply, a commit to check or a swap to wait for requests. So the
-    relay asks the kernel instead: a service whose process has been stopped (SIGSTOP, a
-    debugger) for `silent_s`, or that is gone, raises ServiceStopped; one that runs, however
-    slowly, is waited for."""
+    relay asks the kernel, and, with a `pulse`, the service's heartbeat thread (relay/pulse.py):
+    a service whose process has been stopped (SIGSTOP, a debugger) for `silent_s`, that has
+    left a heartbeat unanswered for `silent_s` (frozen, stuck in the kernel or a driver), or
+    that is gone, raises ServiceStopped; one that runs, however slowly, is waited for."""
 
-    def __init__(self, pid: int, silent_s: float) -> None:
+    def __init__(self, pid: int, silent_s: float, pulse: Pulse | None = None) -> None:
         self.pid = pid
         self.silent_s = silent_s
+        self._pulse = pulse
         self._since: float | None = None  # when it was first seen stopped, this time
 
     def __call__(self) -> None:
@@ -66,6 +69,7 @@ class ServiceWatch:
             raise ServiceStopped(f"its process (pid {self.pid}) is gone")
         if state not in "Tt":
             self._since = None
+            self._check_pulse()
             return
         now = time.monotonic()
         if self._since is None:
@@ -73,6 +77,19 @@ class ServiceWatch:
         if now - self._since >= self.silent_s:
             raise ServiceStopped(
                 f"its process (pid {self.pid}) has been stopped for {now - self._since:.1f} s"
+            )
+
+    def _check_pulse(self) -> None:
+        if self._pulse is None:
+            return
+        try:
+            waited = self._pulse.waited_s()
+        except ConnectionError as exc:
+            raise ServiceStopped(f"its process (pid {self.pid}) has no heartbeat: {exc}") from exc
+        if waited >= self.silent_s:
+            raise ServiceStopped(
+                f"its process (pid {self.pid}) is stuck: it has left a heartbeat unanswered for "
+                f"{waited:.1f} s (frozen, or hung in the kernel or a driver)"
             )
 
 

@@ -46,6 +46,7 @@ from inference_service.syncplane.messages import parts, push_response
 from inference_service.syncplane.parts import PushOutcome
 from inference_service.syncplane.relay.frames import ServiceStopped, ServiceWatch
 from inference_service.syncplane.relay.link import STALL_S, RelayLink
+from inference_service.syncplane.relay.pulse import Pulse
 from shared.allocator import tune_for_streaming
 from shared.cli import configure_logging
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
@@ -81,7 +82,9 @@ UPSTREAM_WATCH_S = 6.0
 # A push goes over a push link, not that connection, and its service end cannot answer pings
 # (it is the thread applying the push). While the relay waits on a link (for a free slot, the
 # answer, room to write), it asks every quarter of the same bound whether the service's process
-# runs: one stopped for half of it is given up, as an unanswered ping is (link.py, frames.py).
+# runs: one stopped for half of it, or that leaves a heartbeat (pulse.py, answered by a thread of
+# the service's own) unanswered that long, is given up, as an unanswered ping is (link.py,
+# frames.py).
 PUSH_WATCH_EVERY_S = UPSTREAM_WATCH_S / 4
 PUSH_STOPPED_S = UPSTREAM_WATCH_S / 2
 
@@ -89,9 +92,10 @@ PUSH_STOPPED_S = UPSTREAM_WATCH_S / 2
 class LinkPool:
     """Idle push links to the service, reused from push to push."""
 
-    def __init__(self, path: str, service_pid: int) -> None:
+    def __init__(self, path: str, service_pid: int, pulse: Pulse | None = None) -> None:
         self._path = path
         self._service_pid = service_pid
+        self._pulse = pulse
         self._idle: list[RelayLink] = []
         self._lock = threading.Lock()
 
@@ -99,7 +103,7 @@ class LinkPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        watch = ServiceWatch(self._service_pid, PUSH_STOPPED_S)
+        watch = ServiceWatch(self._service_pid, PUSH_STOPPED_S, self._pulse)
         return RelayLink(self._path, watch=watch, watch_every_s=PUSH_WATCH_EVERY_S)
 
     def release(self, link: RelayLink) -> None:
@@ -114,6 +118,8 @@ class LinkPool:
             idle, self._idle = self._idle, []
         for link in idle:
             link.close()
+        if self._pulse is not None:
+            self._pulse.close()
 
 
 class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -211,6 +217,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--listen", required=True, help="the sync plane's public address")
     parser.add_argument("--upstream", required=True, help="the service's sync server socket")
     parser.add_argument("--links", required=True, help="the service's push link socket")
+    parser.add_argument("--pulse", help="the service's heartbeat socket (relay/pulse.py)")
     parser.add_argument("--max-concurrent", type=int, default=8)
     parser.add_argument("--nice", type=int, default=0)
     parser.add_argument("--tls-cert", type=Path)
@@ -238,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     upstream = open_channel(
         f"unix:{args.upstream}", SYNC_MAX_MESSAGE_BYTES, options=watched_link(UPSTREAM_WATCH_S)
     )
-    links = LinkPool(args.links, os.getppid())  # the service started this process
+    pulse = Pulse(args.pulse) if args.pulse else None
+    links = LinkPool(args.links, os.getppid(), pulse)  # the service started this process
     budget = sync_budget(args.max_concurrent)
     server = new_server(
         budget.threads,

@@ -5,7 +5,9 @@ The relay (relay/process.py) owns the sync plane's public address; this module s
 accepts its push links on a Unix socket in a private directory, and hands each relayed push's
 parts to the push handler (syncplane/handler.py), the one a push received here goes through,
 answering with the same statuses. Calls other than Push reach the service's own sync server,
-which then listens on a Unix socket in the same directory (the address `open()` returns).
+which then listens on a Unix socket in the same directory (the address `open()` returns). A
+thread of its own answers the relay's heartbeats there too (pulse.py), so that the relay can
+tell a stuck service from a busy one.
 Should the relay die, it is started again on the port it had.
 """
 
@@ -29,6 +31,7 @@ from inference_service.syncplane.handler import PushHandler
 from inference_service.syncplane.inbox import TICK_S
 from inference_service.syncplane.relay.frames import Answer
 from inference_service.syncplane.relay.process import TOKEN_ENV, WEAKER_TOKEN_ENV
+from inference_service.syncplane.relay.pulse import PulseAnswerer
 from inference_service.syncplane.relay.service_end import PushStream, ServiceLink
 from shared.cpus import available_cpus
 from shared.grpc.auth import TlsFiles
@@ -75,6 +78,7 @@ class RelaySupervisor:
         self._dir = ""
         self._links_path = ""
         self._listener: socket.socket | None = None
+        self._pulse: PulseAnswerer | None = None
         self._process: subprocess.Popen[str] | None = None
         self._stopping = threading.Event()
         self.port = 0
@@ -91,11 +95,14 @@ class RelaySupervisor:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self._links_path)
         self._listener.listen(64)
+        self._pulse = PulseAnswerer(f"{self._dir}/pulse.sock")
         return f"unix:{self._dir}/sync.sock"
 
     def start(self) -> int:
         """Start the relay on the configured address; return the port it listens on."""
         threading.Thread(target=self._accept, name="push-links", daemon=True).start()
+        assert self._pulse is not None
+        self._pulse.start()
         try:
             self.port = self._spawn(self._config.listen)
         except OSError:
@@ -125,6 +132,8 @@ class RelaySupervisor:
     def _close(self) -> None:
         if self._listener is not None:
             self._listener.close()
+        if self._pulse is not None:
+            self._pulse.close()
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -138,6 +147,7 @@ class RelaySupervisor:
             f"--listen={listen}",
             f"--upstream={self._dir}/sync.sock",
             f"--links={self._links_path}",
+            f"--pulse={self._dir}/pulse.sock",
             f"--max-concurrent={config.max_concurrent}",
             f"--nice={config.nice}",
             f"--log-level={config.log_level}",
