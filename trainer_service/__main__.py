@@ -22,7 +22,7 @@ from shared.metrics import serve_metrics
 from shared.process import prepare_process
 from shared.statedir import claim, claim_first
 from trainer_service.distributed import Group, join, rank_device
-from trainer_service.experience.buffers import Buffers
+from trainer_service.experience.buffers import Buffers, check_groups
 from trainer_service.experience.server import STOP_GRACE_S, ExperienceEndpoint, ExperienceServer
 from trainer_service.experience.service import ExperiencePlane
 from trainer_service.publisher import Publisher, WriterFencedError
@@ -75,6 +75,8 @@ def run(settings: TrainerSettings) -> None:
             state_dir,
             group,
         )
+        if settings.trainer_groups is not None:
+            check_groups(app, settings.trainer_groups, loop.models)
         loop.resume()  # before the experience plane stores anything in the buffers
         experience = experience_server(settings, loop.buffers, group)
         experience_port = None

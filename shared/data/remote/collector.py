@@ -76,6 +76,11 @@ class RemoteDataCollector(Sender):
             retry_max_s: The longest wait between two attempts to reach the trainer.
             idle_close_s: A call with nothing to send for this long is ended (it holds one of
                 the trainer's stream slots).
+
+        Raises:
+            ValueError: A bound is below 1.
+            ConfigurationError: The token is not printable ASCII, a TLS file cannot be read
+                or holds no PEM of its kind, or `server_name` is given without `tls`.
         """
         if min(batch_size, max_pending, max_pending_bytes, max_in_flight) < 1:
             raise ValueError(
@@ -110,11 +115,11 @@ class RemoteDataCollector(Sender):
 
         Raises:
             ValueError: The sample's names, dtypes or shapes differ from the first sample's.
-            RuntimeError: The collector is closed.
+            RuntimeError: The collector is closed, or was opened in the process this one
+                was forked from (its thread sends from there).
         """
         with self._lock:
-            if self._closing:
-                raise RuntimeError("this RemoteDataCollector is closed")
+            self._refuse_closed()
             pending = self._pending
             if pending is None:
                 pending = self._pending = self._start(layout_of(data))
@@ -154,12 +159,12 @@ class RemoteDataCollector(Sender):
         Raises:
             ValueError: The rows' names, dtypes or shapes differ from the first sample's, or
                 the tensors' row counts differ; nothing of `data` is collected then.
-            RuntimeError: The collector is closed.
+            RuntimeError: The collector is closed, or was opened in the process this one
+                was forked from.
         """
         layout, count = rows_layout(data)
         with self._lock:
-            if self._closing:
-                raise RuntimeError("this RemoteDataCollector is closed")
+            self._refuse_closed()
             pending = self._pending
             if pending is None:
                 if not count:
@@ -256,9 +261,15 @@ class RemoteDataCollector(Sender):
 
         Returns:
             Whether it came to that within `timeout` seconds (None: no limit).
+
+        Raises:
+            RuntimeError: The collector was opened in the process this one was forked from:
+                nothing sends here.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
+            if self._fork_of is not None:
+                self._refuse_closed()
             self._flushing += 1
             self._changed.notify_all()
             try:
@@ -273,7 +284,10 @@ class RemoteDataCollector(Sender):
 
     def close(self, timeout: float | None = 10.0) -> CollectorStats:
         """Flush for up to `timeout` seconds, then stop (what still waits is dropped); return
-        the final stats."""
+        the final stats. In a process forked from the one that opened it, it only returns
+        them: the samples are that process's to send."""
+        if self._fork_of is not None:
+            return self.stats
         flushed = self.flush(timeout)
         with self._lock:
             self._closing = True
@@ -285,6 +299,8 @@ class RemoteDataCollector(Sender):
                 if left:
                     self._drop(left, "the collector closed before the trainer acknowledged them")
             self._changed.notify_all()
+        if not flushed:  # at once: cancels the call, and any wait on a trainer not answering
+            self._route.close()
         self._thread.join(self._timeout_s)
         self._route.close()
         return self.stats

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import grpc
 
 from shared.data.batch import MAX_BATCH_SAMPLES
 from shared.data.remote.call import status
+from shared.errors import ConfigurationError
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
@@ -68,28 +70,63 @@ class Route:
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.ExperienceStub]] = {}
         self._collects: dict[str, grpc.StreamStreamMultiCallable] = {}
         self._last: str | None = None
+        # `close` may come from another thread while `find` waits on a trainer: it ends that
+        # wait (closing a channel cancels its calls), and `find` dials nothing after it.
+        self._guard = threading.Lock()
+        self._closed = False
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse a token or TLS settings no call could use, now: found only when the sending
+        thread first dials, they would end it and leave samples waiting for nothing.
+
+        Raises:
+            ConfigurationError: The token holds what no gRPC header value may (anything but
+                printable ASCII), or a TLS file cannot be read or holds no PEM of its kind,
+                or a server name is given without TLS.
+        """
+        if self._token and not all(" " <= c <= "~" for c in self._token):
+            raise ConfigurationError(
+                "the experience token holds characters a gRPC header cannot carry: it must be "
+                "printable ASCII"
+            )
+        # A channel dials nothing until called: opening one checks the credentials alone.
+        open_channel(
+            self.addresses[0],
+            self._max_message_bytes,
+            token=self._token,
+            tls=self._tls,
+            server_name=self._server_name,
+        ).close()
 
     def find(self, buffer: str) -> Holder | str:
         """The first trainer that holds `buffer`, or why none could be found."""
         problems = []
         targets = [t for a in self.addresses for t in _targets(a, self._server_name, self._tls)]
         targets.sort(key=lambda t: t[0] != self._last)  # the last holder first: it likely still is
-        for gone in set(self._channels) - {target for target, _ in targets}:
-            self._channels.pop(gone)[0].close()  # a replica the name no longer resolves to
-            del self._collects[gone]
+        with self._guard:
+            for gone in set(self._channels) - {target for target, _ in targets}:
+                self._channels.pop(gone)[0].close()  # a replica the name no longer resolves to
+                del self._collects[gone]
         for target, server_name in targets:
-            stub = self._stub(target, server_name)
+            with self._guard:
+                if self._closed:
+                    return "the collector is closed"
+                stub = self._stub(target, server_name)
+                collect = self._collects[target]
             try:
                 answer = stub.ListBuffers(pb.ListBuffersRequest(), timeout=self._timeout_s)
             except grpc.RpcError as exc:
                 problems.append(f"the trainer at {target}: {status(exc)}")
                 continue
+            except ValueError:  # the channel was closed just before the call
+                return "the collector is closed"
             names = [b.name for b in answer.buffers]
             if buffer in names:
                 self._last = target
                 return Holder(
                     target,
-                    self._collects[target],
+                    collect,
                     int(answer.max_batch_bytes),
                     int(answer.max_batch_samples or MAX_BATCH_SAMPLES),
                 )
@@ -115,10 +152,15 @@ class Route:
         return self._channels[target][1]
 
     def close(self) -> None:
-        for channel, _ in self._channels.values():
+        """Close every channel, cancelling the calls on them (a `find` waiting on a trainer
+        that does not answer ends at once)."""
+        with self._guard:
+            self._closed = True
+            channels = [channel for channel, _ in self._channels.values()]
+            self._channels.clear()
+            self._collects.clear()
+        for channel in channels:
             channel.close()
-        self._channels.clear()
-        self._collects.clear()
 
 
 def _targets(

@@ -11,6 +11,12 @@ own (wire.py), split to the trainer's limit on batches. At most `max_in_flight` 
 an acknowledgement. A call with nothing to send for `idle_close_s` is ended; a broken one is made
 again, found anew, after a backoff of up to `retry_max_s`.
 
+A process forked while a collector is open (`os.fork`, multiprocessing's fork) gets a copy of it
+without its thread and with gRPC's connections unusable: in the child it refuses `collect()` and
+`flush()` with a RuntimeError saying so, and `close()` returns at once (the parent's collector
+sends what it holds, once). A collector whose `close()` gave up waiting closes its connections
+at once, which ends its call and any wait on a trainer that stopped answering.
+
 `Sender` holds the state both halves share, all of it guarded by `_lock`; collector.py adds the
 agent's calls.
 """
@@ -18,9 +24,11 @@ agent's calls.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Sequence
 
@@ -41,6 +49,9 @@ logger = logging.getLogger(__name__)
 # The largest message the channel sends: a batch is split to fit the trainer's own limit.
 MAX_MESSAGE_BYTES = 256 << 20
 DROP_LOG_INTERVAL_S = 10.0
+
+# Every sender of this process: a forked child marks its copies (see `_forked`).
+_OPEN: weakref.WeakSet[Sender] = weakref.WeakSet()
 
 
 class Sender:
@@ -66,6 +77,8 @@ class Sender:
         self.address = ",".join(self.addresses)
         self.buffer = buffer
         self.collector_id = uuid.uuid4().hex
+        self._pid = os.getpid()  # the process whose thread sends (a fork's copy sends nothing)
+        self._fork_of: int | None = None  # in a forked child: the pid of the process it copied
         self._batch_size = batch_size
         self._max_delay_s = max_delay_s
         self._max_in_flight = max_in_flight
@@ -97,7 +110,29 @@ class Sender:
         self._flushing = 0
         self._last_drop_log = self._last_trouble_log = float("-inf")
         self._thread = threading.Thread(target=self._run, name="experience-send", daemon=True)
+        _OPEN.add(self)
         self._thread.start()  # last: it reads all of the above
+
+    def _forked(self) -> None:
+        """In a child forked from the process that opened this collector: no thread sends
+        here, the lock may have been held by one at the fork, and gRPC's objects must not be
+        touched (closing a channel there can block forever). Make it a closed copy."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._fork_of = self._pid
+        self._closing = True
+
+    def _refuse_closed(self) -> None:
+        """Raise RuntimeError, saying why, if this collector takes no more samples (the lock
+        held)."""
+        if self._fork_of is not None:
+            raise RuntimeError(
+                f"this RemoteDataCollector was opened in process {self._fork_of}, and this "
+                f"process ({os.getpid()}) is a fork of it: its sending thread and connections "
+                "stay with that process; open a RemoteDataCollector in this one"
+            )
+        if self._closing:
+            raise RuntimeError("this RemoteDataCollector is closed")
 
     def _run(self) -> None:
         delay = 0.1
@@ -117,7 +152,10 @@ class Sender:
             self._send()
         call = self._call
         if call is not None:
-            call.finish()
+            if self._abandoned:  # close() gave up on the trainer: it may never answer again
+                call.cancel()
+            else:
+                call.finish()
             call.join(self._timeout_s)
 
     def _wait_for_work(self) -> str | None:
@@ -179,6 +217,8 @@ class Sender:
         why) if none can be had."""
         found = self._route.find(self.buffer)
         with self._lock:
+            if self._closing and self._abandoned:  # close() closes the channels: none to call
+                return False
             if isinstance(found, str):
                 self._trouble(found)
                 return False
@@ -321,3 +361,11 @@ class Sender:
             self._queued + self._in_transit + in_flight,
             self._last_error,
         )
+
+
+def _after_fork_in_child() -> None:
+    for sender in list(_OPEN):
+        sender._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
