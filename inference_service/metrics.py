@@ -41,14 +41,14 @@ REQUESTS = Counter(
 )
 REQUESTS_IN_FLIGHT = Gauge(
     "weightsync_inference_requests_in_flight",
-    "Inference requests admitted and not yet run (queued, or running), by model; bounded by "
-    "--max-requests-in-flight",
+    "Inference requests admitted and not yet run (queued, or running; on a ModelStreamInfer "
+    "stream, until the answer is handed to gRPC), by model; bounded by --max-requests-in-flight",
     ["model"],
 )
 REQUEST_BYTES_IN_FLIGHT = Gauge(
     "weightsync_inference_request_bytes_in_flight",
-    "Bytes of request tensors that requests in flight hold; bounded by "
-    "--max-request-bytes-in-flight",
+    "Bytes of request tensors that requests in flight hold (answers waiting on ModelStreamInfer "
+    "streams at their size); bounded by --max-request-bytes-in-flight",
 )
 QUEUE_SECONDS = Histogram(
     "weightsync_inference_queue_duration_seconds",

@@ -230,7 +230,8 @@ class InferenceSettings:
             "--max-requests-in-flight",
             "INFERENCE_MAX_REQUESTS_IN_FLIGHT",
             "inference requests per model admitted and not yet run (queued for a batch or a "
-            "worker, or running); more get RESOURCE_EXHAUSTED",
+            "worker, or running; on a ModelStreamInfer stream, until the answer is handed to "
+            "gRPC); more get RESOURCE_EXHAUSTED",
             integer(1),
         ),
     )
@@ -239,8 +240,9 @@ class InferenceSettings:
         metadata=option(
             "--max-request-bytes-in-flight",
             "INFERENCE_MAX_REQUEST_BYTES_IN_FLIGHT",
-            "bytes of request tensors that all inference requests in flight may hold together; "
-            "more get RESOURCE_EXHAUSTED",
+            "bytes of request tensors that all inference requests in flight may hold together "
+            "(answers waiting on ModelStreamInfer streams counted at their size); more get "
+            "RESOURCE_EXHAUSTED",
             SIZE,
         ),
     )

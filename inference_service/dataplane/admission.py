@@ -26,13 +26,15 @@ class RequestLimits:
 
 
 class Ticket:
-    """One admitted request's place; `release` gives it back (once, from any thread)."""
+    """One admitted request's place, held by `holders` (the model's run, and a stream's answer
+    waiting for its client); each `release` gives one hold back (once per holder, from any
+    thread), and the place is free when none is left."""
 
-    def __init__(self, admission: Admission, model: str, nbytes: int) -> None:
+    def __init__(self, admission: Admission, model: str, nbytes: int, holders: int = 1) -> None:
         self._admission = admission
         self.model = model
         self.nbytes = nbytes
-        self._released = False
+        self._holders = holders
 
     def release(self) -> None:
         self._admission.release(self)
@@ -48,10 +50,10 @@ class Admission:
         self._gauged: set[str] = set()  # models whose REQUESTS_IN_FLIGHT child reads this
         metrics.REQUEST_BYTES_IN_FLIGHT.set_function(lambda: self._bytes)
 
-    def admit(self, model: str, nbytes: int) -> Ticket:
-        """A place for one request of `model` whose tensors hold `nbytes`; ResourceLimitError
-        if its model has the most requests in flight allowed, or its bytes would pass the
-        service's bound."""
+    def admit(self, model: str, nbytes: int, holders: int = 1) -> Ticket:
+        """A place for one request of `model` whose tensors hold `nbytes`, given back once each
+        of its `holders` has released it; ResourceLimitError if its model has the most
+        requests in flight allowed, or its bytes would pass the service's bound."""
         most, budget = self.limits.max_requests_per_model, self.limits.max_bytes
         with self._lock:
             held = self._requests.get(model, 0)
@@ -76,13 +78,26 @@ class Admission:
             self._bytes += nbytes
         if model not in self._gauged:
             self._gauge(model)
-        return Ticket(self, model, nbytes)
+        return Ticket(self, model, nbytes, holders)
+
+    def grow(self, ticket: Ticket, nbytes: int) -> None:
+        """Count `nbytes` for `ticket` from now on where that is more than it holds: a stream's
+        answer, which waits for its client in place of the request's tensors (its id and
+        parameters echoed, its outputs). Never refused: the answer is built; the requests
+        admitted after it see the bytes."""
+        with self._lock:
+            if ticket._holders <= 0 or nbytes <= ticket.nbytes:
+                return
+            self._bytes += nbytes - ticket.nbytes
+            ticket.nbytes = nbytes
 
     def release(self, ticket: Ticket) -> None:
         with self._lock:
-            if ticket._released:
+            if ticket._holders <= 0:
                 return
-            ticket._released = True
+            ticket._holders -= 1
+            if ticket._holders:
+                return
             held = self._requests[ticket.model] - 1
             self._requests[ticket.model] = held
             self._bytes -= ticket.nbytes

@@ -13,7 +13,7 @@ outputs with the same two routines, `tensor_from_raw` and `tensor_from_typed`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -23,7 +23,7 @@ from inference_service.dataplane.bytes_wire import LENGTH_BYTES, pack_bytes, unp
 from inference_service.dataplane.model_io import Tensor, bytes_array
 from shared.app import TensorSpec
 from shared.dtypes import BY_OIP, BY_TORCH, BYTES, CONTENTS_FIELDS, dtype_of, row_of
-from shared.errors import InvalidInputError
+from shared.errors import InvalidInputError, UnsupportedError
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
 
@@ -203,6 +203,49 @@ def tensor_from_typed(
     return torch.from_numpy(array).to(entry.torch_dtype).reshape(shape)
 
 
+# Triton's classification extension: an output parameter asking for its top classes as BYTES.
+CLASSIFICATION = "classification"
+
+
+def requested_outputs(
+    requested: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor],
+    specs: Sequence[TensorSpec],
+) -> list[str]:
+    """The names of the outputs a request asks for (none: all), checked before its model runs:
+    each must be one of `specs`, named once (an output named N times would be encoded N times),
+    and not asked for as classes (Triton's classification extension, not offered here)."""
+    if not requested:
+        return []
+    names = [output.name for output in requested]
+    _check_names(names, _index_of(specs))
+    for output in requested:
+        if CLASSIFICATION in output.parameters and _classes(output.parameters[CLASSIFICATION]):
+            raise UnsupportedError(
+                f"output {output.name!r}: the classification extension is not supported; "
+                "request the output itself and rank its values in the client"
+            )
+    return names
+
+
+def _check_names(names: Sequence[str], index: Mapping[str, int]) -> None:
+    """Each requested output name is one of the model's, named once."""
+    seen: set[str] = set()
+    for name in names:
+        if name not in index:
+            raise InvalidInputError(
+                f"unknown output {name!r}; the model returns {', '.join(index)}"
+            )
+        if name in seen:
+            raise InvalidInputError(f"output {name!r} is requested twice")
+        seen.add(name)
+
+
+def _classes(asked: pb.InferParameter) -> bool:
+    """Whether a `classification` parameter asks for classes (as Triton reads it: an int64 of
+    0 asks for none; any other value does, or is not one Triton takes)."""
+    return not (asked.WhichOneof("parameter_choice") == "int64_param" and asked.int64_param == 0)
+
+
 def encode_outputs(
     outputs: Sequence[Tensor],
     specs: Sequence[TensorSpec],
@@ -227,11 +270,7 @@ def encode_into(
     memory (`model_io.normalize_model_outputs` put them there): written in place, since
     building tensor messages apart and handing them to the response copies each one."""
     index = _index_of(specs)
-    for name in requested:
-        if name not in index:
-            raise InvalidInputError(
-                f"unknown output {name!r}; the model returns {', '.join(index)}"
-            )
+    _check_names(requested, index)
     chosen = [index[name] for name in requested] if requested else list(range(len(specs)))
     raw = raw or any(BY_OIP[specs[i].datatype].field is None for i in chosen)
     for i in chosen:

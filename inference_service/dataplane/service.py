@@ -12,7 +12,7 @@ from time import perf_counter
 from prometheus_client import Histogram
 
 from inference_service import metrics
-from inference_service.dataplane.admission import Admission, RequestLimits
+from inference_service.dataplane.admission import Admission, RequestLimits, Ticket
 from inference_service.dataplane.batch_rows import common_rows
 from inference_service.dataplane.batcher import Batcher, BatchingConfig
 from inference_service.dataplane.model_io import Tensor, normalize_model_outputs, tensor_bytes
@@ -97,13 +97,16 @@ class DataPlane:
         inputs: list[Tensor],
         timeout_s: float | None = None,
         version: str = "",
+        held: list[Ticket] | None = None,
     ) -> tuple[list[Tensor], Generation]:
         """Run one request: through the model's batcher when it has one, else on a worker
         thread; the event loop only waits. With `version`, it runs on that version or fails
         (VersionNotServedError): the check is made where the weights are pinned.
 
         The request holds a place in `admission` from here until its model has run (or it
-        was dropped unrun), whether or not its caller still waits."""
+        was dropped unrun), whether or not its caller still waits; with `held`, the place is
+        appended there, and kept until the caller releases it as well (a stream's answer
+        waiting for its client)."""
         if not self._ready.is_set():
             raise UnavailableError("the server is not ready (starting or shutting down); retry")
         pinned = self._version(model, version) if version else None
@@ -115,7 +118,9 @@ class DataPlane:
         else:
             rows = int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else 1
         nbytes = tensor_bytes(inputs[0]) if len(inputs) == 1 else sum(map(tensor_bytes, inputs))
-        ticket = self.admission.admit(name, nbytes)
+        ticket = self.admission.admit(name, nbytes, holders=1 if held is None else 2)
+        if held is not None:
+            held.append(ticket)
         started = perf_counter()
         try:
             if batcher is not None:
@@ -126,7 +131,7 @@ class DataPlane:
                 future.add_done_callback(lambda _: ticket.release())
                 waiter = asyncio.wrap_future(future)
         except BaseException:
-            ticket.release()
+            ticket.release()  # this side's hold; a caller's in `held` is the caller's to release
             raise
         try:
             outputs, generation = await waiter

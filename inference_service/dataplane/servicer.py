@@ -18,13 +18,15 @@ from typing_extensions import override
 
 from inference_service import metrics
 from inference_service.dataplane import convert
-from inference_service.dataplane.codec import decode_inputs, encode_into
+from inference_service.dataplane.admission import Ticket
+from inference_service.dataplane.codec import decode_inputs, encode_into, requested_outputs
 from inference_service.dataplane.extensions import TritonExtensions
 from inference_service.dataplane.service import DataPlane
-from shared.errors import ServiceError
+from shared.errors import ResourceLimitError, ServiceError
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from shared.grpc.errors import grpc_errors_async, status_for
+from shared.grpc.errors import grpc_errors_async, status_for, status_of
+from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,14 @@ PLATFORM = convert.PLATFORM
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
 Context: TypeAlias = grpc.aio.ServicerContext
 STREAM_WINDOW = 64  # requests of one ModelStreamInfer stream running at once
+# The most bytes of a ModelInferResponse sent on a stream: a message's, less what wraps it in a
+# ModelStreamInferResponse (a tag and a length) and the final flag it may add (FINAL).
+STREAM_ANSWER_BYTES = DATA_MAX_MESSAGE_BYTES - 64
+# Triton's stream parameters: a request asking to be told which answer is its last, and the flag.
+FINAL_ASKED = "triton_enable_empty_final_response"
+FINAL = "triton_final_response"
+# A stream's request being answered, and its place in admission once it has one.
+Pending: TypeAlias = "tuple[asyncio.Task[pb.ModelStreamInferResponse], list[Ticket]]"
 
 
 class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -106,43 +116,66 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests run as they arrive, up to STREAM_WINDOW of them at once, so a client that
         # keeps several in flight on one stream gets them batched; answers leave in request
-        # order, as Triton's do. Triton's convention too: a failed request answers in-band and
-        # the stream stays open.
-        answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None]
-        answers = asyncio.Queue()
+        # order, as Triton's do. Triton's convention too: a failed request answers in-band,
+        # with its id, and the stream stays open. Each request keeps its place in admission
+        # until its answer is handed to gRPC (or the stream ends): answers a client does not
+        # read count against the service's limits.
+        answers: asyncio.Queue[Pending | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     await window.acquire()
-                    answers.put_nowait(asyncio.ensure_future(self._stream_answer(request, context)))
+                    held: list[Ticket] = []
+                    task = asyncio.ensure_future(self._stream_answer(request, context, held))
+                    answers.put_nowait((task, held))
             finally:
                 answers.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
+        pending: Pending | None = None
         try:
-            while (answer := await answers.get()) is not None:
-                yield await answer
+            while (pending := await answers.get()) is not None:
+                yield await pending[0]
+                _release(pending[1])
+                pending = None
                 window.release()
             await reader  # an unparsable message ends the stream with the reader's status
         finally:
             reader.cancel()
+            if pending is not None:
+                pending[0].cancel()
+                _release(pending[1])
             while not answers.empty():
                 if (left := answers.get_nowait()) is not None:
-                    left.cancel()
+                    left[0].cancel()
+                    _release(left[1])
 
     async def _stream_answer(
-        self, request: pb.ModelInferRequest, context: Context
+        self, request: pb.ModelInferRequest, context: Context, held: list[Ticket]
     ) -> pb.ModelStreamInferResponse:
         try:
-            response = await self._infer(request, context.time_remaining())
+            response = await self._infer(
+                request, context.time_remaining(), held, STREAM_ANSWER_BYTES
+            )
         except ServiceError as error:
-            return pb.ModelStreamInferResponse(error_message=str(error))
+            message = status_of(error).message  # cut as a status message is
         except Exception:
             logger.exception("unhandled error in ModelStreamInfer (id %r)", request.id)
-            return pb.ModelStreamInferResponse(error_message="internal server error")
-        return pb.ModelStreamInferResponse(infer_response=response)
+            message = "internal server error"
+        else:
+            asked = request.parameters
+            if FINAL_ASKED in asked and asked[FINAL_ASKED].bool_param:
+                # Every answer here is its request's last (no model is decoupled): say so, as
+                # Triton does for a client that asked (tritonclient's enable_empty_final_response)
+                # and reads until it sees the flag.
+                response.parameters[FINAL].bool_param = True
+            return pb.ModelStreamInferResponse(infer_response=response)
+        # the id, so that the client knows which request failed (Triton's convention)
+        return pb.ModelStreamInferResponse(
+            error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+        )
 
     @override
     @grpc_errors_async
@@ -166,8 +199,16 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def _infer(
-        self, request: pb.ModelInferRequest, timeout_s: float | None
+        self,
+        request: pb.ModelInferRequest,
+        timeout_s: float | None,
+        held: list[Ticket] | None = None,
+        most_bytes: int = DATA_MAX_MESSAGE_BYTES,
     ) -> pb.ModelInferResponse:
+        """Answer one request; with `held`, its place in admission (`DataPlane.infer`) is
+        appended there and kept until the caller releases it too. An answer of more than
+        `most_bytes` is refused here, where it fails the request alone (gRPC, sending it, would
+        end a stream with every request behind it)."""
         data = self._data
         name = request.model_name
         # Only served names become label values: a client's garbage must not grow the series.
@@ -178,10 +219,9 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             model = data.model(name, version)
             parameters = request.parameters
             inputs = decode_inputs(request, model.spec.inputs)
+            requested = requested_outputs(request.outputs, model.spec.outputs)
             recording = data.recorder.plans(model.name, parameters)
-            outputs, generation = await data.infer(model, inputs, timeout_s, version)
-            if recording:  # queued for the recorder's thread: the answer does not wait
-                data.recorder.record(recording, inputs, outputs)
+            outputs, generation = await data.infer(model, inputs, timeout_s, version, held)
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(generation.version), id=request.id
             )
@@ -192,9 +232,19 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 response,
                 outputs,
                 model.spec.outputs,
-                [o.name for o in request.outputs] if request.outputs else (),
+                requested,
                 raw=bool(request.raw_input_contents),
             )
+            if (size := response.ByteSize()) > most_bytes:
+                raise ResourceLimitError(
+                    f"the answer takes {size} bytes, more than a message of the data plane "
+                    f"carries ({most_bytes}); send fewer rows per request, or ask for fewer "
+                    "outputs"
+                )
+            if held:  # the answer waits for the client in the request's place: count its bytes
+                data.admission.grow(held[0], size)
+            if recording:  # served: queued for the recorder's thread, the answer does not wait
+                data.recorder.record(recording, inputs, outputs)
             code = "OK"
             return response
         except ServiceError as error:
@@ -216,3 +266,9 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         if counter is None:
             counter = self._counted.setdefault((model, code), metrics.REQUESTS.labels(model, code))
         return counter
+
+
+def _release(held: list[Ticket]) -> None:
+    """Give back the places a stream's request holds."""
+    for ticket in held:
+        ticket.release()
