@@ -25,13 +25,14 @@ import logging
 import queue
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
 
 from shared.app import BufferSpec, ModelSpec, TensorSpec
 from shared.data.remote import RemoteDataCollector
+from shared.data.remote.route import check_credentials
 from shared.errors import (
     BufferNotFoundError,
     ConfigurationError,
@@ -59,7 +60,8 @@ DROPPED = Counter(
     "weightsync_inference_recorded_dropped_total",
     "Samples recorded from served requests and dropped, by buffer and cause: 'queue' (the "
     "recording queue was full, by requests or by bytes), 'trainer' (the trainer was away or "
-    "slow and the collector's queue overflowed, or it refused them)",
+    "slow and the collector's queue overflowed, or it refused them), 'shape' (the request's "
+    "tensors do not have the sizes the buffer's samples hold)",
     ["buffer", "cause"],
 )
 
@@ -73,6 +75,10 @@ class Plan:
     buffer: str
     columns: tuple[tuple[str, bool, int], ...]
     rows: bool
+    # Each column's shape per sample in the buffer (-1: any size); a model's -1 may stand for
+    # a size the buffer fixes, so each request's tensors are checked against these.
+    # (Derived from the buffer, as `columns` are: left out of comparisons.)
+    shapes: tuple[tuple[int, ...], ...] = field(default=(), compare=False)
 
     def tensors(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> Recorded:
         """What a served request gives this plan: the buffer's tensors alone (the request's
@@ -82,6 +88,24 @@ class Plan:
         ndim = int(getattr(first, "ndim", 0))
         count = int(first.shape[0]) if self.rows and ndim else 1
         return Recorded(self, tensors, count)
+
+    def misfit(self, recorded: Recorded) -> str | None:
+        """Why `recorded`'s tensors do not make samples of the buffer (a size the buffer fixes
+        differs), or None when they do (or the plan knows no shapes)."""
+        if not self.shapes:
+            return None
+        for (name, _, _), want in zip(self.columns, self.shapes, strict=True):
+            shape = tuple(int(d) for d in recorded.tensors[name].shape)
+            have = shape[1:] if self.rows else shape
+            if len(have) != len(want) or any(
+                w not in (-1, h) for w, h in zip(want, have, strict=True)
+            ):
+                per = " per row" if self.rows else ""
+                return (
+                    f"tensor {name!r} is {list(have)}{per} but buffer {self.buffer!r} holds "
+                    f"{list(want)}"
+                )
+        return None
 
 
 @dataclass(frozen=True)
@@ -130,7 +154,8 @@ def plan(model: ModelSpec, buffer: BufferSpec) -> Plan:
                 f"buffer collects {want.datatype}{list(want.shape)}"
             )
         columns.append((want.name, is_output, index))
-    return Plan(model.name, buffer.name, tuple(columns), rows)
+    shapes = tuple(tuple(want.shape) for want in buffer.tensors)
+    return Plan(model.name, buffer.name, tuple(columns), rows, shapes)
 
 
 class Recorder:
@@ -155,7 +180,8 @@ class Recorder:
 
         Raises:
             ConfigurationError: A model declares recording into a buffer that the app does not
-                declare, or that its inputs and outputs do not fill.
+                declare, or that its inputs and outputs do not fill; or `token` or `tls` could
+                serve no call (checked now, not at the first request recorded).
         """
         self._models = models
         self._buffers = buffers
@@ -192,8 +218,10 @@ class Recorder:
         self._bytes_lock = threading.Lock()
         self._collectors: dict[str, RemoteDataCollector] = {}
         self._dropped_seen: dict[str, int] = {}
+        self._misfits_logged: set[Plan] = set()  # plans a misfit request was logged for
         self._thread: threading.Thread | None = None
         if self._trainers is not None:
+            check_credentials(self._trainers[0], token, tls, server_name)
             self._thread = threading.Thread(target=self._run, name="recording", daemon=True)
             self._thread.start()
 
@@ -242,8 +270,27 @@ class Recorder:
     def record(self, plans: tuple[Plan, ...], inputs: list[Any], outputs: list[Any]) -> None:
         """Queue the tensors a served request gives its plans (only those: what the queue
         holds is what its bytes bound counts); returns at once (a full queue, by requests or by
-        bytes, drops the request's samples, counted)."""
-        recorded = [p.tensors(inputs, outputs) for p in plans]
+        bytes, drops the request's samples, counted; so does a plan whose buffer fixes sizes
+        the request's tensors do not have, cause 'shape')."""
+        recorded = []
+        for p in plans:
+            r = p.tensors(inputs, outputs)
+            # Never handed to the collector: its first sample fixes the layout it takes.
+            if (why := p.misfit(r)) is not None:
+                DROPPED.labels(p.buffer, "shape").inc(r.samples)
+                if p not in self._misfits_logged:
+                    self._misfits_logged.add(p)
+                    logger.warning(
+                        "requests of %s are not recorded into %s when their sizes differ from "
+                        "the buffer's (dropped, cause 'shape'): %s",
+                        p.model,
+                        p.buffer,
+                        why,
+                    )
+                continue
+            recorded.append(r)
+        if not recorded:
+            return
         size = sum(r.nbytes for r in recorded)
         with self._bytes_lock:
             fits = self._queued_bytes + size <= self._max_queue_bytes

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from devtools.launch import trainer_command
+from devtools.launch import inference_command, trainer_command
 from shared import App, DictSequentialBuffer, TorchTrainer, TorchTrainingModel
 from shared.data.remote import RemoteDataCollector
 from shared.errors import ConfigurationError
@@ -226,3 +226,20 @@ def test_a_token_or_tls_files_no_call_could_use_are_refused_when_the_collector_i
         collector.collect({"x": torch.zeros(1), "y": torch.ones(1), "id": torch.tensor(7)})
         assert collector.flush(timeout=30)
     assert trainer.stop() == [7]
+
+
+def test_an_inference_service_recording_with_unusable_experience_tls_stops_at_start(
+    services: Services, tmp_path: Path, pki: Path
+) -> None:
+    # The recorder's collectors are made at the first request recorded: a TLS file no call
+    # could use must stop the start with a line naming it, not fail every request later.
+    command = inference_command(
+        "tests.integration.experience_apps:recorded",
+        tmp_path / "ready.json",
+        "--experience",
+        "127.0.0.1:1",
+        "--experience-tls-ca",
+        str(pki / "client.key"),  # a key, not a certificate
+    )
+    assert services.spawn(command, "inference").wait(timeout=60) == 2
+    assert f"{pki / 'client.key'} holds no PEM certificate" in services.log("inference")

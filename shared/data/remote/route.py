@@ -50,6 +50,25 @@ def split_addresses(addresses: str | Sequence[str]) -> list[str]:
     return found
 
 
+def check_credentials(
+    address: str, token: str | None, tls: TlsFiles | None, server_name: str | None
+) -> None:
+    """Refuse a token or TLS settings no call to a trainer's experience plane at `address`
+    could use (see `Route`): the token must be printable ASCII, each TLS file readable and a
+    PEM of its kind, a server name given with TLS only.
+
+    Raises:
+        ConfigurationError: Naming what is wrong.
+    """
+    if token and not all(" " <= c <= "~" for c in token):
+        raise ConfigurationError(
+            "the experience token holds characters a gRPC header cannot carry: it must be "
+            "printable ASCII"
+        )
+    # A channel dials nothing until called: opening one checks the credentials alone.
+    open_channel(address, 1 << 20, token=token, tls=tls, server_name=server_name).close()
+
+
 class Route:
     def __init__(
         self,
@@ -85,19 +104,7 @@ class Route:
                 printable ASCII), or a TLS file cannot be read or holds no PEM of its kind,
                 or a server name is given without TLS.
         """
-        if self._token and not all(" " <= c <= "~" for c in self._token):
-            raise ConfigurationError(
-                "the experience token holds characters a gRPC header cannot carry: it must be "
-                "printable ASCII"
-            )
-        # A channel dials nothing until called: opening one checks the credentials alone.
-        open_channel(
-            self.addresses[0],
-            self._max_message_bytes,
-            token=self._token,
-            tls=self._tls,
-            server_name=self._server_name,
-        ).close()
+        check_credentials(self.addresses[0], self._token, self._tls, self._server_name)
 
     def find(self, buffer: str) -> Holder | str:
         """The first trainer that holds `buffer`, or why none could be found."""
