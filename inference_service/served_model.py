@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,17 @@ class Generation:
     writer_id: str
     hashes: dict[str, bytes] = field(repr=False)
     committed_at: float = field(default_factory=time.time)
+
+
+def _unshared(value: Any, weights: frozenset[int]) -> Any:
+    """`value`, copied if it is a tensor whose bytes lie in one of `weights`."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.layout is torch.strided  # (others are refused where outputs are encoded)
+        and value.untyped_storage().data_ptr() in weights
+    ):
+        return value.clone()
+    return value
 
 
 def version_not_served(name: str, wanted: int | str, served: int) -> VersionNotServedError:
@@ -87,6 +99,9 @@ class ServedModel:
         hashes = {k: tensor_hash(v) for k, v in state.items()}
         self._live = Generation(module, 0, self.digest_of(hashes), "", hashes)
         self._standby = Standby()
+        # each copy's weight memory (run): a module that is dropped takes its entry along
+        self._weights: weakref.WeakKeyDictionary[nn.Module, frozenset[int]]
+        self._weights = weakref.WeakKeyDictionary()
         self._lock = threading.Condition()
         self._readers: dict[int, int] = {}
         self._push_lock = threading.Lock()
@@ -130,13 +145,31 @@ class ServedModel:
     def run(self, generation: Generation, inputs: Sequence[object]) -> Any:
         """The inference procedure's result on `generation`, which the caller has pinned.
 
-        Tensors go to the model's device; other inputs (BYTES arrays) are passed as they are."""
+        Tensors go to the model's device; other inputs (BYTES arrays) are passed as they are.
+        An output that shares memory with the weights (a procedure returning a parameter, or a
+        view of one) is copied here, while they are pinned: the answer is encoded after they
+        are let go, when a push may be writing the next version into that memory."""
         with torch.inference_mode():
             moved = [
                 t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
                 for t in inputs
             ]
-            return self.procedure(generation.module, *moved)
+            result = self.procedure(generation.module, *moved)
+            weights = self._weight_memory(generation.module)
+            if isinstance(result, torch.Tensor):
+                return _unshared(result, weights)
+            if isinstance(result, (tuple, list)):
+                return type(result)(_unshared(t, weights) for t in result)
+            return result
+
+    def _weight_memory(self, module: nn.Module) -> frozenset[int]:
+        """Where the tensors of `module` (one of the two copies) keep their bytes. Pushes write
+        into those tensors in place, so this holds for as long as the module does."""
+        found = self._weights.get(module)
+        if found is None:
+            found = frozenset(t.untyped_storage().data_ptr() for t in module.state_dict().values())
+            self._weights[module] = found
+        return found
 
     # -- the push path ---------------------------------------------------------------------
 

@@ -208,3 +208,25 @@ def test_a_second_push_is_refused_while_one_holds_the_slot() -> None:
         holder.join()
     commit(model, trained(3), 3)  # the slot was let go when the holder left without a commit
     assert_live(model, trained(3), 3)
+
+
+@pytest.mark.parametrize(
+    "returns",
+    [lambda m: m[2].bias, lambda m: m[2].weight[0], lambda m: (m[0].weight.T, m[2].bias + 0)],
+    ids=["a parameter", "a view of one", "a view among outputs"],
+)
+def test_outputs_that_are_the_weights_keep_the_version_they_ran_on_after_pushes(
+    returns: Callable[[nn.Module], object],
+) -> None:
+    # An answer is encoded after its weights are let go; an output sharing their memory would
+    # show whatever a later push wrote there.
+    torch.manual_seed(0)
+    model = ServedModel(SPEC, new_module(), lambda m, x: returns(m), True, torch.device("cpu"))
+    result, generation = model.infer([torch.ones(1, 3)])
+    outputs = list(result) if isinstance(result, tuple) else [result]
+    expected = [t.clone() for t in outputs]
+    assert generation.version == 0
+    commit(model, trained(1), 1)
+    commit(model, trained(2), 2)  # both copies overwritten now
+    for output, before in zip(outputs, expected, strict=True):
+        assert torch.equal(output, before)
