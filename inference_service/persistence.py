@@ -300,7 +300,7 @@ class WeightStore:
                     piece = file.get_slice(key)
                     layout[key] = TensorLayout(piece.get_dtype(), tuple(piece.get_shape()))
                 if layout != model.layout:
-                    return "does not match the model's tensors"
+                    return f"does not match the model's tensors ({_mismatch(layout, model.layout)})"
                 tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
         except Exception as exc:  # a damaged file fails in safetensors' own ways too
             return f"cannot be read ({exc})"
@@ -309,6 +309,22 @@ class WeightStore:
             return "fails its digest check"
         model.restore(tensors, stored.version, stored.writer_id, hashes, stored.committed_at)
         return None
+
+
+def _mismatch(stored: Mapping[str, TensorLayout], model: Mapping[str, TensorLayout]) -> str:
+    """The first tensor that differs between a stored file's layout and the model's."""
+    for name in sorted(stored.keys() | model.keys()):
+        have, want = stored.get(name), model.get(name)
+        if have is None:
+            return f"tensor {name!r} is not in the file"
+        if want is None:
+            return f"tensor {name!r} is not in the model"
+        if have != want:
+            return (
+                f"tensor {name!r} is {have.dtype}{list(have.shape)} in the file but "
+                f"{want.dtype}{list(want.shape)} in the model"
+            )
+    return "no tensor differs"
 
 
 class Persister:

@@ -17,6 +17,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+from torch import nn
+
 from inference_service import metrics
 from inference_service.served_model import Generation, PendingPush, ServedModel
 from inference_service.syncplane.checks import (
@@ -58,6 +60,7 @@ class PushApplier:
         self._limits = limits
         self._on_commit = on_commit
         self._sessions = Sessions()
+        self._ties: dict[str, list[list[str]]] = {}  # per model, see tied_names()
 
     def apply(
         self,
@@ -120,6 +123,7 @@ class PushApplier:
             check_complete(model, header, received)
             hashes = session.transaction.complete(received)
             check_digest(model, header, digest, hashes)
+            self._check_ties(model, hashes)
             # Under the lease's lock: a grant lands wholly before this check or after the swap.
             with model.lease.fenced(header.writer_epoch, header.writer_id):
                 generation = session.transaction.commit(header.version, header.writer_id, hashes)
@@ -142,6 +146,20 @@ class PushApplier:
             time.perf_counter() - started,
         )
         return generation, session.forward
+
+    def _check_ties(self, model: ServedModel, hashes: Mapping[str, bytes]) -> None:
+        """Refuse a state that gives tensors the model ties (one memory under several names)
+        different values: only one of them could be served, not the state the digest names."""
+        ties = self._ties.get(model.name)
+        if ties is None:
+            ties = self._ties[model.name] = tied_names(model.live.module)
+        for names in ties:
+            if len({hashes[name] for name in names}) > 1:
+                raise MalformedPushError(
+                    f"model {model.name!r}: tensors {', '.join(map(repr, names))} are one "
+                    "tensor in this model (tied: they share memory), but the push gives them "
+                    "different values; push them equal, or untie them in the app"
+                )
 
     def _begin(
         self, model: ServedModel, header: PushHeader, owner: object, onward: Onward | None
@@ -219,6 +237,18 @@ class PushApplier:
         raise MalformedPushError(
             f"the push stream ended after {offset + sent} payload bytes without a commit"
         )
+
+
+def tied_names(module: nn.Module) -> list[list[str]]:
+    """The groups of state-dict names that are one tensor of `module` (a tied or twice
+    registered parameter, a buffer that is a parameter's memory): same memory, dtype, shape
+    and strides. Empty tensors hold no memory and tie nothing."""
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            key = (tensor.device, tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+            groups.setdefault(key, []).append(name)
+    return [sorted(names) for names in groups.values() if len(names) > 1]
 
 
 def _supersedes(header: PushHeader, other: PendingPush, epoch: int) -> bool:

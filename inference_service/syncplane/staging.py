@@ -7,7 +7,8 @@ stalled; `finish()` waits for the copies before the swap. `copy()` brings a tens
 not carry up to date from the live copy, on the same stream. A tensor that arrives encoded is
 decoded against the live copy (the push's base) by a `BaseDecoder`: on the CPU straight into the
 standby tensor's memory (`host_bytes`), on CUDA into a host buffer written the same way as
-received bytes.
+received bytes. A tensor the model keeps strided (transposed) is written through a contiguous
+copy of it, copied in by `finish()`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,39 @@ def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
+class _Targets:
+    """Each standby tensor's bytes as one flat uint8 tensor to write into. A tensor the model
+    keeps strided (a transposed parameter, `p.data = p.data.t()`) is written through a
+    contiguous copy of it, in the order its elements travel (row-major, as the trainer sends
+    them), which `write_back()` copies into it once something was written there (`mark`): the
+    model keeps its own layout, and a copy nothing was written to never overwrites memory that
+    another name of the same tensor (tied) was written through."""
+
+    def __init__(self, targets: Mapping[str, torch.Tensor]) -> None:
+        self.flat: dict[str, torch.Tensor] = {}
+        self._strided: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._written: set[str] = set()
+        for name, tensor in targets.items():
+            tensor = tensor.detach()
+            if not tensor.is_contiguous():
+                scratch = tensor.contiguous()
+                self._strided[name] = (tensor, scratch)
+                tensor = scratch
+            self.flat[name] = _flat_bytes(tensor)
+
+    def mark(self, name: str) -> None:
+        """Note that bytes were written into `name`."""
+        if name in self._strided:
+            self._written.add(name)
+
+    def write_back(self) -> None:
+        """Copy each strided tensor's contiguous copy that was written into it."""
+        for name, (tensor, scratch) in self._strided.items():
+            if name in self._written:
+                tensor.copy_(scratch, non_blocking=True)
+        self._written.clear()
+
+
 class _FirstWrite:
     """Calls `on_first_write(name)` the first time it is called with each name."""
 
@@ -51,11 +85,13 @@ class CpuSink:
     def __init__(
         self, targets: Mapping[str, torch.Tensor], on_first_write: Callable[[str], None]
     ) -> None:
-        self._flat = {name: _flat_bytes(t) for name, t in targets.items()}
+        self._targets = _Targets(targets)
+        self._flat = self._targets.flat
         self._first_write = _FirstWrite(on_first_write)
 
     def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
         self._first_write(entry.name)
+        self._targets.mark(entry.name)
         target = self._flat[entry.name]
         if offset < 0 or offset + len(data) > target.numel():
             raise ValueError(f"write of {len(data)} bytes at {offset} overruns {entry.name!r}")
@@ -66,16 +102,19 @@ class CpuSink:
         ctypes.memmove(target.data_ptr() + offset, source.ctypes.data, len(data))
 
     def copy(self, name: str, source: torch.Tensor) -> None:
-        self._flat[name].copy_(_flat_bytes(source))
+        self._targets.mark(name)
+        self._flat[name].copy_(_flat_bytes(source.detach().contiguous()))
 
     def host_bytes(self, entry: TensorEntry) -> np.ndarray:
         """The standby tensor's memory (flat uint8), to decode an encoded tensor into in place:
         no buffer of the tensor's size and no second copy of it."""
         self._first_write(entry.name)
+        self._targets.mark(entry.name)
         return self._flat[entry.name].numpy()
 
     def finish(self) -> None:
-        """Nothing is in flight on the CPU."""
+        """Nothing is in flight on the CPU; strided tensors get their bytes."""
+        self._targets.write_back()
 
 
 class CudaSink:
@@ -89,11 +128,13 @@ class CudaSink:
         ring: int = 4,
     ) -> None:
         device = next(iter(targets.values())).device if targets else torch.device("cuda")
-        self._flat = {name: _flat_bytes(t) for name, t in targets.items()}
         self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         # Kernels of requests that ran on these (then live) weights may still be queued on the
         # request path's stream; the copies into them start only after those.
         self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            self._targets = _Targets(targets)
+        self._flat = self._targets.flat
         self._buffers = [
             torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(ring)
         ]
@@ -104,6 +145,7 @@ class CudaSink:
 
     def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
         self._first_write(entry.name)
+        self._targets.mark(entry.name)
         size = len(self._arrays[0])
         for start in range(0, len(data), size):
             piece = data[start : start + size]
@@ -124,14 +166,17 @@ class CudaSink:
             self._events[slot] = recorded
 
     def copy(self, name: str, source: torch.Tensor) -> None:
+        self._targets.mark(name)
         with torch.cuda.stream(self._stream):
-            self._flat[name].copy_(_flat_bytes(source), non_blocking=True)
+            self._flat[name].copy_(_flat_bytes(source.detach().contiguous()), non_blocking=True)
 
     def host_bytes(self, entry: TensorEntry) -> None:
         """None: the tensor lives on the device; decoded bytes travel as received ones do."""
         return None
 
     def finish(self) -> None:
+        with torch.cuda.stream(self._stream):
+            self._targets.write_back()
         self._stream.synchronize()
 
 

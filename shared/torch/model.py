@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from shared.dtypes import BY_TORCH
 from shared.errors import ConfigurationError
 from shared.model.interface import InferenceModel, TrainingModel
 from shared.model.remote import RemoteInferenceModel
@@ -191,13 +192,33 @@ def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_torch_model(name: str, factory: Callable[[], object]) -> TorchTrainingModel[nn.Module]:
-    """Call a model factory of the app; the services sync TorchTrainingModels only."""
-    model = factory()
+    """Call a model factory of the app; the services sync TorchTrainingModels only.
+
+    Raises:
+        ConfigurationError: The factory raised (a missing or mismatched
+            `pretrained_parameter_file` among others), returned something else, or a model with
+            an inference copy holds a tensor whose dtype cannot travel; the message names the
+            model (and the tensor).
+    """
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ConfigurationError(
+            f"model {name!r}: its factory raised {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(model, TorchTrainingModel):
         raise ConfigurationError(
             f"model {name!r}: the factory returned a {type(model).__name__}; syncing across "
             "machines needs a TorchTrainingModel"
         )
+    if model.has_inference_model:
+        for tensor_name, tensor in model.model.state_dict().items():
+            if tensor.dtype not in BY_TORCH:
+                raise ConfigurationError(
+                    f"model {name!r}: tensor {tensor_name!r} is {tensor.dtype}, which cannot "
+                    "travel in safetensors framing; weights may be "
+                    f"{', '.join(str(d) for d in BY_TORCH)}"
+                )
     return model
 
 
@@ -307,6 +328,9 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
 
         Raises:
             FileNotFoundError: There is no such file.
+            ValueError: A tensor was saved in another dtype than the module has it in.
+            RuntimeError: Tensors are missing, unexpected or of another shape
+                (`load_state_dict`'s strict check).
         """
         file = Path(f"{path}.safetensors")
         if not file.is_file():
@@ -314,4 +338,12 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
                 f"no saved model state at {file}; save_state({path}) writes that file"
             )
         state = safetensors.torch.load_file(file, device=str(get_device(self.model)))
+        for name, tensor in self.model.state_dict().items():
+            saved = state.get(name)
+            if saved is not None and saved.dtype != tensor.dtype:
+                raise ValueError(
+                    f"{file}: tensor {name!r} was saved as {saved.dtype} but the module has it "
+                    f"as {tensor.dtype}; loading would convert it (move the file away to start "
+                    "from the module's own weights)"
+                )
         self.model.load_state_dict(state)
