@@ -103,6 +103,7 @@ class Publisher:
                 endpoint.server_name,
                 push_stall_timeout_s,
             ),
+            resolve_wait_s=connect_timeout_s,
         )
         self.writer_id = writer_id
         self._chained = fanout == "chain"

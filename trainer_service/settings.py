@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.cli import (
-    ADDRESSES,
     BOOLEAN,
     NAME_GROUPS,
     NAMES,
     OPTIONAL_HOST_PORT,
     PATH,
     SIZE,
+    Converter,
     choice,
     duration,
     integer,
@@ -29,6 +29,7 @@ from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S
 from trainer_service.experience.server import DEFAULT_STREAMS
 from trainer_service.experience.service import DEFAULT_MAX_BATCH_BYTES
 from trainer_service.push import DEFAULT_STALL_TIMEOUT_S
+from trainer_service.targets import checked
 
 PROG = Scope.TRAINER.value
 DESCRIPTION = (
@@ -39,6 +40,17 @@ DESCRIPTION = (
 COMMON = ServiceOptions("TRAINER")
 
 
+def _targets(value: str) -> tuple[str, ...]:
+    items = tuple(checked(v.strip()) for v in value.split(",") if v.strip())
+    if not items:
+        raise ValueError("expected one or more HOST:PORT, comma-separated")
+    return items
+
+
+# Checked when the trainer starts: a target it could never dial is refused there, not retried.
+TARGETS = Converter(_targets, "HOST:PORT[,...]")
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
     models: str = COMMON.models()
@@ -47,9 +59,10 @@ class TrainerSettings:
         metadata=option(
             "--inference",
             "TRAINER_INFERENCE",
-            "sync-plane addresses of the inference services, comma-separated; a DNS name "
-            "stands for every address it resolves to",
-            ADDRESSES,
+            "sync-plane addresses of the inference services, comma-separated HOST:PORT (an "
+            "IPv6 address in brackets, [::1]:8101; no scheme); a DNS name stands for every "
+            "address it resolves to",
+            TARGETS,
         ),
     )
     trainers: tuple[str, ...] | None = field(

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -45,6 +46,35 @@ def split(target: str) -> tuple[str, str]:
     return host.strip("[]"), port
 
 
+_HOST_NAME = re.compile(r"[\w.-]+")
+
+
+def checked(target: str) -> str:
+    """`target` if it is one an inference service can be dialled at: `HOST:PORT` or
+    `[V6]:PORT`, with no scheme or path and a port from 1 to 65535; else ValueError saying
+    which part is wrong."""
+    host, sep, port = target.rpartition(":")
+    if "/" in target or "@" in target:
+        raise ValueError(
+            f"{target!r}: an inference target is HOST:PORT, with no scheme (http://, dns:///) "
+            "or path"
+        )
+    if not sep or not host:
+        raise ValueError(f"{target!r}: an inference target is HOST:PORT; the port is missing")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{target!r}: the port of an inference target is 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{target!r}: {host} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{target!r}: write an IPv6 address in brackets, as [{host}]:{port}")
+    elif not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{target!r}: {host!r} is not a host name or address")
+    return target
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -65,16 +95,81 @@ def _addresses(host: str, port: str) -> list[str]:
     return [str(info[4][0]) for info in infos]  # type: ignore[index]
 
 
-def resolve(targets: Sequence[str]) -> list[Endpoint]:
+class _Lookup:
+    """One look-up of a target's addresses, in a thread of its own (a DNS server that does not
+    answer holds it for the resolver's timeouts, tens of seconds)."""
+
+    def __init__(self, target: str) -> None:
+        self.done = threading.Event()
+        self.addresses: list[str] = []
+        self._target = target
+        threading.Thread(target=self._run, name=f"resolve {target}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.addresses = _addresses(*split(self._target))
+        finally:
+            self.done.set()
+
+
+class Lookups:
+    """The targets' addresses, looked up together and waited for at most `wait_s` (None: as
+    long as they take). A look-up that takes longer goes on in the background, one per target
+    at a time, and the addresses the target last resolved to stand in for it meanwhile: a DNS
+    server that stops answering holds no sync back, and the replicas it named are still fed."""
+
+    def __init__(self, wait_s: float | None) -> None:
+        self._wait_s = wait_s
+        self._lock = threading.Lock()
+        self._running: dict[str, _Lookup] = {}
+        self._last: dict[str, list[str]] = {}
+
+    def addresses(self, targets: Sequence[str]) -> dict[str, list[str]]:
+        lookups: dict[str, _Lookup] = {}
+        with self._lock:
+            for target in dict.fromkeys(targets):
+                if target not in self._running:  # else the one under way is waited for
+                    self._running[target] = _Lookup(target)
+                lookups[target] = self._running[target]
+        deadline = None if self._wait_s is None else time.monotonic() + self._wait_s
+        found: dict[str, list[str]] = {}
+        for target, lookup in lookups.items():
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if lookup.done.wait(left):
+                with self._lock:
+                    if self._running.get(target) is lookup:
+                        del self._running[target]
+                    found[target] = self._last[target] = lookup.addresses
+                continue
+            found[target] = self._last.get(target, [])
+            logger.warning(
+                "inference target %s: its DNS look-up takes over %.1fs; %s",
+                target,
+                self._wait_s,
+                f"feeding the addresses it last resolved to ({', '.join(found[target])})"
+                if found[target]
+                else "nothing is known of it yet",
+            )
+        return found
+
+
+def resolve(
+    targets: Sequence[str],
+    unresolved: list[str] | None = None,
+    lookups: Lookups | None = None,
+) -> list[Endpoint]:
     """Every address of every target, each once; a DNS name stands for all the hosts behind
-    it."""
+    it. The targets that resolve to nothing are added to `unresolved`, if given."""
     endpoints: list[Endpoint] = []
     seen: set[str] = set()
+    found = (lookups or Lookups(None)).addresses(targets)
     for target in targets:
         host, port = split(target)
-        ips = _addresses(host, port)
+        ips = found[target]
         if not ips:
             logger.warning("cannot resolve inference target %s", target)
+            if unresolved is not None:
+                unresolved.append(target)
         server_name = None if _is_ip(host) else host
         for ip in ips:
             address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
@@ -215,7 +310,7 @@ class Target:
         )
 
     def forget(self) -> None:
-        """Stop tracking it (its address no longer resolves)."""
+        """Stop tracking it (its address is no longer named)."""
         for gauge in (metrics.TARGET_LAGGING, metrics.TARGET_VERSION):
             with contextlib.suppress(KeyError):  # never set
                 gauge.remove(self.model, self.address)
@@ -225,9 +320,16 @@ class Targets:
     """Every target a publisher feeds: the model at each address its target names resolve to,
     with one client (channel) per address, made by `connect`."""
 
-    def __init__(self, names: Sequence[str], connect: Callable[[Endpoint], SyncClient]) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        connect: Callable[[Endpoint], SyncClient],
+        resolve_wait_s: float | None = None,
+    ) -> None:
         self.names = list(names)
         self._connect = connect
+        # How long a sync waits for the names' DNS look-ups (see Lookups).
+        self._lookups = Lookups(resolve_wait_s)
         self._lock = threading.Lock()
         self._clients: dict[str, SyncClient] = {}
         self._targets: dict[tuple[str, str], Target] = {}
@@ -235,17 +337,25 @@ class Targets:
         self._instances: dict[tuple[str, str], Target] = {}
 
     def resolved(self, model: str) -> list[Target]:
-        """The model at every address the names resolve to now. Lagging targets whose address
-        no longer resolves (a replica scaled away) are forgotten: no longer caught up."""
-        endpoints = resolve(self.names)
+        """The model at every address the names resolve to now. A target whose address they
+        no longer resolve to (a replica scaled away, or replaced at another address) is
+        forgotten, metrics included: no longer fed nor caught up. While some name resolves to
+        nothing at all (its DNS is down), only lagging ones are: the others keep what is known
+        of them, to be fed deltas again when it resolves."""
+        unresolved: list[str] = []
+        endpoints = resolve(self.names, unresolved, self._lookups)
         with self._lock:
             found = [self._target(endpoint, model) for endpoint in endpoints]
             found = [t for t in found if t.alias_of is None]
             addresses = {endpoint.address for endpoint in endpoints}
             for (address, held), target in list(self._targets.items()):
-                if held == model and address not in addresses and target.lagging:
-                    logger.info(
-                        "model %s: %s no longer resolves from %s; it is no longer caught up",
+                if (
+                    held == model
+                    and address not in addresses
+                    and (target.lagging or not unresolved)
+                ):
+                    logger.warning(
+                        "model %s: %s is no longer named by %s: it is no longer fed",
                         model,
                         address,
                         ", ".join(self.names),
@@ -254,6 +364,9 @@ class Targets:
                     del self._targets[(address, model)]
                     if self._instances.get((model, target.instance or "")) is target:
                         del self._instances[(model, target.instance or "")]
+                    if not any(a == address for a, _ in self._targets):  # no model left there
+                        with contextlib.suppress(KeyError):  # never measured
+                            metrics.LINK_RATE.remove(address)
         return found
 
     def aliases(self, model: str) -> list[Target]:

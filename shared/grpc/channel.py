@@ -158,11 +158,14 @@ def from_options(args: argparse.Namespace, target: str, max_message_bytes: int) 
     """The channel that the options `add_options` declared ask for.
 
     Raises:
-        ConfigurationError: `target` names a port outside 1 to 65535 (gRPC would dial it
-            modulo 65536: another port, perhaps another service, answering for it).
+        ConfigurationError: `target` names no port (gRPC would dial 443, a port nobody gave)
+            or one outside 1 to 65535 (gRPC would dial it modulo 65536: another port, perhaps
+            another service, answering for it).
     """
     _host, colon, port = target.rpartition(":")
-    if colon and port.isascii() and port.isdigit() and not 1 <= int(port) <= 65535:
+    if not (colon and port.isascii() and port.isdigit()):
+        raise ConfigurationError(f"{target!r} names no port: give HOST:PORT")
+    if not 1 <= int(port) <= 65535:
         raise ConfigurationError(f"{target!r} names port {port}, outside 1 to 65535")
     files = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
     secure = args.tls or files.enabled or files.key is not None
