@@ -86,7 +86,9 @@ class CatchUp:
         try:
             self._catch_up_one(target)
         except Exception as error:
-            if not self._stopping:  # stopping closes the channels under running catch-ups
+            # Stopping, or forgetting a target no longer named, closes the channels under
+            # running catch-ups: those fail as expected.
+            if not self._stopping and not target.forgotten:
                 logger.exception("model %s: catching %s up failed", target.model, target.address)
                 target.fall_behind(repr(error))
         finally:

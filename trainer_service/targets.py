@@ -226,6 +226,7 @@ class Target:
     catching_up: bool = False  # a catch-up task holds it or is queued for it
     instance: str | None = None  # the service's instance id, once it answered (None: not yet)
     alias_of: str | None = None  # the address this service is fed through instead, if another
+    forgotten: bool = False  # its address is no longer named: its client is being closed
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -310,7 +311,7 @@ class Target:
         )
 
     def forget(self) -> None:
-        """Stop tracking it (its address is no longer named)."""
+        """Stop counting it in the metrics (its address is no longer named, or it is an alias)."""
         for gauge in (metrics.TARGET_LAGGING, metrics.TARGET_VERSION):
             with contextlib.suppress(KeyError):  # never set
                 gauge.remove(self.model, self.address)
@@ -344,6 +345,7 @@ class Targets:
         of them, to be fed deltas again when it resolves."""
         unresolved: list[str] = []
         endpoints = resolve(self.names, unresolved, self._lookups)
+        dropped: list[SyncClient] = []
         with self._lock:
             found = [self._target(endpoint, model) for endpoint in endpoints]
             found = [t for t in found if t.alias_of is None]
@@ -360,6 +362,7 @@ class Targets:
                         address,
                         ", ".join(self.names),
                     )
+                    target.forgotten = True
                     target.forget()
                     del self._targets[(address, model)]
                     if self._instances.get((model, target.instance or "")) is target:
@@ -367,6 +370,10 @@ class Targets:
                     if not any(a == address for a, _ in self._targets):  # no model left there
                         with contextlib.suppress(KeyError):  # never measured
                             metrics.LINK_RATE.remove(address)
+                        if (client := self._clients.pop(address, None)) is not None:
+                            dropped.append(client)
+        for client in dropped:  # its connections, which keepalives would hold open for good
+            client.close()
         return found
 
     def aliases(self, model: str) -> list[Target]:

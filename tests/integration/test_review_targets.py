@@ -94,14 +94,16 @@ def test_a_replica_the_name_no_longer_resolves_to_is_forgotten_metrics_included(
     hosts("127.0.0.2")
     old = services.inference(STAMP, "--sync-listen", old_address, name="old")
     services.inference(STAMP, "--sync-listen", new_address, name="new")
-    services.trainer(STAMP, [old], "--inference", f"{NAME}:{port}", "--run-interval", "0.3")
+    trainer = services.trainer(
+        STAMP, [old], "--inference", f"{NAME}:{port}", "--run-interval", "0.3"
+    )
     wait_until(lambda: served(old_address).version >= 2, timeout=60)
     assert target_gauge(trainer_metrics(services, "trainer"), "version", old_address)
 
     hosts("127.0.0.3")
     wait_until(lambda: served(new_address).version >= 2, timeout=60)
     state = served(new_address)
-    assert state.digest == stamp_digest(state.version - 1)
+    assert state.digest in made(state.version)
     # The sync that found the new address no longer counted the old one.
     text = trainer_metrics(services, "trainer")
     assert target_gauge(text, "version", old_address) is None, text
@@ -111,9 +113,11 @@ def test_a_replica_the_name_no_longer_resolves_to_is_forgotten_metrics_included(
     log = services.log("trainer")
     assert f"model stamp: {old_address} is no longer named by {NAME}:{port}" in log, log
     assert "Traceback" not in log, log
-    # The replica left out keeps what it served, untouched.
+    # The replica left out keeps what it served, untouched, and the trainer's connection to it
+    # is closed (before: its channel stayed open, kept alive by keepalives, for good).
     kept = served(old_address)
-    assert kept.digest == stamp_digest(kept.version - 1)
+    assert kept.digest in made(kept.version)
+    wait_until(lambda: not connected(trainer.pid, old_address), timeout=30)
 
 
 def test_the_admin_tool_and_the_health_check_refuse_an_address_without_a_port(
@@ -183,6 +187,23 @@ def test_a_dns_server_that_stops_answering_holds_no_sync_and_the_replica_is_stil
     last = live.model_state("stamp")
     runs = int(re.findall(r"trainer stamp: run (\d+)", log)[-1])
     assert last.digest in {stamp_digest(run) for run in range(last.version - 1, runs + 1)}
+
+
+def made(version: int) -> set[bytes]:
+    """Digests of the versions a stamp trainer made up to `version` (run v - 1 as a rule; an
+    earlier one where a sync failed under load and its number went unused)."""
+    return {stamp_digest(run) for run in range(version)}
+
+
+def connected(pid: int, address: str) -> bool:
+    """Whether process `pid` holds a TCP connection to `address` (HOST:PORT), as `ss` sees."""
+    listed = subprocess.run(
+        ["ss", "-Htnp", "state", "established", "dst", address],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return f"pid={pid}," in listed
 
 
 def served(address: str) -> pb.ModelState:
