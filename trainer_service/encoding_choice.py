@@ -59,8 +59,8 @@ from trainer_service.encoding_costs import (
     cheapest_encoding,
     estimated_bytes,
 )
+from trainer_service.names import is_loopback
 from trainer_service.push import PushPlan
-from trainer_service.targets import is_loopback
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from trainer_service import chain, metrics
 from trainer_service.catchup import CatchUp
 from trainer_service.delivery import Delivery, Version, hashed
 from trainer_service.hostcopy import HostCopy, UsualSyncs
+from trainer_service.names import warn_plaintext_token
 from trainer_service.published import Published
 from trainer_service.push import (
     DEFAULT_STALL_TIMEOUT_S,
@@ -42,7 +43,7 @@ from trainer_service.push import (
     SyncClient,
     TargetUnreachableError,
 )
-from trainer_service.targets import Snapshot, Target, Targets, warn_plaintext_token
+from trainer_service.targets import Snapshot, Target, Targets
 
 logger = logging.getLogger(__name__)
 

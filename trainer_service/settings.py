@@ -28,8 +28,8 @@ from trainer_service.encoding_choice import AUTO, CHOICES
 from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S
 from trainer_service.experience.server import DEFAULT_STREAMS
 from trainer_service.experience.service import DEFAULT_MAX_BATCH_BYTES
+from trainer_service.names import checked
 from trainer_service.push import DEFAULT_STALL_TIMEOUT_S
-from trainer_service.targets import checked
 
 PROG = Scope.TRAINER.value
 DESCRIPTION = (

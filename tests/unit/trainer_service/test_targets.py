@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.grpc.auth import TlsFiles
-from trainer_service.targets import Endpoint, is_loopback, resolve, warn_plaintext_token
+from trainer_service.names import Endpoint, is_loopback, resolve, warn_plaintext_token
 
 
 def test_a_name_resolves_to_its_addresses_and_is_kept_for_tls_an_address_is_not() -> None:
