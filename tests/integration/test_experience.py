@@ -64,7 +64,7 @@ def start_trainer(
     *extra: str,
     name: str = "trainer",
     app: str = APP,
-    targets: tuple[str, ...] = ("127.0.0.1:0",),  # APP's model has no inference copy
+    targets: tuple[str, ...] = ("127.0.0.1:1",),  # APP's model has no inference copy: never dialled
 ) -> Trainer:
     ready = services.directory / f"{name}.ready.json"
     ready.unlink(missing_ok=True)

@@ -47,7 +47,7 @@ def spawn_replica(services: Services, name: str, state: Path) -> Replica:
     address = f"127.0.0.1:{free_port()}"
     command = trainer_command(
         APP,
-        ["127.0.0.1:0"],  # the models have no inference copy
+        ["127.0.0.1:1"],  # the models have no inference copy: never dialled
         "--trainer-groups",
         GROUPS,
         "--state-dir",

@@ -198,7 +198,7 @@ def test_an_open_experience_plane_beyond_loopback_needs_an_explicit_flag(
 ) -> None:
     process = services.spawn(
         trainer_command(
-            APP, ["127.0.0.1:0"], "--experience-listen", "0.0.0.0:0", "--metrics-listen", "off"
+            APP, ["127.0.0.1:1"], "--experience-listen", "0.0.0.0:0", "--metrics-listen", "off"
         ),
         "open",
     )

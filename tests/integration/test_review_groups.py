@@ -61,7 +61,7 @@ def test_trainer_groups_that_share_a_buffer_are_refused_at_start(services: Servi
     process = services.spawn(
         trainer_command(
             "tests.integration.test_review_groups:sharing",
-            ["127.0.0.1:0"],
+            ["127.0.0.1:1"],
             "--trainer-groups",
             "a;b,c",
             "--state-dir",

@@ -299,7 +299,7 @@ def test_a_trainer_whose_listen_address_is_taken_exits_with_a_line_naming_it(
     taken = first.address
     if flag == "--metrics-listen":
         taken = "127.0.0.1:" + services.log("trainer").split("metrics on port ")[1].split()[0]
-    command = trainer_command(STEPS, ("127.0.0.1:0",), "--experience-listen", "127.0.0.1:0")
+    command = trainer_command(STEPS, ("127.0.0.1:1",), "--experience-listen", "127.0.0.1:0")
     command += ["--metrics-listen", "off", "--state-dir", str(services.directory / "second")]
     second = services.spawn([*command, flag, taken], "second")
     assert second.wait(timeout=60) == 2
