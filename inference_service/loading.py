@@ -11,7 +11,7 @@ from inference_service.dataplane.model_io import empty_like_spec
 from inference_service.served_model import ServedModel
 from shared.app import App
 from shared.errors import ConfigurationError
-from shared.torch.model import build_torch_model, default_infer_procedure
+from shared.torch.model import build_torch_model, default_infer_procedure, overriding_device
 from shared.weights.served import serve_module
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def load_models(app: App, device: torch.device) -> dict[str, ServedModel]:
                 f"model {spec.name!r} is served but declares no inputs or outputs; pass "
                 "inputs=[TensorSpec(...)] and outputs=[...] to app.model()"
             )
+        device = overriding_device(spec.name, training_model, device)
         module = serve_module(training_model.model, spec.served_dtype).to(device)
         procedure = training_model.inference_procedure
         if procedure is default_infer_procedure:

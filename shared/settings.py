@@ -137,7 +137,8 @@ class ServiceOptions:
             metadata=option(
                 "--device",
                 f"{self.prefix}_DEVICE",
-                "auto (CUDA when present), cpu, cuda or cuda:N",
+                "where every model goes: auto (CUDA when present), cpu, cuda or cuda:N (over "
+                "the device a model's factory names, with a warning)",
                 metavar="DEVICE",
             ),
         )

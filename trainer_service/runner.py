@@ -18,13 +18,16 @@ import time
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import torch
+from typing_extensions import override
 
 from shared.app import App
 from shared.errors import ConfigurationError, StateWriteError
 from shared.model.container import TrainingModelsDict
-from shared.torch.model import TorchTrainingModel, build_torch_model
+from shared.model.interface import TrainingModel
+from shared.torch.model import TorchTrainingModel, build_torch_model, overriding_device
 from shared.trainer.base import Trainer, TrainersDict
 from trainer_service import metrics
 from trainer_service.checkpoint import Checkpoints
@@ -47,6 +50,21 @@ class Outcome(IntEnum):
     FENCED = 2
 
 
+class _TrainerModels(TrainingModelsDict):
+    """The trainer's models. Inference-only ones are loaded by the inference service alone;
+    their names are kept so that looking one up says why, as PAMIQ's dict does."""
+
+    def __init__(self) -> None:
+        self.inference_only: set[str] = set()
+        super().__init__()
+
+    @override
+    def __getitem__(self, key: str) -> TrainingModel[Any]:
+        if key in self.inference_only:
+            raise KeyError(f"model '{key}' is inference thread only.")
+        return super().__getitem__(key)
+
+
 class TrainingLoop:
     def __init__(
         self,
@@ -60,13 +78,14 @@ class TrainingLoop:
         self.group = group
         writes = group is None or group.is_writer
         self.checkpoints = Checkpoints(state_dir) if state_dir is not None else None
-        self.models = TrainingModelsDict()
+        self.models = _TrainerModels()
         for spec in app.models.values():
             model = build_torch_model(spec.name, spec.build)
             if model.inference_thread_only:
                 logger.info("model %s is inference-only; the inference service loads it", spec.name)
+                self.models.inference_only.add(spec.name)
                 continue
-            model.model.to(device)
+            model.model.to(overriding_device(spec.name, model, device))
             if model.has_inference_model:  # before the dict would build a local copy
                 model.attach_inference_model(
                     PublishedInferenceModel(spec.name, publisher, spec.served_dtype)

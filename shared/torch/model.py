@@ -8,6 +8,7 @@ to a `RemoteInferenceModel`. Weights on disk are safetensors; nothing here unpic
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,8 @@ from shared.dtypes import BY_TORCH
 from shared.errors import ConfigurationError
 from shared.model.interface import InferenceModel, TrainingModel
 from shared.model.remote import RemoteInferenceModel
+
+logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 M_contra = TypeVar("M_contra", bound=nn.Module, contravariant=True)
@@ -181,7 +184,7 @@ def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     shared storage; loading copies into tied parameters, so the tie survives a round trip)."""
     state: dict[str, torch.Tensor] = {}
     seen: set[tuple[torch.device, int]] = set()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in tensor_state(module).items():
         tensor = tensor.detach().contiguous()
         storage = (tensor.device, tensor.untyped_storage().data_ptr())
         if tensor.numel() and storage in seen:
@@ -191,6 +194,41 @@ def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def tensor_state(module: nn.Module, model_name: str | None = None) -> dict[str, torch.Tensor]:
+    """`module.state_dict()`, every entry of which must be a tensor.
+
+    Raises:
+        TypeError: An entry is something else: the extra state of a module whose
+            `get_extra_state` returns no tensor (saving or sending it would need pickle).
+    """
+    state = module.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            owner = f"model {model_name!r}: " if model_name is not None else ""
+            raise TypeError(
+                f"{owner}{key!r} in the state dict is a {type(value).__name__}, not a tensor; "
+                "weights are saved and sent as tensors only (never pickled): make "
+                "get_extra_state return a tensor, or keep that state outside the module"
+            )
+    return state
+
+
+def overriding_device(
+    name: str, model: TorchTrainingModel[Any], device: torch.device
+) -> torch.device:
+    """`device`, the service's, where model `name` goes; a warning is logged where its factory
+    asked for another device (PAMIQ's `device`, which the service's `--device` overrides)."""
+    asked = model.requested_device
+    if asked is not None and (asked.type != device.type or asked.index not in (None, device.index)):
+        logger.warning(
+            "model %s: its factory asked for device %s; this service's --device puts it on %s",
+            name,
+            asked,
+            device,
+        )
+    return device
+
+
 def build_torch_model(name: str, factory: Callable[[], object]) -> TorchTrainingModel[nn.Module]:
     """Call a model factory of the app; the services sync TorchTrainingModels only.
 
@@ -198,7 +236,8 @@ def build_torch_model(name: str, factory: Callable[[], object]) -> TorchTraining
         ConfigurationError: The factory raised (a missing or mismatched
             `pretrained_parameter_file` among others), returned something else, or a model with
             an inference copy holds a tensor whose dtype cannot travel; the message names the
-            model (and the tensor).
+            model (and the tensor), or the module's state dict holds something other than
+            tensors (a module's extra state).
     """
     try:
         model = factory()
@@ -211,8 +250,12 @@ def build_torch_model(name: str, factory: Callable[[], object]) -> TorchTraining
             f"model {name!r}: the factory returned a {type(model).__name__}; syncing across "
             "machines needs a TorchTrainingModel"
         )
+    try:
+        state = tensor_state(model.model, name)
+    except TypeError as exc:
+        raise ConfigurationError(str(exc)) from None
     if model.has_inference_model:
-        for tensor_name, tensor in model.model.state_dict().items():
+        for tensor_name, tensor in state.items():
             if tensor.dtype not in BY_TORCH:
                 raise ConfigurationError(
                     f"model {name!r}: tensor {tensor_name!r} is {tensor.dtype}, which cannot "
@@ -230,7 +273,9 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
         has_inference_model: Whether the module has an inference copy (see TrainingModel).
         inference_thread_only: The module is only served, never trained; the inference copy
             is the module itself, not a copy.
-        device: Where to put the module (None: where it already is).
+        device: Where to put the module (None: where it already is). The services put every
+            module on their own `--device`, the placement of the host they run on, and log
+            a warning where that is not the device given here.
         dtype: Convert the module to this dtype first (None: keep).
         inference_procedure: How the inference copy runs the module, or the name of a method
             of the module's class.
@@ -259,7 +304,8 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
         if dtype is not None:
             model = model.type(dtype)
         self.model = model
-        target = get_device(model) if device is None else torch.device(device)
+        self.requested_device = None if device is None else torch.device(device)
+        target = get_device(model) if self.requested_device is None else self.requested_device
         self._inference_procedure = _resolve_procedure(model, inference_procedure)
         self.model.to(target)
         if pretrained_parameter_file is not None:
@@ -288,8 +334,10 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
     def sync_impl(self, inference_model: TorchInferenceModel[M]) -> None:
         """Make the inference copy hold the training weights.
 
-        A `RemoteInferenceModel` gets `publish(self.model.state_dict())`; the training module,
-        its grads and its train/eval mode are untouched. A local copy gets PAMIQ's swap: the
+        A `RemoteInferenceModel` gets `publish(self.model.state_dict())`, and the training
+        module is put in train mode, as PAMIQ's swap leaves it (a trainer that ran an
+        evaluation in eval mode trains in train mode again); its grads are untouched. A local
+        copy gets PAMIQ's swap: the
         trained module becomes the inference module (in eval mode), the old inference module
         takes the trained weights and the grads and becomes `self.model` (in train mode).
 
@@ -298,6 +346,7 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
         """
         if isinstance(inference_model, RemoteInferenceModel):
             inference_model.publish(self.model.state_dict())
+            self.model.train()
             return
         self.model.eval()
         grads: list[torch.Tensor | None] = []
