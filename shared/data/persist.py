@@ -2,9 +2,13 @@
 
 Samples that are tensors of one dtype and shape, or mappings of the same names to such tensors
 (what the experience plane stores), are saved stacked: one tensor per name, the sample count
-and the names in the file's metadata. Any other samples (trees of tensors and JSON scalars) go
-through `shared.torch.state_io.save_tree`. Loading gives the samples back in order, stacked ones
-as views of the loaded tensors.
+and the names in the file's metadata. Samples whose shapes vary (a name's tensors of one dtype
+and rank, lengths differing from sample to sample) are saved flat: per name, every sample's
+elements one after another and a tensor of their shapes, so the file's header stays small
+however many samples there are (safetensors refuses a header over 100 MB, one entry a tensor).
+Any other samples (trees of tensors and JSON scalars) go through
+`shared.torch.state_io.save_tree`. Loading gives the samples back in order, as views of the
+loaded tensors.
 
 torch is imported on first use: the data API itself does not need it.
 """
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
 FORMAT_KEY = "weightsync.samples"
 TENSORS = "tensors"  # every sample one tensor
 MAPPINGS = "mappings"  # every sample a mapping of the same names to tensors
+SHAPES = ".shapes"  # beside a flat column's key: its samples' shapes
 
 
 def state_file(path: Path) -> Path:
@@ -47,8 +52,9 @@ def save_samples(path: Path, samples: Sequence[Any]) -> None:
     if stacked is None:
         save_tree(path, list(samples))
         return
-    kind, names, tensors = stacked
-    metadata = {FORMAT_KEY: json.dumps({"kind": kind, "count": len(samples), "names": names})}
+    kind, names, tensors, ragged = stacked
+    info = {"kind": kind, "count": len(samples), "names": names, "ragged": ragged}
+    metadata = {FORMAT_KEY: json.dumps(info)}
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 
@@ -74,8 +80,12 @@ def load_samples(path: Path) -> list[Any]:
     try:
         info = json.loads(metadata[FORMAT_KEY])
         count, names, kind = int(info["count"]), [str(n) for n in info["names"]], info["kind"]
-        columns = [tensors[str(i)].unbind(0) for i in range(max(1, len(names)))]
-    except (ValueError, TypeError, KeyError) as exc:
+        keys = [str(i) for i in range(max(1, len(names)))]
+        if info.get("ragged"):
+            columns = [_unflattened(tensors[k], tensors[f"{k}{SHAPES}"]) for k in keys]
+        else:
+            columns = [tensors[k].unbind(0) for k in keys]
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{path}: the samples' metadata is corrupt ({exc})") from None
     if any(len(column) != count for column in columns):
         raise ValueError(f"{path}: its tensors do not all hold {count} samples")
@@ -86,38 +96,45 @@ def load_samples(path: Path) -> list[Any]:
     ]
 
 
-def _stacked(samples: Sequence[Any]) -> tuple[str, list[str], dict[str, torch.Tensor]] | None:
-    """(kind, names, tensors by column index) when the samples stack; else None."""
+def _stacked(
+    samples: Sequence[Any],
+) -> tuple[str, list[str], dict[str, torch.Tensor], bool] | None:
+    """(kind, names, tensors by column key, whether flat) when the samples are tensors, or
+    mappings of the same names to tensors, each name's of one dtype and rank; else None."""
     import torch
 
     if not samples:
         return None
     first = samples[0]
     if isinstance(first, torch.Tensor):
-        if all(_like(s, first) for s in samples):
-            return TENSORS, [], {"0": _stack(samples)}
-        return None
-    if not isinstance(first, Mapping) or not all(isinstance(k, str) for k in first):
-        return None
-    names = list(first)
-    if not names or not all(isinstance(first[n], torch.Tensor) for n in names):
-        return None
-    for sample in samples:
-        if not isinstance(sample, Mapping) or list(sample) != names:
+        kind, names, columns = TENSORS, [], [list(samples)]
+    elif isinstance(first, Mapping) and all(isinstance(k, str) for k in first):
+        kind, names = MAPPINGS, list(first)
+        if not names or any(
+            not isinstance(sample, Mapping) or list(sample) != names for sample in samples
+        ):
             return None
-        if not all(_like(sample[n], first[n]) for n in names):
-            return None
-    columns = {str(i): _stack([s[n] for s in samples]) for i, n in enumerate(names)}
-    return MAPPINGS, names, columns
+        columns = [[sample[n] for sample in samples] for n in names]
+    else:
+        return None
+    if not all(_of_a_kind(column) for column in columns):
+        return None
+    if all(all(t.shape == column[0].shape for t in column) for column in columns):
+        return kind, names, {str(i): _stack(c) for i, c in enumerate(columns)}, False
+    tensors: dict[str, torch.Tensor] = {}
+    for i, column in enumerate(columns):
+        tensors[str(i)], tensors[f"{i}{SHAPES}"] = _flattened(column)
+    return kind, names, tensors, True
 
 
-def _like(value: object, model: torch.Tensor) -> bool:
+def _of_a_kind(column: Sequence[object]) -> bool:
+    """Whether every value is a tensor of the first one's dtype and rank."""
     import torch
 
-    return (
-        isinstance(value, torch.Tensor)
-        and value.dtype == model.dtype
-        and value.shape == model.shape
+    first = column[0]
+    return isinstance(first, torch.Tensor) and all(
+        isinstance(t, torch.Tensor) and t.dtype == first.dtype and t.dim() == first.dim()
+        for t in column
     )
 
 
@@ -125,3 +142,26 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     import torch
 
     return torch.stack([t.detach().to("cpu") for t in tensors]).contiguous()
+
+
+def _flattened(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every tensor's elements one after another, and their shapes (count x rank, int64)."""
+    import torch
+
+    values = torch.cat([t.detach().to("cpu").reshape(-1) for t in tensors])
+    shapes = torch.tensor([list(t.shape) for t in tensors], dtype=torch.int64)
+    return values, shapes.reshape(len(tensors), tensors[0].dim())
+
+
+def _unflattened(values: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors `_flattened` laid out, as views of `values`."""
+    import torch
+
+    if values.dim() != 1 or shapes.dim() != 2 or bool((shapes < 0).any()):
+        raise ValueError("the flat samples or their shapes are malformed")
+    sizes = shapes.prod(dim=1).tolist()
+    if sum(sizes) != values.numel():
+        raise ValueError(f"the shapes name {sum(sizes)} elements, the values hold {values.numel()}")
+    rows = shapes.tolist()
+    parts = torch.split(values, sizes)
+    return [part.view(row) for part, row in zip(parts, rows, strict=True)]

@@ -30,7 +30,7 @@ def test_mappings_of_tensors_are_stacked_per_name(tmp_path: Path) -> None:
     ]
     back = roundtrip(tmp_path, samples)
     info = json.loads(metadata(tmp_path / "s.safetensors")[FORMAT_KEY])
-    assert info == {"kind": "mappings", "count": 5, "names": ["obs", "act"]}
+    assert info == {"kind": "mappings", "count": 5, "names": ["obs", "act"], "ragged": False}
     assert [list(s) for s in back] == [["obs", "act"]] * 5
     for got, want in zip(back, samples, strict=True):
         assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
@@ -43,12 +43,61 @@ def test_tensors_of_one_shape_are_stacked(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(back, samples, strict=True))
 
 
+def header_bytes(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_samples_whose_shapes_vary_are_saved_flat_with_a_small_header(tmp_path: Path) -> None:
+    # A header entry per tensor would pass safetensors' 100 MB header limit near 400,000
+    # samples, and the checkpoint could not be loaded back.
+    samples = [
+        {
+            "tokens": torch.arange(i % 7, dtype=torch.int32),
+            "image": torch.full((i % 3, 2), float(i)),
+            "reward": torch.tensor(float(i)),
+        }
+        for i in range(20_000)
+    ]
+    back = roundtrip(tmp_path, samples)
+    path = tmp_path / "s.safetensors"
+    assert json.loads(metadata(path)[FORMAT_KEY])["ragged"] is True
+    assert header_bytes(path) < 2048
+    assert len(back) == len(samples)
+    for got, want in zip(back, samples, strict=True):
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+            assert torch.equal(got[name], want[name])
+
+
+def test_tensors_whose_shapes_vary_are_saved_flat(tmp_path: Path) -> None:
+    samples = [torch.randn(i, 3).to(torch.bfloat16) for i in (2, 0, 5)]
+    back = roundtrip(tmp_path, samples)
+    assert json.loads(metadata(tmp_path / "s.safetensors")[FORMAT_KEY])["kind"] == "tensors"
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(back, samples, strict=True))
+
+
+def test_flat_samples_whose_shapes_do_not_fit_their_values_are_refused(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    path = tmp_path / "s.safetensors"
+    save_samples(path, [torch.zeros(2), torch.zeros(3)])
+    with safe_open(str(path), framework="pt") as file:
+        tensors = {k: file.get_tensor(k) for k in file.keys()}  # noqa: SIM118
+        kept = dict(file.metadata() or {})
+    tensors["0.shapes"][1, 0] = 4  # names 6 elements, 5 saved
+    safetensors.torch.save_file(tensors, str(path), metadata=kept)
+    with pytest.raises(ValueError, match="corrupt.*the shapes name 6 elements, the values hold 5"):
+        load_samples(path)
+
+
 def test_other_samples_go_as_a_tree(tmp_path: Path) -> None:
     samples: list[Any] = [
         {"x": torch.zeros(2), "reward": 1.5, "done": False},
         torch.ones(3),
         (1, "two", None, float("inf")),
         {"x": torch.zeros(5)},
+        {"x": torch.zeros(2, dtype=torch.int8)},
     ]
     back = roundtrip(tmp_path, samples)
     assert FORMAT_KEY not in metadata(tmp_path / "s.safetensors")
@@ -57,6 +106,7 @@ def test_other_samples_go_as_a_tree(tmp_path: Path) -> None:
     assert torch.equal(back[1], torch.ones(3))
     assert back[2] == (1, "two", None, float("inf"))
     assert torch.equal(back[3]["x"], torch.zeros(5))
+    assert back[4]["x"].dtype == torch.int8
 
 
 def test_no_samples(tmp_path: Path) -> None:
