@@ -22,9 +22,10 @@ from shared.metrics import serve_metrics
 from shared.process import prepare_process
 from shared.statedir import claim, claim_first
 from trainer_service.distributed import Group, join, rank_device
-from trainer_service.experience.buffers import Buffers, check_groups
+from trainer_service.experience.buffers import Buffers
 from trainer_service.experience.server import STOP_GRACE_S, ExperienceEndpoint, ExperienceServer
 from trainer_service.experience.service import ExperiencePlane
+from trainer_service.groups import check_groups
 from trainer_service.publisher import Publisher, WriterFencedError
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import PROG, TrainerSettings
@@ -95,7 +96,14 @@ def run(settings: TrainerSettings) -> None:
             ", ".join(settings.inference),
         )
         loop.start(stop)
-        loop.run(stop, settings.max_runs, settings.run_interval, settings.checkpoint_every)
+        try:
+            loop.run(stop, settings.max_runs, settings.run_interval, settings.checkpoint_every)
+        except WriterFencedError:
+            raise  # the models are another trainer's now: its state, not this one's
+        except Exception:
+            if group is None:  # ranks that did not fail would wait in the save's collectives
+                save_after_failure(loop, experience)
+            raise
         if experience is not None:  # first: every batch acknowledged is in the last checkpoint
             experience.stop(STOP_GRACE_S)
         loop.save()
@@ -107,6 +115,18 @@ def run(settings: TrainerSettings) -> None:
         publisher.close()
         if group is not None:
             group.close()
+
+
+def save_after_failure(loop: TrainingLoop, experience: ExperienceServer | None) -> None:
+    """Checkpoint what the runs before a trainer's failure did (PAMIQ saves its state when a
+    thread fails), the batches acknowledged included, before the error ends the process."""
+    logger.error("a trainer failed after %d run(s); checkpointing before exiting", loop.runs)
+    if experience is not None:
+        experience.stop(STOP_GRACE_S)
+    try:
+        loop.save()
+    except Exception:
+        logger.exception("the checkpoint after the failure could not be written")
 
 
 def listening(flag: str, start: Callable[[], int]) -> int:

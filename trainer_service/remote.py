@@ -2,26 +2,67 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from typing_extensions import override
 
 from shared.model.remote import RemoteInferenceModel
 from shared.weights.served import served_state
-from trainer_service.publisher import Publisher
+from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
+
+logger = logging.getLogger(__name__)
+
+
+class Syncs:
+    """What the trainer's syncs do around its runs.
+
+    Until the training loop has resumed its checkpoint and starts pushing (`started`), a sync
+    sends nothing: the first push is the resumed weights, never the app's initial ones (a
+    trainer that syncs in `on_training_models_attached`, harmless in PAMIQ, would otherwise
+    serve untrained weights over trained ones at every restart). While a run is `holding`, a
+    sync that fails is kept for the runner instead of raised into the trainer: PAMIQ's sync
+    never fails, so a `sync()` inside `train()` lets the run go on and `teardown` keep its
+    optimizer state, and the services it missed are caught up later. A fenced writer is
+    raised at once."""
+
+    def __init__(self, started: bool = True) -> None:
+        self.started = started
+        self._held: list[SyncFailedError] | None = None
+
+    @contextmanager
+    def holding(self) -> Iterator[list[SyncFailedError]]:
+        """Keep the syncs that fail meanwhile in the list given, instead of raising them."""
+        self._held = []
+        try:
+            yield self._held
+        finally:
+            self._held = None
+
+    def failed(self, error: SyncFailedError) -> None:
+        """A sync failed: keep `error` while holding, else raise it."""
+        if self._held is None or isinstance(error, WriterFencedError):
+            raise error
+        self._held.append(error)
 
 
 class PublishedInferenceModel(RemoteInferenceModel):
     """`sync()` of its TrainingModel streams the weights through the publisher, converted to
-    the dtype they are served in (`served_dtype`; None: as trained)."""
+    the dtype they are served in (`served_dtype`; None: as trained), as `syncs` allows."""
 
     def __init__(
-        self, name: str, publisher: Publisher, served_dtype: torch.dtype | None = None
+        self,
+        name: str,
+        publisher: Publisher,
+        served_dtype: torch.dtype | None = None,
+        syncs: Syncs | None = None,
     ) -> None:
         self.name = name
         self._publisher = publisher
         self._served_dtype = served_dtype
+        self._syncs = Syncs() if syncs is None else syncs
 
     @property
     def version(self) -> int:
@@ -30,10 +71,16 @@ class PublishedInferenceModel(RemoteInferenceModel):
 
     @override
     def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
+        if not self._syncs.started:
+            logger.debug("model %s: a sync before the trainer started sends nothing", self.name)
+            return
         served = served_state(weights, self._served_dtype)
         # The converted tensors are this push's own: kept as they are for later deltas.
         owned = [name for name, tensor in served.items() if tensor is not weights[name]]
-        self._publisher.publish(self.name, served, owned=owned)
+        try:
+            self._publisher.publish(self.name, served, owned=owned)
+        except SyncFailedError as error:
+            self._syncs.failed(error)
 
 
 class PublishedByRankZero(RemoteInferenceModel):

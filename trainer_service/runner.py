@@ -34,7 +34,7 @@ from trainer_service.checkpoint import Checkpoints
 from trainer_service.distributed import Group
 from trainer_service.experience.buffers import Buffers
 from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
-from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel
+from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel, Syncs
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class TrainingLoop:
         self.group = group
         writes = group is None or group.is_writer
         self.checkpoints = Checkpoints(state_dir) if state_dir is not None else None
+        self.syncs = Syncs(started=False)  # until start(): nothing is pushed before resume()
         self.models = _TrainerModels()
         for spec in app.models.values():
             model = build_torch_model(spec.name, spec.build)
@@ -88,7 +89,7 @@ class TrainingLoop:
             model.model.to(overriding_device(spec.name, model, device))
             if model.has_inference_model:  # before the dict would build a local copy
                 model.attach_inference_model(
-                    PublishedInferenceModel(spec.name, publisher, spec.served_dtype)
+                    PublishedInferenceModel(spec.name, publisher, spec.served_dtype, self.syncs)
                     if writes
                     else PublishedByRankZero(spec.name)
                 )
@@ -101,6 +102,8 @@ class TrainingLoop:
                 f"{', '.join(sorted(app.trainers)) or 'none'}"
             )
         self.trainers = TrainersDict({name: app.trainers[name]() for name in names})
+        for name in names:  # each trainer's series exists from the start, 0 until it runs
+            metrics.RUNS.labels(name)
         self.trainers.attach_training_models(self.models)
         # A trainer group holds the buffers its trainers read (experience/buffers.py).
         self.buffers = Buffers.of(app).attach(self.trainers, every=set(names) == set(app.trainers))
@@ -127,7 +130,8 @@ class TrainingLoop:
             logger.info("resumed from %s", saved)
 
     def start(self, stop: threading.Event) -> None:
-        """Push every model this process writes (after `resume`)."""
+        """Push every model this process writes (after `resume`); syncs send from now on."""
+        self.syncs.started = True
         if self.group is not None:
             self.group.replicate(m.model for m in self._torch_models().values())
         for name in self.synced_models():
@@ -213,7 +217,14 @@ class TrainingLoop:
         return {n: m for n, m in self.models.data.items() if isinstance(m, TorchTrainingModel)}
 
     def _run_one(self, name: str, trainer: Trainer) -> bool:
-        ran, error = self._agreed(trainer.run)
+        def attempt() -> bool:
+            with self.syncs.holding() as failed:  # a sync() in train() lets the run go on
+                ran = trainer.run()
+            if failed:
+                raise SyncFailedError("; ".join(map(str, failed)))
+            return ran
+
+        ran, error = self._agreed(attempt)
         if error is not None:
             logger.error("trainer %s: sync failed, will catch up next run: %s", name, error)
         return bool(ran)

@@ -18,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import safetensors.torch
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from shared.dtypes import BY_TORCH
@@ -198,13 +199,20 @@ def tensor_state(module: nn.Module, model_name: str | None = None) -> dict[str, 
     """`module.state_dict()`, every entry of which must be a tensor.
 
     Raises:
-        TypeError: An entry is something else: the extra state of a module whose
-            `get_extra_state` returns no tensor (saving or sending it would need pickle).
+        TypeError: An entry is something else (the extra state of a module whose
+            `get_extra_state` returns no tensor: saving or sending it would need pickle), or
+            a lazy module's parameter not initialized yet.
     """
     state = module.state_dict()
     for key, value in state.items():
+        owner = f"model {model_name!r}: " if model_name is not None else ""
+        if isinstance(value, torch.Tensor) and is_lazy(value):
+            raise TypeError(
+                f"{owner}{key!r} is not initialized yet (a lazy module, nn.LazyLinear and "
+                "the like): run the module once on an example input in the model's factory, "
+                "so that every shape is known before its weights are saved or sent"
+            )
         if not isinstance(value, torch.Tensor):
-            owner = f"model {model_name!r}: " if model_name is not None else ""
             raise TypeError(
                 f"{owner}{key!r} in the state dict is a {type(value).__name__}, not a tensor; "
                 "weights are saved and sent as tensors only (never pickled): make "

@@ -80,10 +80,10 @@ def test_trainer_groups_that_share_a_buffer_are_refused_at_start(services: Servi
     assert not ready.exists()
     log = services.log("trainer")
     assert (
-        "trainer groups must not share a buffer: buffer 'common' is read by the groups a and b+c"
-        in log
+        "trainer groups must not share a model or a buffer: buffer 'common' is used by the "
+        "groups a and b+c" in log
     )
-    assert "put the trainers that read a buffer in one group" in log
+    assert "put the trainers that share one in one group" in log
     assert "Traceback" not in log
 
 

@@ -7,12 +7,12 @@ they look up with `get_data_user` when their data users are attached (PAMIQ's
 buffer goes to the replica holding the group that reads it, and agents find that replica by
 asking (experience.v1 ListBuffers lists what a trainer holds). A buffer read by trainers of two
 groups would be held by both groups' replicas while an agent streams to one of them: the other
-group would never see a sample. `check_groups` refuses such groups at start.
+group would never see a sample: such groups are refused at start (trainer_service/groups.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from shared.data.batch import BatchSchema
 from shared.data.container import DataUsersDict
 from shared.data.interface import DataUser
 from shared.errors import ConfigurationError
-from shared.model import TrainingModelsDict
 from shared.trainer.base import TrainersDict
 
 
@@ -63,13 +62,13 @@ class Buffers:
             ConfigurationError: A trainer trains on the condition of a buffer the app does
                 not declare.
         """
-        read = self._read_by(trainers)
+        read = self.read_by(trainers)
         if every:
             return self
         users = DataUsersDict({n: u for n, u in self.users.items() if n in read})
         return Buffers(users, {n: s for n, s in self.schemas.items() if n in read})
 
-    def _read_by(self, trainers: TrainersDict) -> set[str]:
+    def read_by(self, trainers: TrainersDict) -> set[str]:
         """Attach the data users to every trainer; the buffers they read."""
         read: set[str] = set()
         for name, trainer in trainers.items():
@@ -84,37 +83,6 @@ class Buffers:
             trainer.attach_data_users(view)
             read |= view.read | ({wanted} if wanted is not None else set())
         return read
-
-
-def check_groups(app: App, groups: Sequence[Sequence[str]], models: TrainingModelsDict) -> None:
-    """Refuse trainer groups that share a buffer. Each group's replica would hold it, and an
-    agent (or an inference service recording into it) streams to one holder only: the other
-    group's trainers would wait for samples that never come. Every group's trainers are built
-    and attached to `models` (the app's, as this process built them) to learn what they read.
-
-    Raises:
-        ConfigurationError: Trainers of two groups read one buffer.
-    """
-    if not app.buffers:
-        return
-    buffers = Buffers.of(app)
-    readers: dict[str, list[str]] = {}
-    for group in groups:
-        trainers = TrainersDict({n: app.trainers[n]() for n in group if n in app.trainers})
-        trainers.attach_training_models(models)
-        for buffer in sorted(buffers._read_by(trainers)):
-            readers.setdefault(buffer, []).append("+".join(group))
-    shared = {buffer: names for buffer, names in readers.items() if len(names) > 1}
-    if shared:
-        raise ConfigurationError(
-            "trainer groups must not share a buffer: "
-            + "; ".join(
-                f"buffer {buffer!r} is read by the groups {' and '.join(names)}"
-                for buffer, names in sorted(shared.items())
-            )
-            + ". Each group's replica would hold it and agents stream to one of them only, so "
-            "the others would never train: put the trainers that read a buffer in one group"
-        )
 
 
 class _Reads(DataUsersDict):
