@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from typing_extensions import override
@@ -26,26 +27,40 @@ class Syncs:
     sync that fails is kept for the runner instead of raised into the trainer: PAMIQ's sync
     never fails, so a `sync()` inside `train()` lets the run go on and `teardown` keep its
     optimizer state, and the services it missed are caught up later. A fenced writer is
-    raised at once."""
+    raised at once. The run also learns which models sent anything: a model class whose own
+    `sync_impl` does not call TorchTrainingModel's sends nothing across machines."""
 
     def __init__(self, started: bool = True) -> None:
         self.started = started
-        self._held: list[SyncFailedError] | None = None
+        self._run: HeldRun | None = None
 
     @contextmanager
-    def holding(self) -> Iterator[list[SyncFailedError]]:
-        """Keep the syncs that fail meanwhile in the list given, instead of raising them."""
-        self._held = []
+    def holding(self) -> Iterator[HeldRun]:
+        """Keep the syncs that fail meanwhile, instead of raising them, and the models sent."""
+        self._run = HeldRun()
         try:
-            yield self._held
+            yield self._run
         finally:
-            self._held = None
+            self._run = None
+
+    def sending(self, model: str) -> None:
+        """Model `model` is being sent."""
+        if self._run is not None:
+            self._run.sent.add(model)
 
     def failed(self, error: SyncFailedError) -> None:
         """A sync failed: keep `error` while holding, else raise it."""
-        if self._held is None or isinstance(error, WriterFencedError):
+        if self._run is None or isinstance(error, WriterFencedError):
             raise error
-        self._held.append(error)
+        self._run.failed.append(error)
+
+
+@dataclass
+class HeldRun:
+    """What the syncs of one run did: the failures kept, the models sent."""
+
+    failed: list[SyncFailedError] = field(default_factory=list)
+    sent: set[str] = field(default_factory=set)
 
 
 class PublishedInferenceModel(RemoteInferenceModel):
@@ -74,6 +89,7 @@ class PublishedInferenceModel(RemoteInferenceModel):
         if not self._syncs.started:
             logger.debug("model %s: a sync before the trainer started sends nothing", self.name)
             return
+        self._syncs.sending(self.name)
         served = served_state(weights, self._served_dtype)
         # The converted tensors are this push's own: kept as they are for later deltas.
         owned = [name for name, tensor in served.items() if tensor is not weights[name]]

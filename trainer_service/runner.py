@@ -79,6 +79,7 @@ class TrainingLoop:
         writes = group is None or group.is_writer
         self.checkpoints = Checkpoints(state_dir) if state_dir is not None else None
         self.syncs = Syncs(started=False)  # until start(): nothing is pushed before resume()
+        self._silent: set[str] = set()  # models whose sync was seen to send nothing
         self.models = _TrainerModels()
         for spec in app.models.values():
             model = build_torch_model(spec.name, spec.build)
@@ -218,16 +219,35 @@ class TrainingLoop:
 
     def _run_one(self, name: str, trainer: Trainer) -> bool:
         def attempt() -> bool:
-            with self.syncs.holding() as failed:  # a sync() in train() lets the run go on
+            with self.syncs.holding() as run:  # a sync() in train() lets the run go on
                 ran = trainer.run()
-            if failed:
-                raise SyncFailedError("; ".join(map(str, failed)))
+            if ran:
+                self._check_sent(trainer, run.sent)
+            if run.failed:
+                raise SyncFailedError("; ".join(map(str, run.failed)))
             return ran
 
         ran, error = self._agreed(attempt)
         if error is not None:
             logger.error("trainer %s: sync failed, will catch up next run: %s", name, error)
         return bool(ran)
+
+    def _check_sent(self, trainer: Trainer, sent: set[str]) -> None:
+        """Warn, once a model, where a run's sync sent nothing: the model's class has a
+        `sync_impl` of its own that does not call TorchTrainingModel's (PAMIQ's own sync_impl
+        copies into a local module; across machines only TorchTrainingModel's sends)."""
+        if self.group is not None and not self.group.is_writer:
+            return
+        for model in trainer.retrieved_model_names:
+            if model in sent or model in self._silent or model not in self.synced_models():
+                continue
+            self._silent.add(model)
+            logger.warning(
+                "model %s: its sync() sent nothing to the inference services: its class's "
+                "sync_impl does not call TorchTrainingModel.sync_impl (super().sync_impl), "
+                "which is what sends the weights across machines",
+                model,
+            )
 
     def _sync_until_done(
         self, name: str, model: TorchTrainingModel[torch.nn.Module], stop: threading.Event
