@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.servicer import InferenceServicer
@@ -32,6 +32,7 @@ from inference_service.syncplane.servicer import WeightSyncServicer
 from inference_service.syncplane.servicer import add_to_server as add_sync_servicer
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from shared.grpc.auth import AsyncTokenAuthInterceptor, TlsFiles, TokenAuthInterceptor
+from shared.grpc.health import AsyncHealth, Health
 from shared.grpc.limits import CallBudget
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from shared.grpc.reflection import enable_reflection
@@ -112,8 +113,8 @@ class InferenceServer:
             target=self._loop.run_forever, name="data-plane", daemon=True
         )
         self._data_server: grpc.aio.Server | None = None
-        self._data_health: health.aio.HealthServicer | None = None
-        self._health = health.HealthServicer(experimental_non_blocking=True)  # the sync plane's
+        self._data_health: AsyncHealth | None = None
+        self._health = Health()  # the sync plane's
         for service in SERVICES:
             self._health.set(service, NOT_SERVING)
 
@@ -147,7 +148,7 @@ class InferenceServer:
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.data_plane, self._data.server_version), server
         )
-        self._data_health = health.aio.HealthServicer()
+        self._data_health = AsyncHealth()
         for service in SERVICES:
             await self._data_health.set(service, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._data_health, server)

@@ -114,6 +114,11 @@ class UnsupportedError(ServiceError):
     """The protocol has the call, but this service does not offer what it asks for."""
 
 
+class StoredVersionDamagedError(ServiceError):
+    """A version kept on disk no longer checks out (its digest, its tensors): it cannot be
+    served again; nothing was swapped."""
+
+
 class ConfigurationError(Exception):
     """The user's model definition or the service settings are wrong; raised at start-up."""
 

@@ -42,5 +42,7 @@ PUSH_STALLED = "push-stalled"
 UNAVAILABLE = "unavailable"
 RESOURCE_LIMIT = "resource-limit"
 UNSUPPORTED = "unsupported"
+# DATA_LOSS
+STORED_VERSION_DAMAGED = "stored-version-damaged"  # a rollback's file no longer checks out
 # UNKNOWN: a ServiceError of no more specific kind (none is raised as such)
 SERVICE = "service"

@@ -19,7 +19,13 @@ from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.own import OwnAddress
 from inference_service.syncplane.parts import Commit, Hop, HopResult, PushHeader
 from inference_service.syncplane.seed import Seeder
-from shared.errors import InferenceOnlyModelError, OutOfRangeError, PushRejectedError
+from shared.errors import (
+    InferenceOnlyModelError,
+    MalformedPushError,
+    OutOfRangeError,
+    PushRejectedError,
+    StoredVersionDamagedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,11 @@ class SyncPlane:
         the stored file, under the current writer's epoch."""
         check_counter("to_version", to_version)
         model = self.model(name)
+        if not model.accepts_pushes:
+            raise InferenceOnlyModelError(
+                f"model {name!r} is inference-only: it serves its pretrained weights and takes "
+                "no pushes, rollbacks included"
+            )
         stored = self._history().find(name, to_version)
         version = model.live.version + 1
         if version >= COUNTER_LIMIT:
@@ -94,7 +105,17 @@ class SyncPlane:
             stored.size_bytes,
             model.lease.epoch,
         )
-        return self.applier.apply(header, itertools.chain(stored.chunks(), [Commit(stored.digest)]))
+        try:
+            return self.applier.apply(
+                header, itertools.chain(stored.chunks(), [Commit(stored.digest)])
+            )
+        except MalformedPushError as exc:  # the file no longer checks out
+            logger.error("model %s: rollback to stored version %d: %s", name, to_version, exc)
+            raise StoredVersionDamagedError(
+                f"model {name!r}: the stored version {to_version} is damaged: its file no "
+                "longer matches the digest kept with it, so it cannot be served again; "
+                "nothing was swapped"
+            ) from None
 
     def serving_at(self, listen: str, port: int) -> None:
         """Where this sync plane is reached (its listen address and bound port): a seed to it,

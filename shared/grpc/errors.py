@@ -42,6 +42,7 @@ from shared.errors import (
     ResumeMismatchError,
     SeedVersionMismatchError,
     ServiceError,
+    StoredVersionDamagedError,
     UnavailableError,
     UnknownEpochError,
     UnsupportedError,
@@ -78,6 +79,7 @@ ERRORS: dict[type[ServiceError], tuple[grpc.StatusCode, str]] = {
     UnavailableError: (Code.UNAVAILABLE, protocol.UNAVAILABLE),
     ResourceLimitError: (Code.RESOURCE_EXHAUSTED, protocol.RESOURCE_LIMIT),
     UnsupportedError: (Code.UNIMPLEMENTED, protocol.UNSUPPORTED),
+    StoredVersionDamagedError: (Code.DATA_LOSS, protocol.STORED_VERSION_DAMAGED),
 }
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
+from shared.grpc.health import Health
 from shared.grpc.limits import CallBudget
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_server
@@ -64,7 +65,7 @@ class ExperienceServer:
         )
         idle = idle_collect_calls(endpoint.idle_timeout_s)
         add_to_server(ExperienceServicer(plane, idle), self._server)
-        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._health = Health()
         for service in ("", SERVICE):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
