@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{mark} {v.version}\t{_when(v.committed_at)}\t{v.writer_id}\t"
                     f"{v.size_bytes} bytes\t{v.digest.hex()[:16]}"
                 )
+            if not answer.versions:
+                print(f"{args.model}: no versions kept on disk (serving version {answer.serving})")
         else:
             state = stub.Rollback(
                 pb.RollbackRequest(model_name=args.model, to_version=args.to), timeout=600

@@ -47,8 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except grpc.RpcError as error:
             print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    serving = response.status == health_pb2.HealthCheckResponse.SERVING
-    return 0 if serving else 1
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        print(f"{args.address}: {status}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

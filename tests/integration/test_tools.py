@@ -62,6 +62,8 @@ def test_admin_with_the_sync_token(services: Services, tmp_path: Path) -> None:
         INFERENCE_SYNC_TOKEN=SYNC_TOKEN, INFERENCE_DATA_TOKEN=DATA_TOKEN, TEST_STAMP_MB=str(MB)
     )
     inference = services.inference(STAMP, "--state-dir", str(tmp_path / "state"))
+    empty = admin(services, inference, "versions", "stamp", INFERENCE_SYNC_TOKEN=SYNC_TOKEN)
+    assert empty == "stamp: no versions kept on disk (serving version 0)\n"
     writer = StampWriter(open_channel(inference.sync, SYNC_MAX_MESSAGE_BYTES, token=SYNC_TOKEN), MB)
     writer.acquire()
     first = writer.push(1.0, 1)
@@ -86,6 +88,13 @@ def test_admin_with_the_sync_token(services: Services, tmp_path: Path) -> None:
     assert healthcheck(services, inference.data) == 0
     assert healthcheck(services, inference.sync) == 0
     assert healthcheck(services, inference.data, INFERENCE_DATA_TOKEN=DATA_TOKEN) == 0
+    unknown = tool(
+        services, sys.executable, "-m", "shared.healthcheck", inference.data, "--service", "nope"
+    )
+    assert (unknown.returncode, unknown.stderr) == (
+        1,
+        f"{inference.data}: NOT_FOUND: unknown service 'nope'\n",
+    )
 
 
 def test_tools_over_tls(services: Services, pki: Path) -> None:
