@@ -10,7 +10,8 @@ servicer's one condition, and nothing outlives a call but the statuses set.
 
 Per the protocol, Check of an unknown service is NOT_FOUND; Watch of one answers
 SERVICE_UNKNOWN and stays open, sending any later change. After `enter_graceful_shutdown`
-every service is NOT_SERVING and stays so.
+every service is NOT_SERVING and stays so: each Watch sends that and ends, so that open watches
+do not hold the drain for its whole grace period.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class _Statuses:
     def drain(self) -> None:
         self._of = dict.fromkeys(self._of, NOT_SERVING)
         self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
 
 class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -100,6 +105,8 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 return
             sent = status
             yield health_pb2.HealthCheckResponse(status=status)
+            if self._statuses.draining:
+                return
 
     def _current(self, service: str) -> Status:
         status = self._statuses.get(service)
@@ -145,6 +152,8 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             if status != sent:
                 sent = status
                 yield health_pb2.HealthCheckResponse(status=status)
+            if self._statuses.draining:
+                return
             async with self._changed:
                 while self._current(service) == sent:
                     await self._changed.wait()

@@ -92,6 +92,20 @@ def test_a_data_plane_health_watcher_sees_the_drain_after_another_watcher_went_a
     assert inference.process.wait(timeout=30) == 0
 
 
+def test_open_health_watches_end_at_the_drain_instead_of_holding_it(services: Services) -> None:
+    """A Watch stream left open (a balancer's, on either plane) hears NOT_SERVING at SIGTERM
+    and then ends: it does not hold the drain for the whole --grace."""
+    inference = services.inference(STAMP, "--grace", "60")
+    watches = [_watch(inference.data), _watch(inference.sync)]
+    assert [next(w).status for w in watches] == [SERVING, SERVING]
+    started = time.monotonic()
+    inference.process.send_signal(signal.SIGTERM)
+    for watch in watches:
+        assert [r.status for r in watch] == [NOT_SERVING]  # and the stream ended
+    assert inference.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 30  # well inside the grace of 60 s
+
+
 def _watch_unknown_services(address: str, calls: int, name_bytes: int) -> None:
     """Watch `calls` services nobody serves, one at a time, each under a fresh name of about
     `name_bytes`, and go away after the first answer (SERVICE_UNKNOWN)."""
