@@ -4,7 +4,8 @@ grpcio's own `maximum_concurrent_rpcs` counts every call before any interceptor 
 without a token (health probes, anyone who can reach the port) could fill the one budget and
 leave none for the writers who hold it. Here the budget is split, and applied after the
 authentication interceptor: a call that it refused is answered at once and counts against
-nothing; a health call, open to everyone, takes one of a few slots of its own; a lookup (a
+nothing; a health check, open to everyone, takes one of a few slots of its own, and a health
+Watch stream one of a few others (streams held open leave the checks their room); a lookup (a
 method the server names as answering at once from what it holds: GetModel, ListBuffers) one
 of a few others, so that a plane whose long calls fill their slots still says what it holds;
 every other call one of the writers' slots. A call beyond its budget gets RESOURCE_EXHAUSTED.
@@ -30,17 +31,20 @@ import grpc
 from shared.grpc.auth import OPEN_METHODS
 from shared.grpc.idle import IdleCalls
 
-HEALTH_CALLS = 4  # health calls at once, Watch streams included; probes need few
+HEALTH_CALLS = 4  # health checks at once; probes need few
+WATCH_CALLS = 4  # health Watch streams at once
 LOOKUP_CALLS = 4  # lookups at once, where a server names some
 SPARE_THREADS = 2  # pool threads beyond the slots, to answer the calls refused
+WATCH_METHOD = "/grpc.health.v1.Health/Watch"
 REQUEST_WAIT_S = 10.0  # how long a unary call may hold its slot before its request arrives
 
 
 @dataclass(frozen=True)
 class CallBudget:
     """Calls a server runs at once: `calls` of its own methods (after authentication),
-    `health` health calls, and LOOKUP_CALLS of the `lookups` (full method names) where there
-    are any; `plane` names the server in refusals."""
+    `health` health checks, WATCH_CALLS health Watch streams, and LOOKUP_CALLS of the
+    `lookups` (full method names) where there are any; `plane` names the server in
+    refusals."""
 
     calls: int
     plane: str
@@ -54,7 +58,7 @@ class CallBudget:
     @property
     def threads(self) -> int:
         """Pool threads the budget needs: one per slot, and spare ones."""
-        return self.calls + self.health + self.lookup_calls + SPARE_THREADS
+        return self.calls + self.health + WATCH_CALLS + self.lookup_calls + SPARE_THREADS
 
 
 class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -63,6 +67,7 @@ class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, budget: CallBudget) -> None:
         self._calls = threading.BoundedSemaphore(budget.calls)
         self._health = threading.BoundedSemaphore(budget.health)
+        self._watches = threading.BoundedSemaphore(WATCH_CALLS)
         self._lookups = threading.BoundedSemaphore(max(budget.lookup_calls, 1))
         self._lookup_methods = budget.lookups
         self._quiet = IdleCalls(
@@ -74,6 +79,9 @@ class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
         self._calls_full = f"the {budget.plane} is at its limit of {budget.calls} calls at once"
         self._health_full = (
             f"the {budget.plane} is at its limit of {budget.health} health calls at once"
+        )
+        self._watches_full = (
+            f"the {budget.plane} is at its limit of {WATCH_CALLS} health Watch streams at once"
         )
         self._lookups_full = (
             f"the {budget.plane} is at its limit of {budget.lookup_calls} lookups at once"
@@ -87,6 +95,8 @@ class CallLimiter(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(details)
         if handler is None:
             return None
+        if details.method == WATCH_METHOD:
+            return _admitted(handler, self._watches, self._watches_full, self._quiet)
         if details.method.startswith(OPEN_METHODS):
             return _admitted(handler, self._health, self._health_full, self._quiet)
         if details.method in self._lookup_methods:

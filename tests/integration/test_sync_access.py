@@ -22,7 +22,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
-from shared.grpc.limits import HEALTH_CALLS, LOOKUP_CALLS, REQUEST_WAIT_S
+from shared.grpc.limits import HEALTH_CALLS, LOOKUP_CALLS, REQUEST_WAIT_S, WATCH_CALLS
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
 from tests.integration.conftest import ROOT, Inference, Services, wait_until
 from tests.integration.pki import make_ca, make_cert, make_server_cert
@@ -80,11 +80,14 @@ def test_callers_without_the_token_take_none_of_the_writers_calls(
             answers.append((error.code(), error.details()))
     full = (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"the sync plane is at its limit of {HEALTH_CALLS} health calls at once; retry later",
+        f"the sync plane is at its limit of {WATCH_CALLS} health Watch streams at once; retry "
+        "later",
     )
     assert sorted(answers, key=str) == sorted(
-        [SERVING] * HEALTH_CALLS + [full] * (WRITERS - HEALTH_CALLS), key=str
+        [SERVING] * WATCH_CALLS + [full] * (WRITERS - WATCH_CALLS), key=str
     )
+    # Streams held open leave the checks their own slots.
+    assert health_check(anonymous) == SERVING
 
     # Calls without the token that never send their request are refused at once, holding nothing.
     release = threading.Event()
@@ -108,11 +111,21 @@ def test_callers_without_the_token_take_none_of_the_writers_calls(
     served = inference.model_state("stamp", token=TOKEN)
     assert (served.version, served.digest) == (1, digest)
 
-    # The watchers that were let in still watch; once they leave, health answers again.
-    assert health_check(anonymous) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The watchers that were let in still watch; once they leave, others may watch again.
+    refused = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    with pytest.raises(grpc.RpcError) as caught:
+        next(refused)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     for watch in watchers:
         watch.cancel()
-    wait_until(lambda: health_check(anonymous) == SERVING, timeout=30)
+
+    def watched() -> bool:
+        try:
+            return next(health.Watch(health_pb2.HealthCheckRequest(), timeout=10)).status == SERVING
+        except grpc.RpcError:
+            return False
+
+    wait_until(watched, timeout=30)
 
 
 def test_the_writers_budget_counts_the_calls_past_authentication_and_lookups_have_their_own(
