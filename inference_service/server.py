@@ -148,7 +148,7 @@ class InferenceServer:
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.data_plane, self._data.server_version), server
         )
-        self._data_health = AsyncHealth()
+        self._data_health = AsyncHealth("data plane")
         for service in SERVICES:
             await self._data_health.set(service, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._data_health, server)

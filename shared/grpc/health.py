@@ -27,6 +27,7 @@ Status = int  # a HealthCheckResponse.ServingStatus value
 SERVING: Status = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: Status = health_pb2.HealthCheckResponse.NOT_SERVING
 UNKNOWN: Status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+ASYNC_WATCHES = 256  # Watch streams at once on an asyncio server (balancers, probes)
 
 
 class _Statuses:
@@ -105,20 +106,29 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 return
             sent = status
             yield health_pb2.HealthCheckResponse(status=status)
-            if self._statuses.draining:
+            if self._told_all(service, sent):
                 return
 
     def _current(self, service: str) -> Status:
         status = self._statuses.get(service)
         return UNKNOWN if status is None else status
 
+    def _told_all(self, service: str, sent: Status | None) -> bool:
+        """Draining, and the watcher knows: nothing will change any more."""
+        return self._statuses.draining and self._current(service) == sent
+
 
 class AsyncHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """The health service of an asyncio server; its methods run on the server's loop."""
+    """The health service of an asyncio server; its methods run on the server's loop. At most
+    `watches` Watch streams at once (one beyond: RESOURCE_EXHAUSTED), since a stream held open
+    costs the server memory whoever holds it; `plane` names the server in that refusal."""
 
-    def __init__(self) -> None:
+    def __init__(self, plane: str, watches: int = ASYNC_WATCHES) -> None:
         self._statuses = _Statuses()
         self._changed = asyncio.Condition()
+        self._watching = 0
+        self._full = f"the {plane} is at its limit of {watches} health Watch streams at once"
+        self._watches = watches
 
     async def set(self, service: str, status: Status) -> None:
         """Set `service`'s status and tell its watchers."""
@@ -145,19 +155,29 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        service = request.service
-        sent: Status | None = None
-        while True:
-            status = self._current(service)
-            if status != sent:
-                sent = status
-                yield health_pb2.HealthCheckResponse(status=status)
-            if self._statuses.draining:
-                return
-            async with self._changed:
-                while self._current(service) == sent:
-                    await self._changed.wait()
+        if self._watching >= self._watches:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self._full}; retry later")
+        self._watching += 1
+        try:
+            service = request.service
+            sent: Status | None = None
+            while True:
+                status = self._current(service)
+                if status != sent:
+                    sent = status
+                    yield health_pb2.HealthCheckResponse(status=status)
+                if self._told_all(service, sent):
+                    return
+                async with self._changed:
+                    while self._current(service) == sent:
+                        await self._changed.wait()
+        finally:
+            self._watching -= 1
 
     def _current(self, service: str) -> Status:
         status = self._statuses.get(service)
         return UNKNOWN if status is None else status
+
+    def _told_all(self, service: str, sent: Status | None) -> bool:
+        """Draining, and the watcher knows: nothing will change any more."""
+        return self._statuses.draining and self._current(service) == sent
