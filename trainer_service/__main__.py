@@ -35,8 +35,9 @@ logger = logging.getLogger("trainer_service")
 
 def run(settings: TrainerSettings) -> None:
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda number, _: stopping(stop, signals, number))
+    signal.signal(signal.SIGINT, lambda number, _: stopping(stop, signals, number))
     device = rank_device(resolve_device(settings.device))
     # torch's default is one thread per CPU in the affinity mask, a container's CPU quota
     # ignored: training in a `--cpus 2` container on a large host would spin a team of dozens
@@ -115,6 +116,26 @@ def run(settings: TrainerSettings) -> None:
         publisher.close()
         if group is not None:
             group.close()
+
+
+def stopping(stop: threading.Event, signals: list[int], number: int) -> None:
+    """The first SIGTERM or SIGINT (`signals` holds those seen) ends training after the run in
+    progress (its sync, then a checkpoint); a second one ends the process at once, without a
+    checkpoint."""
+    name = signal.Signals(number).name
+    signals.append(number)
+    if len(signals) == 1:
+        stop.set()
+        logger.warning(
+            "%s: stopping after the run in progress and a checkpoint (another %s stops at once, "
+            "without one)",
+            name,
+            name,
+        )
+        return
+    logger.warning("%s again: exiting now, without a checkpoint", name)
+    logging.shutdown()
+    os._exit(128 + number)
 
 
 def save_after_failure(loop: TrainingLoop, experience: ExperienceServer | None) -> None:

@@ -9,6 +9,7 @@ user sees against the docs or PAMIQ-Core's semantics (/work/shared/research/pami
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 import urllib.request
@@ -180,6 +181,27 @@ def test_a_sync_called_in_train_while_the_service_is_down_does_not_cut_the_run_s
         f"the run took {steps} of its 2 SGD steps: sync() raised out of train()\n"
         + services.log("trainer")[-1500:]
     )
+
+
+def test_a_second_signal_stops_a_trainer_whose_run_does_not_end(
+    services: Services, tmp_path: Path
+) -> None:
+    """The first SIGTERM waits for the run in progress (its sync, then a checkpoint), and says
+    so; a train() that never ends would hold the trainer for good, so a second signal ends it
+    at once, without a checkpoint."""
+    app = f"{APPS}:midsync"
+    inference = services.inference(app)
+    gate = tmp_path / "gate"
+    gate.write_text("")  # never removed: the run waits for good
+    services.env["TEST_GATE"] = str(gate)
+    trainer = services.trainer(app, [inference], "--state-dir", str(tmp_path / "trainer"))
+    wait_until(lambda: Path(f"{gate}.held").exists(), timeout=30)
+    trainer.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping after the run in progress" in services.log("trainer"))
+    assert exit_code(trainer, 2) is None  # still in its run
+    trainer.send_signal(signal.SIGINT)
+    assert exit_code(trainer, 20) == 128 + signal.SIGINT
+    assert "SIGINT again: exiting now, without a checkpoint" in services.log("trainer")
 
 
 def test_a_trainer_whose_data_never_comes_shows_in_its_metrics(
