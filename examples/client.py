@@ -34,7 +34,15 @@ def main() -> int:
     truth = CURVES["sine" if args.model == "quickstart" else args.model](x)
     deadline = time.monotonic() + args.seconds
     with InferenceClient(args.address) as client:
-        info = client.metadata(args.model)
+        info = None
+        while info is None:  # the service may not be up yet: say why, and try again
+            try:
+                info = client.metadata(args.model)
+            except grpc.RpcError as error:
+                print(f"request failed: {error.code().name}: {error.details()}", flush=True)
+                if time.monotonic() >= deadline:
+                    return 1
+                time.sleep(1)
         inputs = [(t.name, t.datatype, list(t.shape)) for t in info.inputs]
         outputs = [(t.name, t.datatype, list(t.shape)) for t in info.outputs]
         print(f"model {info.name}: inputs {inputs} -> outputs {outputs}")

@@ -6,7 +6,10 @@ the trainer named in TRAINER_TRAINERS, so the two train side by side and scale a
 
     inference-service --models examples.two_models:app
     trainer-service --models examples.two_models:app --trainers sine --state-dir state/sine
-    trainer-service --models examples.two_models:app --trainers cosine --state-dir state/cosine
+    trainer-service --models examples.two_models:app --trainers cosine --state-dir state/cosine \
+        --metrics-listen 127.0.0.1:9103
+
+(on one host the second trainer needs a metrics port of its own: 9102 is the first's).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inference_service.dataplane.bytes_wire import pack_bytes
@@ -24,6 +25,7 @@ from shared.app import TensorSpec
 from shared.dtypes import BYTES, datatype_of
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from shared.grpc.address import GRPC_SCHEMES, checked_address
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
@@ -58,7 +60,11 @@ class InferenceClient:
     ) -> None:
         """`timeout_s`: the deadline of every call. `token`: the data plane's bearer token.
         `tls`: connect over TLS (mutual TLS with a client certificate), verifying the service
-        as `server_name` when `address` names it otherwise."""
+        as `server_name` when `address` names it otherwise. ValueError: `address` is neither
+        `HOST:PORT` (or `[V6]:PORT`) with a port from 1 to 65535, nor a gRPC target naming
+        its scheme (`ipv4:`, `dns:`, `unix:` and the like), taken as it is."""
+        if not address.startswith(GRPC_SCHEMES):
+            checked_address(address, "an inference service's address")
         self._channel = open_channel(
             address,
             DATA_MAX_MESSAGE_BYTES,
@@ -102,17 +108,26 @@ class InferenceClient:
         outputs: Sequence[str] = (),
         request_id: str = "",
     ) -> InferResult:
-        """Run one request; inputs are torch tensors, or numpy arrays of bytes/str for BYTES."""
+        """Run one request. Inputs are torch tensors or numpy arrays, sent in their dtype; for
+        BYTES, numpy arrays of bytes or str (dtype object, bytes_ or str_). TypeError for any
+        other input, naming it."""
         request = pb.ModelInferRequest(model_name=model, id=request_id)
         for name, value in inputs.items():
+            if isinstance(value, np.ndarray) and value.dtype.kind not in "OSU":
+                value = torch.from_numpy(np.ascontiguousarray(value))
             if isinstance(value, torch.Tensor):
                 data = value.detach().to("cpu").contiguous()
                 request.inputs.add(name=name, datatype=datatype_of(data.dtype), shape=data.shape)
                 raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()
-            else:
-                elements = [e.encode() if isinstance(e, str) else bytes(e) for e in value.flat]
+            elif isinstance(value, np.ndarray):
+                elements = [_element(name, e) for e in value.flat]
                 request.inputs.add(name=name, datatype=BYTES, shape=value.shape)
                 raw = pack_bytes(elements)
+            else:
+                raise TypeError(
+                    f"input {name!r} is a {type(value).__name__}: give a torch tensor or a numpy "
+                    "array (of bytes or str for BYTES)"
+                )
             request.raw_input_contents.append(raw)
         for name in outputs:
             request.outputs.add(name=name)
@@ -120,6 +135,18 @@ class InferenceClient:
         return InferResult(
             response.model_name, int(response.model_version), response.id, decode_outputs(response)
         )
+
+
+def _element(name: str, element: object) -> bytes:
+    """One element of a BYTES input: bytes as they are, str as UTF-8."""
+    if isinstance(element, str):
+        return element.encode()
+    if isinstance(element, bytes | bytearray | memoryview):
+        return bytes(element)
+    raise TypeError(
+        f"input {name!r} holds a {type(element).__name__}; the elements of a BYTES input are "
+        "bytes or str"
+    )
 
 
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, Tensor]:

@@ -417,7 +417,7 @@ class InferenceSettings:
             "INFERENCE_RECORD_QUEUE_BYTES",
             "tensor bytes of the served requests waiting to be recorded; beyond, their samples "
             "are dropped and counted",
-            integer(1),
+            SIZE,
         ),
     )
     torch_threads: int = field(

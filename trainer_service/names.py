@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shared.grpc.address import checked_address
 from shared.grpc.auth import TlsFiles
 
 logger = logging.getLogger(__name__)
@@ -38,33 +38,10 @@ def split(target: str) -> tuple[str, str]:
     return host.strip("[]"), port
 
 
-_HOST_NAME = re.compile(r"[\w.-]+")
-
-
 def checked(target: str) -> str:
-    """`target` if it is one an inference service can be dialled at: `HOST:PORT` or
-    `[V6]:PORT`, with no scheme or path and a port from 1 to 65535; else ValueError saying
-    which part is wrong."""
-    host, sep, port = target.rpartition(":")
-    if "/" in target or "@" in target:
-        raise ValueError(
-            f"{target!r}: an inference target is HOST:PORT, with no scheme (http://, dns:///) "
-            "or path"
-        )
-    if not sep or not host:
-        raise ValueError(f"{target!r}: an inference target is HOST:PORT; the port is missing")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{target!r}: the port of an inference target is 1 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"{target!r}: {host} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ValueError(f"{target!r}: write an IPv6 address in brackets, as [{host}]:{port}")
-    elif not _HOST_NAME.fullmatch(host):
-        raise ValueError(f"{target!r}: {host!r} is not a host name or address")
-    return target
+    """`target` if an inference service can be dialled there (shared/grpc/address.py); else
+    ValueError saying which part is wrong."""
+    return checked_address(target, "an inference target")
 
 
 def _is_ip(host: str) -> bool:

@@ -78,7 +78,8 @@ class RemoteDataCollector(Sender):
                 the trainer's stream slots).
 
         Raises:
-            ValueError: A bound is below 1.
+            ValueError: A bound is below 1, or an address is not HOST:PORT with a port from 1
+                to 65535.
             ConfigurationError: The token is not printable ASCII, a TLS file cannot be read
                 or holds no PEM of its kind, or `server_name` is given without `tls`.
         """

@@ -25,6 +25,7 @@ from shared.data.remote.call import status
 from shared.errors import ConfigurationError
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
+from shared.grpc.address import checked_address
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
 
@@ -42,11 +43,15 @@ class Holder:
 
 
 def split_addresses(addresses: str | Sequence[str]) -> list[str]:
-    """`"a:1,b:2"` or `["a:1", "b:2"]` as a list of addresses."""
+    """`"a:1,b:2"` or `["a:1", "b:2"]` as a list of addresses, each checked (ValueError
+    naming what is wrong with one; `unix:PATH` is taken as it is)."""
     items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
     found = [a.strip() for a in items if a.strip()]
     if not found:
         raise ValueError("give at least one trainer address (HOST:PORT)")
+    for address in found:
+        if not address.startswith("unix:"):
+            checked_address(address, "a trainer's experience address")
     return found
 
 
