@@ -32,7 +32,7 @@ from prometheus_client import Counter
 
 from shared.app import BufferSpec, ModelSpec, TensorSpec
 from shared.data.remote import RemoteDataCollector
-from shared.data.remote.route import check_credentials
+from shared.data.remote.route import check_credentials, split_addresses
 from shared.errors import (
     BufferNotFoundError,
     ConfigurationError,
@@ -221,6 +221,10 @@ class Recorder:
         self._misfits_logged: set[Plan] = set()  # plans a misfit request was logged for
         self._thread: threading.Thread | None = None
         if self._trainers is not None:
+            try:
+                split_addresses(self._trainers)
+            except ValueError as exc:
+                raise ConfigurationError(f"--experience: {exc}") from None
             check_credentials(self._trainers[0], token, tls, server_name)
             self._thread = threading.Thread(target=self._run, name="recording", daemon=True)
             self._thread.start()
@@ -331,6 +335,7 @@ class Recorder:
                 try:
                     self._collect(r)
                 except Exception:  # one bad request must not stop recording
+                    DROPPED.labels(r.plan.buffer, "trainer").inc(r.samples)
                     logger.exception(
                         "recording a request of %s into %s", r.plan.model, r.plan.buffer
                     )

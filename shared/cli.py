@@ -16,6 +16,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from shared.grpc.address import checked_address
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _TRUE = ("1", "true", "yes", "on")
@@ -155,7 +157,8 @@ def optional_host_port(value: str) -> str | None:
 
 
 def address_list(value: str) -> tuple[str, ...]:
-    items = tuple(host_port(v.strip()) for v in value.split(",") if v.strip())
+    """Addresses to dial, comma-separated: each checked as shared/grpc/address.py does."""
+    items = tuple(checked_address(v.strip(), "an address") for v in value.split(",") if v.strip())
     if not items:
         raise ValueError("expected one or more HOST:PORT, comma-separated")
     return items
