@@ -6,7 +6,8 @@ server reflection. The data plane is a grpc.aio server on an event loop thread o
 (uvloop's; many small calls: one loop beats a thread per call); the sync plane is a thread-pool
 server (few, long streams whose per-message work releases the GIL), run at a lower CPU priority.
 
-By default the sync plane's address belongs to the sync relay, a process of its own that
+With the sync relay (`--sync-relay on`, and `auto` where the service may use 4 or more CPUs)
+the sync plane's address belongs to the relay, a process of its own that
 receives pushes' bulk bytes off this process's gRPC threads and GIL (see syncplane/relay/ for
 why and what it cost), and this process's sync server listens on a private Unix socket.
 """

@@ -21,12 +21,20 @@ from trainer_service.experience.buffers import Buffers
 
 
 def check_groups(app: App, groups: Sequence[Sequence[str]], models: TrainingModelsDict) -> None:
-    """Refuse trainer groups that share a model or a buffer. Every group's trainers are built
-    and attached to `models` (the app's, as this process built them) to learn what they use.
+    """Refuse trainer groups that name a trainer the app does not define, or that share a
+    model or a buffer. Every group's trainers are built and attached to `models` (the app's,
+    as this process built them) to learn what they use.
 
     Raises:
-        ConfigurationError: Trainers of two groups use one model, or read one buffer.
+        ConfigurationError: A group names an unknown trainer, or trainers of two groups use
+            one model, or read one buffer.
     """
+    unknown = sorted({n for group in groups for n in group} - set(app.trainers))
+    if unknown:
+        raise ConfigurationError(
+            f"--trainer-groups names trainer(s) {', '.join(unknown)} that the app does not "
+            f"define (it defines: {', '.join(sorted(app.trainers)) or 'none'})"
+        )
     buffers = Buffers.of(app) if app.buffers else None
     users: dict[tuple[str, str], list[str]] = {}
     for group in groups:

@@ -106,8 +106,9 @@ class PushFailedError(Exception):
 
 
 class TargetUnreachableError(PushFailedError):
-    """The target did not answer within the connect deadline (down, restarting, unroutable, or
-    its TLS handshake failed)."""
+    """The push never reached the target, or stopped reaching it: no answer within the connect
+    deadline (down, restarting, unroutable, its TLS handshake failed), a stream that took
+    nothing for the stall timeout, or a link that went dark mid-push."""
 
 
 # What a call that never reached the target ends with.

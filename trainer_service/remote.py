@@ -81,7 +81,7 @@ class PublishedInferenceModel(RemoteInferenceModel):
 
     @property
     def version(self) -> int:
-        """The version the inference services serve since the last sync (0: none yet)."""
+        """The last version pushed (0: none yet); services that lag serve an older one."""
         return self._publisher.version(self.name)
 
     @override

@@ -336,8 +336,8 @@ class TrainerSettings:
         metadata=option(
             "--ready-file",
             "TRAINER_READY_FILE",
-            "write the pid and the experience plane's bound port here as JSON once it "
-            "listens (for tests and orchestration)",
+            "write the pid and the bound ports of the experience plane and the metrics "
+            "(null where off) here as JSON once ready (for tests and orchestration)",
             PATH,
         ),
     )

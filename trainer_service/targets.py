@@ -83,8 +83,8 @@ class Target:
             self.lagging_since = now
             metrics.TARGET_LAGGING.labels(self.model, self.address).set(1)
             logger.warning(
-                "model %s: inference service %s is unreachable, so it lags at version %d; the "
-                "others are fed and it is caught up in the background when it answers: %s",
+                "model %s: inference service %s missed a version, so it lags at version %d; "
+                "the others are fed and it is caught up in the background: %s",
                 self.model,
                 self.address,
                 self.version,

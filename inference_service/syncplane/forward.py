@@ -20,8 +20,9 @@ so it is kept well under a push's time at those rates (about 1.1 s for 128 MiB a
 that has not answered the push idle timeout per hop left on the route (each waits for the ones
 after it) after the local commit is reported stalled too. A hop that refuses is reported with
 its status and routed past like a cut one; the local push goes on. The channel to a hop
-is closed off the push's path: closing one to a hop whose link went dark waits until TCP gives
-it up (about 20 s), which would hold up this replica's answer and so the whole chain.
+is closed off the push's path: closing one to a hop whose link went dark waits until the link's
+keepalive gives it up (`--forward-stall-timeout-s`-derived, about a second by default; gRPC's
+own default is 20 s), which would hold up this replica's answer and so the whole chain.
 A local push that fails cancels its forward: the hops after it commit nothing of it.
 
 Routing past a failed hop. A hop cut off (stalled, DEADLINE_EXCEEDED), unreachable (UNAVAILABLE:

@@ -222,8 +222,8 @@ class Leg:
 
     def cancel(self) -> None:
         """End the push to the hop (if it is still going) and close its channel, off the
-        push's path: closing a channel to a hop whose link went dark waits until TCP gives up
-        on it (gRPC's keepalive timeout, 20 s)."""
+        push's path: closing a channel to a hop whose link went dark waits until the link's
+        keepalive gives up on it (`watched_link`'s timeout)."""
         self._ended.set()
         if self._call is not None and not self._call.done():
             self._call.cancel()

@@ -83,7 +83,8 @@ def kind(part: Part) -> str:
 
 class SenderGone(Exception):
     """The transport lost the sender part-way (it cancelled, or went away). Not a client-facing
-    error itself: the handler answers it as a malformed push, saying how far it got."""
+    error itself: the handler answers it as a malformed push when it came before the header,
+    and after it as a broken push (`push-broken`), kept for a resume; saying how far it got."""
 
 
 @dataclass(frozen=True)

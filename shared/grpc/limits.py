@@ -6,7 +6,8 @@ leave none for the writers who hold it. Here the budget is split, and applied af
 authentication interceptor: a call that it refused is answered at once and counts against
 nothing; a health check, open to everyone, takes one of a few slots of its own, and a health
 Watch stream one of a few others (streams held open leave the checks their room); a lookup (a
-method the server names as answering at once from what it holds: GetModel, ListBuffers) one
+method the server names as telling what it holds without waiting on a writer: GetModel,
+ListVersions, ListBuffers) one
 of a few others, so that a plane whose long calls fill their slots still says what it holds;
 every other call one of the writers' slots. A call beyond its budget gets RESOURCE_EXHAUSTED.
 

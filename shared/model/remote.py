@@ -23,7 +23,9 @@ class RemoteInferenceModel(InferenceModel, ABC):
     def publish(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Stream these weights to every inference service holding the copy.
 
-        Returns once all of them have committed the new weights.
+        Returns once every one that could be reached has committed the new weights; the
+        others lag and are caught up later (an implementation may defer or hold a failure:
+        see trainer_service/remote.py).
 
         Args:
             weights: The training module's state dict (live tensors: read, never modify).

@@ -4,9 +4,9 @@ It is a thread-pool server, as the sync plane is: few long streams, each batch d
 stored on the stream's thread. Memory stays bounded: a call's batches are read one at a time
 (HTTP/2 flow control holds the sender back meanwhile), a batch is at most the size limit, the
 calls at once are at most `streams`, a call that waits on its agent for `idle_timeout_s` is
-ended (idle.py), and what is stored goes to bounded queues. It carries the
-sync plane's authentication (a bearer token) and TLS (mutual with a client CA), grpc.health.v1
-(open to all) and server reflection.
+ended (idle.py), and what is stored goes to bounded queues. It carries authentication of its
+own, as the sync plane does it (a bearer token, `--experience-token`) and TLS (mutual with a
+client CA, `--experience-tls-*`), grpc.health.v1 (open to all) and server reflection.
 """
 
 from __future__ import annotations

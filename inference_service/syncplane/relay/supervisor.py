@@ -8,7 +8,8 @@ answering with the same statuses. Calls other than Push reach the service's own 
 which then listens on a Unix socket in the same directory (the address `open()` returns). A
 thread of its own answers the relay's heartbeats there too (pulse.py), so that the relay can
 tell a stuck service from a busy one.
-Should the relay die, it is started again on the port it had.
+Should the relay die, it is started again on the port it had, with a growing wait between
+attempts, for as long as the service runs.
 """
 
 from __future__ import annotations
@@ -194,11 +195,17 @@ class RelaySupervisor:
                 return
             delay = min(delay * 2, MAX_RESTART_DELAY_S)
             host = self._config.listen.rsplit(":", 1)[0]
-            try:
-                self._spawn(f"{host}:{self.port}")
-            except OSError as exc:
-                logger.error("cannot start the sync relay again: %s", exc)
-                return
+            while True:  # until it starts (its port may be held a while) or the service stops
+                try:
+                    self._spawn(f"{host}:{self.port}")
+                    break
+                except OSError as exc:
+                    logger.error(
+                        "cannot start the sync relay again: %s; trying again in %.1fs", exc, delay
+                    )
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, MAX_RESTART_DELAY_S)
 
     def _accept(self) -> None:
         assert self._listener is not None
