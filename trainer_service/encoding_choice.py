@@ -160,9 +160,6 @@ class EncodingChooser:
             self._loopback[address] = is_loopback(address)
         return not self._loopback[address]
 
-    def link_rate(self, address: str) -> float | None:
-        return self._links.rate(address)
-
     def describe_link(self, address: str) -> str:
         return self._links.describe(address)
 
