@@ -1,13 +1,19 @@
-"""Where a push is checked, in the order the checks run.
+"""The checks of a push that live here, and where they stand among the others, in the order
+they run.
 
 1. The header on its own (`check_header`): bounded counters, a model, a version after its base.
-2. The header against the model (`check_admissible`): it exists, accepts pushes, the size limit,
-   then `check_versions`: the writer's epoch, a newer version, a base that is served. The
-   versions are checked again once the push holds the model (a push may have committed meanwhile).
+   Its route, where it has one: each hop a dialable address, none named twice, none this
+   replica (forward.py `check_route`, handler.py).
+2. The header against the model: it exists (`model_named`), then `check_admissible`: it accepts
+   pushes, the size limit, then `check_versions`: the writer's epoch, a
+   newer version, a base that is served. The versions are checked again once the push holds the
+   model (a push may have committed meanwhile). A push resuming a broken one must match the
+   push kept, and its offset the bytes applied (resume.py).
 3. The payload's safetensors header against the model's tensors, and the byte counts, as the
    stream arrives (shared/weights/reader.py).
-4. After the payload: a full push carries every tensor (`check_complete`), and the digest of the
-   state it makes is the one its commit names (`check_digest`).
+4. After the payload: a full push carries every tensor (`check_complete`), the digest of the
+   state it makes is the one its commit names (`check_digest`), and tensors the model ties are
+   given one value (apply.py `_check_ties`).
 5. The writer's epoch once more, under the lease's lock, as the swap happens (apply.py).
 """
 
