@@ -35,9 +35,7 @@ logger = logging.getLogger("trainer_service")
 
 def run(settings: TrainerSettings) -> None:
     stop = threading.Event()
-    signals: list[int] = []
-    signal.signal(signal.SIGTERM, lambda number, _: stopping(stop, signals, number))
-    signal.signal(signal.SIGINT, lambda number, _: stopping(stop, signals, number))
+    watch_signals(stop)
     device = rank_device(resolve_device(settings.device))
     # torch's default is one thread per CPU in the affinity mask, a container's CPU quota
     # ignored: training in a `--cpus 2` container on a large host would spin a team of dozens
@@ -84,7 +82,7 @@ def run(settings: TrainerSettings) -> None:
         experience_port = None
         if experience is not None:
             experience_port = listening("--experience-listen", experience.start)
-        if settings.ready_file is not None:
+        if settings.ready_file is not None and writes:  # ranks share the flags: rank 0's
             info = {"pid": os.getpid(), "experience_port": experience_port}
             write_ready_file(settings.ready_file, {**info, "metrics_port": metrics_port})
         logger.info(
@@ -116,6 +114,28 @@ def run(settings: TrainerSettings) -> None:
         publisher.close()
         if group is not None:
             group.close()
+
+
+def watch_signals(stop: threading.Event) -> None:
+    """Hand SIGTERM and SIGINT to `stopping` from a thread of their own. Python runs a signal's
+    handler on the main thread only, between bytecodes: a trainer waiting in a collective of
+    its ranks (gloo, NCCL), or in any long C call, would never run it. The C-level handler still
+    writes each signal's number to the wakeup file, which this thread reads."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: None)  # the thread acts on it
+    handled = {int(signal.SIGTERM), int(signal.SIGINT)}
+
+    def watch() -> None:
+        seen: list[int] = []
+        while True:
+            for number in os.read(read, 64):
+                if number in handled:
+                    stopping(stop, seen, number)
+
+    threading.Thread(target=watch, name="signals", daemon=True).start()
 
 
 def stopping(stop: threading.Event, signals: list[int], number: int) -> None:

@@ -9,7 +9,9 @@ Every rank builds the same models, resumes from the same checkpoint (a --state-d
 and runs the same trainers in the same order, each on its own data. After the resume, rank 0's
 weights are broadcast to the others; during training each parameter's gradient is averaged
 across ranks as soon as backward has accumulated it, so every optimizer takes the same step and
-the weights stay bit-identical, which the ranks check against each other at every checkpoint.
+the weights stay bit-identical, which the ranks check against each other at every checkpoint;
+buffers (BatchNorm's running statistics, each rank's own after a run) are rank 0's again after
+every run. Ranks that built other models or trainers are refused before the first broadcast.
 Only rank 0 pushes to the inference services, holds the writer lease, serves metrics and writes
 checkpoints. The ranks agree at every run boundary on whether to stop, so a signal that reaches
 one rank first never leaves the others waiting in a collective; after every sync rank 0 tells
@@ -36,8 +38,10 @@ import torch.distributed as dist
 # (through torch._dynamo) with the first optimizer; imported after the group is joined, those
 # defaults would hold the group past destroy_process_group() and its threads into exit.
 import torch.distributed.nn.functional
+import xxhash
 from torch import nn
 
+from shared.errors import ConfigurationError
 from shared.weights.digest import state_digest
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,29 @@ class Group:
     def is_writer(self) -> bool:
         """Rank 0 alone pushes, checkpoints and holds the writer lease."""
         return self.rank == 0
+
+    def check_same_models(self, layout: Iterable[tuple[str, ...]]) -> None:
+        """Raise ConfigurationError unless every rank built the same models and trainers
+        (`layout`: names, shapes and dtypes): ranks of different apps would wait on each other
+        in the first broadcast that one of them does not make, for good."""
+        digest = xxhash.xxh3_128_digest(repr(sorted(layout)).encode())
+        mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        differing = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+        if differing:
+            raise ConfigurationError(
+                f"rank(s) {differing} built other models or trainers than rank 0 (names, shapes "
+                "or dtypes differ): every rank must run the same app, with the same --trainers"
+            )
+
+    def share_buffers(self, modules: Iterable[nn.Module]) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics, each rank's own
+        after a run on its own data), as DDP's `broadcast_buffers` does: rank 0 pushed its own,
+        and the ranks' checkpoints must agree."""
+        for module in modules:
+            for tensor in module.buffers():
+                dist.broadcast(tensor.data, src=0)
 
     def replicate(self, modules: Iterable[nn.Module]) -> None:
         """Give every rank rank 0's weights, then average each gradient across ranks."""

@@ -134,6 +134,7 @@ class TrainingLoop:
         """Push every model this process writes (after `resume`); syncs send from now on."""
         self.syncs.started = True
         if self.group is not None:
+            self.group.check_same_models(self._layout())
             self.group.replicate(m.model for m in self._torch_models().values())
         for name in self.synced_models():
             model = self.models.data[name]
@@ -214,6 +215,14 @@ class TrainingLoop:
             return stop.is_set()
         return self.group.agree_to_stop(stop.is_set())
 
+    def _layout(self) -> list[tuple[str, ...]]:
+        """What ranks must agree on: every tensor of every model, and the trainers."""
+        layout: list[tuple[str, ...]] = [("trainer", name) for name in self.trainers]
+        for name, model in self._torch_models().items():
+            for key, tensor in model.model.state_dict().items():
+                layout.append((name, key, str(tensor.dtype), str(tuple(tensor.shape))))
+        return layout
+
     def _torch_models(self) -> dict[str, TorchTrainingModel[torch.nn.Module]]:
         return {n: m for n, m in self.models.data.items() if isinstance(m, TorchTrainingModel)}
 
@@ -228,6 +237,8 @@ class TrainingLoop:
             return ran
 
         ran, error = self._agreed(attempt)
+        if self.group is not None and ran:
+            self.group.share_buffers(m.model for m in self._torch_models().values())
         if error is not None:
             logger.error("trainer %s: sync failed, will catch up next run: %s", name, error)
         return bool(ran)
