@@ -87,7 +87,7 @@ def test_flat_samples_whose_shapes_do_not_fit_their_values_are_refused(tmp_path:
         kept = dict(file.metadata() or {})
     tensors["0.shapes"][1, 0] = 4  # names 6 elements, 5 saved
     safetensors.torch.save_file(tensors, str(path), metadata=kept)
-    with pytest.raises(ValueError, match="corrupt.*the shapes name 6 elements, the values hold 5"):
+    with pytest.raises(ValueError, match=r"corrupt.*the shapes name 6 elements, the values hold 5"):
         load_samples(path)
 
 
