@@ -11,7 +11,8 @@ from inference_service.dataplane.model_io import empty_like_spec
 from inference_service.served_model import ServedModel
 from shared.app import App
 from shared.errors import ConfigurationError
-from shared.torch.model import build_torch_model, default_infer_procedure, overriding_device
+from shared.torch.build import build_torch_model, overriding_device
+from shared.torch.model import default_infer_procedure
 from shared.weights.served import serve_module
 
 logger = logging.getLogger(__name__)

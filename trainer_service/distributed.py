@@ -66,11 +66,7 @@ class Group:
         """Raise ConfigurationError unless every rank built the same models and trainers
         (`layout`: names, shapes and dtypes): ranks of different apps would wait on each other
         in the first broadcast that one of them does not make, for good."""
-        digest = xxhash.xxh3_128_digest(repr(sorted(layout)).encode())
-        mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(self.device)
-        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine)
-        differing = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+        differing = self._differing(xxhash.xxh3_128_digest(repr(sorted(layout)).encode()))
         if differing:
             raise ConfigurationError(
                 f"rank(s) {differing} built other models or trainers than rank 0 (names, shapes "
@@ -118,16 +114,19 @@ class Group:
     def check_in_sync(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Raise RanksDivergedError unless every rank holds bit-identical weights."""
         for name in sorted(states):
-            mine = torch.frombuffer(bytearray(state_digest(states[name])), dtype=torch.uint8)
-            mine = mine.to(self.device)
-            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(gathered, mine)
-            differing = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+            differing = self._differing(state_digest(states[name]))
             if differing:
                 raise RanksDivergedError(
                     f"model {name!r}: rank(s) {differing} hold weights that differ from rank 0's"
                 )
         logger.info("rank %d: all %d ranks hold identical weights", self.rank, self.world_size)
+
+    def _differing(self, digest: bytes) -> list[int]:
+        """The ranks whose `digest` is not rank 0's (a collective: every rank calls it)."""
+        mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        return [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
 
     def finish(self) -> None:
         """Wait until every rank is done (rank 0 writes the last checkpoint alone) before any

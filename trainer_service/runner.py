@@ -27,7 +27,8 @@ from shared.app import App
 from shared.errors import ConfigurationError, StateWriteError
 from shared.model.container import TrainingModelsDict
 from shared.model.interface import TrainingModel
-from shared.torch.model import TorchTrainingModel, build_torch_model, overriding_device
+from shared.torch.build import build_torch_model, overriding_device
+from shared.torch.model import TorchTrainingModel
 from shared.trainer.base import Trainer, TrainersDict
 from trainer_service import metrics
 from trainer_service.checkpoint import Checkpoints

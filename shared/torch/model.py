@@ -8,9 +8,7 @@ to a `RemoteInferenceModel`. Weights on disk are safetensors; nothing here unpic
 from __future__ import annotations
 
 import copy
-import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -21,12 +19,8 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
-from shared.dtypes import BY_TORCH
-from shared.errors import ConfigurationError
 from shared.model.interface import InferenceModel, TrainingModel
 from shared.model.remote import RemoteInferenceModel
-
-logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 M_contra = TypeVar("M_contra", bound=nn.Module, contravariant=True)
@@ -219,58 +213,6 @@ def tensor_state(module: nn.Module, model_name: str | None = None) -> dict[str, 
                 "get_extra_state return a tensor, or keep that state outside the module"
             )
     return state
-
-
-def overriding_device(
-    name: str, model: TorchTrainingModel[Any], device: torch.device
-) -> torch.device:
-    """`device`, the service's, where model `name` goes; a warning is logged where its factory
-    asked for another device (PAMIQ's `device`, which the service's `--device` overrides)."""
-    asked = model.requested_device
-    if asked is not None and (asked.type != device.type or asked.index not in (None, device.index)):
-        logger.warning(
-            "model %s: its factory asked for device %s; this service's --device puts it on %s",
-            name,
-            asked,
-            device,
-        )
-    return device
-
-
-def build_torch_model(name: str, factory: Callable[[], object]) -> TorchTrainingModel[nn.Module]:
-    """Call a model factory of the app; the services sync TorchTrainingModels only.
-
-    Raises:
-        ConfigurationError: The factory raised (a missing or mismatched
-            `pretrained_parameter_file` among others), returned something else, or a model with
-            an inference copy holds a tensor whose dtype cannot travel; the message names the
-            model (and the tensor), or the module's state dict holds something other than
-            tensors (a module's extra state).
-    """
-    try:
-        model = factory()
-    except Exception as exc:
-        raise ConfigurationError(
-            f"model {name!r}: its factory raised {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(model, TorchTrainingModel):
-        raise ConfigurationError(
-            f"model {name!r}: the factory returned a {type(model).__name__}; syncing across "
-            "machines needs a TorchTrainingModel"
-        )
-    try:
-        state = tensor_state(model.model, name)
-    except TypeError as exc:
-        raise ConfigurationError(str(exc)) from None
-    if model.has_inference_model:
-        for tensor_name, tensor in state.items():
-            if tensor.dtype not in BY_TORCH:
-                raise ConfigurationError(
-                    f"model {name!r}: tensor {tensor_name!r} is {tensor.dtype}, which cannot "
-                    "travel in safetensors framing; weights may be "
-                    f"{', '.join(str(d) for d in BY_TORCH)}"
-                )
-    return model
 
 
 class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):

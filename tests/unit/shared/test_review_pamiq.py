@@ -19,7 +19,8 @@ from torch import nn
 from shared.app import App
 from shared.errors import ConfigurationError
 from shared.model.remote import RemoteInferenceModel
-from shared.torch.model import TorchTrainingModel, build_torch_model
+from shared.torch.build import build_torch_model
+from shared.torch.model import TorchTrainingModel
 from shared.trainer.base import Trainer
 
 
