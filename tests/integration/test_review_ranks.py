@@ -2,9 +2,8 @@
 
 The module is also the app both services import (`tests.integration.test_review_ranks:<app>`):
 its trainers read RANK, which torchrun sets, so each rank can be made to behave differently.
-Environment variables: TEST_RANK_RAISE (the rank whose train() raises on its 2nd run, or "all"),
-TEST_SLOW_BUILD_RANK (the rank whose model factory takes 3 s), TEST_HANG_RANK (the rank whose
-train() hangs on its 2nd run).
+Environment variables: TEST_SLOW_BUILD_RANK (the rank whose model factory takes 3 s),
+TEST_HANG_RANK (the rank whose train() hangs on its 2nd run).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from shared import App, TensorSpec, TorchTrainer, TorchTrainingModel
 from shared.torch.trainer import OptimizersSetup
 from shared.weights.digest import state_digest
 from tests.integration.conftest import Services, wait_until
+from tests.integration.training_apps import Net  # Linear + BatchNorm1d (buffers)
 
 INPUTS = [TensorSpec("x", "FP32", (-1, 4))]
 OUTPUTS = [TensorSpec("y", "FP32", (-1, 4))]
@@ -35,21 +35,6 @@ OUTPUTS = [TensorSpec("y", "FP32", (-1, 4))]
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-class BnNet(nn.Module):
-    """Linear + BatchNorm1d: BatchNorm's running stats are buffers, updated by forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(4, 4)
-        self.bn = nn.BatchNorm1d(4)
-
-    @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.bn(self.lin(x))
-        return out
 
 
 class PlainNet(nn.Module):
@@ -69,7 +54,6 @@ class ShardTrainer(TorchTrainer):
     meant to be used: each rank its own data)."""
 
     runs = 0
-    momentum = 0.0
 
     @override
     def on_training_models_attached(self) -> None:
@@ -78,9 +62,7 @@ class ShardTrainer(TorchTrainer):
 
     @override
     def create_optimizers(self) -> OptimizersSetup:
-        return {
-            "sgd": torch.optim.SGD(self.net.model.parameters(), lr=0.01, momentum=self.momentum)
-        }
+        return {"sgd": torch.optim.SGD(self.net.model.parameters(), lr=0.01)}
 
     @override
     def train(self) -> None:
@@ -94,9 +76,6 @@ class ShardTrainer(TorchTrainer):
             self.optimizers["sgd"].zero_grad()
             loss.backward()
             self.optimizers["sgd"].step()
-        raising = os.environ.get("TEST_RANK_RAISE")
-        if raising in ("all", str(_rank())) and self.runs == 2:
-            raise RuntimeError(f"boom on rank {_rank()}")
 
 
 def _build(module: type[nn.Module]) -> TorchTrainingModel[nn.Module]:
@@ -106,19 +85,9 @@ def _build(module: type[nn.Module]) -> TorchTrainingModel[nn.Module]:
 
 
 bn = App()
-bn.add_model("net", lambda: _build(BnNet), inputs=INPUTS, outputs=OUTPUTS)
+bn.add_model("net", lambda: _build(Net), inputs=INPUTS, outputs=OUTPUTS)
 bn.add_trainer("shard", ShardTrainer)
 
-
-class MomentumTrainer(ShardTrainer):
-    """SGD with momentum: the optimizer has state, which checkpoints carry."""
-
-    momentum = 0.9
-
-
-momentum = App()
-momentum.add_model("net", lambda: _build(PlainNet), inputs=INPUTS, outputs=OUTPUTS)
-momentum.add_trainer("shard", MomentumTrainer)
 
 plain = App()
 plain.add_model("net", lambda: _build(PlainNet), inputs=INPUTS, outputs=OUTPUTS)
