@@ -1,4 +1,5 @@
-"""Build, start and stop a gRPC server: separate steps, and start returns the bound port."""
+"""gRPC servers as both services build them (thread-pool and asyncio), bound by `bind`, which
+returns the port; the ready file a started service writes."""
 
 from __future__ import annotations
 
