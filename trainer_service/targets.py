@@ -16,7 +16,7 @@ import torch
 
 from trainer_service import metrics
 from trainer_service.names import Endpoint, Lookups, resolve
-from trainer_service.push import PushFailedError, RemoteModel, SyncClient
+from trainer_service.push import PushFailedError, RemoteModel, SyncClient, TargetUnreachableError
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,13 @@ class Target:
             self.lagging_since = now
             metrics.TARGET_LAGGING.labels(self.model, self.address).set(1)
             logger.warning(
-                "model %s: inference service %s missed a version, so it lags at version %d; "
+                "model %s: inference service %s %s, so it lags at version %d; "
                 "the others are fed and it is caught up in the background: %s",
                 self.model,
                 self.address,
+                "is unreachable"
+                if isinstance(error, TargetUnreachableError)
+                else "missed a version",
                 self.version,
                 error,
             )
