@@ -250,8 +250,9 @@ class TrainingLoop:
         copies into a local module; across machines only TorchTrainingModel's sends)."""
         if self.group is not None and not self.group.is_writer:
             return
+        synced = self.synced_models()
         for model in trainer.retrieved_model_names:
-            if model in sent or model in self._silent or model not in self.synced_models():
+            if model in sent or model in self._silent or model not in synced:
                 continue
             self._silent.add(model)
             logger.warning(

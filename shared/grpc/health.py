@@ -51,9 +51,14 @@ class _Statuses:
         self._of = dict.fromkeys(self._of, NOT_SERVING)
         self._draining = True
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
+    def current(self, service: str) -> Status:
+        """`service`'s status, as a Watch reports it (SERVICE_UNKNOWN for one never set)."""
+        status = self._of.get(service)
+        return UNKNOWN if status is None else status
+
+    def told_all(self, service: str, sent: Status | None) -> bool:
+        """Draining, and the watcher knows: nothing will change any more."""
+        return self._draining and self.current(service) == sent
 
 
 class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -100,22 +105,14 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         sent: Status | None = None
         while True:
             with self._changed:
-                while (status := self._current(service)) == sent and not ended.is_set():
+                while (status := self._statuses.current(service)) == sent and not ended.is_set():
                     self._changed.wait()
             if ended.is_set():
                 return
             sent = status
             yield health_pb2.HealthCheckResponse(status=status)
-            if self._told_all(service, sent):
+            if self._statuses.told_all(service, sent):
                 return
-
-    def _current(self, service: str) -> Status:
-        status = self._statuses.get(service)
-        return UNKNOWN if status is None else status
-
-    def _told_all(self, service: str, sent: Status | None) -> bool:
-        """Draining, and the watcher knows: nothing will change any more."""
-        return self._statuses.draining and self._current(service) == sent
 
 
 class AsyncHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -162,22 +159,14 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             service = request.service
             sent: Status | None = None
             while True:
-                status = self._current(service)
+                status = self._statuses.current(service)
                 if status != sent:
                     sent = status
                     yield health_pb2.HealthCheckResponse(status=status)
-                if self._told_all(service, sent):
+                if self._statuses.told_all(service, sent):
                     return
                 async with self._changed:
-                    while self._current(service) == sent:
+                    while self._statuses.current(service) == sent:
                         await self._changed.wait()
         finally:
             self._watching -= 1
-
-    def _current(self, service: str) -> Status:
-        status = self._statuses.get(service)
-        return UNKNOWN if status is None else status
-
-    def _told_all(self, service: str, sent: Status | None) -> bool:
-        """Draining, and the watcher knows: nothing will change any more."""
-        return self._statuses.draining and self._current(service) == sent
