@@ -30,6 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from inference_service.client import InferenceClient
 from shared import RemoteDataCollector
+from shared.grpc.address import checked_address
 
 
 class ShiftingCurve:
@@ -50,8 +51,9 @@ class ShiftingCurve:
 
 def every_address(address: str) -> str:
     """`address` as a gRPC target naming every IPv4 address its host resolves to now (the
-    replicas behind a compose service name), tried in turn; as given if it resolves to none."""
-    host, _, port = address.rpartition(":")
+    replicas behind a compose service name), tried in turn; as given if it resolves to none.
+    ValueError for what cannot be an address."""
+    host, _, port = checked_address(address, "the inference service's address").rpartition(":")
     try:
         found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
     except OSError:
@@ -75,10 +77,16 @@ def main() -> int:
     environment = ShiftingCurve(args.shift_every)
     token = os.environ.get("AGENT_EXPERIENCE_TOKEN")
     started = time.monotonic()
-    with (
-        InferenceClient(every_address(args.inference)) as client,
-        RemoteDataCollector(args.trainer, "experience", token=token) as collector,
-    ):
+    try:  # an address that cannot be one is a usage error, not a traceback
+        client = InferenceClient(every_address(args.inference))
+    except ValueError as error:
+        parser.error(f"--inference: {error}")
+    try:
+        collector = RemoteDataCollector(args.trainer, "experience", token=token)
+    except ValueError as error:
+        client.close()
+        parser.error(f"--trainer: {error}")
+    with client, collector:
         columns = ("time", "shift", "version", "rmse", "acked", "dropped")
         print("  ".join(f"{c:>7}" for c in columns))
         errors: list[float] = []

@@ -33,7 +33,11 @@ def main() -> int:
     x = torch.linspace(-2, 2, 101).unsqueeze(1)
     truth = CURVES["sine" if args.model == "quickstart" else args.model](x)
     deadline = time.monotonic() + args.seconds
-    with InferenceClient(args.address) as client:
+    try:
+        client = InferenceClient(args.address)
+    except ValueError as error:  # an address that cannot be one: say so, not a traceback
+        parser.error(f"--address: {error}")
+    with client:
         info = None
         while info is None:  # the service may not be up yet: say why, and try again
             try:

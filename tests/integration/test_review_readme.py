@@ -127,3 +127,24 @@ def test_example_client_reports_an_unreachable_service_as_its_loop_does() -> Non
     output = done.stdout + done.stderr
     assert "UNAVAILABLE" in output, output
     assert "Traceback" not in output, f"examples/client.py crashed:\n{output[-1500:]}"
+
+
+@pytest.mark.parametrize(
+    ("example", "flag"),
+    [("client.py", "--address"), ("agent.py", "--inference"), ("agent.py", "--trainer")],
+)
+def test_the_examples_refuse_an_address_that_cannot_be_one_as_a_usage_error(
+    example: str, flag: str
+) -> None:
+    """`port=$(docker compose port ...)` is empty when the replica is not up: the README's
+    client then gets `--address 127.0.0.1:`. It is a usage error naming the flag (exit 2), not
+    a traceback of the address check."""
+    done = subprocess.run(
+        [sys.executable, f"examples/{example}", flag, "127.0.0.1:", "--seconds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{flag}: '127.0.0.1:'" in done.stderr and "Traceback" not in done.stderr, done.stderr
