@@ -49,7 +49,7 @@ def run(settings: TrainerSettings) -> None:
     if (metrics := settings.metrics_listen) and writes:
         metrics_port = listening("--metrics-listen", lambda: serve_metrics(metrics))
         logger.info("metrics on port %d", metrics_port)
-    claimed = claim_state(settings, writes, stop)
+    claimed = claim_state(settings, group, stop)
     if claimed is None:
         return
     state_dir, trainers = claimed
@@ -232,7 +232,7 @@ def experience_server(
 
 
 def claim_state(
-    settings: TrainerSettings, writes: bool, stop: threading.Event
+    settings: TrainerSettings, group: Group | None, stop: threading.Event
 ) -> tuple[Path | None, Sequence[str] | None] | None:
     """The state directory this process owns and the trainers it runs; None if stopped while
     standing by.
@@ -247,7 +247,7 @@ def claim_state(
             raise ConfigurationError("give --trainers or --trainer-groups, not both")
         if settings.state_dir is None:
             raise ConfigurationError("--trainer-groups needs --state-dir: groups are claimed there")
-        if not writes:
+        if group is not None:  # every rank refuses: rank 0 alone would wait on the others
             raise ConfigurationError("--trainer-groups cannot split data-parallel ranks")
         candidates = [settings.state_dir / "+".join(group) for group in groups]
         found = claim_first(candidates, wait=stop)
@@ -256,7 +256,7 @@ def claim_state(
         index, state = found
         logger.info("running trainer group %s", ", ".join(groups[index]))
         return state.path, groups[index]
-    if settings.state_dir is None or not writes:
+    if settings.state_dir is None or (group is not None and not group.is_writer):
         return settings.state_dir, settings.trainers
     held = claim(settings.state_dir, wait=stop)
     return None if held is None else (held.path, settings.trainers)

@@ -179,11 +179,16 @@ def test_ready_file_under_torchrun_names_the_rank_that_serves_metrics(
 
 
 def manual_ranks(
-    services: Services, app: str | list[str], target: str, state_dir: Path, **env: str
+    services: Services,
+    app: str | list[str],
+    target: str,
+    state_dir: Path,
+    extra: tuple[str, ...] = (),
+    **env: str,
 ) -> list[subprocess.Popen[bytes]]:
     """Two ranks started as torchrun would start them (RANK, WORLD_SIZE, MASTER_*), each with
     its own exit code and log (`rank0`, `rank1`), as tests/integration/test_distributed.py does;
-    `app`: one for both, or each rank's."""
+    `app`: one for both, or each rank's; `extra`: more flags for both."""
     with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port for rank 0's store
         port = probe.getsockname()[1]
     apps = [app, app] if isinstance(app, str) else app
@@ -200,6 +205,7 @@ def manual_ranks(
                 "127.0.0.1:0",
                 "--state-dir",
                 str(state_dir),
+                *extra,
             ),
             f"rank{r}",
             env={**group, "RANK": f"{r}", "LOCAL_RANK": f"{r}"},
@@ -265,3 +271,27 @@ def test_ranks_built_from_different_apps_fail_with_a_message(services: Services)
     logs = services.log("rank0") + services.log("rank1")
     assert None not in codes, f"ranks still running after 20 s ({codes}): " + logs[-2000:]
     assert all(code != 0 for code in codes), logs[-2000:]
+
+
+def test_trainer_groups_under_torchrun_stop_every_rank_at_start(services: Services) -> None:
+    """--trainer-groups splits trainers between replicas, which data-parallel ranks are not:
+    every rank refuses it at start (exit 2, naming the flag). Rank 0 used to take it and then
+    wait on the others, which had refused it, until gloo's timeout."""
+    app = f"{HERE}:plain"
+    inference = services.inference(app)
+    ranks = manual_ranks(
+        services,
+        app,
+        inference.sync,
+        services.directory / "trainer",
+        ("--trainer-groups", "shard"),
+    )
+    try:
+        codes = [rank.wait(timeout=60) for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    for r, code in enumerate(codes):
+        log = services.log(f"rank{r}")
+        assert code == 2 and "--trainer-groups cannot split data-parallel ranks" in log, log
