@@ -51,6 +51,12 @@ def check_sync_access(settings: InferenceSettings) -> None:
             "INFERENCE_SYNC_TOKEN and INFERENCE_DATA_TOKEN are the same: every client of the "
             "data plane could push weights; give the sync plane a token of its own"
         )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigurationError("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigurationError(
+            "--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first"
+        )
     if (settings.tls_peer_cert is None) != (settings.tls_peer_key is None):
         raise ConfigurationError("--tls-peer-cert and --tls-peer-key go together")
     if settings.tls_sync_client_ca is not None and (

@@ -60,15 +60,13 @@ class StoredVersion:
     digest: bytes
     committed_at: float
     path: Path
-
-    @property
-    def size_bytes(self) -> int:
-        return self.path.stat().st_size
+    size_bytes: int  # as read with the rest: the file may be pruned right after
 
     @classmethod
     def from_file(cls, path: Path) -> StoredVersion:
         """The version a weights file holds, from its metadata; raises what reading a damaged
         file raises (safetensors' own errors among them)."""
+        size = path.stat().st_size
         with safe_open(str(path), framework="pt") as stored:
             meta = stored.metadata() or {}
         return cls(
@@ -77,6 +75,7 @@ class StoredVersion:
             bytes.fromhex(meta["digest"]),
             float(meta.get("committed_at", "0")),
             path,
+            size,
         )
 
     def chunks(self, size: int = 4 << 20) -> Iterator[bytes]:
@@ -237,6 +236,8 @@ class WeightStore:
         for path in sorted(self._dir(name).glob("*.safetensors"), reverse=True):
             try:
                 found.append(StoredVersion.from_file(path))
+            except FileNotFoundError:
+                continue  # pruned since the listing: older than the history kept
             except Exception as exc:  # a damaged file fails in safetensors' own ways too
                 logger.warning("skipping unreadable weights file %s: %s", path, exc)
         return found

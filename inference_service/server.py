@@ -154,7 +154,7 @@ class InferenceServer:
             await self._data_health.set(service, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._data_health, server)
         enable_reflection(server, [OIP_SERVICE])
-        port = bind(server, self._data.listen, self._data.tls)
+        port = bind(server, self._data.listen, self._data.tls, "--listen")
         await server.start()
         self._data_server = server
         return port
@@ -177,7 +177,7 @@ class InferenceServer:
         self._loop_thread.start()
         data_port = self._on_loop(self._start_data_server())
         if self._relay is None:
-            sync_port = bind(self._sync_server, self._sync.listen, self._sync.tls)
+            sync_port = bind(self._sync_server, self._sync.listen, self._sync.tls, "--sync-listen")
             self._sync_server.start()
         else:
             bind(self._sync_server, self._relay.open())

@@ -24,6 +24,7 @@ from shared.cli import (
     HOST_PORT,
     PATH,
     SIZE,
+    TOKEN,
     Converter,
     choice,
     duration,
@@ -32,6 +33,7 @@ from shared.cli import (
     scaled,
     show_size,
 )
+from shared.devices import MAX_TORCH_THREADS
 from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options, parse_service
 
 PROG = Scope.INFERENCE.value
@@ -69,7 +71,7 @@ class InferenceSettings:
             "INFERENCE_SYNC_TOKEN",
             "bearer token trainers must present on the sync plane (prefer the env var: flags "
             "show in ps)",
-            metavar="TOKEN",
+            convert=TOKEN,
         ),
     )
     data_token: str | None = field(
@@ -79,7 +81,7 @@ class InferenceSettings:
             "INFERENCE_DATA_TOKEN",
             "bearer token clients must present on the data plane",
             default_text="none (open)",
-            metavar="TOKEN",
+            convert=TOKEN,
         ),
     )
     tls_cert: Path | None = field(
@@ -348,7 +350,7 @@ class InferenceSettings:
             "--experience-token",
             "INFERENCE_EXPERIENCE_TOKEN",
             "bearer token presented on the trainers' experience plane",
-            metavar="TOKEN",
+            convert=TOKEN,
         ),
     )
     experience_tls: bool = field(
@@ -427,7 +429,7 @@ class InferenceSettings:
             "INFERENCE_TORCH_THREADS",
             "torch intra-op threads (0: OMP_NUM_THREADS where set, else one per CPU the "
             "process may use, container quota included)",
-            integer(0),
+            integer(0, MAX_TORCH_THREADS),
         ),
     )
     grace: float = field(

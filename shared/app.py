@@ -133,8 +133,7 @@ class App:
         """Declare the model `name`; with `record`, the inference service records the inputs
         and outputs of the requests it serves into that buffer (one the app declares); with
         `served_dtype`, its floating tensors are pushed and served in that dtype."""
-        if not name or "/" in name:
-            raise ConfigurationError(f"model name {name!r} must be non-empty and contain no '/'")
+        _check_name("model", name)
         if name in self._models:
             raise ConfigurationError(f"model {name!r} is defined twice")
         if served_dtype is not None and not served_dtype.is_floating_point:
@@ -173,8 +172,7 @@ class App:
         return register
 
     def add_trainer(self, name: str, build: TrainerFactory) -> None:
-        if not name:
-            raise ConfigurationError("trainer name must be non-empty")
+        _check_name("trainer", name)
         if name in self._trainers:
             raise ConfigurationError(f"trainer {name!r} is defined twice")
         self._trainers[name] = build
@@ -182,8 +180,7 @@ class App:
     def add_buffer(self, name: str, build: BufferFactory, *, tensors: Iterable[TensorSpec]) -> None:
         """Declare the experience buffer `name`: `build` makes it (on the trainer), `tensors`
         are what each sample holds (BYTES excluded: samples are tensors)."""
-        if not name or "/" in name:
-            raise ConfigurationError(f"buffer name {name!r} must be non-empty and contain no '/'")
+        _check_name("buffer", name)
         if name in self._buffers:
             raise ConfigurationError(f"buffer {name!r} is defined twice")
         spec = BufferSpec(name, build, tuple(tensors))
@@ -198,6 +195,30 @@ class App:
                     f"buffer {name!r}: tensor {tensor.name!r} is BYTES; samples hold tensors"
                 )
         self._buffers[name] = spec
+
+
+# Models, trainers and buffers name files and directories in the state directories
+# (`models/<name>.safetensors`, `trainers/<name>`, ...): a file name holds 255 bytes, and the
+# suffixes and temporary names need the rest.
+MAX_NAME_BYTES = 200
+
+
+def _check_name(kind: str, name: str) -> None:
+    """ConfigurationError unless `name` can name a file: checked when the app is declared, not
+    found out at the first checkpoint, after the runs it would have saved."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise ConfigurationError(
+            f"{kind} name {name!r} must be non-empty, not '.' or '..', and hold no '/' or NUL"
+        )
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{kind} name {name!r} is not valid Unicode text") from None
+    if size > MAX_NAME_BYTES:
+        raise ConfigurationError(
+            f"{kind} name {name[:32]!r}... is {size} bytes in UTF-8; at most {MAX_NAME_BYTES}, "
+            "as it names files in the state directories"
+        )
 
 
 def load_app(import_string: str) -> App:

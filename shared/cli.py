@@ -16,7 +16,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from shared.errors import ConfigurationError
 from shared.grpc.address import checked_address
+from shared.grpc.auth import checked_token
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -25,6 +27,9 @@ _FALSE = ("0", "false", "no", "off", "")
 
 # Units a duration may carry, in seconds; a bare number is in the option's own unit.
 DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+# The longest duration taken: beyond it timers overflow (a gRPC deadline, a thread's wait,
+# time_t) and turn into a traceback, or a deadline already past.
+MAX_SECONDS = 365 * 86400.0
 # Units a size may carry, in bytes, in any case; a bare number is bytes.
 SIZE_UNITS = {
     "B": 1,
@@ -104,6 +109,8 @@ def seconds(value: str, unit: str = "s", positive: bool = False) -> float:
             f"{value!r} is not a {'positive' if positive else 'non-negative'} duration "
             f"(a number of {unit}, or one with a unit: 500ms, 10s, 2m, 1h)"
         ) from None
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{value!r} is more than a year")
     return seconds
 
 
@@ -144,10 +151,12 @@ def path(value: str) -> Path:
 
 
 def host_port(value: str) -> str:
-    """Check a HOST:PORT listen or target address."""
+    """Check a HOST:PORT listen or target address ([V6]:PORT for IPv6)."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, as [{host}]:{port}")
     return value
 
 
@@ -171,7 +180,18 @@ def name_list(value: str) -> tuple[str, ...]:
 def name_groups(value: str) -> tuple[tuple[str, ...], ...]:
     """`a,b;c` -> (("a", "b"), ("c",)): groups separated by ';', names in a group by ','."""
     groups = tuple(name_list(group) for group in value.split(";"))
-    return tuple(group for group in groups if group)
+    named = tuple(group for group in groups if group)
+    if not named:
+        raise ValueError(f"{value!r} names no trainer: give groups as 'a,b;c'")
+    return named
+
+
+def bearer_token(value: str) -> str:
+    """A token as a gRPC header carries it; '' (none) as it is."""
+    try:
+        return checked_token(value) if value else value
+    except ConfigurationError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # Converters: each option's parse function with what its text looks like (--help's metavar)
@@ -230,6 +250,7 @@ def choice(*values: str, fold: Callable[[str], str] = str.lower) -> Converter:
 
 
 TEXT = Converter(str, "TEXT")
+TOKEN = Converter(bearer_token, "TOKEN")
 PATH = Converter(path, "PATH")
 BOOLEAN = Converter(boolean, "BOOL")
 AUTO_BOOLEAN = Converter(auto_boolean, "{auto,1,0}", none="auto")

@@ -11,6 +11,10 @@ import torch
 from shared.cpus import available_cpus
 from shared.errors import ConfigurationError
 
+# The most intra-op threads a process may ask torch for: far beyond any host's cores, and far
+# below where starting them fails ("can't start new thread", then a crash in OpenMP).
+MAX_TORCH_THREADS = 1024
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present, else the CPU; otherwise `cpu`, `cuda` or `cuda:N`."""

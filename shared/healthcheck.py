@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.cli import seconds
 from shared.errors import ConfigurationError
 from shared.grpc.channel import add_options, from_options
 from shared.grpc.options import MiB
@@ -31,18 +32,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("address", help="HOST:PORT of a gRPC server")
     parser.add_argument("--service", default="", help="service name ('' = the whole server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds")
+    parser.add_argument("--timeout", default="3", help="deadline (seconds, or 500ms, 1m)")
     add_options(parser, TOKEN_ENV, TLS_ENV)
     args = parser.parse_args(argv)
     try:
+        timeout = seconds(args.timeout, positive=True)
         channel = from_options(args, args.address, MiB)
+    except ValueError as exc:
+        print(f"healthcheck: --timeout: {exc}", file=sys.stderr)
+        return 1  # docker reserves 2; any failure here is "unhealthy"
     except ConfigurationError as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
-        return 1  # docker reserves 2; any failure here is "unhealthy"
+        return 1
     with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service), timeout=timeout
             )
         except grpc.RpcError as error:
             print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)

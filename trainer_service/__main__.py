@@ -53,6 +53,10 @@ def run(settings: TrainerSettings) -> None:
     if claimed is None:
         return
     state_dir, trainers = claimed
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigurationError("--tls-cert and --tls-key go together")
+    sync_tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    sync_tls.check()  # a bad file stops the start (before the ready file), not the first push
     publisher = Publisher(
         settings.inference,
         settings.writer_id,
@@ -60,7 +64,7 @@ def run(settings: TrainerSettings) -> None:
         connect_timeout_s=settings.connect_timeout,
         push_stall_timeout_s=settings.push_stall_timeout,
         token=settings.sync_token,
-        tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
+        tls=sync_tls,
         fanout=settings.fanout,
         catch_up_from_peers=settings.catch_up_from_peers,
         push_encoding=settings.push_encoding,

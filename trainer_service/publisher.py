@@ -52,6 +52,12 @@ class SyncFailedError(Exception):
     """No inference service could be reached, or one that answered refused the new weights."""
 
 
+class SyncRefusedError(SyncFailedError):
+    """A service that answered refused the new weights (another layout, a bad tensor): the
+    version is spent, and later syncs (or the catch-up) try that service again; retrying at
+    once would not change its answer."""
+
+
 class WriterFencedError(SyncFailedError):
     """Another trainer has taken this model over; this one must stop pushing it."""
 
@@ -211,7 +217,7 @@ class Publisher:
         if errors or not committed:
             metrics.SYNC_FAILURES.labels(model_name).inc()
             if errors:
-                raise SyncFailedError(
+                raise SyncRefusedError(
                     f"model {model_name!r} version {version} was not committed everywhere: "
                     + "; ".join(map(str, errors))
                 )

@@ -34,7 +34,12 @@ from trainer_service import metrics
 from trainer_service.checkpoint import Checkpoints
 from trainer_service.distributed import Group
 from trainer_service.experience.buffers import Buffers
-from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
+from trainer_service.publisher import (
+    Publisher,
+    SyncFailedError,
+    SyncRefusedError,
+    WriterFencedError,
+)
 from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel, Syncs
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ class Outcome(IntEnum):
     SYNCED = 0
     FAILED = 1
     FENCED = 2
+    REFUSED = 3  # a service answered and refused (SyncRefusedError)
 
 
 class _TrainerModels(TrainingModelsDict):
@@ -137,10 +143,7 @@ class TrainingLoop:
         if self.group is not None:
             self.group.check_same_models(self._layout())
             self.group.replicate(m.model for m in self._torch_models().values())
-        for name in self.synced_models():
-            model = self.models.data[name]
-            assert isinstance(model, TorchTrainingModel)
-            self._sync_until_done(name, model, stop)
+        self._first_syncs(self.synced_models(), stop)
 
     def _load(self, saved: Path) -> None:
         for name, model in self.models.data.items():
@@ -262,19 +265,35 @@ class TrainingLoop:
                 model,
             )
 
-    def _sync_until_done(
-        self, name: str, model: TorchTrainingModel[torch.nn.Module], stop: threading.Event
-    ) -> None:
+    def _first_syncs(self, names: list[str], stop: threading.Event) -> None:
+        """Push each model once before training, in turns: a model no service could take
+        yet (none reachable, the served version unreadable) is tried again with the others'
+        turns, with backoff, so one model never holds the others back. A model a service
+        answered and refused (another layout there) is left to later syncs and the catch-up,
+        as after a run's sync: training goes on."""
         delay = 0.2
-        while not self._stopping(stop):
-            _, error = self._agreed(model.sync)
-            if error is None:
-                return
-            logger.warning(
-                "model %s: initial sync failed, retrying in %.1fs: %s", name, delay, error
-            )
-            stop.wait(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 10.0)
+        while names and not self._stopping(stop):
+            waiting = []
+            for name in names:
+                model = self.models.data[name]
+                assert isinstance(model, TorchTrainingModel)
+                _, error = self._agreed(model.sync)
+                if isinstance(error, SyncRefusedError):
+                    logger.error(
+                        "model %s: its first push was refused; training goes on, and later "
+                        "syncs push it again: %s",
+                        name,
+                        error,
+                    )
+                elif error is not None:
+                    logger.warning(
+                        "model %s: initial sync failed, retrying in %.1fs: %s", name, delay, error
+                    )
+                    waiting.append(name)
+            names = waiting
+            if names:
+                stop.wait(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 10.0)
 
     def _agreed(self, attempt: Callable[[], object]) -> tuple[object, SyncFailedError | None]:
         """Run `attempt` (a trainer run, or a sync) and agree with the other ranks on how its
@@ -290,6 +309,8 @@ class TrainingLoop:
         outcome = (
             Outcome.FENCED
             if isinstance(error, WriterFencedError)
+            else Outcome.REFUSED
+            if isinstance(error, SyncRefusedError)
             else Outcome.FAILED
             if error is not None
             else Outcome.SYNCED
@@ -300,6 +321,8 @@ class TrainingLoop:
             if isinstance(error, WriterFencedError):
                 raise error
             raise WriterFencedError("rank 0 was fenced: another trainer has taken its models over")
+        if outcome is Outcome.REFUSED and error is None:
+            error = SyncRefusedError("rank 0's sync was refused (see its log)")
         if outcome is Outcome.FAILED and error is None:
             error = SyncFailedError("rank 0's sync failed (see its log)")
         return result, error

@@ -18,11 +18,13 @@ from shared.cli import (
     OPTIONAL_HOST_PORT,
     PATH,
     SIZE,
+    TOKEN,
     Converter,
     choice,
     duration,
     integer,
 )
+from shared.devices import MAX_TORCH_THREADS
 from shared.settings import SYNC_ADDRESS, Scope, ServiceOptions, option, options, parse_service
 from trainer_service.encoding_choice import AUTO, CHOICES
 from trainer_service.experience.idle import DEFAULT_IDLE_TIMEOUT_S
@@ -94,7 +96,7 @@ class TrainerSettings:
             "TRAINER_SYNC_TOKEN",
             "bearer token for the inference services' sync plane (prefer the env var: flags "
             "show in ps)",
-            metavar="TOKEN",
+            convert=TOKEN,
         ),
     )
     tls_ca: Path | None = field(
@@ -133,7 +135,7 @@ class TrainerSettings:
             "TRAINER_EXPERIENCE_TOKEN",
             "bearer token agents must present on the experience plane (prefer the env var: "
             "flags show in ps)",
-            metavar="TOKEN",
+            convert=TOKEN,
         ),
     )
     experience_tls_cert: Path | None = field(
@@ -213,7 +215,7 @@ class TrainerSettings:
             "TRAINER_TORCH_THREADS",
             "torch intra-op threads (0: OMP_NUM_THREADS where set, as torchrun sets it, else "
             "one per CPU the process may use, container quota included)",
-            integer(0),
+            integer(0, MAX_TORCH_THREADS),
         ),
     )
     state_dir: Path | None = field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import uuid
 from collections.abc import Callable, Mapping
 
@@ -28,6 +29,7 @@ from shared.errors import (
 )
 
 logger = logging.getLogger(__name__)
+_ROLLED_BACK = re.compile(r"^(rollback to \d+ of )+")
 
 
 class SyncPlane:
@@ -101,7 +103,9 @@ class SyncPlane:
             name,
             version,
             0,
-            f"rollback to {to_version} of {stored.writer_id or 'unknown'}",
+            # Of the trainer that pushed those weights, however many rollbacks served them
+            # since: the writer id stays as long as one rollback's, not one more per rollback.
+            f"rollback to {to_version} of {_ROLLED_BACK.sub('', stored.writer_id) or 'unknown'}",
             stored.size_bytes,
             model.lease.epoch,
         )

@@ -112,12 +112,27 @@ class TlsFiles:
 
     @property
     def enabled(self) -> bool:
-        return self.cert is not None or self.ca is not None
+        """Any file given: TLS is meant (a key alone is refused by `check`, never plaintext)."""
+        return self.cert is not None or self.key is not None or self.ca is not None
+
+    def check(self) -> None:
+        """Read every file given. ConfigurationError, naming the file, for one that cannot be
+        read or holds no PEM, or a certificate without its key or the reverse: found at start,
+        before a process says it is ready, not at its first connection."""
+        if (self.cert is None) != (self.key is None):
+            given = f"a certificate ({self.cert})" if self.key is None else f"a key ({self.key})"
+            raise ConfigurationError(f"TLS needs a certificate and its key; only {given} given")
+        for path, marker in ((self.cert, CERTIFICATE), (self.key, PRIVATE_KEY)):
+            if path is not None:
+                _pem(path, marker)
+        if self.ca is not None:
+            _pem(self.ca, CERTIFICATE)
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """TLS with this cert; with a CA, clients must present a certificate it signed (mTLS)."""
+        self.check()
         if self.cert is None or self.key is None:
-            raise ValueError("a TLS server needs both a certificate and a key")
+            raise ConfigurationError("a TLS server needs a certificate and its key")
         ca = _pem(self.ca, CERTIFICATE) if self.ca else None
         return grpc.ssl_server_credentials(
             [(_pem(self.key, PRIVATE_KEY), _pem(self.cert, CERTIFICATE))],
@@ -127,6 +142,7 @@ class TlsFiles:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Verify the server against the CA; present this cert when given (mTLS)."""
+        self.check()
         return grpc.ssl_channel_credentials(
             root_certificates=_pem(self.ca, CERTIFICATE) if self.ca else None,
             private_key=_pem(self.key, PRIVATE_KEY) if self.key else None,
@@ -141,13 +157,29 @@ PRIVATE_KEY = b"PRIVATE KEY-----"  # BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY, B
 def _pem(path: Path, marker: bytes) -> bytes:
     """The PEM file at `path`. ConfigurationError, naming it, when it holds no `marker` line:
     gRPC would only fail later, as a port it cannot bind or a connection that fails."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the TLS file {path}: {exc.strerror}") from None
     if marker not in data:
         what = "certificate" if marker == CERTIFICATE else "private key"
         raise ConfigurationError(f"{path} holds no PEM {what}")
     return data
 
 
+def checked_token(token: str, what: str = "the token") -> str:
+    """`token` if a gRPC header can carry it; else ConfigurationError calling it `what`. A
+    space, a newline (read with the file it was kept in) or a control character would make
+    every call fail on the client ("Invalid metadata"), whatever the service requires."""
+    if not all("!" <= c <= "~" for c in token):
+        raise ConfigurationError(
+            f"{what} holds characters a gRPC header cannot carry: it must be printable ASCII, "
+            "without spaces or a trailing newline"
+        )
+    return token
+
+
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata that carries `token` (none when there is no token)."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    """Call metadata that carries `token` (none when there is no token); ConfigurationError
+    for a token no header can carry."""
+    return (("authorization", f"Bearer {checked_token(token)}"),) if token else ()

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from shared.errors import ConfigurationError
-from shared.grpc.auth import TlsFiles, bearer
+from shared.grpc.auth import TlsFiles, bearer, checked_token
 from shared.grpc.options import channel_options
 
 
@@ -49,15 +49,10 @@ def open_channel(
             raise ConfigurationError("a TLS server name needs TLS: give a CA file or --tls")
         channel = grpc.insecure_channel(target, options=list(merged.items()))
     else:
-        if (tls.cert is None) != (tls.key is None):
-            raise ConfigurationError("mutual TLS needs both a client certificate and its key")
         if server_name:
             merged["grpc.ssl_target_name_override"] = server_name
             merged["grpc.default_authority"] = server_name
-        try:
-            credentials = tls.channel_credentials()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read a TLS file: {exc}") from None
+        credentials = tls.channel_credentials()  # ConfigurationError for a bad file or pair
         channel = grpc.secure_channel(target, credentials, options=list(merged.items()))
     if token or deadline_s is not None:
         channel = grpc.intercept_channel(channel, CallDefaults(token, deadline_s))
@@ -123,8 +118,16 @@ def add_options(parser: argparse.ArgumentParser, token_env: Sequence[str], tls_e
     variables `token_env`, the first one set), and `--tls`, `--tls-ca`, `--tls-cert`,
     `--tls-key`, `--tls-server-name` (also read from `<tls_env>_TLS_CA` and so on)."""
     names = " or ".join(token_env)
+
+    def token(value: str) -> str:
+        try:
+            return checked_token(value, f"the token (--token, or {names})")
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
     parser.add_argument(
         "--token",
+        type=token,
         default=next((os.environ[name] for name in token_env if os.environ.get(name)), None),
         help=f"bearer token the service requires (env {names}; prefer the environment: "
         "flags show in `ps`)",

@@ -3,6 +3,7 @@ returns the port; the ready file a started service writes."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.decoding import StrictAioServer, StrictDecoding
 from shared.grpc.limits import CallBudget, CallLimiter
@@ -78,23 +80,36 @@ def lower_thread_priority(increment: int) -> None:
         pass
 
 
-def bind(server: grpc.Server | grpc.aio.Server, address: str, tls: TlsFiles | None = None) -> int:
-    """Listen on `address` (port 0: any free port) and return the port actually bound."""
+def bind(
+    server: grpc.Server | grpc.aio.Server,
+    address: str,
+    tls: TlsFiles | None = None,
+    flag: str | None = None,
+) -> int:
+    """Listen on `address` (port 0: any free port) and return the port actually bound; an
+    OSError that names `flag`, the option that gave the address, when it cannot."""
+    where = f"{flag}: cannot listen on {address}" if flag else f"cannot listen on {address}"
     try:
         if tls is not None and tls.enabled:
             port = server.add_secure_port(address, tls.server_credentials())
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}") from None
+        raise OSError(f"{where}: {exc}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"{where} (in use, or not an address of this host)")
     return int(port)
 
 
 def write_ready_file(path: Path, info: dict[str, object]) -> None:
-    """Write `info` as JSON atomically, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `info` as JSON atomically, so a reader never sees half a file; ConfigurationError
+    naming the path when it cannot be written (a directory there, a file above it)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ConfigurationError(f"cannot write the ready file {path}: {exc.strerror}") from None

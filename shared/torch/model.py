@@ -167,11 +167,14 @@ def _resolve_procedure(
     return resolved
 
 
-def _load_parameter_file(path: str | Path, device: torch.device) -> dict[str, torch.Tensor]:
+def _load_parameter_file(module: nn.Module, path: str | Path, device: torch.device) -> None:
+    """Load `path` into `module`, strictly. A `.safetensors` file goes through safetensors'
+    own `load_model`, which ties back the weights `save_model` stored once (a tied head, as
+    Hugging Face files hold it)."""
     if str(path).endswith(".safetensors"):
-        return safetensors.torch.load_file(str(path), device=str(device))
-    loaded: dict[str, torch.Tensor] = torch.load(path, map_location=device, weights_only=True)
-    return loaded
+        safetensors.torch.load_model(module, str(path), strict=True, device=str(device))
+        return
+    module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
 
 
 def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -259,7 +262,7 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
         self._inference_procedure = _resolve_procedure(model, inference_procedure)
         self.model.to(target)
         if pretrained_parameter_file is not None:
-            self.model.load_state_dict(_load_parameter_file(pretrained_parameter_file, target))
+            _load_parameter_file(self.model, pretrained_parameter_file, target)
         if compile:
             if self.has_inference_model:
                 self.inference_model._raw_model.compile()

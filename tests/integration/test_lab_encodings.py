@@ -64,8 +64,10 @@ def test_sparse_deltas_chosen_by_auto_are_forwarded_encoded_and_a_restarted_repl
     lab.replicas_in(["replica3"], suffix="-again")
     # It gets whole tensors (from the trainer or seeded by a neighbour), then deltas again.
     wait_until(
-        lambda: committed(lab.services.log("replica3-again"))[:1] == ["full"]
-        and committed(lab.services.log("replica3-again"))[-1].startswith("delta on"),
+        lambda: (
+            committed(lab.services.log("replica3-again"))[:1] == ["full"]
+            and committed(lab.services.log("replica3-again"))[-1].startswith("delta on")
+        ),
         timeout=120,
     )
     trainer.send_signal(signal.SIGTERM)  # it ends the run in hand, its push included, and saves

@@ -207,9 +207,9 @@ def test_a_token_or_tls_files_no_call_could_use_are_refused_when_the_collector_i
         ("agents-only", TlsFiles(good.cert, good.key, pki / "client.key"), SERVER_NAME,
          f"{pki / 'client.key'} holds no PEM certificate"),
         ("agents-only", TlsFiles(good.cert, good.key, pki / "missing.pem"), SERVER_NAME,
-         "cannot read a TLS file"),
+         "cannot read the TLS file"),
         ("agents-only", TlsFiles(good.cert, None, good.ca), SERVER_NAME,
-         "mutual TLS needs both a client certificate and its key"),
+         "TLS needs a certificate and its key; only a certificate"),
         ("agents-only", None, SERVER_NAME, "a TLS server name needs TLS"),
         ("agents-only\n", good, SERVER_NAME, "the experience token holds characters a gRPC "
          "header cannot carry: it must be printable ASCII"),

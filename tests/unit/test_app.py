@@ -57,3 +57,18 @@ def test_definitions_are_checked() -> None:
         app.add_model(
             "n", lambda: None, inputs=[TensorSpec("x", "FP32", ()), TensorSpec("x", "FP32", ())]
         )  # type: ignore[arg-type,return-value]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "nul\0", "é" * 101, "\ud800"], ids=repr)
+def test_names_that_cannot_name_a_file_are_refused_as_declared(name: str) -> None:
+    """Models, trainers and buffers name files in the state directories: a name a file cannot
+    carry (past 200 UTF-8 bytes, a path component of its own) is refused when it is declared,
+    not found out at the first checkpoint."""
+    app = App()
+    with pytest.raises(ConfigurationError, match="model name"):
+        app.add_model(name, lambda: None)
+    with pytest.raises(ConfigurationError, match="trainer name"):
+        app.add_trainer(name, lambda: None)
+    with pytest.raises(ConfigurationError, match="buffer name"):
+        app.add_buffer(name, lambda: None, tensors=[TensorSpec("x", "FP32", (1,))])
+    app.add_model("é" * 100, lambda: None)  # 200 bytes: the most a name may take

@@ -49,6 +49,7 @@ from inference_service.syncplane.relay.link import STALL_S, RelayLink
 from inference_service.syncplane.relay.pulse import Pulse
 from shared.allocator import tune_for_streaming
 from shared.cli import configure_logging
+from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.channel import open_channel
@@ -181,7 +182,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         )
         remaining = context.time_remaining()  # without a deadline: a far future, not None
         call: Any = self._upstream.stream_stream(method)(
-            requests,
+            _until_cancelled(requests),
             metadata=metadata,
             timeout=min(FORWARD_DEADLINE_S, FORWARD_DEADLINE_S if remaining is None else remaining),
         )
@@ -203,6 +204,17 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             context.set_trailing_metadata(error.trailing_metadata() or ())
             context.abort(error.code(), error.details() or "")
         context.set_trailing_metadata(call.trailing_metadata() or ())
+
+
+def _until_cancelled(requests: Iterator[bytes]) -> Iterator[bytes]:
+    """The caller's messages, ending quietly where the caller cancels or drops the call (a
+    health Watch closed): its server-side iterator raises then, which grpcio, reading it for
+    the forwarded call, would log as an error with a traceback. The forwarded call is
+    cancelled by the callback the caller's end runs."""
+    try:
+        yield from requests
+    except grpc.RpcError:
+        return
 
 
 def _service_silent(error: grpc.RpcError) -> bool:
@@ -259,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.add_generic_rpc_handlers((Relay(upstream, links),))
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     try:
-        port = bind(server, args.listen, tls if tls.enabled else None)
-    except OSError as exc:
+        port = bind(server, args.listen, tls if tls.enabled else None, "--sync-listen")
+    except (OSError, ConfigurationError) as exc:
         _say(error=str(exc))
         return 2
     server.start()

@@ -22,11 +22,10 @@ import grpc
 
 from shared.data.batch import MAX_BATCH_SAMPLES
 from shared.data.remote.call import status
-from shared.errors import ConfigurationError
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from shared.grpc.address import checked_address
-from shared.grpc.auth import TlsFiles
+from shared.grpc.auth import TlsFiles, checked_token
 from shared.grpc.channel import open_channel
 
 COLLECT = "/experience.v1.Experience/Collect"
@@ -65,11 +64,8 @@ def check_credentials(
     Raises:
         ConfigurationError: Naming what is wrong.
     """
-    if token and not all(" " <= c <= "~" for c in token):
-        raise ConfigurationError(
-            "the experience token holds characters a gRPC header cannot carry: it must be "
-            "printable ASCII"
-        )
+    if token:
+        checked_token(token, "the experience token")
     # A channel dials nothing until called: opening one checks the credentials alone.
     open_channel(address, 1 << 20, token=token, tls=tls, server_name=server_name).close()
 
