@@ -104,12 +104,15 @@ def render() -> str:
         "Values:",
         "",
         f"- `DURATION`: a number in the unit the flag's name gives (seconds unless it ends in "
-        f"`-ms`), or a number with a unit of its own: {durations} (`500ms`, `2m`).",
+        f"`-ms`), or a number with a unit of its own: {durations} (`500ms`, `2m`); at most a "
+        "year.",
         f"- `SIZE`: a whole number of bytes, or a number with a unit: {sizes} (in any case: "
         "`16MiB`, `16mib`; `1GB` is 10^9 bytes, `1GiB` 2^30).",
         "- `BOOL` (an environment variable of a flag that takes no value): `1`, `true`, `yes`, "
         "`on` or `0`, `false`, `no`, `off`.",
         "- Lists: comma-separated; `A,B;C` is groups separated by `;`.",
+        "- `TOKEN`: printable ASCII without spaces, as a gRPC header carries it (a token read "
+        "from a file with its trailing newline is refused).",
         "",
         *_sections(),
     ]
