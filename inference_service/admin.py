@@ -29,7 +29,7 @@ from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.channel import add_options, from_options
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES
+from shared.grpc.options import SYNC_MAX_ANSWER_BYTES, SYNC_MAX_MESSAGE_BYTES
 
 TOKEN_ENV = ("INFERENCE_SYNC_TOKEN", "TRAINER_SYNC_TOKEN")
 TLS_ENV = "TRAINER"
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        channel = from_options(args, args.sync, SYNC_MAX_MESSAGE_BYTES)
+        channel = from_options(args, args.sync, SYNC_MAX_MESSAGE_BYTES, SYNC_MAX_ANSWER_BYTES)
     except ConfigurationError as exc:
         print(f"weightsync-admin: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,11 @@ from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from shared.grpc.auth import AsyncTokenAuthInterceptor, TlsFiles, TokenAuthInterceptor
 from shared.grpc.health import AsyncHealth, Health
 from shared.grpc.limits import CallBudget
-from shared.grpc.options import DATA_MAX_MESSAGE_BYTES, SYNC_MAX_MESSAGE_BYTES
+from shared.grpc.options import (
+    DATA_MAX_MESSAGE_BYTES,
+    SYNC_MAX_ANSWER_BYTES,
+    SYNC_MAX_MESSAGE_BYTES,
+)
 from shared.grpc.reflection import enable_reflection
 from shared.grpc.server import bind, new_aio_server, new_server
 
@@ -136,6 +140,7 @@ class InferenceServer:
             name="sync",
             nice=sync.nice,
             frequent_pings=True,  # hops passing a push on watch their link (leg.py)
+            max_answer_bytes=SYNC_MAX_ANSWER_BYTES,
         )
         add_sync_servicer(WeightSyncServicer(sync_plane), self._sync_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._sync_server)

@@ -15,7 +15,12 @@ from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from shared.grpc.auth import TlsFiles
 from shared.grpc.channel import open_channel
 from shared.grpc.errors import error_details, error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watch_timeout_s, watched_link
+from shared.grpc.options import (
+    SYNC_MAX_ANSWER_BYTES,
+    SYNC_MAX_MESSAGE_BYTES,
+    watch_timeout_s,
+    watched_link,
+)
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
 from shared.weights.digest import model_digest
@@ -195,6 +200,7 @@ class SyncClient:
             tls=tls if secure else None,
             server_name=server_name if secure else None,  # plaintext: nothing to verify
             options=[*RECONNECT_OPTIONS, *watched_link(stall_timeout_s)],
+            max_answer_bytes=SYNC_MAX_ANSWER_BYTES,
         )
         self._stub = pb_grpc.WeightSyncStub(self._channel)
         self._seeds = open_channel(
@@ -204,6 +210,7 @@ class SyncClient:
             tls=tls if secure else None,
             server_name=server_name if secure else None,
             options=[*RECONNECT_OPTIONS, *watched_link(stall_timeout_s)],
+            max_answer_bytes=SYNC_MAX_ANSWER_BYTES,
         )
         # Push sends messages we serialize ourselves (shared/weights/wire.py).
         self._push = self._channel.stream_unary(

@@ -31,6 +31,7 @@ def open_channel(
     server_name: str | None = None,
     options: Sequence[tuple[str, int | str]] = (),
     deadline_s: float | None = None,
+    max_answer_bytes: int | None = None,
 ) -> grpc.Channel:
     """A channel to `target` (HOST:PORT, or any address gRPC dials: `unix:PATH`).
 
@@ -41,8 +42,9 @@ def open_channel(
     as they would dialling that name. `token` travels as `authorization: Bearer` metadata on
     every call. `options`: channel arguments besides the message-size limits and keepalive of
     `channel_options` (which they override where they name the same). `deadline_s`: calls that
-    set no timeout of their own end after that many seconds."""
-    merged: dict[str, Any] = dict(channel_options(max_message_bytes))
+    set no timeout of their own end after that many seconds. `max_answer_bytes`: the largest
+    message taken from the server, where that differs from `max_message_bytes`."""
+    merged: dict[str, Any] = dict(channel_options(max_message_bytes, max_answer_bytes))
     merged.update(options)
     if tls is None:
         if server_name:
@@ -157,7 +159,12 @@ def add_options(parser: argparse.ArgumentParser, token_env: Sequence[str], tls_e
     )
 
 
-def from_options(args: argparse.Namespace, target: str, max_message_bytes: int) -> grpc.Channel:
+def from_options(
+    args: argparse.Namespace,
+    target: str,
+    max_message_bytes: int,
+    max_answer_bytes: int | None = None,
+) -> grpc.Channel:
     """The channel that the options `add_options` declared ask for.
 
     Raises:
@@ -171,11 +178,12 @@ def from_options(args: argparse.Namespace, target: str, max_message_bytes: int) 
     if not 1 <= int(port) <= 65535:
         raise ConfigurationError(f"{target!r} names port {port}, outside 1 to 65535")
     files = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
-    secure = args.tls or files.enabled or files.key is not None
+    secure = args.tls or files.enabled
     return open_channel(
         target,
         max_message_bytes,
         token=args.token,
         tls=files if secure else None,
         server_name=args.tls_server_name,
+        max_answer_bytes=max_answer_bytes,
     )

@@ -7,6 +7,10 @@ MiB = 1 << 20
 # Weights travel in chunks well under this; inference requests may be larger (batches).
 SYNC_MAX_MESSAGE_BYTES = 16 * MiB
 DATA_MAX_MESSAGE_BYTES = 64 * MiB
+# What a sync-plane answer may hold: the tensor table of a model whose header is near
+# --max-header-bytes (GetModel), every model's at once (ListModels). Answers are the service's
+# own making; only what callers send is bounded by SYNC_MAX_MESSAGE_BYTES.
+SYNC_MAX_ANSWER_BYTES = 1024 * MiB
 
 # How soon after its previous ping a gRPC client sends the next while a call is open: a second
 # at the soonest, whatever its keepalive time (chttp2's ping rate policy). The wait starts over
@@ -23,17 +27,20 @@ PING_STRIKES = 2
 IDENTITY_ONLY = 1
 
 
-def server_options(max_message_bytes: int, frequent_pings: bool = False) -> list[tuple[str, int]]:
+def server_options(
+    max_message_bytes: int, frequent_pings: bool = False, max_answer_bytes: int | None = None
+) -> list[tuple[str, int]]:
     """`frequent_pings`: the sync plane, where clients watching their link (`watched_link`: a
     replica passing a push on, a trainer's Seed) ping about once a second while a call is open,
     and the server may send nothing for the whole call (a client-streaming push answers only
     at its end). Such a server takes pings down to `sync_ping_floor_ms()` apart; a client
     pinging faster (a flood, before any authentication) is sent GOAWAY after `PING_STRIKES`
-    such pings. Other servers take one ping per 10 s."""
+    such pings. Other servers take one ping per 10 s. `max_answer_bytes`: the largest message
+    it sends, where that differs from the largest it takes."""
     floor_ms = sync_ping_floor_ms() if frequent_pings else 10_000
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_answer_bytes or max_message_bytes),
         # gRPC sets SO_REUSEPORT by default: a second server on the same port would start
         # silently and steal traffic. Fail the bind instead.
         ("grpc.so_reuseport", 0),
@@ -50,9 +57,13 @@ def server_options(max_message_bytes: int, frequent_pings: bool = False) -> list
     ]
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(
+    max_message_bytes: int, max_answer_bytes: int | None = None
+) -> list[tuple[str, int]]:
+    """`max_answer_bytes`: the largest message taken from the server, where that differs
+    from the largest sent to it."""
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_answer_bytes or max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),

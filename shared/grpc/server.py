@@ -30,6 +30,7 @@ def new_server(
     name: str = "grpc",
     nice: int = 0,
     frequent_pings: bool = False,
+    max_answer_bytes: int | None = None,
 ) -> grpc.Server:
     """A thread-pool server of `workers` threads; requests that do not parse get
     INVALID_ARGUMENT (`shared.grpc.decoding`). With `budget`, the calls that `interceptors`
@@ -38,7 +39,7 @@ def new_server(
 
     `nice` lowers the CPU priority of the threads running its handlers (Linux schedules
     threads one by one), so that work yields to the process's other servers when CPUs are
-    short. `frequent_pings`: see `server_options`."""
+    short. `frequent_pings`, `max_answer_bytes`: see `server_options`."""
     limiter: list[grpc.ServerInterceptor] = []
     if budget is not None:
         if workers < budget.threads:
@@ -52,7 +53,7 @@ def new_server(
             thread_name_prefix=name,
             initializer=functools.partial(lower_thread_priority, nice) if nice else None,
         ),
-        options=server_options(max_message_bytes, frequent_pings),
+        options=server_options(max_message_bytes, frequent_pings, max_answer_bytes),
         interceptors=[*interceptors, *limiter, StrictDecoding()],
     )
 

@@ -168,13 +168,23 @@ def _resolve_procedure(
 
 
 def _load_parameter_file(module: nn.Module, path: str | Path, device: torch.device) -> None:
-    """Load `path` into `module`, strictly. A `.safetensors` file goes through safetensors'
-    own `load_model`, which ties back the weights `save_model` stored once (a tied head, as
-    Hugging Face files hold it)."""
+    """Load `path` (safetensors, or a torch state dict) into `module`, strictly. A file may
+    hold tied weights under one of their names only (safetensors' `save_model`, Hugging Face
+    files): the others are filled from it, as `load_model` ties them back."""
     if str(path).endswith(".safetensors"):
-        safetensors.torch.load_model(module, str(path), strict=True, device=str(device))
-        return
-    module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        state = safetensors.torch.load_file(str(path), device=str(device))
+    else:
+        state = torch.load(path, map_location=device, weights_only=True)
+    tied: dict[tuple[object, ...], list[str]] = {}  # the same elements under several names
+    for name, tensor in module.state_dict().items():
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            key = (tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride())
+            tied.setdefault(key, []).append(name)
+    for names in tied.values():
+        given = [n for n in names if n in state]
+        for name in names if given else ():
+            state.setdefault(name, state[given[0]])
+    module.load_state_dict(state)
 
 
 def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

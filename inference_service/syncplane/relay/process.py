@@ -54,7 +54,7 @@ from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles, TokenAuthInterceptor
 from shared.grpc.channel import open_channel
 from shared.grpc.errors import abort, error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
+from shared.grpc.options import SYNC_MAX_ANSWER_BYTES, SYNC_MAX_MESSAGE_BYTES, watched_link
 from shared.grpc.prefetch import Prefetcher
 from shared.grpc.server import bind, lower_thread_priority, new_server
 from shared.settings import ProcessSettings
@@ -255,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     weaker = os.environ.pop(WEAKER_TOKEN_ENV, None)
     interceptors = [TokenAuthInterceptor(token, "sync plane", weaker=weaker)] if token else []
     upstream = open_channel(
-        f"unix:{args.upstream}", SYNC_MAX_MESSAGE_BYTES, options=watched_link(UPSTREAM_WATCH_S)
+        f"unix:{args.upstream}",
+        SYNC_MAX_MESSAGE_BYTES,
+        options=watched_link(UPSTREAM_WATCH_S),
+        max_answer_bytes=SYNC_MAX_ANSWER_BYTES,
     )
     pulse = Pulse(args.pulse) if args.pulse else None
     links = LinkPool(args.links, os.getppid(), pulse)  # the service started this process
@@ -267,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget=budget,
         name="relay",
         frequent_pings=True,  # hops passing a push on watch their link (leg.py)
+        max_answer_bytes=SYNC_MAX_ANSWER_BYTES,
     )
     server.add_generic_rpc_handlers((Relay(upstream, links),))
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
