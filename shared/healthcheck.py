@@ -37,10 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         timeout = seconds(args.timeout, positive=True)
-        channel = from_options(args, args.address, MiB)
     except ValueError as exc:
         print(f"healthcheck: --timeout: {exc}", file=sys.stderr)
         return 1  # docker reserves 2; any failure here is "unhealthy"
+    try:
+        channel = from_options(args, args.address, MiB)
     except ConfigurationError as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
         return 1

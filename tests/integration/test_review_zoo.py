@@ -15,7 +15,6 @@ import pytest
 import safetensors.torch
 import torch
 import tritonclient.grpc as triton
-from torch import nn
 
 from devtools.launch import inference_command, trainer_command
 from shared.gen.inference import grpc_service_pb2 as oip
@@ -27,9 +26,9 @@ from shared.weights.served import serve_module
 from shared.weights.writer import Payload
 from tests.integration import zoo_apps
 from tests.integration.conftest import ROOT, Inference, Services, wait_until
+from tests.integration.test_review_models import X, checkpoint, local
 
 APPS = "tests.integration.zoo_apps"
-X = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
 SMALL = [zoo_apps.small_name(i) for i in range(zoo_apps.SMALL)]
 SERVED = [*SMALL, zoo_apps.UNICODE_MODEL]
 
@@ -40,19 +39,6 @@ def infer(inference: Inference, model: str) -> tuple[str, np.ndarray]:
     tensor.set_data_from_numpy(X)
     result = client.infer(model, [tensor], client_timeout=10)
     return result.get_response().model_version, result.as_numpy("y")
-
-
-def checkpoint(tmp_path: Path, model: str) -> dict[str, torch.Tensor]:
-    path = tmp_path / "trainer" / "checkpoint" / "models" / f"{model}.safetensors"
-    return safetensors.torch.load_file(path)
-
-
-def local(module: nn.Module, state: dict[str, torch.Tensor]) -> np.ndarray:
-    module.load_state_dict(state)
-    serve_module(module, None)
-    with torch.inference_mode():
-        out: np.ndarray = module.eval()(torch.from_numpy(X)).numpy()
-    return out
 
 
 def train(
@@ -125,7 +111,7 @@ def test_a_zoo_of_dozens_of_models_is_listed_described_served_and_synced_bit_exa
         seed = i if model != zoo_apps.UNICODE_MODEL else 50
         version, served = infer(inference, model)
         assert version == "2"
-        np.testing.assert_array_equal(served, local(zoo_apps.Small(seed), trained))
+        np.testing.assert_array_equal(served, local(zoo_apps.Small(seed), trained, None))
     # The inference-only model is served from its file, untouched by the trainer.
     assert inference.model_state("frozen").version == 0
     assert infer(inference, "frozen")[0] == "0"
@@ -189,7 +175,7 @@ def test_thousands_of_tensors_with_long_unicode_names_are_trained_and_served_bit
         assert state.version == 3 and state.digest == state_digest(trained), model
         version, served = infer(inference, model)
         assert version == "3"
-        np.testing.assert_array_equal(served, local(module, trained))
+        np.testing.assert_array_equal(served, local(module, trained, None))
 
 
 def test_the_admin_tool_lists_a_zoo_whose_models_hold_thousands_of_long_tensor_names(
