@@ -11,6 +11,7 @@ capped exponential backoff and jitter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import threading
@@ -23,6 +24,7 @@ import torch
 from shared import protocol
 from shared.weights.digest import model_digest, tensor_hash
 from shared.weights.layout import TensorLayout
+from shared.weights.ties import ties
 from shared.weights.writer import Payload
 from trainer_service import metrics
 from trainer_service.bases import Bases
@@ -62,6 +64,18 @@ class Version:
     hashes: dict[str, bytes] | None = None
     digest: bytes | None = None
     owned: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def tied(self) -> dict[str, str]:
+        """The names that hold a tensor an earlier name holds (shared/weights/ties.py): they
+        travel as that name."""
+        return ties(self.tensors)
+
+    @property
+    def untied(self) -> Tensors:
+        """Each tensor under its first name only."""
+        tied = self.tied
+        return {n: t for n, t in self.tensors.items() if n not in tied} if tied else self.tensors
 
 
 class Delivery:
@@ -200,7 +214,7 @@ class Delivery:
         if copying is None and self._chooser.wants_bases(target.address):  # a later delta
             dense = self._chooser.dense(target.model)  # encodes against it
             self._bases.keep(
-                target.model, version.number, version.tensors, acked, dense, version.owned
+                target.model, version.number, version.untied, acked, dense, version.owned
             )
         return Pushed(plan.payload.nbytes, hops)
 
@@ -217,7 +231,7 @@ class Delivery:
             args=(
                 target.model,
                 version.number,
-                version.tensors,
+                version.untied,
                 version.hashes,
                 dense,
                 version.owned,
@@ -288,16 +302,19 @@ class Delivery:
         else:
             changed = [name for name in tensors if base[name] != hashes[name]]
             base_version = target.version
-        carried = [(name, tensors[name]) for name in changed]
+        # A tied name travels as the name it is tied to, which changed with it.
+        changing = set(changed)
+        tied = {n: s for n in changed if (s := version.tied.get(n)) is not None and s in changing}
+        carried = [(name, tensors[name]) for name in changed if name not in tied]
         kept = self._bases.get(target.model, base_version) if base_version else None
         if kept is None or not self._chooser.wants_bases(target.address):
-            payload = Payload.of(carried)
+            payload = Payload.of(carried, tied=tied)
         else:
             # Targets taking the same version on the same base share each tensor's encoding.
             push = (target.model, version.number, base_version)
             probes = self._bases.probes(target.model, base_version)
             encoded = self._chooser.encode(target.address, carried, kept, push, probes)
-            payload = Payload.of(carried, encoded=encoded.tensors)
+            payload = Payload.of(carried, encoded=encoded.tensors, tied=tied)
             logger.debug(
                 "model %s v%d -> %s (delta on %d): %s; encoded in %.3fs",
                 target.model,

@@ -22,6 +22,8 @@ from typing import Self
 
 import torch
 
+from shared.weights.ties import map_tied
+
 Tensors = Mapping[str, torch.Tensor]
 
 # A push is late past LATE times the model's usual sync and at least LATE_BY_S past it: a hop
@@ -33,13 +35,17 @@ RECENT = 8  # syncs of a model whose quickest is its usual time
 
 
 def host_copy(tensors: Tensors, owned: Collection[str]) -> dict[str, torch.Tensor]:
-    """A copy of `tensors` on the host that the caller's later writes leave alone; the tensors
-    it `owned` (made for the push, never written again) are kept as they are."""
-    detached = ((name, t.detach()) for name, t in tensors.items())
-    return {
-        name: t if name in owned and t.device.type == "cpu" else t.to("cpu", copy=True)
-        for name, t in detached
-    }
+    """A copy of `tensors` on the host that the caller's later writes leave alone, each tensor
+    copied once (tied names stay tied); the tensors it `owned` (made for the push, never
+    written again) are kept as they are."""
+
+    def copied(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if name in owned and tensor.device.type == "cpu":
+            return tensor
+        return tensor.to("cpu", copy=True)
+
+    return map_tied(tensors, copied)
 
 
 class HostCopy:

@@ -156,7 +156,7 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
             progress.advance(len(message))
     digest = plan.digest
     if digest is None:
-        layouts = {entry.name: entry.layout for entry in plan.payload.entries}
+        layouts = plan.payload.layouts
         digest = model_digest(
             {name: (layouts[name], h) for name, h in plan.streamed_hashes.items()}
         )

@@ -36,6 +36,7 @@ from inference_service.syncplane.resume import Session, Sessions
 from inference_service.syncplane.staging import BaseDecoder
 from shared.errors import ConflictError, MalformedPushError
 from shared.weights.reader import PayloadReader
+from shared.weights.ties import tie_groups
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class PushApplier:
             digest = self._stream_into(session, owner, body, header.resume_from, still_wanted)
             received = session.reader.finish()
             check_complete(model, header, received)
-            hashes = session.transaction.complete(received)
+            hashes = session.transaction.complete(received, session.reader.tied)
             check_digest(model, header, digest, hashes)
             self._check_ties(model, hashes)
             # Under the lease's lock: a grant lands wholly before this check or after the swap.
@@ -241,14 +242,8 @@ class PushApplier:
 
 def tied_names(module: nn.Module) -> list[list[str]]:
     """The groups of state-dict names that are one tensor of `module` (a tied or twice
-    registered parameter, a buffer that is a parameter's memory): same memory, dtype, shape
-    and strides. Empty tensors hold no memory and tie nothing."""
-    groups: dict[tuple[object, ...], list[str]] = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if tensor.numel():
-            key = (tensor.device, tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
-            groups.setdefault(key, []).append(name)
-    return [sorted(names) for names in groups.values() if len(names) > 1]
+    registered parameter, a buffer that is a parameter's memory: shared/weights/ties.py)."""
+    return tie_groups(module.state_dict(keep_vars=True))
 
 
 def _supersedes(header: PushHeader, other: PendingPush, epoch: int) -> bool:

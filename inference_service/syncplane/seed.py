@@ -68,7 +68,7 @@ class Seeder:
                 f"model {model.name!r} serves version {generation.version}, not {version}: "
                 "nothing was seeded"
             )
-        payload = Payload.of(list(generation.module.state_dict().items()))
+        payload = Payload.of_state(generation.module.state_dict())
         header = PushHeader(
             model.name,
             generation.version,

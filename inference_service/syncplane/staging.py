@@ -58,6 +58,14 @@ class _Targets:
         if name in self._strided:
             self._written.add(name)
 
+    def tie(self, name: str, source: str) -> None:
+        """Give `name` the bytes written into `source` (a name tied to it that the push did
+        not carry), unless the two are one memory here."""
+        into, given = self.flat[name], self.flat[source]
+        if into.data_ptr() != given.data_ptr():
+            into.copy_(given, non_blocking=True)
+            self.mark(name)
+
     def write_back(self) -> None:
         """Copy each strided tensor's contiguous copy that was written into it."""
         for name, (tensor, scratch) in self._strided.items():
@@ -104,6 +112,11 @@ class CpuSink:
     def copy(self, name: str, source: torch.Tensor) -> None:
         self._targets.mark(name)
         self._flat[name].copy_(_flat_bytes(source.detach().contiguous()))
+
+    def tie(self, name: str, source: str) -> None:
+        """Give `name` the bytes written into `source` (see _Targets.tie)."""
+        self._first_write(name)
+        self._targets.tie(name, source)
 
     def host_bytes(self, entry: TensorEntry) -> np.ndarray:
         """The standby tensor's memory (flat uint8), to decode an encoded tensor into in place:
@@ -169,6 +182,12 @@ class CudaSink:
         self._targets.mark(name)
         with torch.cuda.stream(self._stream):
             self._flat[name].copy_(_flat_bytes(source.detach().contiguous()), non_blocking=True)
+
+    def tie(self, name: str, source: str) -> None:
+        """Give `name` the bytes written into `source`, after them on the same stream."""
+        self._first_write(name)
+        with torch.cuda.stream(self._stream):
+            self._targets.tie(name, source)
 
     def host_bytes(self, entry: TensorEntry) -> None:
         """None: the tensor lives on the device; decoded bytes travel as received ones do."""

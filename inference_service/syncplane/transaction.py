@@ -112,10 +112,15 @@ class StagingTransaction:
         host (see staging.CpuSink.host_bytes); None on a device."""
         return self._sink.host_bytes(entry)
 
-    def complete(self, received: Mapping[str, bytes]) -> dict[str, bytes]:
+    def complete(
+        self, received: Mapping[str, bytes], tied: Mapping[str, str] | None = None
+    ) -> dict[str, bytes]:
         """Bring every tensor the push did not carry up to date from the live copy, and wait
         for all copies; return the hashes of the state staged. `received`: the hashes of the
-        tensors the push carried, as written."""
+        tensors the push carried, as written, and of the names it declared `tied` to them
+        (name -> the carried name), which get those tensors' bytes."""
+        for name, source in (tied or {}).items():
+            self._sink.tie(name, source)
         live = self._live
         hashes = self._standby.hashes
         live_state = live.module.state_dict()

@@ -10,6 +10,11 @@ A tensor sent encoded against the push's base (shared/weights/encoding.py) trave
 entry, `{"dtype": "U8", "shape": [encoded bytes]}`, described in `__metadata__` under
 `weightsync.encodings`: a JSON object mapping each such tensor's name to its `encoding` and its
 real `dtype` and `shape`, which must be the model's.
+
+A tensor the sender holds under several names (tied: shared/weights/ties.py) travels once, under
+one of them; `__metadata__` maps each other name to the name it travels under, in
+`weightsync.tied`. A tied name must be a tensor of the model with the same layout as the one it
+names, that one must be carried, and the tied name must not be.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,8 @@ from shared.weights.encoding import ENCODINGS
 MAX_HEADER_BYTES = 100_000_000
 # The `__metadata__` key that describes the encoded tensors of a payload.
 ENCODINGS_KEY = "weightsync.encodings"
+# The `__metadata__` key that names the tensors sent under another name (tied).
+TIED_KEY = "weightsync.tied"
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,12 @@ def build_header(
     tensors: Sequence[tuple[str, TensorLayout]],
     metadata: Mapping[str, str] | None = None,
     encoded: Mapping[str, tuple[str, int]] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> tuple[bytes, list[TensorEntry]]:
     """The 8-byte length plus JSON header for `tensors`, laid out back to back in that order.
 
-    `encoded` maps the tensors sent encoded to their encoding and encoded size in bytes."""
+    `encoded` maps the tensors sent encoded to their encoding and encoded size in bytes;
+    `tied` maps names not carried to the carried name whose tensor they hold."""
     entries: list[TensorEntry] = []
     offset = 0
     metadata = dict(metadata or {})
@@ -91,6 +100,8 @@ def build_header(
         offset = entry.end
     if described:
         metadata[ENCODINGS_KEY] = json.dumps(described, separators=(",", ":"))
+    if tied:
+        metadata[TIED_KEY] = json.dumps(dict(tied), separators=(",", ":"))
     if metadata:
         table = {"__metadata__": metadata, **table}
     body = json.dumps(table, separators=(",", ":")).encode()
@@ -98,10 +109,18 @@ def build_header(
     return len(body).to_bytes(8, "little") + body, entries
 
 
-def parse_header(
-    body: bytes, data_bytes: int, expected: Mapping[str, TensorLayout]
-) -> list[TensorEntry]:
-    """Check a received JSON header against the model's tensors; return entries by offset.
+@dataclass(frozen=True)
+class Header:
+    """A received payload header: the tensors carried, by offset, and the names tied to them
+    (name -> the carried name whose tensor it holds)."""
+
+    entries: list[TensorEntry]
+    tied: dict[str, str]
+
+
+def parse_header(body: bytes, data_bytes: int, expected: Mapping[str, TensorLayout]) -> Header:
+    """Check a received JSON header against the model's tensors; return its entries by offset
+    and its tied names.
 
     `data_bytes` is the size of the data area the sender announced. Every check names the tensor
     and the problem, since the sender needs to know what to fix.
@@ -133,6 +152,7 @@ def parse_header(
             f"{ENCODINGS_KEY} describes {', '.join(map(repr, missing[:10]))}, which the "
             "payload does not carry"
         )
+    tied = _parse_tied(metadata.get(TIED_KEY), expected, table.keys())
     entries.sort(key=lambda e: (e.begin, e.end))
     position = 0
     for entry in entries:
@@ -147,7 +167,44 @@ def parse_header(
         raise MalformedPushError(
             f"safetensors header describes {position} data bytes but the push carries {data_bytes}"
         )
-    return entries
+    return Header(entries, tied)
+
+
+def _parse_tied(
+    text: str | None, expected: Mapping[str, TensorLayout], carried: Collection[str]
+) -> dict[str, str]:
+    """The tied names the metadata declares, each checked against the model and the tensors
+    carried."""
+    if text is None:
+        return {}
+    try:
+        tied = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        tied = None
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise MalformedPushError(
+            f"__metadata__[{TIED_KEY!r}] must be a JSON object mapping names to names"
+        )
+    for name, source in tied.items():
+        for which in (name, source):
+            if which not in expected:
+                raise MalformedPushError(f"{TIED_KEY}: unknown tensor {which!r}")
+        if expected[name] != expected[source]:
+            raise MalformedPushError(
+                f"{TIED_KEY}: tensor {name!r} ({expected[name].dtype}"
+                f"{list(expected[name].shape)}) cannot hold {source!r} "
+                f"({expected[source].dtype}{list(expected[source].shape)})"
+            )
+        if name in carried:
+            raise MalformedPushError(
+                f"{TIED_KEY}: tensor {name!r} is carried, so it cannot also be tied to {source!r}"
+            )
+        if source not in carried:
+            raise MalformedPushError(
+                f"{TIED_KEY}: tensor {name!r} is tied to {source!r}, which the payload does "
+                "not carry"
+            )
+    return tied
 
 
 def _parse_encodings(text: str | None, expected: Mapping[str, TensorLayout]) -> dict[str, str]:

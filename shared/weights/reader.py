@@ -59,6 +59,7 @@ class PayloadReader:
         self._prefix = bytearray()  # the 8-byte length, then the JSON header
         self._header_bytes: int | None = None
         self._entries: list[TensorEntry] | None = None
+        self._tied: dict[str, str] = {}
         self._data_start = 0
         self._index = 0  # entry that receives the next data byte
         self._hasher = xxhash.xxh3_128()
@@ -75,6 +76,11 @@ class PayloadReader:
         """The tensors this payload carries, once its header has been read."""
         return self._entries
 
+    @property
+    def tied(self) -> dict[str, str]:
+        """The names this payload declares tied (name -> the carried name it holds)."""
+        return self._tied
+
     def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         if self._received + len(view) > self._payload_bytes:
@@ -89,13 +95,16 @@ class PayloadReader:
             self._read_data(view)
 
     def finish(self) -> dict[str, bytes]:
-        """Check that the payload is complete; return the xxh3_128 of each tensor received."""
+        """Check that the payload is complete; return the xxh3_128 of each tensor received,
+        under each of its names (a tied name's is that of the tensor it holds)."""
         if self._received != self._payload_bytes or self._entries is None:
             raise MalformedPushError(
                 f"the push ended after {self._received} of {self._payload_bytes} payload bytes"
             )
         for entry in self._entries[self._index :]:  # only empty tensors can remain
             self._hashes[entry.name] = xxhash.xxh3_128_digest(b"")
+        for name, source in self._tied.items():
+            self._hashes[name] = self._hashes[source]
         return self._hashes
 
     def _read_prefix(self, view: memoryview) -> memoryview:
@@ -122,9 +131,10 @@ class PayloadReader:
         self._prefix += view[:take]
         if len(self._prefix) == self._header_bytes:
             self._data_start = 8 + self._header_bytes
-            self._entries = parse_header(
+            header = parse_header(
                 bytes(self._prefix), self._payload_bytes - self._data_start, self._expected
             )
+            self._entries, self._tied = header.entries, header.tied
             self._prefix = bytearray()
         return view[take:]
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from shared.weights.ties import map_tied
+
 
 def served_tensor(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """`tensor` as it is served: converted when it is floating and `dtype` is given."""
@@ -25,8 +27,8 @@ def served_tensor(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tens
 def served_state(
     state: Mapping[str, torch.Tensor], dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of `state` as it is served."""
-    return {name: served_tensor(t, dtype) for name, t in state.items()}
+    """Every tensor of `state` as it is served, each converted once (tied names stay tied)."""
+    return map_tied(state, lambda _, t: served_tensor(t, dtype))
 
 
 def serve_module(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:

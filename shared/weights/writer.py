@@ -3,19 +3,21 @@
 The chunks are cut straight from tensor memory: each one is a single `bytes` join over views of
 the tensors it spans, so the sender never builds the whole serialized blob (safetensors'
 `save()` does, at about 0.4 GB/s on these machines, slower than the wire itself). A tensor
-sent encoded (shared/weights/encoding.py) streams its encoded bytes instead.
+sent encoded (shared/weights/encoding.py) streams its encoded bytes instead; a name tied to a
+carried tensor (shared/weights/ties.py) streams nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import xxhash
 
 from shared.weights.digest import byte_view
 from shared.weights.layout import TensorEntry, TensorLayout, build_header
+from shared.weights.ties import ties
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # ~1 MiB messages stream fastest through grpcio (research notes)
 
@@ -27,6 +29,7 @@ class Payload:
     header: bytes
     entries: list[TensorEntry]
     tensors: list[torch.Tensor | bytes]  # bytes: the tensor's encoded bytes
+    tied: dict[str, str] = field(default_factory=dict)  # name -> the carried name it holds
 
     @classmethod
     def of(
@@ -34,18 +37,34 @@ class Payload:
         tensors: Sequence[tuple[str, torch.Tensor]],
         metadata: Mapping[str, str] | None = None,
         encoded: Mapping[str, tuple[str, bytes]] | None = None,
+        tied: Mapping[str, str] | None = None,
     ) -> Payload:
-        """The payload of `tensors`; those named in `encoded` travel as (encoding, bytes)."""
+        """The payload of `tensors`; those named in `encoded` travel as (encoding, bytes), and
+        the names in `tied` as the carried tensor they name."""
         encoded = encoded or {}
         header, entries = build_header(
             [(name, TensorLayout.of(t)) for name, t in tensors],
             metadata,
             {name: (encoding, len(data)) for name, (encoding, data) in encoded.items()},
+            tied,
         )
         sources: list[torch.Tensor | bytes] = [
             encoded[name][1] if name in encoded else t for name, t in tensors
         ]
-        return cls(header, entries, sources)
+        return cls(header, entries, sources, dict(tied or {}))
+
+    @classmethod
+    def of_state(cls, state: Mapping[str, torch.Tensor]) -> Payload:
+        """The payload of a whole state, each tensor once: a tied name travels as the first
+        name of its tensor."""
+        tied = ties(state)
+        return cls.of([(n, t) for n, t in state.items() if n not in tied], tied=tied)
+
+    @property
+    def layouts(self) -> dict[str, TensorLayout]:
+        """The layout of every name the payload gives a tensor, tied names included."""
+        layouts = {entry.name: entry.layout for entry in self.entries}
+        return {**layouts, **{name: layouts[source] for name, source in self.tied.items()}}
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +81,8 @@ class Payload:
         """Yield each chunk as views of the memory it spans; nothing is copied here.
 
         With `hashes`, also hash each tensor's bytes as they stream (while they are in cache)
-        and store its xxh3_128 there once its last byte has been yielded.
+        and store its xxh3_128 there once its last byte has been yielded (and under its tied
+        names once the last chunk has).
         """
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
@@ -88,6 +108,9 @@ class Payload:
                 hashes[name] = hasher.digest()
         if size:
             yield pieces
+        if hashes is not None:
+            for name, source in self.tied.items():
+                hashes[name] = hashes[source]
 
     def _sources(self) -> Iterator[tuple[str | None, memoryview]]:
         yield None, memoryview(self.header)
