@@ -12,14 +12,19 @@ passes (os.environ). Tests build settings by constructor.
 
 The process-wide knobs (`ProcessSettings`) are read by every process of both services from its
 environment alone; `main()` resolves them and hands the values to the code they govern.
+
+A variable under a service's own prefix (INFERENCE_, TRAINER_) that no option reads, a mistyped
+name most likely, is named in a warning on stderr at start, with the closest option's variable.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import enum
 import os
+import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -268,7 +273,24 @@ def parse_service(
     """A service's settings: flags over `environ` (os.environ by default) over the declared
     defaults; its --help lists the process-wide environment variables too."""
     environ = os.environ if environ is None else environ
-    return parse(cls, declared, prog, description, argv, environ, PROCESS_OPTIONS)
+    settings = parse(cls, declared, prog, description, argv, environ, PROCESS_OPTIONS)
+    for warning in unread_variables(declared, environ):
+        sys.stderr.write(f"{prog}: warning: {warning}\n")
+    return settings
+
+
+def unread_variables(declared: Sequence[Option], environ: Mapping[str, str]) -> list[str]:
+    """A line for each variable set under the prefix of `declared`'s variables that none of
+    them is: a mistyped name, most likely, which would otherwise be silently ignored."""
+    known = [o.env for o in declared]
+    prefixes = tuple({env.split("_", 1)[0] + "_" for env in known})
+    lines = []
+    for name in sorted(environ):
+        if name.startswith(prefixes) and name not in known and environ[name]:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            lines.append(f"{name} is set, but no option reads it, so it has no effect{hint}")
+    return lines
 
 
 @dataclass(frozen=True)

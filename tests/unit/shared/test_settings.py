@@ -268,3 +268,25 @@ def test_names_are_unique_and_each_variable_carries_its_services_prefix(
     flags = [o.flag for o in declared if o.flag is not None]
     assert len(set(flags)) == len(flags) and len({o.env for o in declared}) == len(declared)
     assert all(o.env.startswith(prefix) for o in declared)
+
+
+def test_a_mistyped_variable_under_the_services_prefix_is_named_in_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = {
+        "INFERENCE_HISTROY": "3",  # mistyped: the default stays, and a warning says so
+        "INFERENCE_HISTORY_X": "",  # empty counts as unset
+        "INFERENCE_GRACE": "2s",
+        "TRAINER_PUSH_TIMOUT": "1",  # the other service's prefix is not this one's business
+        "WEIGHTSYNC_RELAY_TOKEN": "x",
+    }
+    assert inference([], env).history == 5
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "inference-service: warning: INFERENCE_HISTROY is set, but no option reads it, so it "
+        "has no effect; did you mean INFERENCE_HISTORY?"
+    ]
+    TrainerSettings.from_args(["--models", "pkg.mod:app"], {"TRAINER_PUSH_TIMOUT": "1"})
+    assert "did you mean TRAINER_PUSH_TIMEOUT?" in capsys.readouterr().err
+    inference([], {"INFERENCE_HISTORY": "3", "INFERENCE_GRACE": "2s"})
+    assert capsys.readouterr().err == ""
