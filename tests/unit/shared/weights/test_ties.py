@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from inference_service.served_model import ServedModel
@@ -14,7 +16,7 @@ from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, PushHeader
 from inference_service.syncplane.service import SyncPlane
 from shared.app import ModelSpec, TensorSpec
-from shared.errors import MalformedPushError
+from shared.errors import MalformedPushError, ServiceError
 from shared.weights.digest import state_digest
 from shared.weights.layout import TIED_KEY, TensorLayout, build_header, parse_header
 from shared.weights.served import served_state
@@ -158,3 +160,39 @@ def test_a_tie_to_a_tensor_the_payload_does_not_carry_is_refused_and_nothing_cha
     live = model.live.module.state_dict()
     assert all(torch.equal(live[k], v) for k, v in before.items())
     assert model.live.version == 0
+
+
+NAMES = ["emb.weight", "head.weight", "a", "b", "zz"]
+# Each of the model's names carried (None) or declared tied to a name (maybe not the model's).
+roles = st.fixed_dictionaries({n: st.one_of(st.none(), st.sampled_from(NAMES)) for n in NAMES[:4]})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(roles, st.dictionaries(st.sampled_from(NAMES), st.sampled_from(NAMES), max_size=1))
+@example({"emb.weight": None, "head.weight": "emb.weight", "a": None, "b": "a"}, {})
+def test_any_tie_declared_commits_exactly_what_it_says_or_changes_nothing(
+    role: dict[str, str | None], extra: dict[str, str]
+) -> None:
+    """Whatever ties a sender declares over whatever it carries, the push commits the state
+    where each tied name holds the tensor it names, or is refused with a domain error and the
+    served weights stay as they were."""
+    model = served()
+    before = {k: v.clone() for k, v in model.live.module.state_dict().items()}
+    new = {k: v + 1 + i for i, (k, v) in enumerate(before.items())}  # every name its own value
+    tied = {**{n: s for n, s in role.items() if s is not None}, **extra}
+    carried = [n for n in NAMES if role.get(n, "") is None]
+    meant = {**before, **{n: new[n] for n in carried}}
+    meant.update({n: meant[s] for n, s in tied.items() if n in meant and s in meant})
+    payload = Payload.of([(n, new[n]) for n in carried], tied=tied)
+    try:
+        push(model, payload, state_digest(meant))
+    except ServiceError:
+        event("refused")
+        expected = before
+    else:
+        event("committed")
+        expected = meant
+        assert all(tied.get(n, n) in carried for n in before)
+    live = model.live.module.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(live[name], tensor), name
