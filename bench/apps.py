@@ -33,10 +33,40 @@ def blocks() -> TorchTrainingModel[Blocks]:
     )
 
 
+class TiedLM(nn.Module):
+    """A small language model shaped as most are: the output projection tied to the token
+    embedding (GPT-2's proportions, scaled down: 8192 tokens of 512, four 512-2048-512 MLP
+    blocks), so a push that sent each name would send the embedding twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8192, 512)
+        self.blocks = nn.Sequential(
+            *[
+                nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512))
+                for _ in range(4)
+            ]
+        )
+        self.norm = nn.LayerNorm(512)
+        self.head = nn.Linear(512, 8192, bias=False)
+        self.head.weight = self.embed.weight
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(self.norm(self.blocks(self.embed(x.long())))).sum(-1)
+        return logits
+
+
 app = App()
 app.add_model(
     "blocks",
     blocks,
+    inputs=[TensorSpec("x", "FP32", (-1, 1))],
+    outputs=[TensorSpec("y", "FP32", (-1, 1))],
+)
+app.add_model(
+    "tiedlm",
+    lambda: TorchTrainingModel(TiedLM()),
     inputs=[TensorSpec("x", "FP32", (-1, 1))],
     outputs=[TensorSpec("y", "FP32", (-1, 1))],
 )

@@ -36,12 +36,13 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.apps import Blocks
+from bench.apps import Blocks, TiedLM
 from devtools import launch
 from shared.allocator import tune_for_streaming
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, channel_options
 from shared.settings import ProcessSettings
 from shared.weights.digest import byte_view
+from shared.weights.writer import Payload
 from trainer_service.publisher import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,6 +231,18 @@ def main() -> int:
             )
             print(
                 f"delta_sync sgd_step_fp32 wire_ratio={step.payload_bytes / full.payload_bytes:.4f}"
+            )
+            lm = TiedLM()
+            with torch.no_grad():
+                for p in lm.parameters():
+                    p.normal_()
+            lm_state = lm.state_dict()
+            tied = publisher.publish("tiedlm", lm_state, full=True)
+            every_name = Payload.of(list(lm_state.items())).nbytes
+            print(
+                f"tied_sync full wire_ratio={tied.payload_bytes / every_name:.4f}"
+                f"  # a tied LM ({sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M "
+                "parameters, head tied to the embedding) against each of its names sent"
             )
             publisher.close()
             print(
