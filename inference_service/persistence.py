@@ -33,7 +33,7 @@ from safetensors import safe_open
 from inference_service.served_model import Generation, ServedModel
 from shared.durable import fsync_path
 from shared.errors import ConfigurationError, ModelNotFoundError
-from shared.weights.digest import tensor_hash
+from shared.weights.digest import tensor_hashes
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import Payload
 
@@ -305,7 +305,7 @@ class WeightStore:
                 tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
         except Exception as exc:  # a damaged file fails in safetensors' own ways too
             return f"cannot be read ({exc})"
-        hashes = {k: tensor_hash(t) for k, t in tensors.items()}
+        hashes = tensor_hashes(tensors)
         if model.digest_of(hashes) != stored.digest:
             return "fails its digest check"
         model.restore(tensors, stored.version, stored.writer_id, hashes, stored.committed_at)

@@ -27,7 +27,7 @@ from inference_service.lease import WriterLease
 from inference_service.syncplane.transaction import StagingTransaction, Standby
 from shared.app import ModelSpec
 from shared.errors import ConflictError, UnavailableError, VersionNotServedError
-from shared.weights.digest import model_digest, tensor_hash
+from shared.weights.digest import model_digest, tensor_hashes
 from shared.weights.layout import TensorLayout
 
 InferenceProcedure = Callable[..., Any]
@@ -96,7 +96,7 @@ class ServedModel:
         module.eval().requires_grad_(False)
         state = module.state_dict()
         self.layout = {k: TensorLayout.of(v) for k, v in state.items()}
-        hashes = {k: tensor_hash(v) for k, v in state.items()}
+        hashes = tensor_hashes(state)
         self._live = Generation(module, 0, self.digest_of(hashes), "", hashes)
         self._standby = Standby()
         # each copy's weight memory (run): a module that is dropped takes its entry along

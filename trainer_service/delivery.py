@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from shared import protocol
-from shared.weights.digest import model_digest, tensor_hash
+from shared.weights.digest import model_digest, tensor_hashes
 from shared.weights.layout import TensorLayout
 from shared.weights.ties import ties
 from shared.weights.writer import Payload
@@ -49,7 +49,7 @@ Tensors = Mapping[str, torch.Tensor]
 
 def hashed(tensors: Tensors) -> tuple[dict[str, bytes], bytes]:
     """Each tensor's hash, and the digest of the whole state."""
-    hashes = {name: tensor_hash(t) for name, t in tensors.items()}
+    hashes = tensor_hashes(tensors)
     return hashes, model_digest({n: (TensorLayout.of(t), hashes[n]) for n, t in tensors.items()})
 
 

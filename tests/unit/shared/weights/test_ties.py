@@ -17,6 +17,7 @@ from inference_service.syncplane.parts import Commit, PushHeader
 from inference_service.syncplane.service import SyncPlane
 from shared.app import ModelSpec, TensorSpec
 from shared.errors import MalformedPushError, ServiceError
+from shared.weights import digest
 from shared.weights.digest import state_digest
 from shared.weights.layout import TIED_KEY, TensorLayout, build_header, parse_header
 from shared.weights.served import served_state
@@ -196,3 +197,16 @@ def test_any_tie_declared_commits_exactly_what_it_says_or_changes_nothing(
     live = model.live.module.state_dict()
     for name, tensor in expected.items():
         assert torch.equal(live[name], tensor), name
+
+
+@pytest.mark.parametrize("elements", [16, 3 << 20])  # on the caller's thread, on the pool
+def test_a_state_is_hashed_each_tensor_once_to_the_hashes_of_its_tensors(
+    elements: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = {f"t{i}": torch.randn(elements) for i in range(3)}
+    state["again"] = state["t1"]
+    hashed: list[int] = []
+    real = digest.tensor_hash
+    monkeypatch.setattr(digest, "tensor_hash", lambda t: hashed.append(t.data_ptr()) or real(t))
+    assert digest.tensor_hashes(state) == {k: real(v) for k, v in state.items()}
+    assert sorted(hashed) == sorted(t.data_ptr() for k, t in state.items() if k != "again")
