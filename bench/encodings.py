@@ -44,11 +44,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from bench.encodings_model import CASES, lab_app, selected
 from bench.encodings_offline import encoder_speeds, measure
+from shared.allocator import tune_for_streaming
+from shared.settings import ProcessSettings
 
 __all__ = ["lab_app", "main"]  # lab_app: what the replica hosts serve in --lab
 
@@ -83,6 +86,9 @@ def main() -> int:
 
         return lab_run(args)
     link = args.link_gbit * 1e9 / 8
+    # malloc tuned as both services tune it (shared/allocator.py): untuned, every encode of a
+    # large tensor faults its fresh output arrays in, which neither service pays
+    tune_for_streaming(ProcessSettings.from_environ(os.environ, "bench").malloc)
     encoder_speeds()
     print(f"model: {args.mb} MiB of fp32 weights; steps 10 to {args.steps} measured")
     for case in selected(args.cases):
