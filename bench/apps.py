@@ -64,7 +64,10 @@ app.add_model(
     inputs=[TensorSpec("x", "FP32", (-1, 1))],
     outputs=[TensorSpec("y", "FP32", (-1, 1))],
 )
-app.add_model(
+# An app of its own: served beside `blocks`, the extra model slowed bench/sync.py's timed
+# pushes (and its raw yardstick) by about a tenth on the two-core host.
+tied_app = App()
+tied_app.add_model(
     "tiedlm",
     lambda: TorchTrainingModel(TiedLM()),
     inputs=[TensorSpec("x", "FP32", (-1, 1))],

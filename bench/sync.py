@@ -117,6 +117,26 @@ def naive_chunks(state: dict[str, torch.Tensor]) -> Iterator[bytes]:
         yield bytes(blob[start : start + CHUNK])
 
 
+def tied_sync(launcher: launch.Launcher) -> None:
+    """A tied LM's full push (a service of its own, started once the timed figures are done)
+    against the same push with every state-dict name carried."""
+    inference = launcher.start_inference("bench.apps:tied_app", *launch.QUIET, name="tied")
+    publisher = Publisher([inference.sync], "bench")
+    lm = TiedLM()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_()
+    state = lm.state_dict()
+    tied = publisher.publish("tiedlm", state, full=True)
+    publisher.close()
+    every_name = Payload.of(list(state.items())).nbytes
+    print(
+        f"tied_sync full wire_ratio={tied.payload_bytes / every_name:.4f}"
+        f"  # a tied LM ({sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M "
+        "parameters, head tied to the embedding) against each of its names sent"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="sync-engine figures against yardsticks")
     parser.add_argument("--mb", type=int, default=1024, help="model size in MiB")
@@ -232,24 +252,13 @@ def main() -> int:
             print(
                 f"delta_sync sgd_step_fp32 wire_ratio={step.payload_bytes / full.payload_bytes:.4f}"
             )
-            lm = TiedLM()
-            with torch.no_grad():
-                for p in lm.parameters():
-                    p.normal_()
-            lm_state = lm.state_dict()
-            tied = publisher.publish("tiedlm", lm_state, full=True)
-            every_name = Payload.of(list(lm_state.items())).nbytes
-            print(
-                f"tied_sync full wire_ratio={tied.payload_bytes / every_name:.4f}"
-                f"  # a tied LM ({sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M "
-                "parameters, head tied to the embedding) against each of its names sent"
-            )
             publisher.close()
             print(
                 f"inference_peak_rss_ratio={probe.extra_bytes / model_bytes:.2f}"
                 f"  # {probe.extra_bytes / 2**20:.0f} MiB extra for a {model_bytes / 2**20:.0f}"
                 " MiB model, first full sync"
             )
+            tied_sync(launcher)
         finally:
             launcher.stop_all()
     return 0
