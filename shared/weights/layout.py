@@ -177,14 +177,11 @@ def _parse_tied(
     carried."""
     if text is None:
         return {}
-    try:
-        tied = json.loads(text)
-    except (json.JSONDecodeError, RecursionError, ValueError):
-        tied = None
-    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
-        raise MalformedPushError(
-            f"__metadata__[{TIED_KEY!r}] must be a JSON object mapping names to names"
-        )
+    want = "a JSON object mapping names to names"
+    declared = _metadata_object(text, TIED_KEY, want)
+    tied = {name: source for name, source in declared.items() if isinstance(source, str)}
+    if len(tied) != len(declared):
+        raise MalformedPushError(f"__metadata__[{TIED_KEY!r}] must be {want}")
     for name, source in tied.items():
         for which in (name, source):
             if which not in expected:
@@ -207,17 +204,24 @@ def _parse_tied(
     return tied
 
 
+def _metadata_object(text: str, key: str, want: str) -> dict[str, object]:
+    """The JSON object `__metadata__[key]` holds; MalformedPushError saying it must be `want`
+    where it holds anything else."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise MalformedPushError(f"__metadata__[{key!r}] must be {want}")
+    return value
+
+
 def _parse_encodings(text: str | None, expected: Mapping[str, TensorLayout]) -> dict[str, str]:
     """The encoding of each tensor the metadata describes as encoded, checked against the
     model."""
     if text is None:
         return {}
-    try:
-        described = json.loads(text)
-    except (json.JSONDecodeError, RecursionError, ValueError):
-        described = None
-    if not isinstance(described, dict):
-        raise MalformedPushError(f"__metadata__[{ENCODINGS_KEY!r}] must be a JSON object")
+    described = _metadata_object(text, ENCODINGS_KEY, "a JSON object")
     encodings: dict[str, str] = {}
     for name, info in described.items():
         want = expected.get(name)
