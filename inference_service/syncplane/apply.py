@@ -192,7 +192,7 @@ class PushApplier:
             check_versions(model, header)  # again: a push may have committed meanwhile
             # A delta's encoded tensors decode against the live copy: its base (checked above).
             decoder = (
-                BaseDecoder(model.name, staging.live.module.state_dict(), staging.host_bytes)
+                BaseDecoder(model.name, staging.live.module.state_dict(), staging.decode)
                 if header.base_version
                 else None
             )

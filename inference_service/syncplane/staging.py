@@ -5,10 +5,12 @@ through a small ring of reused pinned host buffers and are copied to the device 
 so a push never holds a second host copy of the model and the request path's stream is not
 stalled; `finish()` waits for the copies before the swap. `copy()` brings a tensor the push did
 not carry up to date from the live copy, on the same stream. A tensor that arrives encoded is
-decoded against the live copy (the push's base) by a `BaseDecoder`: on the CPU straight into the
-standby tensor's memory (`host_bytes`), on CUDA into a host buffer written the same way as
-received bytes. A tensor the model keeps strided (transposed) is written through a contiguous
-copy of it, copied in by `finish()`.
+decoded against the live copy (the push's base) by a `BaseDecoder` (`decode`): on the CPU
+straight into the standby tensor's memory and hashed there, on the byte workers
+(shared/weights/workers.py) while the stream goes on, so that a push's tensors decode on every
+core; on CUDA into a host buffer, written the same way as received bytes. `finish()` waits for
+the decodes in flight too. A tensor the model keeps strided (transposed) is written through a
+contiguous copy of it, copied in by `finish()`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,23 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, wait
 
 import numpy as np
 import torch
+import xxhash
 
 from inference_service import metrics
 from shared.dtypes import BY_SAFETENSORS
 from shared.errors import MalformedPushError
+from shared.weights import workers
 from shared.weights.encoding import EncodingError, decode
 from shared.weights.layout import TensorEntry
+
+# Decoding into a tensor's bytes: `Decode(out)` writes them into `out` (flat uint8, the
+# tensor's size), or raises MalformedPushError.
+Decode = Callable[[np.ndarray], None]
+_PIECE = 1 << 20  # bytes decoded into a buffer are written and hashed a piece at a time
 
 
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,6 +106,7 @@ class CpuSink:
         self._targets = _Targets(targets)
         self._flat = self._targets.flat
         self._first_write = _FirstWrite(on_first_write)
+        self._decoding: list[Future[bytes]] = []
 
     def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
         self._first_write(entry.name)
@@ -118,15 +129,26 @@ class CpuSink:
         self._first_write(name)
         self._targets.tie(name, source)
 
-    def host_bytes(self, entry: TensorEntry) -> np.ndarray:
-        """The standby tensor's memory (flat uint8), to decode an encoded tensor into in place:
-        no buffer of the tensor's size and no second copy of it."""
+    def decode(self, entry: TensorEntry, work: Decode) -> Callable[[], bytes]:
+        """Run `work` into the standby tensor's memory (no buffer of the tensor's size, no
+        second copy) and hash the result, on the byte workers; what waits for that hash."""
         self._first_write(entry.name)
         self._targets.mark(entry.name)
-        return self._flat[entry.name].numpy()
+        out = self._flat[entry.name].numpy()
+
+        def run() -> bytes:
+            work(out)
+            return xxhash.xxh3_128_digest(out.data)
+
+        future = workers.pool().submit(run)
+        self._decoding.append(future)
+        return future.result
 
     def finish(self) -> None:
-        """Nothing is in flight on the CPU; strided tensors get their bytes."""
+        """Wait for the decodes in flight (their errors are their callers'); strided tensors
+        get their bytes."""
+        wait(self._decoding)
+        self._decoding.clear()
         self._targets.write_back()
 
 
@@ -189,9 +211,19 @@ class CudaSink:
         with torch.cuda.stream(self._stream):
             self._targets.tie(name, source)
 
-    def host_bytes(self, entry: TensorEntry) -> None:
-        """None: the tensor lives on the device; decoded bytes travel as received ones do."""
-        return None
+    def decode(self, entry: TensorEntry, work: Decode) -> Callable[[], bytes]:
+        """Run `work` into a host buffer, then write its bytes as received ones travel and hash
+        them, now; what gives that hash."""
+        out = np.empty(entry.layout.nbytes, np.uint8)
+        work(out)
+        hasher = xxhash.xxh3_128()
+        view = out.data
+        for start in range(0, len(view), _PIECE):  # hashed while in cache from the write
+            piece = view[start : start + _PIECE]
+            self.write(entry, start, piece)
+            hasher.update(piece)
+        digest = hasher.digest()
+        return lambda: digest
 
     def finish(self) -> None:
         with torch.cuda.stream(self._stream):
@@ -212,33 +244,34 @@ def make_sink(
 
 class BaseDecoder:
     """Decodes a delta push's encoded tensors against the live copy, the version it is based on
-    (a shared/weights/reader.Decoder), into the standby tensor's memory where `into` gives it
-    (on the host), else into a buffer of its own. On CUDA the base is copied to the host
-    first."""
+    (a shared/weights/reader.Decoder), into the standby copy through `into` (a sink's
+    `decode`). On CUDA the base is copied to the host first."""
 
     def __init__(
         self,
         model: str,
         live: Mapping[str, torch.Tensor],
-        into: Callable[[TensorEntry], np.ndarray | None],
+        into: Callable[[TensorEntry, Decode], Callable[[], bytes]],
     ) -> None:
         self._model = model
         self._live = live
         self._into = into
 
-    def __call__(self, entry: TensorEntry, data: bytes) -> tuple[np.ndarray, bool]:
-        assert entry.encoding is not None
+    def __call__(self, entry: TensorEntry, data: bytes) -> Callable[[], bytes]:
+        encoding = entry.encoding
+        assert encoding is not None
         base = _flat_bytes(self._live[entry.name].detach().to("cpu").contiguous()).numpy()
-        target = self._into(entry)
-        out = np.empty(len(base), np.uint8) if target is None else target
-        started = time.perf_counter()
-        try:
-            decode(entry.encoding, data, base, BY_SAFETENSORS[entry.layout.dtype].itemsize, out)
-        except EncodingError as exc:
-            raise MalformedPushError(
-                f"tensor {entry.name!r}: its {entry.encoding} bytes do not decode against the "
-                f"base: {exc}"
-            ) from None
-        seconds = time.perf_counter() - started
-        metrics.DECODE_SECONDS.labels(self._model, entry.encoding).inc(seconds)
-        return out, target is not None
+        itemsize = BY_SAFETENSORS[entry.layout.dtype].itemsize
+
+        def work(out: np.ndarray) -> None:
+            started = time.perf_counter()
+            try:
+                decode(encoding, data, base, itemsize, out)
+            except EncodingError as exc:
+                raise MalformedPushError(
+                    f"tensor {entry.name!r}: its {encoding} bytes do not decode against the "
+                    f"base: {exc}"
+                ) from None
+            metrics.DECODE_SECONDS.labels(self._model, encoding).inc(time.perf_counter() - started)
+
+        return self._into(entry, work)

@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from inference_service.syncplane.staging import make_sink
+from inference_service.syncplane.staging import Decode, make_sink
 from shared.weights.layout import TensorEntry
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from inference_service.served_model import Generation
 
 # (the staged module, version, writer, hashes) -> (the generation it replaced, the new one)
@@ -107,10 +105,10 @@ class StagingTransaction:
         """Write received tensor bytes into the standby copy (a TensorSink)."""
         self._sink.write(entry, offset, data)
 
-    def host_bytes(self, entry: TensorEntry) -> np.ndarray | None:
-        """The standby tensor's memory to decode an encoded tensor into, where it is on the
-        host (see staging.CpuSink.host_bytes); None on a device."""
-        return self._sink.host_bytes(entry)
+    def decode(self, entry: TensorEntry, work: Decode) -> Callable[[], bytes]:
+        """Decode an encoded tensor into the standby copy (see staging.CpuSink.decode and
+        CudaSink.decode); what gives its hash, once written."""
+        return self._sink.decode(entry, work)
 
     def complete(
         self, received: Mapping[str, bytes], tied: Mapping[str, str] | None = None

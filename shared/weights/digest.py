@@ -12,21 +12,16 @@ each tensor once however many names it has.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import xxhash
 
+from shared.weights import workers
 from shared.weights.layout import TensorLayout
 from shared.weights.ties import ties
 
-HASH_THREADS = min(os.cpu_count() or 1, 8)
 PARALLEL_BYTES = 16 << 20  # a smaller state is hashed on the caller's thread
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 # dtypes numpy holds as they are: their tensors' bytes are viewed without reshaping and
 # reinterpreting them in torch first (about 5 us a tensor against 25: a model of thousands of
@@ -64,25 +59,17 @@ def tensor_hash(tensor: torch.Tensor) -> bytes:
 
 
 def tensor_hashes(state: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
-    """`tensor_hash` of every tensor of `state`, on up to HASH_THREADS threads where the state
+    """`tensor_hash` of every tensor of `state`, on the byte workers (workers.py) where the state
     is large; a tied name (shared/weights/ties.py) gets its tensor's hash without hashing it
     again."""
     tied = ties(state)
     own = [(name, t) for name, t in state.items() if name not in tied]
-    if HASH_THREADS > 1 and len(own) > 1 and sum(t.nbytes for _, t in own) >= PARALLEL_BYTES:
-        computed = _hash_pool().map(tensor_hash, [t for _, t in own])
+    if workers.THREADS > 1 and len(own) > 1 and sum(t.nbytes for _, t in own) >= PARALLEL_BYTES:
+        computed = workers.pool().map(tensor_hash, [t for _, t in own])
         hashes = dict(zip([n for n, _ in own], computed, strict=True))
     else:
         hashes = {name: tensor_hash(t) for name, t in own}
     return {name: hashes[tied.get(name, name)] for name in state}
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
-        return _pool
 
 
 def model_digest(table: Mapping[str, tuple[TensorLayout, bytes]]) -> bytes:

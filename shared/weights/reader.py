@@ -3,30 +3,28 @@
 The reader never buffers the payload: it reads the 8-byte length and the JSON header, checks the
 header against the model's tensors, then hands each slice of tensor bytes to the sink (which
 writes them into the staging copy) while hashing them for the digest check. An encoded tensor
-(shared/weights/encoding.py) is gathered whole (it is shorter than the tensor) and decoded
-against the base by the `decoder`: straight into the sink's memory where the sink holds the
-tensor on the host (then only hashed), else into a buffer whose bytes go to the sink and the hash.
+(shared/weights/encoding.py) is gathered whole (it is shorter than the tensor) and handed to
+the `decoder`, which decodes it against the base into the sink and hashes the result; where the
+sink holds the tensor on the host that runs beside the stream (the next tensors are received,
+and decoded, meanwhile), and `finish()` waits for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
-import numpy as np
 import xxhash
 
 from shared.errors import MalformedPushError, ResourceLimitError
 from shared.weights.layout import MAX_HEADER_BYTES, TensorEntry, TensorLayout, parse_header
 
-_PIECE = 1 << 20  # a decoded tensor is written and hashed a piece at a time
-
 
 class Decoder(Protocol):
-    def __call__(self, entry: TensorEntry, data: bytes) -> tuple[np.ndarray, bool]:
-        """Decode an encoded tensor's bytes: its decoded bytes (flat uint8), and whether they
-        were decoded in place, into the sink's memory for the tensor (so they need no write).
-        MalformedPushError if they do not decode."""
+    def __call__(self, entry: TensorEntry, data: bytes) -> Callable[[], bytes]:
+        """Decode an encoded tensor's bytes into the sink, now or beside the stream; returns
+        what gives the xxh3_128 of the decoded tensor once it is written (waiting for it).
+        MalformedPushError, from either, if they do not decode."""
 
 
 class TensorSink(Protocol):
@@ -66,6 +64,7 @@ class PayloadReader:
         self._hashes: dict[str, bytes] = {}
         self._decoder = decoder
         self._encoded = bytearray()  # the encoded tensor being gathered
+        self._decoding: dict[str, Callable[[], bytes]] = {}  # name -> its hash, once decoded
 
     @property
     def received(self) -> int:
@@ -95,12 +94,15 @@ class PayloadReader:
             self._read_data(view)
 
     def finish(self) -> dict[str, bytes]:
-        """Check that the payload is complete; return the xxh3_128 of each tensor received,
-        under each of its names (a tied name's is that of the tensor it holds)."""
+        """Check that the payload is complete, and wait for its encoded tensors to be decoded;
+        return the xxh3_128 of each tensor received, under each of its names (a tied name's is
+        that of the tensor it holds)."""
         if self._received != self._payload_bytes or self._entries is None:
             raise MalformedPushError(
                 f"the push ended after {self._received} of {self._payload_bytes} payload bytes"
             )
+        for name, decoded in self._decoding.items():
+            self._hashes[name] = decoded()
         for entry in self._entries[self._index :]:  # only empty tensors can remain
             self._hashes[entry.name] = xxhash.xxh3_128_digest(b"")
         for name, source in self._tied.items():
@@ -165,14 +167,9 @@ class PayloadReader:
                     f"tensor {entry.name!r} is encoded ({entry.encoding}) but a full push has "
                     "no base to decode it against"
                 )
-            decoded, in_place = self._decoder(entry, bytes(self._encoded))
+            self._decoding[entry.name] = self._decoder(entry, bytes(self._encoded))
             self._encoded.clear()
-            view = memoryview(decoded).cast("B")  # type: ignore[arg-type]
-            for start in range(0, len(view), _PIECE):  # hashed while in cache from the write
-                piece = view[start : start + _PIECE]
-                if not in_place:
-                    self._sink.write(entry, start, piece)
-                self._hasher.update(piece)
-        self._hashes[entry.name] = self._hasher.digest()
-        self._hasher.reset()
+        else:
+            self._hashes[entry.name] = self._hasher.digest()
+            self._hasher.reset()
         self._index += 1

@@ -1,12 +1,20 @@
-"""Staging sinks write received bytes into the standby tensors exactly, on CPU and on CUDA."""
+"""Staging sinks write received bytes, and decode encoded ones, into the standby tensors
+exactly, on CPU and on CUDA; decodes in flight are waited for."""
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
+import xxhash
 
-from inference_service.syncplane.staging import CpuSink, CudaSink, make_sink
-from shared.weights.layout import TensorLayout
+from inference_service.syncplane.staging import BaseDecoder, CpuSink, CudaSink, make_sink
+from shared.errors import MalformedPushError
+from shared.weights.digest import tensor_hashes
+from shared.weights.encoding import SPARSE, encode, host_bytes
+from shared.weights.layout import TensorEntry, TensorLayout
 from shared.weights.reader import PayloadReader
 from shared.weights.writer import Payload
 from tests.devices import devices
@@ -66,3 +74,92 @@ def test_cuda_copies_wait_for_work_queued_on_the_request_stream() -> None:
 def test_mixed_devices_are_refused() -> None:
     with pytest.raises(ValueError, match="one kind of device"):
         make_sink({"a": torch.zeros(1), "b": torch.zeros(1, device="meta")}, lambda _: None)
+
+
+def _encoded_push(
+    new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+) -> tuple[Payload, dict[str, TensorLayout]]:
+    """A delta payload of `new` with every tensor sparse-encoded against `base`."""
+    encoded = {}
+    for name, tensor in new.items():
+        data = encode(SPARSE, host_bytes(tensor), host_bytes(base[name]), tensor.element_size())
+        assert data is not None
+        encoded[name] = (SPARSE, data)
+    payload = Payload.of(list(new.items()), encoded=encoded)
+    return payload, {k: TensorLayout.of(v) for k, v in new.items()}
+
+
+def _changed(base: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    new = base.clone()
+    flat = new.view(-1)
+    where = torch.randperm(flat.numel(), generator=g)[: int(flat.numel() * fraction)]
+    flat[where] = torch.randn(len(where), generator=g).to(new.dtype)
+    return new
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encoded_tensors_decode_into_the_standby_bit_exactly_with_their_hashes(
+    device: str,
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    base = {f"w{i}": torch.randn(1 << 19, generator=g).to(torch.bfloat16) for i in range(6)} | {
+        "odd": torch.randn(1001, generator=g)
+    }  # past the last whole block; 4-byte words
+    new = {name: _changed(t, 0.03, i) for i, (name, t) in enumerate(base.items())}
+    live = {k: v.to(device) for k, v in base.items()}
+    standby = {k: torch.zeros_like(v) for k, v in live.items()}
+    sink = make_sink(standby, lambda _: None)
+    payload, layouts = _encoded_push(new, base)
+    reader = PayloadReader(
+        payload.nbytes, layouts, sink, decoder=BaseDecoder("m", live, sink.decode)
+    )
+    for chunk in payload.chunks(1 << 16):
+        reader.feed(chunk)
+    hashes = reader.finish()
+    sink.finish()
+    assert hashes == tensor_hashes(new)
+    for name, tensor in new.items():
+        assert torch.equal(standby[name].cpu().view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_a_decode_runs_beside_the_stream_and_finish_waits_for_it() -> None:
+    standby = {"w": torch.zeros(1 << 16)}
+    sink = make_sink(standby, lambda _: None)
+    assert isinstance(sink, CpuSink)
+    release, started = threading.Event(), threading.Event()
+
+    def slow(out: np.ndarray) -> None:
+        started.set()
+        release.wait(10)
+        out[:] = 7
+
+    entry = TensorEntry("w", TensorLayout.of(standby["w"]), 0, 10, SPARSE)
+    decoded = sink.decode(entry, slow)  # returns while the work waits
+    assert started.wait(10)
+    finished = threading.Thread(target=sink.finish)
+    finished.start()
+    finished.join(0.2)
+    assert finished.is_alive()  # an abort must not hand the standby on while it is written
+    release.set()
+    finished.join(10)
+    assert not finished.is_alive()
+    assert decoded() == xxhash.xxh3_128_digest(bytes([7]) * (4 << 16))
+
+
+def test_bytes_that_do_not_decode_are_refused_when_the_push_finishes() -> None:
+    g = torch.Generator().manual_seed(2)
+    base = {"a": torch.randn(1 << 16, generator=g), "b": torch.randn(1 << 16, generator=g)}
+    new = {name: _changed(t, 0.02, i) for i, (name, t) in enumerate(base.items())}
+    payload, layouts = _encoded_push(new, base)
+    raw = bytearray(b"".join(payload.chunks()))
+    first = payload.entries[0]
+    start = len(payload.header) + first.begin
+    raw[start : start + 8] = (1 << 40).to_bytes(8, "little")  # a count past the tensor
+    standby = {k: torch.zeros_like(v) for k, v in base.items()}
+    sink = make_sink(standby, lambda _: None)
+    reader = PayloadReader(len(raw), layouts, sink, decoder=BaseDecoder("m", base, sink.decode))
+    reader.feed(bytes(raw))
+    with pytest.raises(MalformedPushError, match="tensor 'a': its sparse bytes do not decode"):
+        reader.finish()
+    sink.finish()
