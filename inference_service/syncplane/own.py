@@ -5,16 +5,26 @@ push to itself: the second push would supersede its own in flight. Both are refu
 An address is this replica's when it has the sync plane's port on a host name or address of
 this host (the very address listened on, where that is not a wildcard). Addresses are compared
 by what they reach, not how they are spelled: a host name by the addresses it resolves to, an
-IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) as its IPv4 address, a port by its number
+IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) as its IPv4 address, an unspecified one (`0.0.0.0`,
+which a connection takes for the loopback) as the loopback address, a port by its number
 (leading zeros aside).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 
 WILDCARD = frozenset({"", "0.0.0.0", "::"})  # listen hosts that take every local address
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a host name, or an IPv4 address
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def split(address: str) -> tuple[str, int | None]:
@@ -26,23 +36,37 @@ def split(address: str) -> tuple[str, int | None]:
 
 
 def address_problem(address: str) -> str | None:
-    """Why a replica cannot be dialled at `address` (None: it can): it must be HOST:PORT with a
-    port of 1 to 65535. gRPC dials a larger port modulo 65536, so an address such as
-    `127.0.0.1:75536` would reach another replica (or this one) past every check that compares
-    addresses."""
+    """Why a replica cannot be dialled at `address` (None: it can): it must be HOST:PORT, HOST
+    a host name or IPv4 address, or an IPv6 address in brackets, with a port of 1 to 65535.
+    gRPC reads more into a target than that, past every check that compares addresses: a
+    scheme (`ipv4:127.0.0.1:P`, `dns:///...`) names the address after it, and a port past
+    65535 is dialled modulo 65536 (`127.0.0.1:75536`), either of which may reach another
+    replica, or this one."""
     host, port = split(address)
     if not host or port is None:
         return f"{address!r} is not HOST:PORT"
+    if address.startswith("["):
+        if not _is_ipv6(host) or not address.startswith(f"[{host}]:"):
+            return f"{address!r} is not HOST:PORT: [{host}] is not an IPv6 address"
+    elif not _HOST.fullmatch(host):
+        return (
+            f"{address!r} is not HOST:PORT: {host!r} is not a host name or an IPv4 address "
+            "(an IPv6 address goes in brackets)"
+        )
     if not 1 <= port <= 65535:
         return f"{address!r} names port {port}, outside 1 to 65535"
     return None
 
 
 def _canonical(ip: str) -> str:
-    """`ip` as one spelling: an IPv4-mapped IPv6 address as its IPv4 address."""
+    """`ip` as one spelling of what dialling it reaches: an IPv4-mapped IPv6 address as its
+    IPv4 address, an unspecified one (`0.0.0.0`, `::`) as the loopback address it connects to."""
     parsed = ipaddress.ip_address(ip)
     mapped = parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None
-    return str(mapped or parsed)
+    parsed = mapped or parsed
+    if parsed.is_unspecified:
+        return "127.0.0.1" if parsed.version == 4 else "::1"
+    return str(parsed)
 
 
 def _ips(host: str) -> set[str]:

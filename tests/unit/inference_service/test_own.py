@@ -28,6 +28,24 @@ def test_split_takes_the_port_off_the_last_colon() -> None:
         ("replica4", "'replica4' is not HOST:PORT"),
         (":9001", "':9001' is not HOST:PORT"),
         ("not an address", "'not an address' is not HOST:PORT"),
+        # gRPC reads a scheme, and the address after it: past every address comparison.
+        (
+            "ipv4:127.0.0.1:9001",
+            "'ipv4:127.0.0.1:9001' is not HOST:PORT: 'ipv4:127.0.0.1' is not a host name or "
+            "an IPv4 address (an IPv6 address goes in brackets)",
+        ),
+        (
+            "dns:///replica4:1",
+            "'dns:///replica4:1' is not HOST:PORT: 'dns:///replica4' is not a host name or an "
+            "IPv4 address (an IPv6 address goes in brackets)",
+        ),
+        (
+            "::1:9001",
+            "'::1:9001' is not HOST:PORT: '::1' is not a host name or an IPv4 address "
+            "(an IPv6 address goes in brackets)",
+        ),
+        ("[replica4]:1", "'[replica4]:1' is not HOST:PORT: [replica4] is not an IPv6 address"),
+        ("inference_1:9001", None),  # compose names its containers so
     ],
 )
 def test_a_hop_address_is_a_host_and_a_port_grpc_dials_as_given(
@@ -48,6 +66,11 @@ def test_a_hop_address_is_a_host_and_a_port_grpc_dials_as_given(
         ("192.0.2.1:9001", "0.0.0.0:0", False),  # TEST-NET-1: no address of this host
         ("no-such-host.invalid:9001", "0.0.0.0:0", False),
         ("127.0.0.1", "0.0.0.0:0", False),  # no port
+        # Dialling the unspecified address connects to the loopback.
+        ("0.0.0.0:9001", "127.0.0.1:0", True),
+        ("[::ffff:0.0.0.0]:9001", "127.0.0.1:0", True),
+        ("0.0.0.0:9001", "127.0.0.2:0", False),
+        ("0.0.0.0:9001", "0.0.0.0:0", True),
     ],
 )
 def test_a_hop_is_this_replica_only_on_its_port_and_one_of_its_addresses(
