@@ -24,10 +24,11 @@ from torch import nn
 
 from inference_service import metrics
 from inference_service.lease import WriterLease
+from inference_service.module_state import state_of
 from inference_service.syncplane.transaction import StagingTransaction, Standby
 from shared.app import ModelSpec
 from shared.errors import ConflictError, UnavailableError, VersionNotServedError
-from shared.weights.digest import model_digest, tensor_hashes
+from shared.weights.digest import DigestTable, tensor_hashes
 from shared.weights.layout import TensorLayout
 
 InferenceProcedure = Callable[..., Any]
@@ -94,8 +95,9 @@ class ServedModel:
         self.accepts_pushes = accepts_pushes
         self.device = device
         module.eval().requires_grad_(False)
-        state = module.state_dict()
+        state = state_of(module)
         self.layout = {k: TensorLayout.of(v) for k, v in state.items()}
+        self._digests = DigestTable(self.layout)
         hashes = tensor_hashes(state)
         self._live = Generation(module, 0, self.digest_of(hashes), "", hashes)
         self._standby = Standby()
@@ -113,7 +115,7 @@ class ServedModel:
         return self._live
 
     def digest_of(self, hashes: dict[str, bytes]) -> bytes:
-        return model_digest({k: (self.layout[k], h) for k, h in hashes.items()})
+        return self._digests.digest(hashes)
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class ServedModel:
         into those tensors in place, so this holds for as long as the module does."""
         found = self._weights.get(module)
         if found is None:
-            found = frozenset(t.untyped_storage().data_ptr() for t in module.state_dict().values())
+            found = frozenset(t.untyped_storage().data_ptr() for t in state_of(module).values())
             self._weights[module] = found
         return found
 
@@ -241,7 +243,7 @@ class ServedModel:
         committed_at: float,
     ) -> None:
         """Load stored weights into the live copy before serving starts (no request can run)."""
-        state = self._live.module.state_dict()
+        state = state_of(self._live.module)
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
         self._live = Generation(

@@ -169,7 +169,7 @@ class Publisher:
         self, model_name: str, state: Tensors, full: bool, owned: frozenset[str], copy: HostCopy
     ) -> SyncReport:
         started = time.perf_counter()
-        tensors = {name: t.detach() for name, t in state.items()}
+        tensors = {name: t.detach() if t.requires_grad else t for name, t in state.items()}
         targets = self._targets.resolved(model_name)
         if not targets:
             raise SyncFailedError(f"no inference service found at {', '.join(self._targets.names)}")

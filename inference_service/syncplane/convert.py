@@ -6,6 +6,8 @@ sync relay's process shares.)
 
 from __future__ import annotations
 
+import weakref
+
 from inference_service.persistence import StoredVersion
 from inference_service.served_model import ServedModel
 from inference_service.syncplane.parts import Hop
@@ -24,11 +26,8 @@ def model_state(model: ServedModel, instance_id: str) -> pb.ModelState:
         lease_holder=holder,
         writer_epoch=epoch,
         instance_id=instance_id,
-        tensors=[
-            pb.TensorState(name=name, dtype=layout.dtype, shape=layout.shape)
-            for name, layout in model.layout.items()
-        ],
     )
+    state.MergeFrom(_tensors(model))
     pending = model.pending
     if pending is not None:
         state.pending.CopyFrom(
@@ -62,3 +61,22 @@ def versions(name: str, model: ServedModel, stored: list[StoredVersion]) -> pb.L
 
 def hop(message: pb.Hop) -> Hop:
     return Hop(message.address, message.server_name, message.writer_epoch)
+
+
+# Each model's tensors as GetModel lists them (fixed for as long as the model is served),
+# made once: building a message per tensor on every call took 7 ms for 2,000 tensors, and a
+# trainer asks before every push.
+_TENSORS: weakref.WeakKeyDictionary[ServedModel, pb.ModelState] = weakref.WeakKeyDictionary()
+
+
+def _tensors(model: ServedModel) -> pb.ModelState:
+    """A ModelState holding only `model`'s tensors, to merge into an answer."""
+    found = _TENSORS.get(model)
+    if found is None:
+        found = _TENSORS[model] = pb.ModelState(
+            tensors=[
+                pb.TensorState(name=name, dtype=layout.dtype, shape=layout.shape)
+                for name, layout in model.layout.items()
+            ]
+        )
+    return found

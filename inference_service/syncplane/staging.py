@@ -44,24 +44,31 @@ def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Targets:
-    """Each standby tensor's bytes as one flat uint8 tensor to write into. A tensor the model
-    keeps strided (a transposed parameter, `p.data = p.data.t()`) is written through a
-    contiguous copy of it, in the order its elements travel (row-major, as the trainer sends
-    them), which `write_back()` copies into it once something was written there (`mark`): the
-    model keeps its own layout, and a copy nothing was written to never overwrites memory that
-    another name of the same tensor (tied) was written through."""
+    """Each standby tensor's bytes as one flat uint8 tensor to write into, made when the push
+    first writes it (a delta touches few of a model's tensors). A tensor the model keeps
+    strided (a transposed parameter, `p.data = p.data.t()`) is written through a contiguous
+    copy of it, in the order its elements travel (row-major, as the trainer sends them), which
+    `write_back()` copies into it once something was written there (`mark`): the model keeps
+    its own layout, and a copy nothing was written to never overwrites memory that another
+    name of the same tensor (tied) was written through."""
 
     def __init__(self, targets: Mapping[str, torch.Tensor]) -> None:
-        self.flat: dict[str, torch.Tensor] = {}
+        self._targets = targets
+        self._flat: dict[str, torch.Tensor] = {}
         self._strided: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._written: set[str] = set()
-        for name, tensor in targets.items():
-            tensor = tensor.detach()
+
+    def flat(self, name: str) -> torch.Tensor:
+        """The bytes of standby tensor `name` (KeyError: the model has no such tensor)."""
+        found = self._flat.get(name)
+        if found is None:
+            tensor = self._targets[name].detach()
             if not tensor.is_contiguous():
                 scratch = tensor.contiguous()
                 self._strided[name] = (tensor, scratch)
                 tensor = scratch
-            self.flat[name] = _flat_bytes(tensor)
+            found = self._flat[name] = _flat_bytes(tensor)
+        return found
 
     def mark(self, name: str) -> None:
         """Note that bytes were written into `name`."""
@@ -71,7 +78,7 @@ class _Targets:
     def tie(self, name: str, source: str) -> None:
         """Give `name` the bytes written into `source` (a name tied to it that the push did
         not carry), unless the two are one memory here."""
-        into, given = self.flat[name], self.flat[source]
+        into, given = self.flat(name), self.flat(source)
         if into.data_ptr() != given.data_ptr():
             into.copy_(given, non_blocking=True)
             self.mark(name)
@@ -104,14 +111,13 @@ class CpuSink:
         self, targets: Mapping[str, torch.Tensor], on_first_write: Callable[[str], None]
     ) -> None:
         self._targets = _Targets(targets)
-        self._flat = self._targets.flat
         self._first_write = _FirstWrite(on_first_write)
         self._decoding: list[Future[bytes]] = []
 
     def write(self, entry: TensorEntry, offset: int, data: memoryview) -> None:
         self._first_write(entry.name)
         self._targets.mark(entry.name)
-        target = self._flat[entry.name]
+        target = self._targets.flat(entry.name)
         if offset < 0 or offset + len(data) > target.numel():
             raise ValueError(f"write of {len(data)} bytes at {offset} overruns {entry.name!r}")
         # One plain memmove, which releases the GIL so gRPC's threads keep receiving. torch's
@@ -122,7 +128,7 @@ class CpuSink:
 
     def copy(self, name: str, source: torch.Tensor) -> None:
         self._targets.mark(name)
-        self._flat[name].copy_(_flat_bytes(source.detach().contiguous()))
+        self._targets.flat(name).copy_(_flat_bytes(source.detach().contiguous()))
 
     def tie(self, name: str, source: str) -> None:
         """Give `name` the bytes written into `source` (see _Targets.tie)."""
@@ -134,7 +140,7 @@ class CpuSink:
         second copy) and hash the result, on the byte workers; what waits for that hash."""
         self._first_write(entry.name)
         self._targets.mark(entry.name)
-        out = self._flat[entry.name].numpy()
+        out = self._targets.flat(entry.name).numpy()
 
         def run() -> bytes:
             work(out)
@@ -167,9 +173,7 @@ class CudaSink:
         # Kernels of requests that ran on these (then live) weights may still be queued on the
         # request path's stream; the copies into them start only after those.
         self._stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._stream):
-            self._targets = _Targets(targets)
-        self._flat = self._targets.flat
+        self._targets = _Targets(targets)  # its copies of strided tensors: on the stream
         self._buffers = [
             torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(ring)
         ]
@@ -193,7 +197,7 @@ class CudaSink:
             self._arrays[slot][:n] = np.frombuffer(piece, np.uint8)
             at = offset + start
             with torch.cuda.stream(self._stream):
-                self._flat[entry.name][at : at + n].copy_(
+                self._targets.flat(entry.name)[at : at + n].copy_(
                     self._buffers[slot][:n], non_blocking=True
                 )
                 recorded = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -203,7 +207,8 @@ class CudaSink:
     def copy(self, name: str, source: torch.Tensor) -> None:
         self._targets.mark(name)
         with torch.cuda.stream(self._stream):
-            self._flat[name].copy_(_flat_bytes(source.detach().contiguous()), non_blocking=True)
+            flat = self._targets.flat(name)
+            flat.copy_(_flat_bytes(source.detach().contiguous()), non_blocking=True)
 
     def tie(self, name: str, source: str) -> None:
         """Give `name` the bytes written into `source`, after them on the same stream."""
@@ -234,11 +239,12 @@ class CudaSink:
 def make_sink(
     targets: Mapping[str, torch.Tensor], on_first_write: Callable[[str], None]
 ) -> CpuSink | CudaSink:
-    devices = {t.device.type for t in targets.values()}
-    if devices <= {"cpu"}:
+    tensors = targets.values()
+    if all(t.is_cpu for t in tensors):
         return CpuSink(targets, on_first_write)
-    if devices == {"cuda"}:
+    if all(t.is_cuda for t in tensors):
         return CudaSink(targets, on_first_write)
+    devices = {t.device.type for t in tensors}
     raise ValueError(f"a model's tensors must live on one kind of device, not {sorted(devices)}")
 
 

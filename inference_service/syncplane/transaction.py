@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from inference_service.module_state import state_of
 from inference_service.syncplane.staging import Decode, make_sink
 from shared.weights.layout import TensorEntry
 
@@ -84,7 +85,7 @@ class StagingTransaction:
         self._swap = swap
         self._release = release
         self._done = False
-        self._sink = make_sink(self._module.state_dict(), self._first_write)
+        self._sink = make_sink(state_of(self._module), self._first_write)
 
     def __enter__(self) -> StagingTransaction:
         return self
@@ -121,7 +122,7 @@ class StagingTransaction:
             self._sink.tie(name, source)
         live = self._live
         hashes = self._standby.hashes
-        live_state = live.module.state_dict()
+        live_state = state_of(live.module)
         for name in live.hashes.keys() - received.keys():
             if hashes.get(name) != live.hashes[name]:
                 self._sink.copy(name, live_state[name])

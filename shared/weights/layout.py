@@ -52,10 +52,15 @@ class TensorLayout:
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorLayout:
-        name = entry.safetensors if (entry := BY_TORCH.get(tensor.dtype)) else None
+        return cls.of_torch(tensor.dtype, tensor.shape)
+
+    @classmethod
+    def of_torch(cls, dtype: torch.dtype, shape: Sequence[int]) -> TensorLayout:
+        """The layout of a tensor of torch `dtype` and `shape`."""
+        name = entry.safetensors if (entry := BY_TORCH.get(dtype)) else None
         if name is None:
-            raise TypeError(f"dtype {tensor.dtype} cannot travel in safetensors framing")
-        return cls(name, tuple(tensor.shape))
+            raise TypeError(f"dtype {dtype} cannot travel in safetensors framing")
+        return cls(name, tuple(shape))
 
 
 @dataclass(frozen=True)
