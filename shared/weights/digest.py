@@ -25,6 +25,23 @@ from shared.weights.ties import ties
 PARALLEL_BYTES = 16 << 20  # a smaller state is hashed on the caller's thread
 
 
+def _plain(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's values are its memory as it lies: on the CPU, strided, contiguous,
+    and not lazily negated or conjugated."""
+    return (
+        tensor.is_cpu
+        and tensor.layout is torch.strided
+        and tensor.is_contiguous()
+        and not tensor.is_neg()
+        and not tensor.is_conj()
+    )
+
+
+def _memory(tensor: torch.Tensor) -> ctypes.Array[ctypes.c_char]:
+    """The bytes of a plain tensor (`_plain`), at its address: it must outlive them."""
+    return (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A flat read view of a contiguous CPU tensor's bytes (no copy), which keeps the tensor
     alive. Made from the tensor's address (about 2 us a tensor; through numpy, 8 to 20: a model
@@ -33,21 +50,23 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     into memory of its own first."""
     if not tensor.is_cpu or tensor.layout is not torch.strided or not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous CPU tensor")
-    if tensor.is_neg() or tensor.is_conj():
+    if not _plain(tensor):
         tensor = tensor.resolve_conj().resolve_neg()
-    size = tensor.numel() * tensor.element_size()
-    if not size:
+    if not tensor.nbytes:
         return memoryview(b"")
-    memory = (ctypes.c_char * size).from_address(tensor.data_ptr())
+    memory = _memory(tensor)
     memory.tensor = tensor  # type: ignore[attr-defined]  # the view keeps its memory alive
     return memoryview(memory).cast("B")
 
 
+_EMPTY = xxhash.xxh3_128_digest(b"")
+
+
 def tensor_hash(tensor: torch.Tensor) -> bytes:
     """xxh3_128 of a tensor's bytes; moves it to the CPU first when needed."""
-    if not tensor.is_cpu or tensor.layout is not torch.strided or not tensor.is_contiguous():
-        tensor = tensor.detach().to("cpu").contiguous()
-    return xxhash.xxh3_128_digest(byte_view(tensor))
+    if not _plain(tensor):
+        tensor = tensor.detach().to("cpu").contiguous().resolve_conj().resolve_neg()
+    return xxhash.xxh3_128_digest(_memory(tensor)) if tensor.nbytes else _EMPTY
 
 
 def tensor_hashes(state: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
