@@ -23,7 +23,7 @@ from shared.grpc.options import (
 )
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
-from shared.weights.digest import model_digest
+from shared.weights.digest import digest_table
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 from trainer_service.progress import Progress, wants_progress
 
@@ -156,10 +156,7 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
             progress.advance(len(message))
     digest = plan.digest
     if digest is None:
-        layouts = plan.payload.layouts
-        digest = model_digest(
-            {name: (layouts[name], h) for name, h in plan.streamed_hashes.items()}
-        )
+        digest = digest_table(plan.payload.layouts).digest(plan.streamed_hashes)
     if progress is not None:
         progress.done()
     yield pb.PushRequest(commit=pb.PushCommit(digest=digest)).SerializeToString()

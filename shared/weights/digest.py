@@ -13,6 +13,7 @@ each tensor once however many names it has.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -104,6 +105,17 @@ class DigestTable:
             parts.append(entry)
             parts.append(hashes[name])
         return xxhash.xxh3_128_digest(b"".join(parts))
+
+
+@functools.lru_cache(maxsize=16)
+def _table(entries: tuple[tuple[str, TensorLayout], ...]) -> DigestTable:
+    return DigestTable(dict(entries))
+
+
+def digest_table(layouts: Mapping[str, TensorLayout]) -> DigestTable:
+    """The digest table of `layouts`, made once for each of the last few layouts seen (a
+    model's layout rarely changes; a sender digests it on every push)."""
+    return _table(tuple(layouts.items()))
 
 
 def model_digest(table: Mapping[str, tuple[TensorLayout, bytes]]) -> bytes:

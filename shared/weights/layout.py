@@ -19,6 +19,7 @@ names, that one must be carried, and the tied name must not be.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -46,7 +47,7 @@ class TensorLayout:
     dtype: str
     shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * BY_SAFETENSORS[self.dtype].itemsize
 
