@@ -246,19 +246,6 @@ def _classes(asked: pb.InferParameter) -> bool:
     return not (asked.WhichOneof("parameter_choice") == "int64_param" and asked.int64_param == 0)
 
 
-def encode_outputs(
-    outputs: Sequence[Tensor],
-    specs: Sequence[TensorSpec],
-    requested: Sequence[str],
-    raw: bool,
-) -> tuple[list[pb.ModelInferResponse.InferOutputTensor], list[bytes]]:
-    """Response tensors for the requested outputs (all when none are named), and their raw
-    contents, as `encode_into` writes them."""
-    response = pb.ModelInferResponse()
-    encode_into(response, outputs, specs, requested, raw)
-    return list(response.outputs), list(response.raw_output_contents)
-
-
 def encode_into(
     response: pb.ModelInferResponse,
     outputs: Sequence[Tensor],

@@ -113,12 +113,6 @@ def encode_commit(digest: bytes) -> bytes:
     return encoded
 
 
-def hop_results(response: pb.PushResponse) -> tuple[HopResult, ...]:
-    return tuple(
-        HopResult(h.address, h.version, h.code, h.reason, h.message) for h in response.hops
-    )
-
-
 def push_response(outcome: PushOutcome) -> pb.PushResponse:
     return pb.PushResponse(
         model_name=outcome.model_name,

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.gen.weightsync.v1 import weightsync_pb2 as pb
-
 DATA_TAG = 0x12  # field 2 (`data`), wire type 2 (length-delimited)
 
 
@@ -77,12 +75,3 @@ def data_payload(message: bytes | memoryview) -> memoryview | None:
                     return memoryview(message)[index + 1 :]
                 break
     return None
-
-
-def decode(message: bytes | memoryview) -> pb.PushRequest | memoryview:
-    """A data message's payload as a view of `message`, or any other message parsed."""
-    payload = data_payload(message)
-    if payload is not None:
-        return payload
-    parsed: pb.PushRequest = pb.PushRequest.FromString(message)
-    return parsed

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from inference_service.client import decode_outputs
-from inference_service.dataplane.codec import encode_outputs
 from shared.app import TensorSpec
 from shared.dtypes import BY_OIP, BYTES
 from shared.errors import InvalidInputError
 from shared.gen.inference import grpc_service_pb2 as pb
-from tests.unit.inference_service.values import bitwise_equal, extremes
+from tests.unit.inference_service.values import bitwise_equal, encode_outputs, extremes
 
 WORDS = np.array([[b"", b"abc", "\u00e9".encode(), bytes(range(256))]], dtype=object)
 

@@ -8,12 +8,12 @@ import torch
 import tritonclient.grpc as triton
 
 from inference_service.dataplane.bytes_wire import pack_bytes, unpack_bytes
-from inference_service.dataplane.codec import decode_inputs, encode_outputs
+from inference_service.dataplane.codec import decode_inputs
 from shared.app import TensorSpec
 from shared.dtypes import BY_OIP, datatype_of, dtype_of
 from shared.errors import InvalidInputError
 from shared.gen.inference import grpc_service_pb2 as pb
-from tests.unit.inference_service.values import bitwise_equal, extremes
+from tests.unit.inference_service.values import bitwise_equal, encode_outputs, extremes
 
 
 def request_for(tensor: torch.Tensor, datatype: str, raw: bool) -> pb.ModelInferRequest:

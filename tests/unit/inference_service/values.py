@@ -1,10 +1,17 @@
-"""Tensor values the codec tests send: each datatype's extremes, and bitwise comparison."""
+"""Tensor values the codec tests send: each datatype's extremes, bitwise comparison, and
+outputs encoded as a response carries them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from inference_service.dataplane.codec import encode_into
+from inference_service.dataplane.model_io import Tensor
+from shared.app import TensorSpec
 from shared.dtypes import dtype_of
+from shared.gen.inference import grpc_service_pb2 as pb
 
 
 def extremes(datatype: str) -> torch.Tensor:
@@ -28,3 +35,16 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().view(torch.uint8).numpy().tobytes()
         == b.contiguous().view(torch.uint8).numpy().tobytes()
     )
+
+
+def encode_outputs(
+    outputs: Sequence[Tensor],
+    specs: Sequence[TensorSpec],
+    requested: Sequence[str],
+    raw: bool,
+) -> tuple[list[pb.ModelInferResponse.InferOutputTensor], list[bytes]]:
+    """Response tensors for the requested outputs (all when none are named), and their raw
+    contents, as the service's `encode_into` writes them into a response."""
+    response = pb.ModelInferResponse()
+    encode_into(response, outputs, specs, requested, raw)
+    return list(response.outputs), list(response.raw_output_contents)

@@ -6,7 +6,14 @@ import pytest
 
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.weights import wire
-from shared.weights.wire import decode, encode_data
+from shared.weights.wire import data_payload, encode_data
+
+
+def decode(message: bytes | memoryview) -> pb.PushRequest | memoryview:
+    """A data message's payload as a view of `message`, or any other message parsed (as a
+    receiver reads them)."""
+    payload = data_payload(message)
+    return payload if payload is not None else pb.PushRequest.FromString(message)
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, (1 << 20) + 3])
