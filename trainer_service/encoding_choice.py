@@ -7,8 +7,9 @@ For one tensor of n bytes, on a link that moves L bytes/s to its target:
 
 and the cheapest wins; an encoding must beat whole bytes by a margin (so a push is never slower
 than whole bytes on its link), and one that turns out no smaller travels whole after all. L is
-measured per target from its recent pushes (payload bytes over the push's seconds, a running
-average), the speeds on this host by a small calibration on first use (repeated every minute
+measured per target from its recent pushes (payload bytes over the push's seconds less the
+time its encoded tensors take to decode, which the model charges apart; a running average),
+the speeds on this host by a small calibration on first use (repeated every minute
 in the background, so speeds measured at a busy moment do not rule the encodings out for good
 and no push waits for it) and from every encode; the estimated bytes come from the fraction
 of changed elements in a sample of the tensor. Tensors on a CUDA device are compared there
@@ -169,14 +170,24 @@ class EncodingChooser:
 
     def pushed(self, plan: PushPlan, address: str, seconds: float) -> None:
         """`plan` was pushed to `address` and committed in `seconds`: measure the link, count
-        the bytes by encoding, and log how the tensors travelled (debug)."""
+        the bytes by encoding, and log how the tensors travelled (debug).
+
+        The link is measured on the push's seconds less the time its encoded tensors take to
+        decode (as this host decodes them): the cost model charges decoding on its own, and a
+        small delta's seconds are mostly that, so counted in they made a 1 Gbit/s link look a
+        fifth as fast as it is."""
         payload = plan.payload
-        self.record_push(address, payload.nbytes, seconds)
         counts: dict[str, int] = {}
+        decoding = 0.0
+        speeds = self._calibration.measured()
         for entry in payload.entries:
             encoding = entry.encoding or WHOLE
             metrics.WIRE_BYTES.labels(plan.model_name, encoding).inc(entry.end - entry.begin)
             counts[encoding] = counts.get(encoding, 0) + 1
+            if entry.encoding is not None and speeds is not None:
+                decoding += entry.layout.nbytes / speeds.decode[entry.encoding]
+        if seconds - decoding > seconds / 10:  # else the decoding estimate is no guide
+            self.record_push(address, payload.nbytes, seconds - decoding)
         logger.debug(
             "model %s v%d (%s) committed on %s: %d payload bytes in %.3fs (link %s); tensors: %s",
             plan.model_name,

@@ -103,6 +103,10 @@ class Calibration:
         self._recalibrating = False
         self._lock = threading.Lock()
 
+    def measured(self) -> Speeds | None:
+        """The speeds measured so far (None: not calibrated yet), without calibrating."""
+        return self._speeds
+
     def speeds(self) -> Speeds:
         """The speeds on this host: calibrated on first use; once a minute old, calibrated
         again in the background (a push never waits for it) and merged when done."""

@@ -11,12 +11,14 @@ import torch
 
 from shared.app import App
 from shared.errors import ConfigurationError
-from shared.weights.encoding import SPARSE, WHOLE, XOR_ZSTD, decode
+from shared.weights.encoding import SPARSE, WHOLE, XOR_ZSTD, decode, encode_tensor
 from shared.weights.served import serve_module, served_state
+from shared.weights.writer import Payload
 from tests.devices import devices
 from trainer_service import metrics
 from trainer_service.bases import KEEP, Bases
 from trainer_service.encoding_choice import Encoded, EncodingChooser, host_bytes
+from trainer_service.push import PushPlan
 
 REMOTE = "10.1.2.3:50052"  # never dialled: only its address is looked at
 LOOPBACK = "127.0.0.1:50052"
@@ -264,3 +266,25 @@ def test_an_owned_tensor_is_kept_as_it_is_and_the_others_are_copied(device: str)
     assert kept is not None
     assert kept["o"].data_ptr() == owned.data_ptr()  # handed over: no copy
     assert kept["t"].data_ptr() != trained.data_ptr()  # the trainer's own: a copy
+
+
+def test_a_push_measures_its_link_less_what_its_encoded_tensors_take_to_decode() -> None:
+    # The cost model charges decoding on its own: counted into the link's seconds too, a
+    # small delta (mostly decoding) made the link look several times slower than it is.
+    chooser = EncodingChooser()
+    speeds = chooser.calibrate()
+    new, base = versions(0.05)
+    data = encode_tensor(SPARSE, new, base)
+    assert data is not None and len(data) >= 1 << 16  # large enough to measure a link
+    payload = Payload.of([("w", new)], encoded={"w": (SPARSE, data)})
+    plan = PushPlan("m", 2, 1, "trainer", payload, 1, b"")
+    decoding = new.numel() * new.element_size() / speeds.decode[SPARSE]
+    chooser.pushed(plan, REMOTE, decoding + 0.5)
+    assert chooser.describe_link(REMOTE) == f"{payload.nbytes / 0.5 / 1e6:.1f} MB/s"
+    # Seconds the decoding estimate (nearly) all explains say nothing of the link.
+    other = "10.1.2.4:50052"
+    chooser.pushed(plan, other, decoding * 1.05)
+    assert chooser.describe_link(other) == "not measured yet"
+    whole = Payload.of([("w", new)])  # nothing to decode: the push's own seconds
+    chooser.pushed(PushPlan("m", 3, 2, "trainer", whole, 1, b""), other, 0.25)
+    assert chooser.describe_link(other) == f"{whole.nbytes / 0.25 / 1e6:.1f} MB/s"
