@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from shared import protocol
-from shared.weights.digest import DigestTable, tensor_hashes
-from shared.weights.layout import TensorLayout
+from shared.weights.digest import state_table, tensor_hashes
 from shared.weights.ties import ties
 from shared.weights.writer import Payload
 from trainer_service import metrics
@@ -50,17 +49,7 @@ Tensors = Mapping[str, torch.Tensor]
 def hashed(tensors: Tensors) -> tuple[dict[str, bytes], bytes]:
     """Each tensor's hash, and the digest of the whole state."""
     hashes = tensor_hashes(tensors)
-    signature = tuple((name, t.dtype, t.shape) for name, t in tensors.items())
-    return hashes, _digest_table(signature).digest(hashes)
-
-
-@functools.lru_cache(maxsize=16)
-def _digest_table(signature: tuple[tuple[str, torch.dtype, torch.Size], ...]) -> DigestTable:
-    """The digest table of a state's names, dtypes and shapes: made once per model (a layout
-    rarely changes), not on every push."""
-    return DigestTable(
-        {name: TensorLayout.of_torch(dtype, shape) for name, dtype, shape in signature}
-    )
+    return hashes, state_table(tensors).digest(hashes)
 
 
 @dataclass(frozen=True)

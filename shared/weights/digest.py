@@ -118,6 +118,17 @@ def digest_table(layouts: Mapping[str, TensorLayout]) -> DigestTable:
     return _table(tuple(layouts.items()))
 
 
+def state_table(state: Mapping[str, torch.Tensor]) -> DigestTable:
+    """The digest table of `state`'s layouts, kept as `digest_table` keeps it, looked up by
+    each tensor's torch dtype and shape (cheaper per tensor than its TensorLayout)."""
+    return _state_table(tuple((name, t.dtype, t.shape) for name, t in state.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _state_table(signature: tuple[tuple[str, torch.dtype, torch.Size], ...]) -> DigestTable:
+    return DigestTable({name: TensorLayout.of_torch(dt, shape) for name, dt, shape in signature})
+
+
 def model_digest(table: Mapping[str, tuple[TensorLayout, bytes]]) -> bytes:
     """The digest of a whole model from each tensor's layout and hash."""
     layouts = {name: layout for name, (layout, _) in table.items()}
