@@ -5,7 +5,8 @@ needs no token on either plane, but a token given (--token, or INFERENCE_DATA_TO
 environment) is sent. For a service that serves TLS, give the CA that signed its certificate
 (--tls-ca, or --tls for the system's CAs), and for mutual TLS a client certificate and key
 (--tls-cert, --tls-key); HEALTHCHECK_TLS_CA, HEALTHCHECK_TLS_CERT, HEALTHCHECK_TLS_KEY and
-HEALTHCHECK_TLS_SERVER_NAME set them from the environment.
+HEALTHCHECK_TLS_SERVER_NAME set them from the environment. Every failure exits 1, a usage error
+included: Docker reserves exit 2 ("do not use"), which argparse gives by default.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,10 +28,16 @@ TOKEN_ENV = ("INFERENCE_DATA_TOKEN",)
 TLS_ENV = "HEALTHCHECK"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1, not argparse's 2 (reserved by Docker's health checks)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m shared.healthcheck", description=__doc__.splitlines()[0]
-    )
+    parser = _Parser(prog="python -m shared.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("address", help="HOST:PORT of a gRPC server")
     parser.add_argument("--service", default="", help="service name ('' = the whole server)")
     parser.add_argument("--timeout", default="3", help="deadline (seconds, or 500ms, 1m)")
