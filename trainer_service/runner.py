@@ -150,9 +150,7 @@ class TrainingLoop:
             if (saved / "models" / f"{name}.safetensors").exists():
                 model.load_state(saved / "models" / name)
         self.trainers.load_state(saved / "trainers")
-        for name, user in self.buffers.users.items():
-            if (saved / "data" / name).is_dir():
-                user.load_state(saved / "data" / name)
+        self.buffers.load_state(saved / "data")  # checked against what the app declares
 
     def run(
         self,

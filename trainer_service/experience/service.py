@@ -7,7 +7,8 @@ queue the training thread empties into the buffer (DataUser.update, through the 
 `add_batch`).
 So what a full buffer keeps is the buffer's own policy, and memory stays bounded whatever the
 agents send. A batch resent after a broken call (same collector id and buffer, a sequence
-already stored for them) is acknowledged without being stored twice.
+already stored for them) is acknowledged without being stored twice; one whose sequence was
+never stored (below the sender's highest, numbers skipped or sent out of order) is stored.
 
 Storing a batch costs a few Python calls whatever its sample count. A sequential buffer keeps
 the block and indexes into it (it drops samples oldest first: a block lives until its last
@@ -32,6 +33,10 @@ DEFAULT_MAX_BATCH_BYTES = 16 << 20
 # Senders (collector id and buffer) remembered for resends; the least recently heard from is
 # forgotten first.
 MAX_COLLECTORS = 4096
+# Runs of sequence numbers skipped, below a sender's highest, remembered per sender (a batch
+# numbered in one is stored when it comes); beyond it the lowest run is forgotten, its numbers
+# then taken for resends. A RemoteDataCollector skips numbers only for batches it dropped.
+MAX_GAPS = 16
 # The longest collector id: each sender remembered keeps its id, and a batch message could
 # otherwise carry one of megabytes (a RemoteDataCollector's is 32 characters).
 MAX_COLLECTOR_ID = 256
@@ -47,6 +52,36 @@ class Stored:
     samples: int
     payload_bytes: int
     duplicate: bool = False
+
+
+class Sequences:
+    """The sequence numbers one sender had stored: every number up to the highest, but for the
+    runs it skipped (at most MAX_GAPS of them, the lowest forgotten first) and those below the
+    first one stored."""
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+        self._gaps: list[tuple[int, int]] = []  # [begin, end), ascending, all below _last
+
+    def __contains__(self, sequence: int) -> bool:
+        if self._last is None or sequence > self._last:
+            return False
+        return not any(begin <= sequence < end for begin, end in self._gaps)
+
+    def add(self, sequence: int) -> None:
+        """Record `sequence` stored (one not stored before)."""
+        if self._last is None or sequence > self._last:
+            start = 0 if self._last is None else self._last + 1
+            if sequence > start:
+                self._gaps.append((start, sequence))
+            self._last = sequence
+        else:
+            at = next(i for i, (b, e) in enumerate(self._gaps) if b <= sequence < e)
+            begin, end = self._gaps[at]
+            self._gaps[at : at + 1] = [
+                (b, e) for b, e in ((begin, sequence), (sequence + 1, end)) if b < e
+            ]
+        del self._gaps[: max(0, len(self._gaps) - MAX_GAPS)]
 
 
 @dataclass(frozen=True)
@@ -74,8 +109,8 @@ class ExperiencePlane:
         self.max_batch_samples = max_batch_samples
         self._lock = threading.Lock()
         self._received = dict.fromkeys(self._schemas, 0)
-        # The last sequence stored per (collector id, buffer).
-        self._last_sequence: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # The sequences stored per (collector id, buffer).
+        self._senders: OrderedDict[tuple[str, str], Sequences] = OrderedDict()
 
     def store(
         self, buffer: str, sequence: int, payload: bytes | memoryview, collector_id: str = ""
@@ -136,10 +171,10 @@ class ExperiencePlane:
             collector.collect_batch(samples)
             self._received[buffer] += samples.count
             if collector_id:
-                self._last_sequence[sender] = sequence
-                self._last_sequence.move_to_end(sender)
-                while len(self._last_sequence) > MAX_COLLECTORS:
-                    self._last_sequence.popitem(last=False)
+                self._senders.setdefault(sender, Sequences()).add(sequence)
+                self._senders.move_to_end(sender)
+                while len(self._senders) > MAX_COLLECTORS:
+                    self._senders.popitem(last=False)
         return Stored(buffer, sequence, samples.count, size)
 
     def schema(self, buffer: str, sequence: int = 0) -> BatchSchema:
@@ -162,8 +197,8 @@ class ExperiencePlane:
         count per buffer, so one id feeding two buffers, each numbered from 1, loses none."""
         if not sender[0]:
             return False
-        last = self._last_sequence.get(sender)
-        return last is not None and sequence <= last
+        stored = self._senders.get(sender)
+        return stored is not None and sequence in stored
 
     def buffers(self) -> list[BufferInfo]:
         """Every buffer, by name."""

@@ -15,6 +15,7 @@ ends without `close()` are lost; acknowledged ones are the trainer's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,8 +79,9 @@ class RemoteDataCollector(Sender):
                 the trainer's stream slots).
 
         Raises:
-            ValueError: A bound is below 1, or an address is not HOST:PORT with a port from 1
-                to 65535.
+            ValueError: A bound is below 1; a duration is not a finite number of seconds, is
+                negative, or (`timeout_s`) is 0; or an address is not HOST:PORT with a port
+                from 1 to 65535.
             ConfigurationError: The token is not printable ASCII, a TLS file cannot be read
                 or holds no PEM of its kind, or `server_name` is given without `tls`.
         """
@@ -87,6 +89,12 @@ class RemoteDataCollector(Sender):
             raise ValueError(
                 "batch_size, max_pending, max_pending_bytes and max_in_flight must be at least 1"
             )
+        check_durations(
+            max_delay_s=max_delay_s,
+            timeout_s=timeout_s,
+            retry_max_s=retry_max_s,
+            idle_close_s=idle_close_s,
+        )
         self._max_pending = max_pending
         self._max_pending_bytes = max_pending_bytes
         self._pending_limit = max_pending  # in samples, both bounds (set by the first sample)
@@ -311,3 +319,24 @@ class RemoteDataCollector(Sender):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_durations(**durations: object) -> None:
+    """Refuse a duration the sending thread could not wait with: each a finite number of
+    seconds, none negative, `timeout_s` above 0 (a call given no time fails at once). None,
+    infinity or NaN would stop the thread, or a join, where it compares or waits.
+
+    Raises:
+        ValueError: Naming the first duration that is not such.
+    """
+    for name, value in durations.items():
+        positive = name == "timeout_s"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+            or (positive and value == 0)
+        ):
+            least = "above 0" if positive else "0 or more"
+            raise ValueError(f"{name} must be a finite number of seconds, {least}: got {value!r}")

@@ -182,18 +182,21 @@ class Received:
 def parse_batch(message: bytes) -> Received:
     """Read a serialized Batch by hand (protobuf's parse would copy the payload).
 
-    Fields may come in any order and repeat (the last wins); unknown ones are skipped.
+    Fields may come in any order and repeat (the last wins); unknown ones are skipped. A field
+    of the Batch's sent with another wire type than its own is refused, whatever that type (read
+    as absent, a sequence sent as fixed64 would number every batch 0: each after the first a
+    resend of it, acknowledged and dropped).
 
     Raises:
         MalformedBatchError: The message is not a protobuf encoding of a Batch.
     """
     view = memoryview(message)
-    fields: dict[int, int | memoryview] = {}
+    fields: dict[int, int | memoryview | _Fixed] = {}
     at, end = 0, len(view)
     while at < end:
         key, at = _read_varint(view, at)
         number, kind = key >> 3, key & 7
-        value: int | memoryview
+        value: int | memoryview | _Fixed
         if kind == 0:
             value, at = _read_varint(view, at)
         elif kind == 2:
@@ -203,7 +206,9 @@ def parse_batch(message: bytes) -> Received:
             value, at = view[at : at + size], at + size
         elif kind in (1, 5):
             at += 8 if kind == 1 else 4
-            continue
+            if number not in _FIELDS:
+                continue
+            value = _FIXED
         else:
             raise MalformedBatchError(f"a Batch message holds a field of wire type {kind}")
         fields[number] = value
@@ -217,6 +222,14 @@ def parse_batch(message: bytes) -> Received:
     )
 
 
+class _Fixed:
+    """A fixed-width (fixed32 or fixed64) value: the wire type of none of the Batch's fields."""
+
+
+_FIXED = _Fixed()
+_FIELDS = frozenset({1, 2, 3, 4})  # buffer, sequence, payload, collector_id
+
+
 def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
     value = shift = 0
     for index in range(at, min(at + 10, len(view))):
@@ -228,20 +241,20 @@ def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
     raise MalformedBatchError("a Batch message holds a truncated or overlong varint")
 
 
-def _bytes(value: int | memoryview | None, field: str) -> memoryview:
-    if isinstance(value, int):
+def _bytes(value: int | memoryview | _Fixed | None, field: str) -> memoryview:
+    if not isinstance(value, memoryview | None):
         raise MalformedBatchError(f"a Batch message's {field} is not length-delimited")
     return memoryview(b"") if value is None else value
 
 
-def _text(value: int | memoryview | None, field: str) -> str:
+def _text(value: int | memoryview | _Fixed | None, field: str) -> str:
     try:
         return bytes(_bytes(value, field)).decode()
     except UnicodeDecodeError:
         raise MalformedBatchError(f"a Batch message's {field} is not UTF-8") from None
 
 
-def _number(value: int | memoryview | None) -> int:
-    if isinstance(value, memoryview):
+def _number(value: int | memoryview | _Fixed | None) -> int:
+    if not isinstance(value, int | None):
         raise MalformedBatchError("a Batch message's sequence is not a varint")
     return 0 if value is None else value & ((1 << 64) - 1)
