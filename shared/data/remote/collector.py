@@ -24,6 +24,7 @@ from shared.data.remote.pending import Pending
 from shared.data.remote.samples import (
     CollectorStats,
     Layout,
+    check_mapping,
     describe,
     layout_of,
     rows_layout,
@@ -124,6 +125,8 @@ class RemoteDataCollector(Sender):
 
         Raises:
             ValueError: The sample's names, dtypes or shapes differ from the first sample's.
+                A value is not a tensor, numpy array or number (named).
+            TypeError: `data` is not a mapping.
             RuntimeError: The collector is closed, or was opened in the process this one
                 was forked from (its thread sends from there).
         """
@@ -131,6 +134,7 @@ class RemoteDataCollector(Sender):
             self._refuse_closed()
             pending = self._pending
             if pending is None:
+                check_mapping(data)
                 pending = self._pending = self._start(layout_of(data))
             if not self._pending_limit:
                 self._too_large(data, pending)
@@ -141,6 +145,9 @@ class RemoteDataCollector(Sender):
                 first = describe(pending.layout)
                 why = f"sample differs from the first one collected, {first}: {exc}"
                 raise ValueError(why) from None
+            except (TypeError, AttributeError):
+                check_mapping(data)  # checked here, off the hot path
+                raise
             self._collected += 1
             if pending.count > self._pending_limit:
                 pending.drop_oldest()
@@ -171,6 +178,7 @@ class RemoteDataCollector(Sender):
             RuntimeError: The collector is closed, or was opened in the process this one
                 was forked from.
         """
+        check_mapping(data)
         layout, count = rows_layout(data)
         with self._lock:
             self._refuse_closed()

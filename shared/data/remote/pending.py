@@ -134,7 +134,7 @@ class Slab:
         if value is None:
             raise ValueError(f"sample names {sorted(data)} differ from {self.form.names}")
         dtype, shape = self.form.layout[name]
-        tensor = as_tensor(value)
+        tensor = as_tensor(value, name)
         if tensor.dtype is not dtype or tensor.shape != shape:
             raise ValueError(
                 f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, not {dtype} {list(shape)}"
@@ -244,7 +244,7 @@ class Pending:
             raise ValueError(f"sample names {sorted(data)} differ from {self._form.names}")
         columns = []
         for name, (dtype, shape) in self.layout.items():
-            tensor = as_tensor(data[name])
+            tensor = as_tensor(data[name], name)
             if tensor.dtype is not dtype or tensor.shape[1:] != shape or tensor.ndim < 1:
                 raise ValueError(
                     f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)[1:]} a row, not "

@@ -28,10 +28,18 @@ class CollectorStats:
 Layout = dict[str, tuple[torch.dtype, torch.Size]]
 
 
+def check_mapping(data: object) -> None:
+    """Raise TypeError, naming what was given, unless `data` maps tensor names to values."""
+    if not isinstance(data, Mapping):
+        raise TypeError(
+            f"a sample maps each tensor's name to its value (a dict), not a {type(data).__name__}"
+        )
+
+
 def layout_of(data: Mapping[str, Any]) -> Layout:
     """Each of a sample's names with its values' dtype and shape (as `collect` stores them:
     numpy keeps its dtype, Python numbers take torch's: float32, int64, bool)."""
-    tensors = {name: as_tensor(value) for name, value in data.items()}
+    tensors = {name: as_tensor(value, name) for name, value in data.items()}
     return {name: (t.dtype, t.shape) for name, t in tensors.items()}
 
 
@@ -42,7 +50,7 @@ def rows_layout(data: Mapping[str, Any]) -> tuple[Layout, int]:
     Raises:
         ValueError: A tensor has no first dimension, or the tensors' row counts differ.
     """
-    tensors = {name: as_tensor(value) for name, value in data.items()}
+    tensors = {name: as_tensor(value, name) for name, value in data.items()}
     counts = {name: len(t) if t.ndim else None for name, t in tensors.items()}
     if None in counts.values() or len(set(counts.values())) > 1:
         raise ValueError(
@@ -64,9 +72,20 @@ def describe(layout: Layout) -> str:
     return "{" + ", ".join(f"{n}: {d} {list(s)}" for n, (d, s) in layout.items()) + "}"
 
 
-def as_tensor(value: Any) -> torch.Tensor:
+def as_tensor(value: Any, name: str) -> torch.Tensor:
+    """`value` (a tensor, numpy array or number, or nested sequences of numbers) as a tensor.
+
+    Raises:
+        ValueError: `value` is none of those (a string, None, an object), naming tensor `name`.
+    """
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, (np.ndarray, np.generic)):
-        return torch.from_numpy(np.asarray(value))
-    return torch.tensor(value)
+    try:
+        if isinstance(value, (np.ndarray, np.generic)):
+            return torch.from_numpy(np.asarray(value))
+        return torch.tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"tensor {name!r}: a value of type {type(value).__name__} is not a tensor, numpy array "
+            f"or number ({exc})"
+        ) from None

@@ -205,6 +205,29 @@ def test_collect_refuses_a_sample_unlike_the_first_and_after_close(trainer: Trai
     assert trainer.ids() == [0]
 
 
+def test_collect_names_a_value_that_is_no_tensor_and_a_sample_that_is_no_mapping(
+    trainer: Trainer,
+) -> None:
+    """A careless agent's sample: a string where a tensor goes, None where the sample goes. Each
+    is refused with a message naming what is wrong, first sample or later, and nothing is sent."""
+    collector = RemoteDataCollector(trainer.address, "steps")
+    with pytest.raises(ValueError, match="tensor 'x': a value of type str is not a tensor"):
+        collector.collect({"x": "str", "id": 1})
+    with pytest.raises(TypeError, match=r"a sample maps each tensor's name .* not a NoneType"):
+        collector.collect(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a list"):
+        collector.collect_rows([1, 2])  # type: ignore[arg-type]
+    collector.collect(sample(0))
+    with pytest.raises(ValueError, match="tensor 'id': a value of type str is not a tensor"):
+        collector.collect({"x": torch.zeros(2), "id": "one"})
+    with pytest.raises(TypeError, match=r"a sample maps each tensor's name .* not a NoneType"):
+        collector.collect(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tensor 'x': a value of type object is not a tensor"):
+        collector.collect_rows({"x": object(), "id": torch.zeros(1)})
+    collector.close()
+    assert trainer.ids() == [0]
+
+
 @pytest.mark.parametrize(
     ("data", "why"),
     [
