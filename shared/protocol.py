@@ -35,6 +35,10 @@ RESUME_MISMATCH = "resume-mismatch"  # nothing matching to resume at that offset
 CONFLICT = "conflict"
 FENCED = "fenced"  # another writer acquired the model since: this one must stop
 UNKNOWN_EPOCH = "unknown-epoch"  # the service lost the lease it granted: acquire it again
+
+# The most hops a push's route may name (a replica refuses a longer one, malformed-push): a
+# chain feeds at most one more replica than that.
+MAX_ROUTE_HOPS = 256
 # DEADLINE_EXCEEDED
 DEADLINE_EXCEEDED = "deadline-exceeded"
 PUSH_STALLED = "push-stalled"

@@ -16,11 +16,12 @@ or not reached. The replica before a failed hop routes the push past it
 (inference_service/syncplane/forward.py), resuming the hops after it from what they hold, so
 they come back committed like any hop. A fenced hop fails the sync as a direct push would. A
 hop reported stalled or unreachable (DEADLINE_EXCEEDED, UNAVAILABLE: cut, dark or down) lags at
-once: the background catch-up brings it up later, and the sync does not wait for it. A hop
-that lost its state (it no longer knows the lease, or lacks the base) gets the whole version,
-seeded as above. Any other failed hop is pushed directly at once, with the fallbacks, retries
-and deadlines a direct push takes (docs/sync.md, "When things fail"); one that refuses fails
-the sync where a direct push would. The hops not reached (past a failed one whose offset the
+once, unless it answers the trainer itself within its link watch's bound (only the replica
+before it could not feed it): then it is pushed directly. A hop that lost its state (it no
+longer knows the lease, or lacks the base) gets the whole version, seeded as above. Any
+other failed hop is pushed directly at once, with the fallbacks, retries and deadlines a
+direct push takes (docs/sync.md, "When things fail"); one that refuses fails the sync where a
+direct push would. The hops not reached (past a failed one whose offset the
 replica's replay window no longer held) are pushed again at once, in a new chain of the
 remaining ones fed from the trainer.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,10 +61,20 @@ class Refused:
     error: Exception
 
 
-# What became of the push on one target: committed, lagging (why), refused, or to push again.
-Outcome = Pushed | PushFailedError | Refused | Again
+@dataclass(frozen=True)
+class Unreached:
+    """A hop the replica before it reports stalled or unreachable (`error`): it lags, unless
+    the trainer reaches it itself (`ask`)."""
 
-# How the hop before it reports a hop that stalled or could not be reached: it lags at once.
+    error: PushFailedError
+
+
+# What became of the push on one target: committed, lagging (why), refused, to ask, or to push
+# again.
+Outcome = Pushed | PushFailedError | Refused | Again | Unreached
+
+# How the hop before it reports a hop that stalled or could not be reached: it lags, unless it
+# answers the trainer itself (`ask`).
 STALLED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 # How a hop that restarted without its state refuses: it holds no base for a delta, nor the lease.
 LOST_STATE = frozenset({protocol.BASE_VERSION_MISMATCH, protocol.UNKNOWN_EPOCH})
@@ -71,8 +83,8 @@ LOST_STATE = frozenset({protocol.BASE_VERSION_MISMATCH, protocol.UNKNOWN_EPOCH})
 def plan(
     targets: Sequence[Target], tensors: Mapping[str, torch.Tensor], chained: bool = True
 ) -> tuple[list[list[Target]], list[Target]]:
-    """The chains (two or more targets that share a delta base, in address order) and the
-    targets pushed on their own."""
+    """The chains (two or more targets that share a delta base, in address order; more than
+    a route may name make several chains) and the targets pushed on their own."""
     if not chained:
         return [], list(targets)
     groups: list[list[Target]] = []
@@ -88,7 +100,17 @@ def plan(
         else:
             groups.append([target])
     alone += [group[0] for group in groups if len(group) == 1]
-    return [group for group in groups if len(group) > 1], alone
+    chains = [part for group in groups if len(group) > 1 for part in _split(group)]
+    return chains, alone
+
+
+def _split(group: list[Target]) -> list[list[Target]]:
+    """`group` as chains whose routes a replica takes (protocol.MAX_ROUTE_HOPS hops at most),
+    as even as can be, in address order."""
+    count = -(-len(group) // (protocol.MAX_ROUTE_HOPS + 1))
+    size, extra = divmod(len(group), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [group[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def route(chain: Sequence[Target]) -> tuple[Hop, ...]:
@@ -135,10 +157,8 @@ def deliver_chain(
                 outcomes.append((target, Pushed(0)))
             elif hop.reason == protocol.FENCED:
                 outcomes.append((target, Refused(hop.error())))
-            elif hop.code in STALLED:  # cut or dark: the catch-up's, not the sync's
-                error = hop.error()
-                target.fall_behind(error)
-                outcomes.append((target, error))
+            elif hop.code in STALLED:  # cut or dark to the hop before it: and to us?
+                outcomes.append((target, Unreached(hop.error())))
             elif hop.reason in LOST_STATE:
                 target.hashes = None
                 if hop.reason == protocol.UNKNOWN_EPOCH:
@@ -147,6 +167,30 @@ def deliver_chain(
             else:
                 outcomes.append((target, Again.DIRECT))
         return outcomes
+
+
+def ask(target: Target, unreached: Unreached) -> list[tuple[Target, Outcome]]:
+    """A hop the replica before it could not reach, or cut: asked over the trainer's own link,
+    within the time that link's watch gives a ping (what a dark link costs the sync). One that
+    does not answer (cut, dark, down, stopped) lags: the catch-up's, not the sync's. One that
+    answers was out of reach of the replica before it alone (a partition between them,
+    replicas that cannot verify each other's certificates: their `--tls-peer-ca`, or a live
+    hop that took nothing in time) and is pushed directly, within the sync, as a live replica
+    is."""
+    with target.lock:
+        answers = target.client.answers(target.model)
+    if not answers:
+        target.fall_behind(unreached.error)
+        return [(target, unreached.error)]
+    logger.warning(
+        "model %s: %s was not reached through the chain, but answers the trainer: pushing it "
+        "directly (the replica before it could not feed it: a partition between them, peer "
+        "TLS settings that do not verify it, or it took nothing in time): %s",
+        target.model,
+        target.address,
+        unreached.error,
+    )
+    return [(target, Again.DIRECT)]
 
 
 def seed_one(

@@ -241,7 +241,8 @@ class Publisher:
         self, targets: Sequence[Target], version: Version
     ) -> list[tuple[Target, chain.Outcome]]:
         """Push `version` to `targets`: the ones that share a delta base in chains (see
-        chain.py), the others alone; the ones a failed hop kept it from, again at once. Where
+        chain.py), the others alone; the ones a failed hop kept it from, again at once (one the
+        replica before it could not reach, once it answers the trainer itself). Where
         some target takes a delta (the version's hashes are known up front), the ones without
         a base are seeded afterwards by the targets that committed it."""
         done: list[tuple[Target, chain.Outcome]] = []
@@ -249,7 +250,8 @@ class Publisher:
         if self._from_peers and version.hashes is not None:
             whole = [t for t in targets if t.delta_base(version.tensors) is None]
             chained = [t for t in targets if t not in whole]
-        while chained or direct:
+        asked: list[tuple[Target, chain.Unreached]] = []
+        while chained or direct or asked:
             chains, alone = chain.plan(chained, version.tensors, self._chained)
             futures = [
                 self._pool.submit(chain.deliver_chain, self._delivery, c, version) for c in chains
@@ -258,7 +260,8 @@ class Publisher:
                 self._pool.submit(chain.deliver_one, self._delivery, t, version)
                 for t in [*alone, *direct]
             ]
-            chained, direct = list[Target](), list[Target]()
+            futures += [self._pool.submit(chain.ask, t, unreached) for t, unreached in asked]
+            chained, direct, asked = list[Target](), list[Target](), []
             for future in futures:
                 for target, outcome in future.result():
                     if outcome is chain.Again.CHAINED:
@@ -267,6 +270,8 @@ class Publisher:
                         direct.append(target)
                     elif outcome is chain.Again.WHOLE:
                         (whole if self._from_peers else direct).append(target)
+                    elif isinstance(outcome, chain.Unreached):
+                        asked.append((target, outcome))
                     else:
                         done.append((target, outcome))
         return done + self._seed(whole, [t for t, o in done if isinstance(o, Pushed)], version)

@@ -220,14 +220,30 @@ class SyncClient:
         self._channel.close()
         self._seeds.close()
 
-    def get_model(self, name: str, connect_timeout_s: float = 3.0) -> RemoteModel:
+    def answers(self, name: str) -> bool:
+        """Whether the target answers a look at the model `name` over this trainer's own link
+        within the time the link's watch gives a ping's answer (a link that does not is dark):
+        False only when it does not answer at all (refused, dark, stopped), whatever it
+        answers otherwise."""
+        try:
+            self.get_model(name, watch_timeout_s(self._stall_timeout_s), wait_for_ready=False)
+        except TargetUnreachableError:
+            return False
+        except PushFailedError:
+            pass  # it answered, with a refusal
+        return True
+
+    def get_model(
+        self, name: str, connect_timeout_s: float = 3.0, wait_for_ready: bool = True
+    ) -> RemoteModel:
         """What the target serves; waits up to `connect_timeout_s` for the channel (it may be
-        restarting). TargetUnreachableError when it does not answer in that time."""
+        restarting; without `wait_for_ready`, a connection refused fails at once).
+        TargetUnreachableError when it does not answer in that time."""
         try:
             state = self._stub.GetModel(
                 pb.GetModelRequest(model_name=name),
                 timeout=min(self._timeout_s, connect_timeout_s),
-                wait_for_ready=True,
+                wait_for_ready=wait_for_ready,
             )
         except grpc.RpcError as error:
             failed = PushFailedError.from_rpc(self.target, error)

@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 # How long a push waits for the model's push slot when the push holding it has been fenced
 # (it notices within a tick, or at its next part, and lets go).
 ENDING_PUSH_WAIT_S = 2.0
+# Held back to `--sync-max-mb-per-s`, a push is fed a slice of this many seconds' bytes at a time
+# (this many bytes at least): what it passes on down its route flows that steadily.
+PACED_SLICE_S = 0.25
+PACED_SLICE_MIN_BYTES = 64 << 10
 
 
 Onward = Callable[[PushHeader], Forward | None]
@@ -219,23 +223,35 @@ class PushApplier:
         still_wanted: Callable[[], None],
     ) -> bytes:
         """Feed `body`, the payload from `offset` on, into `session`; the commit's digest.
-        Held back to the rate limit, the push checks `still_wanted` each TICK_S as it waits: one
-        superseded, fenced or taken over meanwhile ends at once and lets the model go (a push
-        waits ENDING_PUSH_WAIT_S at most for that), however long its wait was to be."""
+        Held back to the rate limit, the push is fed (applied and passed on down its route) a
+        slice of PACED_SLICE_S's bytes at a time, each once the bytes before it are due at that
+        rate, and the commit as soon as it comes: the hop a push is passed on to gets bytes at
+        least that often, and the commit right after the last of them, never a whole part's or
+        a whole push's wait with nothing (which it would take for a sender gone quiet, ending
+        the push after its `--push-idle-timeout-s`). As it waits, the push checks
+        `still_wanted` each TICK_S: one superseded, fenced or taken over meanwhile ends at once
+        and lets the model go (a push waits ENDING_PUSH_WAIT_S at most for that), however long
+        its wait was to be."""
         rate = self._limits.max_bytes_per_s
+        step = max(int(rate * PACED_SLICE_S), PACED_SLICE_MIN_BYTES)
         started = time.monotonic()
         sent = 0
         for part in body:
             if isinstance(part, Commit):
                 session.seal(owner, part.digest)
                 return part.digest
-            session.feed(owner, offset + sent, part)
-            sent += len(part)
-            if rate:  # ahead of the allowed rate: wait (HTTP/2 flow control slows the sender)
-                until = started + sent / rate
-                while (ahead := until - time.monotonic()) > 0:
-                    still_wanted()
-                    time.sleep(min(ahead, TICK_S))
+            pieces = [part]
+            if rate and len(part) > step:
+                view = memoryview(part)
+                pieces = [view[i : i + step] for i in range(0, len(part), step)]
+            for piece in pieces:
+                if rate:  # ahead of the allowed rate: wait (HTTP/2 flow control slows the sender)
+                    until = started + sent / rate
+                    while (ahead := until - time.monotonic()) > 0:
+                        still_wanted()
+                        time.sleep(min(ahead, TICK_S))
+                session.feed(owner, offset + sent, piece)
+                sent += len(piece)
         raise MalformedPushError(
             f"the push stream ended after {offset + sent} payload bytes without a commit"
         )

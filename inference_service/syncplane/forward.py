@@ -57,6 +57,7 @@ from inference_service.syncplane.leg import Leg
 from inference_service.syncplane.messages import encode_commit
 from inference_service.syncplane.own import address_problem, endpoints
 from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader
+from shared import protocol
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.auth import TlsFiles
@@ -64,7 +65,7 @@ from shared.weights import wire
 
 logger = logging.getLogger(__name__)
 
-MAX_HOPS = 256  # the longest route a push may carry
+MAX_HOPS = protocol.MAX_ROUTE_HOPS  # the longest route a push may carry
 
 
 @dataclass(frozen=True)
