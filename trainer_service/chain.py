@@ -15,9 +15,11 @@ From the response each hop is committed (its state recorded as if pushed directl
 or not reached. The replica before a failed hop routes the push past it
 (inference_service/syncplane/forward.py), resuming the hops after it from what they hold, so
 they come back committed like any hop. A fenced hop fails the sync as a direct push would. A
-hop reported stalled or unreachable (DEADLINE_EXCEEDED, UNAVAILABLE: cut, dark or down) lags at
-once, unless it answers the trainer itself within its link watch's bound (only the replica
-before it could not feed it): then it is pushed directly. A hop that lost its state (it no
+hop reported stalled (it took nothing in time, `push-stalled`: cut or dark) lags at once: the
+background catch-up brings it up later, and the sync does not wait for it. A hop the replica
+before it could not reach at all (UNAVAILABLE otherwise: it could not dial it, or their TLS
+handshake failed) lags too, unless it answers the trainer itself (`ask`): then it is pushed
+directly. A hop that lost its state (it no
 longer knows the lease, or lacks the base) gets the whole version, seeded as above. Any
 other failed hop is pushed directly at once, with the fallbacks, retries and deadlines a
 direct push takes (docs/sync.md, "When things fail"); one that refuses fails the sync where a
@@ -63,8 +65,8 @@ class Refused:
 
 @dataclass(frozen=True)
 class Unreached:
-    """A hop the replica before it reports stalled or unreachable (`error`): it lags, unless
-    the trainer reaches it itself (`ask`)."""
+    """A hop the replica before it could not reach (`error`): it lags, unless the trainer
+    reaches it itself (`ask`)."""
 
     error: PushFailedError
 
@@ -73,8 +75,8 @@ class Unreached:
 # again.
 Outcome = Pushed | PushFailedError | Refused | Again | Unreached
 
-# How the hop before it reports a hop that stalled or could not be reached: it lags, unless it
-# answers the trainer itself (`ask`).
+# How the hop before it reports a hop that stalled (reason push-stalled: it lags at once) or
+# could not be reached (it lags unless it answers the trainer itself, `ask`).
 STALLED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 # How a hop that restarted without its state refuses: it holds no base for a delta, nor the lease.
 LOST_STATE = frozenset({protocol.BASE_VERSION_MISMATCH, protocol.UNKNOWN_EPOCH})
@@ -157,7 +159,11 @@ def deliver_chain(
                 outcomes.append((target, Pushed(0)))
             elif hop.reason == protocol.FENCED:
                 outcomes.append((target, Refused(hop.error())))
-            elif hop.code in STALLED:  # cut or dark to the hop before it: and to us?
+            elif hop.code in STALLED and hop.reason == protocol.PUSH_STALLED:
+                error = hop.error()  # it took nothing in time (cut, dark): the catch-up's
+                target.fall_behind(error)
+                outcomes.append((target, error))
+            elif hop.code in STALLED:  # the hop before it could not reach it: can we?
                 outcomes.append((target, Unreached(hop.error())))
             elif hop.reason in LOST_STATE:
                 target.hashes = None
@@ -170,13 +176,14 @@ def deliver_chain(
 
 
 def ask(target: Target, unreached: Unreached) -> list[tuple[Target, Outcome]]:
-    """A hop the replica before it could not reach, or cut: asked over the trainer's own link,
-    within the time that link's watch gives a ping (what a dark link costs the sync). One that
-    does not answer (cut, dark, down, stopped) lags: the catch-up's, not the sync's. One that
-    answers was out of reach of the replica before it alone (a partition between them,
-    replicas that cannot verify each other's certificates: their `--tls-peer-ca`, or a live
-    hop that took nothing in time) and is pushed directly, within the sync, as a live replica
-    is."""
+    """A hop the replica before it could not reach (it could not dial it, or their TLS
+    handshake failed): asked over the trainer's own link, within the time that link's watch
+    gives a ping. One that does not answer (down, dark, stopped) lags: the catch-up's, not the
+    sync's. One that answers was out of reach of the replica before it alone (a partition
+    between them, replicas that cannot verify each other's certificates: their
+    `--tls-peer-ca`) and is pushed directly, within the sync, as a live replica is. (A hop
+    that took nothing in time, cut or dark mid-push, is not asked: it lags at once, and the
+    sync waits for no look at a dark link.)"""
     with target.lock:
         answers = target.client.answers(target.model)
     if not answers:
@@ -184,8 +191,8 @@ def ask(target: Target, unreached: Unreached) -> list[tuple[Target, Outcome]]:
         return [(target, unreached.error)]
     logger.warning(
         "model %s: %s was not reached through the chain, but answers the trainer: pushing it "
-        "directly (the replica before it could not feed it: a partition between them, peer "
-        "TLS settings that do not verify it, or it took nothing in time): %s",
+        "directly (the replica before it could not reach it: a partition between them, or "
+        "peer TLS settings that do not verify it): %s",
         target.model,
         target.address,
         unreached.error,

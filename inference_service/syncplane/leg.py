@@ -14,6 +14,7 @@ import grpc
 
 from inference_service.syncplane.messages import encode_header
 from inference_service.syncplane.parts import Hop, HopResult, PushHeader
+from shared import protocol
 from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.channel import open_channel
@@ -200,7 +201,13 @@ class Leg:
         return self.fail(code, error_reason(error) or "", details)
 
     def _stalled(self, what: str) -> HopResult:
-        return self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", f"the hop {what} it was cut off")
+        # Tagged push-stalled: the trainer lags such a hop at once (trainer_service/chain.py),
+        # where one that could not be reached at all is asked again by the trainer.
+        return self.fail(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            protocol.PUSH_STALLED,
+            f"the hop {what} it was cut off",
+        )
 
     def fail(self, code: grpc.StatusCode, reason: str, message: str) -> HopResult:
         self._ended.set()
