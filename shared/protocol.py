@@ -5,12 +5,17 @@ which of several errors sharing a code it got, the `error-reason` trailing metad
 with one of the constants below. The trainer acts on BASE_VERSION_MISMATCH (it pushes in full),
 FENCED (it stops: another trainer writes the model) and UNKNOWN_EPOCH (it acquires the writer
 lease again). Which domain error sends which reason is one table, in shared/grpc/errors.py.
-These are protocol: they never change with a class's name.
+These are protocol: they never change with a class's name. Beside them, the one limit both
+sides of a forwarded push rely on: how many hops a route may name.
 """
 
 from __future__ import annotations
 
 REASON_KEY = "error-reason"
+
+# The most hops a push's route may name (a replica refuses a longer one, malformed-push): a
+# chain feeds at most one more replica than that.
+MAX_ROUTE_HOPS = 256
 
 # INVALID_ARGUMENT
 INVALID_ARGUMENT = "invalid-argument"
@@ -36,9 +41,6 @@ CONFLICT = "conflict"
 FENCED = "fenced"  # another writer acquired the model since: this one must stop
 UNKNOWN_EPOCH = "unknown-epoch"  # the service lost the lease it granted: acquire it again
 
-# The most hops a push's route may name (a replica refuses a longer one, malformed-push): a
-# chain feeds at most one more replica than that.
-MAX_ROUTE_HOPS = 256
 # DEADLINE_EXCEEDED
 DEADLINE_EXCEEDED = "deadline-exceeded"
 PUSH_STALLED = "push-stalled"

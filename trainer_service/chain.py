@@ -15,12 +15,12 @@ From the response each hop is committed (its state recorded as if pushed directl
 or not reached. The replica before a failed hop routes the push past it
 (inference_service/syncplane/forward.py), resuming the hops after it from what they hold, so
 they come back committed like any hop. A fenced hop fails the sync as a direct push would. A
-hop reported stalled (it took nothing in time, `push-stalled`: cut or dark) lags at once: the
-background catch-up brings it up later, and the sync does not wait for it. A hop the replica
-before it could not reach at all (UNAVAILABLE otherwise: it could not dial it, or their TLS
-handshake failed) lags too, unless it answers the trainer itself (`ask`): then it is pushed
-directly. A hop that lost its state (it no
-longer knows the lease, or lacks the base) gets the whole version, seeded as above. Any
+hop reported cut mid-push (`push-stalled`: it took nothing in time, or the link it had been
+reached on was lost) lags at once: the background catch-up brings it up later, and the sync
+does not wait for it. A hop the replica before it could not reach at all (UNAVAILABLE with no
+reason: it could not dial it, or their TLS handshake failed) lags too, unless it answers the
+trainer itself (`ask`): then it is pushed directly. A hop that lost its state (it no longer
+knows the lease, or lacks the base) gets the whole version, seeded as above. Any
 other failed hop is pushed directly at once, with the fallbacks, retries and deadlines a
 direct push takes (docs/sync.md, "When things fail"); one that refuses fails the sync where a
 direct push would. The hops not reached (past a failed one whose offset the

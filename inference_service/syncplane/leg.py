@@ -48,6 +48,7 @@ class Leg:
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._input_done = False
+        self._reached = threading.Event()  # its channel was connected once: a later loss is a cut
 
     @property
     def address(self) -> str:
@@ -69,7 +70,12 @@ class Leg:
             )
         except (ConfigurationError, OSError, ValueError) as error:
             return self.fail(grpc.StatusCode.UNAVAILABLE, "", f"cannot dial: {error}")
+        self._channel.subscribe(self._on_connectivity)
         return None
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            self._reached.set()
 
     def held(self) -> pb.ModelState:
         """The hop's GetModel of the push's model, within the stall bound."""
@@ -198,11 +204,17 @@ class Leg:
     def failure(self, error: grpc.RpcError) -> HopResult:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error_details(error, pb.DESCRIPTOR.services_by_name["WeightSync"].full_name)
-        return self.fail(code, error_reason(error) or "", details)
+        reason = error_reason(error) or ""
+        if code is grpc.StatusCode.UNAVAILABLE and not reason and self._reached.is_set():
+            # The transport lost a hop it had reached (its link went dark, its process
+            # stopped): cut mid-push, like one that took nothing in time.
+            return self.fail(code, protocol.PUSH_STALLED, f"{details}; its link was lost")
+        return self.fail(code, reason, details)
 
     def _stalled(self, what: str) -> HopResult:
-        # Tagged push-stalled: the trainer lags such a hop at once (trainer_service/chain.py),
-        # where one that could not be reached at all is asked again by the trainer.
+        # Tagged push-stalled, as a hop whose link was lost (`failure`): the trainer lags such a
+        # hop at once (trainer_service/chain.py), where one that could not be reached at all is
+        # asked again by the trainer.
         return self.fail(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             protocol.PUSH_STALLED,
@@ -236,4 +248,5 @@ class Leg:
             self._call.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
+            channel.unsubscribe(self._on_connectivity)
             threading.Thread(target=channel.close, name="forward-close", daemon=True).start()
