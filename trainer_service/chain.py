@@ -175,17 +175,17 @@ def deliver_chain(
         return outcomes
 
 
-def ask(target: Target, unreached: Unreached) -> list[tuple[Target, Outcome]]:
+def ask(target: Target, unreached: Unreached, within_s: float) -> list[tuple[Target, Outcome]]:
     """A hop the replica before it could not reach (it could not dial it, or their TLS
-    handshake failed): asked over the trainer's own link, within the time that link's watch
-    gives a ping. One that does not answer (down, dark, stopped) lags: the catch-up's, not the
-    sync's. One that answers was out of reach of the replica before it alone (a partition
-    between them, replicas that cannot verify each other's certificates: their
-    `--tls-peer-ca`) and is pushed directly, within the sync, as a live replica is. (A hop
-    that took nothing in time, cut or dark mid-push, is not asked: it lags at once, and the
-    sync waits for no look at a dark link.)"""
+    handshake failed): asked over the trainer's own link, within `within_s` (the trainer's
+    connect timeout) or the time that link's watch gives a ping, whichever is shorter. One
+    that does not answer (down, dark, stopped) lags: the catch-up's, not the sync's. One that
+    answers was out of reach of the replica before it alone (a partition between them,
+    replicas that cannot verify each other's certificates: their `--tls-peer-ca`) and is
+    pushed directly, within the sync, as a live replica is. (A hop cut mid-push is not asked:
+    it lags at once, and the sync waits for no look at a dark link.)"""
     with target.lock:
-        answers = target.client.answers(target.model)
+        answers = target.client.answers(target.model, within_s)
     if not answers:
         target.fall_behind(unreached.error)
         return [(target, unreached.error)]

@@ -260,7 +260,8 @@ class Publisher:
                 self._pool.submit(chain.deliver_one, self._delivery, t, version)
                 for t in [*alone, *direct]
             ]
-            futures += [self._pool.submit(chain.ask, t, unreached) for t, unreached in asked]
+            within_s = self._delivery.connect_timeout_s
+            futures += [self._pool.submit(chain.ask, t, why, within_s) for t, why in asked]
             chained, direct, asked = list[Target](), list[Target](), []
             for future in futures:
                 for target, outcome in future.result():

@@ -220,13 +220,14 @@ class SyncClient:
         self._channel.close()
         self._seeds.close()
 
-    def answers(self, name: str) -> bool:
+    def answers(self, name: str, within_s: float) -> bool:
         """Whether the target answers a look at the model `name` over this trainer's own link
-        within the time the link's watch gives a ping's answer (a link that does not is dark):
-        False only when it does not answer at all (refused, dark, stopped), whatever it
-        answers otherwise."""
+        within `within_s`, or the time the link's watch gives a ping's answer where that is
+        shorter (a link that does not is dark): False only when it does not answer at all
+        (refused, dark, stopped), whatever it answers otherwise."""
+        bound_s = min(within_s, watch_timeout_s(self._stall_timeout_s))
         try:
-            self.get_model(name, watch_timeout_s(self._stall_timeout_s), wait_for_ready=False)
+            self.get_model(name, bound_s, wait_for_ready=False)
         except TargetUnreachableError:
             return False
         except PushFailedError:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from tests.unit.trainer_service.test_publisher import Target as Replica
 from tests.unit.trainer_service.test_publisher import fresh
 from trainer_service import chain
 from trainer_service.publisher import Publisher, WriterFencedError
-from trainer_service.push import Hop, SyncClient
+from trainer_service.push import Hop, PushFailedError, SyncClient
 from trainer_service.targets import Target
 
 TENSORS = {"a": torch.zeros(2), "b": torch.ones(2)}
@@ -119,3 +122,33 @@ def test_a_hop_fenced_down_the_chain_stops_the_trainer_as_a_direct_push_would() 
         publisher.close()
         for replica in replicas:
             replica.stop()
+
+
+def test_a_hop_that_never_answers_is_asked_within_the_connect_timeout_not_the_watch() -> None:
+    # A sync plane whose GetModel hangs (its transport answers pings, so the link's watch never
+    # drops it): with a stall bound of 300 s the look would wait 150 s; it is bounded by the
+    # connect timeout (0.5 s), and the hop lags.
+    released = threading.Event()
+
+    def hang(request: bytes, context: grpc.ServicerContext) -> bytes:
+        released.wait(60)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "weightsync.v1.WeightSync", {"GetModel": grpc.unary_unary_rpc_method_handler(hang)}
+    )
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = SyncClient(f"127.0.0.1:{port}", 300.0, stall_timeout_s=300.0)
+    hop = target(client)
+    failed = PushFailedError(hop.address, grpc.StatusCode.UNAVAILABLE, "cannot dial", None)
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(chain.ask, hop, chain.Unreached(failed), 0.5)
+        try:
+            assert asked.result(timeout=30) == [(hop, failed)]
+            assert hop.lagging_since is not None
+        finally:
+            released.set()
+            client.close()
+            server.stop(None)
