@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,10 @@ import torch
 from bench import load
 from bench.mlp import MLP
 from devtools import launch
+from devtools.ports import free_port
 from inference_service.client import InferenceClient
 
 ROOT = launch.ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mlp_env(tmp: str) -> dict[str, str]:

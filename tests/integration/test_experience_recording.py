@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from devtools.ports import free_port
 from shared import protocol
 from shared.data.persist import load_samples
 from shared.data.remote import RemoteDataCollector
@@ -33,13 +33,6 @@ from tests.integration.pki import SERVER_NAME
 from tests.integration.test_experience import start_trainer
 
 APP = "tests.integration.experience_apps:recorded"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def request(x: torch.Tensor, **parameters: str | int) -> oip.ModelInferRequest:

@@ -4,7 +4,6 @@ exactly where it would refuse a direct one."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
+from devtools.ports import free_ports as loopback_ports
 from shared import protocol
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -43,15 +43,7 @@ def stamp_state(run: int, mb: int = 1) -> dict[str, torch.Tensor]:
 
 def free_ports(count: int) -> list[int]:
     """Free loopback ports, in the order the trainer chains their addresses."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        ports = [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-    return sorted(ports, key=lambda port: f"127.0.0.1:{port}")
+    return sorted(loopback_ports(count), key=lambda port: f"127.0.0.1:{port}")
 
 
 def served_version(inference: Inference) -> str:

@@ -10,7 +10,6 @@ then fails every call.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from devtools.launch import inference_command, read_json, trainer_command
+from devtools.ports import free_port
 from tests.integration.conftest import ROOT, Services
 
 STAMP = "tests.integration.apps:stamp"
@@ -290,10 +290,7 @@ def test_inference_bind_failure_names_the_flag(services: Services) -> None:
     """Both planes given the same port: 'cannot listen on 127.0.0.1:P' names neither
     --listen nor --sync-listen (the trainer says '--experience-listen: cannot listen ...')."""
 
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        port = holder.getsockname()[1]
-    address = f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{free_port()}"
     outcome = inference(services, "--listen", address, "--sync-listen", address)
     assert_refused(
         outcome, "--listen", "INFERENCE_LISTEN", "--sync-listen", "INFERENCE_SYNC_LISTEN"

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 import signal
-import socket
 
 import pytest
 import torch
 
 from devtools.launch import trainer_command
+from devtools.ports import free_port
 from shared.data.remote import RemoteDataCollector
 from tests.integration.conftest import Services, wait_until
 from tests.integration.test_experience import start_trainer
@@ -53,13 +53,6 @@ def test_a_duration_no_call_could_use_is_refused_when_the_collector_is_made(
         collector.collect(sample(0))
         assert collector.flush(timeout=60)
     assert trainer.stop() == [0]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def test_what_a_collector_reports_dropped_is_what_a_trainer_restarted_mid_stream_lacks(

@@ -4,7 +4,6 @@ started as real processes. Each test here failed on the tree it was written agai
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.ports import free_port
 from inference_service.client import InferenceClient
 from shared import RemoteDataCollector
 from shared.errors import ConfigurationError
@@ -114,9 +114,7 @@ def test_example_client_reports_an_unreachable_service_as_its_loop_does() -> Non
     request as `request failed: CODE: message` and goes on, but its first call (ModelMetadata)
     is outside that handling: a replica not up yet, a wrong port or a model the deployment does
     not serve ends the example with a Python traceback of grpc internals."""
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on
     done = subprocess.run(
         [sys.executable, "examples/client.py", "--address", f"127.0.0.1:{port}", "--seconds", "1"],
         cwd=ROOT,

@@ -11,6 +11,7 @@ from concurrent import futures
 import grpc
 import pytest
 
+from devtools.ports import free_port
 from inference_service.syncplane import forward, messages
 from inference_service.syncplane.forward import Forward, PeerAccess
 from inference_service.syncplane.parts import Commit, Data, Hop, HopResult, PushHeader, PushOutcome
@@ -37,9 +38,7 @@ def silent() -> Iterator[str]:
 
 
 def closed_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once it is closed
+    return f"127.0.0.1:{free_port()}"  # nothing listens on it
 
 
 def body(chunks: int) -> list[Data | Commit]:
