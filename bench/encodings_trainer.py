@@ -21,7 +21,7 @@ from bench.labrun import DATA_PORT, SYNC_PORT, publish_watched
 from inference_service.client import InferenceClient
 from shared.allocator import tune_for_streaming
 from shared.settings import ProcessSettings
-from shared.weights.served import served_state
+from shared.weights.served import ServedCasts
 from trainer_service import metrics
 from trainer_service.publisher import Publisher
 
@@ -47,15 +47,15 @@ def _timed_sync(
     clients: Sequence[Any],
     model: str,
     state: dict[str, torch.Tensor],
-    served: torch.dtype | None = None,
+    casts: ServedCasts | None = None,
 ) -> tuple[float, int]:
-    """Seconds from sync() called (the trained `state` converted to the `served` dtype, then
-    published, as the trainer service does) to every replica serving the new version, and the
-    bytes the trainer sent (one payload down a chain)."""
+    """Seconds from sync() called (the trained `state` converted to the served dtype by
+    `casts`, then published, as the trainer service does) to every replica serving the new
+    version, and the bytes the trainer sent (one payload down a chain)."""
     before = [int(client.metadata(model).versions[0]) for client in clients]
 
     def sync() -> Any:  # as trainer_service/remote.py does: the converted tensors are handed over
-        converted = served_state(state, served)
+        converted = state if casts is None else casts.state(state)
         owned = [name for name, tensor in converted.items() if tensor is not state[name]]
         return publisher.publish(model, converted, owned=owned)
 
@@ -67,6 +67,13 @@ def _timed_sync(
             f"{model} version {report.version} did not reach every replica: {report}"
         )
     return max(synced, *(at for at in seen if at is not None)) - started, report.payload_bytes
+
+
+def _served_itemsize(tensor: torch.Tensor, served: torch.dtype | None) -> int:
+    """The bytes an element of `tensor` takes as it is served."""
+    if served is None or not tensor.is_floating_point():
+        return tensor.element_size()
+    return served.itemsize
 
 
 def lab_drive(spec: dict[str, Any]) -> int:
@@ -110,6 +117,7 @@ def lab_drive(spec: dict[str, Any]) -> int:
             optimizer = torch.optim.Adam(params, lr=case.lr)
             # a writer of its own per case: each starts with a full push
             publisher = Publisher(targets, f"bench-{case.name}", push_encoding=spec["encoding"])
+            casts = ServedCasts(case.served)
             g = torch.Generator().manual_seed(1)
             measured: list[float] = []
             yardstick: list[float] = []  # whole fp32 pushes of the same steps
@@ -125,15 +133,14 @@ def lab_drive(spec: dict[str, Any]) -> int:
                         dense0, enc0, cpu0 = _encoded_totals()
                     if step >= 10 and step % 2:  # the yardstick first every other step
                         yardstick.append(_timed_sync(whole, clients, LAB_WHOLE, raw)[0])
-                    seconds, sent = _timed_sync(publisher, clients, model, raw, case.served)
+                    seconds, sent = _timed_sync(publisher, clients, model, raw, casts)
                     if step >= 10 and not step % 2:
                         yardstick.append(_timed_sync(whole, clients, LAB_WHOLE, raw)[0])
                     if step >= 10:
                         measured.append(seconds)
                         wire += sent
-                        served_total += sum(
-                            t.numel() * t.element_size()
-                            for t in served_state(raw, case.served).values()
+                        served_total += sum(  # counted, not converted once more
+                            t.numel() * _served_itemsize(t, case.served) for t in raw.values()
                         )
                 dense1, enc1, cpu1 = _encoded_totals()
             finally:

@@ -11,7 +11,7 @@ import torch
 from typing_extensions import override
 
 from shared.model.remote import RemoteInferenceModel
-from shared.weights.served import served_state
+from shared.weights.served import ServedCasts
 from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class PublishedInferenceModel(RemoteInferenceModel):
     ) -> None:
         self.name = name
         self._publisher = publisher
-        self._served_dtype = served_dtype
+        self._casts = ServedCasts(served_dtype)
         self._syncs = Syncs() if syncs is None else syncs
 
     @property
@@ -90,7 +90,7 @@ class PublishedInferenceModel(RemoteInferenceModel):
             logger.debug("model %s: a sync before the trainer started sends nothing", self.name)
             return
         self._syncs.sending(self.name)
-        served = served_state(weights, self._served_dtype)
+        served = self._casts.state(weights)
         # The converted tensors are this push's own: kept as they are for later deltas.
         owned = [name for name, tensor in served.items() if tensor is not weights[name]]
         try:
