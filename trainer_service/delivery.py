@@ -32,6 +32,7 @@ from trainer_service.push import (
     UNREACHABLE,
     Hop,
     HopResult,
+    PushAnswer,
     Pushed,
     PushFailedError,
     PushPlan,
@@ -255,9 +256,10 @@ class Delivery:
             plan = dataclasses.replace(self._plan(target, version, base), route=route)
             try:
                 began = time.perf_counter()
-                hops = self._push_counted(target.client, plan)
-                self._chooser.pushed(plan, target.address, time.perf_counter() - began)
-                return plan, hops
+                answer = self._push_counted(target.client, plan)
+                seconds = time.perf_counter() - began
+                self._chooser.pushed(plan, target.address, seconds, answer.finish_s)
+                return plan, answer.hops
             except PushFailedError as error:
                 if error.reason == protocol.UNKNOWN_EPOCH and not acquired_again:
                     logger.info(
@@ -282,16 +284,16 @@ class Delivery:
                     raise
 
     @staticmethod
-    def _push_counted(client: SyncClient, plan: PushPlan) -> tuple[HopResult, ...]:
+    def _push_counted(client: SyncClient, plan: PushPlan) -> PushAnswer:
         kind = "full" if plan.base_version == 0 else "delta"
         try:
-            hops = client.push(plan)
+            answer = client.push(plan)
         except PushFailedError as error:
             metrics.PUSHES.labels(plan.model_name, kind, error.code.name.lower()).inc()
             raise
         metrics.PUSHES.labels(plan.model_name, kind, "committed").inc()
         metrics.PUSH_BYTES.labels(plan.model_name, kind).inc(plan.payload.nbytes)
-        return hops
+        return answer
 
     def _plan(self, target: Target, version: Version, base: dict[str, bytes] | None) -> PushPlan:
         assert target.epoch is not None

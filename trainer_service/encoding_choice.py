@@ -168,14 +168,18 @@ class EncodingChooser:
         """A push of `nbytes` payload bytes to `address` took `seconds` end to end."""
         self._links.record(address, nbytes, seconds)
 
-    def pushed(self, plan: PushPlan, address: str, seconds: float) -> None:
-        """`plan` was pushed to `address` and committed in `seconds`: measure the link, count
-        the bytes by encoding, and log how the tensors travelled (debug).
+    def pushed(self, plan: PushPlan, address: str, seconds: float, finish_s: float = 0.0) -> None:
+        """`plan` was pushed to `address` and committed in `seconds`, of which the target spent
+        `finish_s` after the push's last message (PushResponse.finish_seconds): measure the
+        link, count the bytes by encoding, and log how the tensors travelled (debug).
 
-        The link is measured on the push's seconds less the time its encoded tensors take to
-        decode (as this host decodes them): the cost model charges decoding on its own, and a
-        small delta's seconds are mostly that, so counted in they made a 1 Gbit/s link look a
-        fifth as fast as it is."""
+        The link is measured on the push's stream: its seconds less the target's after the
+        last message, when it decodes what is left, checks and commits (and the hops after it
+        commit). The cost model charges decoding on its own; counted in, a small delta's
+        seconds, mostly that, made a 1 Gbit/s link look a fifth as fast as it is. A target
+        that does not say (finish_s 0) is measured on the push's seconds less the time its
+        encoded tensors take to decode as this host decodes them, which overstates the link
+        where the target decodes while the stream goes on (up to three times here)."""
         payload = plan.payload
         counts: dict[str, int] = {}
         decoding = 0.0
@@ -186,16 +190,19 @@ class EncodingChooser:
             counts[encoding] = counts.get(encoding, 0) + 1
             if entry.encoding is not None and speeds is not None:
                 decoding += entry.layout.nbytes / speeds.decode[entry.encoding]
-        if seconds - decoding > seconds / 10:  # else the decoding estimate is no guide
-            self.record_push(address, payload.nbytes, seconds - decoding)
+        after = finish_s if 0 < finish_s < seconds else decoding
+        if seconds - after > seconds / 10:  # else what came after is no guide
+            self.record_push(address, payload.nbytes, seconds - after)
         logger.debug(
-            "model %s v%d (%s) committed on %s: %d payload bytes in %.3fs (link %s); tensors: %s",
+            "model %s v%d (%s) committed on %s: %d payload bytes in %.3fs, %.3fs of them after "
+            "its stream (link %s); tensors: %s",
             plan.model_name,
             plan.version,
             f"delta on {plan.base_version}" if plan.base_version else "full",
             address,
             payload.nbytes,
             seconds,
+            finish_s,
             self.describe_link(address),
             " ".join(f"{e}={n}" for e, n in sorted(counts.items())) or "none",
         )

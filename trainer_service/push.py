@@ -56,6 +56,17 @@ class HopResult:
 
 
 @dataclass(frozen=True)
+class PushAnswer:
+    """What the target answered a committed push with: what became of it on each hop of its
+    route, and how long the target took from the push's last message to its answer
+    (PushResponse.finish_seconds; 0 where it does not say): the push's seconds less these are
+    its stream's."""
+
+    hops: tuple[HopResult, ...]
+    finish_s: float
+
+
+@dataclass(frozen=True)
 class PushPlan:
     """Everything one push sends."""
 
@@ -292,10 +303,11 @@ class SyncClient:
             result.message,
         )
 
-    def push(self, plan: PushPlan) -> tuple[HopResult, ...]:
+    def push(self, plan: PushPlan) -> PushAnswer:
         """Stream one push (the target committed it unless this raises); return what became of
-        it on each hop of its route. A push whose stream takes nothing for the stall timeout
-        (the link went dark, the service is stuck) is cancelled: TargetUnreachableError."""
+        it on each hop of its route, and the target's own time after its end. A push whose
+        stream takes nothing for the stall timeout (the link went dark, the service is stuck) is
+        cancelled: TargetUnreachableError."""
         try:
             progress = None
             if wants_progress(plan.payload.nbytes):
@@ -310,7 +322,7 @@ class SyncClient:
             raise PushFailedError(
                 self.target, grpc.StatusCode.CANCELLED, "the push was cancelled", None
             ) from None
-        return tuple(
+        hops = tuple(
             HopResult(
                 h.address,
                 h.version,
@@ -320,6 +332,7 @@ class SyncClient:
             )
             for h in response.hops
         )
+        return PushAnswer(hops, response.finish_seconds)
 
     def _watched(self, messages: Watched) -> pb.PushResponse:
         """The push's response, cancelling the push once its stream has taken nothing for the

@@ -10,6 +10,7 @@ domain error; each transport answers with the one error table (shared/grpc/error
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from inference_service.syncplane import forward
@@ -63,15 +64,18 @@ class PushHandler:
                 )
         # Passed on from its first body part on: by then the local checks of the header passed.
         # A resumed push goes on down the route of the push it resumes (its session's forward).
+        committed: list[float] = []  # when the commit message was taken
         generation, onward = self._applier.apply_push(
-            header, _body(inbox), inbox, lambda h: forward.start(h, self._peers)
+            header, _body(inbox, committed), inbox, lambda h: forward.start(h, self._peers)
         )
+        hops = onward.results() if onward is not None else ()
         return PushOutcome(
             header.model_name,
             generation.version,
             generation.digest,
             header.payload_bytes,
-            onward.results() if onward is not None else (),
+            hops,
+            time.perf_counter() - committed[0] if committed else 0.0,
         )
 
 
@@ -88,8 +92,9 @@ def _header(inbox: Inbox[Part]) -> PushHeader:
     return first
 
 
-def _body(inbox: Inbox[Part]) -> Iterator[Data | Commit]:
-    """Payload data, then the commit, which must be the last part."""
+def _body(inbox: Inbox[Part], committed: list[float]) -> Iterator[Data | Commit]:
+    """Payload data, then the commit, which must be the last part (when it was taken is
+    appended to `committed`)."""
     received = 0
     try:
         for part in inbox:
@@ -97,6 +102,7 @@ def _body(inbox: Inbox[Part]) -> Iterator[Data | Commit]:
                 received += len(part)
                 yield part
             elif isinstance(part, Commit):
+                committed.append(time.perf_counter())
                 if _more(inbox):
                     raise MalformedPushError("messages follow the commit; it must come last")
                 yield part

@@ -120,6 +120,7 @@ def push_response(outcome: PushOutcome) -> pb.PushResponse:
         digest=outcome.digest,
         payload_bytes=outcome.payload_bytes,
         hops=[hop_result(h) for h in outcome.hops],
+        finish_seconds=outcome.finish_s,
     )
 
 

@@ -96,3 +96,6 @@ class PushOutcome:
     digest: bytes
     payload_bytes: int
     hops: tuple[HopResult, ...] = ()  # what became of it down its route, in route order
+    # From its commit message taken to this outcome: the sender's seconds less these are the
+    # stream's (PushResponse.finish_seconds)
+    finish_s: float = 0.0

@@ -233,6 +233,7 @@ def test_a_hop_refuses_a_forwarded_push_with_another_token_as_it_would_a_direct_
     response = to_first.push(stamp_state(7), 2, to_first.acquire("tester"), route)
 
     assert response.version == 2  # the first commits on its own
+    assert 0 < response.finish_seconds < 60  # its time after the commit message, hop included
     assert to_first.state().digest == state_digest(stamp_state(7))
     [result] = response.hops
     direct = refusal(Sync(hop.sync, TOKEN), stamp_state(7), 2, epoch)

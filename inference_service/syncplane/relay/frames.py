@@ -38,7 +38,8 @@ ENDS = frozenset({END, ABORT, BAD})  # frames that end a push's stream
 # version, base_version, payload_bytes, writer_epoch, resume_from, name size, writer size; then
 # the route
 _HEADER = struct.Struct("<QQQQQII")
-_OUTCOME = struct.Struct("<QQII")  # version, payload_bytes, digest size, name size; then hops
+# version, payload_bytes, finish_s, digest size, name size; then hops
+_OUTCOME = struct.Struct("<QQdII")
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 Answer = PushOutcome | Status
 
@@ -133,7 +134,9 @@ def encode_answer(answer: Answer) -> tuple[int, bytes]:
     """The RESULT frame's code and bytes for `answer`."""
     if isinstance(answer, PushOutcome):
         name = answer.model_name.encode()
-        numbers = _OUTCOME.pack(answer.version, answer.payload_bytes, len(answer.digest), len(name))
+        numbers = _OUTCOME.pack(
+            answer.version, answer.payload_bytes, answer.finish_s, len(answer.digest), len(name)
+        )
         hops = json.dumps(
             [[h.address, h.version, h.code, h.reason, h.message] for h in answer.hops]
         )
@@ -144,13 +147,13 @@ def encode_answer(answer: Answer) -> tuple[int, bytes]:
 def decode_answer(code: int, data: bytes) -> Answer:
     status = CODES.get(code, grpc.StatusCode.UNKNOWN)
     if status is grpc.StatusCode.OK:
-        version, payload_bytes, size, name_size = _OUTCOME.unpack_from(data)
+        version, payload_bytes, finish_s, size, name_size = _OUTCOME.unpack_from(data)
         digest = data[_OUTCOME.size : _OUTCOME.size + size]
         name = data[_OUTCOME.size + size : _OUTCOME.size + size + name_size].decode()
         hops = tuple(
             HopResult(*hop) for hop in json.loads(data[_OUTCOME.size + size + name_size :])
         )
-        return PushOutcome(name, version, digest, payload_bytes, hops)
+        return PushOutcome(name, version, digest, payload_bytes, hops, finish_s)
     reason, _, message = data.decode(errors="replace").partition("\0")
     return Status(status, reason, message)
 

@@ -125,7 +125,7 @@ def test_parts_arrive_as_themselves_with_data_joined_in_few_slots(path: Path) ->
 def test_answers_cross_as_they_are() -> None:
     # (the RESULT frame's encoding; the other tests carry answers over a real link)
     for answer in (
-        PushOutcome("modèle", (1 << 63) - 1, bytes(range(16)), 1 << 40),
+        PushOutcome("modèle", (1 << 63) - 1, bytes(range(16)), 1 << 40, finish_s=0.125),
         Status(grpc.StatusCode.ABORTED, "fenced", "written by 'b' (epoch 2)"),
         Status(grpc.StatusCode.INTERNAL, "", "internal server error; see the server log"),
     ):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n)shared/gen/weightsync/v1/weightsync.proto\x12\rweightsync.v1\"\xbf\x01\n\nPushHeader\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x11\n\twriter_id\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cwriter_epoch\x18\x06 \x01(\x04\x12!\n\x05route\x18\x07 \x03(\x0b\x32\x12.weightsync.v1.Hop\x12\x13\n\x0bresume_from\x18\x08 \x01(\x04\"A\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bserver_name\x18\x02 \x01(\t\x12\x14\n\x0cwriter_epoch\x18\x03 \x01(\x04\"\\\n\tHopResult\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"=\n\x14\x41\x63quireWriterRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\twriter_id\x18\x02 \x01(\t\"T\n\x0bWriterLease\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\twriter_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\x1c\n\nPushCommit\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"\x7f\n\x0bPushRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.weightsync.v1.PushHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12+\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x19.weightsync.v1.PushCommitH\x00\x42\x06\n\x04kind\"\x82\x01\n\x0cPushResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12&\n\x04hops\x18\x05 \x03(\x0b\x32\x18.weightsync.v1.HopResult\"%\n\x0fGetModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"9\n\x0bTensorState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"v\n\x0bPendingPush\x12\x11\n\twriter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\"\x87\x02\n\nModelState\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x11\n\twriter_id\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_pushes\x18\x05 \x01(\x08\x12+\n\x07tensors\x18\x06 \x03(\x0b\x32\x1a.weightsync.v1.TensorState\x12+\n\x07pending\x18\x07 \x01(\x0b\x32\x1a.weightsync.v1.PendingPush\x12\x14\n\x0clease_holder\x18\x08 \x01(\t\x12\x14\n\x0cwriter_epoch\x18\t \x01(\x04\x12\x13\n\x0binstance_id\x18\n \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.weightsync.v1.ModelState\")\n\x13ListVersionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"k\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\twriter_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ommitted_at\x18\x04 \x01(\x01\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"i\n\x14ListVersionsResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x04\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.weightsync.v1.VersionInfo\"9\n\x0fRollbackRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x04\"S\n\x0bSeedRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1f\n\x03hop\x18\x03 \x01(\x0b\x32\x12.weightsync.v1.Hop2\xa7\x04\n\nWeightSync\x12R\n\rAcquireWriter\x12#.weightsync.v1.AcquireWriterRequest\x1a\x1a.weightsync.v1.WriterLease\"\x00\x12\x43\n\x04Push\x12\x1a.weightsync.v1.PushRequest\x1a\x1b.weightsync.v1.PushResponse\"\x00(\x01\x12G\n\x08GetModel\x12\x1e.weightsync.v1.GetModelRequest\x1a\x19.weightsync.v1.ModelState\"\x00\x12S\n\nListModels\x12 .weightsync.v1.ListModelsRequest\x1a!.weightsync.v1.ListModelsResponse\"\x00\x12Y\n\x0cListVersions\x12\".weightsync.v1.ListVersionsRequest\x1a#.weightsync.v1.ListVersionsResponse\"\x00\x12G\n\x08Rollback\x12\x1e.weightsync.v1.RollbackRequest\x1a\x19.weightsync.v1.ModelState\"\x00\x12>\n\x04Seed\x12\x1a.weightsync.v1.SeedRequest\x1a\x18.weightsync.v1.HopResult\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n)shared/gen/weightsync/v1/weightsync.proto\x12\rweightsync.v1\"\xbf\x01\n\nPushHeader\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x11\n\twriter_id\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cwriter_epoch\x18\x06 \x01(\x04\x12!\n\x05route\x18\x07 \x03(\x0b\x32\x12.weightsync.v1.Hop\x12\x13\n\x0bresume_from\x18\x08 \x01(\x04\"A\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bserver_name\x18\x02 \x01(\t\x12\x14\n\x0cwriter_epoch\x18\x03 \x01(\x04\"\\\n\tHopResult\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"=\n\x14\x41\x63quireWriterRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\twriter_id\x18\x02 \x01(\t\"T\n\x0bWriterLease\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\twriter_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\x1c\n\nPushCommit\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"\x7f\n\x0bPushRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.weightsync.v1.PushHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12+\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x19.weightsync.v1.PushCommitH\x00\x42\x06\n\x04kind\"\x9a\x01\n\x0cPushResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12&\n\x04hops\x18\x05 \x03(\x0b\x32\x18.weightsync.v1.HopResult\x12\x16\n\x0e\x66inish_seconds\x18\x06 \x01(\x01\"%\n\x0fGetModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"9\n\x0bTensorState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"v\n\x0bPendingPush\x12\x11\n\twriter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\"\x87\x02\n\nModelState\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x11\n\twriter_id\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_pushes\x18\x05 \x01(\x08\x12+\n\x07tensors\x18\x06 \x03(\x0b\x32\x1a.weightsync.v1.TensorState\x12+\n\x07pending\x18\x07 \x01(\x0b\x32\x1a.weightsync.v1.PendingPush\x12\x14\n\x0clease_holder\x18\x08 \x01(\t\x12\x14\n\x0cwriter_epoch\x18\t \x01(\x04\x12\x13\n\x0binstance_id\x18\n \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.weightsync.v1.ModelState\")\n\x13ListVersionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"k\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\twriter_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ommitted_at\x18\x04 \x01(\x01\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"i\n\x14ListVersionsResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x04\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.weightsync.v1.VersionInfo\"9\n\x0fRollbackRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x04\"S\n\x0bSeedRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1f\n\x03hop\x18\x03 \x01(\x0b\x32\x12.weightsync.v1.Hop2\xa7\x04\n\nWeightSync\x12R\n\rAcquireWriter\x12#.weightsync.v1.AcquireWriterRequest\x1a\x1a.weightsync.v1.WriterLease\"\x00\x12\x43\n\x04Push\x12\x1a.weightsync.v1.PushRequest\x1a\x1b.weightsync.v1.PushResponse\"\x00(\x01\x12G\n\x08GetModel\x12\x1e.weightsync.v1.GetModelRequest\x1a\x19.weightsync.v1.ModelState\"\x00\x12S\n\nListModels\x12 .weightsync.v1.ListModelsRequest\x1a!.weightsync.v1.ListModelsResponse\"\x00\x12Y\n\x0cListVersions\x12\".weightsync.v1.ListVersionsRequest\x1a#.weightsync.v1.ListVersionsResponse\"\x00\x12G\n\x08Rollback\x12\x1e.weightsync.v1.RollbackRequest\x1a\x19.weightsync.v1.ModelState\"\x00\x12>\n\x04Seed\x12\x1a.weightsync.v1.SeedRequest\x1a\x18.weightsync.v1.HopResult\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,29 +47,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREQUEST']._serialized_start=594
   _globals['_PUSHREQUEST']._serialized_end=721
   _globals['_PUSHRESPONSE']._serialized_start=724
-  _globals['_PUSHRESPONSE']._serialized_end=854
-  _globals['_GETMODELREQUEST']._serialized_start=856
-  _globals['_GETMODELREQUEST']._serialized_end=893
-  _globals['_TENSORSTATE']._serialized_start=895
-  _globals['_TENSORSTATE']._serialized_end=952
-  _globals['_PENDINGPUSH']._serialized_start=954
-  _globals['_PENDINGPUSH']._serialized_end=1072
-  _globals['_MODELSTATE']._serialized_start=1075
-  _globals['_MODELSTATE']._serialized_end=1338
-  _globals['_LISTMODELSREQUEST']._serialized_start=1340
-  _globals['_LISTMODELSREQUEST']._serialized_end=1359
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1361
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1424
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1426
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1467
-  _globals['_VERSIONINFO']._serialized_start=1469
-  _globals['_VERSIONINFO']._serialized_end=1576
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1578
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1683
-  _globals['_ROLLBACKREQUEST']._serialized_start=1685
-  _globals['_ROLLBACKREQUEST']._serialized_end=1742
-  _globals['_SEEDREQUEST']._serialized_start=1744
-  _globals['_SEEDREQUEST']._serialized_end=1827
-  _globals['_WEIGHTSYNC']._serialized_start=1830
-  _globals['_WEIGHTSYNC']._serialized_end=2381
+  _globals['_PUSHRESPONSE']._serialized_end=878
+  _globals['_GETMODELREQUEST']._serialized_start=880
+  _globals['_GETMODELREQUEST']._serialized_end=917
+  _globals['_TENSORSTATE']._serialized_start=919
+  _globals['_TENSORSTATE']._serialized_end=976
+  _globals['_PENDINGPUSH']._serialized_start=978
+  _globals['_PENDINGPUSH']._serialized_end=1096
+  _globals['_MODELSTATE']._serialized_start=1099
+  _globals['_MODELSTATE']._serialized_end=1362
+  _globals['_LISTMODELSREQUEST']._serialized_start=1364
+  _globals['_LISTMODELSREQUEST']._serialized_end=1383
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1385
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1448
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1450
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1491
+  _globals['_VERSIONINFO']._serialized_start=1493
+  _globals['_VERSIONINFO']._serialized_end=1600
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1602
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1707
+  _globals['_ROLLBACKREQUEST']._serialized_start=1709
+  _globals['_ROLLBACKREQUEST']._serialized_end=1766
+  _globals['_SEEDREQUEST']._serialized_start=1768
+  _globals['_SEEDREQUEST']._serialized_end=1851
+  _globals['_WEIGHTSYNC']._serialized_start=1854
+  _globals['_WEIGHTSYNC']._serialized_end=2405
 # @@protoc_insertion_point(module_scope)

@@ -87,18 +87,20 @@ class PushRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("model_name", "version", "digest", "payload_bytes", "hops")
+    __slots__ = ("model_name", "version", "digest", "payload_bytes", "hops", "finish_seconds")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     digest: bytes
     payload_bytes: int
     hops: _containers.RepeatedCompositeFieldContainer[HopResult]
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopResult, _Mapping]]] = ...) -> None: ...
+    finish_seconds: float
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopResult, _Mapping]]] = ..., finish_seconds: _Optional[float] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model_name",)
