@@ -8,16 +8,17 @@ For one tensor of n bytes, on a link that moves L bytes/s to its target:
 and the cheapest wins; an encoding must beat whole bytes by a margin (so a push is never slower
 than whole bytes on its link), and one that turns out no smaller travels whole after all. L is
 measured per target from its recent pushes (payload bytes over the push's seconds less the
-time its encoded tensors take to decode, which the model charges apart; a running average),
-the speeds on this host by a small calibration on first use (repeated every minute
-in the background, so speeds measured at a busy moment do not rule the encodings out for good
-and no push waits for it) and from every encode; the estimated bytes come from the fraction
-of changed elements in a sample of the tensor. Tensors on a CUDA device are compared there
-(shared/weights/encoding.py `encode_tensor`): only the changed positions and values travel to
-the host. Several targets that take the same version on the same base share one encode of each
-tensor (the encoded bytes are kept for the newest version of each model until a newer one
-comes). On loopback the
-wire outruns every encoder, so `auto` never keeps a base copy for a loopback target and sends
+time the target says it took after the push's last message, which the model charges apart;
+a running average), the speeds on this host by a small calibration on first use (repeated
+every minute in the background, so speeds measured at a busy moment do not rule the encodings
+out for good and no push waits for it), scaled alike by what every real encode reaches against
+it; the estimated bytes come from the fraction of changed elements in a sample of the tensor
+(for the XOR encodings, times their bytes per changed byte, calibrated, then measured).
+Tensors on a CUDA device are compared there (shared/weights/encoding.py `encode_tensor`): only
+the changed positions and values travel to the host. Several targets that take the same
+version on the same base share one encode of each tensor (the encoded bytes are kept for the
+newest version of each model until a newer one comes). On loopback the wire outruns every
+encoder, so `auto` never keeps a base copy for a loopback target and sends
 whole bytes. `--push-encoding` forces one encoding where a base exists (bench and tests).
 
 A push's tensors are chosen and encoded on up to ENCODE_THREADS threads. A tensor whose change
@@ -189,7 +190,7 @@ class EncodingChooser:
             metrics.WIRE_BYTES.labels(plan.model_name, encoding).inc(entry.end - entry.begin)
             counts[encoding] = counts.get(encoding, 0) + 1
             if entry.encoding is not None and speeds is not None:
-                decoding += entry.layout.nbytes / speeds.decode[entry.encoding]
+                decoding += entry.layout.nbytes / speeds.decode_speed(entry.encoding)
         after = finish_s if 0 < finish_s < seconds else decoding
         if seconds - after > seconds / 10:  # else what came after is no guide
             self.record_push(address, payload.nbytes, seconds - after)
@@ -275,7 +276,9 @@ class EncodingChooser:
             return _WHOLE  # nothing measured yet: the first pushes measure it
         speeds = self._calibration.speeds()
         if self.mode == AUTO and link is not None:
-            cheapest = min(nbytes / speeds.encode[e] + nbytes / speeds.decode[e] for e in ENCODINGS)
+            cheapest = min(
+                nbytes / speeds.encode_speed(e) + nbytes / speeds.decode_speed(e) for e in ENCODINGS
+            )
             if cheapest >= MARGIN * nbytes / link:
                 return _WHOLE  # no encoding can pay, however small (fast links)
         if base.device != tensor.device:  # a base kept on the host for a CUDA tensor
@@ -337,7 +340,7 @@ class EncodingChooser:
         data = encode_tensor(encoding, tensor, base)
         seconds = time.perf_counter() - began
         metrics.ENCODE_CPU_SECONDS.labels(encoding).inc(time.thread_time() - cpu)
-        speeds.encode[encoding] = average(speeds.encode[encoding], nbytes / max(seconds, 1e-9))
+        speeds.encoded(encoding, nbytes, seconds)
         metrics.ENCODE_SECONDS.labels(encoding).inc(seconds)
         metrics.ENCODED_BYTES.labels(encoding).inc(nbytes)
         if data is not None and encoding != SPARSE:

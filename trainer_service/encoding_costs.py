@@ -32,23 +32,46 @@ def average(old: float | None, new: float) -> float:
 
 @dataclass
 class Speeds:
-    """Bytes of tensor per second each encoding encodes and decodes on this host."""
+    """How fast each encoding encodes and decodes on this host, and how small it makes a
+    change.
 
-    encode: dict[str, float] = field(default_factory=dict)
-    decode: dict[str, float] = field(default_factory=dict)
-    # encoded bytes of XOR encodings per changed byte, as measured (1.0 until then)
+    The calibration times every encoding alike, on one sample (`calibrated`): `encode` and
+    `decode` are those speeds, which rank the encodings fairly against each other. Real
+    encodes run on larger tensors, out of cache and beside other work, at a fraction of them:
+    that fraction, `scale`, is a running average over every real encode of any encoding, and
+    applies to all of them (`encode_speed`, `decode_speed`). Were each encoding's speed
+    measured only when chosen, the chosen one would soon look slower than the ones left at
+    their calibrated speeds, and the choice would flip to them push after push.
+    `xor_ratio`: encoded bytes of an XOR encoding per changed byte, first as the calibration
+    measured it, then from every real encode."""
+
+    encode: dict[str, float] = field(default_factory=dict)  # as calibrated
+    decode: dict[str, float] = field(default_factory=dict)  # as calibrated
     xor_ratio: dict[str, float] = field(default_factory=dict)
+    scale: float = 1.0  # real encodes' speed over the calibrated one
     at: float = field(default_factory=time.monotonic)  # when calibrated
+
+    def encode_speed(self, encoding: str) -> float:
+        return self.encode[encoding] * self.scale
+
+    def decode_speed(self, encoding: str) -> float:
+        return self.decode[encoding] * self.scale
+
+    def encoded(self, encoding: str, nbytes: int, seconds: float) -> None:
+        """A real encode of `nbytes` in `encoding` took `seconds`."""
+        self.scale = average(self.scale, nbytes / max(seconds, 1e-9) / self.encode[encoding])
 
     @classmethod
     def calibrated(cls) -> Speeds:
-        """Each encoding timed on a bf16 tensor with a few percent of elements changed."""
+        """Each encoding timed on a bf16 tensor with a few percent of elements changed (each
+        by one unit in the last place, as small optimizer steps change bf16 weights)."""
         rng = np.random.default_rng(0)
         base = rng.integers(0, 1 << 16, _CALIBRATION_ELEMENTS, dtype=np.uint16)
         new = base.copy()
         changed = rng.random(_CALIBRATION_ELEMENTS) < _CALIBRATION_CHANGED
-        new[changed] ^= np.uint16(1)
+        new[changed] += np.uint16(1)
         new_bytes, base_bytes = new.view(np.uint8), base.view(np.uint8)
+        changed_bytes = int(np.count_nonzero(changed)) * new.itemsize
         speeds = cls()
         out = np.empty_like(new_bytes)
         for encoding in ENCODINGS:
@@ -61,12 +84,16 @@ class Speeds:
                 started = time.perf_counter()
                 decode(encoding, data, base_bytes, 2, out)
                 decoded = min(decoded, time.perf_counter() - started)
+                if encoding != SPARSE:
+                    speeds.xor_ratio[encoding] = len(data) / changed_bytes
             speeds.encode[encoding] = new_bytes.nbytes / max(encoded, 1e-9)
             speeds.decode[encoding] = new_bytes.nbytes / max(decoded, 1e-9)
         logger.debug(
-            "encoding speeds on this host (MB/s, encode/decode): %s",
+            "encoding speeds on this host (MB/s, encode/decode; bytes per changed byte): %s",
             ", ".join(
-                f"{e} {speeds.encode[e] / 1e6:.0f}/{speeds.decode[e] / 1e6:.0f}" for e in ENCODINGS
+                f"{e} {speeds.encode[e] / 1e6:.0f}/{speeds.decode[e] / 1e6:.0f}"
+                + (f" {speeds.xor_ratio[e]:.2f}" if e in speeds.xor_ratio else "")
+                for e in ENCODINGS
             ),
         )
         return speeds
@@ -88,7 +115,7 @@ def cheapest_encoding(
 ) -> str:
     assert link is not None
     costs = {
-        e: nbytes / speeds.encode[e] + estimates[e] / link + nbytes / speeds.decode[e]
+        e: nbytes / speeds.encode_speed(e) + estimates[e] / link + nbytes / speeds.decode_speed(e)
         for e in ENCODINGS
     }
     best = min(costs, key=lambda e: costs[e])
@@ -128,11 +155,8 @@ class Calibration:
         try:
             fresh = Speeds.calibrated()
             speeds = self._speeds
-            if speeds is not None:  # what encodes measured stays in the running averages
-                for encoding in ENCODINGS:
-                    fresh.encode[encoding] = average(
-                        speeds.encode[encoding], fresh.encode[encoding]
-                    )
+            if speeds is not None:  # what real encodes measured stays
+                fresh.scale = speeds.scale
                 fresh.xor_ratio = speeds.xor_ratio
             self._speeds = fresh
         finally:

@@ -278,7 +278,7 @@ def test_a_push_measures_its_link_less_what_its_encoded_tensors_take_to_decode()
     assert data is not None and len(data) >= 1 << 16  # large enough to measure a link
     payload = Payload.of([("w", new)], encoded={"w": (SPARSE, data)})
     plan = PushPlan("m", 2, 1, "trainer", payload, 1, b"")
-    decoding = new.numel() * new.element_size() / speeds.decode[SPARSE]
+    decoding = new.numel() * new.element_size() / speeds.decode_speed(SPARSE)
     chooser.pushed(plan, REMOTE, decoding + 0.5)
     assert chooser.describe_link(REMOTE) == f"{payload.nbytes / 0.5 / 1e6:.1f} MB/s"
     # Seconds the decoding estimate (nearly) all explains say nothing of the link.
@@ -301,7 +301,7 @@ def test_a_push_measures_its_link_on_its_stream_where_the_target_says_how_long_i
     assert data is not None
     payload = Payload.of([("w", new)], encoded={"w": (SPARSE, data)})
     plan = PushPlan("m", 2, 1, "trainer", payload, 1, b"")
-    decoding = new.numel() * new.element_size() / speeds.decode[SPARSE]
+    decoding = new.numel() * new.element_size() / speeds.decode_speed(SPARSE)
     chooser.pushed(plan, REMOTE, decoding + 0.5, finish_s=0.1)
     assert chooser.describe_link(REMOTE) == f"{payload.nbytes / (decoding + 0.4) / 1e6:.1f} MB/s"
     other = "10.1.2.4:50052"  # a finish longer than the push itself is no measure: as before
