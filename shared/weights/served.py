@@ -8,8 +8,8 @@ bit-exact to the trained ones converted.
 
 The trainer converts every version anew, into memory an earlier version's conversion left
 (`ServedCasts`): freshly allocated, a 128 MiB conversion took a page fault per page it wrote on
-every other sync or so (glibc gives that much freed memory back to the system), 40 to 120 ms of
-a 0.3 s sync on two cores; written into memory that stays mapped, none.
+every other sync or so (glibc gives that much freed memory back to the system), 40 to 150 ms
+against 10 to 50 ms on two cores; written into memory that stays mapped, none.
 """
 
 from __future__ import annotations
