@@ -67,7 +67,7 @@ ENCODED_BYTES = Counter(
 LINK_RATE = Gauge(
     "weightsync_trainer_link_bytes_per_second",
     "The link rate to an inference service (an address), measured from recent pushes: "
-    "payload bytes over the push's seconds less the decoding of its encoded tensors, a running "
-    "average",
+    "payload bytes over the push's stream (its seconds less the service's own after the last "
+    "message, finish_seconds), a running average",
     ["target"],
 )
