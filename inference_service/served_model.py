@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from inference_service import metrics
+from inference_service.dataplane.model_io import to_model
 from inference_service.lease import WriterLease
 from inference_service.module_state import state_of
 from inference_service.syncplane.transaction import StagingTransaction, Standby
@@ -147,15 +148,13 @@ class ServedModel:
     def run(self, generation: Generation, inputs: Sequence[object]) -> Any:
         """The inference procedure's result on `generation`, which the caller has pinned.
 
-        Tensors go to the model's device; other inputs (BYTES arrays) are passed as they are.
+        Tensors, and numpy arrays of numbers as tensors of their own, go to the model's device
+        (`model_io.to_model`); other inputs (BYTES arrays) are passed as they are.
         An output that shares memory with the weights (a procedure returning a parameter, or a
         view of one) is copied here, while they are pinned: the answer is encoded after they
         are let go, when a push may be writing the next version into that memory."""
         with torch.inference_mode():
-            moved = [
-                t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
-                for t in inputs
-            ]
+            moved = [to_model(t, self.device) for t in inputs]
             result = self.procedure(generation.module, *moved)
             weights = self._weight_memory(generation.module)
             if isinstance(result, torch.Tensor):

@@ -1,13 +1,17 @@
 """The only place that converts OIP tensors to what a model takes (`model_io`) and back.
 
 Raw contents (`raw_input_contents` / `raw_output_contents`: little-endian, row-major bytes, one
-entry per tensor) are the fast path: one copy into a tensor that owns its memory. Typed contents
+entry per tensor) are the fast path: a request's input is a read-only numpy view of its bytes,
+copied once into the tensor the model takes on the model's thread (`model_io.to_model`; a
+batch's inputs are joined by that copy), and an output's bytes come from its host array in one
+copy. Typed contents
 (`InferTensorContents`) are accepted and produced too, except for the datatypes the protocol
 carries raw only (FP16, BF16: `shared.dtypes`); BYTES raw contents are laid out as
 `bytes_wire` says.
 
 The server decodes requests' inputs and the client (`inference_service.client`) responses'
-outputs with the same two routines, `tensor_from_raw` and `tensor_from_typed`.
+outputs with the same checks (`tensor_from_raw`, which copies into a tensor of its own, and
+`tensor_from_typed`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ import numpy as np
 import torch
 
 from inference_service.dataplane.bytes_wire import LENGTH_BYTES, pack_bytes, unpack_bytes
-from inference_service.dataplane.model_io import Tensor, bytes_array
+from inference_service.dataplane.model_io import (
+    NUMPY_DTYPES,
+    OIP_OF_NUMPY,
+    Tensor,
+    bytes_array,
+    is_array,
+)
 from shared.app import TensorSpec
 from shared.dtypes import BY_OIP, BY_TORCH, BYTES, CONTENTS_FIELDS, dtype_of, row_of
 from shared.errors import InvalidInputError, UnsupportedError
@@ -32,22 +42,7 @@ Role = Literal["input", "output"]
 Contents = pb.InferTensorContents
 
 
-def _numpy_dtypes() -> dict[torch.dtype, np.dtype[Any]]:
-    """The OIP datatypes' torch dtypes that numpy and torch.from_numpy share (not BF16)."""
-    found: dict[torch.dtype, np.dtype[Any]] = {}
-    for entry in BY_OIP.values():
-        if entry.torch_dtype is None:
-            continue
-        try:
-            array = torch.empty(0, dtype=entry.torch_dtype).numpy()
-            if torch.from_numpy(array).dtype == entry.torch_dtype:
-                found[entry.torch_dtype] = array.dtype
-        except TypeError:  # no numpy dtype
-            continue
-    return found
-
-
-_NUMPY = _numpy_dtypes()
+_NUMPY = NUMPY_DTYPES
 
 
 def decode_inputs(
@@ -86,7 +81,7 @@ def decode_inputs(
                     f"input {name!r} has typed contents while the request uses "
                     "raw_input_contents; use one form for all inputs"
                 )
-            found[name] = tensor_from_raw("input", name, raw[index], spec.datatype, shape)
+            found[name] = _input_from_raw(name, raw[index], spec.datatype, shape)
         else:
             found[name] = tensor_from_typed("input", name, tensor.contents, spec.datatype, shape)
     if len(found) != len(expected):
@@ -146,17 +141,34 @@ def _check_size(name: str, datatype: str, shape: list[int], raw: bool, max_bytes
             )
 
 
+def _input_from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> Tensor:
+    """A request's input from its raw contents: a read-only numpy view of `data` where numpy
+    has the datatype (the model's thread copies it: `model_io.to_model`), else as
+    `tensor_from_raw` makes it."""
+    array = _NUMPY.get(dtype_of(datatype)) if datatype != BYTES else None
+    if array is None or not data:
+        return tensor_from_raw("input", name, data, datatype, shape)
+    _check_length("input", name, data, datatype, shape, array.itemsize)
+    return np.frombuffer(data, array).reshape(shape)
+
+
+def _check_length(
+    role: Role, name: str, data: bytes, datatype: str, shape: list[int], itemsize: int
+) -> None:
+    want = math.prod(shape) * itemsize
+    if len(data) != want:
+        raise InvalidInputError(
+            f"{role} {name!r}: {len(data)} raw bytes but {datatype}{shape} needs {want}"
+        )
+
+
 def tensor_from_raw(role: Role, name: str, data: bytes, datatype: str, shape: list[int]) -> Tensor:
     """One tensor from its raw contents, in memory of its own; InvalidInputError if the bytes do
     not make `datatype` of `shape`."""
     if datatype == BYTES:
         return bytes_array(unpack_bytes(f"{role} {name!r}", data, math.prod(shape)), shape)
     dtype = dtype_of(datatype)
-    want = math.prod(shape) * dtype.itemsize
-    if len(data) != want:
-        raise InvalidInputError(
-            f"{role} {name!r}: {len(data)} raw bytes but {datatype}{shape} needs {want}"
-        )
+    _check_length(role, name, data, datatype, shape, dtype.itemsize)
     if not data:
         return torch.empty(shape, dtype=dtype)
     array = _NUMPY.get(dtype)
@@ -311,11 +323,28 @@ def _encode_output(
         if raw:
             return shape, pack_bytes(elements), []
         return shape, None, list(elements)
+    if is_array(value):
+        assert isinstance(value, np.ndarray)
+        _check_array(spec, value)
+        shape = list(value.shape)
+        if raw:
+            return shape, value.tobytes(), []
+        return shape, None, value.reshape(-1).tolist()
     tensor = _output_tensor(spec, value)
     shape = list(tensor.shape)
     if raw:
         return shape, _to_bytes(tensor), []
     return shape, None, tensor.reshape(-1).tolist()
+
+
+def _check_array(spec: TensorSpec, value: np.ndarray[Any, Any]) -> None:
+    """An output's host array (`model_io.normalize_model_outputs`) is of the datatype and rank
+    the model declares."""
+    if OIP_OF_NUMPY.get(value.dtype) != spec.datatype:
+        raise RuntimeError(
+            f"model output {spec.name!r} is {value.dtype} but the model declares {spec.datatype}"
+        )
+    _check_rank(spec, list(value.shape))
 
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:

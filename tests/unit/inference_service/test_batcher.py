@@ -58,7 +58,7 @@ def test_concurrent_requests_share_a_run_and_get_their_own_rows_back() -> None:
     first.result(5)
     for i, future in enumerate(futures):
         (out,), generation = future.result(5)
-        assert torch.equal(out, torch.full((i + 1, 2), 2.0 * i))
+        assert torch.equal(torch.as_tensor(out), torch.full((i + 1, 2), 2.0 * i))
         assert generation.version == 0
     assert gate.batches[1] == 15  # 1 + 2 + 3 + 4 + 5 rows, in one run
     runner.close()
@@ -103,7 +103,7 @@ def test_a_request_its_caller_cancelled_is_dropped_unrun_and_the_batcher_goes_on
     gate.open.set()
     first.result(5)
     (out,), _ = kept.result(5)
-    assert torch.equal(out, torch.full((2, 2), 2.0))
+    assert torch.equal(torch.as_tensor(out), torch.full((2, 2), 2.0))
     assert 3 not in gate.batches and 5 not in gate.batches  # the cancelled rows never ran
     runner.close()
 
@@ -111,7 +111,7 @@ def test_a_request_its_caller_cancelled_is_dropped_unrun_and_the_batcher_goes_on
 def test_a_lone_request_runs_at_once_rather_than_waiting_out_the_delay() -> None:
     runner, gate = batcher(BatchingConfig(max_batch_size=64, max_queue_delay_s=600))
     (out,), _ = runner.submit([torch.ones(1, 2)], None).result(30)  # long before the delay
-    assert torch.equal(out, torch.full((1, 2), 2.0))
+    assert torch.equal(torch.as_tensor(out), torch.full((1, 2), 2.0))
     assert gate.batches == [1]
     runner.close()
 
@@ -134,8 +134,8 @@ def test_once_requests_arrive_together_the_batcher_waits_to_gather_them() -> Non
     late = runner.submit([torch.full((1, 2), 3.0)], None)
     (out_early,), _ = early.result(30)
     (out_late,), _ = late.result(30)
-    assert torch.equal(out_early, torch.full((1, 2), 2.0))
-    assert torch.equal(out_late, torch.full((1, 2), 6.0))
+    assert torch.equal(torch.as_tensor(out_early), torch.full((1, 2), 2.0))
+    assert torch.equal(torch.as_tensor(out_late), torch.full((1, 2), 6.0))
     assert gate.batches == [1, 2, 2]
     runner.close()
 
@@ -158,7 +158,7 @@ def test_requests_of_other_sizes_beyond_the_first_dimension_wait_for_a_batch_of_
     first.result(5)
     for x, future in zip(inputs, futures, strict=True):
         (out,), _ = future.result(5)
-        assert torch.equal(out, x * 2)
+        assert torch.equal(torch.as_tensor(out), x * 2)
     assert gate.batches == [1, 4, 2]  # the 3-wide ones together, in order, then the 5-wide one
     runner.close()
 
@@ -185,7 +185,8 @@ def test_a_request_naming_a_version_runs_in_a_batch_only_on_that_version() -> No
         stale.result(5)
     for future, rows in ((current, 2), (latest, 3)):
         (out,), generation = future.result(5)
-        assert generation.version == 1 and torch.equal(out, torch.full((rows, 2), 3.0))
+        assert generation.version == 1
+        assert torch.equal(torch.as_tensor(out), torch.full((rows, 2), 3.0))
     assert gate.batches == [1, 5]  # the stale request never ran
     runner.close()
 

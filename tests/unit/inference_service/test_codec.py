@@ -1,4 +1,5 @@
-"""The codec: OIP tensors to torch and back, every datatype, both forms, every refusal."""
+"""The codec: OIP tensors to what a model takes and back, every datatype, both forms, every
+refusal."""
 
 from __future__ import annotations
 
@@ -9,11 +10,22 @@ import tritonclient.grpc as triton
 
 from inference_service.dataplane.bytes_wire import pack_bytes, unpack_bytes
 from inference_service.dataplane.codec import decode_inputs
+from inference_service.dataplane.model_io import Tensor, normalize_model_outputs, to_model
 from shared.app import TensorSpec
 from shared.dtypes import BY_OIP, datatype_of, dtype_of
 from shared.errors import InvalidInputError
 from shared.gen.inference import grpc_service_pb2 as pb
 from tests.unit.inference_service.values import bitwise_equal, encode_outputs, extremes
+
+
+def model_inputs(
+    request: pb.ModelInferRequest, specs: list[TensorSpec], max_message_bytes: int | None = None
+) -> list[Tensor]:
+    """The request's inputs as its model takes them: decoded, then made tensors (as the model's
+    thread does)."""
+    limit = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
+    decoded = decode_inputs(request, specs, **limit)
+    return [to_model(t, torch.device("cpu")) for t in decoded]  # type: ignore[misc]
 
 
 def request_for(tensor: torch.Tensor, datatype: str, raw: bool) -> pb.ModelInferRequest:
@@ -36,9 +48,10 @@ FORMS = [(d, True) for d in TORCH_TYPED] + [(d, False) for d in TORCH_TYPED if B
 def test_every_datatype_round_trips(datatype: str, raw: bool) -> None:
     tensor = extremes(datatype)
     spec = TensorSpec("x", datatype, (-1, tensor.shape[1]))
-    (decoded,) = decode_inputs(request_for(tensor, datatype, raw), [spec])
+    (decoded,) = model_inputs(request_for(tensor, datatype, raw), [spec])
     assert bitwise_equal(decoded, tensor)
-    outputs, contents = encode_outputs([decoded], [spec], [], raw)
+    # back as the service sends a model's output: made a host array on the model's thread
+    outputs, contents = encode_outputs(normalize_model_outputs(decoded, 1), [spec], [], raw)
     response = pb.ModelInferResponse(outputs=outputs, raw_output_contents=contents)
     assert datatype_of(decoded.dtype) == datatype
     if contents:
@@ -61,18 +74,24 @@ def test_half_precision_outputs_force_a_raw_response() -> None:
 
 def test_empty_and_scalar_tensors() -> None:
     spec = TensorSpec("x", "FP32", (-1, 3))
-    (decoded,) = decode_inputs(request_for(torch.empty(0, 3), "FP32", raw=True), [spec])
+    (decoded,) = model_inputs(request_for(torch.empty(0, 3), "FP32", raw=True), [spec])
     assert decoded.shape == (0, 3)
     scalar_spec = TensorSpec("x", "INT64", ())
-    (scalar,) = decode_inputs(request_for(torch.tensor(5), "INT64", raw=False), [scalar_spec])
+    (scalar,) = model_inputs(request_for(torch.tensor(5), "INT64", raw=False), [scalar_spec])
     assert scalar.shape == () and scalar.item() == 5
 
 
-def test_decoded_tensor_owns_writable_memory() -> None:
+def test_a_raw_input_is_a_read_only_view_until_the_model_takes_it_in_memory_of_its_own() -> None:
     request = request_for(torch.ones(1, 3), "FP32", raw=True)
     (decoded,) = decode_inputs(request, [TensorSpec("x", "FP32", (-1, 3))])
-    decoded.add_(1)
+    assert isinstance(decoded, np.ndarray) and not decoded.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        decoded += 1
+    taken = to_model(decoded, torch.device("cpu"))
+    assert isinstance(taken, torch.Tensor)
+    taken.add_(1)
     assert request.raw_input_contents[0] == torch.ones(1, 3).numpy().tobytes()
+    assert bitwise_equal(taken, torch.full((1, 3), 2.0))
 
 
 SPECS = [TensorSpec("x", "FP32", (-1, 3)), TensorSpec("k", "INT8", (2,))]
@@ -97,7 +116,7 @@ def refused(request: pb.ModelInferRequest, message: str) -> None:
 
 def test_both_forms_accepted() -> None:
     for raw in (True, False):
-        x, k = decode_inputs(two_inputs(raw), SPECS)
+        x, k = model_inputs(two_inputs(raw), SPECS)
         assert x.shape == (1, 3) and k.tolist() == ([0, 0] if raw else [1, 2])
 
 
@@ -160,7 +179,7 @@ def test_bytes_round_trip_raw_and_typed() -> None:
             r.raw_input_contents.append(pack_bytes(words))
         else:
             tensor.contents.bytes_contents.extend(words)
-        (decoded,) = decode_inputs(r, spec)
+        (decoded,) = model_inputs(r, spec)
         assert isinstance(decoded, np.ndarray) and decoded.shape == (2, 2)
         assert decoded.reshape(-1).tolist() == words
         outputs, contents = encode_outputs([decoded], spec, [], raw=raw)
@@ -179,8 +198,15 @@ def test_bytes_outputs_take_str_and_refuse_other_values() -> None:
         encode_outputs([np.array([1, 2], dtype=object)], spec, [], True)
     with pytest.raises(RuntimeError, match="return a numpy array of bytes or str, not a Tensor"):
         encode_outputs([torch.ones(2)], spec, [], True)
-    with pytest.raises(RuntimeError, match=r"return a torch\.Tensor"):
-        encode_outputs([np.ones(2)], [TensorSpec("y", "FP32", (-1,))], [], True)
+    # a host array of numbers (what the model's thread makes of a tensor) is taken in the
+    # datatype the model declares, and only in that one
+    fp32 = [TensorSpec("y", "FP32", (-1,))]
+    _, contents = encode_outputs([np.ones(2, np.float32)], fp32, [], True)
+    assert contents == [np.ones(2, np.float32).tobytes()]
+    with pytest.raises(RuntimeError, match=r"'y' is float64 but the model declares FP32"):
+        encode_outputs([np.ones(2)], fp32, [], True)
+    with pytest.raises(RuntimeError, match=r"'y' has shape \[1, 2\] but the model declares"):
+        encode_outputs([np.ones((1, 2), np.float32)], fp32, [], True)
 
 
 def test_output_refusals_and_model_bugs() -> None:
@@ -206,7 +232,7 @@ def test_a_request_built_by_tritonclient_decodes_to_the_same_values() -> None:
     request.inputs.extend([tensor._get_tensor()])
     request.raw_input_contents.extend([tensor._get_content()])
     ours = pb.ModelInferRequest.FromString(request.SerializeToString())
-    (decoded,) = decode_inputs(ours, [TensorSpec("x", "FP32", (-1, 3))])
+    (decoded,) = model_inputs(ours, [TensorSpec("x", "FP32", (-1, 3))])
     np.testing.assert_array_equal(decoded.numpy(), values)
 
 
@@ -233,7 +259,7 @@ def test_the_size_bound_is_what_one_message_can_carry() -> None:
     at_most = pb.ModelInferRequest(model_name="m")
     at_most.inputs.add(name="x", datatype="FP32", shape=[0, 1024 // 4])
     at_most.raw_input_contents.append(b"")
-    (empty,) = decode_inputs(at_most, [spec], max_message_bytes=1024)
+    (empty,) = model_inputs(at_most, [spec], max_message_bytes=1024)
     assert empty.shape == (0, 256)
     over = pb.ModelInferRequest()
     over.CopyFrom(at_most)
@@ -242,5 +268,5 @@ def test_the_size_bound_is_what_one_message_can_carry() -> None:
         decode_inputs(over, [spec], max_message_bytes=1024)
     typed = pb.ModelInferRequest()  # typed, an element may take a single byte
     typed.inputs.add(name="x", datatype="FP32", shape=[0, 1024])
-    (empty,) = decode_inputs(typed, [spec], max_message_bytes=1024)
+    (empty,) = model_inputs(typed, [spec], max_message_bytes=1024)
     assert empty.shape == (0, 1024)

@@ -79,7 +79,7 @@ def test_infer_runs_on_the_version_named_or_fails(batched: bool) -> None:
     restore(model, 2, 3.0)
     inputs = [torch.ones(1, 2), torch.ones(1, 2)]
     (z,), generation = asyncio.run(data.infer(model, inputs, version="2"))
-    assert generation.version == 2 and torch.equal(z, torch.full((1, 2), 6.0))
+    assert generation.version == 2 and torch.equal(torch.as_tensor(z), torch.full((1, 2), 6.0))
     for named, shown in (("1", "1"), ("two", "'two'")):
         with pytest.raises(VersionNotServedError, match=f"version {shown} is not served"):
             asyncio.run(data.infer(model, inputs, version=named))
@@ -164,9 +164,9 @@ def test_a_batched_request_cancelled_while_queued_is_dropped_unrun_and_gives_its
             await queued
         module.open.set()
         (z,), _ = await first
-        assert torch.equal(z, torch.full((1, 2), 2.0))
+        assert torch.equal(torch.as_tensor(z), torch.full((1, 2), 2.0))
         (z,), _ = await data.infer(model, [torch.ones(2, 2), torch.full((2, 2), 2.0)])
-        assert torch.equal(z, torch.full((2, 2), 3.0))
+        assert torch.equal(torch.as_tensor(z), torch.full((2, 2), 3.0))
 
     asyncio.run(scenario())
     data.close()
@@ -200,5 +200,5 @@ def test_outputs_reach_the_event_loop_in_host_memory(batched: bool, device: str)
     data = plane(model, batched)
     (z,), _ = asyncio.run(data.infer(model, [torch.ones(3, 2), torch.full((3, 2), 2.0)]))
     assert isinstance(z, torch.Tensor) and z.device.type == "cpu"
-    assert torch.equal(z, torch.full((3, 2), 3.0))
+    assert torch.equal(torch.as_tensor(z), torch.full((3, 2), 3.0))
     data.close()
