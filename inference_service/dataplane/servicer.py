@@ -105,10 +105,10 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
 
     @override
     @grpc_errors_async
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
+        # answered serialized: _infer serialized it to check its size (shared/grpc/decoding.py)
+        _, data = await self._infer(request, context.time_remaining())
+        return data
 
     @override
     async def ModelStreamInfer(
@@ -156,7 +156,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context, held: list[Ticket]
     ) -> pb.ModelStreamInferResponse:
         try:
-            response = await self._infer(
+            response, _ = await self._infer(
                 request, context.time_remaining(), held, STREAM_ANSWER_BYTES
             )
         except ServiceError as error:
@@ -204,11 +204,11 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         timeout_s: float | None,
         held: list[Ticket] | None = None,
         most_bytes: int = DATA_MAX_MESSAGE_BYTES,
-    ) -> pb.ModelInferResponse:
-        """Answer one request; with `held`, its place in admission (`DataPlane.infer`) is
-        appended there and kept until the caller releases it too. An answer of more than
-        `most_bytes` is refused here, where it fails the request alone (gRPC, sending it, would
-        end a stream with every request behind it)."""
+    ) -> tuple[pb.ModelInferResponse, bytes]:
+        """Answer one request: the response, and serialized; with `held`, its place in
+        admission (`DataPlane.infer`) is appended there and kept until the caller releases it
+        too. An answer of more than `most_bytes` is refused here, where it fails the request
+        alone (gRPC, sending it, would end a stream with every request behind it)."""
         data = self._data
         name = request.model_name
         # Only served names become label values: a client's garbage must not grow the series.
@@ -235,7 +235,8 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
                 requested,
                 raw=bool(request.raw_input_contents),
             )
-            if (size := response.ByteSize()) > most_bytes:
+            serialized = response.SerializeToString()
+            if (size := len(serialized)) > most_bytes:
                 raise ResourceLimitError(
                     f"the answer takes {size} bytes, more than a message of the data plane "
                     f"carries ({most_bytes}); send fewer rows per request, or ask for fewer "
@@ -246,7 +247,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             if recording:  # served: queued for the recorder's thread, the answer does not wait
                 data.recorder.record(recording, inputs, outputs)
             code = "OK"
-            return response
+            return response, serialized
         except ServiceError as error:
             code = status_for(error).name
             raise

@@ -7,6 +7,12 @@ message it claims to be is bad input like any other, so `new_server` installs th
 interceptor last and `new_aio_server` wraps each handler as it is registered (StrictAioServer):
 both take the parsing into the handler, where a failure aborts with INVALID_ARGUMENT. Handlers
 that take raw bytes (no deserializer) are left as they are.
+
+The wrapped handlers may also answer with their response already serialized (`bytes`), which
+is sent as it is: a handler that must know its answer's size before sending it (the data
+plane refuses an answer larger than a message may be) serializes it once, not twice (protobuf's
+ByteSize serializes the message, at about 0.35 GB/s here: 3 ms of the event loop for a 1 MiB
+answer).
 """
 
 from __future__ import annotations
@@ -42,6 +48,26 @@ class _Parts(NamedTuple):
     message: str  # what a request that does not parse is told
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """`serialize`, except that a response a handler serialized itself is sent as it is."""
+    if serialize is None:
+        return None
+
+    def serialized(response: Any) -> bytes:
+        return response if type(response) is bytes else serialize(response)
+
+    return serialized
+
+
+def _wrapped(handler: grpc.RpcMethodHandler, kind: str, behavior: Any) -> grpc.RpcMethodHandler:
+    """`handler` taking raw requests into `behavior`, answers serialized or not."""
+    return handler._replace(
+        request_deserializer=None,
+        response_serializer=_passing_bytes(handler.response_serializer),
+        **{kind: behavior},
+    )
+
+
 def _parts(handler: grpc.RpcMethodHandler) -> _Parts | None:
     """What a wrapper needs of `handler`; None where it takes raw bytes."""
     parse = handler.request_deserializer
@@ -74,7 +100,7 @@ def strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
             return inner(each(argument, context), context)
         return inner(parsed(argument, context), context)
 
-    return handler._replace(request_deserializer=None, **{kind: behavior})
+    return _wrapped(handler, kind, behavior)
 
 
 def strict_async(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -129,7 +155,7 @@ def strict_async(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
         behavior = generate
     else:
         return handler
-    return handler._replace(request_deserializer=None, **{kind: behavior})
+    return _wrapped(handler, kind, behavior)
 
 
 class _Once:

@@ -1,5 +1,6 @@
 """Requests that do not parse get INVALID_ARGUMENT from both kinds of server, on all four kinds of
-method, and requests that do parse still reach their handler."""
+method, requests that do parse still reach their handler, and a handler may answer with its
+response serialized already."""
 
 from __future__ import annotations
 
@@ -20,8 +21,14 @@ REFUSAL = "the request is not a valid inference.ModelInferRequest"
 SERVICE = "test.Echo"
 
 
-def _reply(requests: list[pb.ModelInferRequest]) -> pb.ModelInferResponse:
-    return pb.ModelInferResponse(id="+".join(r.id for r in requests))
+SERIALIZED = "serialized"  # a request with this id is answered in bytes the handler serialized
+
+
+def _reply(requests: list[pb.ModelInferRequest]) -> pb.ModelInferResponse | bytes:
+    response = pb.ModelInferResponse(id="+".join(r.id for r in requests))
+    if requests and requests[0].id == SERIALIZED:
+        return bytes(response.SerializeToString())
+    return response
 
 
 def _handlers(
@@ -47,7 +54,7 @@ def _handlers(
 
 
 def _threaded_handlers() -> grpc.GenericRpcHandler:
-    def unary_unary(request: pb.ModelInferRequest, context: object) -> pb.ModelInferResponse:
+    def unary_unary(request: pb.ModelInferRequest, context: object) -> Any:
         return _reply([request])
 
     def unary_stream(request: pb.ModelInferRequest, context: object) -> Iterator[Any]:
@@ -165,3 +172,12 @@ def test_a_streamed_request_that_does_not_parse_ends_the_call_as_an_invalid_argu
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert REFUSAL in (caught.value.details() or "")
     assert [r.id for r in _call(channel, method)(iter([GOOD, GOOD]))] in (["a+a"], ["a", "a"])
+
+
+@pytest.mark.parametrize("method", UNARY + STREAMING)
+def test_a_handler_may_answer_with_its_response_serialized_already(
+    channel: grpc.Channel, method: str
+) -> None:
+    request = pb.ModelInferRequest(id=SERIALIZED).SerializeToString()
+    argument: Any = request if method in UNARY else iter([request])
+    assert {r.id for r in _call(channel, method)(argument)} == {SERIALIZED}
