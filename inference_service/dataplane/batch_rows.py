@@ -39,12 +39,15 @@ def shape_key(inputs: Sequence[Tensor]) -> ShapeKey:
 
 
 def join_rows(parts: Sequence[Tensor]) -> Tensor:
-    """Parts of one input from several requests, joined along the batch dimension."""
+    """Parts of one input from several requests, joined along the batch dimension: numpy
+    arrays (what decoding makes wherever numpy has the dtype) into one array, tensors into one
+    tensor; a mixture as arrays."""
     if len(parts) == 1:  # a lone request's input, as it is
         return parts[0]
-    if isinstance(parts[0], np.ndarray):
-        return np.concatenate(parts)
-    return torch.cat([p for p in parts if isinstance(p, torch.Tensor)])
+    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+    if len(tensors) == len(parts):
+        return torch.cat(tensors)
+    return np.concatenate([p.numpy() if isinstance(p, torch.Tensor) else p for p in parts])
 
 
 def check_rows(model: str, outputs: Sequence[Tensor], rows: int) -> None:

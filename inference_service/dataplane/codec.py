@@ -83,7 +83,7 @@ def decode_inputs(
                 )
             found[name] = _input_from_raw(name, raw[index], spec.datatype, shape)
         else:
-            found[name] = tensor_from_typed("input", name, tensor.contents, spec.datatype, shape)
+            found[name] = _typed_array("input", name, tensor.contents, spec.datatype, shape)
     if len(found) != len(expected):
         missing = [name for name in expected if name not in found]
         raise InvalidInputError(f"missing input(s) {', '.join(missing)}")
@@ -183,9 +183,19 @@ def tensor_from_raw(role: Role, name: str, data: bytes, datatype: str, shape: li
 def tensor_from_typed(
     role: Role, name: str, contents: Contents, datatype: str, shape: list[int]
 ) -> Tensor:
-    """One tensor from its typed contents, read in one pass (np.fromiter) and range-checked
-    where the field's type is wider than the datatype; InvalidInputError if the values are in
-    another field, too few or too many, or out of range."""
+    """One tensor from its typed contents, in memory of its own (`_typed_array`, as a tensor;
+    BYTES as its array)."""
+    array = _typed_array(role, name, contents, datatype, shape)
+    return array if array.dtype == object else torch.from_numpy(array)
+
+
+def _typed_array(
+    role: Role, name: str, contents: Contents, datatype: str, shape: list[int]
+) -> np.ndarray[Any, Any]:
+    """One tensor's values from its typed contents as a numpy array of its datatype (a BYTES
+    array for BYTES), read in one pass (np.fromiter) and range-checked where the field's type is
+    wider than the datatype; InvalidInputError if the values are in another field, too few or
+    too many, or out of range."""
     label = f"{role} {name!r}"
     entry = row_of(datatype)
     field = entry.field
@@ -212,7 +222,8 @@ def tensor_from_typed(
         raise InvalidInputError(
             f"{label}: values must lie in [{bounds[0]}, {bounds[1]}] for {datatype}"
         )
-    return torch.from_numpy(array).to(entry.torch_dtype).reshape(shape)
+    # Every datatype typed contents carry has a numpy dtype (FP16 and BF16 travel raw only).
+    return array.astype(_NUMPY[entry.torch_dtype], copy=False).reshape(shape)
 
 
 # Triton's classification extension: an output parameter asking for its top classes as BYTES.

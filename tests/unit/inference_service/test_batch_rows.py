@@ -13,8 +13,10 @@ from inference_service.dataplane.batch_rows import (
     shape_key,
     split_rows,
 )
+from inference_service.dataplane.codec import decode_inputs
 from shared.app import TensorSpec
 from shared.errors import InvalidInputError
+from shared.gen.inference import grpc_service_pb2 as pb
 
 
 def test_the_inputs_of_a_request_must_have_the_same_number_of_rows() -> None:
@@ -43,6 +45,24 @@ def test_joined_rows_split_back_to_each_request_its_own() -> None:
     assert isinstance(words, np.ndarray) and words.tolist() == [b"a", b"b", b"c"]
     alone = torch.zeros(2, 2)
     assert join_rows([alone]) is alone
+
+
+def test_requests_sent_raw_and_typed_join_in_one_batch_with_every_row_kept() -> None:
+    spec = [TensorSpec("x", "INT8", (-1, 2))]
+    raw = pb.ModelInferRequest(model_name="m")
+    raw.inputs.add(name="x", datatype="INT8", shape=[1, 2])
+    raw.raw_input_contents.append(np.array([[1, 2]], np.int8).tobytes())
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="INT8", shape=[2, 2]).contents.int_contents.extend(
+        [3, 4, 5, 6]
+    )
+    (a,), (b,) = decode_inputs(raw, spec), decode_inputs(typed, spec)
+    assert shape_key([a]) == shape_key([b])  # so a batcher joins them
+    joined = join_rows([a, b])
+    assert isinstance(joined, np.ndarray) and joined.dtype == np.int8
+    assert joined.tolist() == [[1, 2], [3, 4], [5, 6]]
+    mixed = join_rows([torch.tensor([[1, 2]], dtype=torch.int8), b])  # never dropped
+    assert isinstance(mixed, np.ndarray) and mixed.tolist() == [[1, 2], [3, 4], [5, 6]]
 
 
 def test_outputs_must_keep_one_row_per_input_row() -> None:
