@@ -4,10 +4,10 @@ Raw contents (`raw_input_contents` / `raw_output_contents`: little-endian, row-m
 entry per tensor) are the fast path: a request's input is a read-only numpy view of its bytes,
 copied once into the tensor the model takes on the model's thread (`model_io.to_model`; a
 batch's inputs are joined by that copy), and an output's bytes come from its host array in one
-copy. Typed contents
-(`InferTensorContents`) are accepted and produced too, except for the datatypes the protocol
-carries raw only (FP16, BF16: `shared.dtypes`); BYTES raw contents are laid out as
-`bytes_wire` says.
+copy. Typed contents (`InferTensorContents`) are accepted and produced too, except for the
+datatypes the protocol carries raw only (FP16, BF16: `shared.dtypes`); a request's typed input
+is read into a numpy array of its datatype, so requests sent either way join one batch. BYTES
+raw contents are laid out as `bytes_wire` says.
 
 The server decodes requests' inputs and the client (`inference_service.client`) responses'
 outputs with the same checks (`tensor_from_raw`, which copies into a tensor of its own, and

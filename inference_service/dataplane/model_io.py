@@ -5,11 +5,11 @@ those are numpy arrays of `bytes` objects (dtype object, the tensor's shape), as
 backend hands them; a model may return them as numpy arrays of `bytes` or `str`.
 
 On their way, a request's tensors travel as numpy arrays wherever numpy has their dtype (all
-but BF16): an input as a read-only view of the request's bytes, an output as the host array of
-the model's result. Torch tensors are made and dropped on the model's thread (`to_model`,
-`normalize_model_outputs`), once per batch, never per request on the event loop: there, making
-and freeing a tensor per request cost the loop more than the rest of decoding (the serving
-bench's loop took about 30% less CPU a request without it).
+but BF16): an input as a read-only view of the request's raw bytes (or the array its typed
+values were read into), an output as the host array of the model's result. Torch tensors are
+made and dropped on the model's thread (`to_model`, `normalize_model_outputs`), once per batch,
+never per request on the event loop: there, making and freeing a tensor per request cost the
+loop more than the rest of decoding (the service took about 16% less CPU a request without it).
 """
 
 from __future__ import annotations
