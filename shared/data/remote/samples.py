@@ -82,7 +82,10 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
         return value
     try:
         if isinstance(value, (np.ndarray, np.generic)):
-            return torch.from_numpy(np.asarray(value))
+            array = np.asarray(value)
+            # a read-only array (a served request's input, decoded as a view of its bytes) is
+            # copied: torch takes no read-only memory, and warns where it is given some
+            return torch.from_numpy(array if array.flags.writeable else array.copy())
         return torch.tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(

@@ -321,6 +321,8 @@ def test_a_slab_given_back_while_its_message_is_referred_to_waits_spare_until_it
         torch.tensor([0.0, 9.0, -1.0, 9.0, -2.0, 9.0])[::2],  # not contiguous
         torch._neg_view(torch.tensor([0.0, 1.0, 2.0])),  # lazily negated
         np.array([0.0, -1.0, -2.0], dtype=np.float32),
+        # read-only: a served request's input, recorded (torch warns where given one)
+        np.frombuffer(np.array([0.0, -1.0, -2.0], dtype=np.float32).tobytes(), np.float32),
         torch.tensor([0.0, -1.0, -2.0], requires_grad=True),
         torch.nn.Parameter(torch.tensor([0.0, -1.0, -2.0])),
     ],
