@@ -126,8 +126,8 @@ def main() -> int:
         mlservers: list[Sweep] = []
         if not args.only_ours:
             for workers in (0, None):
-                with servers.mlserver(tmp, env, args.mlserver, workers) as address:
-                    mlservers.append(sweep(drive, address, levels, args.seconds)[0])
+                with servers.mlserver(tmp, env, args.mlserver, workers) as served:
+                    mlservers.append(sweep(drive, served.address, levels, args.seconds)[0])
     theirs = best_of(mlservers, levels) if mlservers else {}
 
     runs = (ours, unbatched, *mlservers)

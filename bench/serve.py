@@ -16,6 +16,9 @@ operating point (bench/swap.py): open-loop loads at 50% and 80% of the capacity 
 that generator gets served in a closed loop, its own CPU counted) and at saturation, with a
 trainer at normal priority pushing the 100 MB model every second, against no trainer. Prints
 
+    serve_mlp cpu_per_request_vs_ceiling=C
+        the server's CPU (its process tree's, at the full concurrency) a request, ours over the
+        ceiling's: steadier than requests/s on a busy host
     serve_mlp ratio_vs_mlserver_best=X ratio_vs_ceiling=Y p99_ratio=Z
         X: our req/s over the better MLServer setting's; Y: over the ceiling's; Z: our p99 over
         that MLServer setting's
@@ -134,29 +137,41 @@ def main() -> int:
         env = servers.mlp_env(tmp)
         server = stack.enter_context(servers.ours(tmp, env, "--device", args.device))
         others = stack.enter_context(contextlib.ExitStack())  # stopped before the swap figures
-        addresses = {OURS: server.address, CEILING: others.enter_context(servers.echo(tmp, env))}
+        served = {
+            OURS: servers.Served(server.address, server.process.pid),
+            CEILING: others.enter_context(servers.echo(tmp, env)),
+        }
         if not args.only_ours:
             for name, workers in MLSERVER.items():
-                addresses[name] = others.enter_context(
+                served[name] = others.enter_context(
                     servers.mlserver(tmp, env, args.mlserver, workers)
                 )
-        full = {name: Drive() for name in addresses}
-        alone = {name: Drive() for name in addresses}
-        for address in addresses.values():
-            drive(address, 2, args.concurrency)  # warm
+        full = {name: Drive() for name in served}
+        alone = {name: Drive() for name in served}
+        cpu = dict.fromkeys(served, 0.0)  # each server's CPU seconds at full concurrency
+        for one in served.values():
+            drive(one.address, 2, args.concurrency)  # warm
         print(f"# before the rounds: {loadavg()}")
         for _ in range(args.rounds):
-            for name, address in addresses.items():
-                full[name].add(drive(address, piece, args.concurrency))
-                alone[name].add(drive(address, piece, 1))
+            for name, one in served.items():
+                began = one.cpu_seconds()
+                full[name].add(drive(one.address, piece, args.concurrency))
+                cpu[name] += one.cpu_seconds() - began
+                alone[name].add(drive(one.address, piece, 1))
         print(f"# after the rounds: {loadavg()}")
         print(
             f"# load generator: {args.load}; ours on {args.device}; {args.rounds} interleaved "
             f"rounds, {args.seconds:g}s of each server at each concurrency in all"
         )
-        for name in addresses:
-            print(f"# {LABELS[name]}, concurrency {args.concurrency}: {figure(full[name])}")
+        per = {name: cpu[name] / max(len(full[name].latencies), 1) for name in served}
+        for name in served:
+            print(
+                f"# {LABELS[name]}, concurrency {args.concurrency}: {figure(full[name])}, "
+                f"{per[name] * 1e6:,.0f} us of the server's CPU a request"
+            )
             print(f"# {LABELS[name]}, concurrency 1: {figure(alone[name])}")
+        # CPU a request swings far less than requests/s with the host's load
+        print(f"serve_mlp cpu_per_request_vs_ceiling={per[OURS] / per[CEILING]:.2f}")
         ours, ceiling = full[OURS], full[CEILING]
         if not args.only_ours:
             best = max(MLSERVER, key=lambda name: full[name].rps)

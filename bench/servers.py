@@ -81,6 +81,48 @@ def wait_ready(
     )
 
 
+@dataclass(frozen=True)
+class Served:
+    """A server that answers the MLP: its address, and its process (whose tree's CPU time
+    `load.cpu_seconds` reads)."""
+
+    address: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process `pid` and its live descendants have used so far:
+    a server's own cost, apart from its load generator's (MLServer's defaults answer from worker
+    processes of its own). 0.0 where /proc is absent."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, seen = [pid], {pid}
+    for member in tree:
+        for child, parent in parents.items():
+            if parent == member and child not in seen:
+                seen.add(child)
+                tree.append(child)
+    return sum(used.get(member, 0.0) for member in tree)
+
+
 @dataclass
 class Ours:
     """Our inference service, ready, its answer checked."""
@@ -113,8 +155,8 @@ def ours(tmp: str, env: dict[str, str], *flags: str) -> Iterator[Ours]:
 
 
 @contextmanager
-def echo(tmp: str, env: dict[str, str]) -> Iterator[str]:
-    """The bare grpc.aio server of bench/echo_server.py; yields its address once it answers."""
+def echo(tmp: str, env: dict[str, str]) -> Iterator[Served]:
+    """The bare grpc.aio server of bench/echo_server.py, once it answers."""
     own = Path(tempfile.mkdtemp(dir=tmp))
     port_file = own / "port"
     with launch.Launcher(own, env, grace=10) as launcher:
@@ -130,16 +172,16 @@ def echo(tmp: str, env: dict[str, str]) -> Iterator[str]:
         )
         address = f"127.0.0.1:{port_file.read_text()}"
         load.check_answer(address)
-        yield address
+        yield Served(address, process.pid)
 
 
 @contextmanager
 def mlserver(
     tmp: str, env: dict[str, str], executable: str | None, parallel_workers: int | None = None
-) -> Iterator[str]:
+) -> Iterator[Served]:
     """MLServer serving the MLP through bench/mlserver_runtime.py, with its defaults or with
-    `parallel_workers` set (0: the model runs in MLServer's own process, no worker pool); yields
-    its gRPC address once its answer is checked."""
+    `parallel_workers` set (0: the model runs in MLServer's own process, no worker pool), once
+    its answer (on its gRPC address) is checked."""
     models = Path(tempfile.mkdtemp(dir=tmp)) / "models"
     model_dir = models / "mlp"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -168,4 +210,4 @@ def mlserver(
         except SystemExit:
             print(launch.tail(log), file=sys.stderr)
             raise
-        yield address
+        yield Served(address, process.pid)
