@@ -146,7 +146,7 @@ def _input_from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> 
     has the datatype (the model's thread copies it: `model_io.to_model`), else as
     `tensor_from_raw` makes it."""
     array = _NUMPY.get(dtype_of(datatype)) if datatype != BYTES else None
-    if array is None or not data:
+    if array is None:
         return tensor_from_raw("input", name, data, datatype, shape)
     _check_length("input", name, data, datatype, shape, array.itemsize)
     return np.frombuffer(data, array).reshape(shape)
