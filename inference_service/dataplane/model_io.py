@@ -115,4 +115,5 @@ def normalize_model_outputs(result: object, n_outputs: int) -> list[Tensor]:
 
 def _on_host(tensor: torch.Tensor) -> Tensor:
     host = tensor.detach().cpu()
-    return host.numpy() if host.dtype in NUMPY_DTYPES else host
+    # a lazily negated view (torch._neg_view, or what some operators return) has no numpy form
+    return host.resolve_neg().numpy() if host.dtype in NUMPY_DTYPES else host

@@ -38,6 +38,8 @@ def test_outputs_leave_the_models_thread_as_host_arrays_where_numpy_has_their_dt
         graded = torch.ones(2, requires_grad=True) * 2
     (plain,) = normalize_model_outputs(graded, 1)
     assert isinstance(plain, np.ndarray) and plain.tolist() == [2.0, 2.0]
+    (negated,) = normalize_model_outputs(torch._neg_view(torch.tensor([1.0, -2.0])), 1)
+    assert isinstance(negated, np.ndarray) and negated.tolist() == [-1.0, 2.0]
 
 
 def test_to_model_gives_the_model_tensors_of_its_own() -> None:
