@@ -36,6 +36,8 @@ class CuttingProxy:
 
     def close(self) -> None:
         self._closing = True
+        with contextlib.suppress(OSError):  # wakes the accept (close alone does not)
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
 
     def _accept(self) -> None:
@@ -45,7 +47,11 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the target is gone: so is this client
+                client.close()
+                continue
             budget = self.cut_after if first else None
             first = False
             threading.Thread(

@@ -104,6 +104,8 @@ class PingCounter:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept (close alone does not)
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
 
     def _accept(self) -> None:
@@ -112,7 +114,11 @@ class PingCounter:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self._target)
+            try:
+                server = socket.create_connection(self._target)
+            except OSError:  # the target is gone: so is this client
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
@@ -139,9 +145,10 @@ class PingCounter:
                 if buffer[3] == PING and not buffer[4] & ACK:
                     self.pings += 1
                 buffer = buffer[9 + size :]
-        for end in (sink, source):
+        for end in (sink, source):  # both directions end; closed here, not left to the GC
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+            end.close()
 
 
 @pytest.fixture
