@@ -42,9 +42,6 @@ Role = Literal["input", "output"]
 Contents = pb.InferTensorContents
 
 
-_NUMPY = NUMPY_DTYPES
-
-
 def decode_inputs(
     request: pb.ModelInferRequest,
     specs: Sequence[TensorSpec],
@@ -145,7 +142,7 @@ def _input_from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> 
     """A request's input from its raw contents: a read-only numpy view of `data` where numpy
     has the datatype (the model's thread copies it: `model_io.to_model`), else as
     `tensor_from_raw` makes it."""
-    array = _NUMPY.get(dtype_of(datatype)) if datatype != BYTES else None
+    array = NUMPY_DTYPES.get(dtype_of(datatype)) if datatype != BYTES else None
     if array is None:
         return tensor_from_raw("input", name, data, datatype, shape)
     _check_length("input", name, data, datatype, shape, array.itemsize)
@@ -171,7 +168,7 @@ def tensor_from_raw(role: Role, name: str, data: bytes, datatype: str, shape: li
     _check_length(role, name, data, datatype, shape, dtype.itemsize)
     if not data:
         return torch.empty(shape, dtype=dtype)
-    array = _NUMPY.get(dtype)
+    array = NUMPY_DTYPES.get(dtype)
     if array is not None:
         # One copy into writable memory the tensor owns (the model must not see the message's
         # buffer), through numpy: a fifth of torch.frombuffer's cost on a small tensor.
@@ -223,7 +220,7 @@ def _typed_array(
             f"{label}: values must lie in [{bounds[0]}, {bounds[1]}] for {datatype}"
         )
     # Every datatype typed contents carry has a numpy dtype (FP16 and BF16 travel raw only).
-    return array.astype(_NUMPY[entry.torch_dtype], copy=False).reshape(shape)
+    return array.astype(NUMPY_DTYPES[entry.torch_dtype], copy=False).reshape(shape)
 
 
 # Triton's classification extension: an output parameter asking for its top classes as BYTES.
@@ -360,7 +357,7 @@ def _check_array(spec: TensorSpec, value: np.ndarray[Any, Any]) -> None:
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:
     """The contiguous host tensor's bytes."""
-    if tensor.dtype in _NUMPY:
+    if tensor.dtype in NUMPY_DTYPES:
         return bytes(tensor.numpy().tobytes())
     flat = tensor.reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
