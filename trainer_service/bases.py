@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.weights.encoding import SAMPLE_ELEMENTS, sampled
+from shared.weights.encoding import SAMPLE_ELEMENTS, sampled, sampled_share
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,25 @@ class Bases:
         with self._lock:
             base = self._models.get(model, {}).get(version)
         return base.probes if base is not None else {}
+
+    def differing(self, model: str, version: int, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+        """The names of `tensors` known to differ from `version` of `model` without hashing
+        them: those kept as a probe whose sample of `tensors` differs from it (a few thousand
+        elements each). A tensor whose sample matches may still differ elsewhere."""
+        changed = set()
+        for name, kept in self.probes(model, version).items():
+            tensor = tensors.get(name)
+            if tensor is None:
+                continue
+            sample = sampled(tensor.detach(), SAMPLE_ELEMENTS)
+            if sample.shape != kept.shape or sample.dtype != kept.dtype:
+                changed.add(name)  # laid out otherwise: not the tensor probed
+                continue
+            if sample.device != kept.device:
+                sample = sample.to(kept.device)
+            if sampled_share(sample, kept) > 0:
+                changed.add(name)
+        return changed
 
     def keep(
         self,

@@ -152,9 +152,9 @@ def deliver_chain(
             hop = results.get(target.address)
             if hop is None:
                 outcomes.append((target, Again.CHAINED))
-            elif hop.version == version.number:
-                assert version.hashes is not None  # a chain forms only where deltas can go
-                target.acknowledged(version.number, version.hashes)
+            elif hop.version == version.number:  # what it committed is what the first did
+                assert first.hashes is not None
+                target.acknowledged(version.number, first.hashes)
                 target.caught_up()
                 outcomes.append((target, Pushed(0)))
             elif hop.reason == protocol.FENCED:

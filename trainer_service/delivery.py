@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,23 +47,34 @@ logger = logging.getLogger(__name__)
 Tensors = Mapping[str, torch.Tensor]
 
 
-def hashed(tensors: Tensors) -> tuple[dict[str, bytes], bytes]:
-    """Each tensor's hash, and the digest of the whole state."""
-    hashes = tensor_hashes(tensors)
-    return hashes, state_table(tensors).digest(hashes)
+def hashed(tensors: Tensors, changed: frozenset[str] = frozenset()) -> dict[str, bytes]:
+    """Each tensor's hash, but those of the names in `changed` (whole tie groups: see
+    `Delivery.known_changed`), which are hashed while they stream."""
+    if not changed:
+        return tensor_hashes(tensors)
+    return tensor_hashes({name: t for name, t in tensors.items() if name not in changed})
 
 
 @dataclass(frozen=True)
 class Version:
-    """One version of a model's state, to deliver: `hashes` (each tensor's) and `digest` (of the
-    whole state) where already known, else None; `owned`: tensors nobody writes again, kept as
-    they are for later deltas (no copy)."""
+    """One version of a model's state, to deliver: `hashes`, each tensor's where known up front
+    (None: hashed while streaming, in a full push), every one but those named in `changed`,
+    which are known to differ from the targets' delta base (their probe does: bases.py) and
+    are hashed while they stream; `owned`: tensors nobody writes again, kept as they are for
+    later deltas (no copy)."""
 
     number: int
     tensors: Tensors
     hashes: dict[str, bytes] | None = None
-    digest: bytes | None = None
     owned: frozenset[str] = frozenset()
+    changed: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def digest(self) -> bytes | None:
+        """The digest of the whole state, where every tensor's hash is known up front."""
+        if self.hashes is None or self.changed:
+            return None
+        return state_table(self.tensors).digest(self.hashes)
 
     @functools.cached_property
     def tied(self) -> dict[str, str]:
@@ -95,6 +106,22 @@ class Delivery:
         # against (bases.py).
         self._chooser = EncodingChooser(encoding)
         self._bases = Bases()
+
+    def known_changed(
+        self, model: str, targets: Sequence[Target], tensors: Tensors
+    ) -> frozenset[str]:
+        """The tensors known to differ from the delta base of every one of `targets` that has
+        one, without hashing them (bases.py `differing`: a dense change is seen on its probe),
+        with the names tied to them: they travel whole, and are hashed while they stream, so
+        that a push whose tensors all changed densely hashes nothing up front."""
+        bases = {t.version for t in targets if t.delta_base(tensors) is not None}
+        if not bases:
+            return frozenset()
+        changed = set.intersection(*(self._bases.differing(model, v, tensors) for v in bases))
+        if not changed:
+            return frozenset()
+        tied = ties(tensors)
+        return frozenset(changed | {name for name, first in tied.items() if first in changed})
 
     def probe(self, target: Target) -> int:
         """The version `target` serves; TargetUnreachableError if it does not answer in time."""
@@ -139,7 +166,7 @@ class Delivery:
         `target.lock`; a donor that refuses or fails is logged, and the caller pushes directly.
         TargetUnreachableError when `target` does not answer. `remote`: what `target` answered
         the caller under the same hold of its lock (None: it is asked)."""
-        assert version.hashes is not None
+        assert version.hashes is not None and not version.changed
         if remote is None:
             remote = target.contact(self.connect_timeout_s)
         if remote.version >= version.number:  # a direct push sorts out what it holds
@@ -190,18 +217,23 @@ class Delivery:
         if (  # committed already: passed on to it by a replica whose own push then failed
             remote.version == version.number
             and remote.writer_id == self.writer_id
-            and version.digest is not None
-            and remote.digest == version.digest
             and version.hashes is not None
         ):
-            target.acknowledged(version.number, version.hashes)
-            return Pushed(0)
+            if version.changed:  # (rare) its digest needs every hash
+                version = dataclasses.replace(
+                    version, hashes=hashed(version.tensors), changed=frozenset()
+                )
+            if version.hashes is not None and remote.digest == version.digest:
+                target.acknowledged(version.number, version.hashes)
+                return Pushed(0)
         if target.epoch is None:  # first contact: become the writer (fences earlier ones)
             target.epoch = target.client.acquire_writer(target.model, self.writer_id)
         base = target.delta_base(version.tensors) if remote.version == target.version else None
-        if base is not None and (version.hashes is None or version.digest is None):
-            hashes, digest = hashed(version.tensors)
-            version = dataclasses.replace(version, hashes=hashes, digest=digest)
+        if base is not None and version.hashes is None:
+            changed = self.known_changed(target.model, [target], version.tensors)
+            version = dataclasses.replace(
+                version, hashes=hashed(version.tensors, changed), changed=changed
+            )
         copying = self._keep_while_pushing(target, version)
         try:
             plan, hops = self._push_with_fallbacks(target, version, base, route)
@@ -301,7 +333,8 @@ class Delivery:
         if base is None or hashes is None:
             changed, base_version = list(tensors), 0
         else:
-            changed = [name for name in tensors if base[name] != hashes[name]]
+            known = version.changed
+            changed = [n for n in tensors if n in known or base[n] != hashes[n]]
             base_version = target.version
         # A tied name travels as the name it is tied to, which changed with it.
         changing = set(changed)
@@ -325,6 +358,7 @@ class Delivery:
                 encoded.summary(),
                 encoded.seconds,
             )
+        digest = version.digest
         return PushPlan(
             target.model,
             version.number,
@@ -332,5 +366,8 @@ class Delivery:
             self.writer_id,
             payload,
             target.epoch,
-            version.digest,
+            digest,
+            # what is not hashed up front is hashed as it streams (all of a full push)
+            streamed_hashes=dict(hashes) if digest is None and hashes is not None else {},
+            table=state_table(tensors) if digest is None else None,
         )

@@ -19,6 +19,7 @@ reached, or when one that answered refused the version.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -188,13 +189,24 @@ class Publisher:
             copy.start()  # the sync leaves a target behind: its copy is made while pushing
         elif len(inline) > 1 and (late_s := self._usual.late_after(model_name)) is not None:
             copy.start_after(late_s)  # a late push may leave one behind (one cut mid-push)
-        # Hash up front only when some target can take a delta (it needs the changed set);
-        # a full push hashes each tensor while streaming it.
+        # Hash up front only when some target can take a delta (it needs the changed set),
+        # and only the tensors not already known to have changed; the rest, and every tensor
+        # of a full push, are hashed while they stream.
         hashes: dict[str, bytes] | None = None
-        digest: bytes | None = None
+        changed: frozenset[str] = frozenset()
         if any(t.delta_base(tensors) is not None for t in inline):
-            hashes, digest = hashed(tensors)
-        delivered = Version(version, tensors, hashes, digest, owned)
+            changed = self._delivery.known_changed(model_name, inline, tensors)
+            hashes = hashed(tensors, changed)
+            if changed:
+                logger.debug(
+                    "model %s v%d: %d tensor(s) hashed up front, %d known changed by their "
+                    "probes (hashed while they stream)",
+                    model_name,
+                    version,
+                    len(hashes),
+                    len(changed),
+                )
+        delivered = Version(version, tensors, hashes, owned, changed)
         sent, committed, errors = 0, [], []
         missed = [str(e) for e in unreachable.values()]
         for target, outcome in self._deliver(inline, delivered):
@@ -207,8 +219,10 @@ class Publisher:
                 committed.append(target)
         if any(isinstance(e, PushFailedError) and e.reason == protocol.FENCED for e in errors):
             raise WriterFencedError(self._published.fence(model_name, "; ".join(map(str, errors))))
-        if hashes is None and committed:
+        if (hashes is None or changed) and committed:  # the hashes its push streamed
             hashes = committed[0].hashes
+        elif changed:
+            hashes = None  # not all known: a catch-up hashes the version anew
         # The version is spent even if some target missed it: the ones that committed it must
         # never be offered the same number again.
         if len(committed) == len(targets):
@@ -282,6 +296,10 @@ class Publisher:
     ) -> list[tuple[Target, chain.Outcome]]:
         """`targets` seeded with `version` by `donors` (round-robin), or pushed directly where
         there are none."""
+        if donors and version.changed:  # a seed names every hash: the donors hold them all
+            version = dataclasses.replace(
+                version, hashes=dict(donors[0].hashes or {}), changed=frozenset()
+            )
         if donors:
             futures = [
                 self._pool.submit(

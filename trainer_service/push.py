@@ -23,7 +23,7 @@ from shared.grpc.options import (
 )
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
-from shared.weights.digest import digest_table
+from shared.weights.digest import DigestTable, digest_table
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 from trainer_service.progress import Progress, wants_progress
 
@@ -76,10 +76,13 @@ class PushPlan:
     writer_id: str
     payload: Payload
     writer_epoch: int
-    # The digest of the state after the push; None: hash the tensors while streaming them
-    # (a full push) and fill `streamed_hashes`.
+    # The digest of the state after the push; None: hash the tensors that `streamed_hashes`
+    # lacks while streaming them (those of a full push, those a delta carries that were not
+    # hashed up front), fill it in, and digest the state laid out as `table` (None: as the
+    # payload) from it.
     digest: bytes | None
     streamed_hashes: dict[str, bytes] = field(default_factory=dict)
+    table: DigestTable | None = None
     # Replicas the receiver passes the push on to, in order (see docs/sync.md).
     route: tuple[Hop, ...] = ()
 
@@ -167,7 +170,8 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
             progress.advance(len(message))
     digest = plan.digest
     if digest is None:
-        digest = digest_table(plan.payload.layouts).digest(plan.streamed_hashes)
+        table = plan.table or digest_table(plan.payload.layouts)
+        digest = table.digest(plan.streamed_hashes)
     if progress is not None:
         progress.done()
     yield pb.PushRequest(commit=pb.PushCommit(digest=digest)).SerializeToString()

@@ -80,18 +80,19 @@ class Payload:
     ) -> Iterator[list[memoryview]]:
         """Yield each chunk as views of the memory it spans; nothing is copied here.
 
-        With `hashes`, also hash each tensor's bytes as they stream (while they are in cache)
-        and store its xxh3_128 there once its last byte has been yielded (and under its tied
-        names once the last chunk has).
+        With `hashes`, also hash the bytes of each tensor it lacks as they stream (while they
+        are in cache) and store its xxh3_128 there once its last byte has been yielded (and
+        under its tied names once the last chunk has).
         """
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
-        if hashes is not None and any(e.encoding for e in self.entries):
+        if hashes is not None and any(e.encoding and e.name not in hashes for e in self.entries):
             raise ValueError("an encoded tensor's hash is that of its decoded bytes")
         pieces: list[memoryview] = []
         size = 0
         for name, view in self._sources():
-            hasher = xxhash.xxh3_128() if hashes is not None and name is not None else None
+            hashing = hashes is not None and name is not None and name not in hashes
+            hasher = xxhash.xxh3_128() if hashing else None
             position = 0
             while position < len(view):  # a chunk may end mid-tensor or span several tensors
                 take = min(chunk_bytes - size, len(view) - position)

@@ -122,6 +122,9 @@ def test_dense_changes_keep_probes_not_copies_and_sparse_ones_travel_encoded_aga
     }
     dense = [kept[v] for v in range(3, 9)]
     assert sum(probes for _, probes in dense) >= 20, kept  # of the 24 tensor versions
+    # A tensor whose probe shows it changed is not hashed before its push, only as it streams.
+    known = re.findall(r"wide v(\d+): \d+ tensor\(s\) hashed up front, (\d+) known changed", log)
+    assert sum(int(n) for v, n in known if 4 <= int(v) <= 8) >= 10, known
     # Runs 8 on: sparse; measured on the probes, then whole tensors kept, then encoded deltas.
     assert any(kept.get(v, (0, 0))[0] >= 1 for v in range(9, 15)), kept
     assert any("sparse=" in tensors for _, tensors in head[10:]), head

@@ -245,6 +245,22 @@ def test_a_tensor_kept_as_a_probe_travels_whole_and_its_change_is_measured_on_th
     assert decoded(data, encoding, sparse_new.cpu()) == host_bytes(later).tobytes()
 
 
+def test_a_tensor_whose_probe_differs_is_known_changed_without_hashing_it() -> None:
+    """What the trainer need not hash before a push: a tensor kept as a probe whose sample of
+    the new version differs from it. A tensor kept whole, or one whose sample matches (its
+    change lies outside the sample), is not known changed: it is hashed as before."""
+    new, base = dense_versions()
+    bases = Bases()
+    kept = torch.arange(1 << 18, dtype=torch.int32)
+    bases.keep("m", 1, {"w": base, "u": kept, "c": kept.clone()}, {}, probed={"w", "u"})
+    outside = kept.clone()
+    outside[-1] = -1  # past the last sampled block's first elements
+    now = {"w": new, "u": outside, "c": kept + 1}
+    assert bases.differing("m", 1, now) == {"w"}
+    assert bases.differing("m", 1, {**now, "u": kept.to(torch.int16)}) == {"w", "u"}
+    assert bases.differing("m", 2, now) == set()  # no such version kept
+
+
 def test_an_unchanged_probe_is_shared_and_a_probe_is_a_copy() -> None:
     bases = Bases()
     w = torch.arange(1 << 18, dtype=torch.int32)
