@@ -95,13 +95,16 @@ def test_dense_changes_keep_probes_not_copies_and_sparse_ones_travel_encoded_aga
 ) -> None:
     """A change so dense that no encoding is smaller travels whole, and the trainer keeps only
     a probe of it for the next version's measurement (no copy of the whole tensors); once the
-    changes turn sparse, a whole copy is kept again and the deltas after it travel encoded."""
-    lab.replicas_in(["replica1"])
+    changes turn sparse, a whole copy is kept again and the deltas after it travel encoded.
+    Two replicas in a chain: what the second acknowledges is what the first did, hashes the
+    trainer did not take up front included."""
+    pair = ["replica1", "replica2"]
+    lab.replicas_in(pair)
     lab.services.env["TEST_LR"] = "1e-2"  # every bf16 element moves: dense
     lab.services.env["TEST_LR_LATER"] = "8:1e-6"  # a few percent move: sparse
     state_dir = tmp_path / "trainer"
     trainer = lab.trainer(
-        ["replica1"],
+        pair,
         *("--max-runs", "14", "--run-interval", "0.1", "--state-dir", str(state_dir)),
     )
     assert trainer.wait(timeout=120) == 0, lab.services.log("trainer")
@@ -129,4 +132,5 @@ def test_dense_changes_keep_probes_not_copies_and_sparse_ones_travel_encoded_aga
     assert any(kept.get(v, (0, 0))[0] >= 1 for v in range(9, 15)), kept
     assert any("sparse=" in tensors for _, tensors in head[10:]), head
     expected = state_digest(trained_bf16(state_dir)).hex()
-    assert lab.state("replica1") == {"version": 15, "digest": expected}
+    for replica in pair:
+        assert lab.state(replica) == {"version": 15, "digest": expected}
