@@ -50,6 +50,17 @@ def probe(tensor: torch.Tensor) -> torch.Tensor:
     return sampled(tensor.detach(), SAMPLE_ELEMENTS).clone()
 
 
+def probed_share(tensor: torch.Tensor, kept: torch.Tensor) -> float | None:
+    """The share of `tensor`'s sample whose bits differ from the probe `kept` (where the probe
+    lives); None where the sample is laid out otherwise (not the tensor probed)."""
+    sample = sampled(tensor.detach(), SAMPLE_ELEMENTS)
+    if sample.shape != kept.shape or sample.dtype != kept.dtype:
+        return None
+    if sample.device != kept.device:
+        sample = sample.to(kept.device)
+    return sampled_share(sample, kept)
+
+
 @dataclass(frozen=True)
 class Base:
     tensors: Mapping[str, torch.Tensor]
@@ -86,13 +97,8 @@ class Bases:
             tensor = tensors.get(name)
             if tensor is None:
                 continue
-            sample = sampled(tensor.detach(), SAMPLE_ELEMENTS)
-            if sample.shape != kept.shape or sample.dtype != kept.dtype:
-                changed.add(name)  # laid out otherwise: not the tensor probed
-                continue
-            if sample.device != kept.device:
-                sample = sample.to(kept.device)
-            if sampled_share(sample, kept) > 0:
+            share = probed_share(tensor, kept)
+            if share is None or share > 0:  # laid out otherwise, or its sample moved
                 changed.add(name)
         return changed
 

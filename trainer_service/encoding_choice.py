@@ -48,10 +48,9 @@ from shared.weights.encoding import (
     changed_share,
     encode_tensor,
     host_bytes,
-    sampled,
-    sampled_share,
 )
 from trainer_service import metrics
+from trainer_service.bases import probed_share
 from trainer_service.encoding_costs import (
     MARGIN,
     Calibration,
@@ -316,14 +315,12 @@ class EncodingChooser:
         the probe, so that a change no longer dense has the next version kept whole."""
         if self.mode != AUTO or self._links.rate(address) is None:
             return _Choice(WHOLE, None, False, None)
-        sample = sampled(tensor.detach(), SAMPLE_ELEMENTS)
-        if sample.shape != probe.shape or sample.dtype != probe.dtype:
+        share = probed_share(tensor, probe)
+        if share is None:
             return _Choice(WHOLE, None, False, None)
-        if sample.device != probe.device:
-            sample = sample.to(probe.device)
         nbytes = tensor.numel() * tensor.element_size()
         estimates = estimated_bytes(
-            nbytes, sampled_share(sample, probe), tensor.element_size(), self._calibration.speeds()
+            nbytes, share, tensor.element_size(), self._calibration.speeds()
         )
         return _Choice(WHOLE, None, False, min(estimates.values()) >= MARGIN * nbytes)
 

@@ -23,7 +23,7 @@ from shared.grpc.options import (
 )
 from shared.grpc.prefetch import prefetched
 from shared.weights import wire
-from shared.weights.digest import DigestTable, digest_table
+from shared.weights.digest import DigestTable
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 from trainer_service.progress import Progress, wants_progress
 
@@ -78,8 +78,7 @@ class PushPlan:
     writer_epoch: int
     # The digest of the state after the push; None: hash the tensors that `streamed_hashes`
     # lacks while streaming them (those of a full push, those a delta carries that were not
-    # hashed up front), fill it in, and digest the state laid out as `table` (None: as the
-    # payload) from it.
+    # hashed up front), fill it in, and digest the state laid out as `table` from it.
     digest: bytes | None
     streamed_hashes: dict[str, bytes] = field(default_factory=dict)
     table: DigestTable | None = None
@@ -170,8 +169,8 @@ def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None)
             progress.advance(len(message))
     digest = plan.digest
     if digest is None:
-        table = plan.table or digest_table(plan.payload.layouts)
-        digest = table.digest(plan.streamed_hashes)
+        assert plan.table is not None, "a plan without a digest names the state's table"
+        digest = plan.table.digest(plan.streamed_hashes)
     if progress is not None:
         progress.done()
     yield pb.PushRequest(commit=pb.PushCommit(digest=digest)).SerializeToString()
