@@ -24,6 +24,12 @@ SPEC = ModelSpec(
 )
 
 
+# Long enough for a live target to answer on a loaded host (CI ran the whole suite when a
+# first contact took over 0.5 s, which left it lagging before the test stopped the other), short
+# enough that probing a stopped one keeps the tests quick.
+CONNECT_S = 2.0
+
+
 def fresh() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Linear(8, 8) for _ in range(5)])
@@ -123,7 +129,7 @@ def test_a_dead_target_lags_while_the_others_commit_and_is_caught_up_in_the_back
     targets: list[Target], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO", logger="trainer_service")
-    publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=0.5)
+    publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=CONNECT_S)
     state = trained()
     publisher.publish("m", state)
     targets[1].stop()
@@ -150,7 +156,7 @@ def test_a_lagging_target_is_caught_up_from_a_holder_else_directly(
 ) -> None:
     caplog.set_level("INFO", logger="trainer_service")
     targets.append(Target())
-    publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=0.5)
+    publisher = Publisher([t.address for t in targets], "trainer-x", connect_timeout_s=CONNECT_S)
     state = trained()
     publisher.publish("m", state)
     targets[1].stop()
