@@ -21,7 +21,6 @@ from concurrent.futures import Future, wait
 
 import numpy as np
 import torch
-import xxhash
 
 from inference_service import metrics
 from shared.dtypes import BY_SAFETENSORS
@@ -31,9 +30,9 @@ from shared.weights.encoding import EncodingError, decode
 from shared.weights.layout import TensorEntry
 
 # Decoding into a tensor's bytes: `Decode(out)` writes them into `out` (flat uint8, the
-# tensor's size), or raises MalformedPushError.
-Decode = Callable[[np.ndarray], None]
-_PIECE = 1 << 20  # bytes decoded into a buffer are written and hashed a piece at a time
+# tensor's size) and returns their xxh3_128, or raises MalformedPushError.
+Decode = Callable[[np.ndarray], bytes]
+_PIECE = 1 << 20  # bytes decoded into a buffer are written a piece at a time
 
 
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -145,16 +144,10 @@ class CpuSink:
 
     def decode(self, entry: TensorEntry, work: Decode) -> Callable[[], bytes]:
         """Run `work` into the standby tensor's memory (no buffer of the tensor's size, no
-        second copy) and hash the result, on the byte workers; what waits for that hash."""
+        second copy) on the byte workers; what waits for the hash it returns."""
         self._first_write(entry.name)
         self._targets.mark(entry.name)
-        out = self._array(entry.name)
-
-        def run() -> bytes:
-            work(out)
-            return xxhash.xxh3_128_digest(out.data)
-
-        future = workers.pool().submit(run)
+        future = workers.pool().submit(work, self._array(entry.name))
         self._decoding.append(future)
         return future.result
 
@@ -225,17 +218,13 @@ class CudaSink:
             self._targets.tie(name, source)
 
     def decode(self, entry: TensorEntry, work: Decode) -> Callable[[], bytes]:
-        """Run `work` into a host buffer, then write its bytes as received ones travel and hash
-        them, now; what gives that hash."""
+        """Run `work` into a host buffer, then write its bytes as received ones travel, now;
+        what gives the hash it returned."""
         out = np.empty(entry.layout.nbytes, np.uint8)
-        work(out)
-        hasher = xxhash.xxh3_128()
+        digest = work(out)
         view = out.data
-        for start in range(0, len(view), _PIECE):  # hashed while in cache from the write
-            piece = view[start : start + _PIECE]
-            self.write(entry, start, piece)
-            hasher.update(piece)
-        digest = hasher.digest()
+        for start in range(0, len(view), _PIECE):
+            self.write(entry, start, view[start : start + _PIECE])
         return lambda: digest
 
     def finish(self) -> None:
@@ -277,15 +266,16 @@ class BaseDecoder:
         base = _flat_bytes(self._live[entry.name].detach().to("cpu").contiguous()).numpy()
         itemsize = BY_SAFETENSORS[entry.layout.dtype].itemsize
 
-        def work(out: np.ndarray) -> None:
+        def work(out: np.ndarray) -> bytes:
             started = time.perf_counter()
             try:
-                decode(encoding, data, base, itemsize, out)
+                digest = decode(encoding, data, base, itemsize, out)
             except EncodingError as exc:
                 raise MalformedPushError(
                     f"tensor {entry.name!r}: its {encoding} bytes do not decode against the "
                     f"base: {exc}"
                 ) from None
             metrics.DECODE_SECONDS.labels(self._model, encoding).inc(time.perf_counter() - started)
+            return digest
 
         return self._into(entry, work)

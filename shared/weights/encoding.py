@@ -18,7 +18,10 @@ off the CPU (a CUDA trainer's), `encode_tensor` compares them with torch where t
 copies only the changed positions and values (or the XOR) to the host.
 `encode` returns None when an encoding would not be smaller than the whole bytes, so one never
 travels larger; `decode` checks every length and position and raises EncodingError (a
-ValueError) naming what is wrong, before writing anything the caller would keep.
+ValueError) naming what is wrong, before writing anything the caller would keep. `decode` also
+returns the xxh3_128 of what it wrote (the receiver checks the push's digest with it), hashed a
+block at a time while the block is still in cache from being written: hashing the tensor after
+decoding it read it from memory once more, about a fifth of a sparse decode's time.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import lz4.block
 import numpy as np
 import torch
+import xxhash
 import zstandard
 
 WHOLE = "whole"
@@ -196,13 +200,15 @@ def sampled_share(new: torch.Tensor, base: torch.Tensor) -> float:
 
 def decode(
     encoding: str, data: bytes | memoryview, base: np.ndarray, itemsize: int, out: np.ndarray
-) -> None:
-    """Write into `out` (flat uint8, base's size) the bytes `data` describes against `base`."""
+) -> bytes:
+    """Write into `out` (flat uint8, base's size) the bytes `data` describes against `base`;
+    returns their xxh3_128."""
     size = len(base)
+    hasher = xxhash.xxh3_128()
     if encoding == SPARSE:
         positions, values = _read_sparse(data, size // itemsize, itemsize)
-        _patched_copy(words(out, itemsize), words(base, itemsize), positions, values)
-        return
+        _patched_copy(out, base, itemsize, positions, values, hasher)
+        return hasher.digest()
     if encoding == XOR_ZSTD:
         raw = _decompress_zstd(data, size)
     elif encoding == XOR_LZ4:
@@ -214,24 +220,38 @@ def decode(
         raise EncodingError(f"unknown encoding {encoding!r}")
     if len(raw) != size:
         raise EncodingError(f"it decompresses to {len(raw)} bytes; the tensor has {size}")
-    np.bitwise_xor(base, np.frombuffer(raw, np.uint8), out=out)
+    xor = np.frombuffer(raw, np.uint8)
+    for start in range(0, size, _PATCH_BYTES):
+        block = out[start : start + _PATCH_BYTES]
+        np.bitwise_xor(base[start : start + len(block)], xor[start : start + len(block)], out=block)
+        hasher.update(block.data)
+    return hasher.digest()
 
 
 def _patched_copy(
-    out: np.ndarray, base: np.ndarray, positions: np.ndarray, values: np.ndarray
+    out: np.ndarray,
+    base: np.ndarray,
+    itemsize: int,
+    positions: np.ndarray,
+    values: np.ndarray,
+    hasher: xxhash.xxh3_128,
 ) -> None:
-    """`out` = `base` with `values` at `positions` (increasing, checked), a block at a time:
-    each block's changed elements are written while the block is still in cache from its copy
-    (about a third faster than copying the whole tensor, then writing them)."""
-    block = _PATCH_BYTES // base.itemsize
-    count = len(base)
+    """`out` = `base` with `values` at `positions` (element positions, increasing, checked),
+    a block of bytes at a time, each block patched and hashed while it is still in cache from
+    its copy (copying the whole tensor, then patching it, then hashing it took half as long
+    again)."""
+    block = _PATCH_BYTES // itemsize
+    out_words, base_words = words(out, itemsize), words(base, itemsize)
+    count = len(base_words)
     ends = np.searchsorted(positions, np.arange(block, count, block)).tolist()
     ends.append(len(positions))
     first = 0
     for start, end in zip(range(0, count, block), ends, strict=True):
-        np.copyto(out[start : start + block], base[start : start + block])
+        target = out_words[start : start + block]
+        np.copyto(target, base_words[start : start + block])
         if end > first:
-            out[positions[first:end]] = values[first:end]
+            out_words[positions[first:end]] = values[first:end]
+        hasher.update(target.data)
         first = end
 
 

@@ -129,10 +129,11 @@ def test_a_decode_runs_beside_the_stream_and_finish_waits_for_it() -> None:
     assert isinstance(sink, CpuSink)
     release, started = threading.Event(), threading.Event()
 
-    def slow(out: np.ndarray) -> None:
+    def slow(out: np.ndarray) -> bytes:
         started.set()
         release.wait(10)
         out[:] = 7
+        return xxhash.xxh3_128_digest(out.data)
 
     entry = TensorEntry("w", TensorLayout.of(standby["w"]), 0, 10, SPARSE)
     decoded = sink.decode(entry, slow)  # returns while the work waits

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import safetensors
 import torch
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,8 +64,21 @@ def roundtrip(encoding: str, new: np.ndarray, base: np.ndarray, itemsize: int) -
         return
     assert len(data) < len(new)
     out = np.full_like(new, 0xAB)
-    decode(encoding, data, base, itemsize, out)
+    digest = decode(encoding, data, base, itemsize, out)
     assert out.tobytes() == new.tobytes()
+    assert digest == xxhash.xxh3_128_digest(new.tobytes())  # what the receiver checks
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_tensor_of_many_blocks_decodes_and_hashes_whole(
+    encoding: str, dtype: torch.dtype
+) -> None:
+    """Decoding works a block of bytes at a time: a tensor of several blocks, a short last
+    one, changes on every side of their edges."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    size = (5 * (1 << 18) + 4100) // itemsize
+    roundtrip(encoding, *pair(dtype, size, 0.03, 11), itemsize)
 
 
 @settings(max_examples=60, deadline=None)
