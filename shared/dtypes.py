@@ -4,7 +4,8 @@ that carries its values (with the numpy type the field is read as).
 
 Every other module looks these facts up here: the datatypes an app may declare
 (`shared.app`), the safetensors framing of weights (`shared.weights.layout`), and the data
-plane's codec and client (`inference_service.dataplane.codec`, `inference_service.client`).
+plane's codec, outputs and client (`inference_service.dataplane.codec`, `.outputs`,
+`inference_service.client`).
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from typing_extensions import override
 from inference_service import metrics
 from inference_service.dataplane import convert
 from inference_service.dataplane.admission import Ticket
-from inference_service.dataplane.codec import decode_inputs, encode_into, requested_outputs
+from inference_service.dataplane.codec import decode_inputs
 from inference_service.dataplane.extensions import TritonExtensions
+from inference_service.dataplane.outputs import encode_into, requested_outputs
 from inference_service.dataplane.service import DataPlane
 from shared.errors import ResourceLimitError, ServiceError
 from shared.gen.inference import grpc_service_pb2 as pb

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from inference_service.dataplane.admission import Admission, RequestLimits
-from inference_service.dataplane.codec import requested_outputs
+from inference_service.dataplane.outputs import requested_outputs
 from inference_service.recording import plan
 from shared.app import App, TensorSpec
 from shared.data import DictSequentialBuffer

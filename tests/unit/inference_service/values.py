@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from inference_service.dataplane.codec import encode_into
 from inference_service.dataplane.model_io import Tensor
+from inference_service.dataplane.outputs import encode_into
 from shared.app import TensorSpec
 from shared.dtypes import dtype_of
 from shared.gen.inference import grpc_service_pb2 as pb
