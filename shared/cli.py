@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from shared import protocol
 from shared.errors import ConfigurationError
 from shared.grpc.address import checked_address
 from shared.grpc.auth import checked_token
@@ -194,6 +195,14 @@ def bearer_token(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def writer_id(value: str) -> str:
+    """A trainer's id, as replicas take it (shared.protocol.MAX_WRITER_ID_BYTES at most)."""
+    problem = protocol.writer_id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 # Converters: each option's parse function with what its text looks like (--help's metavar)
 # and how its values are written back (the defaults in --help and docs/configuration.md).
 
@@ -251,6 +260,7 @@ def choice(*values: str, fold: Callable[[str], str] = str.lower) -> Converter:
 
 TEXT = Converter(str, "TEXT")
 TOKEN = Converter(bearer_token, "TOKEN")
+WRITER_ID = Converter(writer_id, "ID")
 PATH = Converter(path, "PATH")
 BOOLEAN = Converter(boolean, "BOOL")
 AUTO_BOOLEAN = Converter(auto_boolean, "{auto,1,0}", none="auto")

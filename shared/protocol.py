@@ -5,8 +5,8 @@ which of several errors sharing a code it got, the `error-reason` trailing metad
 with one of the constants below. The trainer acts on BASE_VERSION_MISMATCH (it pushes in full),
 FENCED (it stops: another trainer writes the model) and UNKNOWN_EPOCH (it acquires the writer
 lease again). Which domain error sends which reason is one table, in shared/grpc/errors.py.
-These are protocol: they never change with a class's name. Beside them, the one limit both
-sides of a forwarded push rely on: how many hops a route may name.
+These are protocol: they never change with a class's name. Beside them, the limits both sides
+of a push rely on: how many hops a route may name, and how long a writer's id may be.
 """
 
 from __future__ import annotations
@@ -16,6 +16,23 @@ REASON_KEY = "error-reason"
 # The most hops a push's route may name (a replica refuses a longer one, malformed-push): a
 # chain feeds at most one more replica than that.
 MAX_ROUTE_HOPS = 256
+
+# The longest writer id (UTF-8 bytes) a replica takes, in AcquireWriter and in a push's header
+# (malformed-push beyond it): it is recorded with every version, on disk, in every log line and
+# in GetModel's and ListVersions' answers, so one of megabytes would be copied into all of them.
+MAX_WRITER_ID_BYTES = 256
+
+
+def writer_id_problem(writer_id: str) -> str | None:
+    """Why `writer_id` is too long to be taken (over MAX_WRITER_ID_BYTES), or None."""
+    size = len(writer_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_WRITER_ID_BYTES:
+        return (
+            f"the writer_id {writer_id[:32]!r}... is {size} bytes in UTF-8; at most "
+            f"{MAX_WRITER_ID_BYTES}"
+        )
+    return None
+
 
 # INVALID_ARGUMENT
 INVALID_ARGUMENT = "invalid-argument"

@@ -19,6 +19,7 @@ from shared.cli import (
     PATH,
     SIZE,
     TOKEN,
+    WRITER_ID,
     Converter,
     choice,
     duration,
@@ -233,9 +234,9 @@ class TrainerSettings:
         metadata=option(
             "--trainer-id",
             "TRAINER_ID",
-            "identity recorded with each pushed version",
+            "identity recorded with each pushed version (at most 256 bytes)",
+            WRITER_ID,
             default_text="HOST-PID",
-            metavar="ID",
         ),
     )
     max_runs: int = field(

@@ -149,11 +149,15 @@ def _input_from_raw(name: str, data: bytes, datatype: str, shape: list[int]) -> 
 def _check_length(
     role: Role, name: str, data: bytes, datatype: str, shape: list[int], itemsize: int
 ) -> None:
+    """The raw bytes make `datatype` of `shape`: as many as it needs, and, for BOOL, each 0 or
+    1 (numpy and torch take any other byte as a bool whose arithmetic is undefined)."""
     want = math.prod(shape) * itemsize
     if len(data) != want:
         raise InvalidInputError(
             f"{role} {name!r}: {len(data)} raw bytes but {datatype}{shape} needs {want}"
         )
+    if datatype == "BOOL" and data and int(np.frombuffer(data, np.uint8).max()) > 1:
+        raise InvalidInputError(f"{role} {name!r}: BOOL raw bytes must each be 0 or 1")
 
 
 def tensor_from_raw(role: Role, name: str, data: bytes, datatype: str, shape: list[int]) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TypeAlias
 
 import grpc
@@ -23,7 +23,7 @@ from inference_service.dataplane.codec import decode_inputs
 from inference_service.dataplane.extensions import TritonExtensions
 from inference_service.dataplane.outputs import encode_into, requested_outputs
 from inference_service.dataplane.service import DataPlane
-from shared.errors import ResourceLimitError, ServiceError
+from shared.errors import InvalidArgumentError, ResourceLimitError, ServiceError
 from shared.gen.inference import grpc_service_pb2 as pb
 from shared.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from shared.grpc.errors import grpc_errors_async, status_for, status_of
@@ -157,6 +157,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context, held: list[Ticket]
     ) -> pb.ModelStreamInferResponse:
         try:
+            final = _final_asked(request.parameters)
             response, _ = await self._infer(
                 request, context.time_remaining(), held, STREAM_ANSWER_BYTES
             )
@@ -166,8 +167,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             logger.exception("unhandled error in ModelStreamInfer (id %r)", request.id)
             message = "internal server error"
         else:
-            asked = request.parameters
-            if FINAL_ASKED in asked and asked[FINAL_ASKED].bool_param:
+            if final:
                 # Every answer here is its request's last (no model is decoupled): say so, as
                 # Triton does for a client that asked (tritonclient's enable_empty_final_response)
                 # and reads until it sees the flag.
@@ -274,3 +274,18 @@ def _release(held: list[Ticket]) -> None:
     """Give back the places a stream's request holds."""
     for ticket in held:
         ticket.release()
+
+
+def _final_asked(parameters: Mapping[str, pb.InferParameter]) -> bool:
+    """Whether a stream's request asks to be told its answer is its last; InvalidArgumentError
+    if it asks with anything but a bool (as Triton refuses it: a client sending "true" as a
+    string would otherwise read on for a flag that never comes)."""
+    if FINAL_ASKED not in parameters:
+        return False
+    asked = parameters[FINAL_ASKED]
+    if asked.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidArgumentError(
+            f"parameter {FINAL_ASKED!r} must be a bool_param, not "
+            f"{asked.WhichOneof('parameter_choice') or 'empty'}"
+        )
+    return bool(asked.bool_param)

@@ -1,7 +1,8 @@
 """The checks of a push that live here, and where they stand among the others, in the order
 they run.
 
-1. The header on its own (`check_header`): bounded counters, a model, a version after its base.
+1. The header on its own (`check_header`): bounded counters, a model, a version after its base,
+   a writer id of at most protocol.MAX_WRITER_ID_BYTES.
    Its route, where it has one: each hop a dialable address, none named twice, none this
    replica (forward.py `check_route`, handler.py).
 2. The header against the model: it exists (`model_named`), then `check_admissible`: it accepts
@@ -25,6 +26,7 @@ from inference_service.lease import check_counter
 from inference_service.served_model import ServedModel
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import PushHeader
+from shared import protocol
 from shared.errors import (
     BaseVersionMismatchError,
     ConflictError,
@@ -49,6 +51,9 @@ def check_header(header: PushHeader) -> None:
         raise MalformedPushError(
             f"base_version {header.base_version} must be older than version {header.version}"
         )
+    problem = protocol.writer_id_problem(header.writer_id)
+    if problem is not None:
+        raise MalformedPushError(f"the push header: {problem}")
 
 
 def model_named(models: Mapping[str, ServedModel], name: str) -> ServedModel:

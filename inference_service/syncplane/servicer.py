@@ -10,6 +10,7 @@ from typing_extensions import override
 from inference_service.syncplane import convert, messages
 from inference_service.syncplane.inbox import TICK_S
 from inference_service.syncplane.service import SyncPlane
+from shared import protocol
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.gen.weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -41,6 +42,9 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]
     ) -> pb.WriterLease:
         if not request.writer_id:
             raise MalformedPushError("AcquireWriter needs a writer_id naming the trainer")
+        problem = protocol.writer_id_problem(request.writer_id)
+        if problem is not None:
+            raise MalformedPushError(f"AcquireWriter: {problem}")
         epoch = self._plane.acquire_writer(request.model_name, request.writer_id)
         model = self._plane.model(request.model_name)
         return pb.WriterLease(

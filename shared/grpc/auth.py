@@ -40,9 +40,19 @@ class _TokenCheck:
         if method.startswith(OPEN_METHODS):
             return None
         presented = None
+        headers = 0
         for key, value in details.invocation_metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            if key != "authorization":
+                continue
+            headers += 1
+            if isinstance(value, str) and value.startswith("Bearer "):
                 presented = value.removeprefix("Bearer ").encode()
+        if headers > 1:  # which one counts would be a guess (proxies differ): refuse them all
+            return (
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{headers} authorization headers for the {self._plane}: send exactly one, "
+                "'authorization: Bearer <token>'",
+            )
         if presented is not None and hmac.compare_digest(presented, self._token):
             return None
         if presented is not None and self._weaker and hmac.compare_digest(presented, self._weaker):

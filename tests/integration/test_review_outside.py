@@ -5,7 +5,8 @@ refused; one collector id may number the
 batches of each buffer on its own; a recorded model whose first input is BYTES records every
 row; a refusal that echoes a huge name keeps its code; a hop address whose port is beyond
 65535 (which gRPC dials modulo 65536) is refused, by Seed and in a push's route, with nothing
-swapped; a trainer or a seed that dials a data plane for a sync plane is told the address serves
+swapped; a writer id over 256 bytes is refused by AcquireWriter and in a push; a trainer or a
+seed that dials a data plane for a sync plane is told the address serves
 none; and a service whose listen address is taken exits with one line naming it."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tests.integration.conftest import Inference, Services, wait_until
 from tests.integration.test_experience import APP as STEPS
 from tests.integration.test_experience import good, start_trainer
 from tests.integration.test_experience_recording import free_port
-from tests.integration.test_forwarding import Sync, stamp_state
+from tests.integration.test_forwarding import Sync, push_requests, stamp_state
 from tests.integration.test_seed import seed, seed_refusal, started_pair
 
 COLLECT = "/experience.v1.Experience/Collect"
@@ -267,6 +268,38 @@ def test_a_route_naming_its_receiver_by_a_port_beyond_65535_is_refused_and_swaps
     now = to_donor.state()
     assert (now.version, now.digest) == (before.version, before.digest)
     assert not now.HasField("pending")
+
+
+def test_a_writer_id_over_256_bytes_is_refused_by_acquire_writer_and_in_a_push(
+    services: Services, tmp_path: Path
+) -> None:
+    """A writer id is recorded with every version, on disk, in log lines and in answers: one of
+    megabytes would be copied into each of them."""
+    _, _, to_donor, _ = pair(services, tmp_path)
+    before = to_donor.state()
+    huge = "W" * (1 << 20)
+    with pytest.raises(grpc.RpcError) as refused:
+        to_donor.acquire(huge)
+    error = refused.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error_reason(error) == protocol.MALFORMED_PUSH
+    assert "is 1048576 bytes in UTF-8; at most 256" in (error.details() or "")
+    assert to_donor.state().writer_epoch == before.writer_epoch  # no grant
+    epoch = to_donor.acquire("é" * 128)  # 256 bytes: the most taken
+    messages = list(push_requests(stamp_state(8), 4, epoch))
+    messages[0].header.writer_id = "é" * 128 + "x"  # 257 bytes
+    with pytest.raises(grpc.RpcError) as refused:
+        to_donor.stub().Push(iter(messages), timeout=30, metadata=to_donor.metadata)
+    error = refused.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error_reason(error) == protocol.MALFORMED_PUSH
+    assert "the push header: the writer_id" in (error.details() or "")
+    now = to_donor.state()
+    assert (now.version, now.digest) == (before.version, before.digest)
+    assert not now.HasField("pending")
+    messages[0].header.writer_id = "é" * 128
+    to_donor.stub().Push(iter(messages), timeout=30, metadata=to_donor.metadata)
+    assert (to_donor.state().version, to_donor.state().writer_id) == (4, "é" * 128)
 
 
 def test_a_trainer_pointed_at_a_data_plane_says_the_address_serves_no_sync_plane(

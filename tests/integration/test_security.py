@@ -41,6 +41,10 @@ def test_tokens_guard_each_plane(services: Services) -> None:
     assert code_of(lambda: sync.GetModel(request, timeout=5, metadata=data_token)) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+    twice = (*wrong, ("authorization", "Bearer sync-secret"))  # which would count is a guess
+    assert code_of(lambda: sync.GetModel(request, timeout=5, metadata=twice)) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
     header = pb.PushRequest(header=pb.PushHeader(model_name="stamp", version=1, payload_bytes=8))
     assert code_of(lambda: sync.Push(iter([header]), timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
     assert (

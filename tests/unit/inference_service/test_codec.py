@@ -167,6 +167,14 @@ def test_refusals() -> None:
         decode_inputs(r, [TensorSpec("h", "FP16", (1,))])
     with pytest.raises(InvalidInputError, match="datatype 'STRING' is not supported"):
         dtype_of("STRING")
+    r = pb.ModelInferRequest()  # a bool is one byte, 0 or 1: numpy and torch misread others
+    r.inputs.add(name="b", datatype="BOOL", shape=[3])
+    r.raw_input_contents.append(bytes([0, 1, 2]))
+    with pytest.raises(InvalidInputError, match="BOOL raw bytes must each be 0 or 1"):
+        decode_inputs(r, [TensorSpec("b", "BOOL", (3,))])
+    r.raw_input_contents[0] = bytes([0, 1, 1])
+    (decoded,) = decode_inputs(r, [TensorSpec("b", "BOOL", (3,))])
+    assert decoded.tolist() == [False, True, True]
 
 
 def test_bytes_round_trip_raw_and_typed() -> None:

@@ -88,10 +88,13 @@ def test_a_stream_answers_in_request_order_and_a_failed_request_in_band() -> Non
     final.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([5, 6])
     final.parameters[FINAL_ASKED].bool_param = True
     unknown = pb.ModelInferRequest(model_name="nothing", id="lost")
+    as_text = request(np.ones((1, 2), np.float32), "text")  # Triton refuses it too
+    as_text.parameters[FINAL_ASKED].string_param = "true"
     requests = [
         request(np.ones((1, 2), np.float32), "a"),
         unknown,
         request(np.full((3, 2), 2.0, np.float32), "b", raw=False),
+        as_text,
         final,
     ]
 
@@ -107,11 +110,12 @@ def test_a_stream_answers_in_request_order_and_a_failed_request_in_band() -> Non
         answers = asyncio.run(stream())
     finally:
         data.close()
-    assert [a.infer_response.id for a in answers] == ["a", "lost", "b", "last"]
-    assert [bool(a.error_message) for a in answers] == [False, True, False, False]
+    assert [a.infer_response.id for a in answers] == ["a", "lost", "b", "text", "last"]
+    assert [bool(a.error_message) for a in answers] == [False, True, False, True, False]
     assert "nothing" in answers[1].error_message
+    assert "must be a bool_param, not string_param" in answers[3].error_message
     assert values(answers[0].infer_response) == [[2.0, 2.0]]
     assert values(answers[2].infer_response) == [[4.0, 4.0]] * 3
-    assert values(answers[3].infer_response) == [[10.0, 12.0]]
-    assert answers[3].infer_response.parameters[FINAL].bool_param
+    assert values(answers[4].infer_response) == [[10.0, 12.0]]
+    assert answers[4].infer_response.parameters[FINAL].bool_param
     assert FINAL not in answers[0].infer_response.parameters

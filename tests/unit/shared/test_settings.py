@@ -134,6 +134,18 @@ def test_a_missing_app_exits_2_naming_the_flag_and_the_variable(
     assert "--models / INFERENCE_MODELS is required" in refused(capsys, [], {})
 
 
+def test_a_trainer_id_over_256_bytes_exits_2_as_replicas_would_refuse_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert TrainerSettings.from_args([*APP, "--trainer-id", "é" * 128]).writer_id == "é" * 128
+    with pytest.raises(SystemExit) as exited:
+        TrainerSettings.from_args(APP, {"TRAINER_ID": "t" * 257})
+    assert exited.value.code == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "--trainer-id / TRAINER_ID" in said
+    assert "is 257 bytes in UTF-8; at most 256" in said
+
+
 def test_the_process_wide_knobs_come_from_the_environment() -> None:
     assert ProcessSettings.from_environ({}, "p") == ProcessSettings(prefetch=None, malloc="tuned")
     chosen = ProcessSettings.from_environ(
