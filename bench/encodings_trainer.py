@@ -21,7 +21,7 @@ from bench.labrun import DATA_PORT, SYNC_PORT, publish_watched
 from inference_service.client import InferenceClient
 from shared.allocator import tune_for_streaming
 from shared.settings import ProcessSettings
-from shared.weights.served import ServedCasts
+from shared.weights.served import ServedCasts, served_dtype
 from trainer_service import metrics
 from trainer_service.publisher import Publisher
 
@@ -67,13 +67,6 @@ def _timed_sync(
             f"{model} version {report.version} did not reach every replica: {report}"
         )
     return max(synced, *(at for at in seen if at is not None)) - started, report.payload_bytes
-
-
-def _served_itemsize(tensor: torch.Tensor, served: torch.dtype | None) -> int:
-    """The bytes an element of `tensor` takes as it is served."""
-    if served is None or not tensor.is_floating_point():
-        return tensor.element_size()
-    return served.itemsize
 
 
 def lab_drive(spec: dict[str, Any]) -> int:
@@ -140,7 +133,7 @@ def lab_drive(spec: dict[str, Any]) -> int:
                         measured.append(seconds)
                         wire += sent
                         served_total += sum(  # counted, not converted once more
-                            t.numel() * _served_itemsize(t, case.served) for t in raw.values()
+                            t.numel() * served_dtype(t, case.served).itemsize for t in raw.values()
                         )
                 dense1, enc1, cpu1 = _encoded_totals()
             finally:

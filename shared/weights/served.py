@@ -27,11 +27,18 @@ from shared.weights.ties import map_tied, ties
 _use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def served_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `tensor` is served in: `dtype` when it is given and the tensor floating, else
+    the tensor's own (the one rule both sides apply)."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.dtype
+    return dtype
+
+
 def served_tensor(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """`tensor` as it is served: converted when it is floating and `dtype` is given."""
-    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
-        return tensor
-    return tensor.to(dtype)
+    target = served_dtype(tensor, dtype)
+    return tensor if tensor.dtype == target else tensor.to(target)
 
 
 def served_state(
@@ -80,11 +87,11 @@ class ServedCasts:
                 shape = tuple(tensor.shape)
                 shapes[shape] = shapes.get(shape, 0) + 1
         with self._lock:
-            return map_tied(weights, lambda _, t: self._convert(t, shapes))
+            return map_tied(weights, lambda _, t: self._convert(t, shapes), tied)
 
     def _convert(self, tensor: torch.Tensor, shapes: Mapping[tuple[int, ...], int]) -> torch.Tensor:
-        dtype = self.dtype
-        if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        dtype = served_dtype(tensor, self.dtype)
+        if tensor.dtype == dtype:
             return tensor
         if _use_count is None or tensor.device.type != "cpu" or tensor.is_sparse:
             return tensor.to(dtype)

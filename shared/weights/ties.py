@@ -48,11 +48,15 @@ def tie_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
 
 
 def map_tied(
-    state: Mapping[str, torch.Tensor], fn: Callable[[str, torch.Tensor], torch.Tensor]
+    state: Mapping[str, torch.Tensor],
+    fn: Callable[[str, torch.Tensor], torch.Tensor],
+    tied: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`fn(name, tensor)` of each entry of `state`, called once per tensor: a tied name gets
-    what its first name got, so the result ties the same names."""
-    tied = ties(state)
+    what its first name got, so the result ties the same names (`tied`: `ties(state)`, where
+    the caller has it already)."""
+    if tied is None:
+        tied = ties(state)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         source = tied.get(name)
