@@ -19,6 +19,10 @@ collected sample takes to become a trained version that is served.
         the trainer alone: the same samples, laid out as a RemoteDataCollector lays out full
         batches (built beforehand), sent by the raw client to the trainer's experience plane;
         Y its throughput over the raw yardstick's, V the trainer's CPU time per sample
+    experience rows ratio_vs_raw=Z samples_per_s=N
+        the same samples collected `--rows` at a time with collect_rows() (an agent stepping a
+        vectorised environment), one copy per tensor per call instead of per sample, over the
+        same raw yardstick
     experience collect_us_per_sample=C agent_cpu_us_per_sample=D
         C: the time the agent's collect() calls took (median run); D: the CPU time (user and
         system, every thread) the agent's process spent from its first collect() to the end
@@ -27,8 +31,8 @@ collected sample takes to become a trained version that is served.
         from the collect() that completes a trainer's training condition (min_new_data_count)
         to the inference service serving the version that run pushed
 
-    python -m bench.experience [--samples 20000] [--dim 1024] [--batch 64] [--repeat 3]
-        [--rounds 5]
+    python -m bench.experience [--samples 20000] [--dim 1024] [--batch 64] [--rows 64]
+        [--repeat 3] [--rounds 5]
 
 Throughput runs are interleaved (ours, raw, ours, ...) and reported as medians. The trainer
 service runs `bench.experience:app`: a buffer `bulk` that no trainer reads (throughput), and a
@@ -163,23 +167,44 @@ def samples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"obs": obs[i], "target": obs[i, :1].clone()} for i in range(count)]
 
 
-def ours(address: str, items: list[dict[str, torch.Tensor]], batch: int = BATCH) -> float:
+def ours(
+    address: str,
+    items: list[dict[str, torch.Tensor]],
+    batch: int = BATCH,
+    rows: list[dict[str, torch.Tensor]] | None = None,
+) -> float:
+    """Seconds from the first collect() of `items` (or collect_rows() of `rows`, the same
+    samples stacked) to the end of flush()."""
     total = sum(t.nbytes for item in items for t in item.values())
     with RemoteDataCollector(  # room for every sample: the run measures speed, not drops
         address, "bulk", batch_size=batch, max_pending=len(items) + 1, max_pending_bytes=total + 1
     ) as collector:
         cpu = time.process_time()
         started = time.perf_counter()
-        for item in items:
-            collector.collect(item)
+        if rows is None:
+            for item in items:
+                collector.collect(item)
+        else:
+            for stacked in rows:
+                collector.collect_rows(stacked)
         collected = time.perf_counter() - started
         assert collector.flush(timeout=600)
         took = time.perf_counter() - started
-        AGENT_CPU_S.append(time.process_time() - cpu)
-        COLLECT_S.append(collected)
+        if rows is None:
+            AGENT_CPU_S.append(time.process_time() - cpu)
+            COLLECT_S.append(collected)
         stats = collector.stats
     assert (stats.acknowledged, stats.dropped) == (len(items), 0), stats
     return took
+
+
+def stacked(items: list[dict[str, torch.Tensor]], rows: int) -> list[dict[str, torch.Tensor]]:
+    """`items` as an agent stepping `rows` environments at once holds them: each tensor's
+    `rows` samples stacked."""
+    return [
+        {name: torch.stack([item[name] for item in items[i : i + rows]]) for name in items[0]}
+        for i in range(0, len(items), rows)
+    ]
 
 
 def laid_out(items: list[dict[str, torch.Tensor]], batch: int, collector_id: str) -> list[bytes]:
@@ -251,6 +276,9 @@ def main() -> int:
     parser.add_argument(
         "--batch", type=int, default=BATCH, help="samples per batch (message), ours and raw alike"
     )
+    parser.add_argument(
+        "--rows", type=int, default=64, help="samples per collect_rows() call in the rows runs"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs each (median)")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
     parser.add_argument("--serve-raw", type=Path, help=argparse.SUPPRESS)
@@ -263,6 +291,7 @@ def main() -> int:
     os.environ["BENCH_EXPERIENCE_DIM"] = str(args.dim)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     items = samples(args.samples, 0)
+    by_rows = stacked(items, args.rows)
     messages = [
         pb.Batch(
             buffer="bulk",
@@ -300,6 +329,7 @@ def main() -> int:
                 f"127.0.0.1:{port}", options=channel_options(MAX_MESSAGE)
             )
             ours_s: list[float] = []
+            rows_s: list[float] = []
             raw_s: list[float] = []
             trainer_cpu = raw_cpu = replay_cpu = 0.0
             replay_s: list[float] = []
@@ -319,6 +349,7 @@ def main() -> int:
                 before = cpu_s(server.pid)
                 raw_s.append(raw(channel, messages))
                 raw_cpu += cpu_s(server.pid) - before
+                rows_s.append(ours(experience, items, args.batch, by_rows))
             channel.close()
             trainer_channel.close()
             took, took_raw = statistics.median(ours_s), statistics.median(raw_s)
@@ -342,6 +373,12 @@ def main() -> int:
                 f"experience replay ratio_vs_raw={took_raw / took_replay:.2f} "
                 f"trainer_cpu_us_per_sample={replay_cpu * 1e6 / (replayed * args.repeat):.1f} "
                 "(the agent's full batches, pre-built, sent by the raw client to the trainer)"
+            )
+            took_rows = statistics.median(rows_s)
+            print(
+                f"experience rows ratio_vs_raw={took_raw / took_rows:.2f} "
+                f"samples_per_s={args.samples / took_rows:.0f} (collect_rows() of {args.rows} "
+                "samples a call: an agent stepping a vectorised environment)"
             )
             agent_cpu = statistics.median(AGENT_CPU_S) / args.samples
             print(
