@@ -156,7 +156,7 @@ def _check_length(
         raise InvalidInputError(
             f"{role} {name!r}: {len(data)} raw bytes but {datatype}{shape} needs {want}"
         )
-    if datatype == "BOOL" and data and int(np.frombuffer(data, np.uint8).max()) > 1:
+    if data and dtype_of(datatype) is torch.bool and int(np.frombuffer(data, np.uint8).max()) > 1:
         raise InvalidInputError(f"{role} {name!r}: BOOL raw bytes must each be 0 or 1")
 
 
