@@ -26,6 +26,7 @@ from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from shared import protocol
@@ -61,6 +62,22 @@ class SyncRefusedError(SyncFailedError):
 
 class WriterFencedError(SyncFailedError):
     """Another trainer has taken this model over; this one must stop pushing it."""
+
+
+class SyncMisconfiguredError(SyncFailedError):
+    """A service answered that this trainer cannot push to it at all, whatever it sends: its
+    token or certificate is not taken there, or the address serves no sync plane (a data
+    plane, another service). Retrying cannot help; the configuration must change."""
+
+
+# What a service answers a trainer that is not configured to push to it.
+MISCONFIGURED = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -383,7 +400,8 @@ class Publisher:
                 target.fall_behind(error)
                 unreachable[target] = error
             except PushFailedError as error:
-                raise SyncFailedError(
+                failed = SyncMisconfiguredError if error.code in MISCONFIGURED else SyncFailedError
+                raise failed(
                     f"model {model_name!r}: cannot read the served version: {error}"
                 ) from None
         if not first:

@@ -37,6 +37,7 @@ from trainer_service.experience.buffers import Buffers
 from trainer_service.publisher import (
     Publisher,
     SyncFailedError,
+    SyncMisconfiguredError,
     SyncRefusedError,
     WriterFencedError,
 )
@@ -55,6 +56,7 @@ class Outcome(IntEnum):
     FAILED = 1
     FENCED = 2
     REFUSED = 3  # a service answered and refused (SyncRefusedError)
+    MISCONFIGURED = 4  # a service answered that this trainer cannot push to it at all
 
 
 class _TrainerModels(TrainingModelsDict):
@@ -268,7 +270,13 @@ class TrainingLoop:
         yet (none reachable, the served version unreadable) is tried again with the others'
         turns, with backoff, so one model never holds the others back. A model a service
         answered and refused (another layout there) is left to later syncs and the catch-up,
-        as after a run's sync: training goes on."""
+        as after a run's sync: training goes on.
+
+        Raises:
+            ConfigurationError: A service answered that this trainer cannot push to it at all
+                (its token or certificate is not taken there, or the address serves no sync
+                plane): waiting would never end, so the trainer stops, saying which.
+        """
         delay = 0.2
         while names and not self._stopping(stop):
             waiting = []
@@ -276,6 +284,11 @@ class TrainingLoop:
                 model = self.models.data[name]
                 assert isinstance(model, TorchTrainingModel)
                 _, error = self._agreed(model.sync)
+                if isinstance(error, SyncMisconfiguredError):
+                    raise ConfigurationError(
+                        f"{error}; check --inference, the sync token (--sync-token / "
+                        "TRAINER_SYNC_TOKEN) and the TLS files"
+                    )
                 if isinstance(error, SyncRefusedError):
                     logger.error(
                         "model %s: its first push was refused; training goes on, and later "
@@ -309,6 +322,8 @@ class TrainingLoop:
             if isinstance(error, WriterFencedError)
             else Outcome.REFUSED
             if isinstance(error, SyncRefusedError)
+            else Outcome.MISCONFIGURED
+            if isinstance(error, SyncMisconfiguredError)
             else Outcome.FAILED
             if error is not None
             else Outcome.SYNCED
@@ -323,4 +338,6 @@ class TrainingLoop:
             error = SyncRefusedError("rank 0's sync was refused (see its log)")
         if outcome is Outcome.FAILED and error is None:
             error = SyncFailedError("rank 0's sync failed (see its log)")
+        if outcome is Outcome.MISCONFIGURED and error is None:
+            error = SyncMisconfiguredError("rank 0 cannot push to a service (see its log)")
         return result, error

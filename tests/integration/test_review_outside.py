@@ -1,13 +1,13 @@
 """What a review from outside found, probing the newest surfaces as an unfriendly client and a
 careless user would, each with real processes over gRPC: Collect calls that go quiet or never
 read their acknowledgements are ended and free their slot; a collector id of a megabyte is
-refused; one collector id may number the
-batches of each buffer on its own; a recorded model whose first input is BYTES records every
-row; a refusal that echoes a huge name keeps its code; a hop address whose port is beyond
-65535 (which gRPC dials modulo 65536) is refused, by Seed and in a push's route, with nothing
-swapped; a writer id over 256 bytes is refused by AcquireWriter and in a push; a trainer or a
-seed that dials a data plane for a sync plane is told the address serves
-none; and a service whose listen address is taken exits with one line naming it."""
+refused; one collector id may number the batches of each buffer on its own; a recorded model
+whose first input is BYTES records every row; a refusal that echoes a huge name keeps its code;
+a hop address whose port is beyond 65535 (which gRPC dials modulo 65536) is refused, by Seed
+and in a push's route, with nothing swapped; a writer id over 256 bytes is refused by
+AcquireWriter and in a push; a trainer or a seed that dials a data plane for a sync plane is
+told the address serves none (a trainer, and one whose token is not taken, stops with status
+2); and a service whose listen address is taken exits with one line naming it."""
 
 from __future__ import annotations
 
@@ -305,12 +305,30 @@ def test_a_writer_id_over_256_bytes_is_refused_by_acquire_writer_and_in_a_push(
 def test_a_trainer_pointed_at_a_data_plane_says_the_address_serves_no_sync_plane(
     services: Services,
 ) -> None:
+    """It says so and stops with status 2: waiting for the address would never end."""
     inference = services.inference("tests.integration.apps:stamp")
     command = trainer_command("tests.integration.apps:stamp", (inference.data,))
-    services.spawn([*command, "--metrics-listen", "off"], "trainer")
+    trainer = services.spawn([*command, "--metrics-listen", "off"], "trainer")
+    assert trainer.wait(timeout=60) == 2, services.log("trainer")
+    log = services.log("trainer")
     wanted = f"{inference.data}: UNIMPLEMENTED: Method not found! (the address serves no {SYNC}"
-    wait_until(lambda: wanted in services.log("trainer"), timeout=60)
+    assert wanted in log
+    assert "check --inference, the sync token" in log
+    assert "Traceback" not in log
     assert inference.model_state("stamp").version == 0
+
+
+def test_a_trainer_whose_sync_token_is_not_taken_stops_with_status_2(services: Services) -> None:
+    services.env["INFERENCE_SYNC_TOKEN"] = "right"
+    inference = services.inference("tests.integration.apps:stamp")
+    services.env["TRAINER_SYNC_TOKEN"] = "wrong"
+    trainer = services.trainer("tests.integration.apps:stamp", [inference], "--max-runs", "1")
+    assert trainer.wait(timeout=60) == 2, services.log("trainer")
+    log = services.log("trainer")
+    assert "UNAUTHENTICATED: invalid bearer token" in log
+    assert "check --inference, the sync token (--sync-token / TRAINER_SYNC_TOKEN)" in log
+    assert "Traceback" not in log
+    assert inference.model_state("stamp", token="right").version == 0
 
 
 def test_a_seed_to_a_data_plane_says_the_hop_serves_no_sync_plane(
