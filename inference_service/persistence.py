@@ -86,8 +86,20 @@ class StoredVersion:
 
 
 def file_name(version: int) -> str:
-    """The name of the file that holds `version`."""
+    """The name of the file that holds `version` (twelve digits at least, more past them)."""
     return f"{version:012d}.safetensors"
+
+
+def newest_first(directory: Path) -> list[Path]:
+    """The weights files in `directory`, newest version first: ordered by the number their
+    names hold (as strings, version 10^12 would sort below 999999999999); a name that holds
+    none comes first, to be checked (and set aside) before any version is restored."""
+
+    def number(path: Path) -> tuple[bool, int, str]:
+        digits = path.stem.isdigit()
+        return (not digits, int(path.stem) if digits else 0, path.name)
+
+    return sorted(directory.glob("*.safetensors"), key=number, reverse=True)
 
 
 class WeightStore:
@@ -234,7 +246,7 @@ class WeightStore:
     def versions(self, name: str) -> list[StoredVersion]:
         """The stored versions of `name`, newest first (unreadable files are skipped)."""
         found = []
-        for path in sorted(self._dir(name).glob("*.safetensors"), reverse=True):
+        for path in newest_first(self._dir(name)):
             try:
                 found.append(StoredVersion.from_file(path))
             except FileNotFoundError:
@@ -259,7 +271,7 @@ class WeightStore:
         versions as ones already served."""
         model.lease.attach(self._dir(model.name))  # its writer.json (ConfigurationError if bad)
         rejected: list[tuple[Path, str]] = []
-        for path in sorted(self._dir(model.name).glob("*.safetensors"), reverse=True):
+        for path in newest_first(self._dir(model.name)):
             problem = self._load(model, path)
             if problem is None:
                 for bad, _ in rejected:

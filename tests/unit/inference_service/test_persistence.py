@@ -228,3 +228,19 @@ def test_partial_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None
     assert temp_files(tmp_path) == []
     assert stored(WeightStore(tmp_path)) == [1]
     assert_restores(tmp_path, 1)
+
+
+def test_versions_past_twelve_digits_are_ordered_by_number_pruned_and_restored_newest(
+    tmp_path: Path,
+) -> None:
+    """A file's name holds its version in twelve digits at least: 10^12 and on take more, and
+    must still sort above 999999999999 (a writer numbering by milliseconds is past it)."""
+    model = new_model()
+    plane = SyncPlane({"m": model}, SyncLimits())
+    store = WeightStore(tmp_path, history=3)
+    first = 10**12 - 2
+    for version in range(first, first + 5):
+        push(plane, version)
+        assert store.save(model) == version
+    assert stored(store) == [10**12 + 2, 10**12 + 1, 10**12]
+    assert_restores(tmp_path, 10**12 + 2)
