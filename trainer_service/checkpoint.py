@@ -19,8 +19,9 @@ a mix of two and never from nothing. A write that fails (a full disk) removes wh
 raises StateWriteError; the last complete checkpoint stays as it was.
 
 Before resuming, `verify()` checks every file against the manifest: a checkpoint damaged on disk
-(a file cut short, a byte flipped, one missing or replaced by a directory) raises
-ConfigurationError naming the file, rather than training on, and pushing, weights nobody wrote.
+(a file cut short, a byte flipped, one missing or replaced by a directory, the manifest itself
+missing) raises ConfigurationError naming the file, rather than training on, and pushing,
+weights nobody wrote.
 """
 
 from __future__ import annotations
@@ -117,15 +118,15 @@ class Checkpoints:
         yield "cleaned"
 
     def verify(self, checkpoint: Path) -> None:
-        """Check every file of `checkpoint` against its manifest (one written before manifests
-        were is taken as it is).
+        """Check every file of `checkpoint` against its manifest. Every checkpoint this trainer
+        writes has one, so a checkpoint without it is damaged (or written by a trainer from
+        before manifests, whose files nothing can vouch for): it is refused like one whose file
+        is missing.
 
         Raises:
-            ConfigurationError: A file is missing, or its size or hash differs.
+            ConfigurationError: The manifest or a file is missing, or a size or hash differs.
         """
         manifest = checkpoint / MANIFEST
-        if not manifest.exists():
-            return
 
         def refuse(problem: str) -> ConfigurationError:
             return ConfigurationError(
@@ -134,6 +135,8 @@ class Checkpoints:
                 "afresh"
             )
 
+        if not manifest.is_file():
+            raise refuse(f"its manifest {manifest} is missing")
         try:
             listed = json.loads(manifest.read_text())
             files = {str(k): (int(v["size"]), str(v[HASH])) for k, v in listed.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigurationError, StateWriteError
-from trainer_service.checkpoint import CURRENT, NEXT, OLD, Checkpoints
+from trainer_service.checkpoint import CURRENT, MANIFEST, NEXT, OLD, Checkpoints
 
 STEPS = ("recovered", "written", "set aside", "swapped", "cleaned")
 
@@ -132,4 +132,7 @@ def test_a_checkpoint_damaged_on_disk_fails_verification_naming_the_file(tmp_pat
         checkpoints.verify(written)
     weights.unlink()
     with pytest.raises(ConfigurationError, match=f"{weights} is missing or not a file"):
+        checkpoints.verify(written)
+    (written / MANIFEST).unlink()  # nothing vouches for the files then
+    with pytest.raises(ConfigurationError, match=f"its manifest {written / MANIFEST} is missing"):
         checkpoints.verify(written)
