@@ -118,7 +118,13 @@ class WeightStore:
         self.history = max(1, history)
         self._write_chunk = write
         self._chunk_bytes = chunk_bytes
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in its place, a read-only or full disk
+            raise ConfigurationError(
+                f"the weights history {root} cannot be used: {exc.strerror or exc}; it must be "
+                "a directory the service can write (move what is there away)"
+            ) from None
         self._remove_stale_temp_files()
 
     def _dir(self, name: str) -> Path:

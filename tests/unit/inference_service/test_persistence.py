@@ -20,6 +20,7 @@ from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, PushHeader
 from inference_service.syncplane.service import SyncPlane
 from shared.app import ModelSpec, TensorSpec
+from shared.errors import ConfigurationError
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
 
@@ -244,3 +245,9 @@ def test_versions_past_twelve_digits_are_ordered_by_number_pruned_and_restored_n
         assert store.save(model) == version
     assert stored(store) == [10**12 + 2, 10**12 + 1, 10**12]
     assert_restores(tmp_path, 10**12 + 2)
+
+
+def test_a_file_where_the_history_goes_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "models").write_text("not a directory")
+    with pytest.raises(ConfigurationError, match=r"history .*models cannot be used: File exists"):
+        WeightStore(tmp_path / "models")
