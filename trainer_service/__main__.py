@@ -26,9 +26,10 @@ from trainer_service.experience.buffers import Buffers
 from trainer_service.experience.server import STOP_GRACE_S, ExperienceEndpoint, ExperienceServer
 from trainer_service.experience.service import ExperiencePlane
 from trainer_service.groups import check_groups
-from trainer_service.publisher import Publisher, WriterFencedError
+from trainer_service.publisher import Publisher
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import PROG, TrainerSettings
+from trainer_service.sync_errors import WriterFencedError
 
 logger = logging.getLogger("trainer_service")
 

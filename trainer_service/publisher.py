@@ -26,7 +26,6 @@ from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from shared import protocol
@@ -45,39 +44,16 @@ from trainer_service.push import (
     SyncClient,
     TargetUnreachableError,
 )
+from trainer_service.sync_errors import (
+    MISCONFIGURED,
+    SyncFailedError,
+    SyncMisconfiguredError,
+    SyncRefusedError,
+    WriterFencedError,
+)
 from trainer_service.targets import Snapshot, Target, Targets
 
 logger = logging.getLogger(__name__)
-
-
-class SyncFailedError(Exception):
-    """No inference service could be reached, or one that answered refused the new weights."""
-
-
-class SyncRefusedError(SyncFailedError):
-    """A service that answered refused the new weights (another layout, a bad tensor): the
-    version is spent, and later syncs (or the catch-up) try that service again; retrying at
-    once would not change its answer."""
-
-
-class WriterFencedError(SyncFailedError):
-    """Another trainer has taken this model over; this one must stop pushing it."""
-
-
-class SyncMisconfiguredError(SyncFailedError):
-    """A service answered that this trainer cannot push to it at all, whatever it sends: its
-    token or certificate is not taken there, or the address serves no sync plane (a data
-    plane, another service). Retrying cannot help; the configuration must change."""
-
-
-# What a service answers a trainer that is not configured to push to it.
-MISCONFIGURED = frozenset(
-    {
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from typing_extensions import override
 
 from shared.model.remote import RemoteInferenceModel
 from shared.weights.served import ServedCasts
-from trainer_service.publisher import Publisher, SyncFailedError, WriterFencedError
+from trainer_service.publisher import Publisher
+from trainer_service.sync_errors import SyncFailedError, WriterFencedError
 
 logger = logging.getLogger(__name__)
 

@@ -34,14 +34,14 @@ from trainer_service import metrics
 from trainer_service.checkpoint import Checkpoints
 from trainer_service.distributed import Group
 from trainer_service.experience.buffers import Buffers
-from trainer_service.publisher import (
-    Publisher,
+from trainer_service.publisher import Publisher
+from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel, Syncs
+from trainer_service.sync_errors import (
     SyncFailedError,
     SyncMisconfiguredError,
     SyncRefusedError,
     WriterFencedError,
 )
-from trainer_service.remote import PublishedByRankZero, PublishedInferenceModel, Syncs
 
 logger = logging.getLogger(__name__)
 

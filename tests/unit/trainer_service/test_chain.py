@@ -13,8 +13,9 @@ import torch
 from tests.unit.trainer_service.test_publisher import Target as Replica
 from tests.unit.trainer_service.test_publisher import fresh
 from trainer_service import chain
-from trainer_service.publisher import Publisher, WriterFencedError
+from trainer_service.publisher import Publisher
 from trainer_service.push import Hop, PushFailedError, SyncClient
+from trainer_service.sync_errors import WriterFencedError
 from trainer_service.targets import Target
 
 TENSORS = {"a": torch.zeros(2), "b": torch.ones(2)}

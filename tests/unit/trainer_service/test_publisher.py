@@ -14,7 +14,8 @@ from inference_service.served_model import ServedModel
 from inference_service.settings import InferenceSettings
 from shared.app import ModelSpec, TensorSpec
 from shared.weights.digest import state_digest
-from trainer_service.publisher import Publisher, SyncFailedError
+from trainer_service.publisher import Publisher
+from trainer_service.sync_errors import SyncFailedError
 
 SPEC = ModelSpec(
     "m",

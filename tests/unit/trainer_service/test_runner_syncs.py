@@ -17,8 +17,8 @@ from typing_extensions import override
 
 from shared import App, TorchTrainer, TorchTrainingModel
 from shared.torch.trainer import OptimizersSetup
-from trainer_service.publisher import SyncFailedError, WriterFencedError
 from trainer_service.runner import TrainingLoop
+from trainer_service.sync_errors import SyncFailedError, WriterFencedError
 
 
 class Recording:

@@ -15,8 +15,9 @@ from torch.optim.lr_scheduler import ExponentialLR
 from shared.model import TrainingModelsDict
 from shared.torch import OptimizersSetup, TorchTrainer, TorchTrainingModel
 from tests.unit.shared.model.test_interface import TrainingModelImpl
-from trainer_service.publisher import Publisher, SyncFailedError
+from trainer_service.publisher import Publisher
 from trainer_service.remote import PublishedInferenceModel
+from trainer_service.sync_errors import SyncFailedError
 
 
 class LinearTrainer(TorchTrainer):
