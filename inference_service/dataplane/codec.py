@@ -16,8 +16,8 @@ outputs with the same checks (`tensor_from_raw`, which copies into a tensor of i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
 # Which side of a call a tensor is on: its messages name it, and its raw field.
 Role = Literal["input", "output"]
 Contents = pb.InferTensorContents
+T = TypeVar("T")
 
 
 def decode_inputs(
@@ -224,19 +225,26 @@ def _typed_array(
     return array.astype(NUMPY_DTYPES[entry.torch_dtype], copy=False).reshape(shape)
 
 
-# Per spec sequence (a served model's inputs, which live as long as the service),
-# what decoding would otherwise rebuild on every request; keyed by identity, the
-# sequence kept alongside so that its id cannot be reused.
-_NAMED: dict[int, tuple[Sequence[TensorSpec], dict[str, TensorSpec]]] = {}
-_CACHED_MOST = 1024  # a bound, for callers that pass specs built per call
+class PerSpecs(Generic[T]):
+    """What decoding or encoding would otherwise rebuild on every request from a spec sequence
+    (a served model's inputs or outputs, which live as long as the service): made once per
+    sequence by `build`, keyed by identity, the sequence kept alongside so that its id cannot
+    be reused. At most CACHED_MOST are kept, for callers that pass specs built per call."""
+
+    def __init__(self, build: Callable[[Sequence[TensorSpec]], T]) -> None:
+        self._build = build
+        self._made: dict[int, tuple[Sequence[TensorSpec], T]] = {}
+
+    def __call__(self, specs: Sequence[TensorSpec]) -> T:
+        entry = self._made.get(id(specs))
+        if entry is not None and entry[0] is specs:
+            return entry[1]
+        made = self._build(specs)
+        if len(self._made) < CACHED_MOST:
+            self._made[id(specs)] = (specs, made)
+        return made
 
 
-def _by_name(specs: Sequence[TensorSpec]) -> dict[str, TensorSpec]:
-    """`specs` by name (a dict that must not be changed)."""
-    entry = _NAMED.get(id(specs))
-    if entry is not None and entry[0] is specs:
-        return entry[1]
-    named = {spec.name: spec for spec in specs}
-    if len(_NAMED) < _CACHED_MOST:
-        _NAMED[id(specs)] = (specs, named)
-    return named
+CACHED_MOST = 1024
+# `specs` by name (a dict that must not be changed).
+_by_name = PerSpecs(lambda specs: {spec.name: spec for spec in specs})

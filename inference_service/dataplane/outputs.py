@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from inference_service.dataplane.bytes_wire import pack_bytes
+from inference_service.dataplane.codec import PerSpecs
 from inference_service.dataplane.model_io import NUMPY_DTYPES, OIP_OF_NUMPY, Tensor, is_array
 from shared.app import TensorSpec
 from shared.dtypes import BY_OIP, BY_TORCH, BYTES
@@ -186,19 +187,5 @@ def _check_rank(spec: TensorSpec, shape: list[int]) -> None:
         )
 
 
-# Per spec sequence (a served model's inputs or outputs, which live as long as the service),
-# what encoding would otherwise rebuild on every request; keyed by identity, the
-# sequence kept alongside so that its id cannot be reused.
-_INDEXED: dict[int, tuple[Sequence[TensorSpec], dict[str, int]]] = {}
-_CACHED_MOST = 1024  # a bound, for callers that pass specs built per call
-
-
-def _index_of(specs: Sequence[TensorSpec]) -> dict[str, int]:
-    """Each spec's position by name (a dict that must not be changed)."""
-    entry = _INDEXED.get(id(specs))
-    if entry is not None and entry[0] is specs:
-        return entry[1]
-    index = {spec.name: i for i, spec in enumerate(specs)}
-    if len(_INDEXED) < _CACHED_MOST:
-        _INDEXED[id(specs)] = (specs, index)
-    return index
+# Each spec's position by name (a dict that must not be changed).
+_index_of = PerSpecs(lambda specs: {spec.name: i for i, spec in enumerate(specs)})
