@@ -225,7 +225,14 @@ def drive_h2load(address: str, seconds: float, concurrency: int) -> Drive:
             [
                 "h2load",
                 *("--clients", str(concurrency), "--max-concurrent-streams", "1"),
-                *("--threads", "1", "--duration", f"{seconds:g}", "--warm-up-time", "500ms"),
+                *(
+                    "--threads",
+                    "1",
+                    "--duration",
+                    f"{max(1, round(seconds * 1000))}ms",
+                    "--warm-up-time",
+                    "500ms",
+                ),
                 *("--header", "content-type: application/grpc", "--header", "te: trailers"),
                 *("--data", str(body), "--log-file", str(log)),
                 f"http://{address}{METHOD}",
