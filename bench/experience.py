@@ -46,8 +46,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -55,20 +53,18 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from bench.experience_raw import BATCH, MAX_MESSAGE, laid_out, raw
 from devtools import launch
 from shared import App, DictSequentialBuffer, TensorSpec, TorchTrainer, TorchTrainingModel
 from shared.data.batch import encode_batch
 from shared.data.remote import RemoteDataCollector
 from shared.gen.experience.v1 import experience_pb2 as pb
-from shared.grpc.options import channel_options, server_options
+from shared.grpc.options import channel_options
 from shared.torch.trainer import OptimizersSetup
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 1024  # floats per observation; the trainer's app is built for it (BENCH_EXPERIENCE_DIM)
 CONDITION = 64  # new samples that make the latency trainer run
-BATCH = 64  # samples per batch, ours and raw alike
-MAX_MESSAGE = 64 << 20
-RAW_METHOD = "/bench.RawExperience/Collect"
 COLLECT_S: list[float] = []  # how long each throughput run's collect() calls took together
 AGENT_CPU_S: list[float] = []  # the CPU time this process (the agent) spent in each of them
 
@@ -130,29 +126,6 @@ app.add_buffer(
 app.add_trainer("steps", StepsTrainer)
 
 
-def serve_raw(port_file: Path) -> None:
-    """The raw yardstick: read each message, count its bytes, answer it with a small ack."""
-
-    def collect(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for sequence, message in enumerate(requests):
-            yield pb.BatchAck(sequence=sequence, samples=BATCH, payload_bytes=len(message))
-            del message
-
-    handler = grpc.stream_stream_rpc_method_handler(
-        collect, response_serializer=pb.BatchAck.SerializeToString
-    )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4), options=server_options(MAX_MESSAGE)
-    )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("bench.RawExperience", {"Collect": handler})]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    port_file.write_text(str(port))
-    server.wait_for_termination()
-
-
 def cpu_s(pid: int) -> float:
     """CPU seconds (user and system, every thread) process `pid` has spent so far."""
     import os
@@ -207,38 +180,6 @@ def stacked(items: list[dict[str, torch.Tensor]], rows: int) -> list[dict[str, t
     ]
 
 
-def laid_out(items: list[dict[str, torch.Tensor]], batch: int, collector_id: str) -> list[bytes]:
-    """`items` as the messages a RemoteDataCollector sends for full batches of `batch`
-    samples (shared/data/remote/wire.py), the last batch short of samples left out."""
-    from shared.data.remote.wire import batch_layout, padded_varint
-    from shared.weights.digest import byte_view
-
-    first = items[0]
-    tensors = [(n, "F32", tuple(t.shape), t.nbytes) for n, t in first.items()]
-    layout = batch_layout("bulk", collector_id, tensors, batch)
-    out = []
-    for n, i in enumerate(range(0, len(items) - batch + 1, batch)):
-        message = bytearray(layout.size)
-        message[: len(layout.head)] = layout.head
-        message[layout.sequence_at : layout.sequence_at + 10] = padded_varint(n + 1)
-        for name in first:
-            data = byte_view(torch.stack([item[name] for item in items[i : i + batch]]))
-            message[layout.offsets[name] : layout.offsets[name] + len(data)] = data
-        out.append(bytes(message))
-    return out
-
-
-def raw(channel: grpc.Channel, messages: list[bytes], method: str = RAW_METHOD) -> float:
-    call = channel.stream_stream(
-        method, request_serializer=None, response_deserializer=pb.BatchAck.FromString
-    )
-    started = time.perf_counter()
-    acks = sum(1 for _ in call(iter(messages), timeout=600))
-    took = time.perf_counter() - started
-    assert acks == len(messages)
-    return took
-
-
 def served_version(client: object) -> int:
     from inference_service.client import InferenceClient
 
@@ -281,11 +222,7 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs each (median)")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
-    parser.add_argument("--serve-raw", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_raw is not None:
-        serve_raw(args.serve_raw)
-        return 0
     import os
 
     os.environ["BENCH_EXPERIENCE_DIM"] = str(args.dim)
@@ -317,7 +254,7 @@ def main() -> int:
             trainer_pid = launcher.processes[-1].pid
             port_file = Path(tmp) / "raw.port"
             server = launcher.spawn(
-                [sys.executable, "-m", "bench.experience", "--serve-raw", str(port_file)], "raw"
+                [sys.executable, "-m", "bench.experience_raw", str(port_file)], "raw"
             )
             port = launch.wait_for(
                 server,
