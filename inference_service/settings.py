@@ -11,15 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference_service import recording_options as recording
 from inference_service.dataplane.admission import RequestLimits
 from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import WORKERS
 from inference_service.persistence import HISTORY
-from inference_service.recording import DEFAULT_QUEUE, DEFAULT_QUEUE_BYTES
 from inference_service.syncplane.forward import PeerAccess
 from inference_service.syncplane.limits import SyncLimits
 from shared.cli import (
-    ADDRESSES,
     BOOLEAN,
     HOST_PORT,
     PATH,
@@ -331,97 +330,15 @@ class InferenceSettings:
             choice("auto", "on", "off"),
         ),
     )
-    experience: tuple[str, ...] | None = field(
-        default=None,
-        metadata=option(
-            "--experience",
-            "INFERENCE_EXPERIENCE",
-            "experience planes of the trainers that recorded requests go to (models declared "
-            "with record=, requests with the parameter record); comma-separated, a DNS name "
-            "stands for every address it resolves to, and each buffer's samples go to the "
-            "trainer that holds it",
-            ADDRESSES,
-            default_text="none (recording off)",
-        ),
-    )
-    experience_token: str | None = field(
-        default=None,
-        metadata=option(
-            "--experience-token",
-            "INFERENCE_EXPERIENCE_TOKEN",
-            "bearer token presented on the trainers' experience plane",
-            convert=TOKEN,
-        ),
-    )
-    experience_tls: bool = field(
-        default=False,
-        metadata=option(
-            "--experience-tls",
-            "INFERENCE_EXPERIENCE_TLS",
-            "reach the trainers' experience planes over TLS, verifying them against the "
-            "system's CAs (implied by --experience-tls-ca and --experience-tls-cert)",
-            BOOLEAN,
-            switch=True,
-        ),
-    )
-    experience_tls_ca: Path | None = field(
-        default=None,
-        metadata=option(
-            "--experience-tls-ca",
-            "INFERENCE_EXPERIENCE_TLS_CA",
-            "PEM CA: reach the trainers' experience planes over TLS, verifying them against it",
-            PATH,
-        ),
-    )
-    experience_tls_cert: Path | None = field(
-        default=None,
-        metadata=option(
-            "--experience-tls-cert",
-            "INFERENCE_EXPERIENCE_TLS_CERT",
-            "PEM client certificate presented to the trainers' experience planes, where they "
-            "require mutual TLS",
-            PATH,
-        ),
-    )
-    experience_tls_key: Path | None = field(
-        default=None,
-        metadata=option(
-            "--experience-tls-key",
-            "INFERENCE_EXPERIENCE_TLS_KEY",
-            "PEM private key of --experience-tls-cert",
-            PATH,
-        ),
-    )
-    experience_tls_server_name: str | None = field(
-        default=None,
-        metadata=option(
-            "--experience-tls-server-name",
-            "INFERENCE_EXPERIENCE_TLS_SERVER_NAME",
-            "the host name the trainers' certificates carry, when --experience names them "
-            "otherwise (IP addresses)",
-            metavar="NAME",
-        ),
-    )
-    record_queue: int = field(
-        default=DEFAULT_QUEUE,
-        metadata=option(
-            "--record-queue",
-            "INFERENCE_RECORD_QUEUE",
-            "served requests waiting to be recorded; beyond, their samples are dropped and "
-            "counted (the answers never wait)",
-            integer(1),
-        ),
-    )
-    record_queue_bytes: int = field(
-        default=DEFAULT_QUEUE_BYTES,
-        metadata=option(
-            "--record-queue-bytes",
-            "INFERENCE_RECORD_QUEUE_BYTES",
-            "tensor bytes of the served requests waiting to be recorded; beyond, their samples "
-            "are dropped and counted",
-            SIZE,
-        ),
-    )
+    experience: tuple[str, ...] | None = recording.experience()
+    experience_token: str | None = recording.experience_token()
+    experience_tls: bool = recording.experience_tls()
+    experience_tls_ca: Path | None = recording.experience_tls_ca()  # noqa: RUF009 (a field())
+    experience_tls_cert: Path | None = recording.experience_tls_cert()  # noqa: RUF009 (a field())
+    experience_tls_key: Path | None = recording.experience_tls_key()  # noqa: RUF009 (a field())
+    experience_tls_server_name: str | None = recording.experience_tls_server_name()
+    record_queue: int = recording.record_queue()
+    record_queue_bytes: int = recording.record_queue_bytes()
     torch_threads: int = field(
         default=0,
         metadata=option(
