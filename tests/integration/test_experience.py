@@ -180,6 +180,23 @@ def test_a_restarted_trainer_resumes_its_buffers_from_its_checkpoint(services: S
     assert again.stop() == list(range(150))
 
 
+def test_a_trainer_stopped_before_any_sample_arrived_restarts_from_its_empty_buffers(
+    services: Services,
+) -> None:
+    trainer = start_trainer(services)
+    assert trainer.stop() == []  # its checkpoint holds the buffer, empty
+    assert (trainer.state / "checkpoint" / "data" / "steps").is_dir()
+
+    again = start_trainer(services, name="trainer")  # the same state directory
+    state = again.steps()
+    assert (state.size, state.received) == (0, 0)
+    with RemoteDataCollector(again.address, "steps") as collector:
+        for i in range(10):
+            collector.collect({"x": torch.rand(1), "y": torch.rand(1), "id": torch.tensor(i)})
+        assert collector.flush(timeout=60)
+    assert again.stop() == list(range(10))
+
+
 def test_an_agent_holds_max_pending_bytes_while_its_trainer_is_away_then_sends_the_newest(
     services: Services,
 ) -> None:

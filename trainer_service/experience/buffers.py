@@ -142,6 +142,8 @@ def check_resumed(schema: BatchSchema, buffer: Any, saved: Path) -> None:
     if not columns:
         return
     count = max(len(tensors) for tensors in columns.values())
+    if not count:  # saved empty (no sample had arrived): nothing it holds can differ
+        return
     held = [name for name, tensors in columns.items() if tensors]
     if sorted(held) != sorted(schema.names) or any(len(columns[n]) != count for n in held):
         raise ConfigurationError(
