@@ -80,16 +80,21 @@ class RemoteDataCollector(Sender):
                 the trainer's stream slots).
 
         Raises:
-            ValueError: A bound is below 1; a duration is not a finite number of seconds, is
+            ValueError: The buffer's name is not a non-empty str; a bound is not a whole
+                number of at least 1; a duration is not a finite number of seconds, is
                 negative, or (`timeout_s`) is 0; or an address is not HOST:PORT with a port
                 from 1 to 65535.
             ConfigurationError: The token is not printable ASCII, a TLS file cannot be read
                 or holds no PEM of its kind, or `server_name` is given without `tls`.
         """
-        if min(batch_size, max_pending, max_pending_bytes, max_in_flight) < 1:
-            raise ValueError(
-                "batch_size, max_pending, max_pending_bytes and max_in_flight must be at least 1"
-            )
+        if not isinstance(buffer, str) or not buffer:
+            raise ValueError(f"buffer must be a buffer's name (a non-empty str): got {buffer!r}")
+        check_bounds(
+            batch_size=batch_size,
+            max_pending=max_pending,
+            max_pending_bytes=max_pending_bytes,
+            max_in_flight=max_in_flight,
+        )
         check_durations(
             max_delay_s=max_delay_s,
             timeout_s=timeout_s,
@@ -327,6 +332,18 @@ class RemoteDataCollector(Sender):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_bounds(**bounds: object) -> None:
+    """Refuse a bound that is not a whole number of at least 1 (a float or a bool would fail
+    in every `collect()` instead).
+
+    Raises:
+        ValueError: Naming the first such bound.
+    """
+    for name, value in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number, at least 1: got {value!r}")
 
 
 def check_durations(**durations: object) -> None:

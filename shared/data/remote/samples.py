@@ -80,12 +80,20 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
     """
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, (np.ndarray, np.generic)):
+        array = np.asarray(value)
+        # A read-only array (a served request's input, decoded as a view of its bytes) is
+        # copied: torch takes no read-only memory, and warns where it is given some; so is one
+        # with a negative stride (a reversed view), which torch cannot view.
+        if not array.flags.writeable or any(stride < 0 for stride in array.strides):
+            array = array.copy()
+        try:
+            return torch.from_numpy(array)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(
+                f"tensor {name!r}: a numpy array of dtype {array.dtype} cannot be a tensor ({exc})"
+            ) from None
     try:
-        if isinstance(value, (np.ndarray, np.generic)):
-            array = np.asarray(value)
-            # a read-only array (a served request's input, decoded as a view of its bytes) is
-            # copied: torch takes no read-only memory, and warns where it is given some
-            return torch.from_numpy(array if array.flags.writeable else array.copy())
         return torch.tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(

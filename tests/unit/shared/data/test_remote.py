@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,6 +66,18 @@ def test_numpy_arrays_and_numbers_keep_their_types(trainer: Trainer) -> None:
         assert collector.flush(timeout=30)
     data = trainer.buffers.users["steps"].get_data()
     assert data["x"][0].tolist() == [1.5, 2.5] and data["id"][0].item() == 7
+
+
+def test_a_reversed_numpy_view_is_copied_and_an_array_torch_cannot_take_is_named(
+    trainer: Trainer,
+) -> None:
+    with RemoteDataCollector(trainer.address, "steps") as collector:
+        collector.collect({"x": np.arange(2, dtype=np.float32)[::-1], "id": 1})  # stride < 0
+        with pytest.raises(ValueError, match=r"tensor 'x': a numpy array of dtype object cannot"):
+            collector.collect({"x": np.array([None, 1.0], dtype=object), "id": 2})
+        assert collector.flush(timeout=30)
+    data = trainer.buffers.users["steps"].get_data()
+    assert [x.tolist() for x in data["x"]] == [[1.0, 0.0]]
 
 
 def test_the_sample_is_copied_at_collect(trainer: Trainer) -> None:
@@ -258,3 +271,24 @@ def test_collect_refuses_a_sample_unlike_the_first_after_many_good_ones(
         stats = collector.stats
     assert (stats.collected, stats.acknowledged, stats.dropped) == (11, 11, 0)
     assert trainer.ids() == list(range(11))  # the refused sample took no row
+
+
+@pytest.mark.parametrize(
+    ("settings", "why"),
+    [
+        ({"batch_size": 2.5}, "batch_size must be a whole number, at least 1: got 2.5"),
+        ({"max_in_flight": True}, "max_in_flight must be a whole number, at least 1: got True"),
+        ({"max_pending": 0}, "max_pending must be a whole number, at least 1: got 0"),
+        ({"max_delay_s": float("nan")}, "max_delay_s must be a finite number of seconds"),
+        ({"timeout_s": 0}, "timeout_s must be a finite number of seconds, above 0"),
+        ({"buffer": None}, "buffer must be a buffer's name .*: got None"),
+        ({"buffer": b"steps"}, "buffer must be a buffer's name .*: got b'steps'"),
+        ({"buffer": ""}, "buffer must be a buffer's name"),
+    ],
+)
+def test_settings_no_call_could_use_are_refused_when_the_collector_is_made(
+    settings: dict[str, Any], why: str
+) -> None:
+    arguments: dict[str, Any] = {"address": "127.0.0.1:9", "buffer": "steps", **settings}
+    with pytest.raises(ValueError, match=why):
+        RemoteDataCollector(**arguments)

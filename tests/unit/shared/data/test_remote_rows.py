@@ -192,6 +192,15 @@ def test_numpy_rows_keep_their_dtype(trainer: Trainer) -> None:
     assert torch.equal(torch.stack(list(data["x"])), torch.from_numpy(x))
 
 
+def test_reversed_numpy_rows_are_copied(trainer: Trainer) -> None:
+    with RemoteDataCollector(trainer.address, "steps") as collector:
+        x = np.arange(6, dtype=np.float32).reshape(3, 2)[::-1, ::-1]  # negative strides
+        collector.collect_rows({"x": x, "id": np.arange(3)})
+        assert collector.flush(timeout=30)
+    data = trainer.buffers.users["steps"].get_data()
+    assert torch.equal(torch.stack(list(data["x"])), torch.from_numpy(x.copy()))
+
+
 def test_rows_beyond_the_queue_wait_for_a_trainer_that_takes_them(trainer: Trainer) -> None:
     count = 3_000  # thirty times the queue
     with RemoteDataCollector(trainer.address, "steps", batch_size=16, max_pending=100) as c:
