@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from shared import protocol
 from trainer_service.delivery import Delivery, Version
-from trainer_service.published import Published
+from trainer_service.published import NUMBERING_CEILING, Published, too_high
 from trainer_service.push import UNREACHABLE, PushFailedError
 from trainer_service.targets import Snapshot, Target
 
@@ -118,6 +118,9 @@ class CatchUp:
                 remote = target.contact(self._delivery.connect_timeout_s)
                 if not published.targets.distinct(target):
                     return  # another target feeds its service
+                if remote.version >= NUMBERING_CEILING:
+                    target.fall_behind(too_high(target.address, remote.version))
+                    return
                 if snapshot is not None and remote.version > snapshot.version:
                     # It serves a version newer than any this trainer has: one a trainer before
                     # it pushed (this one restarted from an older checkpoint while the target

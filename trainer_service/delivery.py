@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from shared import protocol
@@ -28,6 +29,7 @@ from shared.weights.writer import Payload
 from trainer_service import metrics
 from trainer_service.bases import Bases
 from trainer_service.encoding_choice import AUTO, EncodingChooser
+from trainer_service.published import NUMBERING_CEILING, too_high
 from trainer_service.push import (
     UNREACHABLE,
     Hop,
@@ -124,9 +126,16 @@ class Delivery:
         return frozenset(changed | {name for name, first in tied.items() if first in changed})
 
     def probe(self, target: Target) -> int:
-        """The version `target` serves; TargetUnreachableError if it does not answer in time."""
+        """The version `target` serves; TargetUnreachableError if it does not answer in time,
+        or (reason out-of-range) if it serves one the numbering leaves out (published.py)."""
         with target.lock:
-            return target.contact(self.connect_timeout_s).version
+            version = target.contact(self.connect_timeout_s).version
+        if version >= NUMBERING_CEILING:
+            why = too_high(target.address, version)
+            raise TargetUnreachableError(
+                target.address, grpc.StatusCode.OUT_OF_RANGE, why, protocol.OUT_OF_RANGE
+            )
+        return version
 
     def deliver(
         self, target: Target, version: Version, route: tuple[Hop, ...] = ()

@@ -11,6 +11,22 @@ from contextlib import contextmanager
 
 from trainer_service.targets import Snapshot, Target, Targets
 
+# A push's version is below 2^63 (the services refuse any other). A trainer numbers no version
+# within 2^40 of that end: a service serving one so high (pushed by a bug, or by hand with the
+# sync token) is left out of the numbering, lagging, rather than running every service out of
+# versions (2^40 syncs are 35 years at a thousand a second).
+NUMBERING_CEILING = (1 << 63) - (1 << 40)
+
+
+def too_high(address: str, version: int) -> str:
+    """Why a service serving `version` (at or past NUMBERING_CEILING) is left out."""
+    return (
+        f"it serves version {version}, within 2^40 of the last version a push may carry "
+        f"(2^63 - 1): numbering above it would run every service out of versions, so it is "
+        f"left out until it serves a lower one (remove the model's state on {address}, or "
+        "take it out of --inference)"
+    )
+
 
 class Published:
     """The state shared by the publisher's syncs (publisher.py) and its catch-up (catchup.py).
@@ -55,8 +71,11 @@ class Published:
     def numbered_above(self, model: str, version: int) -> int:
         """Record that a target serves `version` of `model`: the next version pushed is
         numbered above it (a target refuses a version not newer than its own). Returns the
-        number the newest version now counts as."""
+        number the newest version now counts as. A version at or past NUMBERING_CEILING is
+        not numbered above."""
         with self.lock:
+            if version >= NUMBERING_CEILING:
+                return self.versions.get(model, 0)
             newest = max(self.versions.get(model, 0), version)
             self.versions[model] = newest
         return newest

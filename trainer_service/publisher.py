@@ -372,7 +372,7 @@ class Publisher:
         for target, probe in probes:
             try:
                 served.append(probe.result())
-            except TargetUnreachableError as error:
+            except TargetUnreachableError as error:  # or it serves too high a version
                 target.fall_behind(error)
                 unreachable[target] = error
             except PushFailedError as error:
@@ -386,6 +386,11 @@ class Publisher:
             ) + 1, unreachable
         if not served:
             metrics.SYNC_FAILURES.labels(model_name).inc()
+            if all(e.reason == protocol.OUT_OF_RANGE for e in unreachable.values()):
+                raise SyncMisconfiguredError(  # each answered: waiting cannot help
+                    f"model {model_name!r}: every inference service is left out: "
+                    + "; ".join(map(str, unreachable.values()))
+                )
             raise SyncFailedError(
                 f"model {model_name!r}: no inference service could be reached: "
                 + "; ".join(map(str, unreachable.values()))
