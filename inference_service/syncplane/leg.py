@@ -30,6 +30,11 @@ PUSH = "/weightsync.v1.WeightSync/Push"
 GET_MODEL = "/weightsync.v1.WeightSync/GetModel"
 QUEUED = 8  # messages waiting for a hop (a few MiB): beyond them, the push waits for the hop
 TICK_S = 0.05  # how often a wait on the queue looks whether the forward has ended
+# A hop whose channel is not connected this long after it was dialled (or the stall bound, if
+# longer) cannot be reached: gRPC itself gives up on a peer that accepts TCP and never speaks
+# HTTP/2 only after its own connect timeout, tens of seconds, and a push small enough for the
+# queue and the transport's buffers would wait that long for the answer.
+REACH_S = 2.0
 
 
 class Leg:
@@ -49,6 +54,7 @@ class Leg:
         self._call: Any = None
         self._input_done = False
         self._reached = threading.Event()  # its channel was connected once: a later loss is a cut
+        self._reach_by = float("inf")  # when dialled: the time by which it must be connected
 
     @property
     def address(self) -> str:
@@ -70,8 +76,22 @@ class Leg:
             )
         except (ConfigurationError, OSError, ValueError) as error:
             return self.fail(grpc.StatusCode.UNAVAILABLE, "", f"cannot dial: {error}")
+        self._reach_by = time.monotonic() + self._reach_s
         self._channel.subscribe(self._on_connectivity)
         return None
+
+    @property
+    def _reach_s(self) -> float:
+        return max(REACH_S, self._access.stall_timeout_s)
+
+    def _unreached(self, now: bool = False) -> HopResult | None:
+        """The failure of a hop not connected in time, or by `now` (as gRPC's own, UNAVAILABLE
+        with no reason: not reached at all, so the trainer asks it itself), or None."""
+        if self._reached.is_set() or (not now and time.monotonic() < self._reach_by):
+            return None
+        if self._call is not None:
+            self._call.cancel()
+        return self.fail(grpc.StatusCode.UNAVAILABLE, "", "not connected since it was dialled")
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         if state is grpc.ChannelConnectivity.READY:
@@ -154,17 +174,23 @@ class Leg:
                 return None
             except queue.Full:
                 if time.monotonic() >= deadline:
+                    if (unreached := self._unreached(now=True)) is not None:
+                        return unreached  # it took nothing because it was never reached
                     self._call.cancel()
                     bound = self._access.stall_timeout_s
                     return self._stalled(f"took nothing for {bound:g}s;")
 
     def result(self, wait_s: float) -> tuple[HopResult, ...]:
         """The hop's answer, and its hops' (committed), or its failure alone."""
+        deadline = time.monotonic() + wait_s
+        while not self._call_done.wait(TICK_S):
+            if (unreached := self._unreached()) is not None:
+                return (unreached,)
+            if time.monotonic() >= deadline:
+                self._call.cancel()
+                return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
         try:
-            response: pb.PushResponse = self._call.result(timeout=wait_s)
-        except grpc.FutureTimeoutError:
-            self._call.cancel()
-            return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
+            response: pb.PushResponse = self._call.result(timeout=0)
         except grpc.FutureCancelledError:
             return (self.fail(grpc.StatusCode.CANCELLED, "", "the forward was cancelled"),)
         except grpc.RpcError as error:

@@ -1,7 +1,13 @@
 """Routes a careless or hostile writer may send: a hop named twice, a replica routed to itself.
-Each is refused up front with INVALID_ARGUMENT, before anything is dialled or swapped."""
+Each is refused up front with INVALID_ARGUMENT, before anything is dialled or swapped. And a hop
+that takes connections but never speaks gRPC."""
 
 from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -47,3 +53,64 @@ def test_a_route_back_to_the_replica_itself_is_refused_and_its_push_left_alone(
     # The same push without the loop commits: nothing of the refused one stood in its way.
     to_first.push(stamp_state(3), 2, epoch, route[:-1])
     assert to_first.state().digest == state_digest(stamp_state(3))
+
+
+@contextmanager
+def silent_listener() -> Iterator[str]:
+    """An address that accepts TCP connections and reads them, never answering: a peer that
+    speaks no HTTP/2 (a wrong port, a stuck proxy)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def take() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            held.append(connection)
+            threading.Thread(target=lambda c=connection: drain(c), daemon=True).start()
+
+    def drain(connection: socket.socket) -> None:
+        while True:
+            try:
+                if not connection.recv(1 << 16):
+                    return
+            except OSError:
+                return
+
+    threading.Thread(target=take, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for connection in held:
+            connection.close()
+
+
+@pytest.mark.parametrize("megabytes", [1, 16])  # within the hop's queue, and beyond it
+def test_a_hop_that_never_speaks_grpc_is_reported_not_reached_and_routed_past(
+    services: Services, megabytes: int
+) -> None:
+    """Whatever the push's size, it is reported as a hop not reached at all (UNAVAILABLE, no
+    reason: the trainer asks it itself) once it has not connected for 2 s, and the hop after it
+    commits; not after the answer's bound (10 s here), nor one way for a small push and
+    another for a large one (found by an outside review)."""
+    services.env["TEST_STAMP_MB"] = str(megabytes)
+    first = services.inference(STAMP, name="first")
+    after = services.inference(STAMP, name="after")
+    to_first, to_after = Sync(first.sync), Sync(after.sync)
+    epoch = to_first.acquire("tester")
+    state = stamp_state(3, megabytes)
+    with silent_listener() as silent:
+        route = [
+            pb.Hop(address=silent, writer_epoch=epoch),
+            pb.Hop(address=after.sync, writer_epoch=to_after.acquire("tester")),
+        ]
+        response = to_first.push(state, 2, epoch, route)
+    assert response.version == 2
+    hops = {hop.address: hop for hop in response.hops}
+    assert (hops[silent].code, hops[silent].reason) == (grpc.StatusCode.UNAVAILABLE.value[0], "")
+    assert "not connected since it was dialled" in hops[silent].message
+    assert hops[after.sync].version == 2
+    assert to_after.state().digest == state_digest(state)
