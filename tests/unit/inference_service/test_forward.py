@@ -5,6 +5,7 @@ transports' encodings."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -41,8 +42,8 @@ def closed_port() -> str:
     return f"127.0.0.1:{free_port()}"  # nothing listens on it
 
 
-def body(chunks: int) -> list[Data | Commit]:
-    return [*(bytes([i]) * 1024 for i in range(chunks)), Commit(b"d" * 16)]
+def body(chunks: int, size: int = 1024) -> list[Data | Commit]:
+    return [*(bytes([i]) * size for i in range(chunks)), Commit(b"d" * 16)]
 
 
 def test_a_route_names_a_bounded_number_of_hops_each_with_an_address() -> None:
@@ -66,13 +67,54 @@ def test_a_hop_that_cannot_be_reached_is_reported_and_the_local_push_goes_on() -
     assert not result.committed
 
 
-def test_a_hop_that_takes_nothing_is_cut_off_after_the_bound(silent: str) -> None:
+def test_a_hop_that_never_connects_is_reported_not_reached_once_its_queue_is_full(
+    silent: str,
+) -> None:
+    """A peer that takes TCP connections and never speaks HTTP/2 took nothing because it was
+    never reached: reported as such (UNAVAILABLE, no reason: the trainer asks it itself), by
+    the stall bound where its queue fills first."""
     header = PushHeader("m", 3, 2, "t", 64 << 10, 5, (Hop(silent, "", 1),))
     onward = Forward(header, PeerAccess(stall_timeout_s=0.3))
     parts = body(64)  # more than the queue holds
     assert list(onward.passing_on(parts)) == parts
     [result] = onward.results()
-    assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert (result.code, result.reason) == (grpc.StatusCode.UNAVAILABLE.value[0], "")
+    assert result.message == "not connected since it was dialled"
+
+
+@pytest.fixture
+def unread() -> Iterator[str]:
+    """A sync plane whose pushes are never read: a hop connected and stuck."""
+    stuck = threading.Event()
+
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        stuck.wait(30)
+        return b""
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.stream_unary_rpc_method_handler(push)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", {"Push": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stuck.set()
+        server.stop(0)
+
+
+def test_a_hop_that_takes_nothing_is_cut_off_after_the_bound(unread: str) -> None:
+    header = PushHeader("m", 3, 2, "t", 16 << 20, 5, (Hop(unread, "", 1),))
+    onward = Forward(header, PeerAccess(stall_timeout_s=0.3))
+    parts = body(64, 256 << 10)  # more than the queue and the transport's window hold
+    assert list(onward.passing_on(parts)) == parts
+    [result] = onward.results()
+    assert (result.code, result.reason) == (
+        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+        "push-stalled",
+    )
     assert result.message == "the hop took nothing for 0.3s; it was cut off"
 
 
