@@ -71,11 +71,9 @@ class Published:
     def numbered_above(self, model: str, version: int) -> int:
         """Record that a target serves `version` of `model`: the next version pushed is
         numbered above it (a target refuses a version not newer than its own). Returns the
-        number the newest version now counts as. A version at or past NUMBERING_CEILING is
-        not numbered above."""
+        number the newest version now counts as. (Its callers leave out a target serving a
+        version at or past NUMBERING_CEILING before they get here.)"""
         with self.lock:
-            if version >= NUMBERING_CEILING:
-                return self.versions.get(model, 0)
             newest = max(self.versions.get(model, 0), version)
             self.versions[model] = newest
         return newest

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -82,6 +84,25 @@ def test_a_hop_that_never_connects_is_reported_not_reached_once_its_queue_is_ful
     assert result.message == "not connected since it was dialled"
 
 
+@contextmanager
+def serving_push(
+    push: Callable[[Iterator[bytes], grpc.ServicerContext], Any],
+    serializer: Callable[[Any], bytes] | None = None,
+) -> Iterator[str]:
+    """A sync plane (a real gRPC server) whose Push is `push`; its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.stream_unary_rpc_method_handler(push, response_serializer=serializer)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", {"Push": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
 @pytest.fixture
 def unread() -> Iterator[str]:
     """A sync plane whose pushes are never read: a hop connected and stuck."""
@@ -91,18 +112,11 @@ def unread() -> Iterator[str]:
         stuck.wait(30)
         return b""
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.stream_unary_rpc_method_handler(push)
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", {"Push": handler})]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        stuck.set()
-        server.stop(0)
+    with serving_push(push) as address:
+        try:
+            yield address
+        finally:
+            stuck.set()  # before the server stops: its handler's thread ends
 
 
 def test_a_hop_that_takes_nothing_is_cut_off_after_the_bound(unread: str) -> None:
@@ -151,19 +165,8 @@ def lying_hop() -> Iterator[str]:
         spoofed += [pb.HopResult(address=f"made-up-{i}:1", version=3) for i in range(10_000)]
         return pb.PushResponse(model_name="m", version=3, hops=spoofed)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.stream_unary_rpc_method_handler(
-        push, request_deserializer=None, response_serializer=pb.PushResponse.SerializeToString
-    )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", {"Push": handler})]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+    with serving_push(push, pb.PushResponse.SerializeToString) as address:
+        yield address
 
 
 def test_a_hop_speaks_only_for_the_hops_on_its_route_each_once(lying_hop: str) -> None:
