@@ -16,13 +16,17 @@ whose link went dark, answering no ping and acknowledging no byte for half the b
 sooner (UNAVAILABLE). At the link rates targeted (1 Gbit/s and up) a live hop takes the queue's
 few MiB in tens of milliseconds, so one that takes nothing for half a second is dark or dead.
 The bound is what a cut costs the hops after it (routed past at once, they get only the rest),
-so it is kept well under a push's time at those rates (about 1.1 s for 128 MiB at 1 Gbit/s). A hop
-that has not answered the push idle timeout per hop left on the route (each waits for the ones
-after it) after the local commit is reported stalled too. A hop that refuses is reported with
-its status and routed past like a cut one; the local push goes on. The channel to a hop
-is closed off the push's path: closing one to a hop whose link went dark waits until the link's
-keepalive gives it up (`--forward-stall-timeout-s`-derived, about a second by default; gRPC's
-own default is 20 s), which would hold up this replica's answer and so the whole chain.
+so it is kept well under a push's time at those rates (about 1.1 s for 128 MiB at 1 Gbit/s).
+Once the whole push has left (a small one leaves at once, into the transport's buffers, read or
+not), a hop that has not answered within the bound is asked what it applied (leg.py): one that
+applied nothing more for the push idle timeout, or cannot say within it, is reported stalled;
+one that took the push whole is reported stalled once it has not answered the push idle
+timeout per hop left on the route (each waits for the ones after it) after the local commit.
+A hop that refuses is reported with its status and routed past like a cut one; the local push
+goes on. The channel to a hop is closed off the push's path: closing one to a hop whose link
+went dark waits until the link's keepalive gives it up (`--forward-stall-timeout-s`-derived,
+about a second by default; gRPC's own default is 20 s), which would hold up this replica's
+answer and so the whole chain.
 A local push that fails cancels its forward: the hops after it commit nothing of it.
 
 Routing past a failed hop. A hop cut off (stalled, DEADLINE_EXCEEDED), unreachable (UNAVAILABLE:
@@ -311,7 +315,7 @@ class Forward:
                 cut, self._index = hop.address, self._index + 1
                 hop = self._route[self._index]
                 continue
-            held = self._held_bytes(state)
+            held = leg.held_bytes(state)
             messages = self._window.since(held)
             if messages is None:
                 leg.cancel()
@@ -352,15 +356,3 @@ class Forward:
             return False
         digest: bytes = pb.PushRequest.FromString(commit).commit.digest
         return bool(state.digest == digest)
-
-    def _held_bytes(self, state: pb.ModelState) -> int:
-        """The payload bytes `state`'s pending push applied of this push (0: none of it)."""
-        pending, h = state.pending, self._header
-        same = (
-            state.HasField("pending")
-            and pending.version == h.version
-            and pending.writer_id == h.writer_id
-            and pending.base_version == h.base_version
-            and pending.payload_bytes == h.payload_bytes
-        )
-        return int(pending.bytes_received) if same else 0

@@ -97,8 +97,8 @@ class Leg:
         if state is grpc.ChannelConnectivity.READY:
             self._reached.set()
 
-    def held(self) -> pb.ModelState:
-        """The hop's GetModel of the push's model, within the stall bound."""
+    def held(self, timeout_s: float | None = None) -> pb.ModelState:
+        """The hop's GetModel of the push's model, within `timeout_s` (the stall bound)."""
         assert self._channel is not None
         get = self._channel.unary_unary(
             GET_MODEL,
@@ -106,7 +106,7 @@ class Leg:
             response_deserializer=pb.ModelState.FromString,
         )
         request = pb.GetModelRequest(model_name=self.header.model_name)
-        call: Any = get.future(request, timeout=self._access.stall_timeout_s)
+        call: Any = get.future(request, timeout=timeout_s or self._access.stall_timeout_s)
         answered = threading.Event()  # waited on, not polled: the hops after wait on this
         call.add_done_callback(lambda _: answered.set())
         while not answered.wait(TICK_S):
@@ -180,15 +180,40 @@ class Leg:
                     bound = self._access.stall_timeout_s
                     return self._stalled(f"took nothing for {bound:g}s;")
 
+    def held_bytes(self, state: pb.ModelState) -> int:
+        """The payload bytes `state`'s pending push applied of this push (0: none of it)."""
+        pending, h = state.pending, self.header
+        same = (
+            state.HasField("pending")
+            and pending.version == h.version
+            and pending.writer_id == h.writer_id
+            and pending.base_version == h.base_version
+            and pending.payload_bytes == h.payload_bytes
+        )
+        return int(pending.bytes_received) if same else 0
+
     def result(self, wait_s: float) -> tuple[HopResult, ...]:
-        """The hop's answer, and its hops' (committed), or its failure alone."""
-        deadline = time.monotonic() + wait_s
+        """The hop's answer, and its hops' (committed), or its failure alone. A hop that has
+        not answered by the stall bound is watched, once reached, until it took the push whole
+        (`_progress`)."""
+        now = time.monotonic()
+        deadline = now + wait_s
+        look_at = now + self._access.stall_timeout_s
+        applied: int | None = None  # the payload bytes it applied at the last look
         while not self._call_done.wait(TICK_S):
             if (unreached := self._unreached()) is not None:
                 return (unreached,)
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 self._call.cancel()
                 return (self._stalled(f"did not answer {wait_s:g}s after the commit;"),)
+            if now >= look_at and self._reached.is_set() and not self._call_done.is_set():
+                look = self._progress(applied)
+                if isinstance(look, HopResult):
+                    return (look,)
+                applied = look
+                bound = self._access.answer_timeout_s
+                look_at = float("inf") if look is None else time.monotonic() + bound
         try:
             response: pb.PushResponse = self._call.result(timeout=0)
         except grpc.FutureCancelledError:
@@ -196,6 +221,39 @@ class Leg:
         except grpc.RpcError as error:
             return (self.failure(error),)
         return (HopResult(self.address, int(response.version)), *self._downstream(response))
+
+    def _progress(self, before: int | None) -> int | HopResult | None:
+        """What the hop applied of the push (its GetModel), when it has not taken it whole yet;
+        None once it has (it commits, then waits for the hops after it: their own bounds hold
+        them), or the failure of a hop that applied nothing more since `before` (one answer
+        bound ago) or cannot say within that bound. A hop stuck on a push small enough for
+        its transport's buffers takes all the messages it is sent and never answers: without
+        this look, the replica before it would wait out the answer bound of every hop after
+        it."""
+        bound = self._access.answer_timeout_s
+        try:
+            state = self.held(bound)
+        except grpc.FutureCancelledError:
+            return None  # the forward is being ended: its call is cancelled too
+        except grpc.RpcError as error:
+            if self._call_done.is_set():
+                return None  # it answered meanwhile (or its link broke): that outcome stands
+            self._call.cancel()
+            # Its sync relay's word that the service behind it stopped stays UNAVAILABLE.
+            lost = hasattr(error, "code") and error.code() is grpc.StatusCode.UNAVAILABLE
+            said = error_details(error, pb.DESCRIPTOR.services_by_name["WeightSync"].full_name)
+            return self.fail(
+                grpc.StatusCode.UNAVAILABLE if lost else grpc.StatusCode.DEADLINE_EXCEEDED,
+                protocol.PUSH_STALLED,
+                f"the hop did not say what it applied of the push ({said}); it was cut off",
+            )
+        applied = self.held_bytes(state)
+        if state.version >= self.header.version or applied == self.header.payload_bytes:
+            return None
+        if before is not None and applied <= before and not self._call_done.is_set():
+            self._call.cancel()
+            return self._stalled(f"applied nothing more of the push for {bound:g}s;")
+        return applied
 
     def _downstream(self, response: pb.PushResponse) -> tuple[HopResult, ...]:
         """What the hop reports of the hops after it: only those on the route it was given,

@@ -13,6 +13,7 @@ newest version.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -242,14 +243,12 @@ def test_a_middle_replica_of_a_chain_stuck_mid_push_is_routed_past_and_caught_up
             with stuck(middle.process.pid, how):
                 report = sync.result(timeout=RETURNS_WITHIN_S)
         assert (report.version, report.targets, report.lagging) == (3, 2, (middle.sync,)), report
-        # The first one's leg to it failed on the relay's word, naming the stuck process (not
-        # on the leg's own bound on an answer after the commit, 10 s).
-        given_up = (
-            f"passing the push on to {middle.sync} failed: UNAVAILABLE: the inference service "
-            f"stopped answering the sync relay during the push: its process "
-            f"(pid {middle.process.pid})"
-        )
-        assert given_up in first.log.read_text(), first.log.read_text()
+        # The first one's leg to it failed on the relay's word that the service stopped (asked
+        # what it applied of the push, or on the push itself), not on the leg's own bound on an
+        # answer after the commit, 10 s.
+        given_up = re.escape(f"passing the push on to {middle.sync} failed: UNAVAILABLE: ")
+        given_up += ".*the inference service stopped answering the sync relay"
+        assert re.search(given_up, first.log.read_text()), first.log.read_text()
         digest = state_digest(stamp_state(3, mb=2))
         for replica in (first, last):
             assert replica.model_state("stamp").digest == digest

@@ -26,6 +26,7 @@ from inference_service.syncplane.relay.frames import (
 )
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
+from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, server_options
 
 ROUTE = (Hop("replica2:9001", "replica2", 4), Hop("[::1]:9001", "", 9))
 HEADER = PushHeader("m", 3, 2, "trainer-1", 4096, 5, ROUTE)
@@ -88,12 +89,23 @@ def test_a_hop_that_never_connects_is_reported_not_reached_once_its_queue_is_ful
 def serving_push(
     push: Callable[[Iterator[bytes], grpc.ServicerContext], Any],
     serializer: Callable[[Any], bytes] | None = None,
+    get_model: Callable[[pb.GetModelRequest, grpc.ServicerContext], pb.ModelState] | None = None,
 ) -> Iterator[str]:
-    """A sync plane (a real gRPC server) whose Push is `push`; its address."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.stream_unary_rpc_method_handler(push, response_serializer=serializer)
+    """A sync plane (a real gRPC server) whose Push is `push` (and GetModel `get_model`, if
+    given); its address."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=server_options(SYNC_MAX_MESSAGE_BYTES, frequent_pings=True),  # as a sync plane's
+    )
+    handlers = {"Push": grpc.stream_unary_rpc_method_handler(push, response_serializer=serializer)}
+    if get_model is not None:
+        handlers["GetModel"] = grpc.unary_unary_rpc_method_handler(
+            get_model,
+            request_deserializer=pb.GetModelRequest.FromString,
+            response_serializer=pb.ModelState.SerializeToString,
+        )
     server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", {"Push": handler})]
+        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers)]
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -130,6 +142,89 @@ def test_a_hop_that_takes_nothing_is_cut_off_after_the_bound(unread: str) -> Non
         "push-stalled",
     )
     assert result.message == "the hop took nothing for 0.3s; it was cut off"
+
+
+@contextmanager
+def stuck_hop(state: pb.ModelState | None) -> Iterator[str]:
+    """A sync plane that reads no push, whose GetModel answers `state` (None: never answers
+    at all, its handlers stuck as well)."""
+    stuck = threading.Event()
+
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        stuck.wait(30)
+        return b""
+
+    def get_model(request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
+        if state is None:
+            stuck.wait(30)
+        return state or pb.ModelState()
+
+    with serving_push(push, get_model=get_model) as address:
+        try:
+            yield address
+        finally:
+            stuck.set()
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (pb.ModelState(model_name="m", version=2), "applied nothing more of the push for 1s"),
+        (None, "did not say what it applied of the push (Deadline Exceeded)"),
+    ],
+    ids=["applies-nothing", "answers-nothing"],
+)
+def test_a_hop_stuck_on_a_push_its_buffers_take_whole_is_cut_without_waiting_for_its_hops(
+    state: pb.ModelState | None, message: str
+) -> None:
+    """A push small enough for the queue and the transport's buffers leaves whole at once; a
+    hop that never reads it is found by what it says it applied, not after the answer bound of
+    every hop after it, and the hop after it is gone on with."""
+    after = closed_port()
+    with stuck_hop(state) as hop:
+        route = (Hop(hop, "", 1), Hop(after, "", 1), Hop("next:9001", "", 1))
+        onward = Forward(
+            PushHeader("m", 3, 2, "t", 4096, 5, route),
+            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0),
+        )
+        parts = body(4)
+        assert list(onward.passing_on(parts)) == parts
+        stalled, unreached, last = onward.results()
+    assert (stalled.address, stalled.code, stalled.reason) == (
+        hop,
+        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+        "push-stalled",
+    )
+    assert stalled.message == f"the hop {message}; it was cut off"
+    assert (unreached.address, unreached.code) == (after, grpc.StatusCode.UNAVAILABLE.value[0])
+    assert (last.address, last.code) == ("next:9001", grpc.StatusCode.UNAVAILABLE.value[0])
+
+
+def test_a_hop_that_took_the_push_whole_is_waited_for_until_the_answer_bound() -> None:
+    """A hop that applied the whole push is committing or waiting for the hops after it
+    (bounded by its own watch of them): it is not cut before its answer is due."""
+
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
+        for _ in requests:
+            pass
+        threading.Event().wait(1.8)  # past the stall bound and one answer bound after it
+        return pb.PushResponse(model_name="m", version=3)
+
+    def get_model(request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
+        pending = pb.PendingPush(
+            writer_id="t", version=3, base_version=2, bytes_received=4096, payload_bytes=4096
+        )
+        return pb.ModelState(model_name="m", version=2, pending=pending)
+
+    with serving_push(push, pb.PushResponse.SerializeToString, get_model) as hop:
+        route = (Hop(hop, "", 1), Hop("next:9001", "", 1), Hop("later:9001", "", 1))
+        onward = Forward(
+            PushHeader("m", 3, 2, "t", 4096, 5, route),
+            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0),
+        )
+        parts = body(4)
+        assert list(onward.passing_on(parts)) == parts
+        assert onward.results() == (HopResult(hop, 3),)
 
 
 def test_the_route_and_the_hop_results_cross_both_transports() -> None:
