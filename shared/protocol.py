@@ -11,6 +11,8 @@ of a push rely on: how many hops a route may name, and how long a writer's id ma
 
 from __future__ import annotations
 
+from typing import Any
+
 REASON_KEY = "error-reason"
 
 # The most hops a push's route may name (a replica refuses a longer one, malformed-push): a
@@ -32,6 +34,24 @@ def writer_id_problem(writer_id: str) -> str | None:
             f"{MAX_WRITER_ID_BYTES}"
         )
     return None
+
+
+def bytes_applied(state: Any, version: int, base_version: int, writer_id: str, size: int) -> int:
+    """The payload bytes a GetModel answer (`state`, a weightsync.v1.ModelState) says its
+    service applied of the push that creates `version` on `base_version` from `writer_id`,
+    `size` payload bytes (0: its pending push is another one, or there is none). A sender whose
+    push has left whole, and is not answered, watches this grow to tell a receiver that works
+    on it from one that is stuck (the transport's buffers take a small push whole either
+    way)."""
+    pending = state.pending
+    same = (
+        state.HasField("pending")
+        and pending.version == version
+        and pending.base_version == base_version
+        and pending.writer_id == writer_id
+        and pending.payload_bytes == size
+    )
+    return int(pending.bytes_received) if same else 0
 
 
 # INVALID_ARGUMENT

@@ -3,9 +3,6 @@ stream takes nothing for the stall timeout is cancelled."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,10 +19,11 @@ from shared.grpc.options import (
     watched_link,
 )
 from shared.grpc.prefetch import prefetched
-from shared.weights import wire
 from shared.weights.digest import DigestTable
 from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 from trainer_service.progress import Progress, wants_progress
+from trainer_service.push_messages import push_header, requests
+from trainer_service.push_watch import AppliedWatch, Watched
 
 
 @dataclass(frozen=True)
@@ -144,36 +142,6 @@ RECONNECT_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-def requests(plan: PushPlan, chunk_bytes: int, progress: Progress | None = None) -> Iterator[bytes]:
-    """The serialized messages of one push; data messages are cut straight from tensor memory."""
-    header = pb.PushHeader(
-        model_name=plan.model_name,
-        version=plan.version,
-        base_version=plan.base_version,
-        writer_id=plan.writer_id,
-        payload_bytes=plan.payload.nbytes,
-        writer_epoch=plan.writer_epoch,
-        route=[
-            pb.Hop(address=h.address, server_name=h.server_name, writer_epoch=h.writer_epoch)
-            for h in plan.route
-        ],
-    )
-    yield pb.PushRequest(header=header).SerializeToString()
-    hashes = plan.streamed_hashes if plan.digest is None else None
-    for pieces in plan.payload.pieces(chunk_bytes, hashes):
-        message = wire.encode_data(pieces)
-        yield message
-        if progress is not None:
-            progress.advance(len(message))
-    digest = plan.digest
-    if digest is None:
-        assert plan.table is not None, "a plan without a digest names the state's table"
-        digest = plan.table.digest(plan.streamed_hashes)
-    if progress is not None:
-        progress.done()
-    yield pb.PushRequest(commit=pb.PushCommit(digest=digest)).SerializeToString()
 
 
 class SyncClient:
@@ -318,13 +286,22 @@ class SyncClient:
                 label = f"{plan.model_name} v{plan.version} ({kind}) -> {self.target}"
                 progress = Progress(label, plan.payload.nbytes)
             with prefetched(requests(plan, self._chunk_bytes, progress), "push-send") as messages:
-                response = self._watched(Watched(messages))
+                response = self._watched(Watched(messages), push_header(plan))
         except grpc.RpcError as error:
             raise PushFailedError.from_rpc(self.target, error) from None
         except grpc.FutureCancelledError:
             raise PushFailedError(
                 self.target, grpc.StatusCode.CANCELLED, "the push was cancelled", None
             ) from None
+        if (response.model_name, response.version) != (plan.model_name, plan.version):
+            # A sync plane answers a push with what it committed (an empty answer: version 0).
+            raise PushFailedError(
+                self.target,
+                grpc.StatusCode.INTERNAL,
+                f"answered the push of {plan.model_name!r} version {plan.version} with "
+                f"{response.model_name!r} version {response.version}: not a commit of it",
+                None,
+            )
         hops = tuple(
             HopResult(
                 h.address,
@@ -337,14 +314,21 @@ class SyncClient:
         )
         return PushAnswer(hops, response.finish_seconds)
 
-    def _watched(self, messages: Watched) -> pb.PushResponse:
-        """The push's response, cancelling the push once its stream has taken nothing for the
-        stall timeout. A push whose link the channel's watch dropped while its stream took
-        nothing (the link went dark mid-push) fails as a stalled one does, TargetUnreachableError:
-        it lags at once, where a retry would first wait out the connect timeout on that link. A
-        connection that broke while the stream flowed is retried (and resumed) by the caller."""
+    def _watched(self, messages: Watched, header: pb.PushHeader) -> pb.PushResponse:
+        """The push's response; cancelled once its stream took nothing for the stall timeout,
+        or, once it left whole, its service applied nothing more of it for as long
+        (push_watch.py). A push whose link the channel's watch dropped while its stream took
+        nothing (gone dark mid-push) fails as a stalled one does, TargetUnreachableError: it
+        lags at once. A connection that broke while the stream flowed is retried (and resumed)
+        by the caller."""
         call = self._push.future(messages, timeout=self._timeout_s)
         dark_s = watch_timeout_s(self._stall_timeout_s) / 2
+        request = pb.GetModelRequest(model_name=header.model_name)
+        applied = AppliedWatch(
+            header,
+            lambda bound_s: self._stub.GetModel(request, timeout=bound_s),
+            self._stall_timeout_s,
+        )
         while True:
             try:
                 response: pb.PushResponse = call.result(timeout=WATCH_TICK_S)
@@ -361,6 +345,18 @@ class SyncClient:
                     None,
                 ) from None
             except grpc.FutureTimeoutError:
+                left_s = messages.left_s()
+                if left_s is not None:
+                    stuck = applied.stuck(left_s)
+                    if stuck is None or call.done():
+                        continue  # an answer that came meanwhile stands
+                    call.cancel()
+                    raise TargetUnreachableError(
+                        self.target,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"{stuck}; it was cancelled",
+                        None,
+                    ) from None
                 if messages.held_s() < self._stall_timeout_s:
                     continue
                 call.cancel()
@@ -371,29 +367,3 @@ class SyncClient:
                     "the service is stuck); it was cancelled",
                     None,
                 ) from None
-
-
-class Watched(Iterator[bytes]):
-    """A push's messages as the transport takes them, and how long it has held the last one
-    without asking for the next: gRPC asks once it has sent one, so a message held long is one
-    the stream does not take (flow control: the other end reads nothing). The time spent making
-    a message does not count."""
-
-    def __init__(self, messages: Iterator[bytes]) -> None:
-        self._messages = messages
-        self._held_since: float | None = None  # None: being asked for one, or all were taken
-        self._lock = threading.Lock()
-
-    def __next__(self) -> bytes:
-        with self._lock:
-            self._held_since = None
-        message = next(self._messages)
-        with self._lock:
-            self._held_since = time.monotonic()
-        return message
-
-    def held_s(self) -> float:
-        """How long the transport has held the last message without asking for the next."""
-        with self._lock:
-            held = self._held_since
-        return 0.0 if held is None else time.monotonic() - held

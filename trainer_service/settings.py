@@ -291,9 +291,11 @@ class TrainerSettings:
         metadata=option(
             "--push-stall-timeout-s",
             "TRAINER_PUSH_STALL_TIMEOUT_S",
-            "how long a push's stream may take nothing (a link cut mid-push, a service stuck) "
-            "before it is cancelled: that inference service then lags and is caught up in the "
-            "background, and the sync returns with the others; a push, or a replica asked to "
+            "how long a push's stream may take nothing (a link cut mid-push, a service stuck), "
+            "or, once the whole push has left, how long its service may apply nothing more of "
+            "it (asked with GetModel), before it is cancelled: that inference service then "
+            "lags and is caught up in the background, and the sync returns with the others; a "
+            "push, or a replica asked to "
             "seed another (the other is then pushed directly), is given up sooner when its link "
             "answers no ping for half of it (the service's host stopped or its link went dark, "
             "also once the whole push has left)",

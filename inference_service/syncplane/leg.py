@@ -182,15 +182,10 @@ class Leg:
 
     def held_bytes(self, state: pb.ModelState) -> int:
         """The payload bytes `state`'s pending push applied of this push (0: none of it)."""
-        pending, h = state.pending, self.header
-        same = (
-            state.HasField("pending")
-            and pending.version == h.version
-            and pending.writer_id == h.writer_id
-            and pending.base_version == h.base_version
-            and pending.payload_bytes == h.payload_bytes
+        h = self.header
+        return protocol.bytes_applied(
+            state, h.version, h.base_version, h.writer_id, h.payload_bytes
         )
-        return int(pending.bytes_received) if same else 0
 
     def result(self, wait_s: float) -> tuple[HopResult, ...]:
         """The hop's answer, and its hops' (committed), or its failure alone. A hop that has

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
-from concurrent import futures
 from contextlib import contextmanager
 
 import grpc
@@ -16,9 +15,9 @@ import pytest
 from shared import protocol
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.errors import error_reason
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, server_options
 from shared.weights.digest import state_digest
 from tests.integration.conftest import Services
+from tests.integration.stuck_plane import unread_sync_plane
 from tests.integration.test_forwarding import STAMP, Sync, forwarded_to, stamp_state
 
 
@@ -116,43 +115,6 @@ def test_a_hop_that_never_speaks_grpc_is_reported_not_reached_and_routed_past(
     assert "not connected since it was dialled" in hops[silent].message
     assert hops[after.sync].version == 2
     assert to_after.state().digest == state_digest(state)
-
-
-@contextmanager
-def unread_sync_plane() -> Iterator[str]:
-    """A sync plane that answers GetModel (it holds nothing) and pings, and never reads a push:
-    a hop whose push handling is stuck."""
-    stuck = threading.Event()
-
-    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        stuck.wait(60)
-        return b""
-
-    def get_model(request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
-        return pb.ModelState(model_name=request.model_name)
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        options=server_options(SYNC_MAX_MESSAGE_BYTES, frequent_pings=True),  # as a sync plane's
-    )
-    handlers = {
-        "Push": grpc.stream_unary_rpc_method_handler(push),
-        "GetModel": grpc.unary_unary_rpc_method_handler(
-            get_model,
-            request_deserializer=pb.GetModelRequest.FromString,
-            response_serializer=pb.ModelState.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers)]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        stuck.set()
-        server.stop(0)
 
 
 def test_a_hop_that_never_reads_a_small_push_is_cut_without_waiting_for_the_hops_after_it(

@@ -16,6 +16,7 @@ import pytest
 
 from shared.weights.digest import state_digest
 from tests.integration.conftest import Inference, Services, wait_until
+from tests.integration.stuck_plane import unread_sync_plane
 from tests.integration.test_forwarding import STAMP, Sync, free_ports, push_requests, stamp_state
 
 # Big enough that a stopped receiver's socket buffers and HTTP/2 windows cannot take it all;
@@ -175,3 +176,28 @@ def test_a_newer_push_from_the_same_writer_ends_the_one_it_gave_up_on(
     finally:
         go.set()
         channel.close()
+
+
+@pytest.mark.parametrize("fanout", ["direct", "chain"])
+def test_a_service_stuck_on_a_push_that_left_whole_is_cancelled_and_the_others_fed(
+    services: Services, fanout: str
+) -> None:
+    """A 1 MiB push leaves whole into the transport's buffers of a service stuck on it: the
+    trainer asks it what it applied and cancels the push once it applied nothing more for the
+    stall timeout, instead of waiting out the push deadline (600 s), and the other service is
+    fed, whether it comes before or after the stuck one in the chain."""
+    services.env["TEST_STAMP_MB"] = "1"
+    quick = services.inference(STAMP, name="quick")
+    with unread_sync_plane() as stuck:
+        services.start_trainer(
+            STAMP,
+            [stuck, quick.sync] if fanout == "chain" else [quick.sync, stuck],
+            *("--trainer-id", "trainer", "--fanout", fanout, "--max-runs", "1"),
+            *("--run-interval", "600"),
+            name="trainer",
+        )
+        wait_until(lambda: "version 1 committed on 1 " in services.log("trainer"), timeout=60)
+        log = services.log("trainer")
+    assert f"{stuck}: DEADLINE_EXCEEDED: the service applied nothing more of the push for 3s" in log
+    state = quick.model_state("stamp")  # version N holds the state after run N - 1
+    assert state.digest == state_digest(stamp_state(state.version - 1, mb=1))
