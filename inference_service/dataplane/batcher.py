@@ -308,7 +308,8 @@ class Batcher:
 
 
 def _deadline(timeout_s: float | None) -> float | None:
-    return time.monotonic() + timeout_s if timeout_s else None
+    """When a request with `timeout_s` left expires (None: never; 0 or less: it has)."""
+    return None if timeout_s is None else time.monotonic() + timeout_s
 
 
 def _deliver(outcomes: list[Outcome]) -> None:

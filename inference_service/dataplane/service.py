@@ -20,7 +20,7 @@ from inference_service.dataplane.stats import StatsBook
 from inference_service.recording import Recorder
 from inference_service.served_model import Generation, ServedModel, version_not_served
 from shared.devices import use_torch_threads
-from shared.errors import ModelNotFoundError, UnavailableError
+from shared.errors import DeadlineExceededError, ModelNotFoundError, UnavailableError
 
 WORKERS = 8  # threads running models that are not batched (--workers)
 
@@ -127,7 +127,8 @@ class DataPlane:
                 # one hop to the batcher's thread and one back per batch (batcher.py)
                 waiter = batcher.submit_async(inputs, timeout_s, pinned, ticket.release)
             else:
-                future = self._workers.submit(self._run, model, inputs, rows, pinned)
+                expires = None if timeout_s is None else time.monotonic() + timeout_s
+                future = self._workers.submit(self._run, model, inputs, rows, pinned, expires)
                 future.add_done_callback(lambda _: ticket.release())
                 waiter = asyncio.wrap_future(future)
         except BaseException:
@@ -164,8 +165,16 @@ class DataPlane:
         return int(version)
 
     def _run(
-        self, model: ServedModel, inputs: list[Tensor], rows: int, version: int | None
+        self,
+        model: ServedModel,
+        inputs: list[Tensor],
+        rows: int,
+        version: int | None,
+        expires: float | None,
     ) -> tuple[list[Tensor], Generation]:
+        if expires is not None and time.monotonic() >= expires:
+            # As the batchers drop one (batcher.py): its caller is gone, or going, unanswered.
+            raise DeadlineExceededError("the request's deadline passed while it queued")
         started = time.perf_counter()
         result, generation = model.infer(inputs, version)
         outputs = normalize_model_outputs(result, len(model.spec.outputs))

@@ -14,7 +14,12 @@ from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import DataPlane
 from inference_service.served_model import ServedModel
 from shared.app import ModelSpec, TensorSpec
-from shared.errors import InvalidInputError, ResourceLimitError, VersionNotServedError
+from shared.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ResourceLimitError,
+    VersionNotServedError,
+)
 from shared.weights.digest import tensor_hash
 from tests.devices import NEEDS_CUDA
 
@@ -83,6 +88,21 @@ def test_infer_runs_on_the_version_named_or_fails(batched: bool) -> None:
     for named, shown in (("1", "1"), ("two", "'two'")):
         with pytest.raises(VersionNotServedError, match=f"version {shown} is not served"):
             asyncio.run(data.infer(model, inputs, version=named))
+    data.close()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("left_s", [0.0, -0.001], ids=["none-left", "passed"])
+def test_a_request_whose_deadline_passed_before_it_ran_is_dropped_unrun(
+    batched: bool, left_s: float
+) -> None:
+    """A caller whose deadline passed on its way in (grpc.aio's time_remaining() says 0 or
+    less) is not answered: the model must not run for it (found by an outside review)."""
+    model, module = served()
+    data = plane(model, batched)
+    with pytest.raises(DeadlineExceededError, match="deadline passed while it queued"):
+        asyncio.run(data.infer(model, [torch.ones(1, 2), torch.ones(1, 2)], timeout_s=left_s))
+    assert not module.entered.is_set() and data.admission.in_flight("two") == 0
     data.close()
 
 
