@@ -45,8 +45,11 @@ class _TokenCheck:
             if key != "authorization":
                 continue
             headers += 1
-            if isinstance(value, str) and value.startswith("Bearer "):
-                presented = value.removeprefix("Bearer ").encode()
+            scheme, _, credentials = (
+                value.partition(" ") if isinstance(value, str) else ("", "", "")
+            )
+            if scheme.lower() == "bearer":  # a scheme's name is case-insensitive (RFC 9110)
+                presented = credentials.encode()
         if headers > 1:  # which one counts would be a guess (proxies differ): refuse them all
             return (
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -60,7 +63,7 @@ class _TokenCheck:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this token is not allowed on the {self._plane}",
             )
-        reason = "missing" if presented is None else "invalid"
+        reason = "invalid" if presented is not None else "missing" if not headers else "no"
         return (
             grpc.StatusCode.UNAUTHENTICATED,
             f"{reason} bearer token for the {self._plane}: send 'authorization: Bearer <token>'",
