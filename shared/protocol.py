@@ -36,16 +36,20 @@ def writer_id_problem(writer_id: str) -> str | None:
     return None
 
 
-def bytes_applied(state: Any, version: int, base_version: int, writer_id: str, size: int) -> int:
+def bytes_applied(
+    state: Any, model: str, version: int, base_version: int, writer_id: str, size: int
+) -> int:
     """The payload bytes a GetModel answer (`state`, a weightsync.v1.ModelState) says its
-    service applied of the push that creates `version` on `base_version` from `writer_id`,
-    `size` payload bytes (0: its pending push is another one, or there is none). A sender whose
+    service applied of the push to `model` that creates `version` on `base_version` from
+    `writer_id`, `size` payload bytes (0: its pending push is another one, or there is none,
+    or it speaks of another model). A sender whose
     push has left whole, and is not answered, watches this grow to tell a receiver that works
     on it from one that is stuck (the transport's buffers take a small push whole either
     way)."""
     pending = state.pending
     same = (
-        state.HasField("pending")
+        state.model_name == model
+        and state.HasField("pending")
         and pending.version == version
         and pending.base_version == base_version
         and pending.writer_id == writer_id

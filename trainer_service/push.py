@@ -351,11 +351,9 @@ class SyncClient:
                     if stuck is None or call.done():
                         continue  # an answer that came meanwhile stands
                     call.cancel()
+                    code, why = stuck
                     raise TargetUnreachableError(
-                        self.target,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"{stuck}; it was cancelled",
-                        None,
+                        self.target, code, f"{why}; it was cancelled", None
                     ) from None
                 if messages.held_s() < self._stall_timeout_s:
                     continue

@@ -77,24 +77,35 @@ class AppliedWatch:
         self._applied: int | None = None  # at the last look
         self._done = False
 
-    def stuck(self, left_s: float) -> str | None:
-        """Why the service is stuck on the push, which left whole `left_s` ago, or None."""
+    def stuck(self, left_s: float) -> tuple[grpc.StatusCode, str] | None:
+        """How and why the service is stuck on the push, which left whole `left_s` ago (UNAVAILABLE
+        where its look says it is gone: its sync relay's word that the service behind it
+        stopped), or None."""
         if self._done or left_s < self._bound_s or time.monotonic() < self._look_at:
             return None
         bound, h = self._bound_s, self._header
+        self._look_at = time.monotonic() + bound  # the next look, from when this one began
         try:
             state = self._get_model(bound)
         except grpc.RpcError as error:
+            if hasattr(error, "code") and error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return None  # it answers, asking to be asked later: alive, only busy
             said = error_details(error, pb.DESCRIPTOR.services_by_name["WeightSync"].full_name)
-            return f"the service did not say what it applied of the push ({said})"
-        self._look_at = time.monotonic() + bound
+            gone = hasattr(error, "code") and error.code() is grpc.StatusCode.UNAVAILABLE
+            code = grpc.StatusCode.UNAVAILABLE if gone else grpc.StatusCode.DEADLINE_EXCEEDED
+            return code, f"the service did not say what it applied of the push ({said})"
         applied = protocol.bytes_applied(
-            state, h.version, h.base_version, h.writer_id, h.payload_bytes
+            state, h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes
         )
-        if state.version >= h.version or applied == h.payload_bytes:
+        if state.model_name == h.model_name and (
+            state.version >= h.version or applied == h.payload_bytes
+        ):
             self._done = True
             return None
         if self._applied is not None and applied <= self._applied:
-            return f"the service applied nothing more of the push for {bound:g}s (it is stuck)"
+            return (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the service applied nothing more of the push for {bound:g}s (it is stuck)",
+            )
         self._applied = applied
         return None

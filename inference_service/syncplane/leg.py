@@ -18,7 +18,7 @@ from shared import protocol
 from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.channel import open_channel
-from shared.grpc.errors import error_details, error_reason
+from shared.grpc.errors import bounded, error_details, error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 
 if TYPE_CHECKING:
@@ -35,6 +35,8 @@ TICK_S = 0.05  # how often a wait on the queue looks whether the forward has end
 # HTTP/2 only after its own connect timeout, tens of seconds, and a push small enough for the
 # queue and the transport's buffers would wait that long for the answer.
 REACH_S = 2.0
+MAX_REASON_BYTES = 128  # a hop's error-reason passed upstream (reasons are short names)
+BUSY = -1  # a look at what a hop applied that it asked to make later (_progress)
 
 
 class Leg:
@@ -184,13 +186,15 @@ class Leg:
         """The payload bytes `state`'s pending push applied of this push (0: none of it)."""
         h = self.header
         return protocol.bytes_applied(
-            state, h.version, h.base_version, h.writer_id, h.payload_bytes
+            state, h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes
         )
 
     def result(self, wait_s: float) -> tuple[HopResult, ...]:
         """The hop's answer, and its hops' (committed), or its failure alone. A hop that has
-        not answered by the stall bound is watched, once reached, until it took the push whole
-        (`_progress`)."""
+        not answered by the stall bound is watched, once reached, while it has not taken the
+        push whole (`_progress`): one that stops applying it is cut, one that goes on (held to
+        a rate limit, say) is waited for. Once it has taken it whole (or where it cannot be
+        watched) it has `wait_s` to answer."""
         now = time.monotonic()
         deadline = now + wait_s
         look_at = now + self._access.stall_timeout_s
@@ -206,9 +210,14 @@ class Leg:
                 look = self._progress(applied)
                 if isinstance(look, HopResult):
                     return (look,)
-                applied = look
-                bound = self._access.answer_timeout_s
-                look_at = float("inf") if look is None else time.monotonic() + bound
+                if look is None:  # whole: its answer is due within the bound from now
+                    deadline, look_at = time.monotonic() + wait_s, float("inf")
+                    continue
+                look_at = now + self._access.answer_timeout_s  # from when this look began
+                if look != BUSY:
+                    if applied is None or look > applied:  # going on: judged at the next look
+                        deadline = max(deadline, look_at + wait_s)
+                    applied = look
         try:
             response: pb.PushResponse = self._call.result(timeout=0)
         except grpc.FutureCancelledError:
@@ -220,11 +229,11 @@ class Leg:
     def _progress(self, before: int | None) -> int | HopResult | None:
         """What the hop applied of the push (its GetModel), when it has not taken it whole yet;
         None once it has (it commits, then waits for the hops after it: their own bounds hold
-        them), or the failure of a hop that applied nothing more since `before` (one answer
-        bound ago) or cannot say within that bound. A hop stuck on a push small enough for
-        its transport's buffers takes all the messages it is sent and never answers: without
-        this look, the replica before it would wait out the answer bound of every hop after
-        it."""
+        them); BUSY when it asks to be asked later (its sync plane at its limit of calls); or
+        the failure of a hop that applied nothing more since `before` (a look one answer bound
+        ago) or cannot say within that bound. A hop stuck on a push small enough for its
+        transport's buffers takes all the messages it is sent and never answers: without this
+        look, the replica before it would wait out the answer bound of every hop after it."""
         bound = self._access.answer_timeout_s
         try:
             state = self.held(bound)
@@ -233,6 +242,8 @@ class Leg:
         except grpc.RpcError as error:
             if self._call_done.is_set():
                 return None  # it answered meanwhile (or its link broke): that outcome stands
+            if hasattr(error, "code") and error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return BUSY  # it answers: alive, only busy
             self._call.cancel()
             # Its sync relay's word that the service behind it stopped stays UNAVAILABLE.
             lost = hasattr(error, "code") and error.code() is grpc.StatusCode.UNAVAILABLE
@@ -243,7 +254,8 @@ class Leg:
                 f"the hop did not say what it applied of the push ({said}); it was cut off",
             )
         applied = self.held_bytes(state)
-        if state.version >= self.header.version or applied == self.header.payload_bytes:
+        mine = state.model_name == self.header.model_name
+        if mine and (state.version >= self.header.version or applied == self.header.payload_bytes):
             return None
         if before is not None and applied <= before and not self._call_done.is_set():
             self._call.cancel()
@@ -261,7 +273,11 @@ class Leg:
                 wanted.discard(result.address)
                 kept.append(
                     HopResult(
-                        result.address, result.version, result.code, result.reason, result.message
+                        result.address,
+                        result.version,
+                        result.code,
+                        bounded(result.reason, MAX_REASON_BYTES),
+                        bounded(result.message),
                     )
                 )
         return tuple(kept)
@@ -310,7 +326,9 @@ class Leg:
             code.name,
             message,
         )
-        return HopResult(self.address, 0, code.value[0], reason, message)
+        return HopResult(
+            self.address, 0, code.value[0], bounded(reason, MAX_REASON_BYTES), bounded(message)
+        )
 
     def abort(self) -> None:
         """From any thread: end the push to the hop (its channel stays, for its owner)."""

@@ -159,11 +159,11 @@ def test_a_replica_frozen_mid_payload_lags_and_is_caught_up(
             with stuck(stuck_one.process.pid, "frozen"), caplog.at_level("INFO", "trainer_service"):
                 report = sync.result(timeout=RETURNS_WITHIN_S)
         assert (report.version, report.lagging) == (1, (stuck_one.sync,)), report
-        # The relay gave the push up, naming the stuck serving process.
-        assert (
-            f"{stuck_one.sync}: UNAVAILABLE: the inference service stopped answering the sync "
-            f"relay during the push: its process (pid {stuck_one.process.pid})"
-        ) in caplog.text, caplog.text
+        # On the relay's word that the serving process stopped: the push given up by it, or
+        # the trainer's look at what was applied of a push that had left whole into the relay.
+        given_up = re.escape(f"{stuck_one.sync}: UNAVAILABLE: ")
+        given_up += ".*the inference service stopped answering the sync relay"
+        assert re.search(given_up, caplog.text), caplog.text
         digest = state_digest(state)
         assert replica.model_state("stamp").digest == digest
         wait_until(lambda: stuck_one.model_state("stamp").version == 1, timeout=60)

@@ -24,6 +24,7 @@ from inference_service.syncplane.relay.frames import (
     encode_answer,
     encode_header,
 )
+from shared import protocol
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, server_options
@@ -270,3 +271,81 @@ def test_a_hop_speaks_only_for_the_hops_on_its_route_each_once(lying_hop: str) -
     parts = body(4)
     assert list(onward.passing_on(parts)) == parts
     assert onward.results() == (HopResult(lying_hop, 3), HopResult("next:9001", 3))
+
+
+def test_a_hop_that_goes_on_applying_a_push_slowly_is_waited_for_past_the_answer_bound() -> None:
+    """A hop held to a rate limit applies the push after the commit left this replica: it is
+    watched, not cut by the answer bound, while what it applied grows (found by an outside
+    review: a hop at --sync-max-mb-per-s 0.5 was cut at 5 s and never got a version)."""
+    read = [0]
+
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
+        for message in requests:
+            threading.Event().wait(0.4)  # past the stall bound, each message
+            read[0] += len(message)
+        return pb.PushResponse(model_name="m", version=3)
+
+    def get_model(request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
+        pending = pb.PendingPush(
+            writer_id="t", version=3, base_version=2, bytes_received=read[0], payload_bytes=4096
+        )
+        return pb.ModelState(model_name="m", version=2, pending=pending)
+
+    with serving_push(push, pb.PushResponse.SerializeToString, get_model) as hop:
+        onward = Forward(
+            PushHeader("m", 3, 2, "t", 4096, 5, (Hop(hop, "", 1),)),
+            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=0.5),
+        )
+        parts = body(4)
+        assert list(onward.passing_on(parts)) == parts
+        assert onward.results() == (HopResult(hop, 3),)  # about 2 s: four times the bound
+
+
+def test_a_hop_whose_look_is_refused_for_its_call_limit_is_asked_again_not_cut() -> None:
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
+        for _ in requests:
+            pass
+        threading.Event().wait(1.2)
+        return pb.PushResponse(model_name="m", version=3)
+
+    def get_model(request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelState:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "at its limit of lookups; retry later")
+        raise AssertionError("unreachable")
+
+    with serving_push(push, pb.PushResponse.SerializeToString, get_model) as hop:
+        route = (Hop(hop, "", 1), Hop("next:9001", "", 1), Hop("later:9001", "", 1))
+        onward = Forward(
+            PushHeader("m", 3, 2, "t", 4096, 5, route),
+            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0),
+        )
+        parts = body(4)
+        assert list(onward.passing_on(parts)) == parts
+        assert onward.results() == (HopResult(hop, 3),)
+
+
+def test_a_look_at_another_model_says_nothing_of_this_push() -> None:
+    pending = pb.PendingPush(
+        writer_id="t", version=3, base_version=2, bytes_received=100, payload_bytes=4096
+    )
+    ours = pb.ModelState(model_name="m", pending=pending)
+    assert protocol.bytes_applied(ours, "m", 3, 2, "t", 4096) == 100
+    other = pb.ModelState(model_name="other", pending=pending)
+    assert protocol.bytes_applied(other, "m", 3, 2, "t", 4096) == 0
+
+
+def test_what_a_hop_says_goes_upstream_cut_to_the_status_message_bound() -> None:
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushResponse:
+        for _ in requests:
+            pass
+        lie = pb.HopResult(address="next:9001", code=9, reason="r" * 100_000, message="m" * 10**6)
+        return pb.PushResponse(model_name="m", version=3, hops=[lie])
+
+    with serving_push(push, pb.PushResponse.SerializeToString) as hop:
+        route = (Hop(hop, "", 1), Hop("next:9001", "", 1))
+        onward = Forward(PushHeader("m", 3, 2, "t", 4096, 5, route), PeerAccess())
+        parts = body(4)
+        assert list(onward.passing_on(parts)) == parts
+        mine, lie = onward.results()
+    assert mine == HopResult(hop, 3)
+    assert len(lie.message.encode()) <= 2048 and lie.message.endswith("bytes cut)")
+    assert len(lie.reason.encode()) <= 128
