@@ -26,6 +26,16 @@ PING_STRIKES = 2
 # gRPC's set of compression algorithms a server takes, as a bit per algorithm: identity alone.
 IDENTITY_ONLY = 1
 
+# Read-ahead on the data plane: what a stream's transport takes beyond the message its handler
+# asks for, which the service holds whether or not it ever reads it. gRPC grows it with its
+# bandwidth-delay estimate, to hundreds of MiB a stream on a fast link, so clients that write
+# to ModelStreamInfer streams and never read their answers (the handler then stops reading
+# requests) grew a service past 11 GiB with ten streams; without the estimate each stream reads
+# ahead gRPC's 64 KiB. A message its handler asks for still gets a window of its own size, so
+# requests and unary calls flow as before. The sync plane keeps the estimate: it reads every
+# push as it comes, and its links are long and fast.
+BOUNDED_READ_AHEAD: list[tuple[str, int]] = [("grpc.http2.bdp_probe", 0)]
+
 
 def server_options(
     max_message_bytes: int, frequent_pings: bool = False, max_answer_bytes: int | None = None

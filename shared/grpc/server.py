@@ -18,7 +18,7 @@ from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.decoding import StrictAioServer, StrictDecoding
 from shared.grpc.limits import CallBudget, CallLimiter
-from shared.grpc.options import server_options
+from shared.grpc.options import BOUNDED_READ_AHEAD, server_options
 
 
 def new_server(
@@ -64,7 +64,10 @@ def new_aio_server(
     """A grpc.aio server, requests that do not parse getting INVALID_ARGUMENT; create it on
     the event loop that will run it."""
     return StrictAioServer(
-        grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
+        grpc.aio.server(
+            options=[*server_options(max_message_bytes), *BOUNDED_READ_AHEAD],
+            interceptors=interceptors,
+        )
     )
 
 
