@@ -62,7 +62,8 @@ class AppliedWatch:
     what it applied of it (`get_model`, its GetModel, within `bound_s`) every `bound_s`, until
     it has applied it whole or serves its version (then it commits, and waits for the hops
     after it, each watched by the one before it). `stuck` says why a service that applied
-    nothing more between two looks, or did not answer one, is stuck."""
+    nothing more between two looks, or did not answer one, is stuck; a look it refuses for its
+    limit of calls (RESOURCE_EXHAUSTED) says nothing, and the next is made as planned."""
 
     def __init__(
         self,
@@ -98,7 +99,7 @@ class AppliedWatch:
             state, h.model_name, h.version, h.base_version, h.writer_id, h.payload_bytes
         )
         if state.model_name == h.model_name and (
-            state.version >= h.version or applied == h.payload_bytes
+            state.version >= h.version or applied >= h.payload_bytes
         ):
             self._done = True
             return None

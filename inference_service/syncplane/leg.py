@@ -255,7 +255,7 @@ class Leg:
             )
         applied = self.held_bytes(state)
         mine = state.model_name == self.header.model_name
-        if mine and (state.version >= self.header.version or applied == self.header.payload_bytes):
+        if mine and (state.version >= self.header.version or applied >= self.header.payload_bytes):
             return None
         if before is not None and applied <= before and not self._call_done.is_set():
             self._call.cancel()
