@@ -50,6 +50,15 @@ def body(chunks: int, size: int = 1024) -> list[Data | Commit]:
     return [*(bytes([i]) * size for i in range(chunks)), Commit(b"d" * 16)]
 
 
+def passed_on(route: tuple[Hop, ...], access: PeerAccess) -> tuple[HopResult, ...]:
+    """A 4 KiB push passed on down `route` (the local push seeing every part, in order): what
+    became of it on each hop."""
+    onward = Forward(PushHeader("m", 3, 2, "t", 4096, 5, route), access)
+    parts = body(4)
+    assert list(onward.passing_on(parts)) == parts
+    return onward.results()
+
+
 def test_a_route_names_a_bounded_number_of_hops_each_with_an_address() -> None:
     forward.check_route(HEADER)
     too_long = PushHeader("m", 3, 2, "t", 1, 5, (Hop("a:1"),) * (forward.MAX_HOPS + 1))
@@ -184,13 +193,9 @@ def test_a_hop_stuck_on_a_push_its_buffers_take_whole_is_cut_without_waiting_for
     after = closed_port()
     with stuck_hop(state) as hop:
         route = (Hop(hop, "", 1), Hop(after, "", 1), Hop("next:9001", "", 1))
-        onward = Forward(
-            PushHeader("m", 3, 2, "t", 4096, 5, route),
-            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0),
+        stalled, unreached, last = passed_on(
+            route, PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0)
         )
-        parts = body(4)
-        assert list(onward.passing_on(parts)) == parts
-        stalled, unreached, last = onward.results()
     assert (stalled.address, stalled.code, stalled.reason) == (
         hop,
         grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
@@ -219,13 +224,9 @@ def test_a_hop_that_took_the_push_whole_is_waited_for_until_the_answer_bound() -
 
     with serving_push(push, pb.PushResponse.SerializeToString, get_model) as hop:
         route = (Hop(hop, "", 1), Hop("next:9001", "", 1), Hop("later:9001", "", 1))
-        onward = Forward(
-            PushHeader("m", 3, 2, "t", 4096, 5, route),
-            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0),
+        assert passed_on(route, PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0)) == (
+            HopResult(hop, 3),
         )
-        parts = body(4)
-        assert list(onward.passing_on(parts)) == parts
-        assert onward.results() == (HopResult(hop, 3),)
 
 
 def test_the_route_and_the_hop_results_cross_both_transports() -> None:
@@ -267,10 +268,7 @@ def lying_hop() -> Iterator[str]:
 
 def test_a_hop_speaks_only_for_the_hops_on_its_route_each_once(lying_hop: str) -> None:
     route = (Hop(lying_hop, "", 1), Hop("next:9001", "", 2))
-    onward = Forward(PushHeader("m", 3, 2, "t", 4096, 5, route), PeerAccess())
-    parts = body(4)
-    assert list(onward.passing_on(parts)) == parts
-    assert onward.results() == (HopResult(lying_hop, 3), HopResult("next:9001", 3))
+    assert passed_on(route, PeerAccess()) == (HopResult(lying_hop, 3), HopResult("next:9001", 3))
 
 
 def test_a_hop_that_goes_on_applying_a_push_slowly_is_waited_for_past_the_answer_bound() -> None:
@@ -292,13 +290,9 @@ def test_a_hop_that_goes_on_applying_a_push_slowly_is_waited_for_past_the_answer
         return pb.ModelState(model_name="m", version=2, pending=pending)
 
     with serving_push(push, pb.PushResponse.SerializeToString, get_model) as hop:
-        onward = Forward(
-            PushHeader("m", 3, 2, "t", 4096, 5, (Hop(hop, "", 1),)),
-            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=0.5),
-        )
-        parts = body(4)
-        assert list(onward.passing_on(parts)) == parts
-        assert onward.results() == (HopResult(hop, 3),)  # about 2 s: four times the bound
+        access = PeerAccess(stall_timeout_s=0.3, answer_timeout_s=0.5)
+        # about 2 s: four times the bound
+        assert passed_on((Hop(hop, "", 1),), access) == (HopResult(hop, 3),)
 
 
 def test_a_hop_whose_look_is_refused_for_its_call_limit_is_asked_again_not_cut() -> None:
@@ -314,13 +308,9 @@ def test_a_hop_whose_look_is_refused_for_its_call_limit_is_asked_again_not_cut()
 
     with serving_push(push, pb.PushResponse.SerializeToString, get_model) as hop:
         route = (Hop(hop, "", 1), Hop("next:9001", "", 1), Hop("later:9001", "", 1))
-        onward = Forward(
-            PushHeader("m", 3, 2, "t", 4096, 5, route),
-            PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0),
+        assert passed_on(route, PeerAccess(stall_timeout_s=0.3, answer_timeout_s=1.0)) == (
+            HopResult(hop, 3),
         )
-        parts = body(4)
-        assert list(onward.passing_on(parts)) == parts
-        assert onward.results() == (HopResult(hop, 3),)
 
 
 def test_a_look_at_another_model_says_nothing_of_this_push() -> None:
@@ -342,10 +332,7 @@ def test_what_a_hop_says_goes_upstream_cut_to_the_status_message_bound() -> None
 
     with serving_push(push, pb.PushResponse.SerializeToString) as hop:
         route = (Hop(hop, "", 1), Hop("next:9001", "", 1))
-        onward = Forward(PushHeader("m", 3, 2, "t", 4096, 5, route), PeerAccess())
-        parts = body(4)
-        assert list(onward.passing_on(parts)) == parts
-        mine, lie = onward.results()
+        mine, lie = passed_on(route, PeerAccess())
     assert mine == HopResult(hop, 3)
     assert len(lie.message.encode()) <= 2048 and lie.message.endswith("bytes cut)")
     assert len(lie.reason.encode()) <= 128
