@@ -46,9 +46,20 @@ def unread_sync_plane() -> Iterator[str]:
             response_serializer=pb.WriterLease.SerializeToString,
         ),
     }
+    with serving_sync_plane(handlers) as address:
+        try:
+            yield address
+        finally:
+            stuck.set()  # before the server stops: its handlers' threads end
+
+
+@contextmanager
+def serving_sync_plane(handlers: dict[str, grpc.RpcMethodHandler]) -> Iterator[str]:
+    """A real gRPC server answering weightsync.v1.WeightSync's methods in `handlers`, taking
+    pings as a sync plane does; its address, while it runs."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
-        options=server_options(SYNC_MAX_MESSAGE_BYTES, frequent_pings=True),  # as a sync plane's
+        options=server_options(SYNC_MAX_MESSAGE_BYTES, frequent_pings=True),
     )
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers)]
@@ -58,5 +69,4 @@ def unread_sync_plane() -> Iterator[str]:
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        stuck.set()  # before the server stops: its handlers' threads end
         server.stop(0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,7 +26,7 @@ from inference_service.syncplane.relay.frames import (
 from shared import protocol
 from shared.errors import MalformedPushError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
-from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, server_options
+from tests.integration.stuck_plane import serving_sync_plane
 
 ROUTE = (Hop("replica2:9001", "replica2", 4), Hop("[::1]:9001", "", 9))
 HEADER = PushHeader("m", 3, 2, "trainer-1", 4096, 5, ROUTE)
@@ -103,10 +102,6 @@ def serving_push(
 ) -> Iterator[str]:
     """A sync plane (a real gRPC server) whose Push is `push` (and GetModel `get_model`, if
     given); its address."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        options=server_options(SYNC_MAX_MESSAGE_BYTES, frequent_pings=True),  # as a sync plane's
-    )
     handlers = {"Push": grpc.stream_unary_rpc_method_handler(push, response_serializer=serializer)}
     if get_model is not None:
         handlers["GetModel"] = grpc.unary_unary_rpc_method_handler(
@@ -114,15 +109,8 @@ def serving_push(
             request_deserializer=pb.GetModelRequest.FromString,
             response_serializer=pb.ModelState.SerializeToString,
         )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers)]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
+    with serving_sync_plane(handlers) as address:
+        yield address
 
 
 @pytest.fixture
