@@ -6,7 +6,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -31,7 +30,7 @@ from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
-from shared.process import prepare_process
+from shared.process import end_process, prepare_process
 from shared.statedir import claim
 
 logger = logging.getLogger("inference_service")
@@ -246,4 +245,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

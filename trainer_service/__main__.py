@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from shared.errors import ConfigurationError, StateWriteError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
-from shared.process import prepare_process
+from shared.process import end_process, prepare_process
 from shared.statedir import claim, claim_first
 from trainer_service.distributed import Group, join, rank_device
 from trainer_service.experience.buffers import Buffers
@@ -285,4 +284,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -57,6 +57,7 @@ from shared.grpc.errors import abort, error_reason
 from shared.grpc.options import SYNC_MAX_ANSWER_BYTES, SYNC_MAX_MESSAGE_BYTES, watched_link
 from shared.grpc.prefetch import Prefetcher
 from shared.grpc.server import bind, lower_thread_priority, new_server
+from shared.process import end_process
 from shared.settings import ProcessSettings
 
 logger = logging.getLogger("inference_service.sync_relay")
@@ -296,4 +297,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())
