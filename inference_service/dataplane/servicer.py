@@ -39,6 +39,10 @@ STREAM_WINDOW = 64  # requests of one ModelStreamInfer stream running at once
 # The most bytes of a ModelInferResponse sent on a stream: a message's, less what wraps it in a
 # ModelStreamInferResponse (a tag and a length) and the final flag it may add (FINAL).
 STREAM_ANSWER_BYTES = DATA_MAX_MESSAGE_BYTES - 64
+# A request's id is echoed in its answer, a refused one's too, and every answer waiting on a
+# stream holds it: ids of up to a message's size let one stream's window of refused answers hold
+# gigabytes that no admission bound counted. An id is a tag (a UUID, a trace id): this is ample.
+MAX_REQUEST_ID_BYTES = 4096
 # Triton's stream parameters: a request asking to be told which answer is its last, and the flag.
 FINAL_ASKED = "triton_enable_empty_final_response"
 FINAL = "triton_final_response"
@@ -164,7 +168,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         except ServiceError as error:
             message = status_of(error).message  # cut as a status message is
         except Exception:
-            logger.exception("unhandled error in ModelStreamInfer (id %r)", request.id)
+            logger.exception("unhandled error in ModelStreamInfer (id %r)", echoed(request.id))
             message = "internal server error"
         else:
             if final:
@@ -175,7 +179,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelStreamInferResponse(infer_response=response)
         # the id, so that the client knows which request failed (Triton's convention)
         return pb.ModelStreamInferResponse(
-            error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+            error_message=message, infer_response=pb.ModelInferResponse(id=echoed(request.id))
         )
 
     @override
@@ -216,6 +220,7 @@ class InferenceServicer(TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
         label = name if name in data.models else ""
         code = "INTERNAL"
         try:
+            check_request_id(request.id)
             version = request.model_version
             model = data.model(name, version)
             parameters = request.parameters
@@ -289,3 +294,24 @@ def _final_asked(parameters: Mapping[str, pb.InferParameter]) -> bool:
             f"{asked.WhichOneof('parameter_choice') or 'empty'}"
         )
     return bool(asked.bool_param)
+
+
+def check_request_id(id: str) -> None:
+    """Refuse an id over MAX_REQUEST_ID_BYTES (UTF-8)."""
+    if size := _oversized(id):
+        raise InvalidArgumentError(
+            f"the request id takes {size} bytes; at most {MAX_REQUEST_ID_BYTES} are taken"
+        )
+
+
+def echoed(id: str) -> str:
+    """What a refused answer echoes of a request's id: the id, or nothing for one too long."""
+    return "" if _oversized(id) else id
+
+
+def _oversized(id: str) -> int:
+    """The id's size in bytes where it is over MAX_REQUEST_ID_BYTES, else 0."""
+    if len(id) <= MAX_REQUEST_ID_BYTES // 4:  # a character takes at most 4 bytes in UTF-8
+        return 0
+    size = len(id.encode())
+    return size if size > MAX_REQUEST_ID_BYTES else 0

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from inference_service.dataplane.servicer import MAX_REQUEST_ID_BYTES
 from shared import protocol
 from shared.gen.inference import grpc_service_pb2 as oip
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
@@ -55,6 +56,15 @@ def with_id(message: oip.ModelInferRequest, id: str) -> oip.ModelInferRequest:
     return message
 
 
+PAD = "pad"
+
+
+def padded(message: oip.ModelInferRequest, size: int) -> oip.ModelInferRequest:
+    """`message` with a parameter of `size` bytes, which its answer echoes."""
+    message.parameters[PAD].string_param = "p" * size
+    return message
+
+
 # Triton's convention (its server puts the id back "so that client knows which request
 # failed"): an in-band error carries the failed request's id. It came back with no id, and with
 # the whole message however long (a megabyte, echoing a megabyte model name), where every status
@@ -83,6 +93,26 @@ def test_a_failed_request_on_a_stream_answers_with_its_id_and_a_bounded_message(
     assert answers[3].error_message == "missing input(s) x"
     assert not answers[1].infer_response.outputs and not answers[1].infer_response.model_name
     assert "unhandled" not in inference.log.read_text()
+
+
+# An id is echoed in every answer, a refused one's too, and answers that wait on a stream hold
+# it: 64 refused answers echoing 64 MiB ids held 4 GiB a stream that no admission bound counted.
+def test_an_id_over_4096_bytes_is_refused_and_not_echoed(services: Services) -> None:
+    inference = services.inference(HOLES)
+    x = rows(1, 4)
+    most, over = "é" * (MAX_REQUEST_ID_BYTES // 2), "i" * (MAX_REQUEST_ID_BYTES + 1)
+    data = stub(inference)
+    assert data.ModelInfer(with_id(request("ragged", x=x), most), timeout=10).id == most
+    with pytest.raises(grpc.RpcError) as caught:
+        data.ModelInfer(with_id(request("ragged", x=x), over), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "the request id takes 4097 bytes; at most 4096 are taken"
+    sent = [with_id(request("ragged", x=x), i) for i in ("a", "é" + most, over, "b")]
+    answers = list(data.ModelStreamInfer(iter(sent), timeout=30))
+    assert [a.infer_response.id for a in answers] == ["a", "", "", "b"]
+    assert answers[1].error_message == "the request id takes 4098 bytes; at most 4096 are taken"
+    assert [bool(a.error_message) for a in answers] == [False, True, True, False]
+    assert output(answers[3].infer_response).tobytes() == x.tobytes()
 
 
 # The stream ran up to 64 requests at once and held their answers until its client read them,
@@ -155,10 +185,10 @@ def bytes_in_flight(inference: Inference) -> int:
 
 
 # A stream's unread answers kept their requests' places, but counted only the requests' tensors:
-# an answer echoing a megabyte id (or parameters, or outputs larger than the inputs) held its
-# megabytes against 16 bytes counted, 64 of them a stream. An answer waiting on a stream now
-# counts its own size.
-def test_an_unread_answer_on_a_stream_counts_its_bytes_an_echoed_id_included(
+# an answer echoing megabytes of parameters (or a megabyte id, before ids were bounded, or
+# outputs larger than the inputs) held its megabytes against 16 bytes counted, 64 of them a
+# stream. An answer waiting on a stream now counts its own size.
+def test_an_unread_answer_on_a_stream_counts_its_bytes_echoed_parameters_included(
     services: Services,
 ) -> None:
     inference = services.inference(HOLES, "--max-request-bytes-in-flight", str(MiB))
@@ -166,7 +196,7 @@ def test_an_unread_answer_on_a_stream_counts_its_bytes_an_echoed_id_included(
     sent = [rows(1, 4) for _ in range(10)]  # 16 bytes of tensors each
     requests = Requests()
     for i, x in enumerate(sent):
-        requests.send(with_id(request("ragged", x=x), f"{i:02d}" + "i" * (2 * MiB)))
+        requests.send(with_id(padded(request("ragged", x=x), 2 * MiB), f"{i:02d}"))
     answers = data.ModelStreamInfer(iter(requests), timeout=60)
     wait_until(lambda: bytes_in_flight(inference) > 2 * MiB, timeout=30)  # unread answers
     with pytest.raises(grpc.RpcError) as caught:
@@ -175,13 +205,13 @@ def test_an_unread_answer_on_a_stream_counts_its_bytes_an_echoed_id_included(
     assert "requests in flight hold" in caught.value.details()
 
     got = [next(answers) for _ in sent]
-    assert [a.infer_response.id[:2] for a in got] == [f"{i:02d}" for i in range(len(sent))]
+    assert [a.infer_response.id for a in got] == [f"{i:02d}" for i in range(len(sent))]
     assert not got[0].error_message
     for x, a in zip(sent, got, strict=True):
-        assert len(a.infer_response.id) == 2 + 2 * MiB
         if a.error_message:
             assert "requests in flight hold" in a.error_message
         else:
+            assert len(a.infer_response.parameters[PAD].string_param) == 2 * MiB
             assert output(a.infer_response).tobytes() == x.tobytes()
     wait_until(lambda: bytes_in_flight(inference) == 0, timeout=30)  # read: all given back
     x = rows(1, 4)
@@ -196,9 +226,9 @@ def just_under_a_message() -> oip.ModelInferRequest:
     the limit."""
     x = np.zeros((1, (DATA_MAX_MESSAGE_BYTES - 1024) // 4), np.float32)
     message = request("ragged", x=x)
-    pad = DATA_MAX_MESSAGE_BYTES - 3 - message.ByteSize()
-    message.id = "i" * (pad - 3)  # a tag, a two-byte length, the id
-    assert message.ByteSize() == DATA_MAX_MESSAGE_BYTES - 3
+    size = DATA_MAX_MESSAGE_BYTES - 3 - message.ByteSize()
+    while (short := DATA_MAX_MESSAGE_BYTES - 3 - padded(message, size).ByteSize()) != 0:
+        size += short  # less the parameter's framing
     return message
 
 
@@ -226,7 +256,7 @@ def test_an_answer_larger_than_a_message_is_refused_alone_and_the_stream_goes_on
     first, last = rows(1, 4), rows(3, 4)
     sent = [with_id(request("ragged", x=first), "a"), big, with_id(request("ragged", x=last), "c")]
     answers = list(data.ModelStreamInfer(iter(sent), timeout=60))
-    assert [len(a.infer_response.id) for a in answers] == [1, len(big.id), 1]
+    assert [a.infer_response.id for a in answers] == ["a", "", "c"]
     assert output(answers[0].infer_response).tobytes() == first.tobytes()
     assert answers[1].error_message.startswith(
         f"the answer takes {DATA_MAX_MESSAGE_BYTES + 4} bytes, more than a message"
