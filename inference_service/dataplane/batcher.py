@@ -187,11 +187,19 @@ class Batcher:
             if self._idle or (self._gathering and self._queued_rows >= self.config.max_batch_size):
                 self._cond.notify()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Take no more requests, run those queued, and wait up to `timeout_s` seconds (None:
+        for good) for the worker to end; whether it still runs (a model call that has not
+        returned: the worker is a daemon thread, which does not hold the process)."""
+        self.stop()
+        self._thread.join(timeout_s)
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Take no more requests; the worker ends once it has run those queued."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join()
 
     def _take_batch(self, dropped: list[Outcome]) -> list[_Request]:
         with self._cond:

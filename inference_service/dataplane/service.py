@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 
 from prometheus_client import Histogram
@@ -16,6 +16,7 @@ from inference_service.dataplane.admission import Admission, RequestLimits, Tick
 from inference_service.dataplane.batch_rows import common_rows
 from inference_service.dataplane.batcher import Batcher, BatchingConfig
 from inference_service.dataplane.model_io import Tensor, normalize_model_outputs, tensor_bytes
+from inference_service.dataplane.model_threads import ModelThreads
 from inference_service.dataplane.stats import StatsBook
 from inference_service.recording import Recorder
 from inference_service.served_model import Generation, ServedModel, version_not_served
@@ -23,6 +24,11 @@ from shared.devices import use_torch_threads
 from shared.errors import DeadlineExceededError, ModelNotFoundError, UnavailableError
 
 WORKERS = 8  # threads running models that are not batched (--workers)
+# How long a stopping service waits for model calls still running once its calls have drained
+# (or were cancelled at the end of --grace): their answers can no longer reach anyone.
+CALLS_WAIT_S = 2.0
+
+logger = logging.getLogger(__name__)
 
 
 class DataPlane:
@@ -38,9 +44,7 @@ class DataPlane:
         self.recorder = recorder or Recorder.off()  # records served requests (recording.py)
         self.admission = Admission(limits or RequestLimits())
         # Models that are not batched run here, so a slow one never blocks the event loop.
-        self._workers = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="model", initializer=use_torch_threads
-        )
+        self._workers = ModelThreads(workers, "model", initializer=use_torch_threads)
         self._ready = threading.Event()
         self._batchers: dict[str, Batcher] = {}
         self.stats = StatsBook()
@@ -54,10 +58,24 @@ class DataPlane:
                         model, batching, normalize_model_outputs, self.stats.execution
                     )
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CALLS_WAIT_S) -> None:
+        """Stop running models: calls not started are dropped, those running waited for up to
+        `timeout_s` seconds, then left to their (daemon) threads, which do not hold the
+        process."""
         for batcher in self._batchers.values():
-            batcher.close()
-        self._workers.shutdown(wait=True)
+            batcher.stop()
+        self._workers.stop()
+        deadline = time.monotonic() + timeout_s
+        running = sum(
+            b.close(max(0.0, deadline - time.monotonic())) for b in self._batchers.values()
+        )
+        running += self._workers.close(max(0.0, deadline - time.monotonic()))
+        if running:
+            logger.warning(
+                "%d model call(s) still running %gs after the drain; stopping without them",
+                running,
+                timeout_s,
+            )
 
     @property
     def models(self) -> Mapping[str, ServedModel]:
