@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import signal
 import threading
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -30,7 +29,7 @@ from shared.errors import ConfigurationError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
-from shared.process import end_process, prepare_process
+from shared.process import end_process, prepare_process, watch_stop_signals
 from shared.statedir import claim
 
 logger = logging.getLogger("inference_service")
@@ -173,8 +172,7 @@ def open_store(
 
 def run(settings: InferenceSettings) -> None:
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    watch_stop_signals(stop, f"draining for up to {settings.grace:g}s", "the drain")
     check_sync_access(settings)
     # A client CA shared with the data plane authenticates no one on the sync plane: every
     # data-plane client holds a certificate it signed.

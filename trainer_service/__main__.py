@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from shared.errors import ConfigurationError, StateWriteError
 from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
-from shared.process import end_process, prepare_process
+from shared.process import end_process, prepare_process, watch_stop_signals
 from shared.statedir import claim, claim_first
 from trainer_service.distributed import Group, join, rank_device
 from trainer_service.experience.buffers import Buffers
@@ -35,7 +34,7 @@ logger = logging.getLogger("trainer_service")
 
 def run(settings: TrainerSettings) -> None:
     stop = threading.Event()
-    watch_signals(stop)
+    watch_stop_signals(stop, "stopping after the run in progress and a checkpoint", "a checkpoint")
     device = rank_device(resolve_device(settings.device))
     # torch's default is one thread per CPU in the affinity mask, a container's CPU quota
     # ignored: training in a `--cpus 2` container on a large host would spin a team of dozens
@@ -118,48 +117,6 @@ def run(settings: TrainerSettings) -> None:
         publisher.close()
         if group is not None:
             group.close()
-
-
-def watch_signals(stop: threading.Event) -> None:
-    """Hand SIGTERM and SIGINT to `stopping` from a thread of their own. Python runs a signal's
-    handler on the main thread only, between bytecodes: a trainer waiting in a collective of
-    its ranks (gloo, NCCL), or in any long C call, would never run it. The C-level handler still
-    writes each signal's number to the wakeup file, which this thread reads."""
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: None)  # the thread acts on it
-    handled = {int(signal.SIGTERM), int(signal.SIGINT)}
-
-    def watch() -> None:
-        seen: list[int] = []
-        while True:
-            for number in os.read(read, 64):
-                if number in handled:
-                    stopping(stop, seen, number)
-
-    threading.Thread(target=watch, name="signals", daemon=True).start()
-
-
-def stopping(stop: threading.Event, signals: list[int], number: int) -> None:
-    """The first SIGTERM or SIGINT (`signals` holds those seen) ends training after the run in
-    progress (its sync, then a checkpoint); a second one ends the process at once, without a
-    checkpoint."""
-    name = signal.Signals(number).name
-    signals.append(number)
-    if len(signals) == 1:
-        stop.set()
-        logger.warning(
-            "%s: stopping after the run in progress and a checkpoint (another %s stops at once, "
-            "without one)",
-            name,
-            name,
-        )
-        return
-    logger.warning("%s again: exiting now, without a checkpoint", name)
-    logging.shutdown()
-    os._exit(128 + number)
 
 
 def save_after_failure(loop: TrainingLoop, experience: ExperienceServer | None) -> None:

@@ -216,9 +216,9 @@ def manual_ranks(
 
 def test_second_sigterm_ends_a_rank_stuck_waiting_for_another(services: Services) -> None:
     """The trainer's own log line on SIGTERM: "stopping after the run in progress and a
-    checkpoint (another SIGTERM stops at once, without one)" (trainer_service/__main__.py
-    `stopping`: "a second one ends the process at once"). Rank 1's train() hangs in user code;
-    rank 0 waits in the gradient all-reduce. Rank 0 then ignores SIGTERM altogether, a second
+    checkpoint (another SIGTERM stops at once, without a checkpoint)" (shared/process.py
+    `watch_stop_signals`: "a second ends the process at once"). Rank 1's train() hangs in user
+    code; rank 0 waits in the gradient all-reduce. Rank 0 then ignores SIGTERM altogether, a second
     one too: no log line, no exit; its Python handler never runs while it waits in gloo, and
     gloo's own timeout is 30 minutes. Only SIGKILL ends it (docker stop's, 30 s later)."""
     app = f"{HERE}:plain"
