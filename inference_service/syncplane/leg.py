@@ -17,7 +17,7 @@ from inference_service.syncplane.parts import Hop, HopResult, PushHeader
 from shared import protocol
 from shared.errors import ConfigurationError
 from shared.gen.weightsync.v1 import weightsync_pb2 as pb
-from shared.grpc.channel import open_channel
+from shared.grpc.channel import close_watched, open_channel
 from shared.grpc.errors import bounded, error_details, error_reason
 from shared.grpc.options import SYNC_MAX_MESSAGE_BYTES, watched_link
 
@@ -345,5 +345,9 @@ class Leg:
             self._call.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
-            channel.unsubscribe(self._on_connectivity)
-            threading.Thread(target=channel.close, name="forward-close", daemon=True).start()
+            threading.Thread(
+                target=close_watched,
+                args=(channel, self._on_connectivity),
+                name="forward-close",
+                daemon=True,
+            ).start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -113,6 +114,24 @@ class CallDefaults(
     intercept_unary_stream = _continue
     intercept_stream_unary = _continue
     intercept_stream_stream = _continue
+
+
+POLLER_EXIT_S = 5.0  # grpcio's poller looks every 0.2 s
+
+
+def close_watched(
+    channel: grpc.Channel, callback: Callable[[grpc.ChannelConnectivity], None]
+) -> None:
+    """Unsubscribe `callback` from `channel`, then close it once grpcio's connectivity poller
+    has let go of it (for up to a few seconds). That poller checks for callbacks and then
+    watches the channel again; a close between the two raises "Cannot monitor channel state:
+    Channel closed!" in its thread. Blocks: call it off any path that waits."""
+    channel.unsubscribe(callback)
+    state = getattr(channel, "_connectivity_state", None)  # grpcio's; absent elsewhere
+    gone = time.monotonic() + POLLER_EXIT_S
+    while getattr(state, "polling", False) and time.monotonic() < gone:
+        time.sleep(0.05)
+    channel.close()
 
 
 def add_options(parser: argparse.ArgumentParser, token_env: Sequence[str], tls_env: str) -> None:
