@@ -27,6 +27,7 @@ from trainer_service.groups import check_groups
 from trainer_service.publisher import Publisher
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import PROG, TrainerSettings
+from trainer_service.stopping import Stopping
 from trainer_service.sync_errors import WriterFencedError
 
 logger = logging.getLogger("trainer_service")
@@ -67,6 +68,7 @@ def run(settings: TrainerSettings) -> None:
         fanout=settings.fanout,
         catch_up_from_peers=settings.catch_up_from_peers,
         push_encoding=settings.push_encoding,
+        stopping=Stopping(stop, settings.stop_sync_timeout),
     )
     experience: ExperienceServer | None = None
     try:

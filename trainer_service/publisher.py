@@ -10,11 +10,10 @@ new replicas behind one name are found and caught up with a full push.
 
 A target that does not answer within the connect deadline, or whose push takes nothing for the
 push stall timeout (push.py), holds nobody back: it is marked lagging, the sync completes once
-every reachable target has committed, and the background catch-up (catchup.py) retries it with
-capped backoff and brings it up to the newest version when it answers: seeded by another target
-that holds that version (a Seed: the trainer's link carries nothing), else pushed from the host
-copy kept for it (the state both share: published.py). A sync fails when no target could be
-reached, or when one that answered refused the version.
+every reachable target has committed, and the background catch-up (catchup.py, with capped
+backoff) brings it to the newest version when it answers: seeded by a target that holds that
+version (a Seed: the trainer's link carries nothing), else pushed from the host copy kept for it
+(published.py). A sync fails when no target was reached, or one that answered refused it.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from trainer_service.push import (
     SyncClient,
     TargetUnreachableError,
 )
+from trainer_service.stopping import Stopping
 from trainer_service.sync_errors import (
     MISCONFIGURED,
     SyncFailedError,
@@ -89,6 +89,7 @@ class Publisher:
         fanout: str = "chain",
         push_encoding: str = "auto",
         catch_up_from_peers: bool = True,
+        stopping: Stopping | None = None,
     ) -> None:
         self._delivery = Delivery(
             writer_id, connect_timeout_s, retries, retry_delay_s, push_encoding
@@ -103,6 +104,7 @@ class Publisher:
                 tls,
                 endpoint.server_name,
                 push_stall_timeout_s,
+                stopping,
             ),
             resolve_wait_s=connect_timeout_s,
         )

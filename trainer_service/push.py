@@ -24,6 +24,7 @@ from shared.weights.writer import DEFAULT_CHUNK_BYTES, Payload
 from trainer_service.progress import Progress, wants_progress
 from trainer_service.push_messages import push_header, requests
 from trainer_service.push_watch import AppliedWatch, Watched
+from trainer_service.stopping import Stopping
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,10 @@ class SyncClient:
         tls: TlsFiles | None = None,
         server_name: str | None = None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        stopping: Stopping | None = None,
     ):
         self.target = target
+        self._stopping = stopping
         self.server_name = server_name or ""
         self._timeout_s = timeout_s
         self._stall_timeout_s = stall_timeout_s
@@ -262,10 +265,16 @@ class SyncClient:
                 address=hop.address, server_name=hop.server_name, writer_epoch=hop.writer_epoch
             ),
         )
-        try:
-            result = pb_grpc.WeightSyncStub(self._seeds).Seed(request, timeout=self._timeout_s)
-        except grpc.RpcError as error:
-            raise PushFailedError.from_rpc(self.target, error) from None
+        self._check_stopping()
+        call = pb_grpc.WeightSyncStub(self._seeds).Seed.future(request, timeout=self._timeout_s)
+        while True:
+            try:
+                result: pb.HopResult = call.result(timeout=WATCH_TICK_S)
+                break
+            except grpc.RpcError as error:
+                raise PushFailedError.from_rpc(self.target, error) from None
+            except grpc.FutureTimeoutError:
+                self._cut_if_stopping(call)
         return HopResult(
             result.address,
             result.version,
@@ -278,7 +287,8 @@ class SyncClient:
         """Stream one push (the target committed it unless this raises); return what became of
         it on each hop of its route, and the target's own time after its end. A push whose
         stream takes nothing for the stall timeout (the link went dark, the service is stuck) is
-        cancelled: TargetUnreachableError."""
+        cancelled: TargetUnreachableError, as is one the trainer cuts as it stops (stopping.py)."""
+        self._check_stopping()
         try:
             progress = None
             if wants_progress(plan.payload.nbytes):
@@ -314,6 +324,23 @@ class SyncClient:
         )
         return PushAnswer(hops, response.finish_seconds)
 
+    def _cut_if_stopping(self, call: grpc.Future) -> None:
+        """Cancel `call` if the trainer is stopping and its pushes' time is up (raising)."""
+        if self._stopping is not None and self._stopping.cut() and not call.done():
+            call.cancel()
+            self._check_stopping()
+
+    def _check_stopping(self) -> None:
+        if self._stopping is not None and self._stopping.cut():
+            raise TargetUnreachableError(
+                self.target,
+                grpc.StatusCode.CANCELLED,
+                f"the trainer is stopping and its pushes had {self._stopping.bound_s:g}s "
+                "(--stop-sync-timeout-s): this one was cancelled; the service keeps the version "
+                "it serves",
+                None,
+            )
+
     def _watched(self, messages: Watched, header: pb.PushHeader) -> pb.PushResponse:
         """The push's response; cancelled once its stream took nothing for the stall timeout,
         or, once it left whole, its service applied nothing more of it for as long
@@ -345,6 +372,7 @@ class SyncClient:
                     None,
                 ) from None
             except grpc.FutureTimeoutError:
+                self._cut_if_stopping(call)
                 left_s = messages.left_s()
                 if left_s is not None:
                     stuck = applied.stuck(left_s)

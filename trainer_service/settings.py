@@ -302,6 +302,18 @@ class TrainerSettings:
             duration("s", positive=True),
         ),
     )
+    stop_sync_timeout: float = field(
+        default=10.0,
+        metadata=option(
+            "--stop-sync-timeout-s",
+            "TRAINER_STOP_SYNC_TIMEOUT_S",
+            "once the trainer is stopping (SIGTERM, SIGINT), how long the pushes of its last "
+            "sync may still take before they are cancelled (their inference services lag, "
+            "keep the version they serve, and are caught up at the next start) so that the "
+            "checkpoint is written before an orchestrator kills the process",
+            duration("s"),
+        ),
+    )
     fanout: str = field(
         default="chain",
         metadata=option(

@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -201,3 +202,26 @@ def test_a_service_stuck_on_a_push_that_left_whole_is_cancelled_and_the_others_f
     assert f"{stuck}: DEADLINE_EXCEEDED: the service applied nothing more of the push for 3s" in log
     state = quick.model_state("stamp")  # version N holds the state after run N - 1
     assert state.digest == state_digest(stamp_state(state.version - 1, mb=1))
+
+
+# A stopping trainer waited for its last sync's pushes however long they took: SIGTERM during a
+# push to a replica taking 1 MB/s of a 64 MiB model ended the trainer 60 s later, far past
+# docker compose's patience, its checkpoint not yet written (found by an outside review). Now
+# the pushes get --stop-sync-timeout-s once it is stopping, then are cancelled.
+def test_a_stopping_trainer_cuts_a_slow_push_and_checkpoints(
+    services: Services, tmp_path: Path
+) -> None:
+    slow = services.inference(STAMP, "--sync-max-mb-per-s", "1", "--sync-relay", "off")
+    state = tmp_path / "trainer-state"
+    trainer = services.trainer(
+        STAMP, [slow], "--state-dir", str(state), "--stop-sync-timeout-s", "1"
+    )
+    wait_until(lambda: slow.model_state("stamp").pending.bytes_received > 0, timeout=60)
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=30) == 0, services.log("trainer")
+    log = services.log("trainer")
+    assert "its pushes had 1s (--stop-sync-timeout-s): this one was cancelled" in log, log
+    assert "checkpoint written to" in log, log
+    assert (state / "checkpoint" / "models" / "stamp.safetensors").exists()
+    served = slow.model_state("stamp")
+    assert served.version == 0 and served.digest == state_digest(stamp_state(0, MB))
