@@ -30,7 +30,6 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from inference_service.module_state import state_of
 from inference_service.served_model import Generation, ServedModel
 from shared.durable import fsync_path
 from shared.errors import ConfigurationError, ModelNotFoundError
@@ -207,7 +206,7 @@ class WeightStore:
         """Write `generation` to `path` through a temp file; False if a push reused its module
         first. The temp file is removed unless it became `path`."""
         payload = Payload.of(
-            list(state_of(generation.module).items()),
+            list(generation.committed.items()),
             {
                 "version": str(generation.version),
                 "writer_id": generation.writer_id,

@@ -25,7 +25,7 @@ from torch import nn
 from inference_service import metrics
 from inference_service.dataplane.model_io import to_model
 from inference_service.lease import WriterLease
-from inference_service.module_state import state_of
+from inference_service.module_state import committed_state, state_of
 from inference_service.syncplane.transaction import StagingTransaction, Standby
 from shared.app import ModelSpec
 from shared.errors import ConflictError, UnavailableError, VersionNotServedError
@@ -37,7 +37,9 @@ InferenceProcedure = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Generation:
-    """An immutable snapshot: one module and the version of the weights it holds."""
+    """An immutable snapshot: one module and the version of the weights it holds. `committed`:
+    the module's state as the version committed it (module_state.committed_state), which a
+    forward that writes the module's buffers leaves as it was; read a version's bytes there."""
 
     module: nn.Module
     version: int
@@ -45,6 +47,10 @@ class Generation:
     writer_id: str
     hashes: dict[str, bytes] = field(repr=False)
     committed_at: float = field(default_factory=time.time)
+    committed: Mapping[str, torch.Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "committed", committed_state(self.module))
 
 
 def _unshared(value: Any, weights: frozenset[int]) -> Any:

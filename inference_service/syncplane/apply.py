@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Mapping
 from torch import nn
 
 from inference_service import metrics
-from inference_service.module_state import state_of
 from inference_service.served_model import Generation, PendingPush, ServedModel
 from inference_service.syncplane.checks import (
     check_admissible,
@@ -197,7 +196,7 @@ class PushApplier:
             check_versions(model, header)  # again: a push may have committed meanwhile
             # A delta's encoded tensors decode against the live copy: its base (checked above).
             decoder = (
-                BaseDecoder(model.name, state_of(staging.live.module), staging.decode)
+                BaseDecoder(model.name, staging.live.committed, staging.decode)
                 if header.base_version
                 else None
             )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from inference_service.module_state import state_of
 from inference_service.served_model import Generation, ServedModel
 from inference_service.syncplane.forward import Forward, PeerAccess
 from inference_service.syncplane.own import OwnAddress, address_problem
@@ -69,7 +68,7 @@ class Seeder:
                 f"model {model.name!r} serves version {generation.version}, not {version}: "
                 "nothing was seeded"
             )
-        payload = Payload.of_state(state_of(generation.module))
+        payload = Payload.of_state(generation.committed)
         header = PushHeader(
             model.name,
             generation.version,

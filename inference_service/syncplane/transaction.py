@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from inference_service.module_state import state_of
+from inference_service.module_state import buffer_names, state_of
 from inference_service.syncplane.staging import Decode, make_sink
 from shared.weights.layout import TensorEntry
 
@@ -49,8 +49,15 @@ class Standby:
         """The module a push fills: on the first push, a copy of the live one."""
         if self.module is None:
             self.module = copy.deepcopy(live.module)
-            self.hashes = dict(live.hashes)
+            self._know(live)
         return self.module
+
+    def _know(self, generation: Generation) -> None:
+        """What the standby module holds: `generation`'s tensors, but for its buffers, which
+        its forward may have written while it served (unknown: the next push brings them from
+        the version it builds on)."""
+        buffers = buffer_names(generation.module)
+        self.hashes = {n: None if n in buffers else h for n, h in generation.hashes.items()}
 
     def hand_over(self, module: nn.Module) -> None:
         """Count `module` handed to a push, before its first byte is written."""
@@ -64,7 +71,7 @@ class Standby:
     def replace(self, generation: Generation) -> None:
         """After a swap: the generation that was live is the standby copy now."""
         self.module = generation.module
-        self.hashes = dict(generation.hashes)
+        self._know(generation)
 
     def drop(self) -> None:
         """Forget the standby copy (the live one was loaded anew); the next push copies it."""
@@ -122,7 +129,7 @@ class StagingTransaction:
             self._sink.tie(name, source)
         live = self._live
         hashes = self._standby.hashes
-        live_state = state_of(live.module)
+        live_state = live.committed
         for name in live.hashes.keys() - received.keys():
             if hashes.get(name) != live.hashes[name]:
                 self._sink.copy(name, live_state[name])

@@ -63,6 +63,42 @@ def local(
     return out
 
 
+# A model whose forward writes a buffer while it serves (here a count of the rows served)
+# drifted from the trainer's weights: a push that did not carry the buffer (the trainer left it
+# alone) kept what the standby copy's forward had written into it while it was live, and
+# GetModel gave the trainer's digest all the same (found by an outside review). As PAMIQ's sync
+# does, each version now starts from the trainer's state exactly.
+def test_a_buffer_the_served_forward_writes_starts_each_version_as_trained(
+    services: Services, tmp_path: Path
+) -> None:
+    inference = services.inference(f"{APPS}:counting")
+    for _ in range(4):  # the live copy counts 20 rows
+        infer(inference, "counting")
+    train(services, "counting", inference, tmp_path, 3)
+    trained = checkpoint(tmp_path, "counting")
+    assert trained["seen"].item() == 0
+    assert inference.model_state("counting").digest == state_digest(trained)
+    version, served = infer(inference, "counting")  # its first 5 rows
+    assert version == "4"
+    expected = (torch.tensor([float(len(X))]) + trained["w"]).expand(len(X), 16).numpy()
+    np.testing.assert_array_equal(served, expected)
+
+
+# A trainer whose app has a model the inference service does not serve (a newer app with one
+# more model) trained no run at all: that model's first sync was retried every 10 s for good,
+# logged as a warning, where a refusal is documented to leave training going (found by an
+# outside review). A service answering that it serves no such model now refuses it.
+def test_a_model_the_service_does_not_serve_is_refused_and_training_goes_on(
+    services: Services, tmp_path: Path
+) -> None:
+    inference = services.inference(f"{APPS}:counting")
+    train(services, "counting_and_transposed", inference, tmp_path, 2)
+    log = services.log("trainer")
+    assert "model transposed: its first push was refused; training goes on" in log, log
+    assert "no model named 'transposed' is served here (served: counting)" in log, log
+    assert inference.model_state("counting").version >= 2  # 1: the first sync, then runs
+
+
 def test_tied_shared_and_odd_tensors_are_served_bit_exactly(
     services: Services, tmp_path: Path
 ) -> None:

@@ -142,6 +142,35 @@ complex128.add_model("c128", lambda: TorchTrainingModel(Complex128()), **IO)
 complex128.add_trainer("c128", _trainer("c128", Complex128))
 
 
+class Counting(nn.Module):
+    """Counts the rows it serves in a buffer (as a running normaliser updates its statistics
+    while serving) and answers that count plus its weight; training leaves the count alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.register_buffer("seen", torch.zeros(1))
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self.seen += x.shape[0]
+        y: torch.Tensor = (self.seen + self.w).expand(x.shape[0], 16)
+        return y
+
+
+counting = App()
+counting.add_model("counting", lambda: TorchTrainingModel(Counting()), **IO)
+counting.add_trainer("counting", _trainer("counting", Counting))
+
+# The same with one more model, as a newer version of an app would have.
+counting_and_transposed = App()
+counting_and_transposed.add_model("counting", lambda: TorchTrainingModel(Counting()), **IO)
+counting_and_transposed.add_trainer("counting", _trainer("counting", Counting))
+counting_and_transposed.add_model("transposed", lambda: TorchTrainingModel(Transposed()), **IO)
+counting_and_transposed.add_trainer("transposed", _trainer("transposed", Transposed))
+
+
 def pretrained_tied() -> TorchTrainingModel[TiedLM]:
     """Served only, from the weights the file TEST_PRETRAINED holds."""
     return TorchTrainingModel(
