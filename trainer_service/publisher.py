@@ -45,11 +45,11 @@ from trainer_service.push import (
 )
 from trainer_service.stopping import Stopping
 from trainer_service.sync_errors import (
-    MISCONFIGURED,
     SyncFailedError,
     SyncMisconfiguredError,
     SyncRefusedError,
     WriterFencedError,
+    unreadable,
 )
 from trainer_service.targets import Snapshot, Target, Targets
 
@@ -378,8 +378,7 @@ class Publisher:
                 target.fall_behind(error)
                 unreachable[target] = error
             except PushFailedError as error:
-                failed = SyncMisconfiguredError if error.code in MISCONFIGURED else SyncFailedError
-                raise failed(
+                raise unreadable(error.code)(
                     f"model {model_name!r}: cannot read the served version: {error}"
                 ) from None
         if not first:

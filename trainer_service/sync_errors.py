@@ -35,3 +35,12 @@ MISCONFIGURED = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
+
+
+def unreadable(code: grpc.StatusCode) -> type[SyncFailedError]:
+    """How a sync fails when a target answered `code` to the question of what it serves: a
+    service that does not serve the model (another app there) refuses it, as one that refuses
+    its layout does; retrying at once would not change its answer."""
+    if code in MISCONFIGURED:
+        return SyncMisconfiguredError
+    return SyncRefusedError if code is grpc.StatusCode.NOT_FOUND else SyncFailedError
