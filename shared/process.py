@@ -42,9 +42,9 @@ def end_process(code: int, bound_s: float = EXIT_BOUND_S) -> NoReturn:
 
 
 def watch_stop_signals(stop: threading.Event, then: str, skipped: str) -> None:
-    """SIGTERM and SIGINT, acted on by a thread of their own: the first sets `stop` (logging
-    that the process is `then`, doing, and that another signal ends it at once, without
-    `skipped`); a second ends the process at once, with status 128 + its number.
+    """SIGTERM and SIGINT, acted on by a thread of their own: the first sets `stop`, logging
+    `then` (what the process does now) and that another signal ends it at once, without
+    `skipped`; a second ends the process at once, with status 128 + its number.
 
     Python runs a signal's handler on the main thread only, between bytecodes, and the kernel
     hands a signal sent to the process to any of its threads: a main thread waiting in a lock
