@@ -19,6 +19,9 @@ from shared.grpc.errors import error_details, error_reason
 
 # Refusals of one batch: drop that batch (sending it again cannot succeed) and go on.
 REFUSED_REASONS = (protocol.MALFORMED_BATCH, protocol.RESOURCE_LIMIT, protocol.INVALID_ARGUMENT)
+# gRPC's own refusal of a message over the transport's limit, which carries no reason: the
+# trainer's --experience-max-batch plus 64 KiB (a trainer restarted with a smaller limit).
+TOO_LARGE = "Received message larger than max"
 
 
 class Call:
@@ -87,4 +90,6 @@ def refused(error: grpc.RpcError) -> bool:
     code = error.code() if hasattr(error, "code") else None
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
         return True
-    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(error) in REFUSED_REASONS
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return error_reason(error) in REFUSED_REASONS or TOO_LARGE in (error.details() or "")

@@ -138,19 +138,20 @@ class RemoteDataCollector(Sender):
         with self._lock:
             self._refuse_closed()
             pending = self._pending
+            first = pending is None
             if pending is None:
                 check_mapping(data)
                 pending = self._pending = self._start(layout_of(data))
-            if not self._pending_limit:
-                self._too_large(data, pending)
-                return
             try:
+                if not self._pending_limit:
+                    self._too_large(data, pending)
+                    return
                 full = pending.put(data)
             except ValueError as exc:
-                first = describe(pending.layout)
-                why = f"sample differs from the first one collected, {first}: {exc}"
-                raise ValueError(why) from None
+                raise ValueError(self._refused(first, pending, exc)) from None
             except (TypeError, AttributeError):
+                if first:
+                    self._pending = None
                 check_mapping(data)  # checked here, off the hot path
                 raise
             self._collected += 1
@@ -172,10 +173,11 @@ class RemoteDataCollector(Sender):
         Args:
             data: Each of the buffer's tensor names to its rows (tensors, numpy arrays).
             wait_s: Where the bounds would drop samples, how long the call may wait for the
-                trainer to acknowledge some, each time (0: it never waits, as `collect`). It
-                waits only while the trainer is not known to be away: once a call to it
-                failed, and until it acknowledges a batch again, or after `wait_s` without an
-                acknowledgement, the oldest go as above.
+                trainer to acknowledge some (0: it never waits, as `collect`), again after each
+                acknowledgement. It waits only while the trainer is not known to be away: once
+                a call to it failed, and until it acknowledges a batch again, or once `wait_s`
+                passed without an acknowledgement, the oldest go as above, for the rest of the
+                call.
 
         Raises:
             ValueError: The rows' names, dtypes or shapes differ from the first sample's, or
@@ -188,6 +190,7 @@ class RemoteDataCollector(Sender):
         with self._lock:
             self._refuse_closed()
             pending = self._pending
+            first = pending is None
             if pending is None:
                 if not count:
                     return
@@ -195,9 +198,7 @@ class RemoteDataCollector(Sender):
             try:
                 columns = pending.columns_of(data, count)
             except ValueError as exc:
-                first = describe(pending.layout)
-                why = f"sample differs from the first one collected, {first}: {exc}"
-                raise ValueError(why) from None
+                raise ValueError(self._refused(first, pending, exc)) from None
             limit = self._pending_limit
             if not limit:
                 self._collected += count
@@ -207,6 +208,8 @@ class RemoteDataCollector(Sender):
         while done < count:
             with self._lock:
                 room = wait_s > 0 and self._wait_for_room(pending, count - done, wait_s)
+                if not room:  # waited `wait_s` for nothing, or the trainer is away: no more
+                    wait_s = 0.0
                 if self._closing:  # close() gave up on what waits: so on the rest
                     self._collected += count - done
                     self._drop(count - done, "the collector closed while they were collected")
@@ -225,6 +228,13 @@ class RemoteDataCollector(Sender):
                     self._drop(over, self._full)
                 if full:  # a batch is full: wake the sender
                     self._changed.notify_all()
+
+    def _refused(self, first: bool, pending: Pending, error: ValueError) -> str:
+        """Why a sample was refused; a first sample refused sets no layout for later ones."""
+        if first:
+            self._pending = None
+            return f"sample refused: {error}"
+        return f"sample differs from the first one collected, {describe(pending.layout)}: {error}"
 
     def _wait_for_room(self, pending: Pending, rows: int, wait_s: float) -> bool:
         """Wait (the lock held, released while waiting) until the queue has room for the next

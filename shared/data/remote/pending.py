@@ -255,7 +255,10 @@ class Pending:
             if tensor.layout is not torch.strided:
                 raise ValueError(f"tensor {name!r} cannot be copied: layout {tensor.layout}")
             if tensor.device.type != "cpu" or tensor.is_neg() or tensor.is_conj():
-                tensor = tensor.detach().resolve_neg().resolve_conj().cpu()
+                try:
+                    tensor = tensor.detach().resolve_neg().resolve_conj().cpu()
+                except RuntimeError as exc:  # a device with no data (meta) and the like
+                    raise ValueError(f"tensor {name!r} cannot be copied: {exc}") from None
             columns.append(tensor if tensor.is_contiguous() else tensor.contiguous())
         return columns
 

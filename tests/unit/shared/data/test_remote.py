@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,10 @@ import torch
 from shared.app import App, TensorSpec
 from shared.data import DictSequentialBuffer
 from shared.data.remote import RemoteDataCollector
+from shared.data.remote.call import TOO_LARGE, refused
+from shared.gen.experience.v1 import experience_pb2 as pb
+from shared.gen.experience.v1 import experience_pb2_grpc as experience_grpc
+from shared.grpc.errors import error_reason
 from trainer_service.experience.buffers import Buffers
 from trainer_service.experience.server import ExperienceEndpoint, ExperienceServer
 from trainer_service.experience.service import ExperiencePlane
@@ -292,3 +297,22 @@ def test_settings_no_call_could_use_are_refused_when_the_collector_is_made(
     arguments: dict[str, Any] = {"address": "127.0.0.1:9", "buffer": "steps", **settings}
     with pytest.raises(ValueError, match=why):
         RemoteDataCollector(**arguments)
+
+
+# A batch more than 64 KiB over the trainer's --experience-max-batch is refused by gRPC itself,
+# with no error reason: the answer a busy plane gives ("retry later"). The collector takes it
+# as the refusal it is (found by an outside review, which resent such a batch).
+def test_a_message_over_the_transport_limit_is_a_refusal_not_a_busy_plane() -> None:
+    small = Trainer(max_batch_bytes=1 << 20)
+    try:
+        with grpc.insecure_channel(small.address) as channel:
+            collect = experience_grpc.ExperienceStub(channel).Collect
+            batch = pb.Batch(buffer="steps", sequence=1, payload=bytes(2 << 20))
+            with pytest.raises(grpc.RpcError) as caught:
+                list(collect(iter([batch]), timeout=30))
+    finally:
+        small.server.stop(0)
+    error = caught.value
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(error) is None and TOO_LARGE in (error.details() or "")
+    assert refused(error)

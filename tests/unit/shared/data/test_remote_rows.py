@@ -6,6 +6,8 @@ that takes samples loses none of more rows than the queue holds."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from shared.data.remote import RemoteDataCollector
 from tests.unit.shared.data.test_remote import Trainer, sample
+from trainer_service.experience.service import ExperiencePlane
 
 
 @pytest.fixture
@@ -192,6 +195,22 @@ def test_numpy_rows_keep_their_dtype(trainer: Trainer) -> None:
     assert torch.equal(torch.stack(list(data["x"])), torch.from_numpy(x))
 
 
+# A first sample refused (a tensor that cannot be copied) still set the layout every later
+# sample was held to, so correct samples were refused after it (found by an outside review).
+def test_a_first_sample_refused_sets_no_layout(trainer: Trainer) -> None:
+    with RemoteDataCollector(trainer.address, "steps") as collector:
+        meta = {"x": torch.empty(2, 2, device="meta"), "id": torch.tensor(0)}
+        with pytest.raises(ValueError, match=r"^sample refused: tensor 'x' cannot be copied"):
+            collector.collect(meta)
+        with pytest.raises(ValueError, match=r"^sample refused: "):
+            collector.collect_rows({"x": torch.empty(3, 2, device="meta"), "id": torch.zeros(3)})
+        collector.collect(sample(1))
+        collector.collect_rows(rows(2, 2))
+        assert collector.flush(timeout=30)
+        assert collector.stats.acknowledged == 3
+    assert trainer.ids() == [1, 2, 3]
+
+
 def test_reversed_numpy_rows_are_copied(trainer: Trainer) -> None:
     with RemoteDataCollector(trainer.address, "steps") as collector:
         x = np.arange(6, dtype=np.float32).reshape(3, 2)[::-1, ::-1]  # negative strides
@@ -227,3 +246,30 @@ def test_rows_do_not_wait_for_a_trainer_that_is_away() -> None:
     assert (stats.collected, stats.acknowledged, stats.dropped) == (25, 0, 25)
     assert stats.last_error is not None
     assert f"the trainer at {gone.address}: UNAVAILABLE" in stats.last_error
+
+
+# A trainer that stops acknowledging (its process stopped, say) held collect_rows(wait_s=2)
+# until the collector's timeout_s (30 s): each slab of the rows waited wait_s anew (found by an
+# outside review). Once a wait ends with nothing acknowledged, the rest of the call waits no
+# more.
+def test_rows_wait_at_most_wait_s_for_a_trainer_that_stops_acknowledging(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with RemoteDataCollector(
+        trainer.address, "steps", batch_size=16, max_pending=1_000, timeout_s=120
+    ) as collector:
+        collector.collect_rows(rows(0, 16))
+        assert collector.flush(timeout=30)
+        hung = threading.Event()
+        monkeypatch.setattr(ExperiencePlane, "store_block", lambda *_, **__: hung.wait())
+        try:
+            collector.collect_rows(rows(16, 1_000))  # fills the queue
+            started = time.monotonic()
+            collector.collect_rows(rows(1_016, 1_000), wait_s=1)  # 63 slabs of 16
+            took = time.monotonic() - started
+            stats = collector.stats
+        finally:
+            hung.set()
+        assert took < 10, took  # each slab waited its second: 63 s
+        assert (stats.collected, stats.acknowledged) == (2_016, 16)
+        assert stats.dropped == 2_016 - 16 - stats.pending
