@@ -13,7 +13,8 @@ from inference_service.dataplane.admission import RequestLimits
 from inference_service.dataplane.batcher import BatchingConfig
 from inference_service.dataplane.service import DataPlane
 from inference_service.loading import load_models
-from inference_service.persistence import Persister, WeightStore
+from inference_service.persistence import WeightStore
+from inference_service.persister import Persister
 from inference_service.recording import Recorder
 from inference_service.served_model import ServedModel
 from inference_service.server import DataEndpoint, InferenceServer, SyncEndpoint

@@ -20,10 +20,10 @@ space, the older versions are removed, all but the newest one, and the write is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from inference_service.served_model import Generation, ServedModel
 from shared.durable import fsync_path
-from shared.errors import ConfigurationError, ModelNotFoundError
+from shared.errors import ConfigurationError, ModelNotFoundError, StoredVersionDamagedError
 from shared.weights.digest import tensor_hashes
 from shared.weights.layout import TensorLayout
 from shared.weights.writer import Payload
@@ -44,6 +44,9 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 # The most a push waits to start while the history writer copies (one chunk's copy).
 WRITE_CHUNK_BYTES = 4 << 20
 HISTORY = 5  # committed versions kept per model (--history)
+
+
+PROBE_BYTES = 4096  # written at start to each model's history directory, then removed
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -129,6 +132,29 @@ class WeightStore:
     def _dir(self, name: str) -> Path:
         return self.root / name
 
+    @staticmethod
+    def _check_writable(directory: Path) -> None:
+        """ConfigurationError, naming `directory`, when a page cannot be written there (a full
+        disk, a read-only or immutable directory): the service could take no writer's lease and
+        record no version; better said at start than at every push."""
+        probe = directory / ".probe.tmp"  # a temp file: removed at start should it be left
+        try:
+            directory.mkdir(exist_ok=True)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_all(fd, bytes(PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+            raise ConfigurationError(
+                f"the weights history {directory} cannot be written: {exc.strerror or exc}; "
+                "free some space or make it writable"
+            ) from None
+
     def _remove_stale_temp_files(self) -> None:
         """Remove the partial files a crash left (at start: nothing else writes here yet)."""
         for tmp in sorted(self.root.glob("*/.*.tmp")):
@@ -138,7 +164,8 @@ class WeightStore:
     def save(self, model: ServedModel) -> int | None:
         """Write the model's live generation atomically; return its version, or None when a
         push started overwriting its weights before they were all copied (a newer version is
-        live then: the Persister writes that one next). A disk error is logged and raised."""
+        live then: the Persister, persister.py, writes that one next). A disk error is logged
+        and raised."""
         generation, count = model.snapshot()
         try:
             return self._save(model, generation, count)
@@ -173,7 +200,18 @@ class WeightStore:
             )
             return None
         for old in self.versions(model.name)[self.history :]:
-            old.path.unlink(missing_ok=True)
+            try:
+                old.path.unlink(missing_ok=True)
+            except OSError as exc:  # the new version stands: only the history grows
+                logger.error(
+                    "model %s: version %d was written, but version %d could not be removed to "
+                    "keep --history %d: %s",
+                    model.name,
+                    generation.version,
+                    old.version,
+                    self.history,
+                    exc,
+                )
         return generation.version
 
     def _make_room(self, name: str, version: int) -> bool:
@@ -261,9 +299,20 @@ class WeightStore:
         return found
 
     def find(self, name: str, version: int) -> StoredVersion:
+        """The stored `version` of `name`: NotFound when it is not on disk, damaged when its
+        file is there but cannot be read."""
         for stored in self.versions(name):
             if stored.version == version:
                 return stored
+        path = self._dir(name) / file_name(version)
+        if path.exists():
+            try:
+                StoredVersion.from_file(path)
+            except Exception as exc:  # a damaged file fails in safetensors' own ways too
+                raise StoredVersionDamagedError(
+                    f"model {name!r}: the stored version {version} is damaged: its file {path} "
+                    f"cannot be read ({exc}), so it cannot be served again; nothing was swapped"
+                ) from None
         kept = ", ".join(str(v.version) for v in self.versions(name)) or "none"
         raise ModelNotFoundError(f"model {name!r} version {version} is not on disk (kept: {kept})")
 
@@ -274,6 +323,7 @@ class WeightStore:
         `*.corrupt`: their version numbers are written again). When there are files and none
         checks out, ConfigurationError: serving the app's initial weights would number new
         versions as ones already served."""
+        self._check_writable(self._dir(model.name))
         model.lease.attach(self._dir(model.name))  # its writer.json (ConfigurationError if bad)
         rejected: list[tuple[Path, str]] = []
         for path in newest_first(self._dir(model.name)):
@@ -344,42 +394,3 @@ def _mismatch(stored: Mapping[str, TensorLayout], model: Mapping[str, TensorLayo
                 f"{want.dtype}{list(want.shape)} in the model"
             )
     return "no tensor differs"
-
-
-class Persister:
-    """Writes committed generations in the background, newest only."""
-
-    def __init__(self, store: WeightStore, models: Mapping[str, ServedModel]) -> None:
-        self._store = store
-        self._models = models
-        self._dirty: set[str] = set()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="persister", daemon=True)
-        self._thread.start()
-
-    def committed(self, name: str) -> None:
-        with self._cond:
-            self._dirty.add(name)
-            self._cond.notify()
-
-    def close(self) -> None:
-        """Write what is pending, then stop."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._dirty or self._stopping)
-                if not self._dirty:
-                    return
-                name = self._dirty.pop()
-            try:
-                version = self._store.save(self._models[name])
-            except OSError:
-                continue  # logged by the store; the next commit tries again
-            if version is not None:
-                logger.debug("model %s: version %d written to disk", name, version)

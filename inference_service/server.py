@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_service.dataplane.service import DataPlane
 from inference_service.dataplane.servicer import InferenceServicer
-from inference_service.persistence import Persister
+from inference_service.persister import Persister
 from inference_service.syncplane.relay.supervisor import RelaySupervisor
 from inference_service.syncplane.service import SyncPlane
 from inference_service.syncplane.servicer import WeightSyncServicer

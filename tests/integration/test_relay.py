@@ -67,6 +67,23 @@ def test_the_relay_goes_when_its_service_is_killed(services: Services) -> None:
     wait_until(lambda: not alive(relay), timeout=10)
 
 
+# A relay that cannot end (stopped, hung) held its service's SIGTERM for --grace plus 10 s (an
+# outside review: 11.2 s with --grace 1); it is now killed 2 s after the grace.
+def test_sigterm_kills_a_stopped_relay_soon_after_the_grace(services: Services) -> None:
+    inference = services.inference(STAMP, "--grace", "1")
+    relay = inference.relay_pid
+    assert relay is not None
+    os.kill(relay, signal.SIGSTOP)
+    try:
+        inference.process.send_signal(signal.SIGTERM)
+        assert inference.process.wait(timeout=8) == 0
+    finally:
+        if alive(relay):
+            os.kill(relay, signal.SIGKILL)
+    assert "the sync relay did not stop in time; killing it" in inference.log.read_text()
+    wait_until(lambda: not alive(relay), timeout=10)
+
+
 def test_pushes_still_work_in_process(services: Services) -> None:
     inference = services.inference(STAMP, "--sync-relay", "off")
     assert inference.relay_pid is None

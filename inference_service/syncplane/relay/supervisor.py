@@ -45,7 +45,13 @@ ROOT = Path(__file__).resolve().parents[3]
 START_TIMEOUT_S = 30.0
 RESTART_DELAY_S = 0.1  # before starting a dead relay again; doubled while it keeps dying
 MAX_RESTART_DELAY_S = 30.0
-STEADY_S = 60.0  # a relay that ran this long before dying starts again at once
+# A relay that ran this long before dying starts again at once: one dying sooner is in a crash
+# loop (an outside review saw a relay killed after 40 s of healthy service wait 25.6 s under
+# 60 s, its port refusing every push meanwhile).
+STEADY_S = 10.0
+# How long a stopping relay may take to end once its calls have had the grace: one that does
+# not (stopped, hung) is killed. It exits in well under a second.
+EXIT_MARGIN_S = 2.0
 # The relay copies each pushed byte once more (into the shared ring): where CPUs are few that
 # costs push speed, with cores to spare it costs none, so `auto` relays from this many CPUs up.
 RELAY_MIN_CPUS = 4
@@ -123,7 +129,7 @@ class RelaySupervisor:
             except OSError:
                 pass
             try:
-                process.wait(grace + 10)
+                process.wait(grace + EXIT_MARGIN_S)
             except subprocess.TimeoutExpired:
                 logger.warning("the sync relay did not stop in time; killing it")
                 process.kill()

@@ -14,13 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from inference_service.persistence import Persister, WeightStore, write_all
+from inference_service import persistence
+from inference_service.persistence import WeightStore, write_all
+from inference_service.persister import Persister
 from inference_service.served_model import ServedModel
 from inference_service.syncplane.limits import SyncLimits
 from inference_service.syncplane.parts import Commit, PushHeader
 from inference_service.syncplane.service import SyncPlane
 from shared.app import ModelSpec, TensorSpec
-from shared.errors import ConfigurationError
+from shared.errors import ConfigurationError, ModelNotFoundError, StoredVersionDamagedError
 from shared.weights.digest import state_digest
 from shared.weights.writer import Payload
 
@@ -251,3 +253,59 @@ def test_a_file_where_the_history_goes_is_refused_naming_it(tmp_path: Path) -> N
     (tmp_path / "models").write_text("not a directory")
     with pytest.raises(ConfigurationError, match=r"history .*models cannot be used: File exists"):
         WeightStore(tmp_path / "models")
+
+
+# A state directory with its lock file in place started on a full disk (or an immutable model
+# directory) and served, every AcquireWriter then answering UNAVAILABLE (an outside review).
+def test_a_history_directory_that_cannot_be_written_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = WeightStore(tmp_path)
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(persistence, "write_all", full)
+    with pytest.raises(ConfigurationError, match=r"m cannot be written: No space left on device"):
+        store.restore(new_model())
+    assert temp_files(tmp_path) == []
+
+
+# Rolling back to a version whose file is there but cut short answered NOT_FOUND "is not on
+# disk" (an outside review); a file damaged otherwise answered DATA_LOSS.
+def test_a_stored_version_whose_file_cannot_be_read_is_damaged_not_missing(tmp_path: Path) -> None:
+    model = new_model()
+    plane = SyncPlane({"m": model}, SyncLimits())
+    store = WeightStore(tmp_path)
+    for version in (1, 2):
+        push(plane, version)
+        assert store.save(model) == version
+    path = tmp_path / "m" / "000000000001.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StoredVersionDamagedError, match="the stored version 1 is damaged"):
+        store.find("m", 1)
+    with pytest.raises(ModelNotFoundError, match="version 3 is not on disk"):
+        store.find("m", 3)
+
+
+# A version written while an older one could not be pruned was logged as "not written to disk".
+def test_an_older_version_that_cannot_be_removed_leaves_the_new_one_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = new_model()
+    plane = SyncPlane({"m": model}, SyncLimits())
+    store = WeightStore(tmp_path, history=1)
+    push(plane, 1)
+    assert store.save(model) == 1
+    push(plane, 2)
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with caplog.at_level(logging.ERROR, "inference_service.persistence"):
+        assert store.save(model) == 2
+    assert "version 2 was written, but version 1 could not be removed" in caplog.text
+    assert "not written" not in caplog.text
+    monkeypatch.undo()
+    assert_restores(tmp_path, 2)
