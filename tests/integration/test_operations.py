@@ -20,7 +20,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shared.gen.inference import grpc_service_pb2 as oip
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.integration.conftest import ROOT, Inference, Services, wait_until
+from tests.integration.conftest import ROOT, Services, wait_until
+from tests.integration.test_experience_recording import metric
 
 PAIR = "tests.integration.apps:pair"
 STAMP = "tests.integration.apps:stamp"
@@ -116,20 +117,14 @@ def test_sigterm_ends_the_process_after_the_grace_with_a_model_call_still_runnin
     asleep = oip.ModelInferRequest(model_name="sleepy")
     asleep.inputs.add(name="x", datatype="FP32", shape=[1, 1]).contents.fp32_contents.append(120)
     call = stub.ModelInfer.future(asleep, timeout=180)
-    wait_until(lambda: requests_running(inference, "sleepy") == 1)
+    wait_until(
+        lambda: metric(inference, 'weightsync_inference_requests_in_flight{model="sleepy"}') == 1
+    )
     inference.process.send_signal(signal.SIGTERM)
     assert inference.process.wait(timeout=20) == 0
     assert call.exception() is not None and call.code() is grpc.StatusCode.UNAVAILABLE
     log = inference.log.read_text()
     assert "1 model call(s) still running 2s after the drain; stopping without them" in log, log
-
-
-def requests_running(inference: Inference, model: str) -> int:
-    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    series = f'weightsync_inference_requests_in_flight{{model="{model}"}}'
-    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
-    return int(float(found.group(1))) if found else 0
 
 
 @pytest.mark.parametrize("module", ["inference_service", "trainer_service"])
@@ -245,8 +240,6 @@ def test_rollback_without_history_is_refused(services: Services) -> None:
 
 
 def test_both_services_export_sync_metrics(services: Services) -> None:
-    import re
-    import urllib.request
 
     inference = services.inference(STAMP)
     trainer = services.trainer(STAMP, [inference], "--max-runs", "0")
@@ -278,8 +271,6 @@ def test_both_services_export_sync_metrics(services: Services) -> None:
 def test_data_plane_metrics_count_requests_by_status_and_errors_log_the_request_id(
     services: Services,
 ) -> None:
-    import re
-    import urllib.request
 
     import torch
 
@@ -316,8 +307,6 @@ def test_data_plane_metrics_count_requests_by_status_and_errors_log_the_request_
 def test_requests_the_client_abandons_count_as_cancelled_not_as_internal_errors(
     services: Services,
 ) -> None:
-    import re
-    import urllib.request
 
     import numpy as np
     import tritonclient.grpc as triton
