@@ -220,6 +220,28 @@ def test_the_persister_keeps_writing_after_a_failed_write(tmp_path: Path) -> Non
     assert_restores(tmp_path, 2)
 
 
+def test_a_stopping_persister_waits_for_a_hung_disk_only_so_long(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that hangs (a dead network mount) must not hold a stopping service: close()
+    gives up after its bound and names the model whose newest version is not on disk."""
+    model = new_model()
+    disk = StuckDisk()
+    store = WeightStore(tmp_path, write=disk)
+    persister = Persister(store, {"m": model})
+    plane = SyncPlane({"m": model}, SyncLimits(), persister.committed)
+    try:
+        push(plane, 1)
+        assert disk.entered.wait(WAIT_S)
+        with caplog.at_level(logging.WARNING, logger="inference_service.persister"):
+            persister.close(timeout_s=0.2)
+        assert "model(s) m: the newest version was not yet on disk" in caplog.text
+    finally:
+        disk.release.set()
+    persister.close()  # let go, the write it was in finishes
+    assert stored(store) == [1]
+
+
 def test_partial_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
     model = new_model()
     plane = SyncPlane({"m": model}, SyncLimits())
