@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,17 @@ class Inference:
             (self.pki / "client.pem").read_bytes(),
         )
         return sync_grpc.WeightSyncStub(grpc.secure_channel(self.sync, credentials))
+
+    def metrics(self) -> str:
+        """What the service's metrics endpoint answers now."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            return str(response.read().decode())
+
+    def metric(self, sample: str) -> float:
+        """The value of one exported sample, named with its labels as the endpoint writes
+        them (`name{label="value"}`); 0 where the service exports none such."""
+        found = re.findall(rf"^{re.escape(sample)} (\S+)$", self.metrics(), re.M)
+        return float(found[0]) if found else 0.0
 
     def model_state(self, name: str, token: str | None = None) -> sync_pb.ModelState:
         metadata = (("authorization", f"Bearer {token}"),) if token else ()

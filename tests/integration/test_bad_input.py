@@ -4,7 +4,6 @@ the problem, and the served weights stay bit-identical (same version, same diges
 from __future__ import annotations
 
 import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -361,8 +360,7 @@ def test_after_the_catalogue_nothing_failed_inside_and_a_good_push_still_works(
     answered no request INTERNAL (each refusal was a domain error), and it still commits."""
     log = bench.inference.log.read_text()
     assert "Traceback" not in log, log[-4000:]
-    with urllib.request.urlopen(bench.inference.metrics_url, timeout=10) as response:
-        metrics = response.read().decode()
+    metrics = bench.inference.metrics()
     assert 'code="INTERNAL"' not in metrics
     refused = [
         line

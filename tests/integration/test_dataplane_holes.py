@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,11 +76,7 @@ def rows(count: int, width: int) -> np.ndarray:  # type: ignore[type-arg]
 
 def in_flight(inference: Inference, model: str) -> int:
     """The service's gauge of `model`'s requests admitted and not yet run."""
-    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    pattern = rf'weightsync_inference_requests_in_flight\{{model="{model}"\}} (\S+)'
-    found = re.search(pattern, text)
-    return int(float(found.group(1))) if found else 0
+    return int(inference.metric(f'weightsync_inference_requests_in_flight{{model="{model}"}}'))
 
 
 def failure(call: grpc.Future) -> grpc.RpcError:

@@ -6,7 +6,6 @@ once requests are answered."""
 from __future__ import annotations
 
 import re
-import urllib.request
 
 import grpc
 import numpy as np
@@ -32,8 +31,7 @@ def refusal(call: object) -> grpc.RpcError:
 
 def gauges(inference: Inference) -> dict[str, float]:
     """The in-flight gauges' samples, by name and labels."""
-    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
-        text = response.read().decode()
+    text = inference.metrics()
     found = re.findall(r"^(weightsync_inference_request\S*in_flight\S*) (\S+)$", text, re.M)
     return {name: float(value) for name, value in found}
 

@@ -8,9 +8,7 @@ requires mutual TLS and a token."""
 
 from __future__ import annotations
 
-import re
 import signal
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -63,13 +61,6 @@ def refused(inference: Inference, message: oip.ModelInferRequest) -> grpc.RpcErr
     return error.value
 
 
-def metric(inference: Inference, name: str) -> float:
-    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    found = re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(found[0]) if found else 0.0
-
-
 def test_served_requests_are_recorded_into_the_buffers_the_app_and_the_request_name(
     services: Services,
 ) -> None:
@@ -108,7 +99,7 @@ def test_served_requests_are_recorded_into_the_buffers_the_app_and_the_request_n
     assert torch.equal(torch.stack([s["y"] for s in served]), torch.cat(answers))
     asked = load_samples(data / "asked" / "buffer.safetensors")
     assert torch.equal(torch.stack([s["x"] for s in asked]), second)
-    assert metric(inference, 'weightsync_inference_recorded_samples_total{buffer="served"}') == 5
+    assert inference.metric('weightsync_inference_recorded_samples_total{buffer="served"}') == 5
 
 
 def test_requests_are_answered_and_drops_counted_while_the_trainer_is_away(
@@ -119,8 +110,8 @@ def test_requests_are_answered_and_drops_counted_while_the_trainer_is_away(
     x = torch.arange(rows, dtype=torch.float32).reshape(-1, 1)
     assert infer(inference, request(x)).shape == (rows, 1)  # answered; nobody takes the samples
     dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
-    wait_until(lambda: metric(inference, dropped) == rows - 10_000)
-    assert metric(inference, 'weightsync_inference_recorded_samples_total{buffer="served"}') == rows
+    wait_until(lambda: inference.metric(dropped) == rows - 10_000)
+    assert inference.metric('weightsync_inference_recorded_samples_total{buffer="served"}') == rows
 
 
 def test_recording_reaches_a_trainer_that_requires_mutual_tls_and_a_token(
@@ -170,7 +161,7 @@ def test_recording_reaches_a_trainer_that_requires_mutual_tls_and_a_token(
     assert torch.equal(torch.stack([s["x"] for s in served]), x)
     assert torch.equal(torch.stack([s["y"] for s in served]), answer)
     dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
-    assert metric(inference, dropped) == 0
+    assert inference.metric(dropped) == 0
 
 
 def test_every_row_of_a_large_request_arrives_bit_exact_with_the_trainer_up(
@@ -195,9 +186,9 @@ def test_every_row_of_a_large_request_arrives_bit_exact_with_the_trainer_up(
     served = load_samples(trainer.state / "checkpoint" / "data" / "served" / "buffer.safetensors")
     assert torch.equal(torch.stack([s["x"] for s in served]), x)
     assert torch.equal(torch.stack([s["y"] for s in served]), answer)
-    assert metric(inference, 'weightsync_inference_recorded_samples_total{buffer="served"}') == rows
+    assert inference.metric('weightsync_inference_recorded_samples_total{buffer="served"}') == rows
     dropped = 'weightsync_inference_recorded_dropped_total{buffer="served",cause="trainer"}'
-    assert metric(inference, dropped) == 0
+    assert inference.metric(dropped) == 0
 
 
 WRONG_PORT = (

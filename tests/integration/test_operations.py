@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from shared.gen.inference import grpc_service_pb2 as oip
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.integration.conftest import ROOT, Services, wait_until
-from tests.integration.test_experience_recording import metric
 
 PAIR = "tests.integration.apps:pair"
 STAMP = "tests.integration.apps:stamp"
@@ -118,7 +117,7 @@ def test_sigterm_ends_the_process_after_the_grace_with_a_model_call_still_runnin
     asleep.inputs.add(name="x", datatype="FP32", shape=[1, 1]).contents.fp32_contents.append(120)
     call = stub.ModelInfer.future(asleep, timeout=180)
     wait_until(
-        lambda: metric(inference, 'weightsync_inference_requests_in_flight{model="sleepy"}') == 1
+        lambda: inference.metric('weightsync_inference_requests_in_flight{model="sleepy"}') == 1
     )
     inference.process.send_signal(signal.SIGTERM)
     assert inference.process.wait(timeout=20) == 0
@@ -249,7 +248,7 @@ def test_both_services_export_sync_metrics(services: Services) -> None:
         with urllib.request.urlopen(url, timeout=10) as response:
             return str(response.read().decode())
 
-    text = scrape(inference.metrics_url)
+    text = inference.metrics()
     committed = re.search(
         r'weightsync_inference_pushes_total\{model="stamp",result="committed"\} (\S+)', text
     )
@@ -283,8 +282,7 @@ def test_data_plane_metrics_count_requests_by_status_and_errors_log_the_request_
         for model, x in (("mlp", torch.zeros(2, 5)), ("no-such-model", torch.zeros(2, 4))):
             with pytest.raises(grpc.RpcError):
                 client.infer(model, {"x": x}, request_id=f"req-{model}")
-    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
-        text = response.read().decode()
+    text = inference.metrics()
 
     def count(labels: str) -> float:
         found = re.search(r"weightsync_inference_requests_total\{" + labels + r"\} (\S+)", text)
@@ -320,8 +318,7 @@ def test_requests_the_client_abandons_count_as_cancelled_not_as_internal_errors(
         client.infer("sleepy", [sleep], client_timeout=0.2)
 
     def counts() -> dict[str, float]:
-        with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
-            text = response.read().decode()
+        text = inference.metrics()
         pattern = r'weightsync_inference_requests_total\{code="(\w+)",model="sleepy"\} (\S+)'
         return {code: float(n) for code, n in re.findall(pattern, text)}
 

@@ -7,9 +7,7 @@ before the model runs, and what recording keeps of requests that fail or do not 
 from __future__ import annotations
 
 import queue
-import re
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -23,10 +21,10 @@ from shared.gen.inference import grpc_service_pb2 as oip
 from shared.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from shared.grpc.errors import error_reason
 from shared.grpc.options import DATA_MAX_MESSAGE_BYTES
-from tests.integration.conftest import Inference, Services, wait_until
+from tests.integration.conftest import Services, wait_until
 from tests.integration.test_dataplane_holes import HOLES, in_flight, output, request, rows, stub
 from tests.integration.test_experience_recording import APP as RECORDED
-from tests.integration.test_experience_recording import free_port, infer, metric, refused
+from tests.integration.test_experience_recording import free_port, infer, refused
 from tests.integration.test_experience_recording import request as recorded_request
 
 MiB = 1 << 20
@@ -176,14 +174,6 @@ def test_answers_a_stream_does_not_read_keep_their_places_until_read_or_cancelle
     assert "unhandled" not in inference.log.read_text()
 
 
-def bytes_in_flight(inference: Inference) -> int:
-    """The service's gauge of the bytes requests in flight hold."""
-    with urllib.request.urlopen(inference.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    found = re.search(r"^weightsync_inference_request_bytes_in_flight (\S+)$", text, re.M)
-    return int(float(found.group(1))) if found else 0
-
-
 # A stream's unread answers kept their requests' places, but counted only the requests' tensors:
 # an answer echoing megabytes of parameters (or a megabyte id, before ids were bounded, or
 # outputs larger than the inputs) held its megabytes against 16 bytes counted, 64 of them a
@@ -198,7 +188,10 @@ def test_an_unread_answer_on_a_stream_counts_its_bytes_echoed_parameters_include
     for i, x in enumerate(sent):
         requests.send(with_id(padded(request("ragged", x=x), 2 * MiB), f"{i:02d}"))
     answers = data.ModelStreamInfer(iter(requests), timeout=60)
-    wait_until(lambda: bytes_in_flight(inference) > 2 * MiB, timeout=30)  # unread answers
+    wait_until(
+        lambda: inference.metric("weightsync_inference_request_bytes_in_flight") > 2 * MiB,
+        timeout=30,
+    )  # unread answers
     with pytest.raises(grpc.RpcError) as caught:
         data.ModelInfer(request("ragged", x=rows(1, 4)), timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -213,7 +206,9 @@ def test_an_unread_answer_on_a_stream_counts_its_bytes_echoed_parameters_include
         else:
             assert len(a.infer_response.parameters[PAD].string_param) == 2 * MiB
             assert output(a.infer_response).tobytes() == x.tobytes()
-    wait_until(lambda: bytes_in_flight(inference) == 0, timeout=30)  # read: all given back
+    wait_until(
+        lambda: inference.metric("weightsync_inference_request_bytes_in_flight") == 0, timeout=30
+    )  # read: all given back
     x = rows(1, 4)
     assert output(data.ModelInfer(request("ragged", x=x), timeout=10)).tobytes() == x.tobytes()
     requests.close()
@@ -321,16 +316,16 @@ def test_a_request_refused_for_its_outputs_is_not_recorded(services: Services) -
     served = torch.tensor([[6.0]])
     assert infer(inference, recorded_request(served)).shape == (1, 1)  # the trainer is away
     recorded = 'weightsync_inference_recorded_samples_total{buffer="%s"}'
-    wait_until(lambda: metric(inference, recorded % "served") >= 1)  # recorded in order
-    assert metric(inference, recorded % "served") == 1
+    wait_until(lambda: inference.metric(recorded % "served") >= 1)  # recorded in order
+    assert inference.metric(recorded % "served") == 1
     twice = recorded_request(torch.tensor([[4.0], [5.0]]), record="asked")
     twice.outputs.add(name="y")
     twice.outputs.add(name="y")
     assert refused(inference, twice).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert infer(inference, recorded_request(served)).shape == (1, 1)
-    wait_until(lambda: metric(inference, recorded % "served") >= 2)
-    assert metric(inference, recorded % "served") == 2
-    assert metric(inference, recorded % "asked") == 0
+    wait_until(lambda: inference.metric(recorded % "served") >= 2)
+    assert inference.metric(recorded % "served") == 2
+    assert inference.metric(recorded % "asked") == 0
 
 
 # The recorder handed every request's rows to the buffer's collector, whose first sample fixes
@@ -351,12 +346,12 @@ def test_a_request_whose_rows_do_not_fit_the_buffer_is_dropped_alone(
 
     def counted() -> float:
         return sum(
-            metric(inference, name) for name in (recorded, dropped % "shape", dropped % "trainer")
+            inference.metric(name) for name in (recorded, dropped % "shape", dropped % "trainer")
         )
 
     wait_until(lambda: counted() == 3)
-    assert metric(inference, recorded) == 2
-    assert metric(inference, dropped % "shape") == 1
+    assert inference.metric(recorded) == 2
+    assert inference.metric(dropped % "shape") == 1
     assert "are not recorded into pairs when their sizes differ" in inference.log.read_text()
 
 
