@@ -75,6 +75,7 @@ def experience_tls(settings: InferenceSettings) -> TlsFiles | None:
         raise ConfigurationError("--experience-tls-cert and --experience-tls-key go together")
     if settings.experience_tls_server_name and not (settings.experience_tls or files.enabled):
         raise ConfigurationError("--experience-tls-server-name needs TLS: --experience-tls-ca")
+    files.check()  # a bad file stops the start, not every recorded batch after it
     return files if settings.experience_tls or files.enabled else None
 
 
@@ -84,6 +85,7 @@ def peer_access(settings: InferenceSettings, limits: SyncLimits) -> PeerAccess:
     tls = None
     if settings.tls_cert is not None:
         tls = TlsFiles(settings.tls_peer_cert, settings.tls_peer_key, settings.tls_peer_ca)
+        tls.check()  # a bad file stops the start, not every push passed on after it
     return PeerAccess(
         settings.sync_token,
         tls,

@@ -154,6 +154,8 @@ def path(value: str) -> Path:
 def host_port(value: str) -> str:
     """Check a HOST:PORT listen or target address ([V6]:PORT for IPv6)."""
     host, sep, port = value.rpartition(":")
+    if "/" in value or "@" in value:
+        raise ValueError(f"{value!r}: an address is HOST:PORT, with no scheme (http://) or path")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
     if ":" in host and not (host.startswith("[") and host.endswith("]")):

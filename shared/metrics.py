@@ -3,12 +3,14 @@
 prometheus_client's own server starts a thread for every connection and waits on it for as long
 as the client likes: anyone who can reach the port (it has no authentication) could hold a
 thread of the serving process per idle connection. Here the library's WSGI app is served by a
-server that runs at most MAX_CONNECTIONS connections at once (one beyond is closed at once) and
-drops one that sends nothing for IDLE_TIMEOUT_S.
+server that runs at most MAX_CONNECTIONS connections at once (one beyond is closed at once),
+drops one that sends nothing for IDLE_TIMEOUT_S, and ends every connection CONNECTION_DEADLINE_S
+after it was taken, however it trickles (one byte every few seconds would hold a slot for good).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from socketserver import ThreadingMixIn
@@ -21,6 +23,7 @@ import prometheus_client
 PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_CONNECTIONS = 16  # scrapers at once; a scrape takes milliseconds
 IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing this long is dropped
+CONNECTION_DEADLINE_S = 10.0  # a connection is ended this long after it was taken, whatever it does
 
 
 def serve_metrics(address: str) -> int:
@@ -43,6 +46,7 @@ def serve_metrics(address: str) -> int:
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_queue_size = 64  # a burst of connections is taken at once, not after SYN retries
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -55,10 +59,20 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(CONNECTION_DEADLINE_S, _end, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
+
+
+def _end(connection: socket.socket) -> None:
+    """End a connection past its deadline: the handler's read or write returns at once."""
+    with contextlib.suppress(OSError):  # closed meanwhile
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class _Quiet(WSGIRequestHandler):

@@ -34,6 +34,8 @@ def checked_address(target: str, what: str) -> str:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise ValueError(f"{target!r}: {host} is not an IPv6 address") from None
+    elif host.lower().startswith(GRPC_SCHEMES):
+        raise ValueError(f"{target!r}: {what} is HOST:PORT, with no scheme ({host.split(':')[0]}:)")
     elif ":" in host:
         raise ValueError(f"{target!r}: write an IPv6 address in brackets, as [{host}]:{port}")
     elif not _HOST_NAME.fullmatch(host):

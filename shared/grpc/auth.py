@@ -14,6 +14,7 @@ given for the sync plane alone (--tls-sync-client-ca), as sync-plane authenticat
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,8 @@ class TlsFiles:
                 _pem(path, marker)
         if self.ca is not None:
             _pem(self.ca, CERTIFICATE)
+        if self.cert is not None and self.key is not None:
+            _check_pair(self.cert, self.key)
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """TLS with this cert; with a CA, clients must present a certificate it signed (mTLS)."""
@@ -180,14 +183,39 @@ def _pem(path: Path, marker: bytes) -> bytes:
     return data
 
 
+def _check_pair(cert: Path, key: Path) -> None:
+    """ConfigurationError, naming both files, unless `key` is the private key of `cert`'s
+    certificate (and not one sealed with a password, which gRPC cannot open): gRPC would
+    report a mismatched pair only as a port it cannot bind, or a handshake that fails."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:  # a password asked for is refused, never prompted for
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise ConfigurationError(
+            f"the TLS key {key} is not the key of the certificate {cert}, or cannot be read "
+            f"without a password ({exc.reason or exc})"
+        ) from None
+
+
+# The longest token a client may send: gRPC refuses a call whose metadata passes 8 KiB to 16 KiB
+# (RESOURCE_EXHAUSTED, at random between the two), so a longer one fails every call.
+MAX_TOKEN_CHARS = 4096
+
+
 def checked_token(token: str, what: str = "the token") -> str:
     """`token` if a gRPC header can carry it; else ConfigurationError calling it `what`. A
     space, a newline (read with the file it was kept in) or a control character would make
-    every call fail on the client ("Invalid metadata"), whatever the service requires."""
+    every call fail on the client ("Invalid metadata"), whatever the service requires, and so
+    would a token beyond MAX_TOKEN_CHARS (its metadata too large)."""
     if not all("!" <= c <= "~" for c in token):
         raise ConfigurationError(
             f"{what} holds characters a gRPC header cannot carry: it must be printable ASCII, "
             "without spaces or a trailing newline"
+        )
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ConfigurationError(
+            f"{what} is {len(token)} characters long; at most {MAX_TOKEN_CHARS} fit in the "
+            "metadata of a gRPC call"
         )
     return token
 
