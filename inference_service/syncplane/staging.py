@@ -69,7 +69,9 @@ class _Targets:
         return found
 
     def mark(self, name: str) -> None:
-        """Note that bytes were written into `name`."""
+        """Note that bytes are written into `name` (before or after they are: a strided
+        tensor's contiguous copy is made here if it was not yet)."""
+        self.flat(name)
         if name in self._strided:
             self._written.add(name)
 

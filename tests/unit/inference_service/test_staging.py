@@ -55,6 +55,49 @@ def test_copy_brings_an_unsent_tensor_up_to_date_before_finish_returns(device: s
     assert torch.equal(standby["kept"], live)
 
 
+def transposed(rows: int, columns: int, device: str) -> torch.Tensor:
+    """Zeros of shape (rows, columns) kept transposed in memory (`p.data = p.data.t()`)."""
+    return torch.zeros(columns, rows, device=device).t()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_targets_get_their_bytes_by_every_path(device: str) -> None:
+    """A tensor the model keeps transposed, written alone under its one name (received bytes),
+    brought up to date from the live copy, and decoded against its base: each ends with the
+    values sent, in its own layout. (Bytes written before its contiguous copy was made were
+    once never copied in: the push committed and the served copy kept its old weights.)"""
+    g = torch.Generator().manual_seed(2)
+    sent = {"written": torch.randn(6, 5, generator=g), "kept": torch.randn(4, 3, generator=g)}
+    standby = {"written": transposed(6, 5, device), "kept": transposed(4, 3, device)}
+    sink = make_sink(standby, lambda _: None)
+    payload = Payload.of([("written", sent["written"])])
+    layouts = {"written": TensorLayout.of(sent["written"])}
+    reader = PayloadReader(payload.nbytes, layouts, sink)
+    for chunk in payload.chunks(16):
+        reader.feed(chunk)
+    reader.finish()
+    sink.copy("kept", sent["kept"].to(device))
+    sink.finish()
+    for name, tensor in sent.items():
+        assert standby[name].stride() == (1, tensor.shape[0]), name  # its layout kept
+        assert torch.equal(standby[name].cpu(), tensor), name
+
+    base = {"w": torch.randn(64, 32, generator=g).to(torch.bfloat16)}
+    new = {"w": _changed(base["w"], 0.03, 0)}
+    standby = {"w": transposed(64, 32, device).to(torch.bfloat16)}
+    sink = make_sink(standby, lambda _: None)
+    live = {"w": base["w"].to(device)}
+    encoded, layouts = _encoded_push(new, base)
+    reader = PayloadReader(
+        encoded.nbytes, layouts, sink, decoder=BaseDecoder("m", live, sink.decode)
+    )
+    for chunk in encoded.chunks(1 << 10):
+        reader.feed(chunk)
+    reader.finish()
+    sink.finish()
+    assert torch.equal(standby["w"].cpu(), new["w"])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_copies_wait_for_work_queued_on_the_request_stream() -> None:
