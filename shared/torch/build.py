@@ -16,7 +16,7 @@ from torch import nn
 
 from shared.dtypes import BY_TORCH
 from shared.errors import ConfigurationError
-from shared.torch.model import TorchTrainingModel, tensor_state
+from shared.torch.model import TorchTrainingModel, placed_by_service, tensor_state
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def build_torch_model(name: str, factory: Callable[[], object]) -> TorchTraining
             tensors (a module's extra state).
     """
     try:
-        model = factory()
+        with placed_by_service():  # on this service's --device, after (overriding_device)
+            model = factory()
     except Exception as exc:
         raise ConfigurationError(
             f"model {name!r}: its factory raised {type(exc).__name__}: {exc}"

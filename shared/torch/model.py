@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -228,6 +231,23 @@ def tensor_state(module: nn.Module, model_name: str | None = None) -> dict[str, 
     return state
 
 
+# Set while a service calls the app's model factories: the service puts every module on its own
+# --device afterwards, so a factory's `device` (a GPU on a trainer host) is not one this host
+# must have.
+_SERVICE_PLACES: ContextVar[bool] = ContextVar("service_places_models", default=False)
+
+
+@contextmanager
+def placed_by_service() -> Iterator[None]:
+    """Within it, TorchTrainingModels keep their module where it is (`requested_device` still
+    says what the factory asked for): the caller places it."""
+    token = _SERVICE_PLACES.set(True)
+    try:
+        yield
+    finally:
+        _SERVICE_PLACES.reset(token)
+
+
 class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
     """A torch module to train, with an inference copy kept in sync.
 
@@ -238,7 +258,8 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
             is the module itself, not a copy.
         device: Where to put the module (None: where it already is). The services put every
             module on their own `--device`, the placement of the host they run on, and log
-            a warning where that is not the device given here.
+            a warning where that is not the device given here; within them the module is
+            not moved here first, so the device need not exist on their host.
         dtype: Convert the module to this dtype first (None: keep).
         inference_procedure: How the inference copy runs the module, or the name of a method
             of the module's class.
@@ -268,7 +289,9 @@ class TorchTrainingModel(TrainingModel[TorchInferenceModel[M]], Generic[M]):
             model = model.type(dtype)
         self.model = model
         self.requested_device = None if device is None else torch.device(device)
-        target = get_device(model) if self.requested_device is None else self.requested_device
+        target = self.requested_device
+        if target is None or _SERVICE_PLACES.get():  # a service places it on its own device
+            target = get_device(model)
         self._inference_procedure = _resolve_procedure(model, inference_procedure)
         self.model.to(target)
         if pretrained_parameter_file is not None:

@@ -204,3 +204,22 @@ def test_the_trainer_service_says_when_its_device_overrides_the_factory_s(
     assert warnings == [
         "model cpu_model: its factory asked for device cpu; this service's --device puts it on meta"
     ]
+
+
+def test_a_factory_may_name_a_device_this_host_lacks(caplog: pytest.LogCaptureFixture) -> None:
+    """One app serves a GPU trainer and a CPU inference host: a factory asking for a GPU this
+    host does not have (here an index no host has) is placed on the service's device, with the
+    warning, not refused because moving it there first failed."""
+    app = App()
+    app.add_model(
+        "gpu_model",
+        lambda: TorchTrainingModel(nn.Linear(2, 2), has_inference_model=False, device="cuda:99"),
+    )
+    with caplog.at_level(logging.WARNING):
+        loop = _loop(app, torch.device("cpu"))
+    model = loop.models.data["gpu_model"]
+    assert next(model.model.parameters()).device == torch.device("cpu")
+    assert model.requested_device == torch.device("cuda:99")
+    assert "its factory asked for device cuda:99; this service's --device puts it on cpu" in (
+        caplog.text
+    )
