@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import ConfigurationError
@@ -31,15 +31,19 @@ LOCK_FILE = ".lock"
 
 @dataclass
 class StateDir:
-    """A claimed state directory; held until `release()` or the process exits."""
+    """A claimed state directory (and the claims that came with it: `claim_first`'s members);
+    held until `release()` or the process exits."""
 
     path: Path
     _handle: int
+    _members: list[int] = field(default_factory=list)
 
     def release(self) -> None:
-        if self._handle >= 0:
-            os.close(self._handle)  # closing the descriptor drops the flock
-            self._handle = -1
+        for handle in [self._handle, *self._members]:
+            if handle >= 0:
+                os.close(handle)  # closing the descriptor drops the flock
+        self._handle = -1
+        self._members.clear()
 
 
 def claim(template: str | Path, *, wait: threading.Event | None = None) -> StateDir | None:
@@ -76,27 +80,63 @@ def claim(template: str | Path, *, wait: threading.Event | None = None) -> State
 
 
 def claim_first(
-    candidates: Sequence[Path], *, wait: threading.Event
+    candidates: Sequence[Path],
+    *,
+    wait: threading.Event,
+    members: Sequence[Sequence[Path]] | None = None,
 ) -> tuple[int, StateDir] | None:
-    """Claim the first of `candidates` nobody holds; return its index and the claim. When all
-    are held, stand by until one frees up (None: `wait` was set first)."""
+    """Claim the first of `candidates` nobody holds, together with every lock file of its
+    `members` (one list per candidate: what else a candidate's holder must hold alone, as a
+    trainer group's trainers, whichever group names them); return its index and the claim.
+    When none can be claimed whole, stand by until one can (None: `wait` was set first)."""
     announced = False
     while True:
+        busy: list[str] = []
         for index, path in enumerate(candidates):
             held = _try_lock(path)
-            if held is not None:
-                if announced:
-                    logger.info("state directory %s is free: taking over", path)
-                return index, held
+            if held is None:
+                busy.append(f"{path} ({_holder(path)})")
+                continue
+            taken = _take_members(held, members[index] if members is not None else ())
+            if taken is not None:
+                busy.append(taken)
+                held.release()
+                continue
+            if announced:
+                logger.info("state directory %s is free: taking over", path)
+            return index, held
         if not announced:
             logger.warning(
-                "every state directory (%s) is held by another process: standing by until one "
-                "exits",
-                ", ".join(str(p) for p in candidates),
+                "every state directory is held by another process, or shares what it holds "
+                "(%s): standing by until one exits",
+                "; ".join(busy),
             )
             announced = True
         if wait.wait(1.0):
             return None
+
+
+def _take_members(held: StateDir, paths: Sequence[Path]) -> str | None:
+    """Lock each of `paths` for `held`; None when all are, else who holds the one that was
+    not (the ones taken are let go again by the caller's release)."""
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _unusable(path.parent, exc) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return f"{path} ({_read(path)})"
+        held._members.append(handle)
+        try:
+            os.ftruncate(handle, 0)
+            os.write(handle, f"pid {os.getpid()} on {os.uname().nodename}, {held.path}\n".encode())
+        except OSError as exc:
+            raise _unusable(path.parent, exc) from None
+    return None
 
 
 def _try_lock(path: Path) -> StateDir | None:
@@ -129,7 +169,11 @@ def _unusable(path: Path, exc: OSError) -> ConfigurationError:
 
 
 def _holder(path: Path) -> str:
+    return _read(path / LOCK_FILE)
+
+
+def _read(lock: Path) -> str:
     try:
-        return (path / LOCK_FILE).read_text().strip() or "unknown holder"
+        return lock.read_text().strip() or "unknown holder"
     except OSError:
         return "unknown holder"

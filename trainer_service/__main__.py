@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from shared.app import load_app
+from shared.app import App, load_app
 from shared.cli import is_loopback
 from shared.devices import resolve_device, torch_thread_count
 from shared.errors import ConfigurationError, StateWriteError
@@ -23,7 +23,7 @@ from trainer_service.distributed import Group, join, rank_device
 from trainer_service.experience.buffers import Buffers
 from trainer_service.experience.server import STOP_GRACE_S, ExperienceEndpoint, ExperienceServer
 from trainer_service.experience.service import ExperiencePlane
-from trainer_service.groups import check_groups
+from trainer_service.groups import check_groups, group_dirs, member_locks
 from trainer_service.publisher import Publisher
 from trainer_service.runner import TrainingLoop
 from trainer_service.settings import PROG, TrainerSettings
@@ -49,7 +49,7 @@ def run(settings: TrainerSettings) -> None:
     if (metrics := settings.metrics_listen) and writes:
         metrics_port = listening("--metrics-listen", lambda: serve_metrics(metrics))
         logger.info("metrics on port %d", metrics_port)
-    claimed = claim_state(settings, group, stop)
+    claimed = claim_state(settings, app, group, stop)
     if claimed is None:
         return
     state_dir, trainers = claimed
@@ -195,7 +195,7 @@ def experience_server(
 
 
 def claim_state(
-    settings: TrainerSettings, group: Group | None, stop: threading.Event
+    settings: TrainerSettings, app: App, group: Group | None, stop: threading.Event
 ) -> tuple[Path | None, Sequence[str] | None] | None:
     """The state directory this process owns and the trainers it runs; None if stopped while
     standing by.
@@ -212,8 +212,9 @@ def claim_state(
             raise ConfigurationError("--trainer-groups needs --state-dir: groups are claimed there")
         if group is not None:  # every rank refuses: rank 0 alone would wait on the others
             raise ConfigurationError("--trainer-groups cannot split data-parallel ranks")
-        candidates = [settings.state_dir / "+".join(group) for group in groups]
-        found = claim_first(candidates, wait=stop)
+        candidates = group_dirs(app, groups, settings.state_dir)
+        members = member_locks(groups, settings.state_dir)
+        found = claim_first(candidates, wait=stop, members=members)
         if found is None:
             return None
         index, state = found
