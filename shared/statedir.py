@@ -38,6 +38,19 @@ class StateDir:
     _handle: int
     _members: list[int] = field(default_factory=list)
 
+    def still_held(self) -> bool:
+        """Whether the directory at `path` is still the one claimed: its lock file not
+        removed or replaced since (a directory deleted under a holder is another's once a
+        standby makes it again)."""
+        if self._handle < 0:
+            return False
+        try:
+            now = os.stat(self.path / LOCK_FILE)
+        except OSError:
+            return False
+        held = os.fstat(self._handle)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
         for handle in [self._handle, *self._members]:
             if handle >= 0:

@@ -18,7 +18,7 @@ from shared.grpc.auth import TlsFiles
 from shared.grpc.server import write_ready_file
 from shared.metrics import serve_metrics
 from shared.process import end_process, prepare_process, watch_stop_signals
-from shared.statedir import claim, claim_first
+from shared.statedir import StateDir, claim, claim_first
 from trainer_service.distributed import Group, join, rank_device
 from trainer_service.experience.buffers import Buffers
 from trainer_service.experience.server import STOP_GRACE_S, ExperienceEndpoint, ExperienceServer
@@ -52,7 +52,7 @@ def run(settings: TrainerSettings) -> None:
     claimed = claim_state(settings, app, group, stop)
     if claimed is None:
         return
-    state_dir, trainers = claimed
+    state_dir, trainers, held = claimed
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigurationError("--tls-cert and --tls-key go together")
     sync_tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
@@ -103,10 +103,15 @@ def run(settings: TrainerSettings) -> None:
         try:
             loop.run(stop, settings.max_runs, settings.run_interval, settings.checkpoint_every)
         except WriterFencedError:
-            raise  # the models are another trainer's now: its state, not this one's
+            # The models are another writer's now, but the samples acknowledged are this
+            # trainer's to keep: checkpointed while the directory is still this one's (a
+            # standby that made it again after it was deleted holds another).
+            if group is None and (held is None or held.still_held()):
+                save_after_failure(loop, experience, "was fenced")
+            raise
         except Exception:
             if group is None:  # ranks that did not fail would wait in the save's collectives
-                save_after_failure(loop, experience)
+                save_after_failure(loop, experience, "failed")
             raise
         if experience is not None:  # first: every batch acknowledged is in the last checkpoint
             experience.stop(STOP_GRACE_S)
@@ -121,10 +126,11 @@ def run(settings: TrainerSettings) -> None:
             group.close()
 
 
-def save_after_failure(loop: TrainingLoop, experience: ExperienceServer | None) -> None:
-    """Checkpoint what the runs before a trainer's failure did (PAMIQ saves its state when a
-    thread fails), the batches acknowledged included, before the error ends the process."""
-    logger.error("a trainer failed after %d run(s); checkpointing before exiting", loop.runs)
+def save_after_failure(loop: TrainingLoop, experience: ExperienceServer | None, what: str) -> None:
+    """Checkpoint what the runs before a trainer's failure (or its fencing) did (PAMIQ saves
+    its state when a thread fails), the batches acknowledged included, before the error ends
+    the process."""
+    logger.error("a trainer %s after %d run(s); checkpointing before exiting", what, loop.runs)
     if experience is not None:
         experience.stop(STOP_GRACE_S)
     try:
@@ -196,9 +202,9 @@ def experience_server(
 
 def claim_state(
     settings: TrainerSettings, app: App, group: Group | None, stop: threading.Event
-) -> tuple[Path | None, Sequence[str] | None] | None:
-    """The state directory this process owns and the trainers it runs; None if stopped while
-    standing by.
+) -> tuple[Path | None, Sequence[str] | None, StateDir | None] | None:
+    """The state directory this process owns, the trainers it runs and its claim on the
+    directory (None where it has none of its own); None if stopped while standing by.
 
     Trainers sharing a state directory (replicas of one compose service) take turns: one trains
     and writes, the others stand by and take over, from its last checkpoint, when it exits.
@@ -219,11 +225,11 @@ def claim_state(
             return None
         index, state = found
         logger.info("running trainer group %s", ", ".join(groups[index]))
-        return state.path, groups[index]
+        return state.path, groups[index], state
     if settings.state_dir is None or (group is not None and not group.is_writer):
-        return settings.state_dir, settings.trainers
+        return settings.state_dir, settings.trainers, None
     held = claim(settings.state_dir, wait=stop)
-    return None if held is None else (held.path, settings.trainers)
+    return None if held is None else (held.path, settings.trainers, held)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,6 +61,20 @@ steps.add_buffer(
 )
 steps.add_trainer("fit", FitTrainer)
 
+# `served_steps`: the same, its model served (each run ends in a push, which a writer that took
+# the model over fences).
+served_steps = App()
+served_steps.add_model(
+    "line",
+    lambda: TorchTrainingModel(nn.Linear(1, 1)),
+    inputs=[TensorSpec("x", "FP32", (-1, 1))],
+    outputs=[TensorSpec("y", "FP32", (-1, 1))],
+)
+served_steps.add_buffer(
+    "steps", lambda: DictSequentialBuffer(["x", "y", "id"], CAPACITY), tensors=STEPS_TENSORS
+)
+served_steps.add_trainer("fit", FitTrainer)
+
 
 # `recorded`: a served model whose requests the inference service records into the buffer
 # `served` (declared) or, when a request asks, `asked`; `elsewhere` holds a tensor the model

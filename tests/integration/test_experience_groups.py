@@ -20,6 +20,7 @@ from shared.data.remote import RemoteDataCollector
 from shared.gen.experience.v1 import experience_pb2 as pb
 from shared.gen.experience.v1 import experience_pb2_grpc as pb_grpc
 from tests.integration.conftest import Services, wait_until
+from tests.integration.test_experience import start_trainer
 from tests.integration.test_experience_recording import free_port
 from trainer_service.checkpoint import Checkpoints
 
@@ -128,3 +129,30 @@ def test_a_buffer_goes_to_its_groups_replica_and_a_standby_resumes_it_from_the_c
     assert standby.process.wait(timeout=60) == 0
     # The samples acknowledged after that checkpoint, up to the kill, are lost; nothing else.
     assert checkpointed_ids(state / "right") == [*kept, *range(100, 130)]
+
+
+def test_a_fenced_trainer_keeps_the_samples_it_acknowledged_in_its_checkpoint(
+    services: Services,
+) -> None:
+    """A second writer (another state directory: a careless deployment) takes the model over;
+    the first learns it at its next push and exits 3, after a checkpoint: the samples it
+    acknowledged are no agent's to send again, and a standby on its directory resumes them.
+    (It wrote none before: checkpoints only on exit lost every one of them.)"""
+    app = "tests.integration.experience_apps:served_steps"
+    inference = services.inference(app)
+    first = start_trainer(
+        services, "--checkpoint-every", "0", app=app, targets=(inference.sync,), name="first"
+    )
+    wait_until(lambda: inference.model_state("line").writer_id == "first")
+    start_trainer(services, app=app, targets=(inference.sync,), name="other")
+    wait_until(lambda: inference.model_state("line").writer_id == "other")
+    with RemoteDataCollector(first.address, "steps", batch_size=10, timeout_s=5) as collector:
+        collect(collector, range(30))  # acknowledged; 20 new samples: a run, and its push
+        assert collector.stats.acknowledged == 30
+    assert first.process.wait(timeout=60) == 3
+    log = services.log("first")
+    assert "a trainer was fenced after" in log and "checkpointing before exiting" in log, log
+    saved = Checkpoints(first.state).current()
+    assert saved is not None
+    samples = load_samples(saved / "data" / "steps" / "buffer.safetensors")
+    assert sorted(int(s["id"]) for s in samples) == list(range(30))

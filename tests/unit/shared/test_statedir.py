@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -69,3 +70,12 @@ def test_claim_first_takes_the_first_free_group_then_stands_by_for_any(tmp_path:
 
 def test_groups_parse() -> None:
     assert name_groups("a, b; c;") == (("a", "b"), ("c",))
+
+
+def test_a_claim_knows_when_its_directory_was_removed_or_made_again(tmp_path: Path) -> None:
+    held = claim(tmp_path / "state")
+    assert held is not None and held.still_held()
+    shutil.rmtree(tmp_path / "state")
+    assert not held.still_held()
+    again = claim(tmp_path / "state")  # a standby makes it again, and holds it
+    assert again is not None and again.still_held() and not held.still_held()
