@@ -124,7 +124,8 @@ class Checkpoints:
         is missing.
 
         Raises:
-            ConfigurationError: The manifest or a file is missing, or a size or hash differs.
+            ConfigurationError: The manifest or a file is missing, a file is there that the
+                manifest does not list, or a size or hash differs.
         """
         manifest = checkpoint / MANIFEST
 
@@ -142,6 +143,14 @@ class Checkpoints:
             files = {str(k): (int(v["size"]), str(v[HASH])) for k, v in listed.items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise refuse(f"{manifest} cannot be read ({exc})") from None
+        present = {
+            path.relative_to(checkpoint).as_posix()
+            for path in checkpoint.rglob("*")
+            if not path.is_dir() and path.name not in (MANIFEST, COMPLETE)
+        }
+        unlisted = sorted(present - files.keys())
+        if unlisted:  # a manifest replaced or cut down: what it no longer vouches for
+            raise refuse(f"{checkpoint / unlisted[0]} is not in its manifest {manifest}")
         for name, (size, digest) in sorted(files.items()):
             path = checkpoint / name
             if not path.is_file():

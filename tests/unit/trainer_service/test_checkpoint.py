@@ -136,3 +136,17 @@ def test_a_checkpoint_damaged_on_disk_fails_verification_naming_the_file(tmp_pat
     (written / MANIFEST).unlink()  # nothing vouches for the files then
     with pytest.raises(ConfigurationError, match=f"its manifest {written / MANIFEST} is missing"):
         checkpoints.verify(written)
+
+
+def test_a_manifest_replaced_or_cut_down_does_not_vouch_for_what_it_leaves_out(
+    tmp_path: Path,
+) -> None:
+    """A manifest that lists nothing (or less than the checkpoint holds) once let a checkpoint
+    whose model file was then removed resume the app's initial weights."""
+    checkpoints = Checkpoints(tmp_path)
+    written = checkpoints.write(filler("A"))
+    (written / MANIFEST).write_text("{}")
+    (written / "models" / "m.safetensors").unlink()
+    optimizer = written / "trainers" / "t" / "adam.optim.safetensors"
+    with pytest.raises(ConfigurationError, match=f"{optimizer} is not in its manifest"):
+        checkpoints.verify(written)
