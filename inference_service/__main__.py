@@ -207,6 +207,7 @@ def run(settings: InferenceSettings) -> None:
         server_name=settings.experience_tls_server_name,
         max_queue=settings.record_queue,
         max_queue_bytes=settings.record_queue_bytes,
+        record_asked=settings.record_asked,
     )
     server = build_server(settings, models, open_store(settings, models), recorder)
     ports = server.start()

@@ -173,10 +173,12 @@ class Recorder:
         max_queue: int = DEFAULT_QUEUE,
         max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
         max_pending: int = 10_000,
+        record_asked: bool = True,
     ) -> None:
         """Record requests of `models` into `buffers` of the trainers at `trainers` (their
         experience planes; None: recording is off), presenting `token`, over TLS with `tls`
-        (verifying the trainers as `server_name` where the addresses name them otherwise).
+        (verifying the trainers as `server_name` where the addresses name them otherwise);
+        requests asking to be recorded (their `record` parameter) only with `record_asked`.
 
         Raises:
             ConfigurationError: A model declares recording into a buffer that the app does not
@@ -190,6 +192,7 @@ class Recorder:
         self._tls = tls
         self._server_name = server_name
         self._max_pending = max_pending
+        self._record_asked = record_asked
         self._declared: dict[str, tuple[Plan, ...]] = {}
         self._asked: dict[tuple[str, str], Plan] = {}
         for model in models.values():
@@ -239,7 +242,8 @@ class Recorder:
         its `record` parameter names.
 
         Raises:
-            UnsupportedError: The request asks for recording and recording is off here.
+            UnsupportedError: The request asks for recording and recording is off here, or
+                recording asked for is (`record_asked`).
             BufferNotFoundError: It names a buffer the app does not declare.
             InvalidArgumentError: The parameter is not a string, or the model's inputs and
                 outputs do not fill the buffer it names.
@@ -257,6 +261,11 @@ class Recorder:
             raise UnsupportedError(
                 f"this inference service records no requests (it has no --experience): cannot "
                 f"record into buffer {name!r}"
+            )
+        if not self._record_asked:
+            raise UnsupportedError(
+                f"this inference service records only what its models declare (--record-asked "
+                f"false): cannot record into buffer {name!r}"
             )
         if name not in self._buffers:
             known = ", ".join(sorted(self._buffers)) or "none"

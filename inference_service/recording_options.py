@@ -128,3 +128,17 @@ def record_queue_bytes() -> Any:
             SIZE,
         ),
     )
+
+
+def record_asked() -> Any:
+    return field(
+        default=True,
+        metadata=option(
+            "--record-asked",
+            "INFERENCE_RECORD_ASKED",
+            "record a request into the buffer its parameter record names (false: only what the "
+            "models declare is recorded, and a request asking is refused UNIMPLEMENTED: a "
+            "data-plane client cannot add samples to a trainer's buffers)",
+            BOOLEAN,
+        ),
+    )

@@ -339,6 +339,7 @@ class InferenceSettings:
     experience_tls_server_name: str | None = recording.experience_tls_server_name()
     record_queue: int = recording.record_queue()
     record_queue_bytes: int = recording.record_queue_bytes()
+    record_asked: bool = recording.record_asked()
     torch_threads: int = field(
         default=0,
         metadata=option(

@@ -105,6 +105,22 @@ def test_without_trainers_recording_is_off_and_requests_for_it_refused() -> None
     recorder.record((), [torch.zeros(1, 2)], [torch.zeros(1, 1)])  # nothing to do
 
 
+def test_with_record_asked_off_only_what_the_models_declare_is_recorded() -> None:
+    """An operator who does not let data-plane clients add samples to a trainer's buffers
+    turns requests' own recording off; the models' declared recording goes on."""
+    made = app(
+        "steps", steps=[TensorSpec("x", "FP32", (2,))], other=[TensorSpec("y", "FP32", (1,))]
+    )
+    recorder = Recorder(made.models, made.buffers, ["127.0.0.1:1"], record_asked=False)
+    try:
+        (steps,) = recorder.plans("m", {})
+        assert steps.buffer == "steps"
+        with pytest.raises(UnsupportedError, match=r"records only what its models declare"):
+            recorder.plans("m", parameters(record="other"))
+    finally:
+        recorder.close(0)
+
+
 def test_a_request_beyond_the_queues_bytes_is_dropped_and_counted() -> None:
     made = app("steps", steps=[TensorSpec("x", "FP32", (2,)), TensorSpec("y", "FP32", (1,))])
     recorder = Recorder(made.models, made.buffers, ["127.0.0.1:1"], max_queue_bytes=1000)
